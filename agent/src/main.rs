@@ -1,0 +1,190 @@
+//! `ota-agent`: the device side of edge-ota.
+//!
+//! For now it holds the offline `apply` command: verify a signed update and
+//! apply it to a file. The daemon (`run`) builds on the same engine.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ota_delta::apply::{ApplyOptions, apply_image, check_source};
+use ota_format::envelope::public_key_from_pem;
+use ota_format::limits::MAX_ENVELOPE_BYTES;
+use ota_format::{Envelope, TrustedKeys};
+
+#[derive(Parser)]
+#[command(name = "ota-agent", version, about = "edge-ota device agent")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Verify a signed update and apply it to an image file. Exits 0 only when
+    /// the output verifies; on failure nothing is left at --out.
+    Apply(ApplyArgs),
+}
+
+#[derive(clap::Args)]
+struct ApplyArgs {
+    /// The signed manifest (manifest.json).
+    #[arg(long, value_name = "M")]
+    manifest: PathBuf,
+    /// The payload (payload.bin).
+    #[arg(long, value_name = "P")]
+    payload: PathBuf,
+    /// A trusted public key (SPKI PEM). Repeat to trust several.
+    #[arg(long = "pubkey", value_name = "PUB", required = true)]
+    pubkeys: Vec<PathBuf>,
+    /// How many of the trusted keys must have signed.
+    #[arg(long, default_value_t = 1)]
+    threshold: usize,
+    /// The image the delta applies to (not needed for a full image).
+    #[arg(long, value_name = "OLD.img")]
+    source: Option<PathBuf>,
+    /// Where to write the new image.
+    #[arg(long, value_name = "NEW.img")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Apply(a) => apply(a),
+    };
+    if let Err(e) = r {
+        eprintln!("ota-agent: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Reads a file that must not exceed `limit` bytes, without trusting its size.
+fn read_limited(path: &Path, limit: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = Vec::new();
+    f.take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if buf.len() > limit {
+        bail!(
+            "{} is over the {limit}-byte manifest limit: refusing to parse it",
+            path.display()
+        );
+    }
+    Ok(buf)
+}
+
+fn apply(a: ApplyArgs) -> Result<()> {
+    let started = Instant::now();
+    let keys = a
+        .pubkeys
+        .iter()
+        .map(|p| {
+            let pem = fs::read_to_string(p)
+                .with_context(|| format!("reading public key {}", p.display()))?;
+            public_key_from_pem(&pem).with_context(|| format!("public key {}", p.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let trusted = TrustedKeys::try_new(keys, a.threshold)?;
+    let bytes = read_limited(&a.manifest, MAX_ENVELOPE_BYTES)?;
+    let manifest = Envelope::open(&bytes, &trusted, SystemTime::now())
+        .with_context(|| format!("manifest {}", a.manifest.display()))?;
+
+    let source = match (&manifest.from, &a.source) {
+        (Some(from), None) => bail!(
+            "this is a delta from version {}: pass its image with --source",
+            from.version
+        ),
+        (Some(_), Some(p)) => {
+            let f =
+                File::open(p).with_context(|| format!("opening source image {}", p.display()))?;
+            let len = f.metadata()?.len();
+            check_source(&manifest, &f, len)
+                .with_context(|| format!("source image {}", p.display()))?;
+            Some(f)
+        }
+        (None, _) => None,
+    };
+
+    let payload = File::open(&a.payload)
+        .with_context(|| format!("opening payload {}", a.payload.display()))?;
+    let payload_len = payload.metadata()?.len();
+    if payload_len != manifest.payload.size {
+        bail!(
+            "payload {} is {payload_len} bytes, the manifest says {}: truncated or wrong payload",
+            a.payload.display(),
+            manifest.payload.size
+        );
+    }
+
+    // Write beside the destination, then rename: a crash or an error never
+    // leaves a half-written image at --out.
+    let dir = a
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".ota-apply-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.as_file().set_len(manifest.to.size).with_context(|| {
+        format!(
+            "reserving {} bytes in {} (disk full?)",
+            manifest.to.size,
+            dir.display()
+        )
+    })?;
+    let bar = if a.no_progress {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(manifest.to.size)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("applying [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    apply_image(
+        &manifest,
+        std::io::BufReader::with_capacity(1 << 20, payload),
+        source.as_ref(),
+        tmp.as_file(),
+        ApplyOptions {
+            dest_is_zeroed: true,
+        },
+        |done| bar.set_position(done),
+    )
+    .with_context(|| format!("applying {}", a.payload.display()))?;
+    bar.finish_and_clear();
+    tmp.as_file().sync_all().context("syncing the new image")?;
+    tmp.persist(&a.out)
+        .with_context(|| format!("renaming into {}", a.out.display()))?;
+    File::open(dir)?.sync_all()?;
+    println!(
+        "applied {} -> {}: {} bytes verified (sha256 {}) in {:.1} s",
+        manifest
+            .from
+            .as_ref()
+            .map_or("(full image)", |f| f.version.as_str()),
+        manifest.to.version,
+        manifest.to.size,
+        manifest.to.sha256,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! The apply engine.
+//!
+//! Memory is bounded by the format's limits, not by image size: `COPY`,
+//! `ZERO` and `REPLACE` stream through a fixed buffer; `BSDIFF` holds its
+//! source window (≤ [`MAX_BSDIFF_WINDOW`]) and its output
+//! (≤ [`MAX_BUFFERED_DST`]) because bspatch reads the old data at random.
+//!
+//! Every operation checks, in order: its data hash (before the data is
+//! used), its source window hash (`BSDIFF`), the exact output length, and its
+//! output hash. Only then is the output written (`REPLACE`/`COPY`/`ZERO`
+//! stream their output and check the hash at the end; a mismatch is reported
+//! and the caller must treat the extent as not done). The source is only
+//! ever read.
+
+use std::io::{self, Read};
+
+use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST};
+use ota_format::{Digest, Manifest, OpKind, Operation};
+use sha2::{Digest as _, Sha256};
+
+use crate::io::{ReadAt, WriteAt, for_each_piece};
+
+/// Size of the streaming buffer. Small enough for a 128 MiB device, large
+/// enough that syscalls do not dominate.
+const STREAM_BUF: usize = 256 << 10;
+
+/// Why an apply failed. Each variant names the operation and what an operator
+/// should conclude.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "operation {op} ({kind}): data sha256 is {actual}, the manifest says {expected}: the payload is corrupt or was altered; download it again"
+    )]
+    DataHash {
+        op: usize,
+        kind: &'static str,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("operation {op} ({kind}): got {actual} bytes of data, the manifest says {expected}")]
+    DataLength {
+        op: usize,
+        kind: &'static str,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "operation {op} ({kind}): source window sha256 is {actual}, the manifest says {expected}: the source image is not the one this delta was built from"
+    )]
+    SourceHash {
+        op: usize,
+        kind: &'static str,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error(
+        "operation {op} ({kind}): output sha256 is {actual}, the manifest says {expected}{hint}"
+    )]
+    OutputHash {
+        op: usize,
+        kind: &'static str,
+        expected: Digest,
+        actual: Digest,
+        hint: &'static str,
+    },
+    #[error("operation {op} ({kind}): data does not decode: {reason}")]
+    Decode {
+        op: usize,
+        kind: &'static str,
+        reason: String,
+    },
+    #[error("operation {op} ({kind}) reads the source image, but no source was given")]
+    NoSource { op: usize, kind: &'static str },
+    #[error("operation {op} ({kind}) is over the engine's limits: {reason}")]
+    Limits {
+        op: usize,
+        kind: &'static str,
+        reason: String,
+    },
+    #[error(
+        "source image is {actual} bytes, but this delta applies to version {version} of {expected} bytes: wrong source image"
+    )]
+    SourceSize {
+        version: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "source image sha256 is {actual}, but this delta applies to version {version} with sha256 {expected}: wrong or modified source image"
+    )]
+    SourceImageHash {
+        version: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("payload is {actual} bytes, the manifest says {expected}: truncated or wrong payload")]
+    PayloadSize { expected: u64, actual: u64 },
+    #[error("payload sha256 is {actual}, the manifest says {expected}")]
+    PayloadHash { expected: Digest, actual: Digest },
+    #[error("target image sha256 after apply is {actual}, the manifest says {expected}")]
+    TargetHash { expected: Digest, actual: Digest },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> ApplyError {
+    let context = context.into();
+    move |source| ApplyError::Io { context, source }
+}
+
+/// Applies one operation whose `data` has been fetched (empty for kinds
+/// without data). Verifies the data before use and the output after.
+///
+/// `source` is required for `COPY` and `BSDIFF`. The destination extent is
+/// written in place; on error it may hold partial output, which is harmless
+/// because nothing records it as done and re-applying overwrites it.
+pub fn apply_operation<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
+    index: usize,
+    op: &Operation,
+    data: &[u8],
+    source: Option<&S>,
+    dest: &D,
+) -> Result<(), ApplyError> {
+    apply_operation_inner(index, op, data, source, dest, false)
+}
+
+fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
+    index: usize,
+    op: &Operation,
+    data: &[u8],
+    source: Option<&S>,
+    dest: &D,
+    dest_is_zeroed: bool,
+) -> Result<(), ApplyError> {
+    let kind = op.kind.name();
+    let _span = tracing::debug_span!(
+        "op",
+        index,
+        kind,
+        offset = op.dst.offset,
+        len = op.dst.length
+    )
+    .entered();
+    if let Some(d) = &op.data {
+        if data.len() as u64 != d.length {
+            return Err(ApplyError::DataLength {
+                op: index,
+                kind,
+                expected: d.length,
+                actual: data.len() as u64,
+            });
+        }
+        let actual = Digest::of(data);
+        if actual != d.sha256 {
+            return Err(ApplyError::DataHash {
+                op: index,
+                kind,
+                expected: d.sha256,
+                actual,
+            });
+        }
+    }
+    let dst = op.dst;
+    let write_err = || {
+        io_err(format!(
+            "writing operation {index} at offset {}",
+            dst.offset
+        ))
+    };
+    let source = || source.ok_or(ApplyError::NoSource { op: index, kind });
+    let mut hasher = Sha256::new();
+    match op.kind {
+        OpKind::Zero => {
+            if !dest_is_zeroed {
+                let zeros = vec![0u8; STREAM_BUF.min(dst.length as usize)];
+                let mut done = 0u64;
+                while done < dst.length {
+                    let n = (dst.length - done).min(zeros.len() as u64) as usize;
+                    dest.write_all_at(&zeros[..n], dst.offset + done)
+                        .map_err(write_err())?;
+                    done += n as u64;
+                }
+            }
+            // The digest of zeros is known; checking it still catches a
+            // manifest whose ZERO op claims another output.
+            let actual = Digest::of_zeros(dst.length);
+            return check_output(index, op, actual, "");
+        }
+        OpKind::Copy => {
+            let src = source()?;
+            let mut buf = vec![0u8; STREAM_BUF.min(dst.length as usize)];
+            let mut out = dst.offset;
+            for e in &op.src {
+                for_each_piece(src, e.offset, e.length, &mut buf, |piece, _| {
+                    hasher.update(piece);
+                    dest.write_all_at(piece, out)?;
+                    out += piece.len() as u64;
+                    Ok(())
+                })
+                .map_err(io_err(format!(
+                    "copying source extent [{}, +{}) of operation {index}",
+                    e.offset, e.length
+                )))?;
+            }
+            check_output(
+                index,
+                op,
+                hasher.into(),
+                ": the source extents do not hold the expected bytes (wrong source image?)",
+            )
+        }
+        OpKind::Replace => {
+            if dst.length > MAX_BUFFERED_DST {
+                return Err(ApplyError::Limits {
+                    op: index,
+                    kind,
+                    reason: format!("dst {} > {MAX_BUFFERED_DST}", dst.length),
+                });
+            }
+            let mut dec = decoder(index, kind, data)?;
+            let mut buf = vec![0u8; STREAM_BUF.min(dst.length as usize + 1)];
+            let mut done = 0u64;
+            loop {
+                let n = dec.read(&mut buf).map_err(|e| ApplyError::Decode {
+                    op: index,
+                    kind,
+                    reason: e.to_string(),
+                })?;
+                if n == 0 {
+                    break;
+                }
+                if done + n as u64 > dst.length {
+                    return Err(ApplyError::Decode {
+                        op: index,
+                        kind,
+                        reason: format!("decompresses past the {}-byte destination", dst.length),
+                    });
+                }
+                hasher.update(&buf[..n]);
+                dest.write_all_at(&buf[..n], dst.offset + done)
+                    .map_err(write_err())?;
+                done += n as u64;
+            }
+            if done != dst.length {
+                return Err(ApplyError::Decode {
+                    op: index,
+                    kind,
+                    reason: format!(
+                        "decompresses to {done} bytes, destination is {}",
+                        dst.length
+                    ),
+                });
+            }
+            check_output(index, op, hasher.into(), "")
+        }
+        OpKind::Bsdiff => {
+            let src = source()?;
+            let window_len = op.src_len();
+            if window_len > MAX_BSDIFF_WINDOW || dst.length > MAX_BUFFERED_DST {
+                return Err(ApplyError::Limits {
+                    op: index,
+                    kind,
+                    reason: format!("window {window_len}, dst {}", dst.length),
+                });
+            }
+            let mut window = vec![0u8; window_len as usize];
+            let mut at = 0usize;
+            for e in &op.src {
+                let piece = &mut window[at..at + e.length as usize];
+                src.read_exact_at(piece, e.offset).map_err(io_err(format!(
+                    "reading source extent [{}, +{}) of operation {index}",
+                    e.offset, e.length
+                )))?;
+                at += e.length as usize;
+            }
+            let actual = Digest::of(&window);
+            let expected = op.src_sha256.unwrap_or_default();
+            if actual != expected {
+                return Err(ApplyError::SourceHash {
+                    op: index,
+                    kind,
+                    expected,
+                    actual,
+                });
+            }
+            // bspatch emits one output byte per patch byte it reads (diff or
+            // extra), so capping the patch stream caps the output.
+            let cap = dst.length * 2 + (1 << 20);
+            let mut patch = decoder(index, kind, data)?.take(cap);
+            let mut out = Vec::with_capacity(dst.length as usize);
+            bsdiff::patch(&window, &mut patch, &mut out).map_err(|e| ApplyError::Decode {
+                op: index,
+                kind,
+                reason: e.to_string(),
+            })?;
+            drop(window);
+            if out.len() as u64 != dst.length {
+                return Err(ApplyError::Decode {
+                    op: index,
+                    kind,
+                    reason: format!(
+                        "patches to {} bytes, destination is {}",
+                        out.len(),
+                        dst.length
+                    ),
+                });
+            }
+            check_output(index, op, Digest::of(&out), "")?;
+            dest.write_all_at(&out, dst.offset).map_err(write_err())
+        }
+    }
+}
+
+fn decoder<'a>(
+    index: usize,
+    kind: &'static str,
+    data: &'a [u8],
+) -> Result<zstd::stream::read::Decoder<'a, &'a [u8]>, ApplyError> {
+    let mut dec = zstd::stream::read::Decoder::with_buffer(data)
+        .map_err(io_err("creating a zstd decoder"))?;
+    // Never let a frame header make the decoder allocate more than the format allows.
+    dec.window_log_max(23).map_err(|e| ApplyError::Decode {
+        op: index,
+        kind,
+        reason: e.to_string(),
+    })?;
+    Ok(dec)
+}
+
+fn check_output(
+    index: usize,
+    op: &Operation,
+    actual: Digest,
+    hint: &'static str,
+) -> Result<(), ApplyError> {
+    if actual != op.dst_sha256 {
+        return Err(ApplyError::OutputHash {
+            op: index,
+            kind: op.kind.name(),
+            expected: op.dst_sha256,
+            actual,
+            hint,
+        });
+    }
+    Ok(())
+}
+
+/// Whether the destination extent of `op` already holds its expected output.
+/// A resumed agent calls this for every operation its (untrusted) progress
+/// record claims done.
+pub fn verify_operation_output<D: ReadAt + ?Sized>(op: &Operation, dest: &D) -> io::Result<bool> {
+    Ok(hash_range(dest, op.dst.offset, op.dst.length)? == op.dst_sha256)
+}
+
+/// SHA-256 of a byte range, streamed.
+pub fn hash_range<R: ReadAt + ?Sized>(src: &R, offset: u64, len: u64) -> io::Result<Digest> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; (1 << 20).min(len as usize).max(1)];
+    for_each_piece(src, offset, len, &mut buf, |p, _| {
+        h.update(p);
+        Ok(())
+    })?;
+    Ok(h.into())
+}
+
+/// Checks that `source` (of `len` bytes) is the image the manifest's delta
+/// applies to. Reads it whole: a delta applied to the wrong base would be
+/// caught per operation anyway, but failing before writing anything is kinder.
+pub fn check_source<S: ReadAt + ?Sized>(
+    manifest: &Manifest,
+    source: &S,
+    len: u64,
+) -> Result<(), ApplyError> {
+    let Some(from) = &manifest.from else {
+        return Ok(());
+    };
+    if len != from.size {
+        return Err(ApplyError::SourceSize {
+            version: from.version.clone(),
+            expected: from.size,
+            actual: len,
+        });
+    }
+    let actual = hash_range(source, 0, len).map_err(io_err("reading the source image"))?;
+    if actual != from.sha256 {
+        return Err(ApplyError::SourceImageHash {
+            version: from.version.clone(),
+            expected: from.sha256,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Options for [`apply_image`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    /// The destination is known to read as zeros (a freshly created sparse
+    /// file), so `ZERO` operations need not write. Never set for a slot.
+    pub dest_is_zeroed: bool,
+}
+
+/// Applies a whole payload read sequentially from `payload`, then verifies the
+/// payload digest and the destination image digest.
+///
+/// The caller has verified the manifest's envelope, checked
+/// `payload_len == manifest.payload.size`, and checked the source with
+/// [`check_source`]. `progress` is called with the target bytes done.
+pub fn apply_image<P: Read, S: ReadAt + ?Sized, D: WriteAt + ReadAt + ?Sized>(
+    manifest: &Manifest,
+    mut payload: P,
+    source: Option<&S>,
+    dest: &D,
+    opts: ApplyOptions,
+    mut progress: impl FnMut(u64),
+) -> Result<(), ApplyError> {
+    let _span =
+        tracing::info_span!("apply", to = %manifest.to.version, ops = manifest.operations.len())
+            .entered();
+    let mut payload_hash = Sha256::new();
+    let mut data = Vec::new();
+    let mut done = 0u64;
+    for (i, op) in manifest.operations.iter().enumerate() {
+        data.clear();
+        if let Some(d) = &op.data {
+            let got = (&mut payload)
+                .take(d.length)
+                .read_to_end(&mut data)
+                .map_err(io_err("reading the payload"))?;
+            if (got as u64) < d.length {
+                return Err(ApplyError::PayloadSize {
+                    expected: manifest.payload.size,
+                    actual: d.offset + got as u64,
+                });
+            }
+            payload_hash.update(&data);
+        }
+        apply_operation_inner(i, op, &data, source, dest, opts.dest_is_zeroed)?;
+        done += op.dst.length;
+        progress(done);
+    }
+    let actual: Digest = payload_hash.into();
+    if actual != manifest.payload.sha256 {
+        return Err(ApplyError::PayloadHash {
+            expected: manifest.payload.sha256,
+            actual,
+        });
+    }
+    let actual =
+        hash_range(dest, 0, manifest.to.size).map_err(io_err("reading back the written image"))?;
+    if actual != manifest.to.sha256 {
+        return Err(ApplyError::TargetHash {
+            expected: manifest.to.sha256,
+            actual,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,820 @@
+//! The delta generator.
+//!
+//! # How it finds where content went
+//!
+//! Filesystem images move blocks between versions, and binaries shift code by
+//! arbitrary amounts, so comparing the same offsets is not enough. Two
+//! indexes over the source are built in one streaming pass:
+//!
+//! 1. a **block index**: xxh3 of every non-zero, 4 KiB-aligned source block.
+//!    Target blocks found there (and byte-compared) become `COPY` runs: this is
+//!    what finds files that an image rebuild merely relocated.
+//! 2. an **anchor index**: content-defined samples of a rolling hash over
+//!    32-byte windows. The same content is sampled at the same place in source
+//!    and target whatever its offset, so the anchors of a changed target chunk
+//!    vote for the source regions it came from. Those regions (not a
+//!    same-offset window) are the `BSDIFF` source extents.
+//!
+//! Zero blocks are neither indexed nor diffed: they become `ZERO` runs. That,
+//! and keeping each bsdiff window to a few MiB, is what keeps bsdiff's suffix
+//! sort away from the degenerate inputs (long zero runs, whole images) where
+//! it takes hours.
+//!
+//! # Memory bound
+//!
+//! `16 B × source_size / 4 KiB` (block index) + at most [`MAX_ANCHORS`] × 16 B
+//! (64 MiB anchor index) + `24 B × target_size / 4 KiB` (block classes) + per
+//! worker thread about `17 × window + chunk` (bsdiff's suffix array) plus a
+//! zstd level-19 context, and one batch of compressed outputs. For a 4 GiB
+//! image pair at the defaults this is about 350 MiB whatever the content;
+//! nothing holds a whole image.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST, MAX_SRC_EXTENTS};
+use ota_format::manifest::FORMAT_VERSION;
+use ota_format::{DataRange, Digest, Extent, ImageRef, Manifest, OpKind, Operation, PayloadInfo};
+use rayon::prelude::*;
+use sha2::{Digest as _, Sha256};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::apply::hash_range;
+use crate::io::ReadAt;
+
+/// Block size of the block index and of run detection. ext4, and most
+/// filesystems on flash, allocate in 4 KiB blocks.
+pub const BLOCK: u64 = 4096;
+
+/// Rolling hash window of the anchor index.
+const ANCHOR_W: usize = 32;
+
+/// Most anchors kept for the source: bounds the anchor index to 64 MiB for
+/// any source size by sampling more sparsely on larger sources.
+pub const MAX_ANCHORS: u64 = 4 << 20;
+
+/// An anchor value seen more often than this in the source says nothing about
+/// where a chunk came from (padding, tables) and is dropped.
+const MAX_ANCHOR_REPEATS: usize = 4;
+
+/// Runs of moved or zero blocks shorter than this (256 KiB) are diffed with
+/// their neighbours instead of becoming operations of their own: an operation
+/// costs about 200 manifest bytes, while bsdiff spends a few bytes on a block
+/// it finds in its window, and the moved blocks' known source locations are
+/// put in that window first.
+const MIN_RUN_BLOCKS: u64 = 64;
+
+/// Largest `COPY` or `ZERO` operation: bounds the work redone when an agent
+/// resumes a partly written operation.
+const MAX_STREAM_OP: u64 = 16 << 20;
+
+/// Read size of the streaming passes.
+const SCAN_BUF: u64 = 8 << 20;
+
+/// How a delta is built.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Target bytes per changed chunk (`REPLACE`/`BSDIFF`). Larger chunks
+    /// compress a little better; smaller ones resume and parallelise better.
+    /// A multiple of 4 KiB, at most [`MAX_BUFFERED_DST`].
+    pub chunk_size: u64,
+    /// zstd level for `REPLACE` data and bsdiff patches.
+    pub zstd_level: i32,
+    /// Worker threads; 0 uses every core.
+    pub threads: usize,
+    /// Show a progress bar on stderr when it is a terminal.
+    pub progress: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            chunk_size: 1 << 20,
+            zstd_level: 19,
+            threads: 0,
+            progress: true,
+        }
+    }
+}
+
+/// What the manifest says about the update besides its operations.
+#[derive(Debug, Clone)]
+pub struct DeltaSpec {
+    pub device_type: String,
+    /// Version of the source image; `None` builds a full image.
+    pub from_version: Option<String>,
+    pub to_version: String,
+    pub security_counter: u64,
+    /// RFC 3339 expiry, see [`Manifest::expires_at`].
+    pub expires_at: String,
+}
+
+/// Why a delta could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("bad delta options: {0}")]
+    Options(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error("the generated manifest is invalid (a generator bug; please report it): {0}")]
+    Internal(#[from] ota_format::ManifestError),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> GenerateError {
+    let context = context.into();
+    move |source| GenerateError::Io { context, source }
+}
+
+/// Builds a delta (or, without a source, a full image) from `target`, writing
+/// the payload to `payload_out` and returning the unsigned manifest.
+pub fn generate<W: Write + Send>(
+    spec: &DeltaSpec,
+    source: Option<&File>,
+    target: &File,
+    payload_out: W,
+    opts: &GenerateOptions,
+) -> Result<Manifest, GenerateError> {
+    if opts.chunk_size == 0 || opts.chunk_size % BLOCK != 0 || opts.chunk_size > MAX_BUFFERED_DST {
+        return Err(GenerateError::Options(format!(
+            "chunk size {} must be a multiple of {BLOCK} between {BLOCK} and {MAX_BUFFERED_DST}",
+            opts.chunk_size
+        )));
+    }
+    if source.is_some() != spec.from_version.is_some() {
+        return Err(GenerateError::Options(
+            "a source image and a from-version go together".into(),
+        ));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .map_err(|e| GenerateError::Options(e.to_string()))?;
+    pool.install(|| generate_inner(spec, source, target, payload_out, opts))
+}
+
+fn generate_inner<W: Write>(
+    spec: &DeltaSpec,
+    source: Option<&File>,
+    target: &File,
+    payload_out: W,
+    opts: &GenerateOptions,
+) -> Result<Manifest, GenerateError> {
+    let _span =
+        tracing::info_span!("generate", to = %spec.to_version, from = ?spec.from_version).entered();
+    let target_len = target
+        .metadata()
+        .map_err(io_err("reading the target image's size"))?
+        .len();
+    let source_len = match source {
+        Some(s) => s
+            .metadata()
+            .map_err(io_err("reading the source image's size"))?
+            .len(),
+        None => 0,
+    };
+    let bar = progress_bar(opts.progress, source_len + target_len * 2);
+
+    bar.set_message("indexing source");
+    let index = match source {
+        Some(s) => Some(SourceIndex::build(s, source_len, &bar)?),
+        None => None,
+    };
+    bar.set_message("matching blocks");
+    let (classes, target_sha) = classify_target(target, target_len, index.as_ref(), source, &bar)?;
+    let plan = plan_operations(&classes, target_len, opts.chunk_size);
+    drop(classes);
+    tracing::info!(operations = plan.len(), "planned");
+
+    bar.set_message("diffing");
+    let mut out = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, payload_out),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    let mut operations = Vec::with_capacity(plan.len());
+    let batch = rayon::current_num_threads() * 4;
+    let mut i = 0;
+    while i < plan.len() {
+        // A batch holds a bounded number of diff chunks, and so a bounded
+        // amount of compressed output, between parallel work and the
+        // in-order payload writer.
+        let mut end = i;
+        let mut diffs = 0;
+        while end < plan.len() && diffs < batch {
+            diffs += matches!(plan[end], Plan::Diff(..)) as usize;
+            end += 1;
+        }
+        let done: Vec<Result<(Operation, Vec<u8>), GenerateError>> = plan[i..end]
+            .par_iter()
+            .map(|p| {
+                let r = build_op(p, source, target, index.as_ref(), opts);
+                bar.inc(p.dst().length);
+                r
+            })
+            .collect();
+        for r in done {
+            let (mut op, data) = r?;
+            if let Some(d) = &mut op.data {
+                d.offset = out.len;
+                out.write_all(&data)
+                    .map_err(io_err("writing the payload"))?;
+            }
+            operations.push(op);
+        }
+        i = end;
+    }
+    out.inner.flush().map_err(io_err("writing the payload"))?;
+    bar.finish_and_clear();
+
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        device_type: spec.device_type.clone(),
+        from: match (&spec.from_version, &index) {
+            (Some(v), Some(ix)) => Some(ImageRef {
+                version: v.clone(),
+                size: source_len,
+                sha256: ix.sha256,
+            }),
+            _ => None,
+        },
+        to: ImageRef {
+            version: spec.to_version.clone(),
+            size: target_len,
+            sha256: target_sha,
+        },
+        security_counter: spec.security_counter,
+        expires_at: spec.expires_at.clone(),
+        payload: PayloadInfo {
+            size: out.len,
+            sha256: out.hash.into(),
+        },
+        operations,
+    };
+    manifest.validate()?;
+    Ok(manifest)
+}
+
+fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+struct HashingWriter<W: Write> {
+    inner: BufWriter<W>,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        self.hash.update(b);
+        self.len += b.len() as u64;
+        self.inner.write_all(b)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Source index
+
+struct SourceIndex {
+    len: u64,
+    sha256: Digest,
+    /// (xxh3 of block, block number), sorted.
+    blocks: Vec<(u64, u64)>,
+    /// (rolling hash, source offset), sorted, over-frequent values removed.
+    anchors: Vec<(u64, u64)>,
+    /// An anchor is sampled where the top `anchor_bits` bits of the hash are 0.
+    anchor_bits: u32,
+}
+
+/// Calls `f(hash, offset)` for each sampled anchor starting in
+/// `buf[..starts]` (`buf` must extend `ANCHOR_W - 1` bytes past `starts`
+/// where the data allows). Anchors over a constant run (zeros, 0xff padding)
+/// are skipped: they match everywhere and locate nothing.
+fn for_each_anchor(buf: &[u8], starts: usize, base: u64, bits: u32, mut f: impl FnMut(u64, u64)) {
+    const P: u64 = 0x100_0000_01b3;
+    if buf.len() < ANCHOR_W {
+        return;
+    }
+    let last = starts.min(buf.len() - ANCHOR_W + 1);
+    let pw = P.wrapping_pow(ANCHOR_W as u32);
+    let mut h = 0u64;
+    for &b in &buf[..ANCHOR_W] {
+        h = h.wrapping_mul(P).wrapping_add(b as u64);
+    }
+    let shift = 64 - bits;
+    for s in 0..last {
+        if s > 0 {
+            h = h
+                .wrapping_mul(P)
+                .wrapping_add(buf[s + ANCHOR_W - 1] as u64)
+                .wrapping_sub((buf[s - 1] as u64).wrapping_mul(pw));
+        }
+        // The low bits of a polynomial hash are weak; mix before sampling.
+        let k = mix(h);
+        if k >> shift == 0 {
+            let w = &buf[s..s + ANCHOR_W];
+            if w.iter().any(|&b| b != w[0]) {
+                f(k, base + s as u64);
+            }
+        }
+    }
+}
+
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe { b.align_to::<u128>() };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+impl SourceIndex {
+    fn build(src: &File, len: u64, bar: &ProgressBar) -> Result<Self, GenerateError> {
+        let _span = tracing::info_span!("index_source", len).entered();
+        // Sample about one position in 2^bits, so that at most MAX_ANCHORS
+        // anchors are kept whatever the source size (and at least one per 32
+        // bytes on small sources).
+        let want = len / MAX_ANCHORS.max(1);
+        let anchor_bits = (64 - want.leading_zeros()).max(5);
+        let mut sha = Sha256::new();
+        let mut blocks = Vec::with_capacity((len / BLOCK) as usize);
+        let mut anchors = Vec::new();
+        let mut buf = vec![0u8; (SCAN_BUF as usize) + ANCHOR_W];
+        let mut pos = 0u64;
+        while pos < len {
+            let seg = (len - pos).min(SCAN_BUF) as usize;
+            let with_tail = (len - pos).min(SCAN_BUF + ANCHOR_W as u64 - 1) as usize;
+            src.read_exact_at(&mut buf[..with_tail], pos)
+                .map_err(io_err("reading the source image"))?;
+            sha.update(&buf[..seg]);
+            for (i, b) in buf[..seg].chunks_exact(BLOCK as usize).enumerate() {
+                if !is_zero(b) {
+                    blocks.push((xxh3_64(b), pos / BLOCK + i as u64));
+                }
+            }
+            for_each_anchor(&buf[..with_tail], seg, pos, anchor_bits, |k, p| {
+                anchors.push((k, p))
+            });
+            pos += seg as u64;
+            bar.inc(seg as u64);
+        }
+        blocks.par_sort_unstable();
+        anchors.par_sort_unstable();
+        // Drop anchor values that repeat too often to locate anything.
+        let mut kept = Vec::with_capacity(anchors.len());
+        for group in anchors.chunk_by(|a, b| a.0 == b.0) {
+            if group.len() <= MAX_ANCHOR_REPEATS {
+                kept.extend_from_slice(group);
+            }
+        }
+        kept.shrink_to_fit();
+        tracing::info!(
+            blocks = blocks.len(),
+            anchors = kept.len(),
+            anchor_bits,
+            "source indexed"
+        );
+        Ok(SourceIndex {
+            len,
+            sha256: sha.into(),
+            blocks,
+            anchors: kept,
+            anchor_bits,
+        })
+    }
+
+    fn blocks_with_hash(&self, h: u64) -> impl Iterator<Item = u64> + '_ {
+        let start = self.blocks.partition_point(|e| e.0 < h);
+        self.blocks[start..]
+            .iter()
+            .take_while(move |e| e.0 == h)
+            .map(|e| e.1)
+    }
+
+    fn anchors_with_hash(&self, h: u64) -> impl Iterator<Item = u64> + '_ {
+        let start = self.anchors.partition_point(|e| e.0 < h);
+        self.anchors[start..]
+            .iter()
+            .take_while(move |e| e.0 == h)
+            .map(|e| e.1)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Target classification and planning
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Class {
+    Zero,
+    /// Same bytes as this source block.
+    Copy(u64),
+    Changed,
+}
+
+fn classify_target(
+    target: &File,
+    len: u64,
+    index: Option<&SourceIndex>,
+    source: Option<&File>,
+    bar: &ProgressBar,
+) -> Result<(Vec<Class>, Digest), GenerateError> {
+    let _span = tracing::info_span!("classify_target", len).entered();
+    let nblocks = len.div_ceil(BLOCK);
+    let mut classes = Vec::with_capacity(nblocks as usize);
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; SCAN_BUF as usize];
+    let mut cand = vec![0u8; BLOCK as usize];
+    let mut prev: Option<u64> = None;
+    let mut pos = 0u64;
+    while pos < len {
+        let seg = (len - pos).min(SCAN_BUF) as usize;
+        target
+            .read_exact_at(&mut buf[..seg], pos)
+            .map_err(io_err("reading the target image"))?;
+        sha.update(&buf[..seg]);
+        for (i, b) in buf[..seg].chunks(BLOCK as usize).enumerate() {
+            let blockno = pos / BLOCK + i as u64;
+            let class = if is_zero(b) {
+                Class::Zero
+            } else if let (Some(ix), Some(src), true) = (index, source, b.len() as u64 == BLOCK) {
+                // Prefer continuing the previous run, then the same offset,
+                // so that COPY source extents stay long.
+                let h = xxh3_64(b);
+                let mut best = None;
+                for s in ix.blocks_with_hash(h) {
+                    let rank = if Some(s) == prev.map(|p| p + 1) {
+                        0
+                    } else if s == blockno {
+                        1
+                    } else {
+                        2
+                    };
+                    if best.is_none_or(|(r, _)| rank < r) {
+                        src.read_exact_at(&mut cand, s * BLOCK)
+                            .map_err(io_err("reading the source image"))?;
+                        if cand == b {
+                            best = Some((rank, s));
+                            if rank == 0 {
+                                break;
+                            }
+                        }
+                    }
+                }
+                match best {
+                    Some((_, s)) => Class::Copy(s),
+                    None => Class::Changed,
+                }
+            } else {
+                Class::Changed
+            };
+            prev = match class {
+                Class::Copy(s) => Some(s),
+                _ => None,
+            };
+            classes.push(class);
+        }
+        pos += seg as u64;
+        bar.inc(seg as u64);
+    }
+    Ok((classes, sha.into()))
+}
+
+/// One planned operation before its data is built.
+#[derive(Debug, Clone)]
+enum Plan {
+    Zero(Extent),
+    Copy(Extent, Vec<Extent>),
+    /// A changed chunk, with the source blocks known to hold some of its
+    /// blocks (short moved runs folded into it).
+    Diff(Extent, Vec<u64>),
+}
+
+impl Plan {
+    fn dst(&self) -> Extent {
+        match self {
+            Plan::Zero(e) | Plan::Copy(e, _) | Plan::Diff(e, _) => *e,
+        }
+    }
+}
+
+fn plan_operations(classes: &[Class], len: u64, chunk: u64) -> Vec<Plan> {
+    let extent = |a: usize, b: usize| {
+        let start = a as u64 * BLOCK;
+        Extent::new(start, (b as u64 * BLOCK).min(len) - start)
+    };
+    // Runs of one class (a moved run may come from anywhere in the source).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < classes.len() {
+        let kind = std::mem::discriminant(&classes[i]);
+        let mut j = i + 1;
+        while j < classes.len() && std::mem::discriminant(&classes[j]) == kind {
+            j += 1;
+        }
+        runs.push((i, j));
+        i = j;
+    }
+    let own_op =
+        |(a, b): (usize, usize)| classes[a] != Class::Changed && (b - a) as u64 >= MIN_RUN_BLOCKS;
+    let mut plan = Vec::new();
+    let mut r = 0;
+    while r < runs.len() {
+        let (i, j) = runs[r];
+        if !own_op(runs[r]) {
+            // A changed region: every run up to the next long zero or moved run.
+            let mut end = r + 1;
+            while end < runs.len() && !own_op(runs[end]) {
+                end += 1;
+            }
+            let region = extent(i, runs[end - 1].1);
+            // Equal chunks of at most `chunk` bytes, block aligned.
+            let n = region.length.div_ceil(chunk);
+            let per = region.length.div_ceil(n).div_ceil(BLOCK) * BLOCK;
+            let mut off = region.offset;
+            while off < region.end() {
+                let l = per.min(region.end() - off);
+                let (a, b) = ((off / BLOCK) as usize, (off + l).div_ceil(BLOCK) as usize);
+                let known = classes[a..b]
+                    .iter()
+                    .filter_map(|c| {
+                        if let Class::Copy(s) = c {
+                            Some(*s)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                plan.push(Plan::Diff(Extent::new(off, l), known));
+                off += l;
+            }
+            r = end;
+            continue;
+        }
+        match classes[i] {
+            Class::Zero => {
+                let mut a = i;
+                while a < j {
+                    let b = j.min(a + (MAX_STREAM_OP / BLOCK) as usize);
+                    plan.push(Plan::Zero(extent(a, b)));
+                    a = b;
+                }
+            }
+            Class::Copy(_) => {
+                let mut a = i;
+                while a < j {
+                    let mut src: Vec<Extent> = Vec::new();
+                    let mut b = a;
+                    while b < j && ((b - a) as u64) < MAX_STREAM_OP / BLOCK {
+                        let Class::Copy(s) = classes[b] else {
+                            unreachable!()
+                        };
+                        let full = src.len() == MAX_SRC_EXTENTS;
+                        match src.last_mut() {
+                            Some(e) if e.end() == s * BLOCK => e.length += BLOCK,
+                            _ if full => break,
+                            _ => src.push(Extent::new(s * BLOCK, BLOCK)),
+                        }
+                        b += 1;
+                    }
+                    plan.push(Plan::Copy(extent(a, b), src));
+                    a = b;
+                }
+            }
+            Class::Changed => unreachable!("changed runs are diffed"),
+        }
+        r += 1;
+    }
+    plan
+}
+
+// ---------------------------------------------------------------------------
+// Building one operation
+
+fn build_op(
+    plan: &Plan,
+    source: Option<&File>,
+    target: &File,
+    index: Option<&SourceIndex>,
+    opts: &GenerateOptions,
+) -> Result<(Operation, Vec<u8>), GenerateError> {
+    let dst = plan.dst();
+    let op = |kind, src: Vec<Extent>, dst_sha256| Operation {
+        kind,
+        dst,
+        src,
+        src_sha256: None,
+        data: None,
+        dst_sha256,
+    };
+    match plan {
+        Plan::Zero(_) => Ok((
+            op(OpKind::Zero, vec![], Digest::of_zeros(dst.length)),
+            vec![],
+        )),
+        Plan::Copy(_, src) => {
+            let h = hash_range(target, dst.offset, dst.length)
+                .map_err(io_err("reading the target image"))?;
+            Ok((op(OpKind::Copy, src.clone(), h), vec![]))
+        }
+        Plan::Diff(_, known) => {
+            let _span =
+                tracing::debug_span!("diff_chunk", offset = dst.offset, len = dst.length).entered();
+            let mut chunk = vec![0u8; dst.length as usize];
+            target
+                .read_exact_at(&mut chunk, dst.offset)
+                .map_err(io_err("reading the target image"))?;
+            let dst_sha256 = Digest::of(&chunk);
+            let compress = |b: &[u8]| {
+                zstd::bulk::compress(b, opts.zstd_level).map_err(io_err("compressing with zstd"))
+            };
+            let replace = compress(&chunk)?;
+            let mut best = (OpKind::Replace, replace, Vec::new(), None);
+            if let (Some(ix), Some(src)) = (index, source) {
+                let window = choose_window(&chunk, dst.offset, known, ix);
+                if !window.is_empty() {
+                    let total: u64 = window.iter().map(|e| e.length).sum();
+                    let mut old = vec![0u8; total as usize];
+                    let mut at = 0;
+                    for e in &window {
+                        src.read_exact_at(&mut old[at..at + e.length as usize], e.offset)
+                            .map_err(io_err("reading the source image"))?;
+                        at += e.length as usize;
+                    }
+                    let mut patch = Vec::new();
+                    bsdiff::diff(&old, &chunk, &mut patch).map_err(io_err("running bsdiff"))?;
+                    let patch = compress(&patch)?;
+                    tracing::debug!(
+                        window = total,
+                        extents = window.len(),
+                        replace = best.1.len(),
+                        bsdiff = patch.len(),
+                        "candidates"
+                    );
+                    if patch.len() < best.1.len() {
+                        best = (OpKind::Bsdiff, patch, window, Some(Digest::of(&old)));
+                    }
+                }
+            }
+            let (kind, data, src, src_sha256) = best;
+            let range = DataRange {
+                offset: 0,
+                length: data.len() as u64,
+                sha256: Digest::of(&data),
+            };
+            Ok((
+                Operation {
+                    kind,
+                    dst,
+                    src,
+                    src_sha256,
+                    data: Some(range),
+                    dst_sha256,
+                },
+                data,
+            ))
+        }
+    }
+}
+
+/// Granularity at which anchor votes locate source content.
+const VOTE_BIN: u64 = 64 << 10;
+
+/// Picks the source extents a changed chunk most likely came from. Source
+/// blocks are added in order of evidence until the window budget (4 × chunk,
+/// at least 1 MiB, at most [`MAX_BSDIFF_WINDOW`]) is spent:
+///
+/// 1. the source blocks known to hold some of the chunk's blocks (short
+///    moved runs folded into the chunk);
+/// 2. the 64 KiB source bins holding the most anchor hits of the chunk: code
+///    moves between versions and the pieces of a file land anywhere in an
+///    image, so votes go to where the bytes are;
+/// 3. the region aligned with the chunk along the dominant diagonal (source
+///    offset − chunk offset of the hits): content with dense small changes
+///    (symbol tables, relocated pointers) has few exact 32-byte anchors but
+///    sits at the same relative place;
+/// 4. the neighbours of the bins of step 2, for content between anchors;
+/// 5. the same offset in the source (metadata such as inode tables stays
+///    put).
+fn choose_window(chunk: &[u8], chunk_off: u64, known: &[u64], ix: &SourceIndex) -> Vec<Extent> {
+    const PER_BIN: u64 = VOTE_BIN / BLOCK;
+    let chunk_len = chunk.len() as u64;
+    let budget = ((4 * chunk_len).clamp(1 << 20, MAX_BSDIFF_WINDOW) / BLOCK) as usize;
+    let last_block = (ix.len.max(1) - 1) / BLOCK;
+    let mut chosen: BTreeSet<u64> = BTreeSet::new();
+    let take_bin = |bin: u64, chosen: &mut BTreeSet<u64>| {
+        if chosen.len() + PER_BIN as usize <= budget {
+            chosen.extend((bin * PER_BIN..(bin + 1) * PER_BIN).filter(|&b| b <= last_block));
+        }
+    };
+    for &b in known {
+        if chosen.len() < budget {
+            chosen.insert(b);
+        }
+    }
+    let mut bins: Vec<u64> = Vec::new();
+    let mut diagonals: Vec<i64> = Vec::new();
+    for_each_anchor(chunk, chunk.len(), 0, ix.anchor_bits, |k, rel| {
+        for p in ix.anchors_with_hash(k) {
+            bins.push(p / VOTE_BIN);
+            diagonals.push((p as i64 - rel as i64).div_euclid(VOTE_BIN as i64));
+        }
+    });
+    let mut core = Vec::new();
+    if !bins.is_empty() {
+        let mut votes = ranked(&mut bins);
+        let min_votes = if votes[0].0 >= 2 { 2 } else { 1 };
+        votes.retain(|v| v.0 >= min_votes);
+        for &(_, bin) in &votes {
+            if chosen.len() * 3 >= budget * 2 {
+                break;
+            }
+            take_bin(bin, &mut chosen);
+            core.push(bin);
+        }
+        let diag = ranked(&mut diagonals)[0].1;
+        for d in (diag - 1).max(0)..=diag + (chunk_len / VOTE_BIN) as i64 + 1 {
+            take_bin(d as u64, &mut chosen);
+        }
+    }
+    for &bin in &core {
+        take_bin(bin.wrapping_sub(1), &mut chosen);
+        take_bin(bin + 1, &mut chosen);
+    }
+    if chunk_off < ix.len {
+        for bin in chunk_off / VOTE_BIN..=(chunk_off + chunk_len) / VOTE_BIN {
+            take_bin(bin, &mut chosen);
+        }
+    }
+    let mut merged: Vec<Extent> = Vec::new();
+    for b in chosen {
+        let start = b * BLOCK;
+        let len = BLOCK.min(ix.len - start);
+        let full = merged.len() == MAX_SRC_EXTENTS;
+        match merged.last_mut() {
+            Some(e) if e.end() == start => e.length += len,
+            _ if full => break,
+            _ => merged.push(Extent::new(start, len)),
+        }
+    }
+    merged
+}
+
+/// Counts equal values: (count, value), most frequent first.
+fn ranked<T: Ord + Copy>(values: &mut [T]) -> Vec<(usize, T)> {
+    values.sort_unstable();
+    let mut v: Vec<(usize, T)> = values
+        .chunk_by(|a, b| a == b)
+        .map(|g| (g.len(), g[0]))
+        .collect();
+    v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchors_are_found_at_the_same_content_whatever_the_offset() {
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut a = Vec::new();
+        for_each_anchor(&data, data.len(), 0, 5, |k, p| a.push((k, p)));
+        let shifted: Vec<u8> = [vec![7u8; 777], data.clone()].concat();
+        let mut b = Vec::new();
+        for_each_anchor(&shifted, shifted.len(), 0, 5, |k, p| b.push((k, p - 777)));
+        assert!(a.len() > 1000, "sampling too sparse: {}", a.len());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn changed_runs_split_into_bounded_chunks() {
+        let classes = vec![Class::Changed; 1000];
+        let plan = plan_operations(&classes, 1000 * BLOCK - 100, 64 * BLOCK);
+        let mut next = 0;
+        for p in &plan {
+            let d = p.dst();
+            assert_eq!(d.offset, next);
+            assert!(d.length <= 64 * BLOCK);
+            next = d.end();
+        }
+        assert_eq!(next, 1000 * BLOCK - 100);
+    }
+}

@@ -1,0 +1,25 @@
+//! The edge-ota delta engine: builds payloads of independent operations and
+//! applies them with memory bounded independently of image size.
+//!
+//! # Layout
+//!
+//! - [`io`]: positional read/write traits over files (slots, images) and
+//!   memory, so the same engine drives block devices, image files and the
+//!   load test's in-memory slots.
+//! - [`apply`]: the apply engine. [`apply::apply_operation`] is the unit the
+//!   agent's chunk pool calls for each verified operation;
+//!   [`apply::apply_image`] streams a whole payload (the offline CLI).
+//! - [`generate`] (feature `generate`): the generator. Indexes the source by
+//!   block hash and by content-defined anchors, splits the target into runs
+//!   of zero, moved and changed blocks, and picks for each changed chunk the
+//!   smallest of `REPLACE` and `BSDIFF` against the source window where its
+//!   content lives.
+//!
+//! The format itself (manifest, envelope, limits) lives in `ota-format`.
+
+pub mod apply;
+#[cfg(feature = "generate")]
+pub mod generate;
+pub mod io;
+
+pub use apply::{ApplyError, apply_image, apply_operation, verify_operation_output};

@@ -1,0 +1,30 @@
+//! The edge-ota update format: what the server signs, what travels, and what
+//! the agent trusts.
+//!
+//! An update is a **signed manifest** plus a **payload**. The manifest lists
+//! independent operations; the payload is the concatenation of their data.
+//! Because destination extents never overlap and the source is read-only, any
+//! subset of operations can be fetched (HTTP Range), verified and applied in any
+//! order, and re-applied after a crash. `docs/format.md` is the normative
+//! description; this crate is its only implementation.
+//!
+//! # Layout
+//!
+//! - [`digest`]: the SHA-256 newtype used everywhere a byte string is pinned.
+//! - [`manifest`]: the manifest, its operations, and [`Manifest::validate`],
+//!   which turns untrusted JSON into a manifest whose invariants the apply
+//!   engine can rely on (non-overlapping, covering, bounded operations).
+//! - [`envelope`]: the DSSE signing envelope around the exact manifest bytes,
+//!   key files, key ids and threshold verification for key rotation.
+//! - [`limits`]: every size bound applied to untrusted input, in one place.
+
+pub mod digest;
+pub mod envelope;
+pub mod limits;
+pub mod manifest;
+
+pub use digest::Digest;
+pub use envelope::{Envelope, EnvelopeError, SigningKeyPair, TrustedKeys};
+pub use manifest::{
+    DataRange, Extent, ImageRef, Manifest, ManifestError, OpKind, Operation, PayloadInfo,
+};

@@ -1,0 +1,35 @@
+//! Bounds applied to untrusted input.
+//!
+//! Every number here bounds memory the agent must allocate because of bytes it
+//! received. They are part of the format: a manifest that exceeds them is
+//! rejected before any download, so the generator must respect them too.
+
+/// Largest signed envelope accepted (bytes). A 16 GiB image at 1 MiB chunks is
+/// about 16k operations, about 5 MiB of JSON; 32 MiB leaves room and stays far
+/// below what a 128 MiB device can hold.
+pub const MAX_ENVELOPE_BYTES: usize = 32 << 20;
+
+/// Most operations in one manifest.
+pub const MAX_OPERATIONS: usize = 1 << 20;
+
+/// Most source extents one operation may name.
+pub const MAX_SRC_EXTENTS: usize = 4096;
+
+/// Largest destination of a `REPLACE` or `BSDIFF` operation. The apply engine
+/// holds one such output in memory (bsdiff needs random access to it), so this
+/// bounds apply memory; `COPY` and `ZERO` stream and have no such bound.
+pub const MAX_BUFFERED_DST: u64 = 4 << 20;
+
+/// Largest source window (sum of source extents) of a `BSDIFF` operation:
+/// bsdiff reads its old input at random, so the window is held in memory.
+pub const MAX_BSDIFF_WINDOW: u64 = 8 << 20;
+
+/// Largest data of one operation. Data is verified before use, so it is held
+/// in memory whole; a compressed chunk is never much larger than its output.
+pub const MAX_OP_DATA: u64 = MAX_BUFFERED_DST + (MAX_BUFFERED_DST >> 6) + 4096;
+
+/// Longest version or device-type string.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Most signatures one envelope may carry.
+pub const MAX_SIGNATURES: usize = 16;

@@ -1,0 +1,556 @@
+//! The manifest: what an update produces, from what, and by which operations.
+//!
+//! A manifest arrives as untrusted bytes. [`Manifest::from_json`] parses it
+//! under size limits and then [`Manifest::validate`] establishes every
+//! invariant the apply engine relies on, so that engine never has to re-check
+//! structure: operations cover the target exactly once, in order, and their
+//! data ranges tile the payload exactly once, in order.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::limits::*;
+
+/// Version of this format. Bumped on any incompatible change; an agent refuses
+/// versions it does not know rather than guessing.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The operation kinds. See `docs/format.md` for the exact data each carries.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OpKind {
+    /// Destination = concatenation of the source extents. No data.
+    Copy,
+    /// Destination = zeros. No data.
+    Zero,
+    /// Destination = zstd-decompressed data.
+    Replace,
+    /// Destination = bspatch(concatenation of source extents, zstd-decompressed data).
+    Bsdiff,
+}
+
+impl OpKind {
+    /// Upper-case name, as in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Copy => "COPY",
+            OpKind::Zero => "ZERO",
+            OpKind::Replace => "REPLACE",
+            OpKind::Bsdiff => "BSDIFF",
+        }
+    }
+    /// Whether the operation carries payload data.
+    pub fn has_data(self) -> bool {
+        matches!(self, OpKind::Replace | OpKind::Bsdiff)
+    }
+    /// Whether the operation reads the source image.
+    pub fn reads_source(self) -> bool {
+        matches!(self, OpKind::Copy | OpKind::Bsdiff)
+    }
+}
+
+/// A byte range of an image: `[offset, offset + length)`. Serialized as a
+/// two-element array to keep manifests with thousands of extents small.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(from = "(u64, u64)", into = "(u64, u64)")]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl Extent {
+    pub fn new(offset: u64, length: u64) -> Self {
+        Extent { offset, length }
+    }
+    /// One past the last byte, or `None` on overflow (hostile input).
+    pub fn checked_end(&self) -> Option<u64> {
+        self.offset.checked_add(self.length)
+    }
+    /// One past the last byte. Only for validated extents.
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+impl From<(u64, u64)> for Extent {
+    fn from((offset, length): (u64, u64)) -> Self {
+        Extent { offset, length }
+    }
+}
+
+impl From<Extent> for (u64, u64) {
+    fn from(e: Extent) -> Self {
+        (e.offset, e.length)
+    }
+}
+
+/// Where an operation's data lies in the payload, and its digest.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DataRange {
+    pub offset: u64,
+    pub length: u64,
+    pub sha256: Digest,
+}
+
+/// One independent step: produce `dst` of the target image.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Operation {
+    pub kind: OpKind,
+    /// The target bytes this operation produces. Never overlaps another
+    /// operation's `dst`, which is what makes operations independent.
+    pub dst: Extent,
+    /// Source extents read (`COPY`, `BSDIFF`), concatenated in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub src: Vec<Extent>,
+    /// Digest of the concatenated source extents (`BSDIFF`). For `COPY`,
+    /// `dst_sha256` already pins the source bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_sha256: Option<Digest>,
+    /// The operation's data in the payload (`REPLACE`, `BSDIFF`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataRange>,
+    /// Digest of the `dst` bytes once applied. Also how a resumed agent tells
+    /// whether an operation it believes done really is.
+    pub dst_sha256: Digest,
+}
+
+impl Operation {
+    /// Total bytes of source read.
+    pub fn src_len(&self) -> u64 {
+        self.src.iter().map(|e| e.length).sum()
+    }
+}
+
+/// One image version: the source or the target of an update.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRef {
+    pub version: String,
+    pub size: u64,
+    pub sha256: Digest,
+}
+
+/// Size and digest of the whole payload.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadInfo {
+    pub size: u64,
+    pub sha256: Digest,
+}
+
+/// The signed description of one update.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub device_type: String,
+    /// The image this delta applies to; absent for a full image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<ImageRef>,
+    pub to: ImageRef,
+    /// Monotonic anti-rollback counter: an agent never installs a manifest
+    /// whose counter is below the one it runs, even if the version string
+    /// looks newer, so a leaked old-but-signed manifest cannot downgrade.
+    pub security_counter: u64,
+    /// RFC 3339 UTC time after which the manifest is refused. Bounds how long a
+    /// captured manifest can be replayed (freeze attacks).
+    pub expires_at: String,
+    pub payload: PayloadInfo,
+    pub operations: Vec<Operation>,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is {size} bytes, over the {limit}-byte limit: refusing to parse it")]
+    TooLarge { size: usize, limit: usize },
+    #[error("manifest is not valid JSON for format version {FORMAT_VERSION}: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error(
+        "manifest format version {found} is not supported (this build reads {FORMAT_VERSION}); upgrade the agent"
+    )]
+    UnsupportedVersion { found: u32 },
+    #[error("manifest is invalid: {0}")]
+    Invalid(String),
+    #[error("manifest operation {op} is invalid: {reason}")]
+    InvalidOp { op: usize, reason: String },
+    #[error("manifest expired at {expires_at} (now {now}): ask the server for a fresh one")]
+    Expired { expires_at: String, now: String },
+}
+
+fn op_err(op: usize, reason: impl Into<String>) -> ManifestError {
+    ManifestError::InvalidOp {
+        op,
+        reason: reason.into(),
+    }
+}
+
+impl Manifest {
+    /// Parses untrusted JSON and validates it. Never panics.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_ENVELOPE_BYTES {
+            return Err(ManifestError::TooLarge {
+                size: bytes.len(),
+                limit: MAX_ENVELOPE_BYTES,
+            });
+        }
+        let m: Manifest = serde_json::from_slice(bytes)?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Deterministic serialization: fixed field order, no whitespace.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("manifest serialization cannot fail")
+    }
+
+    /// The expiry as a time.
+    pub fn expiry(&self) -> Result<SystemTime, ManifestError> {
+        humantime::parse_rfc3339(&self.expires_at)
+            .map_err(|e| ManifestError::Invalid(format!("expires_at {:?}: {e}", self.expires_at)))
+    }
+
+    /// Formats a time as the manifest's `expires_at`.
+    pub fn format_time(t: SystemTime) -> String {
+        humantime::format_rfc3339_seconds(t).to_string()
+    }
+
+    /// Refuses a manifest past its expiry.
+    pub fn check_expiry(&self, now: SystemTime) -> Result<(), ManifestError> {
+        if now > self.expiry()? {
+            return Err(ManifestError::Expired {
+                expires_at: self.expires_at.clone(),
+                now: Self::format_time(now),
+            });
+        }
+        Ok(())
+    }
+
+    /// Establishes the invariants the apply engine relies on:
+    /// - operations are sorted by destination and tile `[0, to.size)` exactly;
+    /// - their data ranges tile `[0, payload.size)` exactly, in order;
+    /// - each operation has exactly the fields its kind needs, within limits;
+    /// - source extents lie inside the source image.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        use ManifestError::Invalid;
+        if self.format_version != FORMAT_VERSION {
+            return Err(ManifestError::UnsupportedVersion {
+                found: self.format_version,
+            });
+        }
+        for (what, s) in [
+            ("device_type", &self.device_type),
+            ("to.version", &self.to.version),
+        ]
+        .into_iter()
+        .chain(self.from.as_ref().map(|f| ("from.version", &f.version)))
+        {
+            if s.is_empty() || s.len() > MAX_NAME_LEN || s.chars().any(|c| c.is_control()) {
+                return Err(Invalid(format!(
+                    "{what} must be 1..={MAX_NAME_LEN} printable characters"
+                )));
+            }
+        }
+        self.expiry()?;
+        if self.operations.len() > MAX_OPERATIONS {
+            return Err(Invalid(format!(
+                "{} operations, over the limit of {MAX_OPERATIONS}",
+                self.operations.len()
+            )));
+        }
+        let src_size = self.from.as_ref().map(|f| f.size);
+        let mut next_dst = 0u64;
+        let mut next_data = 0u64;
+        for (i, op) in self.operations.iter().enumerate() {
+            let dst_end = op
+                .dst
+                .checked_end()
+                .ok_or_else(|| op_err(i, "dst overflows"))?;
+            if op.dst.offset != next_dst {
+                return Err(op_err(
+                    i,
+                    format!(
+                        "dst starts at {} but the previous operation ends at {next_dst}: operations must tile the target in order",
+                        op.dst.offset
+                    ),
+                ));
+            }
+            if op.dst.length == 0 {
+                return Err(op_err(i, "empty dst"));
+            }
+            if dst_end > self.to.size {
+                return Err(op_err(
+                    i,
+                    format!(
+                        "dst ends at {dst_end}, past the target size {}",
+                        self.to.size
+                    ),
+                ));
+            }
+            next_dst = dst_end;
+
+            // Fields by kind.
+            if op.kind.reads_source() {
+                let Some(src_size) = src_size else {
+                    return Err(op_err(
+                        i,
+                        format!(
+                            "{} needs a source image but the manifest has no `from`",
+                            op.kind.name()
+                        ),
+                    ));
+                };
+                if op.src.is_empty() || op.src.len() > MAX_SRC_EXTENTS {
+                    return Err(op_err(
+                        i,
+                        format!(
+                            "needs 1..={MAX_SRC_EXTENTS} source extents, has {}",
+                            op.src.len()
+                        ),
+                    ));
+                }
+                let mut total = 0u64;
+                for e in &op.src {
+                    let end = e
+                        .checked_end()
+                        .ok_or_else(|| op_err(i, "src extent overflows"))?;
+                    if e.length == 0 || end > src_size {
+                        return Err(op_err(
+                            i,
+                            format!(
+                                "src extent [{}, {end}) is empty or past the source size {src_size}",
+                                e.offset
+                            ),
+                        ));
+                    }
+                    total = total
+                        .checked_add(e.length)
+                        .ok_or_else(|| op_err(i, "src overflows"))?;
+                }
+                match op.kind {
+                    OpKind::Copy if total != op.dst.length => {
+                        return Err(op_err(
+                            i,
+                            format!("COPY reads {total} bytes but writes {}", op.dst.length),
+                        ));
+                    }
+                    OpKind::Bsdiff if total > MAX_BSDIFF_WINDOW => {
+                        return Err(op_err(
+                            i,
+                            format!(
+                                "BSDIFF source window {total} over the limit {MAX_BSDIFF_WINDOW}"
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            } else if !op.src.is_empty() {
+                return Err(op_err(
+                    i,
+                    format!("{} takes no source extents", op.kind.name()),
+                ));
+            }
+            if (op.kind == OpKind::Bsdiff) != op.src_sha256.is_some() {
+                return Err(op_err(
+                    i,
+                    "src_sha256 is required for BSDIFF and only for it",
+                ));
+            }
+            if op.kind.has_data() {
+                let Some(d) = &op.data else {
+                    return Err(op_err(i, format!("{} needs data", op.kind.name())));
+                };
+                if d.offset != next_data {
+                    return Err(op_err(
+                        i,
+                        format!(
+                            "data starts at {} but the previous data ends at {next_data}: data must tile the payload in order",
+                            d.offset
+                        ),
+                    ));
+                }
+                if d.length == 0 || d.length > MAX_OP_DATA {
+                    return Err(op_err(
+                        i,
+                        format!("data length {} not in 1..={MAX_OP_DATA}", d.length),
+                    ));
+                }
+                if op.dst.length > MAX_BUFFERED_DST {
+                    return Err(op_err(
+                        i,
+                        format!(
+                            "{} dst of {} bytes over the limit {MAX_BUFFERED_DST}",
+                            op.kind.name(),
+                            op.dst.length
+                        ),
+                    ));
+                }
+                next_data = d.offset + d.length;
+            } else if op.data.is_some() {
+                return Err(op_err(i, format!("{} takes no data", op.kind.name())));
+            }
+        }
+        if next_dst != self.to.size {
+            return Err(Invalid(format!(
+                "operations cover {next_dst} bytes of a {}-byte target",
+                self.to.size
+            )));
+        }
+        if next_data != self.payload.size {
+            return Err(Invalid(format!(
+                "operation data covers {next_data} bytes of a {}-byte payload",
+                self.payload.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of payload per operation kind and operation counts, for summaries.
+    pub fn stats(&self) -> Vec<(OpKind, usize, u64, u64)> {
+        let mut out: Vec<(OpKind, usize, u64, u64)> = Vec::new();
+        for k in [OpKind::Copy, OpKind::Zero, OpKind::Replace, OpKind::Bsdiff] {
+            let ops = self.operations.iter().filter(|o| o.kind == k);
+            let (n, dst, data) = ops.fold((0, 0, 0), |(n, d, p), o| {
+                (n + 1, d + o.dst.length, p + o.data.map_or(0, |x| x.length))
+            });
+            out.push((k, n, dst, data));
+        }
+        out
+    }
+
+    /// A default expiry: `days` from now.
+    pub fn expiry_in(days: u64) -> String {
+        Self::format_time(SystemTime::now() + Duration::from_secs(days * 86_400))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let d = Digest::of(b"x");
+        Manifest {
+            format_version: FORMAT_VERSION,
+            device_type: "rpi4".into(),
+            from: Some(ImageRef {
+                version: "1".into(),
+                size: 100,
+                sha256: d,
+            }),
+            to: ImageRef {
+                version: "2".into(),
+                size: 30,
+                sha256: d,
+            },
+            security_counter: 1,
+            expires_at: "2099-01-01T00:00:00Z".into(),
+            payload: PayloadInfo { size: 5, sha256: d },
+            operations: vec![
+                Operation {
+                    kind: OpKind::Copy,
+                    dst: Extent::new(0, 10),
+                    src: vec![Extent::new(90, 10)],
+                    src_sha256: None,
+                    data: None,
+                    dst_sha256: d,
+                },
+                Operation {
+                    kind: OpKind::Zero,
+                    dst: Extent::new(10, 10),
+                    src: vec![],
+                    src_sha256: None,
+                    data: None,
+                    dst_sha256: d,
+                },
+                Operation {
+                    kind: OpKind::Replace,
+                    dst: Extent::new(20, 10),
+                    src: vec![],
+                    src_sha256: None,
+                    data: Some(DataRange {
+                        offset: 0,
+                        length: 5,
+                        sha256: d,
+                    }),
+                    dst_sha256: d,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn valid_manifest_round_trips() {
+        let m = sample();
+        m.validate().unwrap();
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn overlapping_destinations_are_refused() {
+        let mut m = sample();
+        m.operations[1].dst.offset = 5;
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::InvalidOp { op: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn source_extent_past_source_is_refused() {
+        let mut m = sample();
+        m.operations[0].src[0].offset = 95;
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::InvalidOp { op: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn overflowing_extent_does_not_panic() {
+        let mut m = sample();
+        m.operations[0].dst = Extent::new(u64::MAX, 10);
+        assert!(m.validate().is_err());
+        let mut m = sample();
+        m.operations[0].src[0] = Extent::new(u64::MAX - 1, 10);
+        assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn gaps_in_payload_are_refused() {
+        let mut m = sample();
+        m.payload.size = 6;
+        assert!(matches!(m.validate(), Err(ManifestError::Invalid(_))));
+    }
+
+    #[test]
+    fn copy_without_source_image_is_refused() {
+        let mut m = sample();
+        m.from = None;
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::InvalidOp { op: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn expiry_is_enforced() {
+        let mut m = sample();
+        m.expires_at = "2001-01-01T00:00:00Z".into();
+        assert!(matches!(
+            m.check_expiry(SystemTime::now()),
+            Err(ManifestError::Expired { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Manifest::from_json(&bytes);
+        }
+    }
+}
