@@ -19,6 +19,7 @@ use ota_format::{Digest, Manifest, OpKind, Operation};
 use sha2::{Digest as _, Sha256};
 
 use crate::io::{ReadAt, WriteAt, for_each_piece};
+use crate::patch_streams;
 
 /// Size of the streaming buffer. Small enough for a 128 MiB device, large
 /// enough that syscalls do not dominate.
@@ -283,16 +284,15 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                     actual,
                 });
             }
-            // bspatch emits one output byte per patch byte it reads (diff or
-            // extra), so capping the patch stream caps the output.
-            let cap = dst.length * 2 + (1 << 20);
-            let mut patch = decoder(index, kind, data)?.take(cap);
+            // bspatch emits one output byte per diff or extra byte it reads,
+            // so capping the streams caps the output.
+            let cap = dst.length as usize + (1 << 20);
+            let streams = patch_streams::decompress(data, cap)
+                .map_err(|e| ApplyError::Decode { op: index, kind, reason: e.to_string() })?;
             let mut out = Vec::with_capacity(dst.length as usize);
-            bsdiff::patch(&window, &mut patch, &mut out).map_err(|e| ApplyError::Decode {
-                op: index,
-                kind,
-                reason: e.to_string(),
-            })?;
+            bsdiff::patch(&window, &mut patch_streams::Interleaved::new(&streams), &mut out)
+                .map_err(|e| ApplyError::Decode { op: index, kind, reason: e.to_string() })?;
+            drop(streams);
             drop(window);
             if out.len() as u64 != dst.length {
                 return Err(ApplyError::Decode {

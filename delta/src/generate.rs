@@ -43,6 +43,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::apply::hash_range;
 use crate::io::ReadAt;
+use crate::patch_streams;
 
 /// Block size of the block index and of run detection. ext4, and most
 /// filesystems on flash, allocate in 4 KiB blocks.
@@ -658,7 +659,9 @@ fn build_op(
                     }
                     let mut patch = Vec::new();
                     bsdiff::diff(&old, &chunk, &mut patch).map_err(io_err("running bsdiff"))?;
-                    let patch = compress(&patch)?;
+                    let streams = patch_streams::split(&patch).map_err(io_err("splitting the bsdiff patch"))?;
+                    drop(patch);
+                    let patch = patch_streams::compress(&streams, opts.zstd_level).map_err(io_err("compressing with zstd"))?;
                     tracing::debug!(
                         window = total,
                         extents = window.len(),

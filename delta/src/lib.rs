@@ -9,6 +9,8 @@
 //! - [`apply`]: the apply engine. [`apply::apply_operation`] is the unit the
 //!   agent's chunk pool calls for each verified operation;
 //!   [`apply::apply_image`] streams a whole payload (the offline CLI).
+//! - [`patch_streams`]: the layout of `BSDIFF` data (a bsdiff patch as three
+//!   zstd frames) shared by generator and apply engine.
 //! - [`generate`] (feature `generate`): the generator. Indexes the source by
 //!   block hash and by content-defined anchors, splits the target into runs
 //!   of zero, moved and changed blocks, and picks for each changed chunk the
@@ -21,5 +23,6 @@ pub mod apply;
 #[cfg(feature = "generate")]
 pub mod generate;
 pub mod io;
+pub mod patch_streams;
 
 pub use apply::{ApplyError, apply_image, apply_operation, verify_operation_output};

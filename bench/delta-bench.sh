@@ -1,0 +1,379 @@
+#!/usr/bin/env bash
+# Delta benchmark: edge-ota's own delta ("ours") against bsdiff, xdelta3, zstd --patch-from and
+# HDiffPatch (zstd and lzma2) on the real old/new pairs of ../shared/corpus. See bench/README.md.
+#
+#   bench/delta-bench.sh [--corpus DIR] [--out DIR] [--pairs "libcrypto ..."] [--tools "ours ..."]
+#                        [--bsdiff-timeout SECONDS] [--apply-runs N] [--no-build]
+#
+# For each pair and tool: patch size, generation wall time and peak RSS, apply wall time (median of
+# --apply-runs runs) and peak RSS, and a byte-for-byte check of every applied output against `new`.
+# Writes OUT/results.md and OUT/results.json and prints the table. Exits non-zero if any tool
+# failed or produced wrong output (bsdiff running past --bsdiff-timeout is reported, not a failure).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ALL_PAIRS="libcrypto ruff-arm64 containerd rootfs"
+ALL_TOOLS="ours bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
+
+CORPUS=$ROOT/target/corpus
+OUT=$ROOT/target/bench
+PAIRS=$ALL_PAIRS
+TOOLS=$ALL_TOOLS
+BSDIFF_TIMEOUT=1800
+APPLY_RUNS=3
+BUILD=1
+
+usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+die() { echo "delta-bench: $*" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case $1 in
+    --corpus) CORPUS=${2:?--corpus needs a directory}; shift 2 ;;
+    --out) OUT=${2:?--out needs a directory}; shift 2 ;;
+    --pairs) PAIRS=${2:?--pairs needs a list}; shift 2 ;;
+    --tools) TOOLS=${2:?--tools needs a list}; shift 2 ;;
+    --bsdiff-timeout) BSDIFF_TIMEOUT=${2:?--bsdiff-timeout needs seconds}; shift 2 ;;
+    --apply-runs) APPLY_RUNS=${2:?--apply-runs needs a number}; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+
+[[ $BSDIFF_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--bsdiff-timeout must be a positive number of seconds"
+[[ $APPLY_RUNS =~ ^[1-9][0-9]*$ ]] || die "--apply-runs must be a positive number"
+read -r -a PAIRS <<<"$PAIRS"
+read -r -a TOOLS <<<"$TOOLS"
+[ ${#PAIRS[@]} -gt 0 ] || die "--pairs is empty"
+[ ${#TOOLS[@]} -gt 0 ] || die "--tools is empty"
+for p in "${PAIRS[@]}"; do [[ " $ALL_PAIRS " == *" $p "* ]] || die "unknown pair '$p' (known: $ALL_PAIRS)"; done
+for t in "${TOOLS[@]}"; do [[ " $ALL_TOOLS " == *" $t "* ]] || die "unknown tool '$t' (known: $ALL_TOOLS)"; done
+has_tool() { [[ " ${TOOLS[*]} " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies: Debian packages, the hdiffpatch Python module, our release binaries, the corpus.
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+[ -x /usr/bin/time ] || missing+=(time)
+command -v cmp >/dev/null || missing+=(diffutils)
+command -v zstd >/dev/null || missing+=(zstd)   # also needed by prepare.sh
+if has_tool bsdiff; then { command -v bsdiff && command -v bspatch; } >/dev/null || missing+=(bsdiff); fi
+if has_tool xdelta3; then command -v xdelta3 >/dev/null || missing+=(xdelta3); fi
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "delta-bench: installing ${missing[*]}" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if has_tool hdiff-zstd || has_tool hdiff-lzma2; then
+  if ! python3 -c 'import hdiffpatch' 2>/dev/null; then
+    echo "delta-bench: installing the hdiffpatch Python package" >&2
+    python3 -m pip install -q hdiffpatch
+  fi
+fi
+
+SERVER=$ROOT/target/release/ota-server
+AGENT=$ROOT/target/release/ota-agent
+if has_tool ours; then
+  if [ "$BUILD" = 1 ]; then
+    (cd "$ROOT" && cargo build --release -p ota-server -p ota-agent)
+  fi
+  if [ ! -x "$SERVER" ] || [ ! -x "$AGENT" ]; then die "missing $SERVER or $AGENT (cargo build --release -p ota-server -p ota-agent)"; fi
+fi
+
+need_prepare=0
+for p in "${PAIRS[@]}"; do
+  [ -f "$CORPUS/$p/old" ] && [ -f "$CORPUS/$p/new" ] || need_prepare=1
+done
+if [ "$need_prepare" = 1 ]; then
+  echo "delta-bench: preparing the corpus in $CORPUS" >&2
+  "$ROOT/../shared/corpus/prepare.sh" "$CORPUS"
+fi
+mkdir -p "$OUT"
+CORPUS=$(cd "$CORPUS" && pwd)
+OUT=$(cd "$OUT" && pwd)
+ROWS=$OUT/rows.tsv
+: >"$ROWS"
+
+# ---------------------------------------------------------------------------------------------
+# measure BASE CMD...: runs CMD under /usr/bin/time -v, stdout+stderr to BASE.log, time's report
+# to BASE.time. Sets M_RC (exit status), M_NS (wall time in ns, taken around the command: time -v
+# itself only reports 10 ms steps) and M_RSS (peak RSS in KiB, "Maximum resident set size").
+measure() {
+  local base=$1 t0 t1
+  shift
+  M_RC=0
+  t0=$(date +%s%N)
+  /usr/bin/time -v -o "$base.time" "$@" >"$base.log" 2>&1 || M_RC=$?
+  t1=$(date +%s%N)
+  M_NS=$((t1 - t0))
+  M_RSS=$(sed -n 's/^[[:space:]]*Maximum resident set size (kbytes): *//p' "$base.time" 2>/dev/null || true)
+  M_RSS=${M_RSS:-0}
+}
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : int((v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+secs() { awk -v n="$1" 'BEGIN { printf "%.3f", n / 1e9 }'; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+loud() {
+  {
+    echo
+    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+    echo "!!! $*"
+    echo "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
+    echo
+  } >&2
+}
+show_log() { if [ -f "$1" ]; then tail -n 20 "$1" | sed 's/^/    | /' >&2; fi; }
+
+KEYDIR=$OUT/keys
+if has_tool ours && [ ! -f "$KEYDIR/ota-signing.key" ]; then
+  "$SERVER" keygen --out "$KEYDIR" >/dev/null
+fi
+
+FAILED=0
+
+# run_tool PAIR TOOL
+run_tool() {
+  local pair=$1 tool=$2
+  local old=$CORPUS/$pair/old new=$CORPUS/$pair/new dir=$OUT/$pair/$tool
+  local old_size new_size patch=$dir/patch out=$dir/new.out
+  local -a gen apply
+  local status=ok note="" patch_bytes="" payload_bytes="" manifest_bytes="" verified=no
+  local gen_ns="" gen_rss="" apply_ns=() apply_rss=0 i
+  old_size=$(stat -c %s "$old")
+  new_size=$(stat -c %s "$new")
+  rm -rf "$dir"
+  mkdir -p "$dir"
+
+  # xdelta3's default source window (-B) is 64 MiB: sources bigger than that would lose their
+  # far matches, so give it a window covering the whole source (encode and decode alike).
+  local -a xd_b=()
+  if [ "$old_size" -gt $((64 << 20)) ]; then xd_b=(-B $(((old_size + (1 << 20) - 1) >> 20 << 20))); fi
+
+  case $tool in
+    ours)
+      gen=("$SERVER" delta --from "$old" --from-version 1 --to "$new" --to-version 2
+           --key "$KEYDIR/ota-signing.key" --out "$dir/update" --no-progress)
+      apply=("$AGENT" apply --manifest "$dir/update/manifest.json" --payload "$dir/update/payload.bin"
+             --pubkey "$KEYDIR/ota-signing.pub" --source "$old" --out "$out" --no-progress) ;;
+    bsdiff)
+      gen=(timeout -k 30 "$BSDIFF_TIMEOUT" bsdiff "$old" "$new" "$patch")
+      apply=(bspatch "$old" "$out" "$patch") ;;
+    xdelta3)
+      gen=(xdelta3 -9 -e -f "${xd_b[@]}" -s "$old" "$new" "$patch")
+      apply=(xdelta3 -d -f "${xd_b[@]}" -s "$old" "$patch" "$out") ;;
+    zstd)
+      # --memory: the --patch-from dictionary (OLD) and the window may exceed zstd's default
+      # 128 MiB limit; 2 GiB matches --long=31.
+      gen=(zstd -q -f --ultra -19 --long=31 --memory=2048MB --patch-from="$old" "$new" -o "$patch")
+      apply=(zstd -q -f -d --long=31 --memory=2048MB --patch-from="$old" "$patch" -o "$out") ;;
+    hdiff-zstd|hdiff-lzma2)
+      gen=(python3 "$ROOT/scripts/hdiff.py" diff "$old" "$new" "$patch"
+           --compression "${tool#hdiff-}" --big-cache-match)
+      apply=(python3 "$ROOT/scripts/hdiff.py" apply "$old" "$patch" "$out") ;;
+  esac
+
+  printf '[%s] %-11s generating ... ' "$pair" "$tool"
+  measure "$dir/gen" "${gen[@]}"
+  gen_ns=$M_NS gen_rss=$M_RSS
+  if [ "$tool" = bsdiff ] && { [ "$M_RC" = 124 ] || [ "$M_RC" = 137 ]; }; then
+    status=timeout note="did not finish in $BSDIFF_TIMEOUT s"
+    echo "$note"
+  elif [ "$M_RC" != 0 ]; then
+    status=gen-failed note="generation exited with status $M_RC"
+    echo "FAILED"
+    loud "$pair/$tool: $note (log: $dir/gen.log)"
+    show_log "$dir/gen.log"
+    FAILED=1
+  else
+    if [ "$tool" = ours ]; then
+      payload_bytes=$(stat -c %s "$dir/update/payload.bin")
+      manifest_bytes=$(stat -c %s "$dir/update/manifest.json")
+      patch_bytes=$((payload_bytes + manifest_bytes))
+    else
+      patch_bytes=$(stat -c %s "$patch")
+    fi
+    echo "$patch_bytes bytes in $(secs "$gen_ns") s, peak $(mib "$gen_rss") MiB"
+
+    printf '[%s] %-11s applying x%s ... ' "$pair" "$tool" "$APPLY_RUNS"
+    verified=yes
+    for ((i = 1; i <= APPLY_RUNS; i++)); do
+      rm -f "$out"
+      measure "$dir/apply$i" "${apply[@]}"
+      if [ "$M_RC" != 0 ]; then
+        status=apply-failed note="apply run $i exited with status $M_RC" verified=no
+        echo "FAILED"
+        loud "$pair/$tool: $note (log: $dir/apply$i.log)"
+        show_log "$dir/apply$i.log"
+        FAILED=1
+        break
+      fi
+      if ! cmp -s "$out" "$new"; then
+        status=mismatch note="apply run $i: output differs from new" verified=no
+        echo "MISMATCH"
+        loud "MISMATCH $pair/$tool: $note ($(cmp "$out" "$new" 2>&1 | head -n 1 || true))"
+        FAILED=1
+        break
+      fi
+      apply_ns+=("$M_NS")
+      if [ "$M_RSS" -gt "$apply_rss" ]; then apply_rss=$M_RSS; fi
+    done
+    rm -f "$out"
+    if [ "$verified" = yes ]; then
+      echo "ok, median $(secs "$(median "${apply_ns[@]}")") s, peak $(mib "$apply_rss") MiB"
+    fi
+  fi
+
+  local IFS=,
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    "$pair" "$tool" "$status" "$patch_bytes" "$payload_bytes" "$manifest_bytes" \
+    "$gen_ns" "$gen_rss" "${apply_ns[*]}" "$apply_rss" "$verified" "$old_size" "$new_size" "$note" >>"$ROWS"
+}
+
+echo "delta-bench: corpus $CORPUS, results in $OUT"
+echo "delta-bench: pairs ${PAIRS[*]}; tools ${TOOLS[*]}; bsdiff timeout $BSDIFF_TIMEOUT s; $APPLY_RUNS apply runs"
+for pair in "${PAIRS[@]}"; do
+  for tool in "${TOOLS[@]}"; do
+    run_tool "$pair" "$tool"
+  done
+done
+
+# ---------------------------------------------------------------------------------------------
+# Report: OUT/results.md (printed) and OUT/results.json.
+versions() {
+  local p
+  for p in bsdiff xdelta3 zstd time; do
+    printf '%s\t%s\n' "$p" "$(dpkg-query -W -f '${Version}' "$p" 2>/dev/null || echo '?')"
+  done
+  printf 'hdiffpatch\t%s\n' "$(python3 -c 'import importlib.metadata as m; print(m.version("hdiffpatch"))' 2>/dev/null || echo '?')"
+  printf 'ota\t%s\n' "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?')"
+}
+versions >"$OUT/versions.tsv"
+rm -f "$OUT/pystartup.tsv"
+if has_tool hdiff-zstd || has_tool hdiff-lzma2; then
+  # The fixed cost inside every hdiff-* time: Python start-up and the import (median of 3 runs).
+  py_ns=() py_rss=0
+  for ((i = 1; i <= 3; i++)); do
+    measure "$OUT/pystartup" python3 -c 'import hdiffpatch'
+    py_ns+=("$M_NS")
+    if [ "$M_RSS" -gt "$py_rss" ]; then py_rss=$M_RSS; fi
+  done
+  printf '%s %s\n' "$(median "${py_ns[@]}")" "$py_rss" >"$OUT/pystartup.tsv"
+fi
+
+python3 - "$OUT" "$BSDIFF_TIMEOUT" "$APPLY_RUNS" <<'PY'
+import json, os, statistics, sys, time
+
+out, bsdiff_timeout, apply_runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+py_startup = None
+if os.path.exists(os.path.join(out, "pystartup.tsv")):
+    ns, kib = open(os.path.join(out, "pystartup.tsv")).read().split()
+    py_startup = (int(ns) / 1e9, int(kib))
+versions = dict(l.rstrip("\n").split("\t", 1) for l in open(os.path.join(out, "versions.tsv")))
+cols = ["pair", "tool", "status", "patch_bytes", "payload_bytes", "manifest_bytes", "gen_ns",
+        "gen_rss_kib", "apply_ns", "apply_rss_kib", "verified", "old_bytes", "new_bytes", "note"]
+rows = []
+for line in open(os.path.join(out, "rows.tsv")):
+    r = dict(zip(cols, line.rstrip("\n").split("\t")))
+    num = lambda k: int(r[k]) if r[k] else None
+    apply_ns = [int(x) for x in r["apply_ns"].split(",") if x]
+    rows.append({
+        "pair": r["pair"], "tool": r["tool"], "status": r["status"], "note": r["note"] or None,
+        "patch_bytes": num("patch_bytes"), "payload_bytes": num("payload_bytes"),
+        "manifest_bytes": num("manifest_bytes"),
+        "old_bytes": num("old_bytes"), "new_bytes": num("new_bytes"),
+        "gen_s": num("gen_ns") / 1e9 if r["gen_ns"] else None,
+        "gen_peak_rss_kib": num("gen_rss_kib"),
+        "apply_s_runs": [n / 1e9 for n in apply_ns],
+        "apply_s": statistics.median(apply_ns) / 1e9 if apply_ns else None,
+        "apply_peak_rss_kib": num("apply_rss_kib") if apply_ns else None,
+        "verified": r["verified"] == "yes",
+    })
+
+pairs = list(dict.fromkeys(r["pair"] for r in rows))
+by = {(r["pair"], r["tool"]): r for r in rows}
+def ours_bytes(pair):
+    o = by.get((pair, "ours"))
+    return o["patch_bytes"] if o and o["status"] == "ok" else None
+for r in rows:
+    ob = ours_bytes(r["pair"])
+    r["x_ours"] = r["patch_bytes"] / ob if ob and r["patch_bytes"] else None
+    r["apply_mib_per_s"] = (r["new_bytes"] / 2**20 / r["apply_s"]) if r["apply_s"] else None
+
+f = lambda v, fmt: "—" if v is None else format(v, fmt)
+md = ["| pair | tool | patch bytes | x ours | gen s | gen peak RSS MiB | apply s (median of %d) | apply peak RSS MiB | verified |" % apply_runs,
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+for r in rows:
+    if r["status"] == "timeout":
+        patch = r["note"]
+    elif r["patch_bytes"] is None:
+        patch = "FAILED: " + (r["note"] or r["status"])
+    else:
+        patch = f"{r['patch_bytes']:,}"
+        if r["tool"] == "ours":
+            patch += f" ({r['payload_bytes']:,} payload + {r['manifest_bytes']:,} manifest)"
+    gen_rss = None if r["status"] == "timeout" else r["gen_peak_rss_kib"] / 1024 if r["gen_peak_rss_kib"] is not None else None
+    verified = "yes" if r["verified"] else ("—" if r["status"] == "timeout" else f"**NO** ({r['status']})")
+    md.append(f"| {r['pair']} | {r['tool']} | {patch} | {f(r['x_ours'], '.2f')} | {f(r['gen_s'], '.2f')} | "
+              f"{f(gen_rss, '.1f')} | {f(r['apply_s'], '.3f')} | "
+              f"{f(r['apply_peak_rss_kib'] / 1024 if r['apply_peak_rss_kib'] is not None else None, '.1f')} | {verified} |")
+
+summary, lines = {}, ["", "Per pair (a size ratio below 1: ours is smaller; an apply-speed factor above 1: ours applies faster):", ""]
+for pair in pairs:
+    s, ob, o = {}, ours_bytes(pair), by.get((pair, "ours"))
+    bs = by.get((pair, "bsdiff"))
+    hd = [by[(pair, t)] for t in ("hdiff-zstd", "hdiff-lzma2") if (pair, t) in by and by[(pair, t)]["status"] == "ok"]
+    parts = []
+    if bs is not None:
+        if bs["status"] == "timeout":
+            parts.append(f"ours/bsdiff: — (bsdiff {bs['note']})")
+        elif ob and bs["status"] == "ok":
+            s["ours_over_bsdiff"] = ob / bs["patch_bytes"]
+            parts.append(f"ours/bsdiff size {s['ours_over_bsdiff']:.3f}")
+    if ob and hd:
+        best = min(hd, key=lambda r: r["patch_bytes"])
+        s["ours_over_hdiff_best"] = ob / best["patch_bytes"]
+        s["hdiff_best_tool"] = best["tool"]
+        parts.append(f"ours/HDiffPatch best ({best['tool']}) size {s['ours_over_hdiff_best']:.3f}")
+    if o and o["apply_mib_per_s"]:
+        s["ours_apply_mib_per_s"] = o["apply_mib_per_s"]
+        txt = f"ours apply {o['apply_mib_per_s']:.1f} MiB/s"
+        if bs and bs["status"] == "ok" and bs["apply_mib_per_s"]:
+            s["bspatch_apply_mib_per_s"] = bs["apply_mib_per_s"]
+            s["ours_apply_speed_over_bspatch"] = o["apply_mib_per_s"] / bs["apply_mib_per_s"]
+            txt += f" vs bspatch {bs['apply_mib_per_s']:.1f} MiB/s (x{s['ours_apply_speed_over_bspatch']:.2f})"
+        parts.append(txt)
+    summary[pair] = s
+    lines.append(f"- {pair}: " + ("; ".join(parts) if parts else "—"))
+lines += ["", "Apply times are the median of %d runs (MiB/s = new size / that median). "
+          "`ota-agent apply` also checks the signature and SHA-256 of source and output and fsyncs its output; "
+          "the others do not." % apply_runs]
+if py_startup is not None and any(r["tool"].startswith("hdiff-") for r in rows):
+    lines.append("hdiff-* times include Python start-up and `import hdiffpatch` (%.3f s, %.1f MiB peak RSS on "
+                 "its own), and the library holds old, patch and output in memory." % (py_startup[0], py_startup[1] / 1024))
+
+text = "\n".join(md + lines) + "\n"
+with open(os.path.join(out, "results.md"), "w") as fh:
+    fh.write(text)
+doc = {
+    "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "host": {"cpus": os.cpu_count(),
+             "mem_kib": next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal:")), None)},
+    "settings": {"bsdiff_timeout_s": bsdiff_timeout, "apply_runs": apply_runs},
+    "python_import_hdiffpatch": {"s": py_startup[0], "peak_rss_kib": py_startup[1]} if py_startup else None,
+    "versions": versions,
+    "results": rows,
+    "summary": summary,
+}
+with open(os.path.join(out, "results.json"), "w") as fh:
+    json.dump(doc, fh, indent=2)
+    fh.write("\n")
+print()
+print(text, end="")
+PY
+
+echo
+echo "delta-bench: wrote $OUT/results.md and $OUT/results.json"
+if [ "$FAILED" != 0 ]; then
+  loud "delta-bench: some tools FAILED or produced WRONG OUTPUT: see above"
+  exit 1
+fi

@@ -1,0 +1,157 @@
+//! The data of a `BSDIFF` operation: a bsdiff patch split into its three
+//! streams, each a zstd frame.
+//!
+//! A bsdiff patch interleaves 24-byte control entries, "diff" bytes (mostly
+//! zeros: old and new bytes that nearly match) and "extra" bytes (new data).
+//! Compressed together, the three kinds of statistics spoil each other's
+//! models; compressed apart (as bsdiff 4 and Android's BSDF2 do) the patch is
+//! 3–6 % smaller on real binaries. The data is therefore three concatenated
+//! zstd frames — control, diff, extra — so `zstd -d` of an operation's data
+//! yields the three streams back to back.
+//!
+//! [`split`] is used by the generator; [`Interleaved`] re-creates the bsdiff
+//! patch stream for `bsdiff::patch` without materialising it.
+
+use std::io::{self, Read};
+
+/// Splits a bsdiff patch (as written by `bsdiff::diff`) into its control,
+/// diff and extra streams.
+pub fn split(patch: &[u8]) -> io::Result<[Vec<u8>; 3]> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed bsdiff patch");
+    let (mut ctrl, mut diff, mut extra) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rest = patch;
+    while !rest.is_empty() {
+        let hdr = rest.get(..24).ok_or_else(bad)?;
+        let mix = u64::from_le_bytes(hdr[0..8].try_into().expect("8 bytes")) as usize;
+        let copy = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes")) as usize;
+        ctrl.extend_from_slice(hdr);
+        rest = &rest[24..];
+        diff.extend_from_slice(rest.get(..mix).ok_or_else(bad)?);
+        rest = &rest[mix..];
+        extra.extend_from_slice(rest.get(..copy).ok_or_else(bad)?);
+        rest = &rest[copy..];
+    }
+    Ok([ctrl, diff, extra])
+}
+
+/// Decompresses the three frames of a `BSDIFF` operation's data, refusing any
+/// stream larger than `cap` bytes.
+pub fn decompress(data: &[u8], cap: usize) -> io::Result<[Vec<u8>; 3]> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut rest = data;
+    let mut out: [Vec<u8>; 3] = Default::default();
+    for (i, stream) in out.iter_mut().enumerate() {
+        let n = zstd::zstd_safe::find_frame_compressed_size(rest)
+            .map_err(|_| bad(&format!("stream {i} is not a zstd frame")))?;
+        let mut dec = zstd::bulk::Decompressor::new()?;
+        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(23))?;
+        *stream = dec.decompress(&rest[..n], cap)?;
+        rest = &rest[n..];
+    }
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes after the three streams"));
+    }
+    Ok(out)
+}
+
+/// Compresses the three streams of a split patch into an operation's data.
+pub fn compress(streams: &[Vec<u8>; 3], level: i32) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for s in streams {
+        out.extend_from_slice(&zstd::bulk::compress(s, level)?);
+    }
+    Ok(out)
+}
+
+/// Reads the three streams back as one interleaved bsdiff patch.
+pub struct Interleaved<'a> {
+    ctrl: &'a [u8],
+    diff: &'a [u8],
+    extra: &'a [u8],
+    hdr: [u8; 24],
+    /// Bytes of `hdr` already handed out (24: none pending).
+    hdr_pos: usize,
+    mix_left: u64,
+    copy_left: u64,
+}
+
+impl<'a> Interleaved<'a> {
+    pub fn new([ctrl, diff, extra]: &'a [Vec<u8>; 3]) -> Self {
+        Interleaved { ctrl, diff, extra, hdr: [0; 24], hdr_pos: 24, mix_left: 0, copy_left: 0 }
+    }
+}
+
+fn take(src: &mut &[u8], left: &mut u64, buf: &mut [u8]) -> io::Result<usize> {
+    let n = buf.len().min(src.len()).min(usize::try_from(*left).unwrap_or(usize::MAX));
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    buf[..n].copy_from_slice(&src[..n]);
+    *src = &src[n..];
+    *left -= n as u64;
+    Ok(n)
+}
+
+impl Read for Interleaved<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if self.hdr_pos < 24 {
+                let n = buf.len().min(24 - self.hdr_pos);
+                buf[..n].copy_from_slice(&self.hdr[self.hdr_pos..self.hdr_pos + n]);
+                self.hdr_pos += n;
+                return Ok(n);
+            }
+            if self.mix_left > 0 {
+                return take(&mut self.diff, &mut self.mix_left, buf);
+            }
+            if self.copy_left > 0 {
+                return take(&mut self.extra, &mut self.copy_left, buf);
+            }
+            if self.ctrl.is_empty() {
+                return Ok(0);
+            }
+            let hdr = self.ctrl.get(..24).ok_or(io::ErrorKind::InvalidData)?;
+            self.hdr.copy_from_slice(hdr);
+            self.ctrl = &self.ctrl[24..];
+            self.mix_left = u64::from_le_bytes(self.hdr[0..8].try_into().expect("8 bytes"));
+            self.copy_left = u64::from_le_bytes(self.hdr[8..16].try_into().expect("8 bytes"));
+            self.hdr_pos = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_interleave_round_trip() {
+        let old: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let mut new = old.clone();
+        new[100..200].fill(7);
+        new.splice(3000..3000, b"inserted bytes".iter().copied());
+        let mut patch = Vec::new();
+        bsdiff::diff(&old, &new, &mut patch).unwrap();
+        let streams = split(&patch).unwrap();
+        let data = compress(&streams, 3).unwrap();
+        let back = decompress(&data, 1 << 20).unwrap();
+        let mut joined = Vec::new();
+        Interleaved::new(&back).read_to_end(&mut joined).unwrap();
+        assert_eq!(joined, patch);
+    }
+
+    #[test]
+    fn truncated_streams_are_an_error_not_a_panic() {
+        let streams = [vec![0u8; 24], vec![], vec![]];
+        let mut hdr = [0u8; 24];
+        hdr[0] = 5; // 5 diff bytes promised, none present
+        let streams2 = [hdr.to_vec(), vec![], vec![]];
+        let mut out = Vec::new();
+        assert!(Interleaved::new(&streams).read_to_end(&mut out).is_ok());
+        assert!(Interleaved::new(&streams2).read_to_end(&mut out).is_err());
+        assert!(decompress(b"not zstd", 100).is_err());
+    }
+}

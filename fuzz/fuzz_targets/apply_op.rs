@@ -1,0 +1,451 @@
+//! `apply_op`: one operation of any kind through `ota_delta::apply_operation`.
+//!
+//! The input is a structured [`Input`] (via `arbitrary`): the kind, a
+//! destination extent inside a 64 KiB destination buffer, source extents
+//! inside a small (≤ 16 KiB) source, and the operation's data, which is one of
+//! - raw arbitrary bytes (exercises the zstd frame parser),
+//! - a valid zstd frame of arbitrary bytes (for `BSDIFF`: an arbitrary bspatch
+//!   stream behind a valid compression layer),
+//! - three valid zstd frames of arbitrary bytes (for `BSDIFF` in the
+//!   three-stream layout: arbitrary control, diff and extra streams; for
+//!   `REPLACE`: a multi-frame zstd stream),
+//! - a real bsdiff patch from the source window to arbitrary new bytes, in the
+//!   layout the engine reads (for `REPLACE`: just the new bytes, compressed),
+//!   so the success path, including `BSDIFF`'s final write, is reached too.
+//!
+//! About half the inputs carry digests computed from the data, the source
+//! window and (when known) the expected output, so the hash checks pass and
+//! the decoders run; the others carry arbitrary digests (optionally keeping
+//! some matching ones).
+//!
+//! The engine relies on `Manifest::validate` for structure (its module docs:
+//! "that engine never has to re-check structure"), so each operation is put in
+//! a one-operation manifest (ZERO padding before/after it) and only those that
+//! validate are applied. Set `OTA_FUZZ_UNVALIDATED=1` to apply every operation
+//! anyway and see what the engine does outside its contract.
+//!
+//! Checked on every applied operation:
+//! - no panic, no abort, memory within libFuzzer's `-rss_limit_mb` /
+//!   `-malloc_limit_mb`, no hang past `-timeout`;
+//! - no write outside `op.dst` (asserted at the write, and every byte of the
+//!   destination buffer outside `op.dst` compared after the call);
+//! - `Ok(())` only if the destination extent now hashes to `op.dst_sha256`
+//!   (and equals the expected output when the target knows it);
+//! - an operation that is fully consistent (matching digests, data that
+//!   decodes to exactly the destination) is accepted.
+
+#![no_main]
+
+use std::io;
+use std::sync::{Mutex, OnceLock};
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use ota_delta::io::WriteAt;
+use ota_format::manifest::FORMAT_VERSION;
+use ota_format::{DataRange, Digest, Extent, ImageRef, Manifest, OpKind, Operation, PayloadInfo};
+
+/// Size of the destination buffer ("slot").
+const DEST_LEN: u64 = 64 << 10;
+/// Largest source image.
+const MAX_SOURCE: usize = 16 << 10;
+/// Most source extents per operation.
+const MAX_EXTENTS: usize = 8;
+/// Slack added to the manifest's source size when `past_end` is set, so
+/// extents may name bytes the real source does not have (a read error).
+const PAST_END: u64 = 64;
+
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Copy,
+    Zero,
+    Replace,
+    Bsdiff,
+}
+
+#[derive(Arbitrary, Debug)]
+enum DataSpec {
+    /// Data used verbatim.
+    Raw(Vec<u8>),
+    /// Data = zstd(content).
+    Zstd { level: u8, content: Vec<u8> },
+    /// Data = three zstd frames back to back (for `BSDIFF` in the
+    /// three-stream layout: arbitrary control, diff and extra streams).
+    Zstd3 {
+        level: u8,
+        ctrl: Vec<u8>,
+        diff: Vec<u8>,
+        extra: Vec<u8>,
+    },
+    /// BSDIFF: a real patch from the window to `new`, encoded in the layout
+    /// the engine accepts (see [`bsdiff_layout`]); REPLACE: data = zstd(new).
+    Diff { level: u8, new: Vec<u8> },
+}
+
+/// How `BSDIFF` data is laid out. The committed engine reads one zstd frame
+/// holding the whole bsdiff patch; a change in progress (`patch_streams`)
+/// reads three frames (control, diff, extra). The target finds out at start-up
+/// which one the engine it was built against accepts, so "a consistent
+/// operation is accepted" stays checkable across that change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    SingleFrame,
+    ThreeStreams,
+}
+
+/// Splits a bsdiff patch into control, diff and extra streams.
+fn split_patch(patch: &[u8]) -> [Vec<u8>; 3] {
+    let (mut ctrl, mut diff, mut extra) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rest = patch;
+    while rest.len() >= 24 {
+        let mix = u64::from_le_bytes(rest[0..8].try_into().unwrap()) as usize;
+        let copy = u64::from_le_bytes(rest[8..16].try_into().unwrap()) as usize;
+        ctrl.extend_from_slice(&rest[..24]);
+        rest = &rest[24..];
+        diff.extend_from_slice(&rest[..mix]);
+        rest = &rest[mix..];
+        extra.extend_from_slice(&rest[..copy]);
+        rest = &rest[copy..];
+    }
+    assert!(rest.is_empty(), "bsdiff::diff wrote a malformed patch");
+    [ctrl, diff, extra]
+}
+
+fn zstd(data: &[u8], level: i32) -> Vec<u8> {
+    zstd::bulk::compress(data, level).expect("zstd compress")
+}
+
+fn encode_patch(layout: Layout, old: &[u8], new: &[u8], level: i32) -> Vec<u8> {
+    let mut patch = Vec::new();
+    bsdiff::diff(old, new, &mut patch).expect("bsdiff into a Vec");
+    match layout {
+        Layout::SingleFrame => zstd(&patch, level),
+        Layout::ThreeStreams => split_patch(&patch).iter().flat_map(|s| zstd(s, level)).collect(),
+    }
+}
+
+fn bsdiff_layout() -> Layout {
+    static L: OnceLock<Layout> = OnceLock::new();
+    *L.get_or_init(|| {
+        let old: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
+        let mut new = old.clone();
+        new[100..140].fill(9);
+        new.extend_from_slice(b"appended");
+        let accepted: Vec<Layout> = [Layout::SingleFrame, Layout::ThreeStreams]
+            .into_iter()
+            .filter(|&layout| {
+                let data = encode_patch(layout, &old, &new, 3);
+                let op = Operation {
+                    kind: OpKind::Bsdiff,
+                    dst: Extent::new(0, new.len() as u64),
+                    src: vec![Extent::new(0, old.len() as u64)],
+                    src_sha256: Some(Digest::of(&old)),
+                    data: Some(DataRange { offset: 0, length: data.len() as u64, sha256: Digest::of(&data) }),
+                    dst_sha256: Digest::of(&new),
+                };
+                let dest = Dest { buf: Mutex::new(vec![0; new.len()]), allowed: op.dst };
+                ota_delta::apply_operation(0, &op, &data, Some(old.as_slice()), &dest).is_ok()
+            })
+            .collect();
+        match accepted[..] {
+            [layout] => layout,
+            _ => panic!("the engine accepts {accepted:?} of the known BSDIFF data layouts: update the fuzz target"),
+        }
+    })
+}
+
+#[derive(Arbitrary, Debug)]
+struct RandomDigests {
+    data: [u8; 32],
+    src: [u8; 32],
+    dst: [u8; 32],
+    /// Keep the matching digest for these, so each check is passed alone too.
+    keep_data: bool,
+    keep_src: bool,
+    keep_dst: bool,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    kind: Kind,
+    dst_offset: u16,
+    /// Destination length; by default the expected output's length (COPY:
+    /// the source extents' total). An override may make the op inconsistent.
+    dst_len: Option<u16>,
+    src: Vec<(u16, u16)>,
+    past_end: bool,
+    /// `None`: digests computed to match. `Some`: arbitrary digests.
+    digests: Option<RandomDigests>,
+    /// Make the manifest's data length one more than the bytes given.
+    data_len_skew: bool,
+    data: DataSpec,
+    source: Vec<u8>,
+}
+
+/// The destination slot: a buffer that refuses (loudly) any write outside the
+/// extent the operation owns.
+struct Dest {
+    buf: Mutex<Vec<u8>>,
+    allowed: Extent,
+}
+
+impl WriteAt for Dest {
+    fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset.checked_add(data.len() as u64);
+        assert!(
+            offset >= self.allowed.offset && end.is_some_and(|e| e <= self.allowed.end()),
+            "write of {} bytes at offset {offset} is outside dst [{}, {})",
+            data.len(),
+            self.allowed.offset,
+            self.allowed.end()
+        );
+        let mut buf = self.buf.lock().unwrap();
+        let slice = usize::try_from(offset)
+            .ok()
+            .and_then(|s| buf.get_mut(s..s + data.len()))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        slice.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+fn pattern(len: u64) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ 0xA5).collect()
+}
+
+fn level(l: u8) -> i32 {
+    i32::from(l % 5) - 1 // -1..=3: fast levels, including a negative one
+}
+
+fn env_flag(name: &str, cell: &'static OnceLock<bool>) -> bool {
+    *cell.get_or_init(|| std::env::var_os(name).is_some_and(|v| v == "1"))
+}
+
+fn unvalidated() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    env_flag("OTA_FUZZ_UNVALIDATED", &V)
+}
+
+/// `OTA_FUZZ_TRACE=1`: one line per input on stderr (kind, validity,
+/// outcome), to see which paths a corpus reaches:
+/// `OTA_FUZZ_TRACE=1 target/.../apply_op -runs=0 corpus/apply_op 2>&1 | grep '^apply_op'`.
+fn trace() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    env_flag("OTA_FUZZ_TRACE", &V)
+}
+
+/// A manifest holding `op`, padded with ZERO operations so it tiles a
+/// `DEST_LEN` target: validating it checks `op` against the format's rules.
+fn wrap(op: &Operation, from_size: u64) -> Manifest {
+    let zero = |offset, length| Operation {
+        kind: OpKind::Zero,
+        dst: Extent::new(offset, length),
+        src: vec![],
+        src_sha256: None,
+        data: None,
+        dst_sha256: Digest::default(),
+    };
+    let mut operations = Vec::new();
+    if op.dst.offset > 0 {
+        operations.push(zero(0, op.dst.offset));
+    }
+    operations.push(op.clone());
+    if let Some(end) = op.dst.checked_end().filter(|&e| e < DEST_LEN) {
+        operations.push(zero(end, DEST_LEN - end));
+    }
+    Manifest {
+        format_version: FORMAT_VERSION,
+        device_type: "fuzz".into(),
+        from: Some(ImageRef {
+            version: "1".into(),
+            size: from_size,
+            sha256: Digest::default(),
+        }),
+        to: ImageRef {
+            version: "2".into(),
+            size: DEST_LEN,
+            sha256: Digest::default(),
+        },
+        security_counter: 0,
+        expires_at: "2099-01-01T00:00:00Z".into(),
+        payload: PayloadInfo {
+            size: op.data.map_or(0, |d| d.length),
+            sha256: Digest::default(),
+        },
+        operations,
+    }
+}
+
+fuzz_target!(|input: Input| {
+    bsdiff_layout();
+    let mut source = input.source;
+    source.truncate(MAX_SOURCE);
+    let from_size = source.len() as u64 + if input.past_end { PAST_END } else { 0 };
+
+    let dst_offset = u64::from(input.dst_offset) % DEST_LEN;
+    let room = DEST_LEN - dst_offset;
+
+    // Source extents, inside the manifest's source size, never empty.
+    let mut src = Vec::new();
+    if matches!(input.kind, Kind::Copy | Kind::Bsdiff) && from_size > 0 {
+        let mut total = 0u64;
+        for &(off, len) in input.src.iter().take(MAX_EXTENTS) {
+            let off = u64::from(off) % from_size;
+            let mut len = 1 + u64::from(len) % (from_size - off);
+            if input.kind == Kind::Copy {
+                // COPY writes what it reads: keep it within the buffer.
+                if total >= room {
+                    break;
+                }
+                len = len.min(room - total);
+            }
+            total += len;
+            src.push(Extent::new(off, len));
+        }
+    }
+    // The source window, when the real source holds all of it.
+    let window: Option<Vec<u8>> = src
+        .iter()
+        .map(|e| source.get(e.offset as usize..e.end() as usize))
+        .collect::<Option<Vec<_>>>()
+        .map(|pieces| pieces.concat());
+
+    // Data, the output it should produce when that is known, and whether it
+    // is the canonical encoding of that output (one zstd frame for REPLACE,
+    // the engine's layout for BSDIFF): only then must the engine accept it.
+    let (data, expected, canonical): (Vec<u8>, Option<Vec<u8>>, bool) =
+        match (input.kind, input.data) {
+            (Kind::Copy | Kind::Zero, _) => (Vec::new(), None, true),
+            (_, DataSpec::Raw(raw)) => (raw, None, false),
+            (Kind::Replace, DataSpec::Zstd { level: l, content })
+            | (Kind::Replace, DataSpec::Diff { level: l, new: content }) => {
+                (zstd(&content, level(l)), Some(content), true)
+            }
+            (Kind::Replace, DataSpec::Zstd3 { level: l, ctrl, diff, extra }) => {
+                // Concatenated frames decompress to the concatenation.
+                let data = [&ctrl, &diff, &extra].iter().flat_map(|s| zstd(s, level(l))).collect();
+                (data, Some([ctrl, diff, extra].concat()), false)
+            }
+            (Kind::Bsdiff, DataSpec::Zstd { level: l, content }) => (zstd(&content, level(l)), None, false),
+            (Kind::Bsdiff, DataSpec::Zstd3 { level: l, ctrl, diff, extra }) => {
+                let data = [&ctrl, &diff, &extra].iter().flat_map(|s| zstd(s, level(l))).collect();
+                (data, None, false)
+            }
+            (Kind::Bsdiff, DataSpec::Diff { level: l, new }) => {
+                let old = window.clone().unwrap_or_default();
+                let data = encode_patch(bsdiff_layout(), &old, &new, level(l));
+                (data, window.is_some().then_some(new), true)
+            }
+        };
+    let expected = match input.kind {
+        Kind::Copy => window.clone(),
+        Kind::Zero => None, // set below, once the length is known
+        _ => expected,
+    };
+
+    let natural_len = match input.kind {
+        Kind::Copy => src.iter().map(|e| e.length).sum(),
+        Kind::Zero => room.min(4096),
+        _ => expected.as_ref().map_or(data.len() as u64, |e| e.len() as u64),
+    };
+    let dst_len = input.dst_len.map_or(natural_len, u64::from).min(room);
+    let dst = Extent::new(dst_offset, dst_len);
+    let expected = match input.kind {
+        Kind::Zero => Some(vec![0u8; dst_len as usize]),
+        _ => expected,
+    };
+
+    let kind = match input.kind {
+        Kind::Copy => OpKind::Copy,
+        Kind::Zero => OpKind::Zero,
+        Kind::Replace => OpKind::Replace,
+        Kind::Bsdiff => OpKind::Bsdiff,
+    };
+    let m_data = Digest::of(&data);
+    let m_src = Digest::of(window.as_deref().unwrap_or_default());
+    let m_dst = expected.as_deref().map(Digest::of);
+    let (d_data, d_src, d_dst) = match &input.digests {
+        None => (m_data, m_src, m_dst.unwrap_or_default()),
+        Some(r) => (
+            if r.keep_data { m_data } else { Digest(r.data) },
+            if r.keep_src { m_src } else { Digest(r.src) },
+            match m_dst {
+                Some(d) if r.keep_dst => d,
+                _ => Digest(r.dst),
+            },
+        ),
+    };
+    let op = Operation {
+        kind,
+        dst,
+        src,
+        src_sha256: (kind == OpKind::Bsdiff).then_some(d_src),
+        data: kind.has_data().then(|| DataRange {
+            offset: 0,
+            length: data.len() as u64 + u64::from(input.data_len_skew),
+            sha256: d_data,
+        }),
+        dst_sha256: d_dst,
+    };
+
+    let valid = wrap(&op, from_size).validate();
+    if trace() {
+        if let Err(e) = &valid {
+            eprintln!("apply_op {:?} invalid: {e}", kind);
+        }
+    }
+    let valid = valid.is_ok();
+    if !valid && !unvalidated() {
+        return;
+    }
+
+    let before = pattern(DEST_LEN);
+    let dest = Dest {
+        buf: Mutex::new(before.clone()),
+        allowed: dst,
+    };
+    let result = ota_delta::apply_operation(0, &op, &data, Some(source.as_slice()), &dest);
+    let after = dest.buf.into_inner().unwrap();
+    if trace() {
+        let outcome = match &result {
+            Ok(()) => "Ok".to_string(),
+            Err(e) => e.to_string().chars().take(160).collect(),
+        };
+        let digests = if input.digests.is_none() { "matching" } else { "random" };
+        eprintln!(
+            "apply_op {:?} valid={valid} digests={digests} dst={}+{} data={}: {outcome}",
+            kind,
+            dst.offset,
+            dst.length,
+            data.len()
+        );
+    }
+
+    // Nothing outside dst changed.
+    let (lo, hi) = (dst.offset as usize, (dst.end() as usize).min(after.len()));
+    assert!(after[..lo] == before[..lo], "bytes before dst changed");
+    assert!(after[hi..] == before[hi..], "bytes after dst changed");
+
+    match &result {
+        Ok(()) => {
+            assert_eq!(
+                Digest::of(&after[lo..hi]),
+                op.dst_sha256,
+                "Ok(()) but dst does not hold the promised output"
+            );
+            if let Some(e) = &expected {
+                assert!(&after[lo..hi] == e.as_slice(), "Ok(()) but dst is not the expected output");
+            }
+        }
+        Err(e) => {
+            // A fully consistent, valid operation must be accepted.
+            let consistent = valid
+                && input.digests.is_none()
+                && !input.data_len_skew
+                && canonical
+                && window.is_some()
+                && expected.as_ref().is_some_and(|x| x.len() as u64 == dst_len);
+            assert!(!consistent, "consistent operation refused: {e}");
+        }
+    }
+});
