@@ -287,11 +287,22 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
             // bspatch emits one output byte per diff or extra byte it reads,
             // so capping the streams caps the output.
             let cap = dst.length as usize + (1 << 20);
-            let streams = patch_streams::decompress(data, cap)
-                .map_err(|e| ApplyError::Decode { op: index, kind, reason: e.to_string() })?;
+            let streams = patch_streams::decompress(data, cap).map_err(|e| ApplyError::Decode {
+                op: index,
+                kind,
+                reason: e.to_string(),
+            })?;
             let mut out = Vec::with_capacity(dst.length as usize);
-            bsdiff::patch(&window, &mut patch_streams::Interleaved::new(&streams), &mut out)
-                .map_err(|e| ApplyError::Decode { op: index, kind, reason: e.to_string() })?;
+            bsdiff::patch(
+                &window,
+                &mut patch_streams::Interleaved::new(&streams),
+                &mut out,
+            )
+            .map_err(|e| ApplyError::Decode {
+                op: index,
+                kind,
+                reason: e.to_string(),
+            })?;
             drop(streams);
             drop(window);
             if out.len() as u64 != dst.length {

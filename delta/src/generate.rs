@@ -659,9 +659,11 @@ fn build_op(
                     }
                     let mut patch = Vec::new();
                     bsdiff::diff(&old, &chunk, &mut patch).map_err(io_err("running bsdiff"))?;
-                    let streams = patch_streams::split(&patch).map_err(io_err("splitting the bsdiff patch"))?;
+                    let streams = patch_streams::split(&patch)
+                        .map_err(io_err("splitting the bsdiff patch"))?;
                     drop(patch);
-                    let patch = patch_streams::compress(&streams, opts.zstd_level).map_err(io_err("compressing with zstd"))?;
+                    let patch = patch_streams::compress(&streams, opts.zstd_level)
+                        .map_err(io_err("compressing with zstd"))?;
                     tracing::debug!(
                         window = total,
                         extents = window.len(),
@@ -721,7 +723,7 @@ fn choose_window(chunk: &[u8], chunk_off: u64, known: &[u64], ix: &SourceIndex) 
     let last_block = (ix.len.max(1) - 1) / BLOCK;
     let mut chosen: BTreeSet<u64> = BTreeSet::new();
     let take_bin = |bin: u64, chosen: &mut BTreeSet<u64>| {
-        if chosen.len() + PER_BIN as usize <= budget {
+        if bin <= last_block / PER_BIN && chosen.len() + PER_BIN as usize <= budget {
             chosen.extend((bin * PER_BIN..(bin + 1) * PER_BIN).filter(|&b| b <= last_block));
         }
     };
@@ -756,7 +758,9 @@ fn choose_window(chunk: &[u8], chunk_off: u64, known: &[u64], ix: &SourceIndex) 
         }
     }
     for &bin in &core {
-        take_bin(bin.wrapping_sub(1), &mut chosen);
+        if let Some(before) = bin.checked_sub(1) {
+            take_bin(before, &mut chosen);
+        }
         take_bin(bin + 1, &mut chosen);
     }
     if chunk_off < ix.len {
@@ -802,7 +806,11 @@ mod tests {
         for_each_anchor(&data, data.len(), 0, 5, |k, p| a.push((k, p)));
         let shifted: Vec<u8> = [vec![7u8; 777], data.clone()].concat();
         let mut b = Vec::new();
-        for_each_anchor(&shifted, shifted.len(), 0, 5, |k, p| b.push((k, p - 777)));
+        for_each_anchor(&shifted, shifted.len(), 0, 5, |k, p| {
+            if p >= 777 {
+                b.push((k, p - 777));
+            }
+        });
         assert!(a.len() > 1000, "sampling too sparse: {}", a.len());
         assert_eq!(a, b);
     }

@@ -113,12 +113,23 @@ pub struct Interleaved<'a> {
 
 impl<'a> Interleaved<'a> {
     pub fn new([ctrl, diff, extra]: &'a [Vec<u8>; 3]) -> Self {
-        Interleaved { ctrl, diff, extra, hdr: [0; 24], hdr_pos: 24, mix_left: 0, copy_left: 0 }
+        Interleaved {
+            ctrl,
+            diff,
+            extra,
+            hdr: [0; 24],
+            hdr_pos: 24,
+            mix_left: 0,
+            copy_left: 0,
+        }
     }
 }
 
 fn take(src: &mut &[u8], left: &mut u64, buf: &mut [u8]) -> io::Result<usize> {
-    let n = buf.len().min(src.len()).min(usize::try_from(*left).unwrap_or(usize::MAX));
+    let n = buf
+        .len()
+        .min(src.len())
+        .min(usize::try_from(*left).unwrap_or(usize::MAX));
     if n == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }

@@ -1,0 +1,212 @@
+//! Property tests: for random old/new pairs built from the edits real updates
+//! make (inserts, deletes, blocks moved elsewhere, zero runs, byte noise), a
+//! generated delta applies back to exactly the new image, and the source is
+//! never modified.
+
+use std::fs::File;
+use std::io::{Cursor, Write};
+
+use ota_delta::apply::{ApplyOptions, apply_image, check_source};
+use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
+use ota_format::Manifest;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Edit {
+    Insert {
+        at: usize,
+        len: usize,
+        seed: u8,
+    },
+    Delete {
+        at: usize,
+        len: usize,
+    },
+    MoveBlock {
+        from: usize,
+        to: usize,
+        blocks: usize,
+    },
+    Zero {
+        at: usize,
+        len: usize,
+    },
+    Noise {
+        at: usize,
+        every: usize,
+        count: usize,
+    },
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    let pos = 0usize..1_000_000;
+    prop_oneof![
+        (pos.clone(), 1usize..20_000, any::<u8>()).prop_map(|(at, len, seed)| Edit::Insert {
+            at,
+            len,
+            seed
+        }),
+        (pos.clone(), 1usize..20_000).prop_map(|(at, len)| Edit::Delete { at, len }),
+        (pos.clone(), pos.clone(), 1usize..16).prop_map(|(from, to, blocks)| Edit::MoveBlock {
+            from,
+            to,
+            blocks
+        }),
+        (pos.clone(), 1usize..100_000).prop_map(|(at, len)| Edit::Zero { at, len }),
+        (pos, 1usize..64, 1usize..500).prop_map(|(at, every, count)| Edit::Noise {
+            at,
+            every,
+            count
+        }),
+    ]
+}
+
+/// Compressible but not trivial content, with some zero runs, like a binary.
+fn base_image(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        match x % 16 {
+            0 => out.extend(std::iter::repeat_n(0u8, (x >> 8) as usize % 9000)),
+            1..=8 => out.extend_from_slice(&x.to_le_bytes()[..(x >> 60) as usize % 8 + 1]),
+            _ => out.extend_from_slice(b"edge-ota\x00\x01fn main() { update(); }\n"),
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+fn apply_edits(old: &[u8], edits: &[Edit]) -> Vec<u8> {
+    let mut new = old.to_vec();
+    for e in edits {
+        let n = new.len().max(1);
+        match *e {
+            Edit::Insert { at, len, seed } => {
+                let at = at % n;
+                let bytes: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                    .collect();
+                new.splice(at..at, bytes);
+            }
+            Edit::Delete { at, len } => {
+                let at = at % n;
+                let end = (at + len).min(new.len());
+                new.drain(at..end);
+            }
+            Edit::MoveBlock { from, to, blocks } => {
+                let len = blocks * 4096;
+                if new.len() > 2 * len {
+                    let from = (from % (new.len() - len)) / 4096 * 4096;
+                    let to = (to % (new.len() - len)) / 4096 * 4096;
+                    let moved = new[from..from + len].to_vec();
+                    new[to..to + len].copy_from_slice(&moved);
+                }
+            }
+            Edit::Zero { at, len } => {
+                let at = at % n;
+                let end = (at + len).min(new.len());
+                new[at..end].fill(0);
+            }
+            Edit::Noise { at, every, count } => {
+                let mut p = at % n;
+                for i in 0..count {
+                    if p >= new.len() {
+                        break;
+                    }
+                    new[p] = new[p].wrapping_add(i as u8 | 1);
+                    p += every;
+                }
+            }
+        }
+    }
+    new
+}
+
+fn tmp_with(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(bytes).unwrap();
+    f.flush().unwrap();
+    f
+}
+
+fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
+    let src = old.map(tmp_with);
+    let dst = tmp_with(new);
+    let spec = DeltaSpec {
+        device_type: "test".into(),
+        from_version: old.map(|_| "1".into()),
+        to_version: "2".into(),
+        security_counter: 1,
+        expires_at: Manifest::expiry_in(1),
+    };
+    let opts = GenerateOptions {
+        chunk_size,
+        zstd_level: 3,
+        threads: 2,
+        progress: false,
+    };
+    let mut payload = Vec::new();
+    let src_file = src.as_ref().map(|f| File::open(f.path()).unwrap());
+    let manifest = generate(&spec, src_file.as_ref(), dst.as_file(), &mut payload, &opts).unwrap();
+    assert_eq!(payload.len() as u64, manifest.payload.size);
+    if let Some(old) = old {
+        check_source(&manifest, old, old.len() as u64).unwrap();
+    }
+    let out = tempfile::tempfile().unwrap();
+    out.set_len(manifest.to.size).unwrap();
+    let old_vec = old.map(|o| o.to_vec());
+    apply_image(
+        &manifest,
+        Cursor::new(&payload),
+        old_vec.as_ref(),
+        &out,
+        ApplyOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut &out, &mut got).unwrap();
+    assert!(got == new, "applied image differs from the new image");
+    if let (Some(old), Some(src)) = (old, src) {
+        assert_eq!(
+            std::fs::read(src.path()).unwrap(),
+            old,
+            "the source was modified"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn delta_round_trips_exactly(
+        len in 1usize..1_200_000,
+        seed in any::<u64>(),
+        edits in proptest::collection::vec(edit(), 0..8),
+        chunk_blocks in 1u64..64,
+    ) {
+        let old = base_image(len, seed);
+        let new = apply_edits(&old, &edits);
+        round_trip(Some(&old), &new, chunk_blocks * 4096);
+    }
+
+    #[test]
+    fn full_image_round_trips_exactly(len in 0usize..600_000, seed in any::<u64>()) {
+        round_trip(None, &base_image(len, seed), 64 * 1024);
+    }
+}
+
+#[test]
+fn identical_images_need_no_payload_beyond_zero_runs() {
+    let old = base_image(2 << 20, 7);
+    round_trip(Some(&old), &old, 1 << 20);
+}
+
+#[test]
+fn empty_target_round_trips() {
+    round_trip(Some(&base_image(10_000, 3)), &[], 1 << 20);
+}
