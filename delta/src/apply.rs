@@ -185,7 +185,7 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
             // The digest of zeros is known; checking it still catches a
             // manifest whose ZERO op claims another output.
             let actual = Digest::of_zeros(dst.length);
-            return check_output(index, op, actual, "");
+            check_output(index, op, actual, "")
         }
         OpKind::Copy => {
             let src = source()?;

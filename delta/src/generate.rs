@@ -23,7 +23,7 @@
 //! # Memory bound
 //!
 //! `16 B × source_size / 4 KiB` (block index) + at most [`MAX_ANCHORS`] × 16 B
-//! (64 MiB anchor index) + `24 B × target_size / 4 KiB` (block classes) + per
+//! (64 MiB anchor index) + `16 B × target_size / 4 KiB` (block classes) + per
 //! worker thread about `17 × window + chunk` (bsdiff's suffix array) plus a
 //! zstd level-19 context, and one batch of compressed outputs. For a 4 GiB
 //! image pair at the defaults this is about 350 MiB whatever the content;

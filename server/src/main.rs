@@ -151,10 +151,7 @@ fn read_signing_key(path: &Path) -> Result<SigningKeyPair> {
     }
     let pem = fs::read_to_string(path)
         .with_context(|| format!("reading signing key {}", path.display()))?;
-    Ok(
-        SigningKeyPair::from_pem(&pem)
-            .with_context(|| format!("signing key {}", path.display()))?,
-    )
+    SigningKeyPair::from_pem(&pem).with_context(|| format!("signing key {}", path.display()))
 }
 
 fn delta(a: DeltaArgs) -> Result<()> {
