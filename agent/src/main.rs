@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use ota_delta::apply::{ApplyOptions, apply_image, check_source};
+use ota_delta::apply::{ApplyOptions, apply_image, check_payload, check_source};
 use ota_format::envelope::public_key_from_pem;
 use ota_format::limits::MAX_ENVELOPE_BYTES;
 use ota_format::{Envelope, TrustedKeys};
@@ -123,13 +123,8 @@ fn apply(a: ApplyArgs) -> Result<()> {
     let payload = File::open(&a.payload)
         .with_context(|| format!("opening payload {}", a.payload.display()))?;
     let payload_len = payload.metadata()?.len();
-    if payload_len != manifest.payload.size {
-        bail!(
-            "payload {} is {payload_len} bytes, the manifest says {}: truncated or wrong payload",
-            a.payload.display(),
-            manifest.payload.size
-        );
-    }
+    check_payload(&manifest, &payload, payload_len)
+        .with_context(|| format!("payload {}", a.payload.display()))?;
 
     // Write beside the destination, then rename: a crash or an error never
     // leaves a half-written image at --out.
@@ -161,7 +156,7 @@ fn apply(a: ApplyArgs) -> Result<()> {
     );
     apply_image(
         &manifest,
-        std::io::BufReader::with_capacity(1 << 20, payload),
+        &payload,
         source.as_ref(),
         tmp.as_file(),
         ApplyOptions {

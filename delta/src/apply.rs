@@ -411,15 +411,40 @@ pub struct ApplyOptions {
     pub dest_is_zeroed: bool,
 }
 
-/// Applies a whole payload read sequentially from `payload`, then verifies the
-/// payload digest and the destination image digest.
-///
-/// The caller has verified the manifest's envelope, checked
-/// `payload_len == manifest.payload.size`, and checked the source with
-/// [`check_source`]. `progress` is called with the target bytes done.
-pub fn apply_image<P: Read, S: ReadAt + ?Sized, D: WriteAt + ReadAt + ?Sized>(
+/// Checks the payload's size and sha256 against the manifest. Per-operation
+/// data hashes already cover every payload byte; checking the whole first
+/// means a wrong payload is refused before anything is written.
+pub fn check_payload<P: ReadAt + ?Sized>(
     manifest: &Manifest,
-    mut payload: P,
+    payload: &P,
+    len: u64,
+) -> Result<(), ApplyError> {
+    if len != manifest.payload.size {
+        return Err(ApplyError::PayloadSize {
+            expected: manifest.payload.size,
+            actual: len,
+        });
+    }
+    let actual = hash_range(payload, 0, len).map_err(io_err("reading the payload"))?;
+    if actual != manifest.payload.sha256 {
+        return Err(ApplyError::PayloadHash {
+            expected: manifest.payload.sha256,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Applies every operation, reading each one's data from `payload` at its
+/// offset (operations may share data), then verifies the destination image
+/// digest.
+///
+/// The caller has verified the manifest's envelope and checked the payload
+/// with [`check_payload`] and the source with [`check_source`]. `progress` is
+/// called with the target bytes done.
+pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt + ?Sized>(
+    manifest: &Manifest,
+    payload: &P,
     source: Option<&S>,
     dest: &D,
     opts: ApplyOptions,
@@ -428,34 +453,19 @@ pub fn apply_image<P: Read, S: ReadAt + ?Sized, D: WriteAt + ReadAt + ?Sized>(
     let _span =
         tracing::info_span!("apply", to = %manifest.to.version, ops = manifest.operations.len())
             .entered();
-    let mut payload_hash = Sha256::new();
     let mut data = Vec::new();
     let mut done = 0u64;
     for (i, op) in manifest.operations.iter().enumerate() {
         data.clear();
         if let Some(d) = &op.data {
-            let got = (&mut payload)
-                .take(d.length)
-                .read_to_end(&mut data)
-                .map_err(io_err("reading the payload"))?;
-            if (got as u64) < d.length {
-                return Err(ApplyError::PayloadSize {
-                    expected: manifest.payload.size,
-                    actual: d.offset + got as u64,
-                });
-            }
-            payload_hash.update(&data);
+            data.resize(d.length as usize, 0);
+            payload
+                .read_exact_at(&mut data, d.offset)
+                .map_err(io_err(format!("reading the data of operation {i}")))?;
         }
         apply_operation_inner(i, op, &data, source, dest, opts.dest_is_zeroed)?;
         done += op.dst.length;
         progress(done);
-    }
-    let actual: Digest = payload_hash.into();
-    if actual != manifest.payload.sha256 {
-        return Err(ApplyError::PayloadHash {
-            expected: manifest.payload.sha256,
-            actual,
-        });
     }
     let actual =
         hash_range(dest, 0, manifest.to.size).map_err(io_err("reading back the written image"))?;

@@ -29,7 +29,7 @@
 //! image pair at the defaults this is about 350 MiB whatever the content;
 //! nothing holds a whole image.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
@@ -66,6 +66,10 @@ const MAX_ANCHOR_REPEATS: usize = 4;
 /// it finds in its window, and the moved blocks' known source locations are
 /// put in that window first.
 const MIN_RUN_BLOCKS: u64 = 64;
+
+/// Duplicated new content shorter than this (16 KiB) is diffed with its
+/// neighbours rather than mirrored.
+const MIN_DUP_BLOCKS: u64 = 4;
 
 /// Largest `COPY` or `ZERO` operation: bounds the work redone when an agent
 /// resumes a partly written operation.
@@ -194,7 +198,7 @@ fn generate_inner<W: Write>(
         hash: Sha256::new(),
         len: 0,
     };
-    let mut operations = Vec::with_capacity(plan.len());
+    let mut operations: Vec<Operation> = Vec::with_capacity(plan.len());
     let batch = rayon::current_num_threads() * 4;
     let mut i = 0;
     while i < plan.len() {
@@ -207,7 +211,7 @@ fn generate_inner<W: Write>(
             diffs += matches!(plan[end], Plan::Diff(..)) as usize;
             end += 1;
         }
-        let done: Vec<Result<(Operation, Vec<u8>), GenerateError>> = plan[i..end]
+        let done: Vec<Result<Option<(Operation, Vec<u8>)>, GenerateError>> = plan[i..end]
             .par_iter()
             .map(|p| {
                 let r = build_op(p, source, target, index.as_ref(), opts);
@@ -215,13 +219,24 @@ fn generate_inner<W: Write>(
                 r
             })
             .collect();
-        for r in done {
-            let (mut op, data) = r?;
-            if let Some(d) = &mut op.data {
-                d.offset = out.len;
-                out.write_all(&data)
-                    .map_err(io_err("writing the payload"))?;
-            }
+        for (k, r) in done.into_iter().enumerate() {
+            let op = match (r?, &plan[i + k]) {
+                (Some((mut op, data)), _) => {
+                    if let Some(d) = &mut op.data {
+                        d.offset = out.len;
+                        out.write_all(&data)
+                            .map_err(io_err("writing the payload"))?;
+                    }
+                    op
+                }
+                // Same kind, source and data range as the first occurrence:
+                // the payload carries those bytes once.
+                (None, Plan::Mirror(dst, of)) => Operation {
+                    dst: *dst,
+                    ..operations[*of].clone()
+                },
+                (None, _) => unreachable!("only mirrors are built without data"),
+            };
             operations.push(op);
         }
         i = end;
@@ -425,6 +440,12 @@ enum Class {
     Zero,
     /// Same bytes as this source block.
     Copy(u64),
+    /// Not in the source, but the same bytes as this earlier target block
+    /// (the first of its kind). The same new file often lands in an image
+    /// twice (packages built from one source ship identical changelogs,
+    /// filesystems keep backup superblocks), and a payload should carry new
+    /// bytes once.
+    Dup(u64),
     Changed,
 }
 
@@ -442,6 +463,9 @@ fn classify_target(
     let mut buf = vec![0u8; SCAN_BUF as usize];
     let mut cand = vec![0u8; BLOCK as usize];
     let mut prev: Option<u64> = None;
+    // First occurrence of each changed block's content: (xxh3 → block).
+    let mut firsts: HashMap<u64, u64> = HashMap::new();
+    let mut prev_dup: Option<u64> = None;
     let mut pos = 0u64;
     while pos < len {
         let seg = (len - pos).min(SCAN_BUF) as usize;
@@ -484,8 +508,40 @@ fn classify_target(
             } else {
                 Class::Changed
             };
+            let class = match class {
+                Class::Changed if b.len() as u64 == BLOCK => {
+                    // Prefer continuing the previous duplicate run, then any
+                    // earlier first occurrence with the same bytes.
+                    let h = xxh3_64(b);
+                    let next = prev_dup
+                        .map(|f| f + 1)
+                        .filter(|&f| classes.get(f as usize) == Some(&Class::Changed));
+                    let mut dup = None;
+                    for f in next.into_iter().chain(firsts.get(&h).copied()) {
+                        target
+                            .read_exact_at(&mut cand, f * BLOCK)
+                            .map_err(io_err("reading the target image"))?;
+                        if cand == b {
+                            dup = Some(f);
+                            break;
+                        }
+                    }
+                    match dup {
+                        Some(f) => Class::Dup(f),
+                        None => {
+                            firsts.entry(h).or_insert(blockno);
+                            Class::Changed
+                        }
+                    }
+                }
+                c => c,
+            };
             prev = match class {
                 Class::Copy(s) => Some(s),
+                _ => None,
+            };
+            prev_dup = match class {
+                Class::Dup(f) => Some(f),
                 _ => None,
             };
             classes.push(class);
@@ -504,54 +560,75 @@ enum Plan {
     /// A changed chunk, with the source blocks known to hold some of its
     /// blocks (short moved runs folded into it).
     Diff(Extent, Vec<u64>),
+    /// The same content as the operation at this plan index: same kind,
+    /// source and data, another destination.
+    Mirror(Extent, usize),
 }
 
 impl Plan {
     fn dst(&self) -> Extent {
         match self {
-            Plan::Zero(e) | Plan::Copy(e, _) | Plan::Diff(e, _) => *e,
+            Plan::Zero(e) | Plan::Copy(e, _) | Plan::Diff(e, _) | Plan::Mirror(e, _) => *e,
         }
     }
 }
 
 fn plan_operations(classes: &[Class], len: u64, chunk: u64) -> Vec<Plan> {
+    let nb = classes.len();
     let extent = |a: usize, b: usize| {
         let start = a as u64 * BLOCK;
         Extent::new(start, (b as u64 * BLOCK).min(len) - start)
     };
-    // Runs of one class (a moved run may come from anywhere in the source).
-    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut classes = classes.to_vec();
+    // Duplicate runs long enough to pay for their operations mirror the
+    // operations of their first occurrence; shorter ones are diffed.
+    let mut mirrors: HashMap<usize, (usize, usize)> = HashMap::new();
+    let mut forced: BTreeSet<usize> = BTreeSet::new();
     let mut i = 0;
-    while i < classes.len() {
-        let kind = std::mem::discriminant(&classes[i]);
+    while i < nb {
+        let Class::Dup(f) = classes[i] else {
+            i += 1;
+            continue;
+        };
         let mut j = i + 1;
-        while j < classes.len() && std::mem::discriminant(&classes[j]) == kind {
+        while j < nb && classes[j] == Class::Dup(f + (j - i) as u64) {
             j += 1;
         }
-        runs.push((i, j));
+        if (j - i) as u64 >= MIN_DUP_BLOCKS {
+            mirrors.insert(i, (f as usize, j - i));
+            forced.insert(f as usize);
+            forced.insert(f as usize + (j - i));
+        } else {
+            classes[i..j].fill(Class::Changed);
+        }
         i = j;
     }
-    let own_op =
-        |(a, b): (usize, usize)| classes[a] != Class::Changed && (b - a) as u64 >= MIN_RUN_BLOCKS;
-    let mut plan = Vec::new();
-    let mut r = 0;
-    while r < runs.len() {
-        let (i, j) = runs[r];
-        if !own_op(runs[r]) {
-            // A changed region: every run up to the next long zero or moved run.
-            let mut end = r + 1;
-            while end < runs.len() && !own_op(runs[end]) {
-                end += 1;
-            }
-            let region = extent(i, runs[end - 1].1);
-            // Equal chunks of at most `chunk` bytes, block aligned.
+    let run_end = |i: usize| {
+        let kind = std::mem::discriminant(&classes[i]);
+        let mut j = i + 1;
+        while j < nb && std::mem::discriminant(&classes[j]) == kind {
+            j += 1;
+        }
+        j
+    };
+
+    let mut plan: Vec<Plan> = Vec::new();
+    // Cuts a changed region into chunks: first at the boundaries of
+    // duplicated content (so that its copies can mirror whole operations),
+    // then into equal block-aligned chunks of at most `chunk` bytes.
+    let flush = |plan: &mut Vec<Plan>, start: usize, end: usize| {
+        let mut cuts: Vec<usize> = forced.range(start + 1..end).copied().collect();
+        cuts.push(end);
+        let mut a = start;
+        for b in cuts {
+            let region = extent(a, b);
             let n = region.length.div_ceil(chunk);
             let per = region.length.div_ceil(n).div_ceil(BLOCK) * BLOCK;
             let mut off = region.offset;
             while off < region.end() {
                 let l = per.min(region.end() - off);
-                let (a, b) = ((off / BLOCK) as usize, (off + l).div_ceil(BLOCK) as usize);
-                let known = classes[a..b]
+                let (x, y) = ((off / BLOCK) as usize, (off + l).div_ceil(BLOCK) as usize);
+                let known = classes[x..y]
                     .iter()
                     .filter_map(|c| {
                         if let Class::Copy(s) = c {
@@ -564,50 +641,106 @@ fn plan_operations(classes: &[Class], len: u64, chunk: u64) -> Vec<Plan> {
                 plan.push(Plan::Diff(Extent::new(off, l), known));
                 off += l;
             }
-            r = end;
-            continue;
+            a = b;
         }
+    };
+    let mut region: Option<usize> = None;
+    let mut i = 0;
+    while i < nb {
+        let j = run_end(i);
         match classes[i] {
-            Class::Zero => {
-                let mut a = i;
-                while a < j {
-                    let b = j.min(a + (MAX_STREAM_OP / BLOCK) as usize);
-                    plan.push(Plan::Zero(extent(a, b)));
-                    a = b;
+            Class::Dup(_) => {
+                if let Some(s) = region.take() {
+                    flush(&mut plan, s, i);
                 }
-            }
-            Class::Copy(_) => {
-                let mut a = i;
-                while a < j {
-                    let mut src: Vec<Extent> = Vec::new();
-                    let mut b = a;
-                    while b < j && ((b - a) as u64) < MAX_STREAM_OP / BLOCK {
-                        let Class::Copy(s) = classes[b] else {
-                            unreachable!()
-                        };
-                        let full = src.len() == MAX_SRC_EXTENTS;
-                        match src.last_mut() {
-                            Some(e) if e.end() == s * BLOCK => e.length += BLOCK,
-                            _ if full => break,
-                            _ => src.push(Extent::new(s * BLOCK, BLOCK)),
-                        }
-                        b += 1;
-                    }
-                    plan.push(Plan::Copy(extent(a, b), src));
-                    a = b;
+                let (a, n) = mirrors[&i];
+                // The first occurrence lies earlier and was cut at a and
+                // a + n, so whole operations cover it.
+                let first = plan.partition_point(|p| p.dst().offset < a as u64 * BLOCK);
+                let mut k = first;
+                while k < plan.len() && plan[k].dst().end() <= (a + n) as u64 * BLOCK {
+                    let d = plan[k].dst();
+                    let shifted =
+                        Extent::new(d.offset - a as u64 * BLOCK + i as u64 * BLOCK, d.length);
+                    plan.push(Plan::Mirror(shifted, k));
+                    k += 1;
                 }
+                i += n;
+                continue;
             }
-            Class::Changed => unreachable!("changed runs are diffed"),
+            Class::Zero | Class::Copy(_) if (j - i) as u64 >= MIN_RUN_BLOCKS => {
+                if let Some(s) = region.take() {
+                    flush(&mut plan, s, i);
+                }
+                push_stream_ops(&mut plan, &classes[i..j], i, extent);
+            }
+            _ => {
+                region.get_or_insert(i);
+            }
         }
-        r += 1;
+        i = j;
+    }
+    if let Some(s) = region {
+        flush(&mut plan, s, nb);
     }
     plan
+}
+
+/// `ZERO` or `COPY` operations for a run of zero or moved blocks starting at
+/// block `first`, each at most [`MAX_STREAM_OP`] bytes and
+/// [`MAX_SRC_EXTENTS`] extents.
+fn push_stream_ops(
+    plan: &mut Vec<Plan>,
+    run: &[Class],
+    first: usize,
+    extent: impl Fn(usize, usize) -> Extent,
+) {
+    let max = (MAX_STREAM_OP / BLOCK) as usize;
+    let mut a = 0;
+    while a < run.len() {
+        if run[0] == Class::Zero {
+            let b = run.len().min(a + max);
+            plan.push(Plan::Zero(extent(first + a, first + b)));
+            a = b;
+            continue;
+        }
+        let mut src: Vec<Extent> = Vec::new();
+        let mut b = a;
+        while b < run.len() && b - a < max {
+            let Class::Copy(s) = run[b] else {
+                unreachable!("a run has one class")
+            };
+            let full = src.len() == MAX_SRC_EXTENTS;
+            match src.last_mut() {
+                Some(e) if e.end() == s * BLOCK => e.length += BLOCK,
+                _ if full => break,
+                _ => src.push(Extent::new(s * BLOCK, BLOCK)),
+            }
+            b += 1;
+        }
+        plan.push(Plan::Copy(extent(first + a, first + b), src));
+        a = b;
+    }
 }
 
 // ---------------------------------------------------------------------------
 // Building one operation
 
 fn build_op(
+    plan: &Plan,
+    source: Option<&File>,
+    target: &File,
+    index: Option<&SourceIndex>,
+    opts: &GenerateOptions,
+) -> Result<Option<(Operation, Vec<u8>)>, GenerateError> {
+    if let Plan::Mirror(..) = plan {
+        // Filled in from the first occurrence by the in-order writer.
+        return Ok(None);
+    }
+    build_data_op(plan, source, target, index, opts).map(Some)
+}
+
+fn build_data_op(
     plan: &Plan,
     source: Option<&File>,
     target: &File,
@@ -633,6 +766,7 @@ fn build_op(
                 .map_err(io_err("reading the target image"))?;
             Ok((op(OpKind::Copy, src.clone(), h), vec![]))
         }
+        Plan::Mirror(..) => unreachable!("mirrors carry no data of their own"),
         Plan::Diff(_, known) => {
             let _span =
                 tracing::debug_span!("diff_chunk", offset = dst.offset, len = dst.length).entered();

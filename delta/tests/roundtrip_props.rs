@@ -4,9 +4,9 @@
 //! never modified.
 
 use std::fs::File;
-use std::io::{Cursor, Write};
+use std::io::Write;
 
-use ota_delta::apply::{ApplyOptions, apply_image, check_source};
+use ota_delta::apply::{ApplyOptions, apply_image, check_payload, check_source};
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_format::Manifest;
 use proptest::prelude::*;
@@ -36,6 +36,13 @@ enum Edit {
         every: usize,
         count: usize,
     },
+    /// The same new bytes written at two places (one new file shipped twice).
+    Twice {
+        a: usize,
+        b: usize,
+        blocks: usize,
+        seed: u8,
+    },
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
@@ -53,6 +60,8 @@ fn edit() -> impl Strategy<Value = Edit> {
             blocks
         }),
         (pos.clone(), 1usize..100_000).prop_map(|(at, len)| Edit::Zero { at, len }),
+        (pos.clone(), pos.clone(), 1usize..24, any::<u8>())
+            .prop_map(|(a, b, blocks, seed)| Edit::Twice { a, b, blocks, seed }),
         (pos, 1usize..64, 1usize..500).prop_map(|(at, every, count)| Edit::Noise {
             at,
             every,
@@ -110,6 +119,22 @@ fn apply_edits(old: &[u8], edits: &[Edit]) -> Vec<u8> {
                 let end = (at + len).min(new.len());
                 new[at..end].fill(0);
             }
+            Edit::Twice { a, b, blocks, seed } => {
+                let len = blocks * 4096;
+                if new.len() > 2 * len {
+                    let mut x = seed as u32 | 1;
+                    let bytes: Vec<u8> = (0..len)
+                        .map(|_| {
+                            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                            (x >> 16) as u8
+                        })
+                        .collect();
+                    for at in [a, b] {
+                        let at = (at % (new.len() - len)) / 4096 * 4096;
+                        new[at..at + len].copy_from_slice(&bytes);
+                    }
+                }
+            }
             Edit::Noise { at, every, count } => {
                 let mut p = at % n;
                 for i in 0..count {
@@ -151,7 +176,7 @@ fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
     let mut payload = Vec::new();
     let src_file = src.as_ref().map(|f| File::open(f.path()).unwrap());
     let manifest = generate(&spec, src_file.as_ref(), dst.as_file(), &mut payload, &opts).unwrap();
-    assert_eq!(payload.len() as u64, manifest.payload.size);
+    check_payload(&manifest, &payload, payload.len() as u64).unwrap();
     if let Some(old) = old {
         check_source(&manifest, old, old.len() as u64).unwrap();
     }
@@ -160,7 +185,7 @@ fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
     let old_vec = old.map(|o| o.to_vec());
     apply_image(
         &manifest,
-        Cursor::new(&payload),
+        &payload,
         old_vec.as_ref(),
         &out,
         ApplyOptions::default(),
@@ -198,6 +223,59 @@ proptest! {
     fn full_image_round_trips_exactly(len in 0usize..600_000, seed in any::<u64>()) {
         round_trip(None, &base_image(len, seed), 64 * 1024);
     }
+}
+
+#[test]
+fn new_content_written_twice_is_carried_once() {
+    let old = base_image(1 << 20, 9);
+    let mut new = old.clone();
+    let fresh: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect();
+    new.extend_from_slice(&fresh);
+    new.resize(new.len().div_ceil(4096) * 4096 + 8192, 0);
+    new.extend_from_slice(&fresh);
+    let src = tmp_with(&old);
+    let dst = tmp_with(&new);
+    let spec = DeltaSpec {
+        device_type: "test".into(),
+        from_version: Some("1".into()),
+        to_version: "2".into(),
+        security_counter: 1,
+        expires_at: Manifest::expiry_in(1),
+    };
+    let opts = GenerateOptions {
+        chunk_size: 1 << 20,
+        zstd_level: 3,
+        threads: 2,
+        progress: false,
+    };
+    let mut payload = Vec::new();
+    let m = generate(
+        &spec,
+        Some(src.as_file()),
+        dst.as_file(),
+        &mut payload,
+        &opts,
+    )
+    .unwrap();
+    let offsets: Vec<u64> = m
+        .operations
+        .iter()
+        .filter_map(|o| o.data.map(|d| d.offset))
+        .collect();
+    let shared = offsets
+        .iter()
+        .filter(|o| offsets.iter().filter(|p| p == o).count() > 1)
+        .count();
+    assert!(shared > 0);
+    // The fresh bytes are incompressible: carried twice they would cost 400 kB.
+    assert!(
+        payload.len() < 300_000,
+        "payload {} bytes: duplicate content stored twice?",
+        payload.len()
+    );
+    round_trip(Some(&old), &new, 1 << 20);
 }
 
 #[test]

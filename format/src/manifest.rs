@@ -232,7 +232,8 @@ impl Manifest {
 
     /// Establishes the invariants the apply engine relies on:
     /// - operations are sorted by destination and tile `[0, to.size)` exactly;
-    /// - their data ranges tile `[0, payload.size)` exactly, in order;
+    /// - their data ranges tile `[0, payload.size)` exactly, in order, except
+    ///   that an operation may name exactly the data of an earlier one;
     /// - each operation has exactly the fields its kind needs, within limits;
     /// - source extents lie inside the source image.
     pub fn validate(&self) -> Result<(), ManifestError> {
@@ -265,6 +266,8 @@ impl Manifest {
         let src_size = self.from.as_ref().map(|f| f.size);
         let mut next_dst = 0u64;
         let mut next_data = 0u64;
+        let mut ranges: std::collections::HashMap<u64, (u64, Digest)> =
+            std::collections::HashMap::new();
         for (i, op) in self.operations.iter().enumerate() {
             let dst_end = op
                 .dst
@@ -364,11 +367,19 @@ impl Manifest {
                 let Some(d) = &op.data else {
                     return Err(op_err(i, format!("{} needs data", op.kind.name())));
                 };
-                if d.offset != next_data {
+                // New data continues the payload; data already used by an
+                // earlier operation (identical new content at two places in
+                // the image) may be named again, exactly.
+                if d.offset == next_data {
+                    ranges.insert(d.offset, (d.length, d.sha256));
+                    next_data = next_data
+                        .checked_add(d.length)
+                        .ok_or_else(|| op_err(i, "data overflows"))?;
+                } else if ranges.get(&d.offset) != Some(&(d.length, d.sha256)) {
                     return Err(op_err(
                         i,
                         format!(
-                            "data starts at {} but the previous data ends at {next_data}: data must tile the payload in order",
+                            "data at {} is neither the next payload bytes (at {next_data}) nor exactly an earlier operation's data",
                             d.offset
                         ),
                     ));
@@ -389,7 +400,6 @@ impl Manifest {
                         ),
                     ));
                 }
-                next_data = d.offset + d.length;
             } else if op.data.is_some() {
                 return Err(op_err(i, format!("{} takes no data", op.kind.name())));
             }
@@ -409,14 +419,24 @@ impl Manifest {
         Ok(())
     }
 
-    /// Bytes of payload per operation kind and operation counts, for summaries.
+    /// Per operation kind: operations, destination bytes, and payload bytes
+    /// (data shared with an earlier operation counted once), for summaries.
     pub fn stats(&self) -> Vec<(OpKind, usize, u64, u64)> {
         let mut out: Vec<(OpKind, usize, u64, u64)> = Vec::new();
         for k in [OpKind::Copy, OpKind::Zero, OpKind::Replace, OpKind::Bsdiff] {
-            let ops = self.operations.iter().filter(|o| o.kind == k);
-            let (n, dst, data) = ops.fold((0, 0, 0), |(n, d, p), o| {
-                (n + 1, d + o.dst.length, p + o.data.map_or(0, |x| x.length))
-            });
+            let mut next = 0;
+            let (mut n, mut dst, mut data) = (0, 0, 0);
+            for o in &self.operations {
+                let fresh = o.data.filter(|d| d.offset >= next);
+                if let Some(d) = fresh {
+                    next = d.offset + d.length;
+                }
+                if o.kind == k {
+                    n += 1;
+                    dst += o.dst.length;
+                    data += fresh.map_or(0, |d| d.length);
+                }
+            }
             out.push((k, n, dst, data));
         }
         out
@@ -518,6 +538,23 @@ mod tests {
         let mut m = sample();
         m.operations[0].src[0] = Extent::new(u64::MAX - 1, 10);
         assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn data_may_be_shared_exactly_with_an_earlier_operation() {
+        let mut m = sample();
+        let mut mirror = m.operations[2].clone();
+        mirror.dst = Extent::new(30, 10);
+        m.to.size = 40;
+        m.operations.push(mirror.clone());
+        m.validate().unwrap();
+        // Any other reuse of payload bytes is refused.
+        mirror.data.as_mut().unwrap().length = 4;
+        m.operations[3] = mirror;
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::InvalidOp { op: 3, .. })
+        ));
     }
 
     #[test]
