@@ -211,7 +211,7 @@ fn generate_inner<W: Write>(
             diffs += matches!(plan[end], Plan::Diff(..)) as usize;
             end += 1;
         }
-        let done: Vec<Result<Option<(Operation, Vec<u8>)>, GenerateError>> = plan[i..end]
+        let done: Vec<Result<Option<Built>, GenerateError>> = plan[i..end]
             .par_iter()
             .map(|p| {
                 let r = build_op(p, source, target, index.as_ref(), opts);
@@ -726,13 +726,16 @@ fn push_stream_ops(
 // ---------------------------------------------------------------------------
 // Building one operation
 
+/// An operation and its data, before the data's payload offset is known.
+type Built = (Operation, Vec<u8>);
+
 fn build_op(
     plan: &Plan,
     source: Option<&File>,
     target: &File,
     index: Option<&SourceIndex>,
     opts: &GenerateOptions,
-) -> Result<Option<(Operation, Vec<u8>)>, GenerateError> {
+) -> Result<Option<Built>, GenerateError> {
     if let Plan::Mirror(..) = plan {
         // Filled in from the first occurrence by the in-order writer.
         return Ok(None);
