@@ -781,8 +781,10 @@ fn build_data_op(
             let compress = |b: &[u8]| {
                 zstd::bulk::compress(b, opts.zstd_level).map_err(io_err("compressing with zstd"))
             };
-            let replace = compress(&chunk)?;
-            let mut best = (OpKind::Replace, replace, Vec::new(), None);
+            // (kind, data, source extents, source digest) of the smallest
+            // candidate so far.
+            let mut best: (OpKind, Vec<u8>, Vec<Extent>, Option<Digest>) =
+                (OpKind::Replace, Vec::new(), Vec::new(), None);
             if let (Some(ix), Some(src)) = (index, source) {
                 let window = choose_window(&chunk, dst.offset, known, ix);
                 if !window.is_empty() {
@@ -804,13 +806,24 @@ fn build_data_op(
                     tracing::debug!(
                         window = total,
                         extents = window.len(),
-                        replace = best.1.len(),
                         bsdiff = patch.len(),
                         "candidates"
                     );
-                    if patch.len() < best.1.len() {
-                        best = (OpKind::Bsdiff, patch, window, Some(Digest::of(&old)));
-                    }
+                    best = (OpKind::Bsdiff, patch, window, Some(Digest::of(&old)));
+                }
+            }
+            // REPLACE at the full level costs as much as the diff; a fast
+            // level tells whether it could win at all (level 19 is never half
+            // the size of level 3).
+            let worth_trying = best.1.is_empty()
+                || zstd::bulk::compress(&chunk, 3)
+                    .map_err(io_err("compressing with zstd"))?
+                    .len()
+                    < 2 * best.1.len();
+            if worth_trying {
+                let replace = compress(&chunk)?;
+                if best.1.is_empty() || replace.len() < best.1.len() {
+                    best = (OpKind::Replace, replace, Vec::new(), None);
                 }
             }
             let (kind, data, src, src_sha256) = best;
