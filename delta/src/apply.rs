@@ -72,7 +72,7 @@ pub enum ApplyError {
     },
     #[error("operation {op} ({kind}) reads the source image, but no source was given")]
     NoSource { op: usize, kind: &'static str },
-    #[error("operation {op} ({kind}) is over the engine's limits: {reason}")]
+    #[error("operation {op} ({kind}) is malformed or over the engine's limits: {reason}")]
     Limits {
         op: usize,
         kind: &'static str,
@@ -134,6 +134,14 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     dest_is_zeroed: bool,
 ) -> Result<(), ApplyError> {
     let kind = op.kind.name();
+    // Validation has checked this for manifest operations; checking again
+    // keeps the engine safe for operations that bypassed it.
+    op.check_shape(Some(u64::MAX))
+        .map_err(|reason| ApplyError::Limits {
+            op: index,
+            kind,
+            reason,
+        })?;
     let _span = tracing::debug_span!(
         "op",
         index,
@@ -476,4 +484,64 @@ pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt +
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ota_format::Extent;
+    use std::sync::Mutex;
+
+    struct Mem(Mutex<Vec<u8>>);
+    impl WriteAt for Mem {
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let mut v = self.0.lock().unwrap();
+            let end = offset as usize + buf.len();
+            if v.len() < end {
+                v.resize(end, 0);
+            }
+            v[offset as usize..end].copy_from_slice(buf);
+            Ok(())
+        }
+    }
+
+    fn copy_op(dst: Extent, src: Vec<Extent>) -> Operation {
+        Operation {
+            kind: OpKind::Copy,
+            dst,
+            src,
+            src_sha256: None,
+            data: None,
+            dst_sha256: Digest::of(b""),
+        }
+    }
+
+    // Found by the apply_op fuzz target (fuzz/regressions/apply_op-unvalidated-copy-empty-dst-hang):
+    // an operation that bypassed validation looped forever on 0-byte pieces.
+    #[test]
+    fn unvalidated_copy_with_empty_dst_is_refused_not_a_hang() {
+        let src = vec![1u8; 4096];
+        let dest = Mem(Mutex::new(vec![0; 4096]));
+        let op = copy_op(Extent::new(0, 0), vec![Extent::new(0, 100)]);
+        let r = apply_operation(0, &op, &[], Some(src.as_slice()), &dest);
+        assert!(matches!(r, Err(ApplyError::Limits { .. })), "{r:?}");
+    }
+
+    // Found by the same fuzz target (apply_op-unvalidated-copy-no-src-ok): a COPY
+    // with no source extents returned Ok without writing its destination.
+    #[test]
+    fn unvalidated_copy_without_source_extents_is_refused() {
+        let src = vec![1u8; 4096];
+        let dest = Mem(Mutex::new(vec![0; 4096]));
+        let op = copy_op(Extent::new(0, 256), vec![]);
+        let r = apply_operation(0, &op, &[], Some(src.as_slice()), &dest);
+        assert!(matches!(r, Err(ApplyError::Limits { .. })), "{r:?}");
+        // And one whose source is longer than its destination cannot write past it.
+        let op = copy_op(Extent::new(0, 256), vec![Extent::new(0, 1024)]);
+        assert!(apply_operation(0, &op, &[], Some(src.as_slice()), &dest).is_err());
+        assert!(
+            dest.0.lock().unwrap().len() == 4096
+                && dest.0.lock().unwrap()[256..].iter().all(|&b| b == 0)
+        );
+    }
 }

@@ -59,6 +59,12 @@ pub fn for_each_piece<R: ReadAt + ?Sized>(
     buf: &mut [u8],
     mut f: impl FnMut(&[u8], u64) -> io::Result<()>,
 ) -> io::Result<()> {
+    if buf.is_empty() && len > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty streaming buffer",
+        ));
+    }
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(buf.len() as u64) as usize;

@@ -119,6 +119,84 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// Checks what can be checked of one operation on its own: its fields
+    /// fit its kind, nothing is empty or overflows, it is within the
+    /// engine's memory limits, and its source extents lie below `src_size`
+    /// (`None`: the update has no source image). [`Manifest::validate`] calls
+    /// it for every operation; the apply engine calls it again so that an
+    /// operation that bypassed validation cannot make it misbehave.
+    pub fn check_shape(&self, src_size: Option<u64>) -> Result<(), String> {
+        let op = self;
+        if op.dst.length == 0 || op.dst.checked_end().is_none() {
+            return Err("empty or overflowing dst".into());
+        }
+        if op.kind.reads_source() {
+            let Some(src_size) = src_size else {
+                return Err(format!(
+                    "{} needs a source image but the manifest has no `from`",
+                    op.kind.name()
+                ));
+            };
+            if op.src.is_empty() || op.src.len() > MAX_SRC_EXTENTS {
+                return Err(format!(
+                    "needs 1..={MAX_SRC_EXTENTS} source extents, has {}",
+                    op.src.len()
+                ));
+            }
+            let mut total = 0u64;
+            for e in &op.src {
+                let end = e.checked_end().ok_or("src extent overflows")?;
+                if e.length == 0 || end > src_size {
+                    return Err(format!(
+                        "src extent [{}, {end}) is empty or past the source size {src_size}",
+                        e.offset
+                    ));
+                }
+                total = total.checked_add(e.length).ok_or("src overflows")?;
+            }
+            match op.kind {
+                OpKind::Copy if total != op.dst.length => {
+                    return Err(format!(
+                        "COPY reads {total} bytes but writes {}",
+                        op.dst.length
+                    ));
+                }
+                OpKind::Bsdiff if total > MAX_BSDIFF_WINDOW => {
+                    return Err(format!(
+                        "BSDIFF source window {total} over the limit {MAX_BSDIFF_WINDOW}"
+                    ));
+                }
+                _ => {}
+            }
+        } else if !op.src.is_empty() {
+            return Err(format!("{} takes no source extents", op.kind.name()));
+        }
+        if (op.kind == OpKind::Bsdiff) != op.src_sha256.is_some() {
+            return Err("src_sha256 is required for BSDIFF and only for it".into());
+        }
+        match (&op.data, op.kind.has_data()) {
+            (None, true) => return Err(format!("{} needs data", op.kind.name())),
+            (Some(_), false) => return Err(format!("{} takes no data", op.kind.name())),
+            (Some(d), true) => {
+                if d.length == 0
+                    || d.length > MAX_OP_DATA
+                    || d.offset.checked_add(d.length).is_none()
+                {
+                    return Err(format!("data length {} not in 1..={MAX_OP_DATA}", d.length));
+                }
+                if op.dst.length > MAX_BUFFERED_DST {
+                    return Err(format!(
+                        "{} dst of {} bytes over the limit {MAX_BUFFERED_DST}",
+                        op.kind.name(),
+                        op.dst.length
+                    ));
+                }
+            }
+            (None, false) => {}
+        }
+        Ok(())
+    }
+
     /// Total bytes of source read.
     pub fn src_len(&self) -> u64 {
         self.src.iter().map(|e| e.length).sum()
@@ -282,9 +360,6 @@ impl Manifest {
                     ),
                 ));
             }
-            if op.dst.length == 0 {
-                return Err(op_err(i, "empty dst"));
-            }
             if dst_end > self.to.size {
                 return Err(op_err(
                     i,
@@ -296,77 +371,9 @@ impl Manifest {
             }
             next_dst = dst_end;
 
-            // Fields by kind.
-            if op.kind.reads_source() {
-                let Some(src_size) = src_size else {
-                    return Err(op_err(
-                        i,
-                        format!(
-                            "{} needs a source image but the manifest has no `from`",
-                            op.kind.name()
-                        ),
-                    ));
-                };
-                if op.src.is_empty() || op.src.len() > MAX_SRC_EXTENTS {
-                    return Err(op_err(
-                        i,
-                        format!(
-                            "needs 1..={MAX_SRC_EXTENTS} source extents, has {}",
-                            op.src.len()
-                        ),
-                    ));
-                }
-                let mut total = 0u64;
-                for e in &op.src {
-                    let end = e
-                        .checked_end()
-                        .ok_or_else(|| op_err(i, "src extent overflows"))?;
-                    if e.length == 0 || end > src_size {
-                        return Err(op_err(
-                            i,
-                            format!(
-                                "src extent [{}, {end}) is empty or past the source size {src_size}",
-                                e.offset
-                            ),
-                        ));
-                    }
-                    total = total
-                        .checked_add(e.length)
-                        .ok_or_else(|| op_err(i, "src overflows"))?;
-                }
-                match op.kind {
-                    OpKind::Copy if total != op.dst.length => {
-                        return Err(op_err(
-                            i,
-                            format!("COPY reads {total} bytes but writes {}", op.dst.length),
-                        ));
-                    }
-                    OpKind::Bsdiff if total > MAX_BSDIFF_WINDOW => {
-                        return Err(op_err(
-                            i,
-                            format!(
-                                "BSDIFF source window {total} over the limit {MAX_BSDIFF_WINDOW}"
-                            ),
-                        ));
-                    }
-                    _ => {}
-                }
-            } else if !op.src.is_empty() {
-                return Err(op_err(
-                    i,
-                    format!("{} takes no source extents", op.kind.name()),
-                ));
-            }
-            if (op.kind == OpKind::Bsdiff) != op.src_sha256.is_some() {
-                return Err(op_err(
-                    i,
-                    "src_sha256 is required for BSDIFF and only for it",
-                ));
-            }
-            if op.kind.has_data() {
-                let Some(d) = &op.data else {
-                    return Err(op_err(i, format!("{} needs data", op.kind.name())));
-                };
+            op.check_shape(src_size)
+                .map_err(|reason| op_err(i, reason))?;
+            if let Some(d) = &op.data {
                 // New data continues the payload; data already used by an
                 // earlier operation (identical new content at two places in
                 // the image) may be named again, exactly.
@@ -384,24 +391,6 @@ impl Manifest {
                         ),
                     ));
                 }
-                if d.length == 0 || d.length > MAX_OP_DATA {
-                    return Err(op_err(
-                        i,
-                        format!("data length {} not in 1..={MAX_OP_DATA}", d.length),
-                    ));
-                }
-                if op.dst.length > MAX_BUFFERED_DST {
-                    return Err(op_err(
-                        i,
-                        format!(
-                            "{} dst of {} bytes over the limit {MAX_BUFFERED_DST}",
-                            op.kind.name(),
-                            op.dst.length
-                        ),
-                    ));
-                }
-            } else if op.data.is_some() {
-                return Err(op_err(i, format!("{} takes no data", op.kind.name())));
             }
         }
         if next_dst != self.to.size {
