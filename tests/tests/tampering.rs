@@ -91,7 +91,7 @@ fn untampered_update_applies() {
 }
 
 #[test]
-fn flipped_bit_in_payload_is_caught_by_the_operation_hash() {
+fn flipped_bit_in_payload_is_refused_before_anything_is_written() {
     refused(
         |args, dir| {
             let p = copy_to(dir, "payload.bin", &update().path("update/payload.bin"));
@@ -101,7 +101,7 @@ fn flipped_bit_in_payload_is_caught_by_the_operation_hash() {
             std::fs::write(&p, b).unwrap();
             set_arg(args, "--payload", p);
         },
-        &["operation", "data sha256", "corrupt or was altered"],
+        &["payload sha256", "corrupt or was altered"],
     );
 }
 
