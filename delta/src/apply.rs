@@ -96,7 +96,9 @@ pub enum ApplyError {
     },
     #[error("payload is {actual} bytes, the manifest says {expected}: truncated or wrong payload")]
     PayloadSize { expected: u64, actual: u64 },
-    #[error("payload sha256 is {actual}, the manifest says {expected}: the payload is corrupt or was altered; download it again")]
+    #[error(
+        "payload sha256 is {actual}, the manifest says {expected}: the payload is corrupt or was altered; download it again"
+    )]
     PayloadHash { expected: Digest, actual: Digest },
     #[error("target image sha256 after apply is {actual}, the manifest says {expected}")]
     TargetHash { expected: Digest, actual: Digest },
