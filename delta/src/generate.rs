@@ -929,8 +929,25 @@ fn choose_window(chunk: &[u8], chunk_off: u64, known: &[u64], ix: &SourceIndex) 
             _ => merged.push(Extent::new(start, len)),
         }
     }
-    merged
+    // Bridge small gaps while the budget allows: a few KiB more window cost
+    // less than the ~20 manifest bytes of each extra extent, and scattered
+    // known blocks otherwise make long extent lists.
+    let mut spare = (budget as u64 * BLOCK).saturating_sub(merged.iter().map(|e| e.length).sum());
+    let mut bridged: Vec<Extent> = Vec::with_capacity(merged.len());
+    for e in merged {
+        match bridged.last_mut() {
+            Some(last) if e.offset - last.end() <= MAX_BRIDGE && e.offset - last.end() <= spare => {
+                spare -= e.offset - last.end();
+                last.length = e.end() - last.offset;
+            }
+            _ => bridged.push(e),
+        }
+    }
+    bridged
 }
+
+/// Largest gap between window extents filled in to join them.
+const MAX_BRIDGE: u64 = 32 << 10;
 
 /// Counts equal values: (count, value), most frequent first.
 fn ranked<T: Ord + Copy>(values: &mut [T]) -> Vec<(usize, T)> {

@@ -28,6 +28,12 @@ use crate::manifest::{Manifest, ManifestError};
 /// verifies as a manifest.
 pub const PAYLOAD_TYPE: &str = "application/vnd.edge-ota.manifest.v1+json";
 
+/// DSSE payload type of a zstd-compressed manifest, what the generator
+/// writes: hashes and extents compress well, and a device fetches the
+/// manifest at every update. The signature covers the compressed bytes, so
+/// nothing is decompressed before it verifies.
+pub const PAYLOAD_TYPE_ZSTD: &str = "application/vnd.edge-ota.manifest.v1+json+zstd";
+
 /// A signed manifest, as stored in `manifest.json` and served to agents.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +66,8 @@ pub enum EnvelopeError {
         "envelope payload type is {found:?}, expected {PAYLOAD_TYPE:?}: this is not an edge-ota manifest"
     )]
     WrongPayloadType { found: String },
+    #[error("signed manifest does not decompress (or is over the size limit once decompressed)")]
+    BadCompression,
     #[error("envelope {what} is not valid base64")]
     BadBase64 { what: &'static str },
     #[error("envelope has {count} signatures, over the limit of {MAX_SIGNATURES}")]
@@ -195,7 +203,18 @@ impl TrustedKeys {
 impl Envelope {
     /// Signs the exact `manifest_bytes` with every key given.
     pub fn sign(manifest_bytes: &[u8], keys: &[&SigningKeyPair]) -> Envelope {
-        let msg = pae(PAYLOAD_TYPE, manifest_bytes);
+        Self::sign_as(PAYLOAD_TYPE, manifest_bytes, keys)
+    }
+
+    /// Compresses the manifest (zstd) and signs the compressed bytes.
+    pub fn sign_compressed(manifest_json: &[u8], keys: &[&SigningKeyPair]) -> Envelope {
+        let z =
+            zstd::bulk::compress(manifest_json, 19).expect("compressing into memory cannot fail");
+        Self::sign_as(PAYLOAD_TYPE_ZSTD, &z, keys)
+    }
+
+    fn sign_as(payload_type: &str, manifest_bytes: &[u8], keys: &[&SigningKeyPair]) -> Envelope {
+        let msg = pae(payload_type, manifest_bytes);
         let signatures = keys
             .iter()
             .map(|k| Signature {
@@ -204,7 +223,7 @@ impl Envelope {
             })
             .collect();
         Envelope {
-            payload_type: PAYLOAD_TYPE.into(),
+            payload_type: payload_type.into(),
             payload: B64.encode(manifest_bytes),
             signatures,
         }
@@ -228,9 +247,31 @@ impl Envelope {
         Ok(serde_json::from_slice(bytes)?)
     }
 
-    /// Checks signatures against `trusted` and returns the signed bytes.
+    /// The manifest JSON **without checking any signature**: for inspection
+    /// tools and tests only, never for deciding to install.
+    pub fn manifest_json_unverified(&self) -> Result<Vec<u8>, EnvelopeError> {
+        let body = B64
+            .decode(&self.payload)
+            .map_err(|_| EnvelopeError::BadBase64 { what: "payload" })?;
+        self.decode_body(body)
+    }
+
+    fn decode_body(&self, body: Vec<u8>) -> Result<Vec<u8>, EnvelopeError> {
+        match self.payload_type.as_str() {
+            PAYLOAD_TYPE => Ok(body),
+            PAYLOAD_TYPE_ZSTD => zstd::bulk::decompress(&body, MAX_ENVELOPE_BYTES)
+                .map_err(|_| EnvelopeError::BadCompression),
+            other => Err(EnvelopeError::WrongPayloadType {
+                found: other.chars().take(100).collect(),
+            }),
+        }
+    }
+
+    /// Checks signatures against `trusted` and returns the manifest JSON
+    /// (decompressed, when the envelope carries it compressed, only after the
+    /// signatures verified).
     pub fn verify(&self, trusted: &TrustedKeys) -> Result<Vec<u8>, EnvelopeError> {
-        if self.payload_type != PAYLOAD_TYPE {
+        if self.payload_type != PAYLOAD_TYPE && self.payload_type != PAYLOAD_TYPE_ZSTD {
             return Err(EnvelopeError::WrongPayloadType {
                 found: self.payload_type.chars().take(100).collect(),
             });
@@ -268,7 +309,7 @@ impl Envelope {
             }
         }
         if valid.len() >= trusted.threshold {
-            return Ok(body);
+            return self.decode_body(body);
         }
         if let Some(keyid) = bad {
             return Err(EnvelopeError::BadSignature { keyid });
@@ -327,6 +368,23 @@ mod tests {
         assert!(matches!(
             tampered.verify(&both),
             Err(EnvelopeError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn compressed_manifests_verify_and_decompress() {
+        let a = SigningKeyPair::generate().unwrap();
+        let trusted = TrustedKeys::try_new([a.verifying_key()], 1).unwrap();
+        let body = br#"{"hello":"world","hello2":"world"}"#;
+        let env = Envelope::sign_compressed(body, &[&a]);
+        assert_eq!(env.payload_type, PAYLOAD_TYPE_ZSTD);
+        assert_eq!(env.verify(&trusted).unwrap(), body);
+        assert_eq!(env.manifest_json_unverified().unwrap(), body);
+        // A signed payload that is not zstd is refused after verification.
+        let bogus = Envelope::sign_as(PAYLOAD_TYPE_ZSTD, b"not zstd", &[&a]);
+        assert!(matches!(
+            bogus.verify(&trusted),
+            Err(EnvelopeError::BadCompression)
         ));
     }
 

@@ -18,11 +18,11 @@
 //! the decoders run; the others carry arbitrary digests (optionally keeping
 //! some matching ones).
 //!
-//! The engine relies on `Manifest::validate` for structure (its module docs:
-//! "that engine never has to re-check structure"), so each operation is put in
-//! a one-operation manifest (ZERO padding before/after it) and only those that
-//! validate are applied. Set `OTA_FUZZ_UNVALIDATED=1` to apply every operation
-//! anyway and see what the engine does outside its contract.
+//! By default the target does what the agent does: each operation is put in a
+//! manifest (ZERO padding before/after it) and only those that pass
+//! `Manifest::validate` are applied. Set `OTA_FUZZ_UNVALIDATED=1` to apply
+//! every operation: since d505433 the engine re-checks an operation's shape
+//! itself (`Operation::check_shape`), so it must hold up in that mode too.
 //!
 //! Checked on every applied operation:
 //! - no panic, no abort, memory within libFuzzer's `-rss_limit_mb` /
@@ -82,15 +82,30 @@ enum DataSpec {
     Diff { level: u8, new: Vec<u8> },
 }
 
-/// How `BSDIFF` data is laid out. The committed engine reads one zstd frame
-/// holding the whole bsdiff patch; a change in progress (`patch_streams`)
-/// reads three frames (control, diff, extra). The target finds out at start-up
-/// which one the engine it was built against accepts, so "a consistent
-/// operation is accepted" stays checkable across that change.
+/// How `BSDIFF` data is laid out. It has changed quickly: one zstd frame
+/// holding the whole bsdiff patch (d7d6ddf), then three frames — control,
+/// diff, extra — (01d858d, `ota_delta::patch_streams`), then the same with the
+/// control stream stored transposed, byte plane by byte plane (7511f56). The
+/// target finds out at start-up which one the engine it was built against
+/// accepts, so "a consistent operation is accepted" stays checkable; add a
+/// variant here when the layout changes again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
     SingleFrame,
     ThreeStreams,
+    ThreeStreamsTransposedControl,
+}
+
+/// Rows of `width` bytes to byte planes (the transposed control stream).
+fn transpose(data: &[u8], width: usize) -> Vec<u8> {
+    let rows = data.len() / width;
+    let mut out = vec![0u8; data.len()];
+    for (r, row) in data.chunks_exact(width).enumerate() {
+        for (b, &byte) in row.iter().enumerate() {
+            out[b * rows + r] = byte;
+        }
+    }
+    out
 }
 
 /// Splits a bsdiff patch into control, diff and extra streams.
@@ -120,18 +135,43 @@ fn encode_patch(layout: Layout, old: &[u8], new: &[u8], level: i32) -> Vec<u8> {
     bsdiff::diff(old, new, &mut patch).expect("bsdiff into a Vec");
     match layout {
         Layout::SingleFrame => zstd(&patch, level),
-        Layout::ThreeStreams => split_patch(&patch).iter().flat_map(|s| zstd(s, level)).collect(),
+        Layout::ThreeStreams => split_patch(&patch)
+            .iter()
+            .flat_map(|s| zstd(s, level))
+            .collect(),
+        Layout::ThreeStreamsTransposedControl => {
+            let [ctrl, diff, extra] = split_patch(&patch);
+            [transpose(&ctrl, 24), diff, extra]
+                .iter()
+                .flat_map(|s| zstd(s, level))
+                .collect()
+        }
     }
 }
 
 fn bsdiff_layout() -> Layout {
     static L: OnceLock<Layout> = OnceLock::new();
     *L.get_or_init(|| {
-        let old: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
-        let mut new = old.clone();
-        new[100..140].fill(9);
-        new.extend_from_slice(b"appended");
-        let accepted: Vec<Layout> = [Layout::SingleFrame, Layout::ThreeStreams]
+        // Moved blocks and insertions, so the patch has several control
+        // entries (with one, the transposed control stream is the plain one).
+        let old: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let new = [
+            &old[..500],
+            b"an insertion",
+            &old[500..1500],
+            &old[2000..2600],
+            b"another insertion",
+            &old[1500..2000],
+        ]
+        .concat();
+        let mut patch = Vec::new();
+        bsdiff::diff(&old, &new, &mut patch).expect("bsdiff into a Vec");
+        assert!(split_patch(&patch)[0].len() >= 48, "probe patch has one control entry");
+        let accepted: Vec<Layout> = [
+            Layout::SingleFrame,
+            Layout::ThreeStreams,
+            Layout::ThreeStreamsTransposedControl,
+        ]
             .into_iter()
             .filter(|&layout| {
                 let data = encode_patch(layout, &old, &new, 3);
@@ -210,7 +250,9 @@ impl WriteAt for Dest {
 }
 
 fn pattern(len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ 0xA5).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ 0xA5)
+        .collect()
 }
 
 fn level(l: u8) -> i32 {
@@ -318,17 +360,45 @@ fuzz_target!(|input: Input| {
             (Kind::Copy | Kind::Zero, _) => (Vec::new(), None, true),
             (_, DataSpec::Raw(raw)) => (raw, None, false),
             (Kind::Replace, DataSpec::Zstd { level: l, content })
-            | (Kind::Replace, DataSpec::Diff { level: l, new: content }) => {
-                (zstd(&content, level(l)), Some(content), true)
-            }
-            (Kind::Replace, DataSpec::Zstd3 { level: l, ctrl, diff, extra }) => {
+            | (
+                Kind::Replace,
+                DataSpec::Diff {
+                    level: l,
+                    new: content,
+                },
+            ) => (zstd(&content, level(l)), Some(content), true),
+            (
+                Kind::Replace,
+                DataSpec::Zstd3 {
+                    level: l,
+                    ctrl,
+                    diff,
+                    extra,
+                },
+            ) => {
                 // Concatenated frames decompress to the concatenation.
-                let data = [&ctrl, &diff, &extra].iter().flat_map(|s| zstd(s, level(l))).collect();
+                let data = [&ctrl, &diff, &extra]
+                    .iter()
+                    .flat_map(|s| zstd(s, level(l)))
+                    .collect();
                 (data, Some([ctrl, diff, extra].concat()), false)
             }
-            (Kind::Bsdiff, DataSpec::Zstd { level: l, content }) => (zstd(&content, level(l)), None, false),
-            (Kind::Bsdiff, DataSpec::Zstd3 { level: l, ctrl, diff, extra }) => {
-                let data = [&ctrl, &diff, &extra].iter().flat_map(|s| zstd(s, level(l))).collect();
+            (Kind::Bsdiff, DataSpec::Zstd { level: l, content }) => {
+                (zstd(&content, level(l)), None, false)
+            }
+            (
+                Kind::Bsdiff,
+                DataSpec::Zstd3 {
+                    level: l,
+                    ctrl,
+                    diff,
+                    extra,
+                },
+            ) => {
+                let data = [&ctrl, &diff, &extra]
+                    .iter()
+                    .flat_map(|s| zstd(s, level(l)))
+                    .collect();
                 (data, None, false)
             }
             (Kind::Bsdiff, DataSpec::Diff { level: l, new }) => {
@@ -346,7 +416,9 @@ fuzz_target!(|input: Input| {
     let natural_len = match input.kind {
         Kind::Copy => src.iter().map(|e| e.length).sum(),
         Kind::Zero => room.min(4096),
-        _ => expected.as_ref().map_or(data.len() as u64, |e| e.len() as u64),
+        _ => expected
+            .as_ref()
+            .map_or(data.len() as u64, |e| e.len() as u64),
     };
     let dst_len = input.dst_len.map_or(natural_len, u64::from).min(room);
     let dst = Extent::new(dst_offset, dst_len);
@@ -411,7 +483,11 @@ fuzz_target!(|input: Input| {
             Ok(()) => "Ok".to_string(),
             Err(e) => e.to_string().chars().take(160).collect(),
         };
-        let digests = if input.digests.is_none() { "matching" } else { "random" };
+        let digests = if input.digests.is_none() {
+            "matching"
+        } else {
+            "random"
+        };
         eprintln!(
             "apply_op {:?} valid={valid} digests={digests} dst={}+{} data={}: {outcome}",
             kind,
@@ -434,7 +510,10 @@ fuzz_target!(|input: Input| {
                 "Ok(()) but dst does not hold the promised output"
             );
             if let Some(e) = &expected {
-                assert!(&after[lo..hi] == e.as_slice(), "Ok(()) but dst is not the expected output");
+                assert!(
+                    &after[lo..hi] == e.as_slice(),
+                    "Ok(()) but dst is not the expected output"
+                );
             }
         }
         Err(e) => {

@@ -50,6 +50,30 @@ fn keys() -> &'static Keys {
     })
 }
 
+/// `OTA_FUZZ_TRACE=1`: one line per input on stderr saying how far it got,
+/// to see which paths a corpus reaches:
+/// `OTA_FUZZ_TRACE=1 target/.../manifest_parse -runs=0 corpus/manifest_parse 2>&1 | grep '^manifest_parse'`.
+fn trace() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| std::env::var_os("OTA_FUZZ_TRACE").is_some_and(|v| v == "1"))
+}
+
+/// The error's variant name, without its data, for `trace`.
+fn variant<E: std::fmt::Debug>(r: &Result<impl Sized, E>) -> String {
+    match r {
+        Ok(_) => "Ok".into(),
+        Err(e) => {
+            let d = format!("{e:?}");
+            let end = d.find(|c: char| !c.is_alphanumeric()).unwrap_or(d.len());
+            let inner = d[end..].trim_start_matches('(');
+            let end2 = inner
+                .find(|c: char| !c.is_alphanumeric())
+                .unwrap_or(inner.len());
+            format!("{}({})", &d[..end], &inner[..end2])
+        }
+    }
+}
+
 /// A fixed "now" (2027-01-15T08:00:00Z) so runs are reproducible.
 fn now() -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
@@ -66,14 +90,27 @@ fn check_manifest(m: &Manifest) {
 fuzz_target!(|data: &[u8]| {
     let keys = keys();
 
+    let mut steps: Vec<String> = Vec::new();
+
     // 1. The raw manifest parser.
-    if let Ok(m) = Manifest::from_json(data) {
+    let raw = Manifest::from_json(data);
+    if trace() {
+        steps.push(format!("manifest={}", variant(&raw)));
+    }
+    if let Ok(m) = raw {
         check_manifest(&m);
     }
 
     // 2. The envelope parser and signature check.
-    if let Ok(env) = Envelope::from_json(data) {
-        let _ = env.verify(&keys.trusted);
+    let env = Envelope::from_json(data);
+    if trace() {
+        steps.push(format!("envelope={}", variant(&env)));
+    }
+    if let Ok(env) = env {
+        let verified = env.verify(&keys.trusted);
+        if trace() {
+            steps.push(format!("verify={}", variant(&verified)));
+        }
         let again = Envelope::from_json(&env.to_json()).expect("re-serialised envelope parses");
         assert_eq!(again, env, "envelope does not round-trip");
 
@@ -82,6 +119,9 @@ fuzz_target!(|data: &[u8]| {
             let direct = Manifest::from_json(&body);
             let signed = Envelope::sign(&body, &[&keys.signer]);
             let opened = Envelope::open(&signed.to_json(), &keys.trusted, now());
+            if trace() {
+                steps.push(format!("resigned_open={}", variant(&opened)));
+            }
             match (&direct, &opened) {
                 (Ok(a), Ok(b)) => {
                     assert_eq!(a, b);
@@ -97,7 +137,12 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // 4. The whole path on the input itself.
-    if let Ok(m) = Envelope::open(data, &keys.trusted, now()) {
+    let opened = Envelope::open(data, &keys.trusted, now());
+    if trace() {
+        steps.push(format!("open={}", variant(&opened)));
+        eprintln!("manifest_parse {}", steps.join(" "));
+    }
+    if let Ok(m) = opened {
         check_manifest(&m);
     }
 });

@@ -187,7 +187,7 @@ fn delta(a: DeltaArgs) -> Result<()> {
     tmp.as_file().sync_all()?;
     tmp.persist(&payload_path)
         .with_context(|| format!("writing {}", payload_path.display()))?;
-    let envelope = Envelope::sign(&manifest.to_json(), &[&key]).to_json();
+    let envelope = Envelope::sign_compressed(&manifest.to_json(), &[&key]).to_json();
     // The manifest goes last: a directory with a manifest always has its payload.
     write_atomic(&a.out.join("manifest.json"), &envelope, 0o644)?;
     print_summary(&manifest, envelope.len(), started.elapsed().as_secs_f64());

@@ -66,7 +66,7 @@ fn rewrite_manifest(
         serde_json::from_slice(&std::fs::read(update().path("update/manifest.json")).unwrap())
             .unwrap();
     let mut m: serde_json::Value =
-        serde_json::from_slice(&B64.decode(&env.payload).unwrap()).unwrap();
+        serde_json::from_slice(&env.manifest_json_unverified().unwrap()).unwrap();
     f(&mut m);
     let bytes = serde_json::to_vec(&m).unwrap();
     let new_env = if keys.is_empty() {
