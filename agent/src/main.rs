@@ -113,9 +113,12 @@ fn apply(a: ApplyArgs) -> Result<()> {
             let f =
                 File::open(p).with_context(|| format!("opening source image {}", p.display()))?;
             let len = f.metadata()?.len();
-            check_source(&manifest, &f, len)
-                .with_context(|| format!("source image {}", p.display()))?;
-            Some(f)
+            if len != manifest.from.as_ref().map_or(len, |f| f.size) {
+                // Wrong size: refused at once, without hashing.
+                check_source(&manifest, &f, len)
+                    .with_context(|| format!("source image {}", p.display()))?;
+            }
+            Some((f, len, p.clone()))
         }
         (None, _) => None,
     };
@@ -154,17 +157,34 @@ fn apply(a: ApplyArgs) -> Result<()> {
             .expect("static template")
             .progress_chars("=> "),
     );
-    apply_image(
-        &manifest,
-        &payload,
-        source.as_ref(),
-        tmp.as_file(),
-        ApplyOptions {
-            dest_is_zeroed: true,
-        },
-        |done| bar.set_position(done),
-    )
-    .with_context(|| format!("applying {}", a.payload.display()))?;
+    // The source is hashed on a second thread while the operations apply:
+    // the output is only renamed into place once both have succeeded, and a
+    // wrong source is reported as such even if an operation tripped over it
+    // first.
+    let (source_check, applied) = std::thread::scope(|s| {
+        let check = source
+            .as_ref()
+            .map(|(f, len, _)| s.spawn(|| check_source(&manifest, f, *len)));
+        let applied = apply_image(
+            &manifest,
+            &payload,
+            source.as_ref().map(|(f, _, _)| f),
+            tmp.as_file(),
+            ApplyOptions {
+                // A fresh temporary file reads as zeros.
+                dest_is_zeroed: true,
+                // Every window is covered by the whole-source check.
+                source_verified: source.is_some(),
+            },
+            |done| bar.set_position(done),
+        );
+        let check = check.map(|h| h.join().expect("source check thread panicked"));
+        (check, applied)
+    });
+    if let (Some(Err(e)), Some((_, _, p))) = (source_check, &source) {
+        return Err(e).with_context(|| format!("source image {}", p.display()));
+    }
+    applied.with_context(|| format!("applying {}", a.payload.display()))?;
     bar.finish_and_clear();
     tmp.as_file().sync_all().context("syncing the new image")?;
     tmp.persist(&a.out)
