@@ -13,6 +13,8 @@
 //! ever read.
 
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST};
 use ota_format::{Digest, Manifest, OpKind, Operation};
@@ -428,6 +430,8 @@ pub struct ApplyOptions {
     /// need not be hashed again. Windows overlap and are about 4 × the
     /// output, so this saves most of the hashing of a delta apply.
     pub source_verified: bool,
+    /// Operations applied at once by [`apply_image`] (0 or 1: one at a time).
+    pub threads: usize,
 }
 
 /// Checks the payload's size and sha256 against the manifest. Per-operation
@@ -454,37 +458,115 @@ pub fn check_payload<P: ReadAt + ?Sized>(
     Ok(())
 }
 
+/// Memory the operations applied at once may hold together. One operation
+/// larger than this still runs, alone; the format's limits bound that case.
+const APPLY_MEMORY_BUDGET: u64 = 20 << 20;
+
+/// Memory an operation holds while it is applied: its data, and for `BSDIFF`
+/// its window, its three decompressed streams and its output.
+fn op_memory(op: &Operation) -> u64 {
+    let data = op.data.map_or(0, |d| d.length);
+    let work = match op.kind {
+        OpKind::Bsdiff => op.src_len() + 3 * op.dst.length,
+        _ => STREAM_BUF as u64,
+    };
+    data + work
+}
+
+/// A byte budget shared by the apply workers.
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > APPLY_MEMORY_BUDGET {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+    fn release(&self, n: u64) {
+        *self.used.lock().unwrap_or_else(|e| e.into_inner()) -= n;
+        self.freed.notify_all();
+    }
+}
+
 /// Applies every operation, reading each one's data from `payload` at its
 /// offset (operations may share data), then verifies the destination image
 /// digest.
 ///
+/// Operations are independent, so up to `opts.threads` of them are applied
+/// at once, within a memory budget of 20 MiB (a single larger operation runs
+/// alone). The first failure stops the others; the error reported is the
+/// failing operation with the lowest index.
+///
 /// The caller has verified the manifest's envelope and checked the payload
-/// with [`check_payload`] and the source with [`check_source`]. `progress` is
-/// called with the target bytes done.
+/// with [`check_payload`] and the source with [`check_source`] (or will, see
+/// [`ApplyOptions::source_verified`]). `progress` is called with the target
+/// bytes done.
 pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt + ?Sized>(
     manifest: &Manifest,
     payload: &P,
     source: Option<&S>,
     dest: &D,
     opts: ApplyOptions,
-    mut progress: impl FnMut(u64),
+    progress: impl Fn(u64) + Sync,
 ) -> Result<(), ApplyError> {
     let _span =
         tracing::info_span!("apply", to = %manifest.to.version, ops = manifest.operations.len())
             .entered();
-    let mut data = Vec::new();
-    let mut done = 0u64;
-    for (i, op) in manifest.operations.iter().enumerate() {
-        data.clear();
-        if let Some(d) = &op.data {
-            data.resize(d.length as usize, 0);
-            payload
-                .read_exact_at(&mut data, d.offset)
-                .map_err(io_err(format!("reading the data of operation {i}")))?;
+    let ops = &manifest.operations;
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let first_error: Mutex<Option<(usize, ApplyError)>> = Mutex::new(None);
+    let budget = Budget {
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+    };
+    let worker = || {
+        let mut data = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(op) = ops.get(i) else { break };
+            let need = op_memory(op);
+            budget.acquire(need);
+            let r = (|| {
+                data.clear();
+                if let Some(d) = &op.data {
+                    data.resize(d.length as usize, 0);
+                    payload
+                        .read_exact_at(&mut data, d.offset)
+                        .map_err(io_err(format!("reading the data of operation {i}")))?;
+                }
+                apply_operation_inner(i, op, &data, source, dest, opts)
+            })();
+            data = Vec::new();
+            budget.release(need);
+            match r {
+                Ok(()) => {
+                    progress(done.fetch_add(op.dst.length, Ordering::Relaxed) + op.dst.length)
+                }
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    let mut first = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                    if first.as_ref().is_none_or(|(j, _)| i < *j) {
+                        *first = Some((i, e));
+                    }
+                }
+            }
         }
-        apply_operation_inner(i, op, &data, source, dest, opts)?;
-        done += op.dst.length;
-        progress(done);
+    };
+    std::thread::scope(|s| {
+        for _ in 1..opts.threads.max(1) {
+            s.spawn(worker);
+        }
+        worker();
+    });
+    if let Some((_, e)) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
     }
     let actual =
         hash_range(dest, 0, manifest.to.size).map_err(io_err("reading back the written image"))?;

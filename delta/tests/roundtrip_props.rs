@@ -188,7 +188,10 @@ fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
         &payload,
         old_vec.as_ref(),
         &out,
-        ApplyOptions::default(),
+        ApplyOptions {
+            threads: 3,
+            ..ApplyOptions::default()
+        },
         |_| {},
     )
     .unwrap();
