@@ -17,7 +17,10 @@
 //! - [`envelope`]: the DSSE signing envelope around the exact manifest bytes,
 //!   key files, key ids and threshold verification for key rotation.
 //! - [`limits`]: every size bound applied to untrusted input, in one place.
+//! - [`api`]: the device API's JSON bodies (check-in, events, enrollment),
+//!   shared by agent and server; `docs/api.md` describes the protocol.
 
+pub mod api;
 pub mod digest;
 pub mod envelope;
 pub mod limits;
