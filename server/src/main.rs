@@ -1,8 +1,8 @@
 //! `ota-server`: the operator's side of edge-ota.
 //!
-//! For now it holds the offline tools: `keygen` makes the signing key and
-//! `delta` builds a signed update (delta or full image). The rollout service
-//! (`serve`) builds on the same pieces.
+//! `serve` runs the rollout service (see the library's Layout); `device`,
+//! `release` and `rollout` drive it through the admin API; `keygen` and
+//! `delta` are offline tools that need no server.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -14,6 +14,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_format::{Envelope, Manifest, OpKind, SigningKeyPair};
+use ota_server::client::{AdminClient, render_status};
+use ota_server::config::ServerConfig;
+use ota_server::rollout::{OnFailure, RolloutSpec, RolloutState};
+use tokio_util::sync::CancellationToken;
 
 /// File names inside a `keygen --out` directory.
 const KEY_FILE: &str = "ota-signing.key";
@@ -42,6 +46,183 @@ enum Cmd {
     },
     /// Build a signed update: OUTDIR/manifest.json and OUTDIR/payload.bin.
     Delta(DeltaArgs),
+    /// Run the rollout server.
+    Serve {
+        #[arg(long, value_name = "server.toml")]
+        config: PathBuf,
+        /// Log as JSON lines (for log shippers) instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Manage devices (admin API).
+    Device {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Manage releases (admin API).
+    Release {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: ReleaseCmd,
+    },
+    /// Manage rollouts (admin API).
+    Rollout {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
+}
+
+/// Where the admin API is.
+#[derive(clap::Args)]
+struct Conn {
+    /// Server base URL.
+    #[arg(
+        long,
+        env = "OTA_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    server: String,
+    /// The server's admin_token.
+    #[arg(
+        long,
+        env = "OTA_ADMIN_TOKEN",
+        hide_env_values = true,
+        default_value = "",
+        global = true
+    )]
+    admin_token: String,
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Pre-provision a device and print its token (shown once).
+    Add {
+        #[arg(long)]
+        id: String,
+        #[arg(long = "type", value_name = "T")]
+        device_type: String,
+        /// Tag for rollout selectors, repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_kv)]
+        tags: Vec<(String, String)>,
+    },
+    /// Show a device: version, state, rollouts.
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Upload an image; the server builds the full payload and deltas in the background.
+    Add {
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        device_type: String,
+        #[arg(long, value_name = "PATH")]
+        image: PathBuf,
+        /// Anti-rollback counter for this release's manifests.
+        #[arg(long, default_value_t = 0)]
+        security_counter: u64,
+        /// Wait until every build is ready (or failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List releases and their builds.
+    List,
+}
+
+#[derive(Subcommand)]
+enum RolloutCmd {
+    /// Start a waved, throttled rollout.
+    Create(RolloutArgs),
+    /// One rollout's status per wave.
+    Status {
+        id: String,
+        /// Refresh every second until the rollout completes, pauses or aborts.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Every rollout.
+    List,
+    /// Stop admitting devices (in-flight downloads finish).
+    Pause { id: String },
+    /// Resume admitting devices.
+    Resume { id: String },
+    /// Stop the rollout: downloading devices are told to cancel.
+    Abort { id: String },
+}
+
+#[derive(clap::Args)]
+struct RolloutArgs {
+    #[arg(long)]
+    release: String,
+    #[arg(long)]
+    device_type: String,
+    /// Only devices with this tag, repeatable.
+    #[arg(long = "selector", value_name = "TAG=VALUE", value_parser = parse_kv)]
+    selector: Vec<(String, String)>,
+    /// Cumulative percentages of eligible devices per wave.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    waves: Vec<u8>,
+    /// Minimum time each wave stays open before the next opens (e.g. 10m).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    soak: std::time::Duration,
+    /// Fleet-wide cap on concurrent downloads.
+    #[arg(long)]
+    max_concurrent: u64,
+    /// Downloads started per minute.
+    #[arg(long)]
+    max_starts_per_min: f64,
+    /// Multiply the start rate by this every --ramp-every commits.
+    #[arg(long, default_value_t = 1.0)]
+    ramp_factor: f64,
+    /// Commits per ramp step (default: --min-sample).
+    #[arg(long, default_value_t = 0)]
+    ramp_every: u64,
+    /// Failure rate that pauses or aborts the rollout (e.g. 5%).
+    #[arg(long, default_value = "5%", value_parser = parse_fraction)]
+    failure_threshold: f64,
+    /// Committed share of a wave needed to open the next (e.g. 90%).
+    #[arg(long, default_value = "90%", value_parser = parse_fraction)]
+    success_threshold: f64,
+    /// Outcomes needed before the failure threshold applies.
+    #[arg(long, default_value_t = 20)]
+    min_sample: u64,
+    #[arg(long, value_enum, default_value = "pause")]
+    on_failure: FailureAction,
+    /// Extra attempts per device after a failure or a lost lease.
+    #[arg(long, default_value_t = 2)]
+    max_retries: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FailureAction {
+    Pause,
+    Abort,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// "5%" or "0.05".
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v = match s.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => s.trim().parse::<f64>(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{s:?} is not between 0% and 100%"));
+    }
+    Ok(v)
 }
 
 #[derive(clap::Args)]
@@ -84,16 +265,32 @@ struct DeltaArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let (default_level, json) = match &cli.cmd {
+        Cmd::Serve { log_json, .. } => ("info", *log_json),
+        _ => ("warn", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let r = match cli.cmd {
         Cmd::Keygen { out, force } => keygen(&out, force),
         Cmd::Delta(a) => delta(a),
+        Cmd::Serve { config, .. } => runtime().and_then(|rt| rt.block_on(serve(&config))),
+        Cmd::Device { conn, cmd } => runtime().and_then(|rt| rt.block_on(device_cmd(conn, cmd))),
+        Cmd::Release { conn, cmd } => runtime().and_then(|rt| rt.block_on(release_cmd(conn, cmd))),
+        Cmd::Rollout { conn, cmd } => runtime().and_then(|rt| rt.block_on(rollout_cmd(conn, cmd))),
     };
     if let Err(e) = r {
         eprintln!("ota-server: error: {e:#}");
@@ -227,4 +424,207 @@ fn print_summary(m: &Manifest, manifest_len: usize, secs: f64) {
         100.0 * total as f64 / m.to.size.max(1) as f64,
         m.to.size
     );
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn serve(config: &Path) -> Result<()> {
+    let config = ServerConfig::load(config)?;
+    let cancel = CancellationToken::new();
+    let running = ota_server::app::start(config, cancel.clone()).await?;
+    println!("ota-server listening on {}", running.addr);
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight requests");
+        c.cancel();
+    });
+    running.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn device_cmd(conn: Conn, cmd: DeviceCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    match cmd {
+        DeviceCmd::Add {
+            id,
+            device_type,
+            tags,
+        } => {
+            let r = c
+                .device_add(&id, &device_type, &tags.into_iter().collect())
+                .await?;
+            println!("{}", r.token);
+            eprintln!(
+                "device {} provisioned; put the token above in its token file (it is not shown again)",
+                r.device_id
+            );
+        }
+        DeviceCmd::Show { id } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&c.device_get(&id).await?)?
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn release_cmd(conn: Conn, cmd: ReleaseCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    match cmd {
+        ReleaseCmd::Add {
+            version,
+            device_type,
+            image,
+            security_counter,
+            wait,
+        } => {
+            let r = c
+                .release_add(
+                    &device_type,
+                    &version,
+                    security_counter,
+                    &image,
+                    std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                )
+                .await?;
+            println!(
+                "release {} of {} added ({} bytes, image sha256 {}); {} builds queued",
+                r.version,
+                r.device_type,
+                r.image_size,
+                r.image_sha256,
+                r.builds.len()
+            );
+            if wait {
+                loop {
+                    let all = c.releases().await?;
+                    let r = all
+                        .iter()
+                        .find(|x| x.device_type == device_type && x.version == version)
+                        .context("the release disappeared")?;
+                    if r.builds.iter().all(|b| {
+                        matches!(
+                            b.status,
+                            ota_server::releases::BuildStatus::Ready
+                                | ota_server::releases::BuildStatus::Failed
+                        )
+                    }) {
+                        print_release(r);
+                        if r.builds
+                            .iter()
+                            .any(|b| b.status == ota_server::releases::BuildStatus::Failed)
+                        {
+                            bail!("some builds failed");
+                        }
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
+        ReleaseCmd::List => {
+            for r in c.releases().await? {
+                print_release(&r);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_release(r: &ota_server::releases::ReleaseRecord) {
+    println!(
+        "{} {} ({} bytes, security counter {})",
+        r.device_type, r.version, r.image_size, r.security_counter
+    );
+    for b in &r.builds {
+        let from = b.from_version.as_deref().unwrap_or("(full image)");
+        let size = b
+            .artifacts
+            .as_ref()
+            .map(|a| format!("{} bytes payload", a.payload_size))
+            .unwrap_or_default();
+        let err = b.error.as_deref().unwrap_or("");
+        println!("  from {from:<16} {:?} {size} {err}", b.status);
+    }
+}
+
+async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    match cmd {
+        RolloutCmd::Create(a) => {
+            let spec = RolloutSpec {
+                release: a.release,
+                device_type: a.device_type,
+                selector: a.selector.into_iter().collect(),
+                waves: a.waves,
+                soak_ms: a.soak.as_millis() as u64,
+                max_concurrent: a.max_concurrent,
+                max_starts_per_min: a.max_starts_per_min,
+                ramp_factor: a.ramp_factor,
+                ramp_every: a.ramp_every,
+                failure_threshold: a.failure_threshold,
+                success_threshold: a.success_threshold,
+                min_sample: a.min_sample,
+                on_failure: match a.on_failure {
+                    FailureAction::Pause => OnFailure::Pause,
+                    FailureAction::Abort => OnFailure::Abort,
+                },
+                max_retries: a.max_retries,
+            };
+            let s = c.rollout_create(&spec).await?;
+            println!("{}", s.id);
+            eprint!("{}", render_status(&s));
+        }
+        RolloutCmd::Status { id, watch } => loop {
+            let s = c.rollout(&id).await?;
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", render_status(&s));
+            if !watch || s.state != RolloutState::Active {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        },
+        RolloutCmd::List => {
+            for s in c.rollouts().await? {
+                let t = s.totals();
+                println!(
+                    "{:<6} {:<12} {:<12} {:<10} wave {}/{} committed {}/{} failed {} — {}",
+                    s.id,
+                    s.spec.device_type,
+                    s.spec.release,
+                    format!("{:?}", s.state),
+                    s.open_wave,
+                    s.waves.len(),
+                    t.committed + t.already_current,
+                    t.eligible,
+                    t.failed + t.rolled_back,
+                    s.reason
+                );
+            }
+        }
+        RolloutCmd::Pause { id } => {
+            print!("{}", render_status(&c.rollout_action(&id, "pause").await?))
+        }
+        RolloutCmd::Resume { id } => {
+            print!("{}", render_status(&c.rollout_action(&id, "resume").await?))
+        }
+        RolloutCmd::Abort { id } => {
+            print!("{}", render_status(&c.rollout_action(&id, "abort").await?))
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,239 @@
+//! Wiring: open the state, start the background tasks, serve HTTP, and shut
+//! everything down in order on SIGTERM.
+//!
+//! Shutdown is explicit: one `CancellationToken` reaches the HTTP server
+//! (graceful: in-flight requests finish), the tick, the builder and the
+//! flusher; a `TaskTracker` waits for all of them; the flusher's last act
+//! is a final flush, so nothing acknowledged is lost.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sha2::{Digest as _, Sha256};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::artifacts::{ArtifactStore, EgressLimiter};
+use crate::config::ServerConfig;
+use crate::fleet::Fleet;
+use crate::metrics::Metrics;
+use crate::releases::{BuildSettings, Releases};
+use crate::rollout::{Pacing, Rollouts};
+use crate::store::{Store, StoreError};
+
+/// Everything a request handler can reach.
+pub struct App {
+    pub config: ServerConfig,
+    pub store: Store,
+    pub fleet: Fleet,
+    pub releases: Arc<Releases>,
+    pub rollouts: Rollouts,
+    pub artifacts: ArtifactStore,
+    pub egress: Option<Arc<EgressLimiter>>,
+    pub metrics: Metrics,
+    pub bytes_served: Arc<AtomicU64>,
+    admin_hash: [u8; 32],
+    tmp: PathBuf,
+}
+
+/// Constant-time equality for secrets (compares hashes, so lengths leak
+/// nothing either).
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let ha = Sha256::digest(a);
+    let hb = Sha256::digest(b);
+    ha.iter()
+        .zip(hb.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+impl App {
+    pub fn is_admin(&self, token: &str) -> bool {
+        let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        h.iter()
+            .zip(self.admin_hash.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+
+    pub fn tmp_dir(&self) -> &std::path::Path {
+        &self.tmp
+    }
+
+    /// Enrolls (or re-enrolls) a device and updates rollout eligibility.
+    pub async fn enroll(
+        &self,
+        id: &str,
+        device_type: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<String, StoreError> {
+        let new = self.fleet.get(id).is_none();
+        let token = self.fleet.enroll(id, device_type, tags.clone()).await?;
+        self.rollouts.on_enroll(id, device_type, &tags, new);
+        self.metrics.enrollments.inc();
+        self.metrics.devices.set(self.fleet.len() as i64);
+        info!(device = id, device_type, new, "device enrolled");
+        Ok(token)
+    }
+}
+
+/// A running server (tests and `serve`).
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub app: Arc<App>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    flusher_stop: CancellationToken,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops everything and waits for the tasks to end.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.wait().await;
+    }
+
+    /// Waits until the server stops (after its token is cancelled), then
+    /// stops the flusher last, so every write made by a finishing request is
+    /// flushed.
+    pub async fn wait(self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+        self.flusher_stop.cancel();
+        let _ = self.flusher.await;
+    }
+}
+
+/// Opens the state in the configured data directory and starts serving.
+pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Running> {
+    let data = &config.data_dir;
+    for sub in ["db", "images", "artifacts", "tmp"] {
+        std::fs::create_dir_all(data.join(sub))
+            .with_context(|| format!("creating {}", data.join(sub).display()))?;
+    }
+    // Half-written uploads and builds of an earlier run.
+    for e in std::fs::read_dir(data.join("tmp"))? {
+        let _ = std::fs::remove_file(e?.path());
+    }
+    let key_pem = std::fs::read_to_string(&config.signing_key)
+        .with_context(|| format!("reading signing key {}", config.signing_key.display()))?;
+    let key = Arc::new(
+        ota_format::SigningKeyPair::from_pem(&key_pem)
+            .with_context(|| format!("signing key {}", config.signing_key.display()))?,
+    );
+    let store = Store::open(&data.join("db")).context("opening the state database")?;
+    let images = ArtifactStore::open(data.join("images")).context("opening images/")?;
+    let artifacts = ArtifactStore::open(data.join("artifacts")).context("opening artifacts/")?;
+    let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
+    let (releases, jobs) = Releases::load(
+        store.clone(),
+        images,
+        artifacts.clone(),
+        data.join("tmp"),
+        BuildSettings {
+            delta_history: config.delta_history,
+            chunk_size: config.chunk_size,
+            zstd_level: config.zstd_level,
+            expiry_days: config.manifest_expiry_days,
+            threads,
+        },
+        key,
+    )?;
+    let releases = Arc::new(releases);
+    let fleet = Fleet::load(store.clone())?;
+    let rollouts = Rollouts::load(
+        store.clone(),
+        releases.clone(),
+        Pacing {
+            lease_ms: config.checkin.lease_ms,
+            idle_ms: config.checkin.idle_interval_ms,
+            max_parallel_ranges: config.checkin.max_parallel_ranges,
+        },
+        &fleet,
+    )?;
+    let egress = (config.egress_bytes_per_sec > 0)
+        .then(|| Arc::new(EgressLimiter::new(config.egress_bytes_per_sec)));
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics = Metrics::new();
+    metrics.devices.set(fleet.len() as i64);
+    let app = Arc::new(App {
+        admin_hash: Sha256::digest(config.admin_token.as_bytes()).into(),
+        tmp: data.join("tmp"),
+        config,
+        store: store.clone(),
+        fleet,
+        releases: releases.clone(),
+        rollouts,
+        artifacts,
+        egress,
+        metrics,
+        bytes_served: Arc::new(AtomicU64::new(0)),
+    });
+    info!(%addr, devices = app.fleet.len(), rollouts = app.rollouts.list().len(), "ota-server listening");
+
+    let tracker = TaskTracker::new();
+    let flusher_stop = CancellationToken::new();
+    let flusher = tokio::spawn(store.clone().run_flusher(flusher_stop.clone()));
+    releases.requeue_unfinished();
+    tracker.spawn(releases.clone().run_builder(jobs, cancel.clone()));
+    tracker.spawn(tick(app.clone(), cancel.clone()));
+    let router = crate::http::router(app.clone());
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let r = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { c.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "HTTP server stopped with an error");
+        }
+    });
+    Ok(Running {
+        addr,
+        app,
+        cancel,
+        tracker,
+        flusher_stop,
+        flusher,
+    })
+}
+
+/// Periodic work: lease expiry, wave advancement, gauges.
+async fn tick(app: Arc<App>, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        n += 1;
+        match app.rollouts.tick() {
+            Ok(expired) => {
+                app.metrics.lease_expiries.inc_by(expired);
+            }
+            Err(e) => warn!(error = %e, "rollout tick failed"),
+        }
+        app.metrics
+            .active_leases
+            .set(crate::http::total_leases(&app) as i64);
+        app.metrics
+            .bytes_served
+            .inner()
+            .store(app.bytes_served.load(Ordering::Relaxed), Ordering::Relaxed);
+        if n % 8 == 0 {
+            for r in app.rollouts.list() {
+                app.metrics.set_rollout(&app.rollouts.status(&r));
+            }
+        }
+    }
+}

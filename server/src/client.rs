@@ -1,0 +1,238 @@
+//! The admin API client behind `ota-server device|release|rollout`.
+//!
+//! The CLI talks to a running server over HTTP rather than opening the sled
+//! database itself: sled allows one process, and the server owns it.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use ota_format::api::ApiError;
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::releases::ReleaseRecord;
+use crate::rollout::{RolloutSpec, RolloutStatus};
+
+/// A connection to the admin API.
+pub struct AdminClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    pub fn new(base: &str, token: &str) -> Result<AdminClient> {
+        if token.is_empty() {
+            bail!(
+                "no admin token: pass --admin-token or set OTA_ADMIN_TOKEN (it is `admin_token` in server.toml)"
+            );
+        }
+        Ok(AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::builder()
+                .no_gzip()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .build()?,
+        })
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}: is the server running?"))?;
+        decode(resp, &format!("{method} {url}")).await
+    }
+
+    pub async fn device_add(
+        &self,
+        id: &str,
+        device_type: &str,
+        tags: &std::collections::BTreeMap<String, String>,
+    ) -> Result<ota_format::api::EnrollResponse> {
+        self.call(
+            Method::POST,
+            "/api/v1/admin/devices",
+            Some(&serde_json::json!({"id": id, "device_type": device_type, "tags": tags})),
+        )
+        .await
+    }
+
+    pub async fn device_get(&self, id: &str) -> Result<serde_json::Value> {
+        self.call::<(), _>(Method::GET, &format!("/api/v1/admin/devices/{id}"), None)
+            .await
+    }
+
+    /// Streams `image` to the server (never read whole into memory).
+    pub async fn release_add(
+        &self,
+        device_type: &str,
+        version: &str,
+        security_counter: u64,
+        image: &Path,
+        progress: bool,
+    ) -> Result<ReleaseRecord> {
+        let f = tokio::fs::File::open(image)
+            .await
+            .with_context(|| format!("opening {}", image.display()))?;
+        let len = f.metadata().await?.len();
+        let bar = if progress {
+            indicatif::ProgressBar::new(len)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("valid template"),
+        );
+        let b2 = bar.clone();
+        let stream =
+            futures_util::StreamExt::inspect(tokio_util::io::ReaderStream::new(f), move |c| {
+                if let Ok(c) = c {
+                    b2.inc(c.len() as u64);
+                }
+            });
+        let url = format!(
+            "{}/api/v1/admin/releases/{device_type}/{version}?security_counter={security_counter}",
+            self.base
+        );
+        let resp = self
+            .http
+            .put(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .with_context(|| format!("PUT {url}: is the server running?"))?;
+        bar.finish_and_clear();
+        decode(resp, &format!("PUT {url}")).await
+    }
+
+    pub async fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        self.call::<(), _>(Method::GET, "/api/v1/admin/releases", None)
+            .await
+    }
+
+    pub async fn rollout_create(&self, spec: &RolloutSpec) -> Result<RolloutStatus> {
+        self.call(Method::POST, "/api/v1/admin/rollouts", Some(spec))
+            .await
+    }
+
+    pub async fn rollouts(&self) -> Result<Vec<RolloutStatus>> {
+        self.call::<(), _>(Method::GET, "/api/v1/admin/rollouts", None)
+            .await
+    }
+
+    pub async fn rollout(&self, id: &str) -> Result<RolloutStatus> {
+        self.call::<(), _>(Method::GET, &format!("/api/v1/admin/rollouts/{id}"), None)
+            .await
+    }
+
+    /// `verb` is pause, resume or abort.
+    pub async fn rollout_action(&self, id: &str, verb: &str) -> Result<RolloutStatus> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/api/v1/admin/rollouts/{id}/{verb}"),
+            None,
+        )
+        .await
+    }
+}
+
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response, what: &str) -> Result<T> {
+    let status = resp.status();
+    let bytes = resp
+        .bytes()
+        .await
+        .with_context(|| format!("{what}: reading the answer"))?;
+    if !status.is_success() {
+        let msg = serde_json::from_slice::<ApiError>(&bytes)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        if status == StatusCode::UNAUTHORIZED {
+            bail!("{what}: {status}: the admin token is wrong ({msg})");
+        }
+        bail!("{what}: {status}: {msg}");
+    }
+    serde_json::from_slice(&bytes).with_context(|| format!("{what}: unexpected answer"))
+}
+
+/// Renders a rollout status as a table.
+pub fn render_status(s: &RolloutStatus) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "rollout {} of {} to {}: {:?} — {}",
+        s.id, s.spec.device_type, s.spec.release, s.state, s.reason
+    );
+    let _ = writeln!(
+        o,
+        "  open wave {} of {}; leases {}/{}; start rate {:.1}/min; queued {}; leases expired {}",
+        s.open_wave,
+        s.waves.len(),
+        s.active_leases,
+        s.spec.max_concurrent,
+        s.starts_per_min_now,
+        s.queued,
+        s.leases_expired
+    );
+    let _ = writeln!(
+        o,
+        "  {:>4} {:>4} {:>4} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>7} {:>12}",
+        "wave",
+        "%",
+        "open",
+        "eligible",
+        "admitted",
+        "waiting",
+        "download",
+        "installed",
+        "committed",
+        "failed",
+        "rolledb",
+        "bytes"
+    );
+    for w in s.waves.iter().chain(std::iter::once(&s.totals())) {
+        let name = if w.wave == 0 {
+            "all".to_string()
+        } else {
+            w.wave.to_string()
+        };
+        let _ = writeln!(
+            o,
+            "  {:>4} {:>4} {:>4} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>7} {:>12}",
+            name,
+            w.percent,
+            if w.open { "yes" } else { "no" },
+            w.eligible,
+            w.admitted,
+            w.waiting,
+            w.downloading,
+            w.installed,
+            w.committed + w.already_current,
+            w.failed,
+            w.rolled_back,
+            w.bytes_served
+        );
+    }
+    o
+}

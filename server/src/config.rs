@@ -1,0 +1,219 @@
+//! `server.toml`: every option, its default, and why.
+//!
+//! [`ServerConfig::load`] is the only way to get a config, and it validates,
+//! so a server never runs with, say, a zero lease or an empty admin token.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The server's configuration (`server.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Directory holding the sled database, images and artifacts. Required.
+    pub data_dir: PathBuf,
+    /// Shared secret devices present to enroll themselves. Empty disables
+    /// self-enrollment (devices must then be pre-provisioned with
+    /// `ota-server device add`).
+    #[serde(default)]
+    pub enrollment_key: String,
+    /// Token for the admin API (the CLI reads it from `OTA_ADMIN_TOKEN` or
+    /// `--admin-token`). At least 16 characters.
+    pub admin_token: String,
+    /// PKCS#8 PEM ed25519 key that signs the manifests the server builds.
+    pub signing_key: PathBuf,
+    /// How many earlier releases of a device type get a delta to a new
+    /// release. Devices on older versions get the full image. Default 3.
+    #[serde(default = "default_delta_history")]
+    pub delta_history: usize,
+    /// Target size of a changed chunk in built deltas (bytes). Default 1 MiB.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: u64,
+    /// zstd level for built payloads. Default 19.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
+    /// Days until built manifests expire. Default 365.
+    #[serde(default = "default_expiry_days")]
+    pub manifest_expiry_days: u64,
+    /// Server-wide cap on payload bytes per second; 0 = none. Default 0.
+    #[serde(default)]
+    pub egress_bytes_per_sec: u64,
+    /// Check-in pacing.
+    #[serde(default)]
+    pub checkin: CheckinConfig,
+    /// TLS; plain HTTP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// Check-in pacing: what `next_checkin_ms` the server hands out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckinConfig {
+    /// Interval for devices with nothing to do. Default 60 s. Longer means
+    /// less load; shorter means rollouts start sooner.
+    #[serde(default = "default_idle_ms")]
+    pub idle_interval_ms: u64,
+    /// Interval for throttled devices. Default 15 s. Devices near the head of
+    /// the waiting queue are told to come back sooner (a quarter of this).
+    #[serde(default = "default_wait_ms")]
+    pub wait_interval_ms: u64,
+    /// Download lease lifetime. Default 120 s. A device that neither checks
+    /// in nor reports progress for this long loses its download slot.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Relative jitter applied to every interval, 0..1. Default 0.2 (±20 %).
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+    /// Most parallel Range requests a device may make. Default 4.
+    #[serde(default = "default_parallel")]
+    pub max_parallel_ranges: u32,
+}
+
+/// TLS certificate and key (PEM).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_delta_history() -> usize {
+    3
+}
+fn default_chunk_size() -> u64 {
+    1 << 20
+}
+fn default_zstd_level() -> i32 {
+    19
+}
+fn default_expiry_days() -> u64 {
+    365
+}
+fn default_idle_ms() -> u64 {
+    60_000
+}
+fn default_wait_ms() -> u64 {
+    15_000
+}
+fn default_lease_ms() -> u64 {
+    120_000
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+fn default_parallel() -> u32 {
+    4
+}
+
+impl Default for CheckinConfig {
+    fn default() -> Self {
+        CheckinConfig {
+            idle_interval_ms: default_idle_ms(),
+            wait_interval_ms: default_wait_ms(),
+            lease_ms: default_lease_ms(),
+            jitter: default_jitter(),
+            max_parallel_ranges: default_parallel(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads and validates `path`. Relative paths inside are taken relative
+    /// to the file's directory, so a config and its key can travel together.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut c: ServerConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut c.data_dir, &mut c.signing_key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(tls) = &mut c.tls {
+            for p in [&mut tls.cert, &mut tls.key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks every invariant the server relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.admin_token.len() < 16 {
+            return bad("admin_token must be at least 16 characters".into());
+        }
+        if !self.enrollment_key.is_empty() && self.enrollment_key.len() < 16 {
+            return bad(
+                "enrollment_key must be empty (no self-enrollment) or at least 16 characters"
+                    .into(),
+            );
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(format!("listen = {:?} is not an address:port", self.listen));
+        }
+        let c = &self.checkin;
+        if c.idle_interval_ms == 0 || c.wait_interval_ms == 0 {
+            return bad("checkin intervals must be positive".into());
+        }
+        if c.lease_ms < 1000 {
+            return bad("checkin.lease_ms must be at least 1000".into());
+        }
+        if !(0.0..1.0).contains(&c.jitter) {
+            return bad("checkin.jitter must be in [0, 1)".into());
+        }
+        if c.max_parallel_ranges == 0 || c.max_parallel_ranges > 64 {
+            return bad("checkin.max_parallel_ranges must be 1..=64".into());
+        }
+        if !(1..=22).contains(&self.zstd_level) {
+            return bad("zstd_level must be 1..=22".into());
+        }
+        if self.chunk_size == 0
+            || self.chunk_size % 4096 != 0
+            || self.chunk_size > ota_format::limits::MAX_BUFFERED_DST
+        {
+            return bad("chunk_size must be a positive multiple of 4096, at most 4 MiB".into());
+        }
+        Ok(())
+    }
+
+    /// The lease lifetime.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.checkin.lease_ms)
+    }
+}

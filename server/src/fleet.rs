@@ -1,0 +1,211 @@
+//! The fleet: enrolled devices, their tokens, and what they last reported.
+//!
+//! Check-ins are the hottest path of the server, so everything they touch
+//! here is in sharded maps (`DashMap`) and per-device mutexes held for a few
+//! field writes, never across an `.await`. Tokens are 256-bit random strings
+//! shown once; only their SHA-256 is kept, in memory and in sled, so a copy
+//! of the data directory does not let anyone impersonate a device.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use ota_format::api::{AgentState, Slot};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::store::{Store, StoreError, decode, encode, load_all};
+
+/// A token hash: the only form in which tokens are stored.
+pub type TokenHash = [u8; 32];
+
+/// Hashes a presented token.
+pub fn hash_token(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// A new random token (256 bits, URL-safe base64 without padding).
+pub fn new_token() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// What is persisted about a device.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub device_type: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Hex SHA-256 of the current token.
+    pub token_sha256: String,
+    pub enrolled_at_ms: u64,
+    /// Last version reported (persisted when it changes).
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// What a device last said at check-in (memory only: re-learned at the next
+/// check-in after a restart).
+#[derive(Debug, Clone)]
+pub struct LiveStatus {
+    pub version: Option<String>,
+    pub booted_slot: Option<Slot>,
+    pub state: AgentState,
+    pub last_seen_ms: u64,
+}
+
+/// One device in memory.
+pub struct Device {
+    pub record: Mutex<DeviceRecord>,
+    pub live: Mutex<LiveStatus>,
+}
+
+/// Every enrolled device.
+pub struct Fleet {
+    store: Store,
+    devices: DashMap<String, Arc<Device>>,
+    tokens: DashMap<TokenHash, String>,
+}
+
+impl Fleet {
+    /// Loads every device from the store.
+    pub fn load(store: Store) -> Result<Fleet, StoreError> {
+        let fleet = Fleet {
+            devices: DashMap::new(),
+            tokens: DashMap::new(),
+            store,
+        };
+        for rec in load_all::<DeviceRecord>(&fleet.store.devices)? {
+            fleet.insert_mem(rec);
+        }
+        Ok(fleet)
+    }
+
+    fn insert_mem(&self, rec: DeviceRecord) -> Arc<Device> {
+        if let Ok(h) = hex::decode(&rec.token_sha256)
+            && let Ok(h) = TokenHash::try_from(h.as_slice())
+        {
+            self.tokens.insert(h, rec.id.clone());
+        }
+        let dev = Arc::new(Device {
+            live: Mutex::new(LiveStatus {
+                version: rec.version.clone(),
+                booted_slot: None,
+                state: AgentState::Idle,
+                last_seen_ms: 0,
+            }),
+            record: Mutex::new(rec.clone()),
+        });
+        self.devices.insert(rec.id, dev.clone());
+        dev
+    }
+
+    /// Enrolls `id` (or re-enrolls it: the old token is revoked) and returns
+    /// its new token, once the record is durable.
+    ///
+    /// # Cancel safety
+    /// If cancelled after the write but before it is durable, the device may
+    /// or may not be enrolled after a crash; the caller never saw the token,
+    /// so the device simply enrolls again.
+    pub async fn enroll(
+        &self,
+        id: &str,
+        device_type: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<String, StoreError> {
+        let token = new_token();
+        let hash = hash_token(&token);
+        let old = self
+            .devices
+            .get(id)
+            .map(|d| d.record.lock().unwrap().clone());
+        let rec = DeviceRecord {
+            id: id.to_string(),
+            device_type: device_type.to_string(),
+            tags,
+            token_sha256: hex::encode(hash),
+            enrolled_at_ms: crate::now_ms(),
+            version: old.as_ref().and_then(|o| o.version.clone()),
+        };
+        self.store.devices.insert(id.as_bytes(), encode(&rec))?;
+        self.store.durable().await?;
+        if let Some(old) = old
+            && let Ok(h) = hex::decode(&old.token_sha256)
+            && let Ok(h) = TokenHash::try_from(h.as_slice())
+        {
+            self.tokens.remove(&h);
+        }
+        match self.devices.get(id).map(|d| d.clone()) {
+            Some(dev) => {
+                *dev.record.lock().unwrap() = rec;
+                self.tokens.insert(hash, id.to_string());
+            }
+            None => {
+                self.insert_mem(rec);
+            }
+        }
+        Ok(token)
+    }
+
+    /// The device a token belongs to.
+    pub fn authenticate(&self, token: &str) -> Option<Arc<Device>> {
+        let id = self.tokens.get(&hash_token(token))?.clone();
+        self.devices.get(&id).map(|d| d.clone())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Device>> {
+        self.devices.get(id).map(|d| d.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Calls `f` on every device (for status scans; not on the hot path).
+    pub fn for_each(&self, mut f: impl FnMut(&Device)) {
+        for d in self.devices.iter() {
+            f(d.value());
+        }
+    }
+
+    /// Records a check-in. Persists the version when it changed (without
+    /// waiting for durability: the next check-in repeats it anyway).
+    pub fn record_checkin(
+        &self,
+        dev: &Device,
+        version: &str,
+        slot: Slot,
+        state: AgentState,
+    ) -> Result<(), StoreError> {
+        {
+            let mut live = dev.live.lock().unwrap();
+            live.booted_slot = Some(slot);
+            live.state = state;
+            live.last_seen_ms = crate::now_ms();
+            if live.version.as_deref() == Some(version) {
+                return Ok(());
+            }
+            live.version = Some(version.to_string());
+        }
+        let rec = {
+            let mut r = dev.record.lock().unwrap();
+            r.version = Some(version.to_string());
+            r.clone()
+        };
+        self.store.devices.insert(rec.id.as_bytes(), encode(&rec))?;
+        Ok(())
+    }
+
+    /// Decodes a raw record (for admin views).
+    pub fn decode_record(k: &[u8], v: &[u8]) -> Result<DeviceRecord, StoreError> {
+        decode(k, v)
+    }
+}

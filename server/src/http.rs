@@ -1,0 +1,618 @@
+//! HTTP routes: the device API, artifacts, the admin API, `/metrics` and
+//! `/healthz`. `docs/api.md` describes them; the bodies are
+//! `ota_format::api` types.
+//!
+//! Every handler reads its body through [`read_json`], which caps the size
+//! and turns any parse error into a `400` with a message, so malformed input
+//! never reaches the state and always gets a JSON error.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use futures_util::StreamExt;
+use ota_format::api::{
+    self, Action, ApiError, CheckinRequest, CheckinResponse, EnrollRequest, EnrollResponse,
+    EventsRequest, EventsResponse,
+};
+use rand::Rng;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncWriteExt;
+use tracing::warn;
+
+use crate::app::App;
+use crate::fleet::Device;
+use crate::metrics::{ActionLabel, KindLabel, ReasonLabel};
+use crate::rollout::{Decision, RolloutError, RolloutSpec, RolloutState};
+
+/// An error answer: status, stable code, message for the operator.
+pub struct ApiErr(pub StatusCode, pub &'static str, pub String);
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let body = ApiError {
+            code: self.1.into(),
+            error: self.2,
+        };
+        (self.0, axum::Json(body)).into_response()
+    }
+}
+
+fn bad_request(m: impl Into<String>) -> ApiErr {
+    ApiErr(StatusCode::BAD_REQUEST, "bad_request", m.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiErr {
+    warn!(error = %e, "internal error");
+    ApiErr(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("{e}; the server logs have details"),
+    )
+}
+
+impl From<crate::store::StoreError> for ApiErr {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::ShuttingDown => ApiErr(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down; retry shortly".into(),
+            ),
+            e => internal(e),
+        }
+    }
+}
+
+impl From<RolloutError> for ApiErr {
+    fn from(e: RolloutError) -> Self {
+        match e {
+            RolloutError::Invalid(m) => bad_request(m),
+            RolloutError::Conflict(m) => ApiErr(StatusCode::CONFLICT, "conflict", m),
+            RolloutError::NotFound(id) => ApiErr(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no rollout {id}"),
+            ),
+            RolloutError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// Reads a JSON body of at most `MAX_REQUEST_BYTES`.
+async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiErr> {
+    let bytes = axum::body::to_bytes(body, api::MAX_REQUEST_BYTES)
+        .await
+        .map_err(|_| {
+            ApiErr(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "request bodies are limited to {} bytes",
+                    api::MAX_REQUEST_BYTES
+                ),
+            )
+        })?;
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn unauthorized() -> ApiErr {
+    ApiErr(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or unknown bearer token; enroll the device again (or check the admin token)"
+            .into(),
+    )
+}
+
+fn device_auth(app: &App, headers: &HeaderMap) -> Result<Arc<Device>, ApiErr> {
+    bearer(headers)
+        .and_then(|t| app.fleet.authenticate(t))
+        .ok_or_else(unauthorized)
+}
+
+fn admin_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiErr> {
+    match bearer(headers) {
+        Some(t) if app.is_admin(t) => Ok(()),
+        _ => Err(unauthorized()),
+    }
+}
+
+/// The router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/devices/enroll", post(enroll))
+        .route("/api/v1/devices/checkin", post(checkin))
+        .route("/api/v1/devices/events", post(events))
+        .route("/api/v1/artifacts/{sha256}", get(artifact).head(artifact))
+        .route("/api/v1/admin/devices", post(admin_device_add))
+        .route("/api/v1/admin/devices/{id}", get(admin_device_get))
+        .route("/api/v1/admin/releases", get(admin_releases))
+        .route(
+            "/api/v1/admin/releases/{device_type}/{version}",
+            put(admin_release_add),
+        )
+        .route(
+            "/api/v1/admin/rollouts",
+            post(admin_rollout_create).get(admin_rollouts),
+        )
+        .route("/api/v1/admin/rollouts/{id}", get(admin_rollout_get))
+        .route(
+            "/api/v1/admin/rollouts/{id}/{verb}",
+            post(admin_rollout_action),
+        )
+        .fallback(|| async {
+            ApiErr(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see docs/api.md".into(),
+            )
+        })
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn enroll(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiErr> {
+    let req: EnrollRequest = read_json(body).await?;
+    if app.config.enrollment_key.is_empty() {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            "enrollment_disabled",
+            "self-enrollment is disabled on this server; ask the operator to run `ota-server device add`".into(),
+        ));
+    }
+    if !crate::app::ct_eq(
+        req.enrollment_key.as_bytes(),
+        app.config.enrollment_key.as_bytes(),
+    ) {
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            "bad_enrollment_key",
+            "wrong enrollment key; check the device's configuration".into(),
+        ));
+    }
+    check_device_fields(&req.device_id, &req.device_type, &req.tags)?;
+    let token = app
+        .enroll(&req.device_id, &req.device_type, req.tags)
+        .await?;
+    Ok(axum::Json(EnrollResponse {
+        device_id: req.device_id,
+        token,
+    })
+    .into_response())
+}
+
+fn check_device_fields(id: &str, t: &str, tags: &BTreeMap<String, String>) -> Result<(), ApiErr> {
+    api::check_name("device id", id).map_err(bad_request)?;
+    api::check_name("device type", t).map_err(bad_request)?;
+    if tags.len() > 32 {
+        return Err(bad_request("at most 32 tags"));
+    }
+    for (k, v) in tags {
+        api::check_name("tag key", k).map_err(bad_request)?;
+        api::check_name("tag value", v).map_err(bad_request)?;
+    }
+    Ok(())
+}
+
+/// `base` milliseconds with ± `jitter` relative jitter.
+fn jittered(base: u64, jitter: f64) -> u64 {
+    let f = 1.0 + rand::rng().random_range(-jitter..=jitter);
+    ((base as f64) * f).max(100.0) as u64
+}
+
+async fn checkin(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiErr> {
+    let dev = device_auth(&app, &headers)?;
+    let req: CheckinRequest = read_json(body).await?;
+    api::check_name("current_version", &req.current_version).map_err(bad_request)?;
+    if let Some(u) = &req.update
+        && u.update_id.len() > 64
+    {
+        return Err(bad_request("update_id is too long"));
+    }
+    let (id, device_type, tags) = {
+        let r = dev.record.lock().unwrap();
+        (r.id.clone(), r.device_type.clone(), r.tags.clone())
+    };
+    app.fleet
+        .record_checkin(&dev, &req.current_version, req.booted_slot, req.state)?;
+    let c = &app.config.checkin;
+    let decision = app.rollouts.checkin(&id, &device_type, &tags, &req)?;
+    let (action, base, durable) = match decision {
+        Decision::Answer(a) => (a, None, false),
+        Decision::AnswerDurable(a) => (a, None, true),
+        Decision::Wait { reason, near_head } => {
+            app.metrics
+                .throttled
+                .get_or_create(&ReasonLabel {
+                    reason: reason_class(&reason).into(),
+                })
+                .inc();
+            let base = if near_head {
+                c.wait_interval_ms / 4
+            } else {
+                c.wait_interval_ms
+            };
+            (Action::Wait { reason }, Some(base), false)
+        }
+    };
+    if durable {
+        app.store.durable().await?;
+    }
+    let base = base.unwrap_or(match &action {
+        Action::Update(o) => c.idle_interval_ms.min(o.lease_ms / 3),
+        Action::Cancel { .. } => 1000,
+        _ => c.idle_interval_ms,
+    });
+    let next = jittered(base, c.jitter);
+    let label = match &action {
+        Action::None => "none",
+        Action::Update(_) => {
+            if durable {
+                app.metrics.admissions.inc();
+            }
+            "update"
+        }
+        Action::Wait { .. } => "wait",
+        Action::Cancel { .. } => "cancel",
+    };
+    app.metrics
+        .checkins
+        .get_or_create(&ActionLabel { action: label })
+        .inc();
+    let is_wait = matches!(action, Action::Wait { .. });
+    let mut resp = axum::Json(CheckinResponse {
+        next_checkin_ms: next,
+        action,
+    })
+    .into_response();
+    if is_wait {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(next.div_ceil(1000)));
+    }
+    Ok(resp)
+}
+
+fn reason_class(reason: &str) -> &'static str {
+    if reason.contains("concurrency") {
+        "concurrency_cap"
+    } else if reason.contains("start rate") {
+        "start_rate"
+    } else if reason.contains("queued") {
+        "queued"
+    } else if reason.contains("paused") {
+        "paused"
+    } else if reason.contains("wave") {
+        "wave_closed"
+    } else {
+        "building"
+    }
+}
+
+async fn events(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiErr> {
+    let dev = device_auth(&app, &headers)?;
+    let req: EventsRequest = read_json(body).await?;
+    if req.events.len() > api::MAX_EVENTS_PER_BATCH {
+        return Err(bad_request(format!(
+            "at most {} events per batch",
+            api::MAX_EVENTS_PER_BATCH
+        )));
+    }
+    for e in &req.events {
+        if e.update_id.len() > 64 || e.at.len() > 64 {
+            return Err(bad_request(format!(
+                "event {}: update_id or at too long",
+                e.seq
+            )));
+        }
+        if e.detail
+            .reason
+            .as_ref()
+            .is_some_and(|r| r.len() > api::MAX_DETAIL_LEN)
+        {
+            return Err(bad_request(format!(
+                "event {}: reason longer than {} bytes",
+                e.seq,
+                api::MAX_DETAIL_LEN
+            )));
+        }
+    }
+    let id = dev.record.lock().unwrap().id.clone();
+    let mut accepted = 0;
+    let mut duplicates = 0;
+    for e in &req.events {
+        if app.rollouts.apply_event(&id, e)? {
+            accepted += 1;
+            let kind = serde_json::to_value(e.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default();
+            app.metrics.events.get_or_create(&KindLabel { kind }).inc();
+        } else {
+            duplicates += 1;
+            app.metrics.events_duplicate.inc();
+        }
+    }
+    // Acknowledge only what is on disk.
+    app.store.durable().await?;
+    Ok(axum::Json(EventsResponse {
+        accepted,
+        duplicates,
+    })
+    .into_response())
+}
+
+async fn artifact(
+    State(app): State<Arc<App>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(sha): Path<String>,
+) -> Result<Response, ApiErr> {
+    let device = match bearer(&headers) {
+        Some(t) if app.is_admin(t) => None,
+        Some(t) => Some(
+            app.fleet
+                .authenticate(t)
+                .ok_or_else(unauthorized)?
+                .record
+                .lock()
+                .unwrap()
+                .id
+                .clone(),
+        ),
+        None => return Err(unauthorized()),
+    };
+    let digest = match crate::artifacts::parse_digest(&sha) {
+        Ok(d) => d,
+        Err(resp) => return Ok(resp),
+    };
+    let resp = crate::artifacts::serve(
+        &app.artifacts,
+        app.egress.clone(),
+        app.bytes_served.clone(),
+        &method,
+        &headers,
+        &digest,
+    )
+    .await;
+    if let Some(d) = device
+        && method == Method::GET
+        && let Some(n) = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        app.rollouts.count_bytes(&d, n);
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct DeviceAdd {
+    id: String,
+    device_type: String,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+async fn admin_device_add(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let req: DeviceAdd = read_json(body).await?;
+    check_device_fields(&req.id, &req.device_type, &req.tags)?;
+    let token = app.enroll(&req.id, &req.device_type, req.tags).await?;
+    Ok(axum::Json(EnrollResponse {
+        device_id: req.id,
+        token,
+    })
+    .into_response())
+}
+
+async fn admin_device_get(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let dev = app.fleet.get(&id).ok_or_else(|| {
+        ApiErr(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device {id}"),
+        )
+    })?;
+    let rec = dev.record.lock().unwrap().clone();
+    let live = dev.live.lock().unwrap().clone();
+    let rollouts: Vec<_> = app
+        .rollouts
+        .list()
+        .iter()
+        .filter_map(|r| app.rollouts.member(&r.id, &id))
+        .collect();
+    Ok(axum::Json(serde_json::json!({
+        "id": rec.id,
+        "device_type": rec.device_type,
+        "tags": rec.tags,
+        "version": live.version,
+        "booted_slot": live.booted_slot,
+        "state": live.state,
+        "last_seen_ms": live.last_seen_ms,
+        "rollouts": rollouts,
+    }))
+    .into_response())
+}
+
+async fn admin_releases(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    Ok(axum::Json(app.releases.list()).into_response())
+}
+
+#[derive(Deserialize)]
+struct ReleaseQuery {
+    #[serde(default)]
+    security_counter: u64,
+}
+
+async fn admin_release_add(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((device_type, version)): Path<(String, String)>,
+    Query(q): Query<ReleaseQuery>,
+    body: Body,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    api::check_name("device type", &device_type).map_err(bad_request)?;
+    api::check_name("version", &version).map_err(bad_request)?;
+    // Stream the image to a temporary file; never hold it in memory.
+    let tmp = tempfile::Builder::new()
+        .prefix("upload-")
+        .tempfile_in(app.tmp_dir())
+        .map_err(internal)?;
+    let (std_file, path) = tmp.keep().map_err(internal)?;
+    let _cleanup = RemoveOnDrop(path.clone());
+    let mut f = tokio::fs::File::from_std(std_file);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| bad_request(format!("upload interrupted: {e}")))?;
+        f.write_all(&chunk).await.map_err(|e| {
+            internal(format!(
+                "writing the upload (is the data directory's disk full?): {e}"
+            ))
+        })?;
+    }
+    f.sync_all().await.map_err(internal)?;
+    drop(f);
+    let rec = app
+        .releases
+        .add(&device_type, &version, q.security_counter, &path)
+        .await
+        .map_err(|e| match e {
+            crate::releases::ReleaseError::Invalid(m) => bad_request(m),
+            e @ crate::releases::ReleaseError::Exists { .. } => {
+                ApiErr(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            e => internal(e),
+        })?;
+    Ok((StatusCode::CREATED, axum::Json(rec)).into_response())
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn admin_rollout_create(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let spec: RolloutSpec = read_json(body).await?;
+    let r = app.rollouts.create(spec, &app.fleet).await?;
+    Ok((StatusCode::CREATED, axum::Json(app.rollouts.status(&r))).into_response())
+}
+
+async fn admin_rollouts(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let all: Vec<_> = app
+        .rollouts
+        .list()
+        .iter()
+        .map(|r| app.rollouts.status(r))
+        .collect();
+    Ok(axum::Json(all).into_response())
+}
+
+async fn admin_rollout_get(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let r = app.rollouts.get(&id).ok_or(RolloutError::NotFound(id))?;
+    Ok(axum::Json(app.rollouts.status(&r)).into_response())
+}
+
+async fn admin_rollout_action(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((id, verb)): Path<(String, String)>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let (to, reason) = match verb.as_str() {
+        "pause" => (RolloutState::Paused, "paused by the operator"),
+        "resume" => (RolloutState::Active, "resumed by the operator"),
+        "abort" => (RolloutState::Aborted, "aborted by the operator"),
+        _ => {
+            return Err(ApiErr(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown rollout action {verb:?}; use pause, resume or abort"),
+            ));
+        }
+    };
+    let r = app.rollouts.set_state(&id, to, reason.into()).await?;
+    Ok(axum::Json(app.rollouts.status(&r)).into_response())
+}
+
+/// Leases held across all rollouts (for the gauge).
+pub fn total_leases(app: &App) -> u64 {
+    app.rollouts
+        .list()
+        .iter()
+        .map(|r| r.throttle.active())
+        .sum()
+}
+
+/// Events counted so far (tests and the load test read it via /metrics).
+pub fn events_accepted(app: &App) -> u64 {
+    app.rollouts.events_accepted.load(Ordering::Relaxed)
+}

@@ -1,0 +1,38 @@
+//! `ota-server`: the operator's side of edge-ota — releases, delta builds,
+//! the device API and fleet-wide throttled rollouts.
+//!
+//! # Layout
+//!
+//! - [`config`]: `server.toml`, validated on load.
+//! - [`store`]: sled trees and the group-commit flusher that makes
+//!   acknowledged writes durable without an fsync per request.
+//! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
+//! - [`releases`]: the release catalogue and the background delta builder.
+//! - [`artifacts`]: content-addressed files served with HTTP Range and an
+//!   optional egress cap.
+//! - [`rollout`]: waves, failure thresholds and per-device progress;
+//!   [`rollout::throttle`] holds the concurrency cap, download leases, the
+//!   start-rate limiter and the fair waiting queue.
+//! - [`http`]: routes and handlers of the device and admin APIs.
+//! - [`metrics`]: the Prometheus exposition.
+//! - [`app`]: wiring, background tasks and orderly shutdown.
+//! - [`client`]: the admin API client the CLI uses.
+
+pub mod app;
+pub mod artifacts;
+pub mod client;
+pub mod config;
+pub mod fleet;
+pub mod http;
+pub mod metrics;
+pub mod releases;
+pub mod rollout;
+pub mod store;
+
+/// Milliseconds since the Unix epoch (wall clock: leases and soak times
+/// are persisted, so they must survive a restart).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

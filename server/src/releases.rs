@@ -1,0 +1,491 @@
+//! Releases and the delta pipeline.
+//!
+//! `release add` streams an image into `images/` (content-addressed). The
+//! server then builds, in the background and one at a time, the full payload
+//! and a delta from each of the previous `delta_history` releases of the same
+//! device type, signs each manifest with the server key and stores payload
+//! and envelope as content-addressed artifacts.
+//!
+//! Builds are recorded in sled as `pending` → `building` → `ready` (or
+//! `failed`, with the reason). A build interrupted by a crash is found in
+//! state `pending` or `building` at start-up and simply runs again: its
+//! half-written output lives only in `tmp/`, which start-up empties, and an
+//! artifact becomes visible only by an atomic rename once complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
+use ota_format::{Digest, Envelope, Manifest, SigningKeyPair};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span};
+
+use crate::artifacts::ArtifactStore;
+use crate::store::{Store, StoreError, encode, key2, load_all};
+
+/// The two files devices fetch for one update.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Artifacts {
+    /// `None` for the full image.
+    pub from_version: Option<String>,
+    pub manifest_sha256: Digest,
+    pub manifest_size: u64,
+    pub payload_sha256: Digest,
+    pub payload_size: u64,
+}
+
+/// Where a build is.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildStatus {
+    Pending,
+    Building,
+    Ready,
+    Failed,
+}
+
+/// One payload of a release: the full image, or a delta from one version.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Build {
+    pub from_version: Option<String>,
+    pub status: BuildStatus,
+    #[serde(default)]
+    pub artifacts: Option<Artifacts>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub seconds: Option<f64>,
+}
+
+/// A release as stored.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReleaseRecord {
+    pub device_type: String,
+    pub version: String,
+    pub image_sha256: Digest,
+    pub image_size: u64,
+    pub created_at_ms: u64,
+    /// Order of creation within the device type.
+    pub seq: u64,
+    pub security_counter: u64,
+    pub builds: Vec<Build>,
+}
+
+/// Errors of release handling, mapped to 4xx/5xx by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "release {version} of {device_type} already exists (with a different image); releases are immutable, add a new version"
+    )]
+    Exists {
+        device_type: String,
+        version: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+/// Build settings taken from the config.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    pub delta_history: usize,
+    pub chunk_size: u64,
+    pub zstd_level: i32,
+    pub expiry_days: u64,
+    pub threads: usize,
+}
+
+type Job = (String, String, Option<String>);
+
+/// The release catalogue and the build queue.
+pub struct Releases {
+    store: Store,
+    images: ArtifactStore,
+    artifacts: ArtifactStore,
+    tmp: PathBuf,
+    /// (device type, version) → record. Read by admissions, written by
+    /// `add` and the builder.
+    map: RwLock<HashMap<(String, String), ReleaseRecord>>,
+    jobs: mpsc::Sender<Job>,
+    settings: BuildSettings,
+    key: Arc<SigningKeyPair>,
+}
+
+impl Releases {
+    /// Loads the catalogue; returns it and the build queue's receiver.
+    /// Interrupted builds are re-queued by [`Releases::requeue_unfinished`].
+    pub fn load(
+        store: Store,
+        images: ArtifactStore,
+        artifacts: ArtifactStore,
+        tmp: PathBuf,
+        settings: BuildSettings,
+        key: Arc<SigningKeyPair>,
+    ) -> Result<(Releases, mpsc::Receiver<Job>), StoreError> {
+        let mut map = HashMap::new();
+        for r in load_all::<ReleaseRecord>(&store.releases)? {
+            map.insert((r.device_type.clone(), r.version.clone()), r);
+        }
+        // Builds wait in sled, not in the channel, so a full channel only
+        // delays them; the bound keeps memory flat.
+        let (tx, rx) = mpsc::channel(1024);
+        Ok((
+            Releases {
+                store,
+                images,
+                artifacts,
+                tmp,
+                map: RwLock::new(map),
+                jobs: tx,
+                settings,
+                key,
+            },
+            rx,
+        ))
+    }
+
+    /// Queues every build not yet ready (after a restart).
+    pub fn requeue_unfinished(&self) {
+        let map = self.map.read().unwrap();
+        for r in map.values() {
+            for b in &r.builds {
+                if matches!(b.status, BuildStatus::Pending | BuildStatus::Building) {
+                    let _ = self.jobs.try_send((
+                        r.device_type.clone(),
+                        r.version.clone(),
+                        b.from_version.clone(),
+                    ));
+                }
+            }
+        }
+    }
+
+    pub fn exists(&self, device_type: &str, version: &str) -> bool {
+        self.map
+            .read()
+            .unwrap()
+            .contains_key(&(device_type.to_string(), version.to_string()))
+    }
+
+    /// Every release, newest last per device type.
+    pub fn list(&self) -> Vec<ReleaseRecord> {
+        let mut v: Vec<_> = self.map.read().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| (&a.device_type, a.seq).cmp(&(&b.device_type, b.seq)));
+        v
+    }
+
+    /// The artifacts a device on `from` gets for `version`: the delta from
+    /// its version when built, else the full image; `None` while neither is
+    /// ready.
+    pub fn pick(&self, device_type: &str, version: &str, from: &str) -> Option<Artifacts> {
+        let map = self.map.read().unwrap();
+        let r = map.get(&(device_type.to_string(), version.to_string()))?;
+        let ready = |f: Option<&str>| {
+            r.builds
+                .iter()
+                .find(|b| b.status == BuildStatus::Ready && b.from_version.as_deref() == f)
+                .and_then(|b| b.artifacts.clone())
+        };
+        ready(Some(from)).or_else(|| ready(None))
+    }
+
+    /// Registers a release whose image was streamed to `image_tmp` (hashed
+    /// as it arrived) and queues its builds.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe between the image move and the record write: a
+    /// cancelled call may leave an unreferenced image in `images/` (harmless;
+    /// a retry reuses it).
+    pub async fn add(
+        &self,
+        device_type: &str,
+        version: &str,
+        security_counter: u64,
+        image_tmp: &Path,
+    ) -> Result<ReleaseRecord, ReleaseError> {
+        ota_format::api::check_name("device type", device_type).map_err(ReleaseError::Invalid)?;
+        ota_format::api::check_name("version", version).map_err(ReleaseError::Invalid)?;
+        let (sha, size) =
+            self.images
+                .put_file(image_tmp)
+                .await
+                .map_err(|source| ReleaseError::Io {
+                    context: "storing the image".into(),
+                    source,
+                })?;
+        if size == 0 || size % 4096 != 0 {
+            return Err(ReleaseError::Invalid(format!(
+                "the image is {size} bytes; images must be a non-empty multiple of 4096 bytes (a block device or filesystem image)"
+            )));
+        }
+        let rec = {
+            let mut map = self.map.write().unwrap();
+            let k = (device_type.to_string(), version.to_string());
+            if let Some(old) = map.get(&k) {
+                if old.image_sha256 == sha {
+                    return Ok(old.clone());
+                }
+                return Err(ReleaseError::Exists {
+                    device_type: device_type.into(),
+                    version: version.into(),
+                });
+            }
+            let mut earlier: Vec<&ReleaseRecord> = map
+                .values()
+                .filter(|r| r.device_type == device_type)
+                .collect();
+            earlier.sort_by_key(|r| std::cmp::Reverse(r.seq));
+            let seq = earlier.first().map_or(1, |r| r.seq + 1);
+            let mut builds = vec![Build {
+                from_version: None,
+                status: BuildStatus::Pending,
+                artifacts: None,
+                error: None,
+                seconds: None,
+            }];
+            for e in earlier.iter().take(self.settings.delta_history) {
+                builds.push(Build {
+                    from_version: Some(e.version.clone()),
+                    status: BuildStatus::Pending,
+                    artifacts: None,
+                    error: None,
+                    seconds: None,
+                });
+            }
+            let rec = ReleaseRecord {
+                device_type: device_type.into(),
+                version: version.into(),
+                image_sha256: sha,
+                image_size: size,
+                created_at_ms: crate::now_ms(),
+                seq,
+                security_counter,
+                builds,
+            };
+            self.store
+                .releases
+                .insert(key2(device_type, version), encode(&rec))?;
+            map.insert(k, rec.clone());
+            rec
+        };
+        self.store.durable().await?;
+        for b in &rec.builds {
+            let _ = self
+                .jobs
+                .send((
+                    device_type.to_string(),
+                    version.to_string(),
+                    b.from_version.clone(),
+                ))
+                .await;
+        }
+        info!(
+            device_type,
+            version,
+            size,
+            builds = rec.builds.len(),
+            "release added"
+        );
+        Ok(rec)
+    }
+
+    fn set_build(
+        &self,
+        device_type: &str,
+        version: &str,
+        from: &Option<String>,
+        f: impl FnOnce(&mut Build),
+    ) -> Result<(), StoreError> {
+        let mut map = self.map.write().unwrap();
+        let Some(r) = map.get_mut(&(device_type.to_string(), version.to_string())) else {
+            return Ok(());
+        };
+        if let Some(b) = r.builds.iter_mut().find(|b| &b.from_version == from) {
+            f(b);
+        }
+        self.store
+            .releases
+            .insert(key2(device_type, version), encode(&*r))?;
+        Ok(())
+    }
+
+    /// Runs the build queue until `cancel`. One build at a time: building is
+    /// CPU-heavy and check-ins must keep their latency.
+    pub async fn run_builder(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Job>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let job = tokio::select! {
+                _ = cancel.cancelled() => return,
+                j = rx.recv() => match j { Some(j) => j, None => return },
+            };
+            let (t, v, from) = job;
+            let span = info_span!("build", device_type = %t, version = %v, from = ?from);
+            let this = self.clone();
+            async {
+                let status = {
+                    let map = this.map.read().unwrap();
+                    map.get(&(t.clone(), v.clone())).and_then(|r| {
+                        r.builds
+                            .iter()
+                            .find(|b| b.from_version == from)
+                            .map(|b| b.status)
+                    })
+                };
+                if !matches!(status, Some(BuildStatus::Pending | BuildStatus::Building)) {
+                    return;
+                }
+                if let Err(e) = this.set_build(&t, &v, &from, |b| b.status = BuildStatus::Building)
+                {
+                    error!(error = %e, "recording build start");
+                }
+                let started = std::time::Instant::now();
+                let this2 = this.clone();
+                let (t2, v2, f2) = (t.clone(), v.clone(), from.clone());
+                let res = tokio::task::spawn_blocking(move || this2.build_blocking(&t2, &v2, &f2))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("build task panicked: {e}")));
+                let res = match res {
+                    Ok((mpath, ppath)) => this.store_artifacts(&from, &mpath, &ppath).await,
+                    Err(e) => Err(e),
+                };
+                let secs = started.elapsed().as_secs_f64();
+                let r = match res {
+                    Ok(a) => {
+                        info!(payload = a.payload_size, secs, "build ready");
+                        this.set_build(&t, &v, &from, |b| {
+                            b.status = BuildStatus::Ready;
+                            b.artifacts = Some(a);
+                            b.seconds = Some(secs);
+                        })
+                    }
+                    Err(e) => {
+                        error!(error = %e, "build failed");
+                        this.set_build(&t, &v, &from, |b| {
+                            b.status = BuildStatus::Failed;
+                            b.error = Some(e);
+                        })
+                    }
+                };
+                if let Err(e) = r {
+                    error!(error = %e, "recording build result");
+                }
+                let _ = this.store.durable().await;
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+
+    async fn store_artifacts(
+        &self,
+        from: &Option<String>,
+        manifest: &Path,
+        payload: &Path,
+    ) -> Result<Artifacts, String> {
+        let (ps, pn) = self
+            .artifacts
+            .put_file(payload)
+            .await
+            .map_err(|e| format!("storing payload: {e}"))?;
+        let (ms, mn) = self
+            .artifacts
+            .put_file(manifest)
+            .await
+            .map_err(|e| format!("storing manifest: {e}"))?;
+        Ok(Artifacts {
+            from_version: from.clone(),
+            manifest_sha256: ms,
+            manifest_size: mn,
+            payload_sha256: ps,
+            payload_size: pn,
+        })
+    }
+
+    /// Generates and signs one update into `tmp/`; returns (manifest, payload) paths.
+    fn build_blocking(
+        &self,
+        t: &str,
+        v: &str,
+        from: &Option<String>,
+    ) -> Result<(PathBuf, PathBuf), String> {
+        let (target_sha, counter, source_sha) = {
+            let map = self.map.read().unwrap();
+            let r = map
+                .get(&(t.to_string(), v.to_string()))
+                .ok_or("release vanished")?;
+            let src = match from {
+                Some(f) => Some(
+                    map.get(&(t.to_string(), f.clone()))
+                        .ok_or_else(|| format!("source release {f} is missing"))?
+                        .image_sha256,
+                ),
+                None => None,
+            };
+            (r.image_sha256, r.security_counter, src)
+        };
+        let open = |d: &Digest| {
+            std::fs::File::open(self.images.path_of(d))
+                .map_err(|e| format!("opening image {d}: {e}"))
+        };
+        let target = open(&target_sha)?;
+        let source = match &source_sha {
+            Some(s) => Some(open(s)?),
+            None => None,
+        };
+        let spec = DeltaSpec {
+            device_type: t.into(),
+            from_version: from.clone(),
+            to_version: v.into(),
+            security_counter: counter,
+            expires_at: Manifest::expiry_in(self.settings.expiry_days),
+        };
+        let opts = GenerateOptions {
+            chunk_size: self.settings.chunk_size,
+            zstd_level: self.settings.zstd_level,
+            threads: self.settings.threads,
+            progress: false,
+        };
+        let mut payload = tempfile::Builder::new()
+            .prefix("payload-")
+            .tempfile_in(&self.tmp)
+            .map_err(|e| format!("creating a temporary file in {}: {e}", self.tmp.display()))?;
+        let manifest = generate(
+            &spec,
+            source.as_ref(),
+            &target,
+            payload.as_file_mut(),
+            &opts,
+        )
+        .map_err(|e| e.to_string())?;
+        payload.as_file().sync_all().map_err(|e| e.to_string())?;
+        let env = Envelope::sign_compressed(&manifest.to_json(), &[&self.key]).to_json();
+        let mut mf = tempfile::Builder::new()
+            .prefix("manifest-")
+            .tempfile_in(&self.tmp)
+            .map_err(|e| e.to_string())?;
+        std::io::Write::write_all(mf.as_file_mut(), &env).map_err(|e| e.to_string())?;
+        mf.as_file().sync_all().map_err(|e| e.to_string())?;
+        let (_, ppath) = payload.keep().map_err(|e| e.to_string())?;
+        let (_, mpath) = mf.keep().map_err(|e| e.to_string())?;
+        Ok((mpath, ppath))
+    }
+}
+
+impl From<sled::Error> for ReleaseError {
+    fn from(e: sled::Error) -> Self {
+        ReleaseError::Store(e.into())
+    }
+}

@@ -1,0 +1,1177 @@
+//! Rollouts: who may update, when, and how fast.
+//!
+//! A rollout offers one release to the devices of one type (optionally
+//! narrowed by tags), in **waves**: cumulative percentages of the eligible
+//! devices, with membership fixed by a hash of (device id, rollout id). A
+//! wave opens when the previous one has soaked for `soak` and enough of its
+//! devices *committed* (healthy after reboot). Within open waves a device is
+//! admitted by the [`throttle`]: a free download lease under the concurrency
+//! cap, a start-rate token and its turn in the waiting queue.
+//!
+//! Failures (`failed` after its retries, `rolled-back`, lease expiries beyond
+//! retries) are counted over the waves opened so far; once `min_sample`
+//! outcomes are in and the failure rate reaches the threshold, the rollout
+//! pauses or aborts itself and records why. Counting over all opened waves,
+//! not just the newest, is deliberate: the canary wave is usually smaller
+//! than the minimum sample, and a threshold that can never fire is worse
+//! than one that fires a little early.
+//!
+//! Every state change that a device or operator was told about is written to
+//! sled and made durable (group commit) before the answer goes out, so a
+//! kill -9 never forgets an admission, an event or a pause.
+
+pub mod throttle;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
+use ota_format::Digest;
+use ota_format::api::{Action, AgentState, Event, EventKind, UpdateOffer};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tracing::{info, info_span, warn};
+
+use crate::releases::{Artifacts, Releases};
+use crate::store::{Store, StoreError, decode, encode, key2, load_all};
+use throttle::{Admission, Limits, Throttle};
+
+/// What to do when the failure threshold is reached.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    Pause,
+    Abort,
+}
+
+/// A rollout's lifecycle state.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutState {
+    Active,
+    Paused,
+    Aborted,
+    Completed,
+}
+
+/// What the operator asked for (`rollout create`). Validated by
+/// [`RolloutSpec::validate`] before anything is stored.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    pub release: String,
+    pub device_type: String,
+    /// Every tag here must match the device's.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Cumulative percentages, increasing, ending at 100.
+    #[serde(default = "default_waves")]
+    pub waves: Vec<u8>,
+    /// Minimum time a wave stays open before the next opens.
+    #[serde(default)]
+    pub soak_ms: u64,
+    /// Fleet-wide cap on concurrent downloads.
+    pub max_concurrent: u64,
+    /// Starts per minute (before ramping).
+    pub max_starts_per_min: f64,
+    /// Each `ramp_every` commits multiply the start rate by this (≥ 1; 1 =
+    /// constant), like AWS IoT Jobs' exponential rollout.
+    #[serde(default = "one")]
+    pub ramp_factor: f64,
+    /// Commits per ramp step; default `min_sample` (at least 1).
+    #[serde(default)]
+    pub ramp_every: u64,
+    /// Failure rate (0..1) that stops the rollout.
+    #[serde(default = "default_threshold")]
+    pub failure_threshold: f64,
+    /// Committed fraction (0..1] of a wave's devices needed to open the next.
+    #[serde(default = "default_success")]
+    pub success_threshold: f64,
+    /// Outcomes needed before the failure threshold is evaluated.
+    #[serde(default = "default_min_sample")]
+    pub min_sample: u64,
+    #[serde(default = "default_on_failure")]
+    pub on_failure: OnFailure,
+    /// Extra attempts after a `failed` report or a lease expiry.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+}
+
+fn default_waves() -> Vec<u8> {
+    vec![100]
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_threshold() -> f64 {
+    0.05
+}
+fn default_success() -> f64 {
+    0.9
+}
+fn default_min_sample() -> u64 {
+    20
+}
+fn default_on_failure() -> OnFailure {
+    OnFailure::Pause
+}
+fn default_retries() -> u32 {
+    2
+}
+
+impl RolloutSpec {
+    /// Checks the spec; the message says which field is wrong and why.
+    pub fn validate(&self) -> Result<(), String> {
+        ota_format::api::check_name("release", &self.release)?;
+        ota_format::api::check_name("device type", &self.device_type)?;
+        for (k, v) in &self.selector {
+            ota_format::api::check_name("selector key", k)?;
+            ota_format::api::check_name("selector value", v)?;
+        }
+        if self.waves.is_empty() || self.waves.len() > 20 {
+            return Err("waves must list 1 to 20 cumulative percentages".into());
+        }
+        if self.waves.windows(2).any(|w| w[0] >= w[1]) || self.waves.iter().any(|&w| w == 0) {
+            return Err("waves must be strictly increasing percentages above 0".into());
+        }
+        if *self.waves.last().unwrap() != 100 {
+            return Err("the last wave must be 100 (every eligible device)".into());
+        }
+        if self.max_concurrent == 0 || self.max_concurrent > 10_000_000 {
+            return Err("max_concurrent must be 1 to 10,000,000".into());
+        }
+        if !(self.max_starts_per_min > 0.0 && self.max_starts_per_min.is_finite()) {
+            return Err("max_starts_per_min must be positive".into());
+        }
+        if !(self.ramp_factor >= 1.0 && self.ramp_factor <= 100.0) {
+            return Err("ramp_factor must be 1 to 100".into());
+        }
+        if !(self.failure_threshold > 0.0 && self.failure_threshold <= 1.0) {
+            return Err("failure_threshold must be in (0, 100%]".into());
+        }
+        if !(self.success_threshold > 0.0 && self.success_threshold <= 1.0) {
+            return Err("success_threshold must be in (0, 100%]".into());
+        }
+        if self.max_retries > 100 {
+            return Err("max_retries must be at most 100".into());
+        }
+        Ok(())
+    }
+}
+
+/// The persisted rollout.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub spec: RolloutSpec,
+    pub created_at_ms: u64,
+    pub state: RolloutState,
+    /// Why the rollout is in its state (who paused it, which threshold).
+    pub reason: String,
+    /// Index of the newest open wave.
+    pub wave: usize,
+    pub wave_opened_at_ms: u64,
+    /// Failures and successes when the operator last resumed: the failure
+    /// threshold is evaluated on what happened since.
+    #[serde(default)]
+    pub baseline: (u64, u64),
+}
+
+/// Where a device is in a rollout.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Waiting,
+    Downloading,
+    Downloaded,
+    Installed,
+    Rebooting,
+    Committed,
+    /// Failed after its retries (final).
+    Failed,
+    RolledBack,
+    /// The rollout was aborted while the device downloaded.
+    Cancelled,
+}
+
+/// A device's record in a rollout.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Member {
+    pub device: String,
+    pub wave: usize,
+    pub phase: Phase,
+    /// Attempts started (the update id is `rollout.attempt`).
+    pub attempt: u32,
+    pub update_id: String,
+    pub artifacts: Option<Artifacts>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub bytes_verified: u64,
+}
+
+/// Per-wave counters (atomics: updated on the hot path without locks).
+#[derive(Default)]
+pub struct WaveCounters {
+    pub eligible: AtomicU64,
+    /// Already on the release when it was created (count as done).
+    pub current: AtomicU64,
+    pub admitted: AtomicU64,
+    pub installed: AtomicU64,
+    pub committed: AtomicU64,
+    pub failed: AtomicU64,
+    pub rolled_back: AtomicU64,
+    pub bytes_served: AtomicU64,
+}
+
+/// One rollout in memory.
+pub struct Rollout {
+    pub id: String,
+    pub spec: RolloutSpec,
+    rec: Mutex<RolloutRecord>,
+    pub throttle: Throttle,
+    members: DashMap<String, Member>,
+    pub waves: Vec<WaveCounters>,
+}
+
+/// The wave percentile (0..100) of a device in a rollout: stable for the
+/// rollout's life, independent across rollouts (so the same devices are not
+/// always the canaries).
+pub fn percentile(device: &str, rollout: &str) -> u8 {
+    let h = Sha256::new()
+        .chain_update(rollout.as_bytes())
+        .chain_update([0])
+        .chain_update(device.as_bytes())
+        .finalize();
+    (u64::from_be_bytes(h[..8].try_into().unwrap()) % 100) as u8
+}
+
+impl Rollout {
+    fn new(rec: RolloutRecord) -> Rollout {
+        Rollout {
+            id: rec.id.clone(),
+            spec: rec.spec.clone(),
+            waves: (0..rec.spec.waves.len())
+                .map(|_| WaveCounters::default())
+                .collect(),
+            rec: Mutex::new(rec),
+            throttle: Throttle::new(),
+            members: DashMap::new(),
+        }
+    }
+
+    pub fn wave_of(&self, device: &str) -> usize {
+        let p = percentile(device, &self.id);
+        self.spec.waves.iter().position(|&w| p < w).unwrap_or(0)
+    }
+
+    pub fn record(&self) -> RolloutRecord {
+        self.rec.lock().unwrap().clone()
+    }
+
+    pub fn state(&self) -> RolloutState {
+        self.rec.lock().unwrap().state
+    }
+
+    fn matches(&self, device_type: &str, tags: &BTreeMap<String, String>) -> bool {
+        self.spec.device_type == device_type
+            && self
+                .spec
+                .selector
+                .iter()
+                .all(|(k, v)| tags.get(k) == Some(v))
+    }
+
+    /// Sum of committed (+ already current) and of failures over waves `..=w`.
+    fn outcomes(&self, upto: usize) -> (u64, u64) {
+        let mut ok = 0;
+        let mut bad = 0;
+        for c in &self.waves[..=upto.min(self.waves.len() - 1)] {
+            ok += c.committed.load(Ordering::Relaxed);
+            bad += c.failed.load(Ordering::Relaxed) + c.rolled_back.load(Ordering::Relaxed);
+        }
+        (ok, bad)
+    }
+
+    /// The start rate now, after ramping by commits.
+    pub fn starts_per_min(&self) -> f64 {
+        let s = &self.spec;
+        if s.ramp_factor <= 1.0 {
+            return s.max_starts_per_min;
+        }
+        let committed: u64 = self
+            .waves
+            .iter()
+            .map(|c| c.committed.load(Ordering::Relaxed))
+            .sum();
+        let step = if s.ramp_every > 0 {
+            s.ramp_every
+        } else {
+            s.min_sample.max(1)
+        };
+        let steps = (committed / step).min(64) as i32;
+        (s.max_starts_per_min * s.ramp_factor.powi(steps)).min(s.max_starts_per_min * 1000.0)
+    }
+}
+
+/// The offer a device gets for an admitted update.
+fn offer(r: &Rollout, m: &Member, a: &Artifacts, parallel: u32, lease_ms: u64) -> UpdateOffer {
+    UpdateOffer {
+        update_id: m.update_id.clone(),
+        rollout_id: r.id.clone(),
+        version: r.spec.release.clone(),
+        from_version: a.from_version.clone(),
+        manifest_url: format!("/api/v1/artifacts/{}", a.manifest_sha256),
+        manifest_sha256: a.manifest_sha256,
+        payload_url: format!("/api/v1/artifacts/{}", a.payload_sha256),
+        payload_sha256: a.payload_sha256,
+        payload_size: a.payload_size,
+        max_parallel_ranges: parallel,
+        lease_ms,
+    }
+}
+
+/// What a check-in decided.
+pub enum Decision {
+    /// Answer at once.
+    Answer(Action),
+    /// Answer after the store is durable (an admission was written).
+    AnswerDurable(Action),
+    /// Throttled: `near_head` devices are told to come back sooner.
+    Wait { reason: String, near_head: bool },
+}
+
+/// Pacing knobs the engine needs from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Pacing {
+    pub lease_ms: u64,
+    pub idle_ms: u64,
+    pub max_parallel_ranges: u32,
+}
+
+/// Every rollout, and the decisions over them.
+pub struct Rollouts {
+    store: Store,
+    releases: Arc<Releases>,
+    /// Read on every check-in, written on create: a read-mostly lock whose
+    /// read side is shared.
+    all: RwLock<Vec<Arc<Rollout>>>,
+    pacing: Pacing,
+    /// Events counted (first time seen), for metrics and the load test.
+    pub events_accepted: AtomicU64,
+    pub events_duplicate: AtomicU64,
+}
+
+/// Errors the admin API maps to 4xx.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no rollout {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Rollouts {
+    /// Loads rollouts and members; restores leases of devices that were
+    /// downloading (they get a fresh lease term to report back in).
+    pub fn load(
+        store: Store,
+        releases: Arc<Releases>,
+        pacing: Pacing,
+        fleet: &crate::fleet::Fleet,
+    ) -> Result<Rollouts, StoreError> {
+        let now = crate::now_ms();
+        let mut all = Vec::new();
+        for rec in load_all::<RolloutRecord>(&store.rollouts)? {
+            all.push(Arc::new(Rollout::new(rec)));
+        }
+        all.sort_by_key(|r| r.record().created_at_ms);
+        for kv in store.members.iter() {
+            let (k, v) = kv?;
+            let m: Member = decode(&k, &v)?;
+            let rid =
+                String::from_utf8_lossy(k.split(|&b| b == 0).next().unwrap_or(&[])).into_owned();
+            let Some(r) = all.iter().find(|r| r.id == rid) else {
+                continue;
+            };
+            let c = &r.waves[m.wave.min(r.waves.len() - 1)];
+            if m.phase != Phase::Waiting {
+                c.admitted.fetch_add(1, Ordering::Relaxed);
+            }
+            match m.phase {
+                Phase::Downloading => {
+                    r.throttle
+                        .restore(&m.device, &m.update_id, now, pacing.lease_ms)
+                }
+                Phase::Installed | Phase::Rebooting => {
+                    c.installed.fetch_add(1, Ordering::Relaxed);
+                }
+                Phase::Committed => {
+                    c.installed.fetch_add(1, Ordering::Relaxed);
+                    c.committed.fetch_add(1, Ordering::Relaxed);
+                }
+                Phase::Failed => {
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Phase::RolledBack => {
+                    c.rolled_back.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+            r.members.insert(m.device.clone(), m);
+        }
+        let rollouts = Rollouts {
+            store,
+            releases,
+            all: RwLock::new(all),
+            pacing,
+            events_accepted: AtomicU64::new(0),
+            events_duplicate: AtomicU64::new(0),
+        };
+        for r in rollouts.list() {
+            rollouts.count_eligible(&r, fleet);
+        }
+        Ok(rollouts)
+    }
+
+    /// Recounts eligible devices per wave from the fleet.
+    fn count_eligible(&self, r: &Rollout, fleet: &crate::fleet::Fleet) {
+        for c in &r.waves {
+            c.eligible.store(0, Ordering::Relaxed);
+            c.current.store(0, Ordering::Relaxed);
+        }
+        fleet.for_each(|d| {
+            let rec = d.record.lock().unwrap();
+            if r.matches(&rec.device_type, &rec.tags) {
+                let w = r.wave_of(&rec.id);
+                r.waves[w].eligible.fetch_add(1, Ordering::Relaxed);
+                let committed_here = r
+                    .members
+                    .get(&rec.id)
+                    .is_some_and(|m| m.phase == Phase::Committed);
+                if rec.version.as_deref() == Some(&r.spec.release) && !committed_here {
+                    r.waves[w].current.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    /// A newly enrolled device joins the eligible counts of matching rollouts.
+    pub fn on_enroll(
+        &self,
+        device: &str,
+        device_type: &str,
+        tags: &BTreeMap<String, String>,
+        new: bool,
+    ) {
+        if !new {
+            return;
+        }
+        for r in self.list() {
+            if r.matches(device_type, tags) {
+                r.waves[r.wave_of(device)]
+                    .eligible
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<Arc<Rollout>> {
+        self.all.read().unwrap().clone()
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Rollout>> {
+        self.all
+            .read()
+            .unwrap()
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+    }
+
+    /// Creates a rollout. Refused while another active or paused rollout
+    /// targets the same device type: two rollouts racing for one fleet is
+    /// how stampedes start.
+    pub async fn create(
+        &self,
+        spec: RolloutSpec,
+        fleet: &crate::fleet::Fleet,
+    ) -> Result<Arc<Rollout>, RolloutError> {
+        spec.validate().map_err(RolloutError::Invalid)?;
+        if !self.releases.exists(&spec.device_type, &spec.release) {
+            return Err(RolloutError::Invalid(format!(
+                "no release {} for device type {}; add it with `ota-server release add`",
+                spec.release, spec.device_type
+            )));
+        }
+        if let Some(other) = self.list().iter().find(|r| {
+            r.spec.device_type == spec.device_type
+                && matches!(r.state(), RolloutState::Active | RolloutState::Paused)
+        }) {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {} for device type {} is still {:?}; abort it first",
+                other.id,
+                spec.device_type,
+                other.state()
+            )));
+        }
+        let now = crate::now_ms();
+        let id = format!("r{}", self.store.next_id("rollout")?);
+        let rec = RolloutRecord {
+            id: id.clone(),
+            spec,
+            created_at_ms: now,
+            state: RolloutState::Active,
+            reason: "created".into(),
+            wave: 0,
+            wave_opened_at_ms: now,
+            baseline: (0, 0),
+        };
+        self.store.rollouts.insert(id.as_bytes(), encode(&rec))?;
+        self.store.durable().await?;
+        let r = Arc::new(Rollout::new(rec));
+        self.count_eligible(&r, fleet);
+        info!(rollout = %id, release = %r.spec.release, device_type = %r.spec.device_type, "rollout created");
+        self.all.write().unwrap().push(r.clone());
+        Ok(r)
+    }
+
+    /// Operator action: pause, resume or abort.
+    pub async fn set_state(
+        &self,
+        id: &str,
+        to: RolloutState,
+        reason: String,
+    ) -> Result<Arc<Rollout>, RolloutError> {
+        let r = self
+            .get(id)
+            .ok_or_else(|| RolloutError::NotFound(id.into()))?;
+        {
+            let mut rec = r.rec.lock().unwrap();
+            match (rec.state, to) {
+                (RolloutState::Aborted | RolloutState::Completed, _) => {
+                    return Err(RolloutError::Conflict(format!(
+                        "rollout {id} is {:?}; it cannot change any more",
+                        rec.state
+                    )));
+                }
+                (RolloutState::Active, RolloutState::Active) => return Ok(r.clone()),
+                _ => {}
+            }
+            if to == RolloutState::Active {
+                // Resuming restarts the failure count from here.
+                let (ok, bad) = r.outcomes(rec.wave);
+                rec.baseline = (bad, ok);
+            }
+            rec.state = to;
+            rec.reason = reason;
+            self.store.rollouts.insert(id.as_bytes(), encode(&*rec))?;
+        }
+        self.store.durable().await?;
+        info!(rollout = %id, state = ?to, "rollout state changed by operator");
+        Ok(r)
+    }
+
+    /// The newest active or paused rollout for this device.
+    fn active_for(
+        &self,
+        device_type: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Option<Arc<Rollout>> {
+        let all = self.all.read().unwrap();
+        all.iter()
+            .rev()
+            .find(|r| {
+                matches!(
+                    r.state(),
+                    RolloutState::Active | RolloutState::Paused | RolloutState::Aborted
+                ) && r.matches(device_type, tags)
+            })
+            .cloned()
+    }
+
+    /// Decides a check-in. Writes (admissions) are made here; the caller
+    /// awaits durability for [`Decision::AnswerDurable`].
+    pub fn checkin(
+        &self,
+        device: &str,
+        device_type: &str,
+        tags: &BTreeMap<String, String>,
+        req: &ota_format::api::CheckinRequest,
+    ) -> Result<Decision, StoreError> {
+        let now = crate::now_ms();
+        let Some(r) = self.active_for(device_type, tags) else {
+            return Ok(Decision::Answer(Action::None));
+        };
+        let state = r.state();
+        let p = self.pacing;
+        if let Some(mut m) = r.members.get_mut(device) {
+            match m.phase {
+                Phase::Downloading => {
+                    let holds_it = req
+                        .update
+                        .as_ref()
+                        .is_some_and(|u| u.update_id == m.update_id);
+                    if matches!(
+                        req.state,
+                        AgentState::Installing | AgentState::Rebooting | AgentState::Testing
+                    ) && holds_it
+                    {
+                        return Ok(Decision::Answer(Action::None));
+                    }
+                    if state == RolloutState::Aborted {
+                        r.throttle.release(device);
+                        m.phase = Phase::Cancelled;
+                        m.reason = Some("rollout aborted".into());
+                        self.store
+                            .members
+                            .insert(key2(&r.id, device), encode(&*m))?;
+                        return Ok(Decision::AnswerDurable(Action::Cancel {
+                            update_id: m.update_id.clone(),
+                            reason: format!("rollout {} was aborted", r.id),
+                        }));
+                    }
+                    if r.throttle.renew(device, &m.update_id, now, p.lease_ms) {
+                        let a = m
+                            .artifacts
+                            .clone()
+                            .expect("downloading members have artifacts");
+                        return Ok(Decision::Answer(Action::Update(offer(
+                            &r,
+                            &m,
+                            &a,
+                            p.max_parallel_ranges,
+                            p.lease_ms,
+                        ))));
+                    }
+                    // The lease expired; the reaper turns that into a retry
+                    // or a failure. Tell the device to stop.
+                    return Ok(Decision::Answer(Action::Cancel {
+                        update_id: m.update_id.clone(),
+                        reason: "download lease expired; the slot was given to another device"
+                            .into(),
+                    }));
+                }
+                Phase::Waiting | Phase::Cancelled | Phase::Failed => {
+                    // A device still downloading an attempt the server has
+                    // ended (lease expired, failed, aborted) must stop.
+                    if req.state == AgentState::Downloading
+                        && let Some(u) = &req.update
+                        && u.update_id.starts_with(&format!("{}.", r.id))
+                    {
+                        return Ok(Decision::Answer(Action::Cancel {
+                            update_id: u.update_id.clone(),
+                            reason: m
+                                .reason
+                                .clone()
+                                .unwrap_or_else(|| "this attempt is no longer valid".into()),
+                        }));
+                    }
+                    if m.phase == Phase::Failed {
+                        return Ok(Decision::Answer(Action::None));
+                    }
+                }
+                _ => return Ok(Decision::Answer(Action::None)),
+            }
+        }
+        // Not holding an update from this rollout.
+        if req.current_version == r.spec.release
+            || req.state != AgentState::Idle
+            || state == RolloutState::Aborted
+        {
+            return Ok(Decision::Answer(Action::None));
+        }
+        if state == RolloutState::Completed {
+            return Ok(Decision::Answer(Action::None));
+        }
+        let wave = r.wave_of(device);
+        let mut m = r
+            .members
+            .entry(device.to_string())
+            .or_insert_with(|| Member {
+                device: device.to_string(),
+                wave,
+                phase: Phase::Waiting,
+                attempt: 0,
+                update_id: String::new(),
+                artifacts: None,
+                reason: None,
+                bytes_verified: 0,
+            });
+        if m.phase == Phase::Cancelled {
+            return Ok(Decision::Answer(Action::None));
+        }
+        if state == RolloutState::Paused {
+            return Ok(Decision::Wait {
+                reason: format!("rollout {} is paused", r.id),
+                near_head: false,
+            });
+        }
+        let open = r.rec.lock().unwrap().wave;
+        if wave > open {
+            return Ok(Decision::Wait {
+                reason: format!("wave {} of rollout {} is not open yet", wave + 1, r.id),
+                near_head: false,
+            });
+        }
+        let Some(artifacts) =
+            self.releases
+                .pick(device_type, &r.spec.release, &req.current_version)
+        else {
+            return Ok(Decision::Wait {
+                reason: format!("release {} is still being built", r.spec.release),
+                near_head: false,
+            });
+        };
+        let update_id = format!("{}.{}", r.id, m.attempt + 1);
+        let limits = Limits {
+            max_concurrent: r.spec.max_concurrent,
+            starts_per_min: r.starts_per_min(),
+            lease_ms: p.lease_ms,
+            stale_after_ms: 3 * p.idle_ms,
+        };
+        let span = info_span!("admission", rollout = %r.id, device, wave = wave + 1);
+        let _g = span.enter();
+        match r.throttle.try_admit(device, &update_id, now, limits) {
+            Admission::Granted { fence } => {
+                m.attempt += 1;
+                m.update_id = update_id;
+                m.phase = Phase::Downloading;
+                m.artifacts = Some(artifacts.clone());
+                m.reason = None;
+                self.store
+                    .members
+                    .insert(key2(&r.id, device), encode(&*m))?;
+                r.waves[wave].admitted.fetch_add(1, Ordering::Relaxed);
+                info!(fence, update_id = %m.update_id, delta_from = ?artifacts.from_version, "admitted");
+                Ok(Decision::AnswerDurable(Action::Update(offer(
+                    &r,
+                    &m,
+                    &artifacts,
+                    p.max_parallel_ranges,
+                    p.lease_ms,
+                ))))
+            }
+            Admission::Wait { reason, near_head } => {
+                tracing::debug!(reason = reason.as_str(), "throttled");
+                Ok(Decision::Wait {
+                    reason: reason.as_str().into(),
+                    near_head,
+                })
+            }
+        }
+    }
+
+    /// Applies one event (idempotent by device and seq). Returns whether it
+    /// was new.
+    pub fn apply_event(&self, device: &str, ev: &Event) -> Result<bool, StoreError> {
+        let key = {
+            let mut k = device.as_bytes().to_vec();
+            k.push(0);
+            k.extend_from_slice(&ev.seq.to_be_bytes());
+            k
+        };
+        let rid = ev.update_id.split('.').next().unwrap_or("");
+        let rollout = self.get(rid);
+        // Compute the member's next state under its entry lock; write event
+        // and member in one transaction so a crash keeps both or neither.
+        let mut guard = rollout.as_ref().and_then(|r| r.members.get_mut(device));
+        let next = match (&rollout, &guard) {
+            (Some(r), Some(m)) if m.update_id == ev.update_id => transition(r, m, ev),
+            _ => None,
+        };
+        let ev_bytes = encode(ev);
+        let mkey = key2(rid, device);
+        let m_bytes = next.as_ref().map(|(m, _)| encode(m));
+        let new: Result<bool, sled::transaction::TransactionError<()>> = {
+            use sled::Transactional;
+            (&self.store.events, &self.store.members).transaction(|(e, mt)| {
+                if e.get(&key)?.is_some() {
+                    return Ok(false);
+                }
+                e.insert(key.as_slice(), ev_bytes.as_slice())?;
+                if let Some(b) = &m_bytes {
+                    mt.insert(mkey.as_slice(), b.as_slice())?;
+                }
+                Ok(true)
+            })
+        };
+        let new = new.map_err(|e| StoreError::Transaction(format!("{e:?}")))?;
+        if !new {
+            self.events_duplicate.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.events_accepted.fetch_add(1, Ordering::Relaxed);
+        if let (Some(r), Some(m)) = (&rollout, guard.as_deref_mut())
+            && m.update_id == ev.update_id
+        {
+            // Progress renews the lease even when it changes no phase.
+            if matches!(ev.kind, EventKind::Progress | EventKind::DownloadStarted) {
+                r.throttle
+                    .renew(device, &ev.update_id, crate::now_ms(), self.pacing.lease_ms);
+            }
+            if let Some((nm, effect)) = next {
+                *m = nm;
+                drop(guard);
+                self.effect(r, device, effect);
+            }
+        }
+        Ok(true)
+    }
+
+    fn effect(&self, r: &Rollout, device: &str, e: Effect) {
+        let w = r.wave_of(device);
+        let c = &r.waves[w];
+        match e {
+            Effect::None => {}
+            Effect::ReleaseLease => {
+                r.throttle.release(device);
+            }
+            Effect::Installed => {
+                r.throttle.release(device);
+                c.installed.fetch_add(1, Ordering::Relaxed);
+            }
+            Effect::Committed => {
+                r.throttle.release(device);
+                c.committed.fetch_add(1, Ordering::Relaxed);
+            }
+            Effect::Failed | Effect::RolledBack => {
+                r.throttle.release(device);
+                if e == Effect::Failed {
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    c.rolled_back.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Err(err) = self.check_failures(r) {
+                    warn!(rollout = %r.id, error = %err, "could not record the failure threshold decision");
+                }
+            }
+        }
+    }
+
+    /// Pauses or aborts `r` if its failure rate reached the threshold.
+    fn check_failures(&self, r: &Rollout) -> Result<(), StoreError> {
+        let mut rec = r.rec.lock().unwrap();
+        if rec.state != RolloutState::Active {
+            return Ok(());
+        }
+        let (ok, bad) = r.outcomes(rec.wave);
+        let bad = bad.saturating_sub(rec.baseline.0);
+        let ok = ok.saturating_sub(rec.baseline.1);
+        let n = ok + bad;
+        if n < r.spec.min_sample.max(1) || (bad as f64) < r.spec.failure_threshold * n as f64 {
+            return Ok(());
+        }
+        rec.state = match r.spec.on_failure {
+            OnFailure::Pause => RolloutState::Paused,
+            OnFailure::Abort => RolloutState::Aborted,
+        };
+        rec.reason = format!(
+            "failure rate {:.1}% ({bad} of {n} outcomes in waves 1-{}) reached the {:.1}% threshold",
+            100.0 * bad as f64 / n as f64,
+            rec.wave + 1,
+            100.0 * r.spec.failure_threshold
+        );
+        warn!(rollout = %r.id, state = ?rec.state, reason = %rec.reason, "failure threshold reached");
+        self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
+        Ok(())
+    }
+
+    /// Periodic work: expire leases, open waves, complete rollouts. Returns
+    /// leases expired.
+    pub fn tick(&self) -> Result<u64, StoreError> {
+        let now = crate::now_ms();
+        let mut expired_total = 0;
+        for r in self.list() {
+            for (device, update_id) in r.throttle.reap(now) {
+                expired_total += 1;
+                let _s = info_span!("lease_expiry", rollout = %r.id, device = %device).entered();
+                let effect = if let Some(mut m) = r.members.get_mut(&device) {
+                    if m.update_id != update_id || m.phase != Phase::Downloading {
+                        continue;
+                    }
+                    let eff = if m.attempt <= r.spec.max_retries {
+                        m.phase = Phase::Waiting;
+                        m.reason = Some("lease expired; will retry".into());
+                        Effect::None
+                    } else {
+                        m.phase = Phase::Failed;
+                        m.reason = Some(format!("lease expired after {} attempts", m.attempt));
+                        Effect::Failed
+                    };
+                    info!(phase = ?m.phase, "download lease expired");
+                    self.store
+                        .members
+                        .insert(key2(&r.id, &device), encode(&*m))?;
+                    eff
+                } else {
+                    continue;
+                };
+                if effect == Effect::Failed {
+                    // The lease is already gone; count the failure.
+                    r.waves[r.wave_of(&device)]
+                        .failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.check_failures(&r)?;
+                }
+            }
+            self.advance(&r, now)?;
+        }
+        Ok(expired_total)
+    }
+
+    /// Opens the next wave when the open one soaked and succeeded; marks the
+    /// rollout completed when every eligible device is done.
+    fn advance(&self, r: &Rollout, now: u64) -> Result<(), StoreError> {
+        let mut rec = r.rec.lock().unwrap();
+        if rec.state != RolloutState::Active {
+            return Ok(());
+        }
+        let upto = rec.wave;
+        let mut eligible = 0;
+        let mut done = 0;
+        let mut finished = 0;
+        for c in &r.waves[..=upto] {
+            eligible += c.eligible.load(Ordering::Relaxed);
+            let ok = c.committed.load(Ordering::Relaxed) + c.current.load(Ordering::Relaxed);
+            done += ok;
+            finished +=
+                ok + c.failed.load(Ordering::Relaxed) + c.rolled_back.load(Ordering::Relaxed);
+        }
+        let soaked = now >= rec.wave_opened_at_ms + r.spec.soak_ms;
+        let succeeded = done as f64 >= r.spec.success_threshold * eligible as f64;
+        if upto + 1 < r.waves.len() {
+            if soaked && succeeded {
+                rec.wave += 1;
+                rec.wave_opened_at_ms = now;
+                rec.reason = format!(
+                    "wave {} opened: {done} of {eligible} devices in waves 1-{} committed",
+                    rec.wave + 1,
+                    upto + 1
+                );
+                info!(rollout = %r.id, wave = rec.wave + 1, done, eligible, "wave opened");
+                self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
+            }
+        } else if eligible > 0 && finished >= eligible {
+            rec.state = RolloutState::Completed;
+            rec.reason = format!("every eligible device finished: {done} committed of {eligible}");
+            info!(rollout = %r.id, "rollout completed");
+            self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
+        }
+        Ok(())
+    }
+
+    /// Adds payload bytes served to `device` to its rollout wave's counter.
+    pub fn count_bytes(&self, device: &str, bytes: u64) {
+        for r in self.all.read().unwrap().iter().rev() {
+            if let Some(m) = r.members.get(device) {
+                r.waves[m.wave.min(r.waves.len() - 1)]
+                    .bytes_served
+                    .fetch_add(bytes, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// The operator's view of a rollout.
+    pub fn status(&self, r: &Rollout) -> RolloutStatus {
+        let rec = r.record();
+        let n = r.waves.len();
+        let mut per_phase = vec![[0u64; 9]; n];
+        for m in r.members.iter() {
+            per_phase[m.wave.min(n - 1)][m.phase as usize] += 1;
+        }
+        let waves = (0..n)
+            .map(|w| {
+                let c = &r.waves[w];
+                let ph = &per_phase[w];
+                WaveStatus {
+                    wave: w + 1,
+                    percent: r.spec.waves[w],
+                    open: w <= rec.wave,
+                    eligible: c.eligible.load(Ordering::Relaxed),
+                    already_current: c.current.load(Ordering::Relaxed),
+                    admitted: c.admitted.load(Ordering::Relaxed),
+                    waiting: ph[Phase::Waiting as usize],
+                    downloading: ph[Phase::Downloading as usize],
+                    installed: c.installed.load(Ordering::Relaxed),
+                    committed: c.committed.load(Ordering::Relaxed),
+                    failed: c.failed.load(Ordering::Relaxed),
+                    rolled_back: c.rolled_back.load(Ordering::Relaxed),
+                    cancelled: ph[Phase::Cancelled as usize],
+                    bytes_served: c.bytes_served.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        RolloutStatus {
+            id: r.id.clone(),
+            state: rec.state,
+            reason: rec.reason,
+            open_wave: rec.wave + 1,
+            created_at_ms: rec.created_at_ms,
+            active_leases: r.throttle.active(),
+            queued: r.throttle.waiting() as u64,
+            starts_per_min_now: r.starts_per_min(),
+            leases_granted: r.throttle.granted.load(Ordering::Relaxed),
+            leases_expired: r.throttle.expired.load(Ordering::Relaxed),
+            spec: r.spec.clone(),
+            waves,
+        }
+    }
+
+    /// One member (admin views and tests).
+    pub fn member(&self, rollout: &str, device: &str) -> Option<Member> {
+        self.get(rollout)?.members.get(device).map(|m| m.clone())
+    }
+}
+
+/// What a transition does besides changing the member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    None,
+    ReleaseLease,
+    Installed,
+    Committed,
+    Failed,
+    RolledBack,
+}
+
+/// The member's next state after `ev`, if the event changes it.
+fn transition(r: &Rollout, m: &Member, ev: &Event) -> Option<(Member, Effect)> {
+    let mut n = m.clone();
+    let effect = match (m.phase, ev.kind) {
+        (Phase::Downloading, EventKind::Progress) => {
+            if let Some(p) = &ev.detail.progress {
+                n.bytes_verified = p.bytes_verified;
+            }
+            // Progress is not persisted per event (it is a hint); the event
+            // itself is.
+            return None;
+        }
+        (Phase::Downloading, EventKind::Downloaded) => {
+            n.phase = Phase::Downloaded;
+            Effect::ReleaseLease
+        }
+        (Phase::Downloading | Phase::Downloaded, EventKind::Installed) => {
+            n.phase = Phase::Installed;
+            Effect::Installed
+        }
+        (Phase::Installed, EventKind::Rebooting) => {
+            n.phase = Phase::Rebooting;
+            Effect::None
+        }
+        (
+            Phase::Downloading | Phase::Downloaded | Phase::Installed | Phase::Rebooting,
+            EventKind::Committed,
+        ) => {
+            n.phase = Phase::Committed;
+            Effect::Committed
+        }
+        (
+            Phase::Downloading | Phase::Downloaded | Phase::Installed | Phase::Rebooting,
+            EventKind::RolledBack,
+        ) => {
+            n.phase = Phase::RolledBack;
+            n.reason = ev.detail.reason.clone();
+            Effect::RolledBack
+        }
+        (Phase::Downloading | Phase::Downloaded, EventKind::Failed) => {
+            n.reason = ev.detail.reason.clone();
+            if m.attempt <= r.spec.max_retries {
+                n.phase = Phase::Waiting;
+                Effect::ReleaseLease
+            } else {
+                n.phase = Phase::Failed;
+                Effect::Failed
+            }
+        }
+        _ => return None,
+    };
+    Some((n, effect))
+}
+
+/// Per-wave figures in a status.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct WaveStatus {
+    pub wave: usize,
+    pub percent: u8,
+    pub open: bool,
+    pub eligible: u64,
+    pub already_current: u64,
+    pub admitted: u64,
+    pub waiting: u64,
+    pub downloading: u64,
+    pub installed: u64,
+    pub committed: u64,
+    pub failed: u64,
+    pub rolled_back: u64,
+    pub cancelled: u64,
+    pub bytes_served: u64,
+}
+
+/// A rollout's status, as the admin API returns it.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RolloutStatus {
+    pub id: String,
+    pub state: RolloutState,
+    pub reason: String,
+    pub open_wave: usize,
+    pub created_at_ms: u64,
+    pub active_leases: u64,
+    pub queued: u64,
+    pub starts_per_min_now: f64,
+    pub leases_granted: u64,
+    pub leases_expired: u64,
+    pub spec: RolloutSpec,
+    pub waves: Vec<WaveStatus>,
+}
+
+impl RolloutStatus {
+    /// Totals over every wave.
+    pub fn totals(&self) -> WaveStatus {
+        let mut t = WaveStatus {
+            wave: 0,
+            percent: 100,
+            open: true,
+            eligible: 0,
+            already_current: 0,
+            admitted: 0,
+            waiting: 0,
+            downloading: 0,
+            installed: 0,
+            committed: 0,
+            failed: 0,
+            rolled_back: 0,
+            cancelled: 0,
+            bytes_served: 0,
+        };
+        for w in &self.waves {
+            t.eligible += w.eligible;
+            t.already_current += w.already_current;
+            t.admitted += w.admitted;
+            t.waiting += w.waiting;
+            t.downloading += w.downloading;
+            t.installed += w.installed;
+            t.committed += w.committed;
+            t.failed += w.failed;
+            t.rolled_back += w.rolled_back;
+            t.cancelled += w.cancelled;
+            t.bytes_served += w.bytes_served;
+        }
+        t
+    }
+}
+
+/// Digest re-export for offers.
+pub type Sha = Digest;
+
+impl From<sled::Error> for RolloutError {
+    fn from(e: sled::Error) -> Self {
+        RolloutError::Store(e.into())
+    }
+}

@@ -1,0 +1,254 @@
+//! A real `ota-server` on 127.0.0.1:0 with a temporary data directory, and
+//! simulated devices speaking the device API over real HTTP.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ota_format::api::*;
+use ota_server::app::{Running, start};
+use ota_server::client::AdminClient;
+use ota_server::config::ServerConfig;
+use ota_server::releases::BuildStatus;
+use ota_server::rollout::{OnFailure, RolloutSpec, RolloutStatus};
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN: &str = "admin-token-0123456789";
+pub const ENROLL: &str = "enroll-key-0123456789";
+
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub admin: AdminClient,
+}
+
+/// Writes a signing key and a config into `dir`; returns the config path.
+pub fn write_config(dir: &Path, listen: &str, extra: &str) -> PathBuf {
+    let key = ota_format::SigningKeyPair::generate().unwrap();
+    let key_path = dir.join("signing.key");
+    if !key_path.exists() {
+        std::fs::write(&key_path, key.to_pem().unwrap()).unwrap();
+    }
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"listen = "{listen}"
+data_dir = "data"
+admin_token = "{ADMIN}"
+enrollment_key = "{ENROLL}"
+signing_key = "signing.key"
+zstd_level = 3
+chunk_size = 65536
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+pub fn fast_checkin(lease_ms: u64) -> String {
+    format!(
+        "[checkin]\nidle_interval_ms = 200\nwait_interval_ms = 200\nlease_ms = {lease_ms}\njitter = 0.2\n"
+    )
+}
+
+impl TestServer {
+    pub async fn start(extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), "127.0.0.1:0", extra);
+        let running = start(ServerConfig::load(&cfg).unwrap(), CancellationToken::new())
+            .await
+            .unwrap();
+        let base = format!("http://{}", running.addr);
+        let admin = AdminClient::new(&base, ADMIN).unwrap();
+        TestServer {
+            running: Some(running),
+            base,
+            dir,
+            admin,
+        }
+    }
+
+    pub fn app(&self) -> &ota_server::app::App {
+        &self.running.as_ref().unwrap().app
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+
+    /// Adds a release from `image` and waits for its builds.
+    pub async fn release(&self, device_type: &str, version: &str, image: &[u8]) {
+        let p = self.dir.path().join(format!("{device_type}-{version}.img"));
+        std::fs::write(&p, image).unwrap();
+        self.admin
+            .release_add(device_type, version, 0, &p, false)
+            .await
+            .unwrap();
+        for _ in 0..600 {
+            let all = self.admin.releases().await.unwrap();
+            let r = all
+                .iter()
+                .find(|r| r.device_type == device_type && r.version == version)
+                .unwrap();
+            if r.builds.iter().all(|b| b.status == BuildStatus::Ready) {
+                return;
+            }
+            assert!(
+                r.builds.iter().all(|b| b.status != BuildStatus::Failed),
+                "build failed: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("builds did not finish");
+    }
+
+    pub async fn status(&self, id: &str) -> RolloutStatus {
+        self.admin.rollout(id).await.unwrap()
+    }
+}
+
+/// A deterministic image of `blocks` 4 KiB blocks; `version` changes a few.
+pub fn image(blocks: usize, version: u8) -> Vec<u8> {
+    let mut v = Vec::with_capacity(blocks * 4096);
+    let mut x: u32 = 12345;
+    for _ in 0..blocks * 4096 {
+        x = x.wrapping_mul(1103515245).wrapping_add(12345);
+        v.push((x >> 16) as u8);
+    }
+    for b in 0..blocks {
+        if b % 7 == 0 {
+            v[b * 4096] = version;
+        }
+    }
+    v
+}
+
+pub fn spec(release: &str, device_type: &str) -> RolloutSpec {
+    RolloutSpec {
+        release: release.into(),
+        device_type: device_type.into(),
+        selector: BTreeMap::new(),
+        waves: vec![100],
+        soak_ms: 0,
+        max_concurrent: 10,
+        max_starts_per_min: 1e6,
+        ramp_factor: 1.0,
+        ramp_every: 0,
+        failure_threshold: 0.5,
+        success_threshold: 0.9,
+        min_sample: 5,
+        on_failure: OnFailure::Pause,
+        max_retries: 0,
+    }
+}
+
+/// A simulated device over real HTTP.
+#[derive(Clone)]
+pub struct Sim {
+    pub id: String,
+    pub token: String,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sim {
+    pub async fn enroll(base: &str, id: &str, device_type: &str, http: &reqwest::Client) -> Sim {
+        let r: EnrollResponse = http
+            .post(format!("{base}/api/v1/devices/enroll"))
+            .json(&EnrollRequest {
+                enrollment_key: ENROLL.into(),
+                device_id: id.into(),
+                device_type: device_type.into(),
+                tags: BTreeMap::new(),
+            })
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        Sim {
+            id: id.into(),
+            token: r.token,
+            base: base.into(),
+            http: http.clone(),
+            seq: Default::default(),
+        }
+    }
+
+    pub async fn checkin(
+        &self,
+        version: &str,
+        state: AgentState,
+        update: Option<&str>,
+    ) -> CheckinResponse {
+        let r = self
+            .http
+            .post(format!("{}/api/v1/devices/checkin", self.base))
+            .bearer_auth(&self.token)
+            .json(&CheckinRequest {
+                current_version: version.into(),
+                booted_slot: Slot::A,
+                state,
+                update: update.map(|u| UpdateInHand {
+                    update_id: u.into(),
+                    progress: Progress::default(),
+                }),
+            })
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "checkin: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    pub async fn event(&self, update_id: &str, kind: EventKind) -> EventsResponse {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.events(vec![Event {
+            seq,
+            update_id: update_id.into(),
+            kind,
+            at: "2026-11-26T00:00:00Z".into(),
+            detail: EventDetail {
+                reason: (kind == EventKind::Failed || kind == EventKind::RolledBack)
+                    .then(|| "test failure".into()),
+                ..Default::default()
+            },
+        }])
+        .await
+    }
+
+    pub async fn events(&self, events: Vec<Event>) -> EventsResponse {
+        self.http
+            .post(format!("{}/api/v1/devices/events", self.base))
+            .bearer_auth(&self.token)
+            .json(&EventsRequest { events })
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_gzip()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
