@@ -55,7 +55,11 @@ async fn kill_9_mid_rollout_loses_nothing_acknowledged() {
     // Wait for the builds.
     for _ in 0..400 {
         let r = admin.releases().await.unwrap();
-        if r.iter().all(|r| r.builds.iter().all(|b| b.status == ota_server::releases::BuildStatus::Ready)) {
+        if r.iter().all(|r| {
+            r.builds
+                .iter()
+                .all(|b| b.status == ota_server::releases::BuildStatus::Ready)
+        }) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -82,10 +86,19 @@ async fn kill_9_mid_rollout_loses_nothing_acknowledged() {
     let batch: Vec<Event> = [EventKind::Installed, EventKind::Committed]
         .iter()
         .enumerate()
-        .map(|(i, &kind)| Event { seq: i as u64 + 1, update_id: o0.update_id.clone(), kind, at: "t".into(), detail: Default::default() })
+        .map(|(i, &kind)| Event {
+            seq: i as u64 + 1,
+            update_id: o0.update_id.clone(),
+            kind,
+            at: "t".into(),
+            detail: Default::default(),
+        })
         .collect();
     assert_eq!(d0.events(batch.clone()).await.accepted, 2);
-    offers[1].0.event(&offers[1].1.update_id, EventKind::Failed).await;
+    offers[1]
+        .0
+        .event(&offers[1].1.update_id, EventKind::Failed)
+        .await;
     admin.rollout_action(&id, "pause").await.unwrap();
     let before = admin.rollout(&id).await.unwrap();
 
@@ -96,26 +109,50 @@ async fn kill_9_mid_rollout_loses_nothing_acknowledged() {
     let (_proc, base) = spawn(&cfg);
     let admin = AdminClient::new(&base, ADMIN).unwrap();
     let after = admin.rollout(&id).await.unwrap();
-    assert_eq!(after.state, RolloutState::Paused, "the operator's pause survives");
+    assert_eq!(
+        after.state,
+        RolloutState::Paused,
+        "the operator's pause survives"
+    );
     let (b, a) = (before.totals(), after.totals());
-    assert_eq!((a.committed, a.failed, a.admitted, a.installed), (b.committed, b.failed, b.admitted, b.installed));
-    assert_eq!(after.active_leases, 2, "the two downloading devices keep their leases");
+    assert_eq!(
+        (a.committed, a.failed, a.admitted, a.installed),
+        (b.committed, b.failed, b.admitted, b.installed)
+    );
+    assert_eq!(
+        after.active_leases, 2,
+        "the two downloading devices keep their leases"
+    );
     // Tokens survive: devices reach the new process with the same token.
     let mut d2 = offers[2].0.clone();
     d2.base = base.clone();
-    let r = d2.checkin("1.0", AgentState::Downloading, Some(&offers[2].1.update_id)).await;
-    assert!(matches!(r.action, Action::Update(ref o) if o.update_id == offers[2].1.update_id), "{r:?}");
+    let r = d2
+        .checkin("1.0", AgentState::Downloading, Some(&offers[2].1.update_id))
+        .await;
+    assert!(
+        matches!(r.action, Action::Update(ref o) if o.update_id == offers[2].1.update_id),
+        "{r:?}"
+    );
     // A retried batch is still recognised.
     let mut d0 = d0.clone();
     d0.base = base.clone();
-    assert_eq!(d0.events(batch).await, EventsResponse { accepted: 0, duplicates: 2 });
+    assert_eq!(
+        d0.events(batch).await,
+        EventsResponse {
+            accepted: 0,
+            duplicates: 2
+        }
+    );
     // Resume: the cap still counts the restored leases (2 held, 2 free).
     admin.rollout_action(&id, "resume").await.unwrap();
     let mut admitted = 0;
     for d in &devices[4..] {
         let mut d = d.clone();
         d.base = base.clone();
-        if matches!(d.checkin("1.0", AgentState::Idle, None).await.action, Action::Update(_)) {
+        if matches!(
+            d.checkin("1.0", AgentState::Idle, None).await.action,
+            Action::Update(_)
+        ) {
             admitted += 1;
         }
     }
@@ -133,15 +170,29 @@ async fn a_build_interrupted_by_kill_9_reruns_after_restart() {
     std::fs::write(&p, image(8192, 1)).unwrap();
     admin.release_add("t", "1.0", 0, &p, false).await.unwrap();
     let r = admin.releases().await.unwrap();
-    assert_ne!(r[0].builds[0].status, ota_server::releases::BuildStatus::Ready, "build finished before the kill; make the image bigger");
+    assert_ne!(
+        r[0].builds[0].status,
+        ota_server::releases::BuildStatus::Ready,
+        "build finished before the kill; make the image bigger"
+    );
     proc.0.kill().unwrap();
     proc.0.wait().unwrap();
     drop(proc);
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("data/tmp")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert!(!leftovers.is_empty(), "the kill should leave a half-written build");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("data/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        !leftovers.is_empty(),
+        "the kill should leave a half-written build"
+    );
     let (_proc, base) = spawn(&cfg);
     for p in &leftovers {
-        assert!(!p.exists(), "start-up must clear half-written {}", p.display());
+        assert!(
+            !p.exists(),
+            "start-up must clear half-written {}",
+            p.display()
+        );
     }
     let admin = AdminClient::new(&base, ADMIN).unwrap();
     let mut ready = None;

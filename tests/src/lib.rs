@@ -19,11 +19,12 @@ pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     // target/<profile>/deps/<test-binary>
     let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
+    // Test binaries live in target/<profile>/deps, bench binaries in
+    // target/<profile>.
+    let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir.pop();
+    }
     let path = profile_dir.join(name);
     BUILT.get_or_init(|| {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
