@@ -188,14 +188,45 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     tracker.spawn(tick(app.clone(), cancel.clone()));
     let router = crate::http::router(app.clone());
     let c = cancel.clone();
-    tracker.spawn(async move {
-        let r = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { c.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            warn!(error = %e, "HTTP server stopped with an error");
+    match &app.config.tls {
+        None => {
+            tracker.spawn(async move {
+                let r = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { c.cancelled().await })
+                    .await;
+                if let Err(e) = r {
+                    warn!(error = %e, "HTTP server stopped with an error");
+                }
+            });
         }
-    });
+        Some(tls) => {
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "loading TLS certificate {} and key {}",
+                        tls.cert.display(),
+                        tls.key.display()
+                    )
+                })?;
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tracker.spawn(async move {
+                c.cancelled().await;
+                h.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            let std_listener = listener.into_std()?;
+            tracker.spawn(async move {
+                let r = axum_server::from_tcp_rustls(std_listener, rustls)
+                    .handle(handle)
+                    .serve(router.into_make_service())
+                    .await;
+                if let Err(e) = r {
+                    warn!(error = %e, "HTTPS server stopped with an error");
+                }
+            });
+        }
+    }
     Ok(Running {
         addr,
         app,

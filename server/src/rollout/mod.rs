@@ -132,7 +132,7 @@ impl RolloutSpec {
         if self.waves.is_empty() || self.waves.len() > 20 {
             return Err("waves must list 1 to 20 cumulative percentages".into());
         }
-        if self.waves.windows(2).any(|w| w[0] >= w[1]) || self.waves.iter().any(|&w| w == 0) {
+        if self.waves.windows(2).any(|w| w[0] >= w[1]) || self.waves.contains(&0) {
             return Err("waves must be strictly increasing percentages above 0".into());
         }
         if *self.waves.last().unwrap() != 100 {
