@@ -585,3 +585,47 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     assert!(ts.admin.rollouts().await.unwrap().is_empty());
     assert_eq!(ts.app().rollouts.events_accepted.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_limits_the_rollout_to_matching_devices() {
+    let ts = TestServer::start(&fast_checkin(5000)).await;
+    ts.release("t", "1.0", &image(16, 1)).await;
+    ts.release("t", "2.0", &image(16, 2)).await;
+    let http = http();
+    let tag = |site: &str| [("site".to_string(), site.to_string())].into_iter().collect();
+    let lab = Sim::enroll_tagged(&ts.base, "lab-1", "t", tag("lab"), &http).await;
+    let field = Sim::enroll_tagged(&ts.base, "field-1", "t", tag("field"), &http).await;
+    let other_type = Sim::enroll_tagged(&ts.base, "x-1", "u", tag("lab"), &http).await;
+    let mut s = spec("2.0", "t");
+    s.selector = tag("lab");
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+    assert_eq!(r.totals().eligible, 1);
+    assert!(matches!(lab.checkin("1.0", AgentState::Idle, None).await.action, Action::Update(_)));
+    assert_eq!(field.checkin("1.0", AgentState::Idle, None).await.action, Action::None);
+    assert_eq!(other_type.checkin("1.0", AgentState::Idle, None).await.action, Action::None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_rate_ramps_with_commits() {
+    let ts = TestServer::start(&fast_checkin(5000)).await;
+    ts.release("t", "1.0", &image(16, 1)).await;
+    ts.release("t", "2.0", &image(16, 2)).await;
+    let d = fleet(&ts, 4, "t").await;
+    let mut s = spec("2.0", "t");
+    s.max_starts_per_min = 10.0;
+    s.ramp_factor = 2.0;
+    s.ramp_every = 2;
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+    assert_eq!(r.starts_per_min_now, 10.0);
+    for dev in &d[..2] {
+        let Action::Update(o) = dev.checkin("1.0", AgentState::Idle, None).await.action else {
+            // The bucket holds one start; wait for the second.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let Action::Update(o) = dev.checkin("1.0", AgentState::Idle, None).await.action else { panic!() };
+            dev.event(&o.update_id, EventKind::Committed).await;
+            continue;
+        };
+        dev.event(&o.update_id, EventKind::Committed).await;
+    }
+    assert_eq!(ts.status(&r.id).await.starts_per_min_now, 20.0, "two commits double the rate");
+}

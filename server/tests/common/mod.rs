@@ -162,13 +162,23 @@ pub struct Sim {
 
 impl Sim {
     pub async fn enroll(base: &str, id: &str, device_type: &str, http: &reqwest::Client) -> Sim {
+        Self::enroll_tagged(base, id, device_type, BTreeMap::new(), http).await
+    }
+
+    pub async fn enroll_tagged(
+        base: &str,
+        id: &str,
+        device_type: &str,
+        tags: BTreeMap<String, String>,
+        http: &reqwest::Client,
+    ) -> Sim {
         let r: EnrollResponse = http
             .post(format!("{base}/api/v1/devices/enroll"))
             .json(&EnrollRequest {
                 enrollment_key: ENROLL.into(),
                 device_id: id.into(),
                 device_type: device_type.into(),
-                tags: BTreeMap::new(),
+                tags,
             })
             .send()
             .await
