@@ -157,8 +157,8 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         },
         &fleet,
     )?;
-    let egress = (config.egress_bytes_per_sec > 0)
-        .then(|| Arc::new(EgressLimiter::new(config.egress_bytes_per_sec)));
+    let egress = std::num::NonZeroU64::new(config.egress_bytes_per_sec)
+        .map(|bps| Arc::new(EgressLimiter::new(bps)));
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

@@ -142,7 +142,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/devices/enroll", post(enroll))
         .route("/api/v1/devices/checkin", post(checkin))
         .route("/api/v1/devices/events", post(events))
-        .route("/api/v1/artifacts/{sha256}", get(artifact).head(artifact))
+        .route("/api/v1/artifacts/{sha256}", get(artifact))
         .route("/api/v1/admin/devices", post(admin_device_add))
         .route("/api/v1/admin/devices/{id}", get(admin_device_get))
         .route("/api/v1/admin/releases", get(admin_releases))
@@ -398,9 +398,9 @@ async fn artifact(
         ),
         None => return Err(unauthorized()),
     };
-    let digest = match crate::artifacts::parse_digest(&sha) {
+    let digest = match crate::artifacts::parse_sha256_segment(&sha) {
         Ok(d) => d,
-        Err(resp) => return Ok(resp),
+        Err(e) => return Ok(e.into_response()),
     };
     let resp = crate::artifacts::serve(
         &app.artifacts,

@@ -88,11 +88,8 @@ pub enum ReleaseError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    #[error("storing the image: {0}")]
+    Artifact(#[from] crate::artifacts::StoreError),
 }
 
 /// Build settings taken from the config.
@@ -215,19 +212,15 @@ impl Releases {
     ) -> Result<ReleaseRecord, ReleaseError> {
         ota_format::api::check_name("device type", device_type).map_err(ReleaseError::Invalid)?;
         ota_format::api::check_name("version", version).map_err(ReleaseError::Invalid)?;
-        let (sha, size) =
-            self.images
-                .put_file(image_tmp)
-                .await
-                .map_err(|source| ReleaseError::Io {
-                    context: "storing the image".into(),
-                    source,
-                })?;
+        let size = std::fs::metadata(image_tmp)
+            .map_err(|e| ReleaseError::Invalid(format!("reading the upload: {e}")))?
+            .len();
         if size == 0 || size % 4096 != 0 {
             return Err(ReleaseError::Invalid(format!(
                 "the image is {size} bytes; images must be a non-empty multiple of 4096 bytes (a block device or filesystem image)"
             )));
         }
+        let (sha, size) = self.images.put_file(image_tmp).await?;
         let rec = {
             let mut map = self.map.write().unwrap();
             let k = (device_type.to_string(), version.to_string());
@@ -395,16 +388,24 @@ impl Releases {
         manifest: &Path,
         payload: &Path,
     ) -> Result<Artifacts, String> {
-        let (ps, pn) = self
-            .artifacts
-            .put_file(payload)
-            .await
-            .map_err(|e| format!("storing payload: {e}"))?;
-        let (ms, mn) = self
-            .artifacts
-            .put_file(manifest)
-            .await
-            .map_err(|e| format!("storing manifest: {e}"))?;
+        let stored = async {
+            let (ps, pn) = self
+                .artifacts
+                .put_file(payload)
+                .await
+                .map_err(|e| format!("storing payload: {e}"))?;
+            let (ms, mn) = self
+                .artifacts
+                .put_file(manifest)
+                .await
+                .map_err(|e| format!("storing manifest: {e}"))?;
+            Ok::<_, String>((ps, pn, ms, mn))
+        }
+        .await;
+        // put_file copies; the build outputs in tmp/ are ours to remove.
+        let _ = std::fs::remove_file(payload);
+        let _ = std::fs::remove_file(manifest);
+        let (ps, pn, ms, mn) = stored?;
         Ok(Artifacts {
             from_version: from.clone(),
             manifest_sha256: ms,

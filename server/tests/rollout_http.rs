@@ -592,7 +592,11 @@ async fn a_selector_limits_the_rollout_to_matching_devices() {
     ts.release("t", "1.0", &image(16, 1)).await;
     ts.release("t", "2.0", &image(16, 2)).await;
     let http = http();
-    let tag = |site: &str| [("site".to_string(), site.to_string())].into_iter().collect();
+    let tag = |site: &str| {
+        [("site".to_string(), site.to_string())]
+            .into_iter()
+            .collect()
+    };
     let lab = Sim::enroll_tagged(&ts.base, "lab-1", "t", tag("lab"), &http).await;
     let field = Sim::enroll_tagged(&ts.base, "field-1", "t", tag("field"), &http).await;
     let other_type = Sim::enroll_tagged(&ts.base, "x-1", "u", tag("lab"), &http).await;
@@ -600,9 +604,21 @@ async fn a_selector_limits_the_rollout_to_matching_devices() {
     s.selector = tag("lab");
     let r = ts.admin.rollout_create(&s).await.unwrap();
     assert_eq!(r.totals().eligible, 1);
-    assert!(matches!(lab.checkin("1.0", AgentState::Idle, None).await.action, Action::Update(_)));
-    assert_eq!(field.checkin("1.0", AgentState::Idle, None).await.action, Action::None);
-    assert_eq!(other_type.checkin("1.0", AgentState::Idle, None).await.action, Action::None);
+    assert!(matches!(
+        lab.checkin("1.0", AgentState::Idle, None).await.action,
+        Action::Update(_)
+    ));
+    assert_eq!(
+        field.checkin("1.0", AgentState::Idle, None).await.action,
+        Action::None
+    );
+    assert_eq!(
+        other_type
+            .checkin("1.0", AgentState::Idle, None)
+            .await
+            .action,
+        Action::None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,11 +637,17 @@ async fn the_start_rate_ramps_with_commits() {
         let Action::Update(o) = dev.checkin("1.0", AgentState::Idle, None).await.action else {
             // The bucket holds one start; wait for the second.
             tokio::time::sleep(Duration::from_secs(6)).await;
-            let Action::Update(o) = dev.checkin("1.0", AgentState::Idle, None).await.action else { panic!() };
+            let Action::Update(o) = dev.checkin("1.0", AgentState::Idle, None).await.action else {
+                panic!()
+            };
             dev.event(&o.update_id, EventKind::Committed).await;
             continue;
         };
         dev.event(&o.update_id, EventKind::Committed).await;
     }
-    assert_eq!(ts.status(&r.id).await.starts_per_min_now, 20.0, "two commits double the rate");
+    assert_eq!(
+        ts.status(&r.id).await.starts_per_min_now,
+        20.0,
+        "two commits double the rate"
+    );
 }
