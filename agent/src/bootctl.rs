@@ -96,9 +96,7 @@ impl BootControl {
             other => return Err(BootError::Invalid(format!("unknown back-end {other:?}"))),
         };
         let markers = cfg.cmdline_markers.clone().or_else(|| {
-            (cfg.backend != "file").then(|| {
-                slot_paths.map(|p| format!("root={}", p.display()))
-            })
+            (cfg.backend != "file").then(|| slot_paths.map(|p| format!("root={}", p.display())))
         });
         Ok(BootControl {
             env,
@@ -166,7 +164,10 @@ impl BootControl {
 
     /// Boots `slot` next, on trial.
     pub fn switch_to(&self, slot: Slot) -> Result<(), BootError> {
-        tracing::info!(slot = slot.name(), "switching boot to the new slot, on trial");
+        tracing::info!(
+            slot = slot.name(),
+            "switching boot to the new slot, on trial"
+        );
         self.env.write(&[
             (&self.cfg.slot_var, self.slot_value(slot)),
             (&self.cfg.bootcount_var, "0".into()),
@@ -211,9 +212,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -328,9 +327,9 @@ pub struct GrubEnv {
 
 impl BootEnv for GrubEnv {
     fn read(&self) -> Result<BTreeMap<String, String>, BootError> {
-        Ok(parse_env(&run(
-            Command::new("grub-editenv").arg(&self.path).arg("list"),
-        )?))
+        Ok(parse_env(&run(Command::new("grub-editenv")
+            .arg(&self.path)
+            .arg("list"))?))
     }
     fn write(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
         let mut cmd = Command::new("grub-editenv");
@@ -375,7 +374,10 @@ mod tests {
         // Third boot without commit: past the limit, back to A.
         assert_eq!(simulate_boot(&p, 2).unwrap(), "a");
         let s = c.state().unwrap();
-        assert_eq!((s.booted, s.next, s.upgrade_available), (Slot::A, Slot::A, false));
+        assert_eq!(
+            (s.booted, s.next, s.upgrade_available),
+            (Slot::A, Slot::A, false)
+        );
     }
 
     #[test]

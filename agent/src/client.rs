@@ -200,7 +200,10 @@ impl Client {
         let req = EventsRequest {
             events: events.to_vec(),
         };
-        Ok(self.post("sending events", "/devices/events", &req).await?.0)
+        Ok(self
+            .post("sending events", "/devices/events", &req)
+            .await?
+            .0)
     }
 
     /// Fetches a signed manifest envelope and checks it against the hash the

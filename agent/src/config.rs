@@ -26,7 +26,10 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("configuration option `{option}`: {reason}")]
-    Invalid { option: &'static str, reason: String },
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
 }
 
 fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -283,7 +286,10 @@ impl Config {
         if self.key_threshold == 0 || self.key_threshold > self.trusted_keys.len() {
             return Err(invalid(
                 "key_threshold",
-                format!("must be 1..={} (the number of trusted keys)", self.trusted_keys.len()),
+                format!(
+                    "must be 1..={} (the number of trusted keys)",
+                    self.trusted_keys.len()
+                ),
             ));
         }
         if self.slots.a == self.slots.b {
@@ -306,7 +312,10 @@ impl Config {
         }
         match self.boot.backend.as_str() {
             "file" if self.boot.env_file.is_none() => {
-                return Err(invalid("boot.env_file", "the file back-end needs a state file"));
+                return Err(invalid(
+                    "boot.env_file",
+                    "the file back-end needs a state file",
+                ));
             }
             "file" | "uboot" | "grub" => {}
             other => {

@@ -117,7 +117,9 @@ impl Live {
     }
     fn percent(&self) -> u64 {
         let p = self.snapshot();
-        (p.bytes_verified * 100).checked_div(p.bytes_total).unwrap_or(0)
+        (p.bytes_verified * 100)
+            .checked_div(p.bytes_total)
+            .unwrap_or(0)
     }
 }
 
@@ -696,7 +698,11 @@ async fn fail_update(agent: &Agent, update_id: &str, reason: String) -> Result<(
     Ok(())
 }
 
-fn start_download(agent: &Arc<Agent>, offer: UpdateOffer, shutdown: &CancellationToken) -> Download {
+fn start_download(
+    agent: &Arc<Agent>,
+    offer: UpdateOffer,
+    shutdown: &CancellationToken,
+) -> Download {
     let cancel = shutdown.child_token();
     let span = tracing::info_span!("update", id = %offer.update_id, version = %offer.version);
     let d = Download {
@@ -711,7 +717,10 @@ fn start_download(agent: &Arc<Agent>, offer: UpdateOffer, shutdown: &Cancellatio
 
 /// Opens a slot for reading and writing, without truncating.
 fn open_rw(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().read(true).write(true).open(path)
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
 }
 
 /// Download, verify and install one update; `Ok` when boot has been
@@ -721,14 +730,18 @@ async fn update_task(
     offer: UpdateOffer,
     cancel: CancellationToken,
 ) -> Result<(), UpdateEnd> {
-    let (booted, running) = agent.running().map_err(|e| UpdateEnd::Failed(e.to_string()))?;
+    let (booted, running) = agent
+        .running()
+        .map_err(|e| UpdateEnd::Failed(e.to_string()))?;
     // The manifest: the stored copy when resuming this update, else fetched.
-    let existing = agent
-        .state
-        .update()?
-        .filter(|r| r.offer.update_id == offer.update_id && r.offer.manifest_sha256 == offer.manifest_sha256);
+    let existing = agent.state.update()?.filter(|r| {
+        r.offer.update_id == offer.update_id && r.offer.manifest_sha256 == offer.manifest_sha256
+    });
     let manifest_path = agent.state.manifest_path(&offer.manifest_sha256);
-    let envelope = match existing.as_ref().and_then(|_| std::fs::read(&manifest_path).ok()) {
+    let envelope = match existing
+        .as_ref()
+        .and_then(|_| std::fs::read(&manifest_path).ok())
+    {
         Some(b) if Digest::of(&b) == offer.manifest_sha256 => b,
         _ => tokio::select! {
             _ = cancel.cancelled() => return Err(UpdateEnd::Cancelled),
@@ -755,8 +768,13 @@ async fn update_task(
     let booted_path = agent.cfg.slot_path(booted).to_path_buf();
     let source = std::fs::File::open(&booted_path)
         .map_err(|e| format!("opening booted slot {}: {e}", booted_path.display()))?;
-    let dest = open_rw(&target_path)
-        .map_err(|e| format!("opening slot {} ({}): {e}", target.name(), target_path.display()))?;
+    let dest = open_rw(&target_path).map_err(|e| {
+        format!(
+            "opening slot {} ({}): {e}",
+            target.name(),
+            target_path.display()
+        )
+    })?;
     if dest.metadata().map(|m| m.is_file()).unwrap_or(false)
         && dest.metadata().map(|m| m.len()).unwrap_or(0) < manifest.to.size
     {
@@ -788,7 +806,11 @@ async fn update_task(
             .drop_progress_except(Some(&manifest.payload.sha256))
             .await?;
         agent
-            .event(&offer.update_id, EventKind::DownloadStarted, Default::default())
+            .event(
+                &offer.update_id,
+                EventKind::DownloadStarted,
+                Default::default(),
+            )
             .await;
     }
     let payload = manifest.payload.sha256;
@@ -823,7 +845,10 @@ async fn update_task(
         return Err(UpdateEnd::Cancelled);
     }
     if !bad.is_empty() {
-        tracing::warn!(count = bad.len(), "extents recorded done do not verify: redoing them");
+        tracing::warn!(
+            count = bad.len(),
+            "extents recorded done do not verify: redoing them"
+        );
         agent.state.unmark(&payload, &bad).await?;
     }
     let done: std::collections::BTreeSet<usize> = believed
@@ -832,7 +857,9 @@ async fn update_task(
         .collect();
     live.ops_done.store(done.len() as u64, Ordering::Relaxed);
     live.bytes_done.store(
-        done.iter().map(|&i| manifest.operations[i].dst.length).sum(),
+        done.iter()
+            .map(|&i| manifest.operations[i].dst.length)
+            .sum(),
         Ordering::Relaxed,
     );
     let todo: Vec<usize> = (0..manifest.operations.len())
@@ -1002,7 +1029,10 @@ async fn recorder(
                 .live
                 .ops_done
                 .fetch_add(pending.len() as u64, Ordering::Relaxed);
-            agent.live.bytes_done.fetch_add(pending_bytes, Ordering::Relaxed);
+            agent
+                .live
+                .bytes_done
+                .fetch_add(pending_bytes, Ordering::Relaxed);
             pending.clear();
             pending_bytes = 0;
             last_flush = Instant::now();

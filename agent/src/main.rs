@@ -80,8 +80,8 @@ struct ApplyArgs {
 }
 
 fn init_logging(default: &str, journal: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| default.into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -146,7 +146,10 @@ fn run(config: &Path) -> Result<()> {
 
 fn status(config: &Path) -> Result<()> {
     let cfg = ota_agent::config::Config::load(config)?;
-    print!("{}", ota_agent::status::report(&cfg).map_err(anyhow::Error::msg)?);
+    print!(
+        "{}",
+        ota_agent::status::report(&cfg).map_err(anyhow::Error::msg)?
+    );
     Ok(())
 }
 

@@ -101,7 +101,9 @@ impl Default for PoolConfig {
 pub enum PoolError {
     #[error("cancelled")]
     Cancelled,
-    #[error("payload bytes [{start}, {end}): gave up after {attempts} attempts; last error: {last}")]
+    #[error(
+        "payload bytes [{start}, {end}): gave up after {attempts} attempts; last error: {last}"
+    )]
     GaveUp {
         start: u64,
         end: u64,
@@ -109,7 +111,11 @@ pub enum PoolError {
         last: String,
     },
     #[error("payload bytes [{start}, {end}): {reason}")]
-    Fatal { start: u64, end: u64, reason: String },
+    Fatal {
+        start: u64,
+        end: u64,
+        reason: String,
+    },
     #[error("applying: {0}")]
     Apply(#[from] ApplyError),
     #[error("a pool task failed: {0}")]
@@ -325,7 +331,7 @@ where
     let mut set: JoinSet<Result<(), PoolError>> = JoinSet::new();
     let mut first_err: Option<PoolError> = None;
     let note = |r: Result<Result<(), PoolError>, tokio::task::JoinError>,
-                    first_err: &mut Option<PoolError>| {
+                first_err: &mut Option<PoolError>| {
         let e = match r {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e,
@@ -333,7 +339,10 @@ where
         };
         cancel.cancel();
         // A real failure explains more than the cancellations it caused.
-        if first_err.as_ref().is_none_or(|f| matches!(f, PoolError::Cancelled)) {
+        if first_err
+            .as_ref()
+            .is_none_or(|f| matches!(f, PoolError::Cancelled))
+        {
             *first_err = Some(e);
         }
     };
@@ -377,7 +386,11 @@ where
 
 /// Applies one operation on a blocking thread and reports it. Not
 /// cancellable: once started, the write completes.
-async fn apply_one<D, S>(sh: &Arc<Shared<D, S>>, i: usize, data: Arc<Vec<u8>>) -> Result<(), PoolError>
+async fn apply_one<D, S>(
+    sh: &Arc<Shared<D, S>>,
+    i: usize,
+    data: Arc<Vec<u8>>,
+) -> Result<(), PoolError>
 where
     D: WriteAt + Send + Sync + ?Sized + 'static,
     S: ReadAt + Send + Sync + ?Sized + 'static,
@@ -429,7 +442,9 @@ fn transient(reason: impl Into<String>) -> AttemptError {
 /// `base`, capped, with full jitter in its upper half so a fleet that failed
 /// together does not retry together.
 pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << n.min(16).saturating_sub(1)).min(max);
+    let exp = base
+        .saturating_mul(1u32 << n.min(16).saturating_sub(1))
+        .min(max);
     let half = exp / 2;
     half + half.mul_f64(rand::random::<f64>())
 }
@@ -543,7 +558,10 @@ where
         .client
         .http()
         .get(&sh.url)
-        .header(reqwest::header::RANGE, format!("bytes={pos}-{}", req_end - 1))
+        .header(
+            reqwest::header::RANGE,
+            format!("bytes={pos}-{}", req_end - 1),
+        )
         .header(reqwest::header::ACCEPT_ENCODING, "identity");
     let send = sh.client.authorize(rb).send();
     let resp = tokio::select! {
@@ -759,7 +777,11 @@ mod tests {
                 vec![(700, vec![5])]
             ]
         );
-        assert!(units.iter().any(|u| matches!(u, Unit::Local(v) if v == &vec![2])));
+        assert!(
+            units
+                .iter()
+                .any(|u| matches!(u, Unit::Local(v) if v == &vec![2]))
+        );
         // Resume: op 1 done but op 4 (same data) not: the range is still fetched.
         let units = plan(&m, &[4], 300);
         assert!(matches!(&units[..], [Unit::Fetch(g)] if g[0].ops == vec![4]));

@@ -17,8 +17,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ota_format::api::{Event, EventDetail, EventKind, Slot, UpdateOffer};
 use ota_format::Digest;
+use ota_format::api::{Event, EventDetail, EventKind, Slot, UpdateOffer};
 use serde::{Deserialize, Serialize};
 
 use crate::bootctl::write_atomic;
@@ -27,10 +27,7 @@ use crate::bootctl::write_atomic;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state database {path}: {source}")]
-    Db {
-        path: PathBuf,
-        source: sled::Error,
-    },
+    Db { path: PathBuf, source: sled::Error },
     #[error("state file {path}: {source}")]
     Io {
         path: PathBuf,
@@ -297,7 +294,10 @@ impl State {
 
     // ----- decision files -----
 
-    fn read_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
         read_json(&self.dir.join(name))
     }
 

@@ -60,7 +60,9 @@ pub fn report(cfg: &Config) -> Result<String, String> {
     }
     if let Some(s) = &status {
         let p = &s.progress;
-        let pct = (p.bytes_verified * 100).checked_div(p.bytes_total).unwrap_or(0);
+        let pct = (p.bytes_verified * 100)
+            .checked_div(p.bytes_total)
+            .unwrap_or(0);
         let _ = writeln!(out, "phase:        {} (as of {})", s.phase, s.updated_at);
         if update.is_some() {
             let _ = writeln!(

@@ -21,7 +21,9 @@ pub enum VerifyError {
     Envelope(#[from] ota_format::EnvelopeError),
     #[error("manifest is for device type {found:?}, this device is {ours:?}")]
     DeviceType { found: String, ours: String },
-    #[error("manifest version {found} is not newer than the running {current}: refusing a downgrade")]
+    #[error(
+        "manifest version {found} is not newer than the running {current}: refusing a downgrade"
+    )]
     Downgrade { found: String, current: String },
     #[error(
         "manifest security counter {found} is below the running image's {current}: refusing a rollback to a vulnerable version"
