@@ -361,8 +361,10 @@ where
             let guard = LiveGuard::new(&stats);
             set.spawn(
                 async move {
-                    let _guard = guard;
+                    // Declared first, dropped last: the slot is freed only
+                    // after the task stopped counting itself alive.
                     let _permit = permit;
+                    let _guard = guard;
                     match unit {
                         Unit::Local(ops) => run_local(&shared, ops).await,
                         Unit::Fetch(groups) => run_fetch(&shared, groups).await,
@@ -568,7 +570,7 @@ where
         _ = sh.cancel.cancelled() => return Err(Step::Cancelled),
         r = tokio::time::timeout(sh.cfg.stall_timeout, send) => match r {
             Err(_) => return Err(transient(format!("no answer within {:?}", sh.cfg.stall_timeout)).into()),
-            Ok(Err(e)) => return Err(transient(format!("request failed: {e}")).into()),
+            Ok(Err(e)) => return Err(transient(format!("request failed: {}", chain(&e))).into()),
             Ok(Ok(r)) => r,
         },
     };
@@ -631,7 +633,7 @@ where
             }
             r = tokio::time::timeout(sh.cfg.stall_timeout, resp.chunk()) => match r {
                 Err(_) => return Err(transient(format!("stalled: no byte for {:?} at offset {at}", sh.cfg.stall_timeout)).into()),
-                Ok(Err(e)) => return Err(transient(format!("connection failed at offset {at}: {e}")).into()),
+                Ok(Err(e)) => return Err(transient(format!("connection failed at offset {at}: {}", chain(&e))).into()),
                 Ok(Ok(None)) => return Err(transient(format!("short body: ended at offset {at}, expected {resp_end}")).into()),
                 Ok(Ok(Some(c))) => c,
             },
@@ -699,6 +701,18 @@ where
         }
     }
     Ok(())
+}
+
+/// An error and its causes on one line (reqwest's Display shows only the top).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn discard<D: ?Sized, S: ?Sized>(sh: &Shared<D, S>, st: &mut FetchState) {

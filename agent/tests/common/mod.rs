@@ -37,7 +37,28 @@ impl Fixture {
     /// A delta `1.0.0` → `2.0.0` (or a full image when `full`), images of
     /// `len` bytes, operations of `chunk` bytes.
     pub fn new(len: usize, chunk: u64, full: bool) -> Fixture {
-        let old = ota_tests::images::base(len, 7);
+        Self::build(len, chunk, full, false)
+    }
+
+    /// Like [`Fixture::new`], but half of every image is incompressible, so
+    /// the payload is large (many range requests).
+    pub fn noisy(len: usize, chunk: u64, full: bool) -> Fixture {
+        Self::build(len, chunk, full, true)
+    }
+
+    fn build(len: usize, chunk: u64, full: bool, noisy: bool) -> Fixture {
+        let mut old = ota_tests::images::base(len, 7);
+        if noisy {
+            let mut x = 0x9e3779b97f4a7c15u64;
+            for (i, b) in old.iter_mut().enumerate() {
+                if (i >> 15) % 2 == 0 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+            }
+        }
         let new = ota_tests::images::next_version(&old);
         let dir = tempfile::tempdir().unwrap();
         let (op, np) = (dir.path().join("old"), dir.path().join("new"));
