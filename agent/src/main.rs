@@ -1,7 +1,13 @@
 //! `ota-agent`: the device side of edge-ota.
 //!
-//! For now it holds the offline `apply` command: verify a signed update and
-//! apply it to a file. The daemon (`run`) builds on the same engine.
+//! - `run --config PATH`: the daemon (systemd service), see [`ota_agent::daemon`];
+//! - `status --config PATH`: what runs and what is pending;
+//! - `apply`: the offline command: verify a signed update and apply it to a file;
+//! - `simulate-boot`: what the bootloader does at power-on, on a `file` boot
+//!   environment (tests and demos use it as the reboot command).
+//!
+//! The library's errors are typed (thiserror); this binary is the edge where
+//! they become messages (anyhow).
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -24,6 +30,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the agent daemon: check in, download, install, commit or roll back.
+    Run {
+        /// The agent configuration (TOML).
+        #[arg(long, default_value = "/etc/ota-agent/agent.toml")]
+        config: PathBuf,
+    },
+    /// Print the running version, booted slot, pending update, phase and progress.
+    Status {
+        #[arg(long, default_value = "/etc/ota-agent/agent.toml")]
+        config: PathBuf,
+    },
+    /// Apply the bootloader's power-on logic to a `file` boot environment
+    /// (count a trial boot, fall back past --bootlimit, record the booted slot).
+    SimulateBoot {
+        #[arg(long)]
+        env_file: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        bootlimit: u32,
+    },
     /// Verify a signed update and apply it to an image file. Exits 0 only when
     /// the output verifies; on failure nothing is left at --out.
     Apply(ApplyArgs),
@@ -54,21 +79,78 @@ struct ApplyArgs {
     no_progress: bool,
 }
 
+fn init_logging(default: &str, journal: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if journal {
+        // journald adds timestamps and does not render colours.
+        b.without_time().with_ansi(false).init();
+    } else {
+        b.init();
+    }
+}
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Apply(a) => apply(a),
+        Cmd::Apply(a) => {
+            init_logging("warn", false);
+            apply(a)
+        }
+        Cmd::Run { config } => run(&config),
+        Cmd::Status { config } => status(&config),
+        Cmd::SimulateBoot {
+            env_file,
+            bootlimit,
+        } => ota_agent::bootctl::simulate_boot(&env_file, bootlimit)
+            .map(|slot| println!("booted slot {slot}"))
+            .map_err(Into::into),
     };
     if let Err(e) = r {
         eprintln!("ota-agent: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn run(config: &Path) -> Result<()> {
+    let cfg = ota_agent::config::Config::load(config)?;
+    init_logging("info", cfg.log_format == "journal");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        // Devices have few cores; the work is I/O and hashing.
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            }
+            s.cancel();
+        });
+        let exit = ota_agent::daemon::run(cfg, shutdown).await?;
+        tracing::info!(?exit, "agent stopped");
+        Ok(())
+    })
+}
+
+fn status(config: &Path) -> Result<()> {
+    let cfg = ota_agent::config::Config::load(config)?;
+    print!(
+        "{}",
+        ota_agent::status::report(&cfg).map_err(anyhow::Error::msg)?
+    );
+    Ok(())
 }
 
 /// Reads a file that must not exceed `limit` bytes, without trusting its size.

@@ -1,0 +1,395 @@
+//! Boot control: which slot runs, which boots next, and the trial-boot
+//! protocol that makes an uncommitted update fall back by itself.
+//!
+//! All three back-ends follow U-Boot's bootcount semantics, through a small
+//! key/value environment ([`BootEnv`]):
+//!
+//! - switching to the new slot sets `slot_var` to it, `upgrade_available=1`
+//!   and `bootcount=0`;
+//! - while `upgrade_available=1` the bootloader increments `bootcount` at
+//!   every boot and, past `bootlimit`, boots the other slot instead (U-Boot's
+//!   `altbootcmd`, or the equivalent GRUB script);
+//! - committing clears `upgrade_available` and `bootcount`: the slot is good;
+//! - rolling back points `slot_var` at the old slot and clears the trial.
+//!
+//! So a new slot that hangs, panics or is never committed is abandoned by
+//! the bootloader after `bootlimit` boots, without the agent.
+//!
+//! Back-ends: `file` (a key=value file replaced atomically and fsynced; the
+//! "bootloader" is [`simulate_boot`], run by tests as the reboot command),
+//! `uboot` (`fw_printenv`/`fw_setenv`) and `grub` (`grub-editenv`).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ota_format::api::Slot;
+
+use crate::config::BootConfig;
+
+/// Why a boot-control operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("boot environment {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("boot environment: {0}")]
+    Invalid(String),
+}
+
+/// A bootloader's variable store.
+pub trait BootEnv: Send + Sync {
+    /// Every variable (only those the agent uses matter).
+    fn read(&self) -> Result<BTreeMap<String, String>, BootError>;
+    /// Sets several variables in one update (atomically where the back-end
+    /// can: the file and U-Boot's redundant environment are).
+    fn write(&self, vars: &[(&str, String)]) -> Result<(), BootError>;
+    /// Which slot is running now, if the back-end knows by itself.
+    fn booted_marker(&self) -> Option<String> {
+        None
+    }
+}
+
+/// What the bootloader will do and what runs now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootState {
+    /// The slot running now.
+    pub booted: Slot,
+    /// The slot the bootloader will boot next.
+    pub next: Slot,
+    /// A trial boot of `next` is in progress (not yet committed).
+    pub upgrade_available: bool,
+    pub bootcount: u32,
+}
+
+/// Boot control over a [`BootEnv`] with configurable variable names.
+pub struct BootControl {
+    env: Box<dyn BootEnv>,
+    cfg: BootConfig,
+    /// `uboot`/`grub`: kernel command line markers (A, B).
+    cmdline_markers: Option<[String; 2]>,
+}
+
+impl BootControl {
+    /// Builds the back-end the configuration names. `slot_paths` are used for
+    /// the default kernel command line markers.
+    pub fn from_config(cfg: &BootConfig, slot_paths: [&Path; 2]) -> Result<Self, BootError> {
+        let env: Box<dyn BootEnv> = match cfg.backend.as_str() {
+            "file" => Box::new(FileEnv {
+                path: cfg
+                    .env_file
+                    .clone()
+                    .ok_or_else(|| BootError::Invalid("file back-end needs env_file".into()))?,
+            }),
+            "uboot" => Box::new(UbootEnv),
+            "grub" => Box::new(GrubEnv {
+                path: cfg
+                    .env_file
+                    .clone()
+                    .unwrap_or_else(|| "/boot/grub/grubenv".into()),
+            }),
+            other => return Err(BootError::Invalid(format!("unknown back-end {other:?}"))),
+        };
+        let markers = cfg.cmdline_markers.clone().or_else(|| {
+            (cfg.backend != "file").then(|| slot_paths.map(|p| format!("root={}", p.display())))
+        });
+        Ok(BootControl {
+            env,
+            cfg: cfg.clone(),
+            cmdline_markers: markers,
+        })
+    }
+
+    fn slot_value(&self, s: Slot) -> String {
+        match s {
+            Slot::A => self.cfg.slot_values[0].clone(),
+            Slot::B => self.cfg.slot_values[1].clone(),
+        }
+    }
+
+    fn parse_slot(&self, v: &str) -> Option<Slot> {
+        if v == self.cfg.slot_values[0] {
+            Some(Slot::A)
+        } else if v == self.cfg.slot_values[1] {
+            Some(Slot::B)
+        } else {
+            None
+        }
+    }
+
+    /// Reads the boot state. A missing slot variable means slot A (a factory
+    /// environment that never switched).
+    pub fn state(&self) -> Result<BootState, BootError> {
+        let vars = self.env.read()?;
+        let next = match vars.get(&self.cfg.slot_var) {
+            Some(v) => self.parse_slot(v).ok_or_else(|| {
+                BootError::Invalid(format!("{}={v:?} names no slot", self.cfg.slot_var))
+            })?,
+            None => Slot::A,
+        };
+        let booted = match self.env.booted_marker() {
+            Some(v) => self
+                .parse_slot(&v)
+                .ok_or_else(|| BootError::Invalid(format!("booted slot {v:?} names no slot")))?,
+            None => self.booted_from_cmdline().unwrap_or(next),
+        };
+        Ok(BootState {
+            booted,
+            next,
+            upgrade_available: vars
+                .get(&self.cfg.upgrade_available_var)
+                .is_some_and(|v| v == "1"),
+            bootcount: vars
+                .get(&self.cfg.bootcount_var)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        })
+    }
+
+    fn booted_from_cmdline(&self) -> Option<Slot> {
+        let markers = self.cmdline_markers.as_ref()?;
+        let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+        let has = |m: &str| cmdline.split_whitespace().any(|w| w == m);
+        match (has(&markers[0]), has(&markers[1])) {
+            (true, false) => Some(Slot::A),
+            (false, true) => Some(Slot::B),
+            _ => None,
+        }
+    }
+
+    /// Boots `slot` next, on trial.
+    pub fn switch_to(&self, slot: Slot) -> Result<(), BootError> {
+        tracing::info!(
+            slot = slot.name(),
+            "switching boot to the new slot, on trial"
+        );
+        self.env.write(&[
+            (&self.cfg.slot_var, self.slot_value(slot)),
+            (&self.cfg.bootcount_var, "0".into()),
+            (&self.cfg.upgrade_available_var, "1".into()),
+        ])
+    }
+
+    /// Marks the running slot good.
+    pub fn commit(&self, booted: Slot) -> Result<(), BootError> {
+        self.env.write(&[
+            (&self.cfg.slot_var, self.slot_value(booted)),
+            (&self.cfg.upgrade_available_var, "0".into()),
+            (&self.cfg.bootcount_var, "0".into()),
+        ])
+    }
+
+    /// Boots `slot` (the old, good one) next and ends the trial.
+    pub fn rollback_to(&self, slot: Slot) -> Result<(), BootError> {
+        tracing::warn!(slot = slot.name(), "rolling boot back");
+        self.env.write(&[
+            (&self.cfg.slot_var, self.slot_value(slot)),
+            (&self.cfg.upgrade_available_var, "0".into()),
+            (&self.cfg.bootcount_var, "0".into()),
+        ])
+    }
+}
+
+/// Parses `key=value` lines.
+fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new
+/// content, never a mix: write a temporary file beside it, fsync it, rename
+/// it over, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The `file` back-end: the environment is a key=value file, replaced
+/// atomically. It also records `booted`, which [`simulate_boot`] sets.
+pub struct FileEnv {
+    pub path: PathBuf,
+}
+
+impl BootEnv for FileEnv {
+    fn read(&self) -> Result<BTreeMap<String, String>, BootError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) => Ok(parse_env(&t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(source) => Err(BootError::Io {
+                what: format!("reading {}", self.path.display()),
+                source,
+            }),
+        }
+    }
+    fn write(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
+        let mut all = self.read()?;
+        for (k, v) in vars {
+            all.insert(k.to_string(), v.clone());
+        }
+        let text: String = all.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        write_atomic(&self.path, text.as_bytes()).map_err(|source| BootError::Io {
+            what: format!("writing {}", self.path.display()),
+            source,
+        })
+    }
+    fn booted_marker(&self) -> Option<String> {
+        self.read().ok()?.get("booted").cloned()
+    }
+}
+
+/// What the U-Boot script does at power-on, applied to a `file` environment:
+/// count a trial boot, fall back past the limit, and record which slot
+/// "runs". Tests use `ota-agent simulate-boot` (which calls this) as the
+/// reboot command. Returns the slot booted.
+pub fn simulate_boot(path: &Path, bootlimit: u32) -> Result<String, BootError> {
+    let env = FileEnv { path: path.into() };
+    let mut vars = env.read()?;
+    let mut part = vars.get("boot_part").cloned().unwrap_or_else(|| "a".into());
+    if vars.get("upgrade_available").is_some_and(|v| v == "1") {
+        let count = vars
+            .get("bootcount")
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+            + 1;
+        vars.insert("bootcount".into(), count.to_string());
+        if count > bootlimit {
+            // altbootcmd: give up on the trial slot.
+            part = if part == "a" { "b".into() } else { "a".into() };
+            vars.insert("boot_part".into(), part.clone());
+            vars.insert("upgrade_available".into(), "0".into());
+            vars.insert("bootcount".into(), "0".into());
+        }
+    }
+    vars.insert("booted".into(), part.clone());
+    let pairs: Vec<(&str, String)> = vars.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    env.write(&pairs)?;
+    Ok(part)
+}
+
+fn run(cmd: &mut Command) -> Result<String, BootError> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| BootError::Io {
+        what: format!("running {command}"),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(BootError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `uboot` back-end: `fw_printenv` / `fw_setenv -s` (one atomic update of
+/// the redundant environment for all variables).
+pub struct UbootEnv;
+
+impl BootEnv for UbootEnv {
+    fn read(&self) -> Result<BTreeMap<String, String>, BootError> {
+        Ok(parse_env(&run(&mut Command::new("fw_printenv"))?))
+    }
+    fn write(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
+        let script: String = vars.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+        let mut f = tempfile::NamedTempFile::new().map_err(|source| BootError::Io {
+            what: "creating the fw_setenv script".into(),
+            source,
+        })?;
+        f.write_all(script.as_bytes())
+            .map_err(|source| BootError::Io {
+                what: "writing the fw_setenv script".into(),
+                source,
+            })?;
+        run(Command::new("fw_setenv").arg("-s").arg(f.path()))?;
+        Ok(())
+    }
+}
+
+/// The `grub` back-end: `grub-editenv FILE list` / `set`.
+pub struct GrubEnv {
+    pub path: PathBuf,
+}
+
+impl BootEnv for GrubEnv {
+    fn read(&self) -> Result<BTreeMap<String, String>, BootError> {
+        Ok(parse_env(&run(Command::new("grub-editenv")
+            .arg(&self.path)
+            .arg("list"))?))
+    }
+    fn write(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
+        let mut cmd = Command::new("grub-editenv");
+        cmd.arg(&self.path).arg("set");
+        for (k, v) in vars {
+            cmd.arg(format!("{k}={v}"));
+        }
+        run(&mut cmd)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctl(path: &Path) -> BootControl {
+        let cfg = BootConfig {
+            backend: "file".into(),
+            env_file: Some(path.into()),
+            slot_var: "boot_part".into(),
+            upgrade_available_var: "upgrade_available".into(),
+            bootcount_var: "bootcount".into(),
+            bootlimit: 2,
+            slot_values: ["a".into(), "b".into()],
+            cmdline_markers: None,
+        };
+        BootControl::from_config(&cfg, [Path::new("/a"), Path::new("/b")]).unwrap()
+    }
+
+    #[test]
+    fn an_uncommitted_trial_falls_back_after_bootlimit() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("boot.env");
+        let c = ctl(&p);
+        assert_eq!(c.state().unwrap().booted, Slot::A);
+        c.switch_to(Slot::B).unwrap();
+        assert_eq!(simulate_boot(&p, 2).unwrap(), "b");
+        assert_eq!(simulate_boot(&p, 2).unwrap(), "b");
+        let s = c.state().unwrap();
+        assert!(s.upgrade_available && s.bootcount == 2 && s.booted == Slot::B);
+        // Third boot without commit: past the limit, back to A.
+        assert_eq!(simulate_boot(&p, 2).unwrap(), "a");
+        let s = c.state().unwrap();
+        assert_eq!(
+            (s.booted, s.next, s.upgrade_available),
+            (Slot::A, Slot::A, false)
+        );
+    }
+
+    #[test]
+    fn a_committed_slot_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("boot.env");
+        let c = ctl(&p);
+        c.switch_to(Slot::B).unwrap();
+        simulate_boot(&p, 2).unwrap();
+        c.commit(Slot::B).unwrap();
+        for _ in 0..5 {
+            assert_eq!(simulate_boot(&p, 2).unwrap(), "b");
+        }
+    }
+}

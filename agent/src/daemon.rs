@@ -1,0 +1,1058 @@
+//! `ota-agent run`: the daemon.
+//!
+//! # Life of an update
+//!
+//! 1. **Check in** at the server's pace (`next_checkin_ms`, already
+//!    jittered); when the server is unreachable, back off exponentially with
+//!    jitter up to `max_backoff`.
+//! 2. **Offer** → fetch the signed manifest and check it ([`crate::verify`])
+//!    before any payload byte, record the decision in `update.json`, report
+//!    `download-started`.
+//! 3. **Download** through the chunk pool ([`crate::pool`]) straight into the
+//!    inactive slot. A recorder fsyncs the slot, then records the applied
+//!    operations in sled and a coalesced `progress` event. While downloading
+//!    the agent checks in every `lease_ms / 3` to keep its lease; a `cancel`
+//!    answer, SIGTERM, or a lease it can no longer renew cancels the pool.
+//! 4. **Install**: hash the whole target slot against `to.sha256`, switch
+//!    boot to it on trial, record phase `rebooting`, report `installed` and
+//!    `rebooting`, run the reboot command and exit.
+//! 5. **After boot** (next start): booted into the new slot → health check →
+//!    commit and report `committed`; unhealthy → switch back, reboot, then
+//!    report `rolled-back`; booted into the old slot although the switch was
+//!    made → the bootloader gave up (boot count exhausted) → `rolled-back`.
+//!
+//! # Crash safety
+//!
+//! Every step is idempotent and restartable from `update.json` (atomic) and
+//! the boot environment (atomic): a kill at any point resumes the phase it
+//! was in. Operations recorded done are re-verified against their
+//! `dst_sha256` before being trusted. The booted slot is never opened for
+//! writing.
+//!
+//! # Cancellation
+//!
+//! One [`CancellationToken`] tree: the root is SIGTERM/SIGINT (from
+//! `main`); each download gets a child, cancelled by the server's `cancel`
+//! or a lost lease. Network waits select on it; disk writes and state
+//! updates (the recorder) are outside it and finish.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ota_delta::io::ReadAt;
+use ota_format::api::{
+    Action, AgentState, CheckinRequest, EnrollRequest, EventDetail, EventKind, Progress, Slot,
+    UpdateInHand, UpdateOffer,
+};
+use ota_format::envelope::public_key_from_pem;
+use ota_format::{Digest, Manifest, TrustedKeys};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::bootctl::{BootControl, write_atomic};
+use crate::client::{Client, ClientError, Timeouts};
+use crate::config::Config;
+use crate::pool::{self, PoolConfig, PoolError, PoolStats};
+use crate::state::{Phase, SlotInfo, State, StatusRecord, UpdateRecord};
+use crate::verify::{self, Running};
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Boot(#[from] crate::bootctl::BootError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How the daemon ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop (SIGTERM).
+    Shutdown,
+    /// The reboot command ran: the device is going down.
+    Rebooting,
+}
+
+/// Why an update attempt ended without installing.
+#[derive(Debug)]
+enum UpdateEnd {
+    Cancelled,
+    Failed(String),
+}
+
+impl<E: std::fmt::Display> From<E> for UpdateEnd
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn from(e: E) -> Self {
+        UpdateEnd::Failed(e.to_string())
+    }
+}
+
+/// Live progress of the update in hand.
+#[derive(Default)]
+struct Live {
+    bytes_done: AtomicU64,
+    bytes_total: AtomicU64,
+    ops_done: AtomicU64,
+    ops_total: AtomicU64,
+}
+
+impl Live {
+    fn snapshot(&self) -> Progress {
+        Progress {
+            bytes_verified: self.bytes_done.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            ops_done: self.ops_done.load(Ordering::Relaxed),
+            ops_total: self.ops_total.load(Ordering::Relaxed),
+        }
+    }
+    fn percent(&self) -> u64 {
+        let p = self.snapshot();
+        (p.bytes_verified * 100)
+            .checked_div(p.bytes_total)
+            .unwrap_or(0)
+    }
+}
+
+/// The agent: everything the loop and the update task share.
+struct Agent {
+    cfg: Config,
+    state: State,
+    boot: BootControl,
+    client: Client,
+    trusted: TrustedKeys,
+    events: Notify,
+    live: Live,
+    status: Mutex<StatusRecord>,
+    last_status_write: Mutex<Option<Instant>>,
+    /// Counters of the current pool, for status and tests.
+    pool_stats: Mutex<Arc<PoolStats>>,
+}
+
+/// Loads the trusted keys the configuration names.
+pub fn load_trusted(cfg: &Config) -> Result<TrustedKeys, DaemonError> {
+    let keys = cfg
+        .trusted_keys
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p)
+                .map_err(|e| DaemonError::Setup(format!("reading key {}: {e}", p.display())))?;
+            public_key_from_pem(&pem)
+                .map_err(|e| DaemonError::Setup(format!("key {}: {e}", p.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    TrustedKeys::try_new(keys, cfg.key_threshold)
+        .map_err(|e| DaemonError::Setup(format!("trusted keys: {e}")))
+}
+
+/// Runs the daemon until `shutdown` fires or a reboot is under way.
+///
+/// # Cancel safety
+/// Stop it with `shutdown`, not by dropping the future: it then cancels the
+/// download, lets the recorder sync and record what was written, flushes
+/// events for at most a second, and returns. Dropping the future is still
+/// safe for the device (every state change is atomic and re-verified on
+/// restart) but may redo more work.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, DaemonError> {
+    let state = State::open(&cfg.data_dir)?;
+    let boot = BootControl::from_config(&cfg.boot, [&cfg.slots.a, &cfg.slots.b])?;
+    let trusted = load_trusted(&cfg)?;
+    let base = Client::new(
+        &cfg.server_url,
+        Timeouts {
+            request: cfg.request_timeout,
+            read: cfg.stall_timeout,
+        },
+    )?;
+    let bs = boot.state()?;
+    let mut slots = state.slots()?;
+    if slots.get(bs.booted).is_none() {
+        slots.set(
+            bs.booted,
+            Some(SlotInfo {
+                version: cfg.factory_version.clone(),
+                security_counter: cfg.factory_security_counter,
+            }),
+        );
+        state.set_slots(&slots)?;
+    }
+    let token = match obtain_token(&cfg, &base, &shutdown).await? {
+        Some(t) => t,
+        None => return Ok(Exit::Shutdown),
+    };
+    let agent = Arc::new(Agent {
+        client: base.with_token(token),
+        cfg,
+        state,
+        boot,
+        trusted,
+        events: Notify::new(),
+        live: Live::default(),
+        status: Mutex::new(StatusRecord::default()),
+        last_status_write: Mutex::new(None),
+        pool_stats: Mutex::new(Arc::new(PoolStats::default())),
+    });
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let bg = shutdown.child_token();
+    let watchdog = tokio::spawn(watchdog(bg.clone()));
+    let events = tokio::spawn(events_loop(agent.clone(), bg.clone()));
+    let r = async {
+        if let Some(exit) = after_boot(&agent).await? {
+            return Ok(exit);
+        }
+        main_loop(&agent, &shutdown).await
+    }
+    .await;
+    // Last chance to deliver events (e.g. `rebooting`), briefly.
+    bg.cancel();
+    let _ = watchdog.await;
+    let _ = events.await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), flush_events(&agent)).await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    r
+}
+
+/// Reads the device token, enrolling first if there is none.
+async fn obtain_token(
+    cfg: &Config,
+    client: &Client,
+    shutdown: &CancellationToken,
+) -> Result<Option<String>, DaemonError> {
+    let path = cfg.token_path();
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(Some(t));
+        }
+    }
+    let key_file = cfg.enrollment_key_file.as_ref().ok_or_else(|| {
+        DaemonError::Setup(format!(
+            "no device token at {} and no enrollment_key_file to enroll with",
+            path.display()
+        ))
+    })?;
+    let key = std::fs::read_to_string(key_file)
+        .map_err(|e| DaemonError::Setup(format!("reading {}: {e}", key_file.display())))?;
+    let req = EnrollRequest {
+        enrollment_key: key.trim().into(),
+        device_id: cfg.device_id.clone(),
+        device_type: cfg.device_type.clone(),
+        tags: cfg.tags.clone(),
+    };
+    let mut failures = 0;
+    loop {
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = client.enroll(&req) => r,
+        };
+        match r {
+            Ok(resp) => {
+                use std::os::unix::fs::PermissionsExt;
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                write_atomic(&path, resp.token.as_bytes())
+                    .and_then(|()| {
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    })
+                    .map_err(|e| DaemonError::Setup(format!("writing {}: {e}", path.display())))?;
+                tracing::info!(device = %resp.device_id, "enrolled");
+                return Ok(Some(resp.token));
+            }
+            Err(e) if e.is_transient() => {
+                failures += 1;
+                let wait = pool::backoff(Duration::from_secs(1), cfg.max_backoff, failures);
+                tracing::warn!("enrollment failed, retrying in {wait:?}: {e}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Pings the systemd watchdog at half its interval, if it is enabled.
+async fn watchdog(stop: CancellationToken) {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let every = Duration::from_micros(usec / 2);
+    loop {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Sends the outbox whenever told to, and every few seconds.
+async fn events_loop(agent: Arc<Agent>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let wait = if failures == 0 {
+            Duration::from_secs(5)
+        } else {
+            pool::backoff(Duration::from_secs(1), agent.cfg.max_backoff, failures)
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = agent.events.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let r = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = flush_events(&agent) => r,
+        };
+        match r {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                tracing::debug!("sending events failed: {e}");
+            }
+        }
+    }
+}
+
+/// Sends every pending event, oldest first, deleting each batch once the
+/// server acknowledged it.
+async fn flush_events(agent: &Agent) -> Result<(), DaemonError> {
+    loop {
+        let batch = agent
+            .state
+            .pending_events(ota_format::api::MAX_EVENTS_PER_BATCH);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        agent.client.events(&batch).await?;
+        let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
+        agent.state.ack_events(&seqs).await?;
+    }
+}
+
+impl Agent {
+    async fn event(&self, update_id: &str, kind: EventKind, detail: EventDetail) {
+        match self.state.push_event(update_id, kind, detail).await {
+            Ok(e) => tracing::info!(seq = e.seq, kind = ?kind, update = update_id, "event"),
+            Err(e) => tracing::error!("could not record event {kind:?}: {e}"),
+        }
+        self.events.notify_one();
+    }
+
+    fn running(&self) -> Result<(Slot, Running), DaemonError> {
+        let booted = self.boot.state()?.booted;
+        let slots = self.state.slots()?;
+        let info = slots.get(booted).cloned().unwrap_or(SlotInfo {
+            version: self.cfg.factory_version.clone(),
+            security_counter: self.cfg.factory_security_counter,
+        });
+        // The counter never goes back, whichever slot runs.
+        let counter = [slots.a.as_ref(), slots.b.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|s| s.security_counter)
+            .max()
+            .unwrap_or(0)
+            .max(info.security_counter);
+        Ok((
+            booted,
+            Running {
+                device_type: self.cfg.device_type.clone(),
+                version: info.version,
+                security_counter: counter,
+            },
+        ))
+    }
+
+    /// Sets the phase shown by systemd (`STATUS=`) and `ota-agent status`.
+    /// Progress-only updates are written at most once a second.
+    fn set_status(&self, phase: &str, update: Option<&UpdateRecord>, error: Option<String>) {
+        let force = {
+            let s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            s.phase != phase || error.is_some()
+        };
+        {
+            let mut last = self
+                .last_status_write
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !force && last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let (booted, version) = match self.running() {
+            Ok((b, r)) => (b.name().to_string(), r.version),
+            Err(_) => ("?".into(), "?".into()),
+        };
+        let percent = self.live.percent();
+        let rec = {
+            let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            s.phase = phase.into();
+            s.version = version;
+            s.booted_slot = booted;
+            s.update_id = update.map(|u| u.offer.update_id.clone());
+            s.to_version = update.map(|u| u.to_version.clone());
+            s.progress = self.live.snapshot();
+            if error.is_some() {
+                s.last_error = error;
+            }
+            s.updated_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+            s.clone()
+        };
+        let text = match update {
+            Some(u) if phase == "downloading" => {
+                format!("{phase} {} {percent}%", u.to_version)
+            }
+            Some(u) => format!("{phase} {}", u.to_version),
+            None => format!("{phase}, running {}", rec.version),
+        };
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&text)]);
+        if let Err(e) = self.state.set_status(&rec) {
+            tracing::debug!("writing status: {e}");
+        }
+    }
+}
+
+/// Runs a shell command with a timeout; `Ok(())` if it exited 0.
+async fn run_command(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("{what} `{cmd}` could not start: {e}"))?;
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Err(_) => Err(format!("{what} `{cmd}` did not finish within {timeout:?}")),
+        Ok(Err(e)) => Err(format!("{what} `{cmd}`: {e}")),
+        Ok(Ok(s)) if s.success() => Ok(()),
+        Ok(Ok(s)) => Err(format!("{what} `{cmd}` failed ({s})")),
+    }
+}
+
+async fn reboot(agent: &Agent) -> Result<Exit, DaemonError> {
+    let _ = tokio::time::timeout(Duration::from_secs(3), flush_events(agent)).await;
+    tracing::info!(command = %agent.cfg.reboot_command, "rebooting");
+    if let Err(e) = run_command(
+        "reboot command",
+        &agent.cfg.reboot_command,
+        Duration::from_secs(300),
+    )
+    .await
+    {
+        return Err(DaemonError::Setup(e));
+    }
+    Ok(Exit::Rebooting)
+}
+
+/// Finishes what a previous boot started: commit or roll back a trial
+/// boot, report a bootloader fallback, or re-run an interrupted reboot.
+/// Returns `Some(exit)` if the agent must stop (a reboot is under way).
+async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
+    let Some(mut rec) = agent.state.update()? else {
+        agent.set_status("idle", None, None);
+        return Ok(None);
+    };
+    let bs = agent.boot.state()?;
+    let id = rec.offer.update_id.clone();
+    let span = tracing::info_span!("after_boot", update = %id, phase = ?rec.phase);
+    async {
+        match rec.phase {
+            Phase::Downloading | Phase::Installing => Ok(None),
+            Phase::Rebooting if bs.booted == rec.target => {
+                agent.set_status("testing", Some(&rec), None);
+                let healthy = run_command(
+                    "health check",
+                    &agent.cfg.health_check,
+                    agent.cfg.health_timeout,
+                )
+                .await;
+                match healthy {
+                    Ok(()) => {
+                        agent.boot.commit(rec.target)?;
+                        let mut slots = agent.state.slots()?;
+                        slots.set(
+                            rec.target,
+                            Some(SlotInfo {
+                                version: rec.to_version.clone(),
+                                security_counter: rec.to_security_counter,
+                            }),
+                        );
+                        agent.state.set_slots(&slots)?;
+                        agent.state.set_update(None)?;
+                        agent.state.drop_progress_except(None).await?;
+                        agent
+                            .event(
+                                &id,
+                                EventKind::Committed,
+                                EventDetail {
+                                    version: Some(rec.to_version.clone()),
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                        tracing::info!(version = %rec.to_version, "committed");
+                        agent.set_status("idle", None, None);
+                        Ok(None)
+                    }
+                    Err(reason) => {
+                        tracing::error!("unhealthy after update: {reason}; rolling back");
+                        agent.boot.rollback_to(rec.from_slot)?;
+                        rec.phase = Phase::RollingBack;
+                        rec.reason = Some(format!("health check failed: {reason}"));
+                        agent.state.set_update(Some(&rec))?;
+                        agent.set_status("rolling-back", Some(&rec), rec.reason.clone());
+                        reboot(agent).await.map(Some)
+                    }
+                }
+            }
+            Phase::Rebooting if bs.next == rec.target && bs.upgrade_available => {
+                // Switched, but killed before the reboot happened.
+                agent.set_status("rebooting", Some(&rec), None);
+                reboot(agent).await.map(Some)
+            }
+            Phase::Rebooting => {
+                let reason = format!(
+                    "boot count exhausted: the bootloader fell back to slot {} without a commit",
+                    bs.booted.name()
+                );
+                finish_rollback(agent, &rec, reason).await?;
+                Ok(None)
+            }
+            Phase::RollingBack if bs.booted == rec.from_slot => {
+                let reason = rec.reason.clone().unwrap_or_else(|| "rolled back".into());
+                finish_rollback(agent, &rec, reason).await?;
+                Ok(None)
+            }
+            Phase::RollingBack => {
+                agent.boot.rollback_to(rec.from_slot)?;
+                reboot(agent).await.map(Some)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn finish_rollback(
+    agent: &Agent,
+    rec: &UpdateRecord,
+    reason: String,
+) -> Result<(), DaemonError> {
+    let mut slots = agent.state.slots()?;
+    slots.set(rec.target, None);
+    agent.state.set_slots(&slots)?;
+    agent.state.set_update(None)?;
+    agent.state.drop_progress_except(None).await?;
+    let version = agent.running()?.1.version;
+    tracing::warn!(%version, "rolled back: {reason}");
+    agent
+        .event(
+            &rec.offer.update_id,
+            EventKind::RolledBack,
+            EventDetail {
+                reason: Some(reason.clone()),
+                version: Some(version),
+                ..Default::default()
+            },
+        )
+        .await;
+    agent.set_status("idle", None, Some(reason));
+    Ok(())
+}
+
+/// A running update task.
+struct Download {
+    update_id: String,
+    lease: Duration,
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), UpdateEnd>>,
+}
+
+async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Exit, DaemonError> {
+    let mut download: Option<Download> = None;
+    // Resume an update interrupted by a crash or a stop, without waiting
+    // for the server.
+    if let Some(rec) = agent.state.update()?
+        && matches!(rec.phase, Phase::Downloading | Phase::Installing)
+    {
+        download = Some(start_download(agent, rec.offer, shutdown));
+    }
+    let mut wait = Duration::ZERO;
+    let mut failures = 0u32;
+    let mut last_contact = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                if let Some(d) = download.take() {
+                    d.cancel.cancel();
+                    let _ = d.task.await;
+                }
+                return Ok(Exit::Shutdown);
+            }
+            r = async { (&mut download.as_mut().expect("guarded").task).await }, if download.is_some() => {
+                let d = download.take().expect("guarded");
+                match r {
+                    Ok(Ok(())) => return reboot(agent).await,
+                    Ok(Err(UpdateEnd::Cancelled)) => {
+                        tracing::info!(update = %d.update_id, "download stopped");
+                        agent.set_status("idle", None, None);
+                    }
+                    Ok(Err(UpdateEnd::Failed(reason))) => fail_update(agent, &d.update_id, reason).await?,
+                    Err(e) => fail_update(agent, &d.update_id, format!("update task died: {e}")).await?,
+                }
+                wait = Duration::ZERO;
+            }
+            _ = tokio::time::sleep(wait) => {
+                let (booted, running) = agent.running()?;
+                let req = CheckinRequest {
+                    current_version: running.version.clone(),
+                    booted_slot: booted,
+                    state: if download.is_some() { AgentState::Downloading } else { AgentState::Idle },
+                    update: download.as_ref().map(|d| UpdateInHand {
+                        update_id: d.update_id.clone(),
+                        progress: agent.live.snapshot(),
+                    }),
+                };
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => continue,
+                    r = agent.client.checkin(&req) => r,
+                };
+                match r {
+                    Ok((resp, retry_after)) => {
+                        failures = 0;
+                        last_contact = Instant::now();
+                        wait = Duration::from_millis(resp.next_checkin_ms.clamp(100, 86_400_000));
+                        match resp.action {
+                            Action::None => {}
+                            Action::Wait { reason } => {
+                                tracing::debug!("server says wait: {reason}");
+                                wait = wait.max(retry_after.unwrap_or_default());
+                            }
+                            Action::Update(offer) => match &download {
+                                Some(d) if d.update_id == offer.update_id => {}
+                                Some(d) => tracing::warn!(holding = %d.update_id, offered = %offer.update_id, "ignoring a second offer while one is in hand"),
+                                None => download = Some(start_download(agent, offer, shutdown)),
+                            },
+                            Action::Cancel { update_id, reason } => {
+                                if let Some(d) = download.as_ref().filter(|d| d.update_id == update_id) {
+                                    tracing::warn!(update = %update_id, "server cancelled the update: {reason}");
+                                    d.cancel.cancel();
+                                    let d = download.take().expect("checked");
+                                    let _ = d.task.await;
+                                    // Progress stays, keyed by payload hash, in
+                                    // case the same payload is offered again.
+                                    agent.state.set_update(None)?;
+                                    agent.set_status("idle", None, Some(format!("cancelled by the server: {reason}")));
+                                }
+                            }
+                        }
+                        if let Some(d) = &download {
+                            wait = wait.min(d.lease / 3).max(Duration::from_millis(100));
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        wait = pool::backoff(Duration::from_secs(1), agent.cfg.max_backoff, failures);
+                        tracing::warn!(retry_in_ms = wait.as_millis() as u64, "check-in failed: {e}");
+                        if let Some(d) = &download {
+                            wait = wait.min(d.lease / 3).max(Duration::from_millis(100));
+                            if last_contact.elapsed() > d.lease {
+                                tracing::warn!(update = %d.update_id, "lease lost (no contact for {:?}): stopping the download", d.lease);
+                                d.cancel.cancel();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn fail_update(agent: &Agent, update_id: &str, reason: String) -> Result<(), DaemonError> {
+    tracing::error!(update = %update_id, "update failed: {reason}");
+    agent
+        .event(
+            update_id,
+            EventKind::Failed,
+            EventDetail {
+                reason: Some(reason.chars().take(1000).collect()),
+                ..Default::default()
+            },
+        )
+        .await;
+    agent.state.set_update(None)?;
+    agent.set_status("idle", None, Some(reason));
+    Ok(())
+}
+
+fn start_download(
+    agent: &Arc<Agent>,
+    offer: UpdateOffer,
+    shutdown: &CancellationToken,
+) -> Download {
+    let cancel = shutdown.child_token();
+    let span = tracing::info_span!("update", id = %offer.update_id, version = %offer.version);
+    let d = Download {
+        update_id: offer.update_id.clone(),
+        lease: Duration::from_millis(offer.lease_ms.max(300)),
+        cancel: cancel.clone(),
+        task: tokio::spawn(update_task(agent.clone(), offer, cancel).instrument(span)),
+    };
+    agent.set_status("downloading", None, None);
+    d
+}
+
+/// Opens a slot for reading and writing, without truncating.
+fn open_rw(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
+/// Download, verify and install one update; `Ok` when boot has been
+/// switched and the reboot should follow.
+async fn update_task(
+    agent: Arc<Agent>,
+    offer: UpdateOffer,
+    cancel: CancellationToken,
+) -> Result<(), UpdateEnd> {
+    let (booted, running) = agent
+        .running()
+        .map_err(|e| UpdateEnd::Failed(e.to_string()))?;
+    // The manifest: the stored copy when resuming this update, else fetched.
+    let existing = agent.state.update()?.filter(|r| {
+        r.offer.update_id == offer.update_id && r.offer.manifest_sha256 == offer.manifest_sha256
+    });
+    let manifest_path = agent.state.manifest_path(&offer.manifest_sha256);
+    let envelope = match existing
+        .as_ref()
+        .and_then(|_| std::fs::read(&manifest_path).ok())
+    {
+        Some(b) if Digest::of(&b) == offer.manifest_sha256 => b,
+        _ => tokio::select! {
+            _ = cancel.cancelled() => return Err(UpdateEnd::Cancelled),
+            r = agent.client.fetch_manifest(&offer.manifest_url, &offer.manifest_sha256) => r?,
+        },
+    };
+    let manifest = Arc::new(verify::check_manifest(
+        &envelope,
+        &agent.trusted,
+        &running,
+        Some(&offer),
+        SystemTime::now(),
+    )?);
+    let target = booted.other();
+    if let Some(r) = &existing
+        && r.target != target
+    {
+        return Err(UpdateEnd::Failed(format!(
+            "the update was being written to slot {} but that slot is now running",
+            r.target.name()
+        )));
+    }
+    let target_path = agent.cfg.slot_path(target).to_path_buf();
+    let booted_path = agent.cfg.slot_path(booted).to_path_buf();
+    let source = std::fs::File::open(&booted_path)
+        .map_err(|e| format!("opening booted slot {}: {e}", booted_path.display()))?;
+    let dest = open_rw(&target_path).map_err(|e| {
+        format!(
+            "opening slot {} ({}): {e}",
+            target.name(),
+            target_path.display()
+        )
+    })?;
+    if dest.metadata().map(|m| m.is_file()).unwrap_or(false)
+        && dest.metadata().map(|m| m.len()).unwrap_or(0) < manifest.to.size
+    {
+        dest.set_len(manifest.to.size)
+            .map_err(|e| format!("growing slot file {}: {e}", target_path.display()))?;
+    }
+    let (source, dest) = (Arc::new(source), Arc::new(dest));
+    {
+        let (m, s, d) = (manifest.clone(), source.clone(), dest.clone());
+        let name = target.name().to_string();
+        tokio::task::spawn_blocking(move || verify::check_slots(&m, &s, &d, &name))
+            .await
+            .map_err(|e| e.to_string())??;
+    }
+    let mut rec = UpdateRecord {
+        offer: offer.clone(),
+        phase: existing.as_ref().map_or(Phase::Downloading, |r| r.phase),
+        from_slot: booted,
+        target,
+        to_version: manifest.to.version.clone(),
+        to_security_counter: manifest.security_counter,
+        reason: None,
+    };
+    if existing.is_none() {
+        write_atomic(&manifest_path, &envelope).map_err(|e| format!("saving the manifest: {e}"))?;
+        agent.state.set_update(Some(&rec))?;
+        agent
+            .state
+            .drop_progress_except(Some(&manifest.payload.sha256))
+            .await?;
+        agent
+            .event(
+                &offer.update_id,
+                EventKind::DownloadStarted,
+                Default::default(),
+            )
+            .await;
+    }
+    let payload = manifest.payload.sha256;
+    let live = &agent.live;
+    live.bytes_total.store(manifest.to.size, Ordering::Relaxed);
+    live.ops_total
+        .store(manifest.operations.len() as u64, Ordering::Relaxed);
+
+    // sled is a hint: re-verify every extent it believes done.
+    let believed = agent.state.done_ops(&payload)?;
+    let bad = {
+        let (m, d, ops) = (manifest.clone(), dest.clone(), believed.clone());
+        let c = cancel.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<Vec<usize>> {
+            let mut bad = Vec::new();
+            for i in ops {
+                if c.is_cancelled() {
+                    break;
+                }
+                let op = m.operations.get(i);
+                match op {
+                    Some(op) if ota_delta::apply::verify_operation_output(op, &*d)? => {}
+                    _ => bad.push(i),
+                }
+            }
+            Ok(bad)
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    if cancel.is_cancelled() {
+        return Err(UpdateEnd::Cancelled);
+    }
+    if !bad.is_empty() {
+        tracing::warn!(
+            count = bad.len(),
+            "extents recorded done do not verify: redoing them"
+        );
+        agent.state.unmark(&payload, &bad).await?;
+    }
+    let done: std::collections::BTreeSet<usize> = believed
+        .into_iter()
+        .filter(|i| !bad.contains(i) && *i < manifest.operations.len())
+        .collect();
+    live.ops_done.store(done.len() as u64, Ordering::Relaxed);
+    live.bytes_done.store(
+        done.iter()
+            .map(|&i| manifest.operations[i].dst.length)
+            .sum(),
+        Ordering::Relaxed,
+    );
+    let todo: Vec<usize> = (0..manifest.operations.len())
+        .filter(|i| !done.contains(i))
+        .collect();
+    tracing::info!(
+        resumed = done.len(),
+        todo = todo.len(),
+        "downloading into slot {}",
+        target.name()
+    );
+    agent.set_status("downloading", Some(&rec), None);
+
+    if !todo.is_empty() {
+        let stats = Arc::new(PoolStats::default());
+        *agent.pool_stats.lock().unwrap_or_else(|e| e.into_inner()) = stats.clone();
+        let cfg = PoolConfig {
+            parallel: agent
+                .cfg
+                .parallel_ranges
+                .min(offer.max_parallel_ranges.max(1) as usize),
+            range_size: agent.cfg.range_size,
+            memory_budget: agent.cfg.memory_budget,
+            stall_timeout: agent.cfg.stall_timeout,
+            attempts: agent.cfg.range_attempts,
+            bandwidth_limit: agent.cfg.bandwidth_limit,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let source: Option<Arc<std::fs::File>> = manifest.from.as_ref().map(|_| source.clone());
+        let pool_fut = pool::run(
+            &agent.client,
+            &offer.payload_url,
+            manifest.clone(),
+            &todo,
+            dest.clone(),
+            source,
+            &cfg,
+            &cancel,
+            tx,
+            stats,
+        );
+        let rec_fut = recorder(&agent, &manifest, &rec, dest.clone(), rx);
+        let (pooled, recorded) = tokio::join!(pool_fut, rec_fut);
+        recorded?;
+        match pooled {
+            Ok(()) => {}
+            Err(PoolError::Cancelled) => return Err(UpdateEnd::Cancelled),
+            Err(e) => return Err(UpdateEnd::Failed(e.to_string())),
+        }
+    }
+    if rec.phase == Phase::Downloading {
+        agent
+            .event(
+                &offer.update_id,
+                EventKind::Downloaded,
+                EventDetail {
+                    progress: Some(live.snapshot()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        rec.phase = Phase::Installing;
+        agent.state.set_update(Some(&rec))?;
+    }
+    agent.set_status("installing", Some(&rec), None);
+
+    // The whole image, read back from the slot.
+    let actual = {
+        let (d, len, c) = (dest.clone(), manifest.to.size, cancel.clone());
+        tokio::task::spawn_blocking(move || hash_cancellable(&*d, len, &c))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading back slot {}: {e}", target.name()))?
+    };
+    let Some(actual) = actual else {
+        return Err(UpdateEnd::Cancelled);
+    };
+    if actual != manifest.to.sha256 {
+        // Something changed the slot behind our back: forget all progress so
+        // a retry re-verifies and rewrites.
+        agent.state.drop_progress_except(None).await?;
+        return Err(UpdateEnd::Failed(format!(
+            "slot {} holds sha256 {actual} after applying, the manifest says {}",
+            target.name(),
+            manifest.to.sha256
+        )));
+    }
+    dest.sync_all()
+        .map_err(|e| format!("syncing slot {}: {e}", target.name()))?;
+    agent.boot.switch_to(target)?;
+    rec.phase = Phase::Rebooting;
+    agent.state.set_update(Some(&rec))?;
+    agent
+        .event(
+            &offer.update_id,
+            EventKind::Installed,
+            EventDetail {
+                version: Some(manifest.to.version.clone()),
+                ..Default::default()
+            },
+        )
+        .await;
+    agent
+        .event(&offer.update_id, EventKind::Rebooting, Default::default())
+        .await;
+    agent.set_status("rebooting", Some(&rec), None);
+    Ok(())
+}
+
+/// SHA-256 of `[0, len)`, or `None` if cancelled midway.
+fn hash_cancellable<R: ReadAt + ?Sized>(
+    r: &R,
+    len: u64,
+    cancel: &CancellationToken,
+) -> std::io::Result<Option<Digest>> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
+        let n = (len - at).min(buf.len() as u64) as usize;
+        r.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(Some(h.into()))
+}
+
+/// Receives applied operations, fsyncs the slot, then records them: the
+/// order that makes sled's "done" trustworthy enough to be a hint. Runs
+/// until the pool drops its sender; not cancellable (it only writes).
+async fn recorder(
+    agent: &Agent,
+    manifest: &Manifest,
+    rec: &UpdateRecord,
+    dest: Arc<std::fs::File>,
+    mut rx: mpsc::Receiver<usize>,
+) -> Result<(), UpdateEnd> {
+    let payload = manifest.payload.sha256;
+    let mut pending: Vec<usize> = Vec::new();
+    let mut pending_bytes = 0u64;
+    let mut last_flush = Instant::now();
+    let mut last_event = Instant::now() - Duration::from_secs(10);
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(250), rx.recv()).await;
+        let closed = matches!(next, Ok(None));
+        if let Ok(Some(i)) = next {
+            pending.push(i);
+            pending_bytes += manifest.operations[i].dst.length;
+        }
+        let due = closed
+            || pending_bytes >= (8 << 20)
+            || (!pending.is_empty() && last_flush.elapsed() >= Duration::from_millis(500));
+        if due && !pending.is_empty() {
+            let d = dest.clone();
+            tokio::task::spawn_blocking(move || d.sync_data())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("syncing the target slot: {e}"))?;
+            agent.state.mark_done(&payload, &pending).await?;
+            agent
+                .live
+                .ops_done
+                .fetch_add(pending.len() as u64, Ordering::Relaxed);
+            agent
+                .live
+                .bytes_done
+                .fetch_add(pending_bytes, Ordering::Relaxed);
+            pending.clear();
+            pending_bytes = 0;
+            last_flush = Instant::now();
+            agent.set_status("downloading", Some(rec), None);
+            if last_event.elapsed() >= Duration::from_secs(2) || closed {
+                last_event = Instant::now();
+                agent
+                    .event(
+                        &rec.offer.update_id,
+                        EventKind::Progress,
+                        EventDetail {
+                            progress: Some(agent.live.snapshot()),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+            }
+        }
+        if closed {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! `ota-agent`: the device side of edge-ota, as a library (the daemon, and
+//! the pieces a fleet load test reuses) and a binary (`src/main.rs`).
+//!
+//! The agent's promise: whatever happens — network loss, kill -9, power cut,
+//! a full disk, a lying server — the device ends on its old version or on
+//! the verified new one, never in between, and it says why.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration, every option with its default,
+//!   validated once at load.
+//! - [`client`]: the device API client (enroll, check-in, events, manifest),
+//!   reqwest with rustls, no content decoding, timeouts.
+//! - [`verify`]: manifest checks before any download — signatures against
+//!   the threshold, device type, expiry, no downgrade of version or security
+//!   counter, the booted slot is the delta's base.
+//! - [`pool`]: the bounded concurrent chunk pool — coalesced/split Range
+//!   requests, at most N in flight, stall detection, retries with backoff and
+//!   jitter, every operation verified before it is written into any
+//!   [`ota_delta::io::WriteAt`] destination, within a memory budget.
+//! - [`state`]: what survives a crash — atomic decision files, and sled for
+//!   progress hints (re-verified on restart), the events outbox and the
+//!   event counter.
+//! - [`bootctl`]: A/B boot control with U-Boot bootcount semantics; back-ends
+//!   `file` (tests, demos), `uboot`, `grub`.
+//! - [`daemon`]: `ota-agent run` — check-in loop, download, install, reboot,
+//!   health check, commit or rollback, one cancellation tree, systemd notify.
+//! - [`status`]: `ota-agent status`.
+
+pub mod bootctl;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod pool;
+pub mod state;
+pub mod status;
+pub mod verify;

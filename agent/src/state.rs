@@ -1,0 +1,418 @@
+//! What the agent remembers across restarts, crashes and power cuts.
+//!
+//! Two kinds of storage, for two kinds of facts:
+//!
+//! - **Decisions** — which update is in hand and in which phase, which
+//!   version each slot holds — are small JSON files replaced atomically
+//!   (temporary file, fsync, rename, fsync of the directory): after a crash
+//!   they hold the old or the new decision, never a mix. `ota-agent status`
+//!   reads them without opening the database.
+//! - **Hints and queues** live in sled (`<data_dir>/db`): the operations
+//!   believed applied (recorded only after the slot was fsynced, and
+//!   re-verified against their `dst_sha256` on restart: sled is a hint, the
+//!   slot is the truth), the events outbox (an event is stored before it is
+//!   sent and deleted only when the server acknowledged it; progress events
+//!   are coalesced to the latest), and the event sequence counter, which
+//!   must never go back.
+
+use std::path::{Path, PathBuf};
+
+use ota_format::Digest;
+use ota_format::api::{Event, EventDetail, EventKind, Slot, UpdateOffer};
+use serde::{Deserialize, Serialize};
+
+use crate::bootctl::write_atomic;
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Db { path: PathBuf, source: sled::Error },
+    #[error("state file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Where an update in hand stands. Stored in `update.json`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Fetching and applying operations into the target slot.
+    Downloading,
+    /// All operations applied; verifying the image, about to switch.
+    Installing,
+    /// Boot switched to the target slot (on trial); reboot pending or done.
+    Rebooting,
+    /// Health check failed: boot switched back to the old slot, reboot pending.
+    RollingBack,
+}
+
+/// The update in hand.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct UpdateRecord {
+    pub offer: UpdateOffer,
+    pub phase: Phase,
+    /// The slot running when the update started (the fallback).
+    pub from_slot: Slot,
+    /// The slot being written.
+    pub target: Slot,
+    pub to_version: String,
+    pub to_security_counter: u64,
+    /// Why we are rolling back (phase `rolling-back`).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What each slot holds, as far as the agent knows.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct SlotsRecord {
+    pub a: Option<SlotInfo>,
+    pub b: Option<SlotInfo>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SlotInfo {
+    pub version: String,
+    pub security_counter: u64,
+}
+
+impl SlotsRecord {
+    pub fn get(&self, s: Slot) -> Option<&SlotInfo> {
+        match s {
+            Slot::A => self.a.as_ref(),
+            Slot::B => self.b.as_ref(),
+        }
+    }
+    pub fn set(&mut self, s: Slot, info: Option<SlotInfo>) {
+        match s {
+            Slot::A => self.a = info,
+            Slot::B => self.b = info,
+        }
+    }
+}
+
+/// Live status for `ota-agent status`, rewritten about once a second.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct StatusRecord {
+    pub phase: String,
+    pub version: String,
+    pub booted_slot: String,
+    #[serde(default)]
+    pub update_id: Option<String>,
+    #[serde(default)]
+    pub to_version: Option<String>,
+    #[serde(default)]
+    pub progress: ota_format::api::Progress,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    pub updated_at: String,
+}
+
+/// The agent's persistent state.
+pub struct State {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    outbox: sled::Tree,
+}
+
+fn db_err(path: &Path) -> impl FnOnce(sled::Error) -> StateError + '_ {
+    move |source| StateError::Db {
+        path: path.into(),
+        source,
+    }
+}
+
+const SEQ_KEY: &[u8] = b"next_seq";
+
+impl State {
+    /// Opens (creating) the state under `dir`.
+    pub fn open(dir: &Path) -> Result<State, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::Io {
+            path: dir.into(),
+            source,
+        })?;
+        let path = dir.join("db");
+        let db = sled::Config::new()
+            .path(&path)
+            // Small devices: a small page cache is plenty for these trees.
+            .cache_capacity(1 << 20)
+            .open()
+            .map_err(db_err(&path))?;
+        let meta = db.open_tree("meta").map_err(db_err(&path))?;
+        let outbox = db.open_tree("outbox").map_err(db_err(&path))?;
+        Ok(State {
+            dir: dir.into(),
+            db,
+            meta,
+            outbox,
+        })
+    }
+
+    fn err(&self) -> impl FnOnce(sled::Error) -> StateError + '_ {
+        db_err(&self.dir)
+    }
+
+    /// Makes every change so far durable.
+    ///
+    /// # Cancel safety
+    /// Cancelling may leave the flush incomplete; sled recovers to an earlier
+    /// consistent point, which only loses hints (re-derived on restart).
+    pub async fn flush(&self) -> Result<(), StateError> {
+        self.db.flush_async().await.map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Appends an event to the outbox with the next sequence number and
+    /// makes it durable before returning. A new progress event replaces the
+    /// unsent progress events of the same update (coalescing).
+    pub async fn push_event(
+        &self,
+        update_id: &str,
+        kind: EventKind,
+        detail: EventDetail,
+    ) -> Result<Event, StateError> {
+        let next = self
+            .meta
+            .update_and_fetch(SEQ_KEY, |old| {
+                let n = old
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Some((n + 1).to_be_bytes().to_vec())
+            })
+            .map_err(self.err())?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1);
+        let ev = Event {
+            seq: next,
+            update_id: update_id.into(),
+            kind,
+            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            detail,
+        };
+        if kind == EventKind::Progress {
+            for (k, v) in self.outbox.iter().flatten() {
+                if let Ok(old) = serde_json::from_slice::<Event>(&v)
+                    && old.kind == EventKind::Progress
+                    && old.update_id == update_id
+                {
+                    self.outbox.remove(k).map_err(self.err())?;
+                }
+            }
+        }
+        self.outbox
+            .insert(
+                next.to_be_bytes(),
+                serde_json::to_vec(&ev).expect("event serializes"),
+            )
+            .map_err(self.err())?;
+        self.flush().await?;
+        Ok(ev)
+    }
+
+    /// The oldest unsent events, at most `max`.
+    pub fn pending_events(&self, max: usize) -> Vec<Event> {
+        self.outbox
+            .iter()
+            .flatten()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .take(max)
+            .collect()
+    }
+
+    /// Removes acknowledged events.
+    pub async fn ack_events(&self, seqs: &[u64]) -> Result<(), StateError> {
+        for s in seqs {
+            self.outbox.remove(s.to_be_bytes()).map_err(self.err())?;
+        }
+        self.flush().await
+    }
+
+    /// Events waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    fn done_tree(&self, payload: &Digest) -> Result<sled::Tree, StateError> {
+        self.db
+            .open_tree(format!("done-{payload}"))
+            .map_err(self.err())
+    }
+
+    /// Operations believed applied (and synced) for this payload.
+    pub fn done_ops(&self, payload: &Digest) -> Result<Vec<usize>, StateError> {
+        Ok(self
+            .done_tree(payload)?
+            .iter()
+            .keys()
+            .flatten()
+            .filter_map(|k| <[u8; 4]>::try_from(k.as_ref()).ok())
+            .map(|b| u32::from_be_bytes(b) as usize)
+            .collect())
+    }
+
+    /// Records operations as applied. Call only after the slot was fsynced.
+    pub async fn mark_done(&self, payload: &Digest, ops: &[usize]) -> Result<(), StateError> {
+        let t = self.done_tree(payload)?;
+        let mut batch = sled::Batch::default();
+        for &i in ops {
+            batch.insert(&(i as u32).to_be_bytes(), &[]);
+        }
+        t.apply_batch(batch).map_err(self.err())?;
+        self.flush().await
+    }
+
+    /// Forgets operations whose extent did not verify.
+    pub async fn unmark(&self, payload: &Digest, ops: &[usize]) -> Result<(), StateError> {
+        let t = self.done_tree(payload)?;
+        for &i in ops {
+            t.remove((i as u32).to_be_bytes()).map_err(self.err())?;
+        }
+        self.flush().await
+    }
+
+    /// Forgets all progress of every payload but `keep`.
+    pub async fn drop_progress_except(&self, keep: Option<&Digest>) -> Result<(), StateError> {
+        let keep = keep.map(|d| format!("done-{d}"));
+        for name in self.db.tree_names() {
+            let n = String::from_utf8_lossy(&name).to_string();
+            if n.starts_with("done-") && Some(&n) != keep.as_ref() {
+                self.db.drop_tree(&name).map_err(self.err())?;
+            }
+        }
+        self.flush().await
+    }
+
+    // ----- decision files -----
+
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
+        read_json(&self.dir.join(name))
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, v: &T) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        write_atomic(&path, &serde_json::to_vec_pretty(v).expect("serializes"))
+            .map_err(|source| StateError::Io { path, source })
+    }
+
+    pub fn update(&self) -> Result<Option<UpdateRecord>, StateError> {
+        self.read_json("update.json")
+    }
+
+    pub fn set_update(&self, u: Option<&UpdateRecord>) -> Result<(), StateError> {
+        match u {
+            Some(u) => self.write_json("update.json", u),
+            None => {
+                let path = self.dir.join("update.json");
+                match std::fs::remove_file(&path) {
+                    Ok(()) => std::fs::File::open(&self.dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|source| StateError::Io { path, source }),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(source) => Err(StateError::Io { path, source }),
+                }
+            }
+        }
+    }
+
+    pub fn slots(&self) -> Result<SlotsRecord, StateError> {
+        Ok(self.read_json("slots.json")?.unwrap_or_default())
+    }
+
+    pub fn set_slots(&self, s: &SlotsRecord) -> Result<(), StateError> {
+        self.write_json("slots.json", s)
+    }
+
+    pub fn set_status(&self, s: &StatusRecord) -> Result<(), StateError> {
+        self.write_json("status.json", s)
+    }
+
+    /// Where the manifest of the update in hand is kept.
+    pub fn manifest_path(&self, sha: &Digest) -> PathBuf {
+        self.dir.join(format!("manifest-{sha}.json"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Reads a JSON decision file; `None` if it does not exist.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|source| StateError::Corrupt {
+                path: path.into(),
+                source,
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Io {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn seq_survives_reopen_and_progress_coalesces() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = State::open(d.path()).unwrap();
+            let e1 = s
+                .push_event("u", EventKind::DownloadStarted, Default::default())
+                .await
+                .unwrap();
+            s.push_event("u", EventKind::Progress, Default::default())
+                .await
+                .unwrap();
+            let e3 = s
+                .push_event("u", EventKind::Progress, Default::default())
+                .await
+                .unwrap();
+            assert_eq!((e1.seq, e3.seq), (1, 3));
+            let p = s.pending_events(10);
+            assert_eq!(p.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 3]);
+            s.ack_events(&[1, 3]).await.unwrap();
+            assert_eq!(s.outbox_len(), 0);
+        }
+        let s = State::open(d.path()).unwrap();
+        let e = s
+            .push_event("u", EventKind::Downloaded, Default::default())
+            .await
+            .unwrap();
+        assert_eq!(e.seq, 4, "the counter never goes back");
+    }
+
+    #[tokio::test]
+    async fn done_ops_are_per_payload() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(d.path()).unwrap();
+        let p1 = Digest::of(b"1");
+        let p2 = Digest::of(b"2");
+        s.mark_done(&p1, &[3, 1, 2]).await.unwrap();
+        s.mark_done(&p2, &[7]).await.unwrap();
+        assert_eq!(s.done_ops(&p1).unwrap(), vec![1, 2, 3]);
+        s.unmark(&p1, &[2]).await.unwrap();
+        assert_eq!(s.done_ops(&p1).unwrap(), vec![1, 3]);
+        s.drop_progress_except(Some(&p2)).await.unwrap();
+        assert!(s.done_ops(&p1).unwrap().is_empty());
+        assert_eq!(s.done_ops(&p2).unwrap(), vec![7]);
+    }
+}
