@@ -106,6 +106,17 @@ impl Client {
         })
     }
 
+    /// A client over an HTTP client built elsewhere (the load test binds
+    /// each simulated device to its own loopback source address).
+    pub fn from_reqwest(http: reqwest::Client, base: &str, timeouts: Timeouts) -> Client {
+        Client {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: None,
+            timeouts,
+        }
+    }
+
     /// The same client, authenticated with a device token.
     pub fn with_token(mut self, token: impl Into<String>) -> Client {
         self.token = Some(token.into());

@@ -126,6 +126,12 @@ impl AdminClient {
         decode(resp, &format!("PUT {url}")).await
     }
 
+    /// Fleet-wide figures (`GET /api/v1/admin/stats`).
+    pub async fn stats(&self) -> Result<serde_json::Value> {
+        self.call::<(), _>(Method::GET, "/api/v1/admin/stats", None)
+            .await
+    }
+
     pub async fn releases(&self) -> Result<Vec<ReleaseRecord>> {
         self.call::<(), _>(Method::GET, "/api/v1/admin/releases", None)
             .await

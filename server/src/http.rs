@@ -146,6 +146,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/admin/devices", post(admin_device_add))
         .route("/api/v1/admin/devices/{id}", get(admin_device_get))
         .route("/api/v1/admin/releases", get(admin_releases))
+        .route("/api/v1/admin/stats", get(admin_stats))
         .route(
             "/api/v1/admin/releases/{device_type}/{version}",
             put(admin_release_add),
@@ -601,6 +602,28 @@ async fn admin_rollout_action(
     };
     let r = app.rollouts.set_state(&id, to, reason.into()).await?;
     Ok(axum::Json(app.rollouts.status(&r)).into_response())
+}
+
+/// Fleet-wide figures: devices, events stored (a full scan of the events
+/// tree: for reports and load tests, not for dashboards), flushes.
+async fn admin_stats(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let app2 = app.clone();
+    let events_stored = tokio::task::spawn_blocking(move || app2.store.events.len())
+        .await
+        .map_err(internal)?;
+    Ok(axum::Json(serde_json::json!({
+        "devices": app.fleet.len(),
+        "events_stored": events_stored,
+        "events_accepted_since_start": app.rollouts.events_accepted.load(Ordering::Relaxed),
+        "events_duplicate_since_start": app.rollouts.events_duplicate.load(Ordering::Relaxed),
+        "flushes_since_start": app.store.flush_count(),
+        "bytes_served_since_start": app.bytes_served.load(Ordering::Relaxed),
+    }))
+    .into_response())
 }
 
 /// Leases held across all rollouts (for the gauge).
