@@ -606,10 +606,7 @@ async fn admin_rollout_action(
 
 /// Fleet-wide figures: devices, events stored (a full scan of the events
 /// tree: for reports and load tests, not for dashboards), flushes.
-async fn admin_stats(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiErr> {
+async fn admin_stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
     let app2 = app.clone();
     let events_stored = tokio::task::spawn_blocking(move || app2.store.events.len())

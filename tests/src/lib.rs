@@ -8,6 +8,8 @@
 //! - [`Update`]: keygen + delta through the real `ota-server` CLI, and a
 //!   way to run `ota-agent apply` on the result.
 
+pub mod loadtest;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -30,7 +32,17 @@ pub fn bin(name: &str) -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "ota-server", "-p", "ota-agent"]);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "ota-server",
+            "-p",
+            "ota-agent",
+            "-p",
+            "ota-tests",
+            "--bins",
+        ]);
         if release {
             cmd.arg("--release");
         }

@@ -1,0 +1,757 @@
+//! One simulated device: the agent's client, manifest checks and chunk pool,
+//! driven through check-in, download, install and commit, with its faults.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Result;
+use hdrhistogram::Histogram;
+use ota_agent::client::Client;
+use ota_agent::pool::{self, PoolConfig, PoolError, PoolStats};
+use ota_agent::verify::{Running, check_manifest};
+use ota_delta::io::{ReadAt, WriteAt};
+use ota_format::api::*;
+use ota_format::{Digest, Manifest, TrustedKeys};
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::Args;
+
+/// A device's state as the sampler sees it.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevState {
+    Idle = 0,
+    Waiting = 1,
+    Downloading = 2,
+    Installed = 3,
+    Committed = 4,
+    Failed = 5,
+    RolledBack = 6,
+    Silent = 7,
+    TimedOut = 8,
+}
+
+/// Which faults a device suffers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    pub via_proxy: bool,
+    pub kill: bool,
+    pub silent: bool,
+    pub slow: bool,
+    pub health_fail: bool,
+    pub real_slot: bool,
+}
+
+/// Picks each device's faults from the rates, reproducibly from `seed`.
+pub fn assign_faults(a: &Args, seed: u64) -> Vec<Faults> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..a.devices)
+        .map(|_| {
+            let mut p = |r: f64| rng.random::<f64>() < r;
+            Faults {
+                via_proxy: p(a.cut_rate + a.corrupt_rate),
+                kill: p(a.kill_rate),
+                silent: p(a.silent_rate),
+                slow: p(a.slow_rate),
+                health_fail: p(a.health_fail_rate),
+                real_slot: p(a.real_slot_rate),
+            }
+        })
+        .collect()
+}
+
+pub fn device_id(i: usize) -> String {
+    format!("sim-{i:06}")
+}
+
+/// Counters of the whole fleet (client side).
+pub struct FleetStats {
+    pub state: Vec<AtomicU8>,
+    pub wave: Vec<AtomicU8>,
+    pub downloading: AtomicU64,
+    pub max_downloading: AtomicU64,
+    /// Download starts, ms since the run began.
+    pub starts: Mutex<Vec<u64>>,
+    latency: Vec<Mutex<Histogram<u64>>>,
+    pub checkins: AtomicU64,
+    pub checkin_errors: AtomicU64,
+    pub events_acked: AtomicU64,
+    pub events_given_up: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_needed: AtomicU64,
+    pub bytes_discarded: AtomicU64,
+    pub retries: AtomicU64,
+    pub resumes: AtomicU64,
+    pub bytes_redownloaded: AtomicU64,
+    pub wrong_images: AtomicU64,
+    pub real_slots_verified: AtomicU64,
+    pub ops_verified: AtomicU64,
+    pub download_failures: AtomicU64,
+    pub cancels: AtomicU64,
+}
+
+impl FleetStats {
+    pub fn new(n: usize) -> FleetStats {
+        FleetStats {
+            state: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            wave: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            downloading: AtomicU64::new(0),
+            max_downloading: AtomicU64::new(0),
+            starts: Mutex::new(Vec::new()),
+            latency: (0..16)
+                .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
+                .collect(),
+            checkins: AtomicU64::new(0),
+            checkin_errors: AtomicU64::new(0),
+            events_acked: AtomicU64::new(0),
+            events_given_up: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            bytes_needed: AtomicU64::new(0),
+            bytes_discarded: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            resumes: AtomicU64::new(0),
+            bytes_redownloaded: AtomicU64::new(0),
+            wrong_images: AtomicU64::new(0),
+            real_slots_verified: AtomicU64::new(0),
+            ops_verified: AtomicU64::new(0),
+            download_failures: AtomicU64::new(0),
+            cancels: AtomicU64::new(0),
+        }
+    }
+
+    fn set(&self, i: usize, s: DevState) {
+        self.state[i].store(s as u8, Ordering::Relaxed);
+    }
+
+    fn record_latency(&self, i: usize, d: Duration) {
+        let us = d.as_micros().clamp(1, 120_000_000) as u64;
+        let _ = self.latency[i % 16].lock().unwrap().record(us);
+    }
+
+    /// Merged check-in latency histogram (µs).
+    pub fn latency(&self) -> Histogram<u64> {
+        let mut h = Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+        for s in &self.latency {
+            let _ = h.add(&*s.lock().unwrap());
+        }
+        h
+    }
+
+    /// Counts devices per state, overall and per wave.
+    pub fn sample(&self, t: Duration, waves: usize, _sh: &Shared) -> super::report::Sample {
+        let mut c = [0u64; 9];
+        let mut per_wave = vec![[0u64; 9]; waves];
+        for (s, w) in self.state.iter().zip(&self.wave) {
+            let s = s.load(Ordering::Relaxed) as usize;
+            c[s] += 1;
+            per_wave[(w.load(Ordering::Relaxed) as usize).min(waves - 1)][s] += 1;
+        }
+        super::report::Sample {
+            t: t.as_secs_f64(),
+            waiting: c[1] + c[0],
+            downloading: c[2],
+            installed: c[3],
+            committed: c[4],
+            failed: c[5] + c[8],
+            rolled_back: c[6],
+            silent: c[7],
+            finished: c[4] + c[5] + c[6] + c[7] + c[8],
+            committed_per_wave: per_wave.iter().map(|w| w[4]).collect(),
+        }
+    }
+}
+
+/// What every device shares.
+pub struct Shared {
+    pub source: Arc<Vec<u8>>,
+    pub source_path: PathBuf,
+    pub target_sha: Digest,
+    pub target_len: u64,
+    pub trusted: TrustedKeys,
+    pub cancel: CancellationToken,
+    pub stats: FleetStats,
+    pub args: Args,
+    pub started: Instant,
+    pub slots_dir: PathBuf,
+    pub server_up: AtomicBool,
+}
+
+/// One simulated device.
+pub struct Device {
+    pub index: usize,
+    pub id: String,
+    pub client: Client,
+    pub faults: Faults,
+    pub wave: usize,
+}
+
+/// Discards writes: the apply engine has already hashed every operation's
+/// output against the manifest before it writes.
+struct Sink;
+impl WriteAt for Sink {
+    fn write_all_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Enrolls `n` devices, 256 at a time, spreading them over the clients.
+pub async fn enroll_all(clients: &[Client], n: usize, key: &str) -> Result<Vec<String>> {
+    use futures_util::StreamExt;
+    let results: Vec<Result<String>> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let c = clients[i % clients.len()].clone();
+            let key = key.to_string();
+            async move {
+                let req = EnrollRequest {
+                    enrollment_key: key,
+                    device_id: device_id(i),
+                    device_type: "sim".into(),
+                    tags: Default::default(),
+                };
+                let mut attempt = 0;
+                loop {
+                    match c.enroll(&req).await {
+                        Ok(r) => return Ok(r.token),
+                        Err(e) if attempt < 5 => {
+                            attempt += 1;
+                            tracing::warn!(error = %e, "enroll retry");
+                            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        })
+        .buffered(256)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Sleeps unless the run is cancelled; false when cancelled.
+async fn nap(sh: &Shared, d: Duration) -> bool {
+    tokio::select! {
+        _ = sh.cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// The update a device holds.
+struct InHand {
+    offer: UpdateOffer,
+    manifest: Arc<Manifest>,
+    done: HashSet<usize>,
+    counted: bool,
+    killed: bool,
+    slot: Option<Arc<std::fs::File>>,
+}
+
+enum DownloadEnd {
+    Done,
+    Killed,
+    CancelledByServer,
+    Failed(String),
+    RunOver,
+}
+
+struct Dev<'a> {
+    d: &'a Device,
+    sh: &'a Shared,
+    seq: u64,
+}
+
+impl Dev<'_> {
+    /// Sends one event, retrying until acknowledged or the run ends.
+    async fn event(&mut self, update_id: &str, kind: EventKind, detail: EventDetail) {
+        self.seq += 1;
+        let ev = Event {
+            seq: self.seq,
+            update_id: update_id.into(),
+            kind,
+            at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            detail,
+        };
+        let mut n = 0;
+        loop {
+            match self.d.client.events(std::slice::from_ref(&ev)).await {
+                Ok(_) => {
+                    self.sh.stats.events_acked.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => {
+                    n += 1;
+                    let wait = pool::backoff(Duration::from_millis(100), Duration::from_secs(5), n);
+                    if !nap(self.sh, wait).await {
+                        self.sh
+                            .stats
+                            .events_given_up
+                            .fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One check-in, timed.
+    async fn checkin(&self, req: &CheckinRequest) -> Option<CheckinResponse> {
+        let t = Instant::now();
+        let r = self.d.client.checkin(req).await;
+        let st = &self.sh.stats;
+        st.checkins.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok((resp, _)) => {
+                st.record_latency(self.d.index, t.elapsed());
+                Some(resp)
+            }
+            Err(_) => {
+                st.checkin_errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// Runs one device until it finished (committed, rolled back, failed,
+/// silent) or the run is over.
+pub async fn run_device(d: Device, sh: Arc<Shared>) {
+    let st = &sh.stats;
+    st.wave[d.index].store(d.wave as u8, Ordering::Relaxed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(d.index as u64 ^ 0xdead_beef);
+    // Devices boot at random times within one check-in interval.
+    if !nap(
+        &sh,
+        Duration::from_millis(rng.random_range(0..sh.args.idle_ms.max(1))),
+    )
+    .await
+    {
+        st.set(d.index, DevState::TimedOut);
+        return;
+    }
+    let mut dev = Dev {
+        d: &d,
+        sh: &sh,
+        seq: 0,
+    };
+    let mut hand: Option<InHand> = None;
+    let mut errors = 0u32;
+    loop {
+        if sh.cancel.is_cancelled() {
+            finish_counting(&sh, &mut hand);
+            st.set(d.index, DevState::TimedOut);
+            return;
+        }
+        let req = CheckinRequest {
+            current_version: "1.0".into(),
+            booted_slot: Slot::A,
+            state: if hand.is_some() {
+                AgentState::Downloading
+            } else {
+                AgentState::Idle
+            },
+            update: hand.as_ref().map(|h| UpdateInHand {
+                update_id: h.offer.update_id.clone(),
+                progress: Progress::default(),
+            }),
+        };
+        let Some(resp) = dev.checkin(&req).await else {
+            errors += 1;
+            let wait = pool::backoff(Duration::from_millis(200), Duration::from_secs(5), errors);
+            if !nap(&sh, wait).await {
+                continue;
+            }
+            continue;
+        };
+        errors = 0;
+        let next = Duration::from_millis(resp.next_checkin_ms);
+        match resp.action {
+            Action::None => {
+                if hand.is_some() {
+                    // The server no longer knows the update: drop it.
+                    finish_counting(&sh, &mut hand);
+                }
+                st.set(d.index, DevState::Idle);
+                nap(&sh, next).await;
+            }
+            Action::Wait { .. } => {
+                st.set(d.index, DevState::Waiting);
+                nap(&sh, next).await;
+            }
+            Action::Cancel { .. } => {
+                st.cancels.fetch_add(1, Ordering::Relaxed);
+                finish_counting(&sh, &mut hand);
+                st.set(d.index, DevState::Waiting);
+                nap(&sh, next.min(Duration::from_secs(1))).await;
+            }
+            Action::Update(offer) => {
+                if d.faults.silent {
+                    // Admitted, then never heard from again: the server must
+                    // expire the lease. Not counted as downloading here: the
+                    // server's own active-lease figure is checked instead.
+                    st.set(d.index, DevState::Silent);
+                    return;
+                }
+                if hand
+                    .as_ref()
+                    .is_none_or(|h| h.offer.update_id != offer.update_id)
+                {
+                    finish_counting(&sh, &mut hand);
+                    match start_update(&mut dev, offer).await {
+                        Ok(h) => hand = Some(h),
+                        Err(reason) => {
+                            st.download_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(device = %d.id, %reason, "update refused");
+                            nap(&sh, next).await;
+                            continue;
+                        }
+                    }
+                }
+                let h = hand.as_mut().expect("set above");
+                st.set(d.index, DevState::Downloading);
+                match download(&dev, h, &mut rng).await {
+                    DownloadEnd::Done => {
+                        let id = h.offer.update_id.clone();
+                        let real = h.slot.take();
+                        finish_counting(&sh, &mut hand);
+                        dev.event(&id, EventKind::Downloaded, Default::default())
+                            .await;
+                        if let Some(f) = real {
+                            let ok = tokio::task::spawn_blocking(move || {
+                                ota_delta::apply::hash_range(&*f, 0, sh_len(&f)).ok()
+                            })
+                            .await
+                            .ok()
+                            .flatten();
+                            if ok == Some(sh.target_sha) {
+                                st.real_slots_verified.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                st.wrong_images.fetch_add(1, Ordering::Relaxed);
+                                dev.event(
+                                    &id,
+                                    EventKind::Failed,
+                                    EventDetail {
+                                        reason: Some("target hash mismatch".into()),
+                                        ..Default::default()
+                                    },
+                                )
+                                .await;
+                                st.set(d.index, DevState::Failed);
+                                return;
+                            }
+                        }
+                        dev.event(&id, EventKind::Installed, Default::default())
+                            .await;
+                        st.set(d.index, DevState::Installed);
+                        dev.event(&id, EventKind::Rebooting, Default::default())
+                            .await;
+                        if d.faults.health_fail {
+                            dev.event(
+                                &id,
+                                EventKind::RolledBack,
+                                EventDetail {
+                                    reason: Some("health check failed (simulated)".into()),
+                                    version: Some("1.0".into()),
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                            st.set(d.index, DevState::RolledBack);
+                        } else {
+                            dev.event(
+                                &id,
+                                EventKind::Committed,
+                                EventDetail {
+                                    version: Some("2.0".into()),
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                            st.set(d.index, DevState::Committed);
+                        }
+                        return;
+                    }
+                    DownloadEnd::Killed => {
+                        // The "process" died: what was applied stays (it is
+                        // on the slot); a restart checks in again and resumes.
+                        st.resumes.fetch_add(1, Ordering::Relaxed);
+                        nap(&sh, Duration::from_millis(rng.random_range(100..500))).await;
+                    }
+                    DownloadEnd::CancelledByServer => {
+                        st.cancels.fetch_add(1, Ordering::Relaxed);
+                        finish_counting(&sh, &mut hand);
+                        st.set(d.index, DevState::Waiting);
+                    }
+                    DownloadEnd::Failed(reason) => {
+                        st.download_failures.fetch_add(1, Ordering::Relaxed);
+                        let id = h.offer.update_id.clone();
+                        finish_counting(&sh, &mut hand);
+                        dev.event(
+                            &id,
+                            EventKind::Failed,
+                            EventDetail {
+                                reason: Some(reason),
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                        st.set(d.index, DevState::Waiting);
+                        nap(&sh, next).await;
+                    }
+                    DownloadEnd::RunOver => {}
+                }
+            }
+        }
+    }
+}
+
+fn sh_len(f: &std::fs::File) -> u64 {
+    f.metadata().map_or(0, |m| m.len())
+}
+
+/// Stops counting a device as downloading (before the server learns it
+/// finished, so the client-side count never exceeds the server's).
+fn finish_counting(sh: &Shared, hand: &mut Option<InHand>) {
+    if let Some(h) = hand.take()
+        && h.counted
+    {
+        sh.stats.downloading.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Fetches and checks the manifest, counts the start.
+async fn start_update(dev: &mut Dev<'_>, offer: UpdateOffer) -> Result<InHand, String> {
+    let sh = dev.sh;
+    let st = &sh.stats;
+    let now = st.downloading.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_downloading.fetch_max(now, Ordering::SeqCst);
+    st.starts
+        .lock()
+        .unwrap()
+        .push(sh.started.elapsed().as_millis() as u64);
+    let env = match dev
+        .d
+        .client
+        .fetch_manifest(&offer.manifest_url, &offer.manifest_sha256)
+        .await
+    {
+        Ok(e) => e,
+        Err(e) => {
+            st.downloading.fetch_sub(1, Ordering::SeqCst);
+            return Err(format!("manifest: {e}"));
+        }
+    };
+    let running = Running {
+        device_type: "sim".into(),
+        version: "1.0".into(),
+        security_counter: 0,
+    };
+    let m = match check_manifest(&env, &sh.trusted, &running, Some(&offer), SystemTime::now()) {
+        Ok(m) => m,
+        Err(e) => {
+            st.downloading.fetch_sub(1, Ordering::SeqCst);
+            return Err(format!("manifest check: {e}"));
+        }
+    };
+    let needed: u64 = m
+        .operations
+        .iter()
+        .filter_map(|o| o.data.as_ref())
+        .map(|d| d.length)
+        .sum();
+    st.bytes_needed.fetch_add(needed, Ordering::Relaxed);
+    let slot = if dev.d.faults.real_slot {
+        let p = sh.slots_dir.join(format!("{}.img", dev.d.id));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map_err(|e| e.to_string())?;
+        f.set_len(m.to.size).map_err(|e| e.to_string())?;
+        Some(Arc::new(f))
+    } else {
+        None
+    };
+    let id = offer.update_id.clone();
+    let h = InHand {
+        offer,
+        manifest: Arc::new(m),
+        done: HashSet::new(),
+        counted: true,
+        killed: false,
+        slot,
+    };
+    dev.event(&id, EventKind::DownloadStarted, Default::default())
+        .await;
+    Ok(h)
+}
+
+/// Runs the agent's chunk pool over the operations still to do, keeping the
+/// lease alive with check-ins, and applying the kill fault.
+async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -> DownloadEnd {
+    let sh = dev.sh;
+    let a = &sh.args;
+    let todo: Vec<usize> = (0..h.manifest.operations.len())
+        .filter(|i| !h.done.contains(i))
+        .collect();
+    if todo.is_empty() {
+        return DownloadEnd::Done;
+    }
+    let cfg = PoolConfig {
+        parallel: (h.offer.max_parallel_ranges as usize).clamp(1, a.parallel.max(1)),
+        range_size: 64 << 10,
+        memory_budget: 8 << 20,
+        stall_timeout: Duration::from_secs(5),
+        attempts: 6,
+        bandwidth_limit: if dev.d.faults.slow { a.slow_bps } else { 0 },
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(3),
+    };
+    let cancel = sh.cancel.child_token();
+    let stats = Arc::new(PoolStats::default());
+    let (tx, mut rx) = mpsc::channel::<usize>(256);
+    let kill_after_ops =
+        (dev.d.faults.kill && !h.killed).then(|| rng.random_range(1..=todo.len().max(1)));
+    let kill_delay = Duration::from_micros(rng.random_range(0..20_000));
+    let pool_fut = async {
+        match &h.slot {
+            Some(f) => {
+                let src = Arc::new(std::fs::File::open(&sh.source_path).expect("source image"));
+                pool::run(
+                    &dev.d.client,
+                    &h.offer.payload_url,
+                    h.manifest.clone(),
+                    &todo,
+                    f.clone(),
+                    Some(src),
+                    &cfg,
+                    &cancel,
+                    tx,
+                    stats.clone(),
+                )
+                .await
+            }
+            None => {
+                pool::run::<Sink, Vec<u8>>(
+                    &dev.d.client,
+                    &h.offer.payload_url,
+                    h.manifest.clone(),
+                    &todo,
+                    Arc::new(Sink),
+                    Some(sh.source.clone()),
+                    &cfg,
+                    &cancel,
+                    tx,
+                    stats.clone(),
+                )
+                .await
+            }
+        }
+    };
+    let update_id = h.offer.update_id.clone();
+    let lease_every = Duration::from_millis((h.offer.lease_ms / 3).max(200));
+    let mut killed = false;
+    let mut server_cancel = false;
+    let mut applied_now = 0usize;
+    let done = &mut h.done;
+    let result = {
+        tokio::pin!(pool_fut);
+        let mut keeper = tokio::time::interval(lease_every);
+        keeper.tick().await;
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                r = &mut pool_fut => break r,
+                Some(i) = rx.recv() => {
+                    done.insert(i);
+                    applied_now += 1;
+                    if kill_after_ops.is_some_and(|k| applied_now >= k) && kill_at.is_none() {
+                        kill_at = Some(tokio::time::Instant::now() + kill_delay);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(kill_at.unwrap()).await }, if kill_at.is_some() && !killed => {
+                    killed = true;
+                    cancel.cancel();
+                }
+                _ = keeper.tick() => {
+                    let req = CheckinRequest {
+                        current_version: "1.0".into(),
+                        booted_slot: Slot::A,
+                        state: AgentState::Downloading,
+                        update: Some(UpdateInHand { update_id: update_id.clone(), progress: Progress { ops_done: done.len() as u64, ..Default::default() } }),
+                    };
+                    if let Some(r) = dev.checkin(&req).await
+                        && matches!(r.action, Action::Cancel { .. })
+                    {
+                        server_cancel = true;
+                        cancel.cancel();
+                    }
+                }
+            }
+        }
+    };
+    while let Ok(i) = rx.try_recv() {
+        done.insert(i);
+    }
+    let st = &sh.stats;
+    let recv = stats.bytes_received.load(Ordering::Relaxed);
+    st.bytes_received.fetch_add(recv, Ordering::Relaxed);
+    st.bytes_discarded.fetch_add(
+        stats.bytes_discarded.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
+    st.retries
+        .fetch_add(stats.retries.load(Ordering::Relaxed), Ordering::Relaxed);
+    st.ops_verified
+        .fetch_add(applied_now as u64, Ordering::Relaxed);
+    if killed {
+        // Bytes fetched again after a kill: everything this attempt received
+        // beyond the data of the operations it completed.
+        let useful: u64 = applied_bytes(&h.manifest, &todo, &h.done);
+        st.bytes_redownloaded
+            .fetch_add(recv.saturating_sub(useful), Ordering::Relaxed);
+    }
+    match result {
+        Ok(()) => {
+            if h.done.len() == h.manifest.operations.len() {
+                DownloadEnd::Done
+            } else {
+                DownloadEnd::Failed(format!(
+                    "pool returned with {} of {} operations",
+                    h.done.len(),
+                    h.manifest.operations.len()
+                ))
+            }
+        }
+        Err(PoolError::Cancelled) if killed => {
+            h.killed = true;
+            DownloadEnd::Killed
+        }
+        Err(PoolError::Cancelled) if server_cancel => DownloadEnd::CancelledByServer,
+        Err(PoolError::Cancelled) => DownloadEnd::RunOver,
+        Err(e) => DownloadEnd::Failed(e.to_string()),
+    }
+}
+
+/// Data bytes of the operations in `todo` now done.
+fn applied_bytes(m: &Manifest, todo: &[usize], done: &HashSet<usize>) -> u64 {
+    let mut seen = HashSet::new();
+    todo.iter()
+        .filter(|i| done.contains(i))
+        .filter_map(|&i| m.operations[i].data.as_ref())
+        .filter(|d| seen.insert(d.offset))
+        .map(|d| d.length)
+        .sum()
+}
+
+// ReadAt for Vec<u8> exists in ota-delta; keep the bound visible here.
+#[allow(dead_code)]
+fn _assert_source_is_readat(v: &Vec<u8>) -> &dyn ReadAt {
+    v
+}

@@ -1,0 +1,82 @@
+//! The fleet load test in a small configuration, faults on: the throttle
+//! holds, no event is lost, no device ends on a wrong image.
+
+use std::process::Command;
+
+#[test]
+fn a_small_faulty_fleet_updates_within_every_limit() {
+    let out = tempfile::tempdir().unwrap();
+    let exe = ota_tests::bin("ota-loadtest");
+    let seed = std::env::var("OTA_LOADTEST_SEED").unwrap_or_else(|_| "20261126".into());
+    eprintln!("ota-loadtest seed {seed} (set OTA_LOADTEST_SEED to reproduce)");
+    let o = Command::new(exe)
+        .args([
+            "--devices",
+            "300",
+            "--image-kib",
+            "512",
+            "--waves",
+            "5,30,100",
+            "--soak",
+            "1s",
+            "--max-concurrent",
+            "15",
+            "--max-starts-per-min",
+            "900",
+            "--idle-ms",
+            "1000",
+            "--wait-ms",
+            "500",
+            "--lease-ms",
+            "2000",
+            "--cut-rate",
+            "0.05",
+            "--corrupt-rate",
+            "0.05",
+            "--kill-rate",
+            "0.1",
+            "--silent-rate",
+            "0.02",
+            "--slow-rate",
+            "0.03",
+            "--slow-bps",
+            "262144",
+            "--health-fail-rate",
+            "0.02",
+            "--real-slot-rate",
+            "0.05",
+            "--server-restart-at",
+            "6s",
+            "--deadline",
+            "100s",
+            "--quiet",
+            "--seed",
+            &seed,
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "ota-loadtest failed: {:?}", o.status);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing"));
+    assert!(n("max_concurrent_observed_devices") <= 15);
+    assert!(n("max_concurrent_observed_server_leases") <= 15);
+    assert_eq!(n("start_rate_violations"), 0);
+    assert_eq!(n("events_lost"), 0);
+    assert_eq!(n("wrong_images"), 0);
+    assert!(n("real_slots_verified") > 0, "no real slot was checked");
+    assert!(n("resumes") > 0, "no device was killed mid-download");
+    assert_eq!(n("server_restarts"), 1);
+    // Everyone who could finish did: all but silent devices end committed or
+    // rolled back (health-check failures).
+    assert_eq!(
+        n("committed") + n("rolled_back") + n("silent"),
+        300,
+        "{stdout}"
+    );
+    assert!(out.path().join("chart.svg").exists());
+}
