@@ -116,6 +116,9 @@ pub struct Args {
     /// Loopback source addresses to spread devices over (127.0.x.y).
     #[arg(long, default_value_t = 256)]
     pub source_addrs: u32,
+    /// Most API requests in flight at once across the fleet (bounds sockets).
+    #[arg(long, default_value_t = 4096)]
+    pub max_requests: usize,
     /// Where to write report.json and chart.svg.
     #[arg(long, default_value = "loadtest-report")]
     pub out: PathBuf,
@@ -251,7 +254,7 @@ fn clients(base: &str, n: u32, read_timeout: Duration) -> Result<Vec<Client>> {
                 .local_address(source_addr(i))
                 .no_gzip()
                 .tcp_nodelay(true)
-                .pool_max_idle_per_host(1024)
+                .pool_max_idle_per_host(24)
                 .pool_idle_timeout(Duration::from_secs(30))
                 .connect_timeout(Duration::from_secs(5))
                 .read_timeout(read_timeout)
@@ -291,14 +294,13 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let v1 = images::base(size, seed | 1);
     let mut v2 = images::next_version(&v1);
     v2.resize(size, 0);
-    // Replace a share of 64 KiB blocks with fresh noise so the payload has
-    // many operations and ranges worth cutting, killing and resuming.
+    // Replace an evenly spread share of 64 KiB blocks with fresh noise, so
+    // the payload has operations and ranges worth cutting, killing and
+    // resuming, whatever the image size.
     let mut x = seed | 1;
-    for block in v2.chunks_mut(64 << 10) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if x % 100 < args.change_percent as u64 {
+    let pct = args.change_percent as usize;
+    for (i, block) in v2.chunks_mut(64 << 10).enumerate() {
+        if (i * pct) % 100 < pct {
             for b in block.iter_mut() {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -385,6 +387,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         started: Instant::now(),
         slots_dir,
         server_up: AtomicBool::new(true),
+        in_flight: tokio::sync::Semaphore::new(args.max_requests),
     });
     drop(v2);
 

@@ -179,6 +179,9 @@ pub struct Shared {
     pub started: Instant,
     pub slots_dir: PathBuf,
     pub server_up: AtomicBool,
+    /// Bounds API requests in flight across the fleet, so connections (and
+    /// file descriptors, on both sides) stay bounded however large N is.
+    pub in_flight: tokio::sync::Semaphore,
 }
 
 /// One simulated device.
@@ -268,6 +271,7 @@ struct Dev<'a> {
 impl Dev<'_> {
     /// Sends one event, retrying until acknowledged or the run ends.
     async fn event(&mut self, update_id: &str, kind: EventKind, detail: EventDetail) {
+        let _permit = self.sh.in_flight.acquire().await.expect("never closed");
         self.seq += 1;
         let ev = Event {
             seq: self.seq,
@@ -300,6 +304,7 @@ impl Dev<'_> {
 
     /// One check-in, timed.
     async fn checkin(&self, req: &CheckinRequest) -> Option<CheckinResponse> {
+        let _permit = self.sh.in_flight.acquire().await.expect("never closed");
         let t = Instant::now();
         let r = self.d.client.checkin(req).await;
         let st = &self.sh.stats;
