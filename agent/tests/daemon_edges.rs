@@ -1,0 +1,167 @@
+//! The daemon at the edges: a full disk, a server that cancels the update,
+//! SIGTERM in the middle of a download (then resume).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ota_format::api::EventKind;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_fails_clearly_and_leaves_the_old_slot_alone() {
+    let fx = Fixture::noisy(2 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-full"));
+    let mnt = tempfile::tempdir().unwrap();
+    // A 1 MiB filesystem for a 2 MiB image.
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _umount = Umount(mnt.path().into());
+    let dev = Device::with_slot_b(
+        &server.url,
+        &fx,
+        "true",
+        "",
+        Some(mnt.path().join("slot-b.img")),
+    );
+    let mut agent = dev.spawn();
+    server
+        .wait_for("failed", Duration::from_secs(30), |s| {
+            s.has_event(EventKind::Failed)
+        })
+        .await;
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    let ev = server.srv.events.lock().unwrap().clone();
+    let f = ev.iter().find(|e| e.kind == EventKind::Failed).unwrap();
+    let reason = f.detail.reason.clone().unwrap_or_default();
+    assert!(reason.contains("No space left on device"), "{reason}");
+    eprintln!("disk full reported as: {reason}");
+    assert_eq!(
+        std::fs::read(&dev.slot_a).unwrap(),
+        fx.old,
+        "slot A untouched"
+    );
+    let v = dev.boot_vars();
+    assert_ne!(
+        v.get("boot_part").map(String::as_str),
+        Some("b"),
+        "boot never switched"
+    );
+    assert!(!ev.iter().any(|e| e.kind == EventKind::Installed));
+    let s = dev.status();
+    assert!(s.contains("No space left"), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_cancel_stops_every_request_promptly() {
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server.srv.throttle_us.store(50_000, Ordering::SeqCst); // slow: seconds
+    server.srv.next_checkin_ms.store(100, Ordering::SeqCst);
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-cancel"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    server
+        .wait_for("download", Duration::from_secs(20), |s| {
+            s.srv.bytes_sent.load(Ordering::SeqCst) > 100_000
+        })
+        .await;
+    let t = Instant::now();
+    *server.srv.cancel.lock().unwrap() = Some(("u-cancel".into(), "rollout aborted".into()));
+    // The next check-in (≤ 100 ms) gets the cancel; every request stops.
+    let mut last = server.srv.bytes_sent.load(Ordering::SeqCst);
+    let stopped_at = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = server.srv.bytes_sent.load(Ordering::SeqCst);
+        if now == last {
+            break t.elapsed();
+        }
+        last = now;
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "download did not stop"
+        );
+    };
+    eprintln!("download stopped {stopped_at:?} after the server said cancel");
+    assert!(stopped_at < Duration::from_secs(1), "{stopped_at:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server.srv.bytes_sent.load(Ordering::SeqCst),
+        last,
+        "a request survived"
+    );
+    let s = dev.status();
+    assert!(s.contains("pending:      none"), "{s}");
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    assert_eq!(std::fs::read(&dev.slot_a).unwrap(), fx.old);
+    assert!(!server.has_event(EventKind::Installed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_download_is_prompt_and_the_next_run_resumes() {
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server.srv.throttle_us.store(10_000, Ordering::SeqCst);
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-term"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    let half = fx.payload.len() as u64 / 2;
+    server
+        .wait_for("half the payload", Duration::from_secs(30), |s| {
+            s.srv.bytes_sent.load(Ordering::SeqCst) > half
+        })
+        .await;
+    let t = Instant::now();
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    let took = t.elapsed();
+    eprintln!("SIGTERM at 50 %: exited in {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let before = server.srv.bytes_sent.load(Ordering::SeqCst);
+    // Restart: resumes, finishes, reboots.
+    server.srv.throttle_us.store(0, Ordering::SeqCst);
+    let mut agent = dev.spawn();
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(60))
+            .await
+            .success()
+    );
+    assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
+    let total = server.srv.bytes_sent.load(Ordering::SeqCst);
+    let refetched = total.saturating_sub(fx.payload.len() as u64);
+    eprintln!(
+        "payload {} bytes; sent before SIGTERM {before}, in all {total}: {refetched} bytes fetched twice",
+        fx.payload.len()
+    );
+    // At most the 4 ranges in flight (64 KiB each) were fetched again.
+    assert!(refetched <= 4 * (64 << 10), "{refetched}");
+}
