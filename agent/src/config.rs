@@ -379,8 +379,11 @@ env_file = "/tmp/boot.env"
 
     #[test]
     fn the_example_config_is_valid() {
-        let c = Config::from_toml(include_str!("../../deploy/agent.toml"), Path::new("agent.toml"))
-            .unwrap();
+        let c = Config::from_toml(
+            include_str!("../../deploy/agent.toml"),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
         assert_eq!(c.boot.backend, "uboot");
         assert_eq!(c.tags["site"], "lab");
     }
