@@ -165,3 +165,49 @@ async fn sigterm_mid_download_is_prompt_and_the_next_run_resumes() {
     // At most the 4 ranges in flight (64 KiB each) were fetched again.
     assert!(refetched <= 4 * (64 << 10), "{refetched}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_gets_ready_status_watchdog_and_stopping() {
+    let fx = Fixture::new(1 << 20, 256 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let sock_path = dev.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // WATCHDOG_PID must be the agent's own pid: exec keeps the shell's.
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} run --config {}",
+            agent_bin().display(),
+            dev.config.display()
+        ))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut agent = AgentProc(child);
+    let mut seen = Vec::new();
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    let has = |seen: &Vec<String>, p: &str| seen.iter().any(|m| m.contains(p));
+    while !(has(&seen, "READY=1") && has(&seen, "STATUS=idle") && has(&seen, "WATCHDOG=1")) {
+        assert!(t.elapsed() < Duration::from_secs(10), "got only {seen:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    while let Ok(n) = sock.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(has(&seen, "STOPPING=1"), "{seen:?}");
+    eprintln!("notify messages: {seen:?}");
+}
