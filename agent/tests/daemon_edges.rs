@@ -211,3 +211,48 @@ async fn systemd_gets_ready_status_watchdog_and_stopping() {
     assert!(has(&seen, "STOPPING=1"), "{seen:?}");
     eprintln!("notify messages: {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_cannot_be_renewed_stops_the_download() {
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server.srv.throttle_us.store(50_000, Ordering::SeqCst);
+    server.srv.next_checkin_ms.store(100, Ordering::SeqCst);
+    let mut offer = fx.offer("u-lease");
+    offer.lease_ms = 1000;
+    *server.srv.offer.lock().unwrap() = Some(offer);
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    server
+        .wait_for("download", Duration::from_secs(20), |s| {
+            s.srv.bytes_sent.load(Ordering::SeqCst) > 50_000
+        })
+        .await;
+    // The API goes away (artifacts still flow): the lease cannot be renewed.
+    server.srv.checkin_down.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut last = server.srv.bytes_sent.load(Ordering::SeqCst);
+    let stopped_at = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = server.srv.bytes_sent.load(Ordering::SeqCst);
+        if now == last {
+            break t.elapsed();
+        }
+        last = now;
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "download went on without a lease"
+        );
+    };
+    eprintln!("download stopped {stopped_at:?} after the last renewal (lease 1 s)");
+    assert!(stopped_at < Duration::from_secs(3), "{stopped_at:?}");
+    // The server comes back and offers the same payload: resume, not restart.
+    server.srv.checkin_down.store(false, Ordering::SeqCst);
+    server.srv.throttle_us.store(0, Ordering::SeqCst);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(30))
+            .await
+            .success()
+    );
+    assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
+}

@@ -159,6 +159,8 @@ pub struct Srv {
     /// Throttle: microseconds of sleep per 16 KiB chunk sent.
     pub throttle_us: AtomicU64,
     pub next_checkin_ms: AtomicU64,
+    /// Answer check-ins with 503 (the server "unreachable" for the API).
+    pub checkin_down: std::sync::atomic::AtomicBool,
     pub enroll_key: String,
 }
 
@@ -202,6 +204,7 @@ impl Server {
             bytes_sent: AtomicU64::new(0),
             throttle_us: AtomicU64::new(0),
             next_checkin_ms: AtomicU64::new(200),
+            checkin_down: Default::default(),
             enroll_key: "fleet-key".into(),
         });
         let app = Router::new()
@@ -304,6 +307,9 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
     let Ok(req) = serde_json::from_slice::<CheckinRequest>(&body) else {
         return api_err(StatusCode::BAD_REQUEST, "bad_request", "bad body");
     };
+    if s.checkin_down.load(Ordering::SeqCst) {
+        return api_err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "down");
+    }
     s.checkins.lock().unwrap().push(req.clone());
     let next = s.next_checkin_ms.load(Ordering::SeqCst);
     if let Some((id, reason)) = s.cancel.lock().unwrap().clone() {
