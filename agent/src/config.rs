@@ -378,6 +378,17 @@ env_file = "/tmp/boot.env"
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let c = Config::from_toml(
+            include_str!("../../deploy/agent.toml"),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.boot.backend, "uboot");
+        assert_eq!(c.tags["site"], "lab");
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_option_named() {
         let bad = MIN.replace("/dev/b", "/dev/a");
         let e = Config::from_toml(&bad, Path::new("t")).unwrap_err();

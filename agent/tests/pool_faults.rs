@@ -293,3 +293,24 @@ async fn cancellation_is_prompt_and_leaves_no_task() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_is_honoured() {
+    let fx = Fixture::noisy(2 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    let mut c = cfg();
+    let cap = 2u64 << 20; // 2 MiB/s
+    c.bandwidth_limit = cap;
+    let o = run_pool(&fx, &server, &c, &CancellationToken::new()).await;
+    assert!(o.result.is_ok(), "{:?}", o.result);
+    check_never_wrong(&fx, &o, "capped");
+    let rate = fx.payload.len() as f64 / o.elapsed.as_secs_f64();
+    eprintln!(
+        "payload {} bytes in {:?}: {:.0} B/s under a cap of {cap} B/s",
+        fx.payload.len(),
+        o.elapsed,
+        rate
+    );
+    // The bucket allows a burst of a quarter second.
+    assert!(rate <= cap as f64 * 1.3, "{rate} B/s over the cap");
+}

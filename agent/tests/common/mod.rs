@@ -146,6 +146,7 @@ pub struct Srv {
     /// `Some((update_id, reason))`: answer check-ins with `cancel`.
     pub cancel: Mutex<Option<(String, String)>>,
     pub events: Mutex<Vec<Event>>,
+    seen: Mutex<std::collections::HashSet<(String, u64)>>,
     pub checkins: Mutex<Vec<CheckinRequest>>,
     pub fault: Mutex<Fault>,
     /// Apply the fault to every n-th range request (1: all).
@@ -158,6 +159,8 @@ pub struct Srv {
     /// Throttle: microseconds of sleep per 16 KiB chunk sent.
     pub throttle_us: AtomicU64,
     pub next_checkin_ms: AtomicU64,
+    /// Answer check-ins with 503 (the server "unreachable" for the API).
+    pub checkin_down: std::sync::atomic::AtomicBool,
     pub enroll_key: String,
 }
 
@@ -192,6 +195,7 @@ impl Server {
             offer: Mutex::new(None),
             cancel: Mutex::new(None),
             events: Mutex::new(Vec::new()),
+            seen: Mutex::new(Default::default()),
             checkins: Mutex::new(Vec::new()),
             fault: Mutex::new(Fault::None),
             fault_every: AtomicU64::new(1),
@@ -200,6 +204,7 @@ impl Server {
             bytes_sent: AtomicU64::new(0),
             throttle_us: AtomicU64::new(0),
             next_checkin_ms: AtomicU64::new(200),
+            checkin_down: Default::default(),
             enroll_key: "fleet-key".into(),
         });
         let app = Router::new()
@@ -302,6 +307,9 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
     let Ok(req) = serde_json::from_slice::<CheckinRequest>(&body) else {
         return api_err(StatusCode::BAD_REQUEST, "bad_request", "bad body");
     };
+    if s.checkin_down.load(Ordering::SeqCst) {
+        return api_err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "down");
+    }
     s.checkins.lock().unwrap().push(req.clone());
     let next = s.next_checkin_ms.load(Ordering::SeqCst);
     if let Some((id, reason)) = s.cancel.lock().unwrap().clone() {
@@ -339,14 +347,21 @@ async fn events(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respons
     let Ok(req) = serde_json::from_slice::<EventsRequest>(&body) else {
         return api_err(StatusCode::BAD_REQUEST, "bad_request", "bad body");
     };
+    // Idempotent by (device, seq); the token stands for the device.
+    let device = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut seen = s.seen.lock().unwrap();
     let mut ev = s.events.lock().unwrap();
     let (mut accepted, mut duplicates) = (0, 0);
     for e in req.events {
-        if ev.iter().any(|x| x.seq == e.seq) {
-            duplicates += 1;
-        } else {
+        if seen.insert((device.clone(), e.seq)) {
             accepted += 1;
             ev.push(e);
+        } else {
+            duplicates += 1;
         }
     }
     json(&EventsResponse {
@@ -583,23 +598,26 @@ bootlimit = 3
         }
     }
 
-    /// Starts `ota-agent run`.
-    pub fn spawn(&self) -> Child {
-        Command::new(agent_bin())
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENT_LOG").unwrap_or("info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(if std::env::var("AGENT_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap()
+    /// Starts `ota-agent run` (killed when dropped, so a failing test
+    /// leaves no agent behind).
+    pub fn spawn(&self) -> AgentProc {
+        AgentProc(
+            Command::new(agent_bin())
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("AGENT_LOG").unwrap_or("info".into()),
+                )
+                .stdout(Stdio::null())
+                .stderr(if std::env::var("AGENT_LOG").is_ok() {
+                    Stdio::inherit()
+                } else {
+                    Stdio::null()
+                })
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// Boot environment variables.
@@ -630,6 +648,29 @@ bootlimit = 3
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// A running agent process, SIGKILLed on drop if still running.
+pub struct AgentProc(pub Child);
+
+impl std::ops::Deref for AgentProc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for AgentProc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 

@@ -1,0 +1,258 @@
+//! The daemon at the edges: a full disk, a server that cancels the update,
+//! SIGTERM in the middle of a download (then resume).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ota_format::api::EventKind;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_fails_clearly_and_leaves_the_old_slot_alone() {
+    let fx = Fixture::noisy(2 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-full"));
+    let mnt = tempfile::tempdir().unwrap();
+    // A 1 MiB filesystem for a 2 MiB image.
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _umount = Umount(mnt.path().into());
+    let dev = Device::with_slot_b(
+        &server.url,
+        &fx,
+        "true",
+        "",
+        Some(mnt.path().join("slot-b.img")),
+    );
+    let mut agent = dev.spawn();
+    server
+        .wait_for("failed", Duration::from_secs(30), |s| {
+            s.has_event(EventKind::Failed)
+        })
+        .await;
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    let ev = server.srv.events.lock().unwrap().clone();
+    let f = ev.iter().find(|e| e.kind == EventKind::Failed).unwrap();
+    let reason = f.detail.reason.clone().unwrap_or_default();
+    assert!(reason.contains("No space left on device"), "{reason}");
+    eprintln!("disk full reported as: {reason}");
+    assert_eq!(
+        std::fs::read(&dev.slot_a).unwrap(),
+        fx.old,
+        "slot A untouched"
+    );
+    let v = dev.boot_vars();
+    assert_ne!(
+        v.get("boot_part").map(String::as_str),
+        Some("b"),
+        "boot never switched"
+    );
+    assert!(!ev.iter().any(|e| e.kind == EventKind::Installed));
+    let s = dev.status();
+    assert!(s.contains("No space left"), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_cancel_stops_every_request_promptly() {
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server.srv.throttle_us.store(50_000, Ordering::SeqCst); // slow: seconds
+    server.srv.next_checkin_ms.store(100, Ordering::SeqCst);
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-cancel"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    server
+        .wait_for("download", Duration::from_secs(20), |s| {
+            s.srv.bytes_sent.load(Ordering::SeqCst) > 100_000
+        })
+        .await;
+    let t = Instant::now();
+    *server.srv.cancel.lock().unwrap() = Some(("u-cancel".into(), "rollout aborted".into()));
+    // The next check-in (≤ 100 ms) gets the cancel; every request stops.
+    let mut last = server.srv.bytes_sent.load(Ordering::SeqCst);
+    let stopped_at = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = server.srv.bytes_sent.load(Ordering::SeqCst);
+        if now == last {
+            break t.elapsed();
+        }
+        last = now;
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "download did not stop"
+        );
+    };
+    eprintln!("download stopped {stopped_at:?} after the server said cancel");
+    assert!(stopped_at < Duration::from_secs(1), "{stopped_at:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        server.srv.bytes_sent.load(Ordering::SeqCst),
+        last,
+        "a request survived"
+    );
+    let s = dev.status();
+    assert!(s.contains("pending:      none"), "{s}");
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    assert_eq!(std::fs::read(&dev.slot_a).unwrap(), fx.old);
+    assert!(!server.has_event(EventKind::Installed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_download_is_prompt_and_the_next_run_resumes() {
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server.srv.throttle_us.store(10_000, Ordering::SeqCst);
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-term"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    let half = fx.payload.len() as u64 / 2;
+    server
+        .wait_for("half the payload", Duration::from_secs(30), |s| {
+            s.srv.bytes_sent.load(Ordering::SeqCst) > half
+        })
+        .await;
+    let t = Instant::now();
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    let took = t.elapsed();
+    eprintln!("SIGTERM at 50 %: exited in {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let before = server.srv.bytes_sent.load(Ordering::SeqCst);
+    // Restart: resumes, finishes, reboots.
+    server.srv.throttle_us.store(0, Ordering::SeqCst);
+    let mut agent = dev.spawn();
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(60))
+            .await
+            .success()
+    );
+    assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
+    let total = server.srv.bytes_sent.load(Ordering::SeqCst);
+    let refetched = total.saturating_sub(fx.payload.len() as u64);
+    eprintln!(
+        "payload {} bytes; sent before SIGTERM {before}, in all {total}: {refetched} bytes fetched twice",
+        fx.payload.len()
+    );
+    // At most the 4 ranges in flight (64 KiB each) were fetched again.
+    assert!(refetched <= 4 * (64 << 10), "{refetched}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_gets_ready_status_watchdog_and_stopping() {
+    let fx = Fixture::new(1 << 20, 256 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let sock_path = dev.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // WATCHDOG_PID must be the agent's own pid: exec keeps the shell's.
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} run --config {}",
+            agent_bin().display(),
+            dev.config.display()
+        ))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut agent = AgentProc(child);
+    let mut seen = Vec::new();
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    let has = |seen: &Vec<String>, p: &str| seen.iter().any(|m| m.contains(p));
+    while !(has(&seen, "READY=1") && has(&seen, "STATUS=idle") && has(&seen, "WATCHDOG=1")) {
+        assert!(t.elapsed() < Duration::from_secs(10), "got only {seen:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    while let Ok(n) = sock.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(has(&seen, "STOPPING=1"), "{seen:?}");
+    eprintln!("notify messages: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_cannot_be_renewed_stops_the_download() {
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server.srv.throttle_us.store(50_000, Ordering::SeqCst);
+    server.srv.next_checkin_ms.store(100, Ordering::SeqCst);
+    let mut offer = fx.offer("u-lease");
+    offer.lease_ms = 1000;
+    *server.srv.offer.lock().unwrap() = Some(offer);
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    server
+        .wait_for("download", Duration::from_secs(20), |s| {
+            s.srv.bytes_sent.load(Ordering::SeqCst) > 50_000
+        })
+        .await;
+    // The API goes away (artifacts still flow): the lease cannot be renewed.
+    server.srv.checkin_down.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut last = server.srv.bytes_sent.load(Ordering::SeqCst);
+    let stopped_at = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = server.srv.bytes_sent.load(Ordering::SeqCst);
+        if now == last {
+            break t.elapsed();
+        }
+        last = now;
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "download went on without a lease"
+        );
+    };
+    eprintln!("download stopped {stopped_at:?} after the last renewal (lease 1 s)");
+    assert!(stopped_at < Duration::from_secs(3), "{stopped_at:?}");
+    // The server comes back and offers the same payload: resume, not restart.
+    server.srv.checkin_down.store(false, Ordering::SeqCst);
+    server.srv.throttle_us.store(0, Ordering::SeqCst);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(30))
+            .await
+            .success()
+    );
+    assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
+}
