@@ -9,7 +9,7 @@
 #   usage: scripts/arm64-e2e.sh   (after building the aarch64 agent and the x86-64 server in release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-arm=$PWD/target/aarch64-unknown-linux-musl/release/ota-agent
+arm=${ARM_AGENT:-$PWD/target/aarch64-unknown-linux-musl/agent-dist/ota-agent}
 server=$PWD/target/release/ota-server
 [ -x "$arm" ] && [ -x "$server" ] || { echo "build $arm and $server first"; exit 1; }
 work=$(mktemp -d)

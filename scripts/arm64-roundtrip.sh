@@ -2,10 +2,10 @@
 # Proves the ARM64 agent works: the static aarch64 ota-agent, run under
 # qemu-aarch64, applies a delta built by the x86-64 ota-server and the output
 # must be byte-identical to the new image. Reports the binary's stripped size.
-#   usage: scripts/arm64-roundtrip.sh   (after `cargo build --release --target aarch64-unknown-linux-musl -p ota-agent`)
+#   usage: scripts/arm64-roundtrip.sh   (after `cargo build --profile agent-dist --target aarch64-unknown-linux-musl -p ota-agent`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-arm=target/aarch64-unknown-linux-musl/release/ota-agent
+arm=${ARM_AGENT:-target/aarch64-unknown-linux-musl/agent-dist/ota-agent}
 [ -x "$arm" ] || { echo "build $arm first"; exit 1; }
 file "$arm" | grep -q 'ARM aarch64.*statically linked' || { file "$arm"; echo "!! not a static aarch64 binary"; exit 1; }
 server=target/release/ota-server
