@@ -251,6 +251,9 @@ impl Client {
 }
 
 /// Turns a non-2xx answer into an error carrying the server's message.
+///
+/// # Cancel safety
+/// Cancel-safe: it only reads the error body, for at most two seconds.
 pub async fn check_status(
     what: &str,
     resp: reqwest::Response,

@@ -222,6 +222,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
 }
 
 /// Reads the device token, enrolling first if there is none.
+///
+/// # Cancel safety
+/// Returns `Ok(None)` when `shutdown` fires; the token file is replaced
+/// atomically, so a crash leaves the old token or the new one.
 async fn obtain_token(
     cfg: &Config,
     client: &Client,
@@ -299,6 +303,9 @@ async fn watchdog(stop: CancellationToken) {
 }
 
 /// Sends the outbox whenever told to, and every few seconds.
+///
+/// # Cancel safety
+/// Stops at `stop`; unsent events stay in the outbox.
 async fn events_loop(agent: Arc<Agent>, stop: CancellationToken) {
     let mut failures = 0u32;
     loop {
@@ -328,6 +335,10 @@ async fn events_loop(agent: Arc<Agent>, stop: CancellationToken) {
 
 /// Sends every pending event, oldest first, deleting each batch once the
 /// server acknowledged it.
+///
+/// # Cancel safety
+/// Cancel-safe: a batch is removed only after its acknowledgement; one
+/// cut short is sent again and deduplicated by the server.
 async fn flush_events(agent: &Agent) -> Result<(), DaemonError> {
     loop {
         let batch = agent
@@ -427,6 +438,9 @@ impl Agent {
 }
 
 /// Runs a shell command with a timeout; `Ok(())` if it exited 0.
+///
+/// # Cancel safety
+/// Dropping the future kills the command (`kill_on_drop`).
 async fn run_command(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
@@ -442,6 +456,11 @@ async fn run_command(what: &str, cmd: &str, timeout: Duration) -> Result<(), Str
     }
 }
 
+/// Flushes events briefly, then runs the reboot command.
+///
+/// # Cancel safety
+/// Not cancelled by the daemon: the decision to reboot is already on disk,
+/// so a restart re-runs it.
 async fn reboot(agent: &Agent) -> Result<Exit, DaemonError> {
     let _ = tokio::time::timeout(Duration::from_secs(3), flush_events(agent)).await;
     tracing::info!(command = %agent.cfg.reboot_command, "rebooting");
@@ -460,6 +479,11 @@ async fn reboot(agent: &Agent) -> Result<Exit, DaemonError> {
 /// Finishes what a previous boot started: commit or roll back a trial
 /// boot, report a bootloader fallback, or re-run an interrupted reboot.
 /// Returns `Some(exit)` if the agent must stop (a reboot is under way).
+///
+/// # Cancel safety
+/// Every step is recorded before the next begins (boot environment and
+/// `update.json` are replaced atomically), so an interruption resumes at
+/// the same step after a restart.
 async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
     let Some(mut rec) = agent.state.update()? else {
         agent.set_status("idle", None, None);
@@ -581,6 +605,11 @@ struct Download {
     task: JoinHandle<Result<(), UpdateEnd>>,
 }
 
+/// The check-in loop, supervising at most one update task.
+///
+/// # Cancel safety
+/// Stops at `shutdown` after cancelling the update task and awaiting it, so
+/// the recorder finishes syncing and recording what was written.
 async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Exit, DaemonError> {
     let mut download: Option<Download> = None;
     // Resume an update interrupted by a crash or a stop, without waiting
@@ -725,6 +754,11 @@ fn open_rw(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 
 /// Download, verify and install one update; `Ok` when boot has been
 /// switched and the reboot should follow.
+///
+/// # Cancel safety
+/// Cancel with `cancel` (never by aborting the task): network waits stop,
+/// writes and progress records complete, and `Err(Cancelled)` is returned
+/// with `update.json` still naming the update so it resumes.
 async fn update_task(
     agent: Arc<Agent>,
     offer: UpdateOffer,
@@ -996,6 +1030,10 @@ fn hash_cancellable<R: ReadAt + ?Sized>(
 /// Receives applied operations, fsyncs the slot, then records them: the
 /// order that makes sled's "done" trustworthy enough to be a hint. Runs
 /// until the pool drops its sender; not cancellable (it only writes).
+///
+/// # Cancel safety
+/// Must not be cancelled: it is joined with the pool, which is what keeps
+/// "recorded done" behind "synced to the slot".
 async fn recorder(
     agent: &Agent,
     manifest: &Manifest,

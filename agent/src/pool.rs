@@ -386,6 +386,10 @@ where
 
 /// Applies one operation on a blocking thread and reports it. Not
 /// cancellable: once started, the write completes.
+///
+/// # Cancel safety
+/// Do not cancel: it awaits a blocking write that runs to completion
+/// anyway; the pool never selects on it.
 async fn apply_one<D, S>(
     sh: &Arc<Shared<D, S>>,
     i: usize,
@@ -408,6 +412,11 @@ where
     Ok(())
 }
 
+/// Applies a unit of operations without data (`COPY`, `ZERO`).
+///
+/// # Cancel safety
+/// Checks the pool's token between operations; an operation started is
+/// finished.
 async fn run_local<D, S>(sh: &Arc<Shared<D, S>>, ops: Vec<usize>) -> Result<(), PoolError>
 where
     D: WriteAt + Send + Sync + ?Sized + 'static,
@@ -449,6 +458,12 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     half + half.mul_f64(rand::random::<f64>())
 }
 
+/// Fetches and applies one unit, retrying failed requests.
+///
+/// # Cancel safety
+/// Stops at the pool's token (network waits and backoff sleeps select on
+/// it); buffered bytes of an unfinished operation are discarded, never
+/// written.
 async fn run_fetch<D, S>(sh: &Arc<Shared<D, S>>, groups: Vec<Group>) -> Result<(), PoolError>
 where
     D: WriteAt + Send + Sync + ?Sized + 'static,
@@ -541,6 +556,10 @@ fn content_range(h: &reqwest::header::HeaderMap) -> Option<(u64, u64, Option<u64
 }
 
 /// One Range request for the unit, from the first byte it still needs.
+///
+/// # Cancel safety
+/// Selects on the pool's token at every network wait; applies (disk
+/// writes) are awaited to completion.
 async fn fetch_attempt<D, S>(
     sh: &Arc<Shared<D, S>>,
     groups: &[Group],
