@@ -185,7 +185,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
         );
         state.set_slots(&slots)?;
     }
-    let token = match obtain_token(&cfg, &base, &shutdown).await? {
+    let token = match obtain_token(&cfg, &base, &shutdown, false).await? {
         Some(t) => t,
         None => return Ok(Exit::Shutdown),
     };
@@ -230,9 +230,12 @@ async fn obtain_token(
     cfg: &Config,
     client: &Client,
     shutdown: &CancellationToken,
+    force: bool,
 ) -> Result<Option<String>, DaemonError> {
     let path = cfg.token_path();
-    if let Ok(t) = std::fs::read_to_string(&path) {
+    if force {
+        tracing::warn!("the server rejected the device token: enrolling again");
+    } else if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_string();
         if !t.is_empty() {
             return Ok(Some(t));
@@ -690,6 +693,21 @@ async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<E
                         }
                         if let Some(d) = &download {
                             wait = wait.min(d.lease / 3).max(Duration::from_millis(100));
+                        }
+                    }
+                    Err(e) if e.is_unauthorized() && agent.cfg.enrollment_key_file.is_some() => {
+                        // Our token was revoked (the id was enrolled again
+                        // elsewhere, or the server lost it): enroll anew.
+                        failures += 1;
+                        wait = pool::backoff(Duration::from_secs(1), agent.cfg.max_backoff, failures);
+                        let plain = agent.client.clone();
+                        match obtain_token(&agent.cfg, &plain, shutdown, true).await {
+                            Ok(Some(t)) => {
+                                agent.client.set_token(t);
+                                wait = Duration::ZERO;
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::error!("re-enrolling failed: {e}"),
                         }
                     }
                     Err(e) => {
