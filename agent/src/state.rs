@@ -335,6 +335,16 @@ impl State {
         match u {
             Some(u) => self.write_json("update.json", u),
             None => {
+                // The manifests of finished updates go with them.
+                if let Ok(entries) = std::fs::read_dir(&self.dir) {
+                    for e in entries.flatten() {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        if name.starts_with("manifest-") && name.ends_with(".json") {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                }
                 let path = self.dir.join("update.json");
                 match std::fs::remove_file(&path) {
                     Ok(()) => std::fs::File::open(&self.dir)
