@@ -19,12 +19,14 @@ command -v mkfs.ext4 >/dev/null || apt-get install -y e2fsprogs >/dev/null
 cargo build -q --release -p ota-agent -p ota-server
 cargo build -q --release -p ota-agent --example bench_server
 bin=$CARGO_TARGET_DIR/release
+# As deploy/ota-agent.service runs it.
+export MALLOC_ARENA_MAX=2
 work=$(mktemp -d /var/tmp/agent-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 
-mib() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f", b / s / 1048576 }'; }
+mib() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.1f MiB/s (%.2f s)", b / s / 1048576, s }'; }
 now() { date +%s.%N; }
 port=18090
 serve() { # serve DIR UPDATE_ID -> sets url
@@ -122,9 +124,9 @@ echo
 echo "| what | figure |"
 echo "|---|---:|"
 echo "| full-image payload | $full_payload bytes |"
-echo "| curl (1 connection, to a file) | $(mib "$full_payload" "$curl_s") MiB/s (${curl_s%???????} s) |"
-echo "| aria2c -x4 -s4 (to a file) | $(mib "$full_payload" "$aria_s") MiB/s (${aria_s%???????} s) |"
-echo "| ota-agent full image (download+verify+write+fsync+read-back+switch) | $(mib "$full_payload" "$agent_s") MiB/s (${agent_s%???????} s) |"
+echo "| curl (1 connection, to a file) | $(mib "$full_payload" "$curl_s") |"
+echo "| aria2c -x4 -s4 (to a file) | $(mib "$full_payload" "$aria_s") |"
+echo "| ota-agent full image (download+verify+write+fsync+read-back+switch) | $(mib "$full_payload" "$agent_s") |"
 echo "| ota-agent peak RSS, full image | $(rss_of "$work/agent-full.time") MiB |"
 echo "| ota-agent peak RSS, delta (128 MiB rootfs, payload $delta_payload bytes) | $(rss_of "$work/agent-delta.time") MiB, $(wall_of "$work/agent-delta.time") |"
 echo "| kill -9 at 50 %: sent before kill / re-downloaded | $at_kill / $redl bytes |"

@@ -84,8 +84,17 @@ async fn main() {
         .route("/api/v1/devices/events", post(events))
         .route("/api/v1/artifacts/{sha}", get(artifact))
         .route("/stats", get(stats))
+        .route("/reset", post(reset))
         .with_state(srv.clone());
-    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    use axum::serve::ListenerExt;
+    // Without TCP_NODELAY, the last segment of each response waits for the
+    // client's delayed ACK (~40 ms): fatal for many Range requests.
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .unwrap()
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
     println!("payload {} {} bytes", srv.offer.payload_url, psize);
     axum::serve(listener, app).await.unwrap();
 }
@@ -135,6 +144,13 @@ async fn events(State(s): State<Arc<Srv>>, body: Bytes) -> Response<Body> {
         accepted: n,
         duplicates: 0,
     })
+}
+
+/// Offers the update again (for repeated measurements).
+async fn reset(State(s): State<Arc<Srv>>) -> Response<Body> {
+    *s.done.lock().unwrap() = false;
+    s.bytes_sent.store(0, Ordering::SeqCst);
+    json(&serde_json::json!({}))
 }
 
 async fn stats(State(s): State<Arc<Srv>>) -> Response<Body> {

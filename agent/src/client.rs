@@ -45,6 +45,10 @@ impl ClientError {
             ClientError::Invalid { .. } => false,
         }
     }
+    /// The server does not know the device token (revoked or lost).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, ClientError::Status { status: 401, .. })
+    }
     /// The server's requested delay before retrying.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -80,7 +84,9 @@ pub struct Timeouts {
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    token: Option<String>,
+    /// Shared by clones, replaceable after a re-enrollment. The lock is
+    /// only held to clone or swap the string, never across an await.
+    token: std::sync::Arc<std::sync::RwLock<Option<String>>>,
     timeouts: Timeouts,
 }
 
@@ -101,7 +107,7 @@ impl Client {
         Ok(Client {
             http,
             base: base.trim_end_matches('/').to_string(),
-            token: None,
+            token: Default::default(),
             timeouts,
         })
     }
@@ -118,9 +124,15 @@ impl Client {
     }
 
     /// The same client, authenticated with a device token.
-    pub fn with_token(mut self, token: impl Into<String>) -> Client {
-        self.token = Some(token.into());
+    pub fn with_token(self, token: impl Into<String>) -> Client {
+        self.set_token(token);
         self
+    }
+
+    /// Replaces the token of this client and all its clones (after the
+    /// server revoked the old one and the device enrolled again).
+    pub fn set_token(&self, token: impl Into<String>) {
+        *self.token.write().unwrap_or_else(|e| e.into_inner()) = Some(token.into());
     }
 
     /// The underlying HTTP client (for the chunk pool).
@@ -141,7 +153,8 @@ impl Client {
 
     /// Adds the bearer token to a request.
     pub fn authorize(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.token {
+        let token = self.token.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match token {
             Some(t) => rb.bearer_auth(t),
             None => rb,
         }
@@ -262,6 +275,9 @@ impl Client {
 }
 
 /// Turns a non-2xx answer into an error carrying the server's message.
+///
+/// # Cancel safety
+/// Cancel-safe: it only reads the error body, for at most two seconds.
 pub async fn check_status(
     what: &str,
     resp: reqwest::Response,

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use ota_delta::apply::{ApplyError, apply_operation};
 use ota_delta::io::{ReadAt, WriteAt};
-use ota_format::{Digest, Manifest, OpKind, Operation};
+use ota_format::{Manifest, OpKind, Operation};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -159,7 +159,6 @@ impl Drop for LiveGuard {
 struct Group {
     offset: u64,
     length: u64,
-    sha256: Digest,
     ops: Vec<usize>,
 }
 
@@ -185,7 +184,6 @@ fn plan(manifest: &Manifest, todo: &[usize], range_size: u64) -> Vec<Unit> {
                 .or_insert_with(|| Group {
                     offset: d.offset,
                     length: d.length,
-                    sha256: d.sha256,
                     ops: Vec::new(),
                 })
                 .ops
@@ -388,6 +386,10 @@ where
 
 /// Applies one operation on a blocking thread and reports it. Not
 /// cancellable: once started, the write completes.
+///
+/// # Cancel safety
+/// Do not cancel: it awaits a blocking write that runs to completion
+/// anyway; the pool never selects on it.
 async fn apply_one<D, S>(
     sh: &Arc<Shared<D, S>>,
     i: usize,
@@ -410,6 +412,11 @@ where
     Ok(())
 }
 
+/// Applies a unit of operations without data (`COPY`, `ZERO`).
+///
+/// # Cancel safety
+/// Checks the pool's token between operations; an operation started is
+/// finished.
 async fn run_local<D, S>(sh: &Arc<Shared<D, S>>, ops: Vec<usize>) -> Result<(), PoolError>
 where
     D: WriteAt + Send + Sync + ?Sized + 'static,
@@ -451,6 +458,12 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     half + half.mul_f64(rand::random::<f64>())
 }
 
+/// Fetches and applies one unit, retrying failed requests.
+///
+/// # Cancel safety
+/// Stops at the pool's token (network waits and backoff sleeps select on
+/// it); buffered bytes of an unfinished operation are discarded, never
+/// written.
 async fn run_fetch<D, S>(sh: &Arc<Shared<D, S>>, groups: Vec<Group>) -> Result<(), PoolError>
 where
     D: WriteAt + Send + Sync + ?Sized + 'static,
@@ -543,6 +556,10 @@ fn content_range(h: &reqwest::header::HeaderMap) -> Option<(u64, u64, Option<u64
 }
 
 /// One Range request for the unit, from the first byte it still needs.
+///
+/// # Cancel safety
+/// Selects on the pool's token at every network wait; applies (disk
+/// writes) are awaited to completion.
 async fn fetch_attempt<D, S>(
     sh: &Arc<Shared<D, S>>,
     groups: &[Group],
@@ -671,22 +688,28 @@ where
             rest = &rest[take..];
             at += take as u64;
             if st.buf.len() as u64 == g.length {
-                let data = std::mem::take(&mut st.buf);
-                let actual = Digest::of(&data);
-                if actual != g.sha256 {
-                    sh.stats
-                        .bytes_discarded
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    st.permit = None;
-                    return Err(transient(format!(
-                        "data at payload offset {} has sha256 {actual}, the manifest says {}: discarded, never written",
-                        g.offset, g.sha256
-                    ))
-                    .into());
-                }
-                let data = Arc::new(data);
+                // `apply_operation` checks the data's sha256 before it
+                // writes anything, so hashing here too would only cost a
+                // pass over every byte.
+                let data = Arc::new(std::mem::take(&mut st.buf));
                 for &i in &g.ops {
-                    apply_one(sh, i, data.clone()).await.map_err(Step::Fatal)?;
+                    match apply_one(sh, i, data.clone()).await {
+                        Ok(()) => {}
+                        Err(PoolError::Apply(ApplyError::DataHash {
+                            expected, actual, ..
+                        })) => {
+                            sh.stats
+                                .bytes_discarded
+                                .fetch_add(g.length, Ordering::Relaxed);
+                            st.permit = None;
+                            return Err(transient(format!(
+                                "data at payload offset {} has sha256 {actual}, the manifest says {expected}: discarded, never written",
+                                g.offset
+                            ))
+                            .into());
+                        }
+                        Err(e) => return Err(Step::Fatal(e)),
+                    }
                 }
                 drop(data);
                 st.permit = None;
@@ -726,7 +749,7 @@ fn discard<D: ?Sized, S: ?Sized>(sh: &Shared<D, S>, st: &mut FetchState) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ota_format::{DataRange, Extent, ImageRef, PayloadInfo};
+    use ota_format::{DataRange, Digest, Extent, ImageRef, PayloadInfo};
 
     fn op(dst: u64, data: Option<(u64, u64)>) -> Operation {
         Operation {

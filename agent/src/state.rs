@@ -173,6 +173,11 @@ impl State {
     /// Appends an event to the outbox with the next sequence number and
     /// makes it durable before returning. A new progress event replaces the
     /// unsent progress events of the same update (coalescing).
+    ///
+    /// # Cancel safety
+    /// Not meant to be cancelled (the daemon never does): cancelled after
+    /// the insert but before the flush, the event may or may not survive a
+    /// crash; the sequence counter never goes back either way.
     pub async fn push_event(
         &self,
         update_id: &str,
@@ -230,6 +235,10 @@ impl State {
     }
 
     /// Removes acknowledged events.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: an event not yet removed is sent again, and the server
+    /// counts it once (idempotent by seq).
     pub async fn ack_events(&self, seqs: &[u64]) -> Result<(), StateError> {
         for s in seqs {
             self.outbox.remove(s.to_be_bytes()).map_err(self.err())?;
@@ -261,6 +270,10 @@ impl State {
     }
 
     /// Records operations as applied. Call only after the slot was fsynced.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a record that did not reach the disk only means the
+    /// operation is verified or redone at the next start.
     pub async fn mark_done(&self, payload: &Digest, ops: &[usize]) -> Result<(), StateError> {
         let t = self.done_tree(payload)?;
         let mut batch = sled::Batch::default();
@@ -272,6 +285,9 @@ impl State {
     }
 
     /// Forgets operations whose extent did not verify.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: an extent left marked is re-verified at the next start.
     pub async fn unmark(&self, payload: &Digest, ops: &[usize]) -> Result<(), StateError> {
         let t = self.done_tree(payload)?;
         for &i in ops {
@@ -281,6 +297,10 @@ impl State {
     }
 
     /// Forgets all progress of every payload but `keep`.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: progress left behind is only a hint, re-verified or
+    /// dropped later.
     pub async fn drop_progress_except(&self, keep: Option<&Digest>) -> Result<(), StateError> {
         let keep = keep.map(|d| format!("done-{d}"));
         for name in self.db.tree_names() {
@@ -315,6 +335,16 @@ impl State {
         match u {
             Some(u) => self.write_json("update.json", u),
             None => {
+                // The manifests of finished updates go with them.
+                if let Ok(entries) = std::fs::read_dir(&self.dir) {
+                    for e in entries.flatten() {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        if name.starts_with("manifest-") && name.ends_with(".json") {
+                            let _ = std::fs::remove_file(e.path());
+                        }
+                    }
+                }
                 let path = self.dir.join("update.json");
                 match std::fs::remove_file(&path) {
                     Ok(()) => std::fs::File::open(&self.dir)

@@ -256,3 +256,23 @@ async fn a_lease_that_cannot_be_renewed_stops_the_download() {
     );
     assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_leads_to_a_new_enrollment() {
+    let fx = Fixture::new(1 << 20, 256 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-reenroll"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    // A token the server no longer knows (401 on every call).
+    std::fs::create_dir_all(&dev.data).unwrap();
+    std::fs::write(dev.data.join("token"), "revoked-token").unwrap();
+    let mut agent = dev.spawn();
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(30))
+            .await
+            .success()
+    );
+    assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
+    let token = std::fs::read_to_string(dev.data.join("token")).unwrap();
+    assert!(token.starts_with("tok-"), "{token}");
+}

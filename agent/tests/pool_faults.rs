@@ -249,14 +249,14 @@ async fn every_fault_ends_in_the_right_image_or_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_is_prompt_and_leaves_no_task() {
-    let fx = Fixture::noisy(2 << 20, 128 << 10, true);
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
     let server = Server::start(&[&fx]).await;
     for (case, fault) in [
         ("slow server", Fault::None),
         ("stalled connections", Fault::StallAfter(1000)),
     ] {
-        // ~0.8 MB/s per connection: the download takes seconds.
-        server.srv.throttle_us.store(20_000, Ordering::SeqCst);
+        // ~0.3 MB/s per connection: the download takes seconds.
+        server.srv.throttle_us.store(50_000, Ordering::SeqCst);
         server.set_fault(fault, 1, u64::MAX);
         let mut c = cfg();
         c.stall_timeout = Duration::from_secs(30);

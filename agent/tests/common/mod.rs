@@ -213,8 +213,14 @@ impl Server {
             .route("/api/v1/devices/events", post(events))
             .route("/api/v1/artifacts/{sha}", get(artifact))
             .with_state(srv.clone());
+        use axum::serve::ListenerExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // As a real server must: without TCP_NODELAY every Range response
+        // ends with a ~40 ms delayed-ACK stall.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
