@@ -113,12 +113,14 @@ impl Client {
     }
 
     /// A client over an HTTP client built elsewhere (the load test binds
-    /// each simulated device to its own loopback source address).
+    /// each simulated device to its own loopback source address). The HTTP
+    /// connection pool is shared with other users of `http`; the token is
+    /// this client's own (and its clones').
     pub fn from_reqwest(http: reqwest::Client, base: &str, timeouts: Timeouts) -> Client {
         Client {
             http,
             base: base.trim_end_matches('/').to_string(),
-            token: None,
+            token: Default::default(),
             timeouts,
         }
     }

@@ -242,12 +242,17 @@ pub fn source_addr(n: u32) -> IpAddr {
     ))
 }
 
-/// HTTP clients, one per source address (each has its own connection pool).
-fn clients(base: &str, n: u32, read_timeout: Duration) -> Result<Vec<Client>> {
-    let t = Timeouts {
+/// Timeouts of the simulated devices' clients.
+fn timeouts(read: Duration) -> Timeouts {
+    Timeouts {
         request: Duration::from_secs(10),
-        read: read_timeout,
-    };
+        read,
+    }
+}
+
+/// HTTP clients, one per source address (each has its own connection pool);
+/// devices get their own [`Client`] (own token) over one of them.
+fn clients(n: u32, read_timeout: Duration) -> Result<Vec<reqwest::Client>> {
     (0..n.max(1))
         .map(|i| {
             let http = reqwest::Client::builder()
@@ -259,7 +264,7 @@ fn clients(base: &str, n: u32, read_timeout: Duration) -> Result<Vec<Client>> {
                 .connect_timeout(Duration::from_secs(5))
                 .read_timeout(read_timeout)
                 .build()?;
-            Ok(Client::from_reqwest(http, base, t))
+            Ok(http)
         })
         .collect()
 }
@@ -354,12 +359,17 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let proxy_base = format!("http://{}", proxy.addr);
 
     let read_timeout = Duration::from_secs(5);
-    let direct = clients(&base, args.source_addrs, read_timeout)?;
-    let via_proxy = clients(&proxy_base, (args.source_addrs / 16).max(1), read_timeout)?;
+    let direct = clients(args.source_addrs, read_timeout)?;
+    let via_proxy = clients((args.source_addrs / 16).max(1), read_timeout)?;
+    let t = timeouts(read_timeout);
 
     // Enroll the fleet.
     let enroll_started = Instant::now();
-    let tokens = sim::enroll_all(&direct, args.devices, ENROLL).await?;
+    let enrollers: Vec<Client> = direct
+        .iter()
+        .map(|h| Client::from_reqwest(h.clone(), &base, t))
+        .collect();
+    let tokens = sim::enroll_all(&enrollers, args.devices, ENROLL).await?;
     let enroll_secs = enroll_started.elapsed().as_secs_f64();
     eprintln!("enrolled {} devices in {enroll_secs:.1} s", args.devices);
 
@@ -395,12 +405,12 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let mut tasks = tokio::task::JoinSet::new();
     let plan = sim::assign_faults(&args, seed);
     for (i, (token, faults)) in tokens.into_iter().zip(plan).enumerate() {
-        let pool = if faults.via_proxy {
-            &via_proxy
+        let (pool, url) = if faults.via_proxy {
+            (&via_proxy, &proxy_base)
         } else {
-            &direct
+            (&direct, &base)
         };
-        let client = pool[i % pool.len()].clone().with_token(token);
+        let client = Client::from_reqwest(pool[i % pool.len()].clone(), url, t).with_token(token);
         let dev = sim::Device {
             index: i,
             id: sim::device_id(i),

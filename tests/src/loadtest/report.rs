@@ -430,7 +430,7 @@ mod tests {
     #[test]
     fn start_windows_count_the_busiest_window() {
         let s = [0, 100, 200, 30_000, 60_050, 60_100];
-        assert_eq!(start_windows(&s, 60_000, 3.0, 0.0), (4, 2));
+        assert_eq!(start_windows(&s, 60_000, 3.0, 0.0), (4, 3));
         assert_eq!(start_windows(&s, 60_000, 3.0, 1.0).1, 0);
     }
 }
