@@ -389,6 +389,22 @@ env_file = "/tmp/boot.env"
     }
 
     #[test]
+    fn the_grub_and_file_examples_are_valid() {
+        let g = Config::from_toml(
+            include_str!("../../deploy/examples/agent-grub.toml"),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(g.boot.backend, "grub");
+        let f = Config::from_toml(
+            include_str!("../../deploy/examples/agent-file.toml"),
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.boot.backend, "file");
+    }
+
+    #[test]
     fn bad_values_are_refused_with_the_option_named() {
         let bad = MIN.replace("/dev/b", "/dev/a");
         let e = Config::from_toml(&bad, Path::new("t")).unwrap_err();
