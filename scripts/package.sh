@@ -18,7 +18,7 @@ check() { # DEB PATH...
   done
 }
 check "$server_deb" usr/bin/ota-server usr/lib/systemd/system/ota-server.service etc/ota-server/server.toml
-check "$agent_deb" usr/bin/ota-agent usr/lib/systemd/system/ota-agent.service usr/share/doc/ota-agent/agent.toml.example
+check "$agent_deb" usr/bin/ota-agent usr/lib/systemd/system/ota-agent.service etc/ota-agent/agent.toml usr/share/doc/ota-agent/examples/agent-grub.toml
 [ "$(dpkg-deb -f "$agent_deb" Architecture)" = arm64 ] || { echo "!! agent package is not arm64"; exit 1; }
 printf '%s  %s bytes\n' "$server_deb" "$(stat -c %s "$server_deb")" "$agent_deb" "$(stat -c %s "$agent_deb")"
 if [ "${1:-}" != --no-install ] && [ "$(id -u)" = 0 ]; then
