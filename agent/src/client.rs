@@ -93,6 +93,9 @@ pub struct Client {
 impl Client {
     /// A client for the server at `base` (e.g. `http://10.0.0.1:8080`).
     pub fn new(base: &str, timeouts: Timeouts) -> Result<Client, ClientError> {
+        // ring is the TLS crypto provider (see Cargo.toml); installing it
+        // again, or after another, is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(timeouts.request.min(Duration::from_secs(10)))
             .read_timeout(timeouts.read)

@@ -239,3 +239,50 @@ async fn wrong_device_type_or_untrusted_key_fails_before_download() {
     );
     assert!(!ev.iter().any(|e| e.kind == EventKind::DownloadStarted));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_for_another_base_image_fails_before_download() {
+    let fx = Fixture::new(1 << 20, 256 << 10, false);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-wrong-base"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    // The running slot is not the image the delta was built from.
+    let mut other = fx.old.clone();
+    other[4096] ^= 1;
+    std::fs::write(&dev.slot_a, &other).unwrap();
+    let mut agent = dev.spawn();
+    server
+        .wait_for("failed", Duration::from_secs(30), |s| {
+            s.has_event(EventKind::Failed)
+        })
+        .await;
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+    let ev = server.srv.events.lock().unwrap().clone();
+    let f = ev.iter().find(|e| e.kind == EventKind::Failed).unwrap();
+    assert!(
+        f.detail
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("wrong base image"),
+        "{f:?}"
+    );
+    assert_eq!(
+        server
+            .srv
+            .range_requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no payload byte fetched"
+    );
+    assert_eq!(
+        std::fs::read(&dev.slot_a).unwrap(),
+        other,
+        "slot A untouched"
+    );
+}
