@@ -435,12 +435,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 async fn serve(config: &Path) -> Result<()> {
     let config = ServerConfig::load(config)?;
     let cancel = CancellationToken::new();
+    // The handler is installed before the server announces itself, so a
+    // SIGTERM sent as soon as it listens is a graceful stop, not a kill.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
     let running = ota_server::app::start(config, cancel.clone()).await?;
     println!("ota-server listening on {}", running.addr);
     let c = cancel.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
