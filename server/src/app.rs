@@ -206,6 +206,8 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             });
         }
         Some(tls) => {
+            // Already installed (a second server in one process): fine.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
                 .await
                 .with_context(|| {
