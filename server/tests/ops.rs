@@ -107,9 +107,7 @@ async fn tls_is_served_when_a_certificate_is_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_checkins_admissions_and_leases() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let d = Sim::enroll(&ts.base, "d", "t", &http()).await;
     let e = Sim::enroll(&ts.base, "e", "t", &http()).await;
     let mut s = spec("2.0", "t");

@@ -56,9 +56,7 @@ async fn run_device(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_cap_is_never_exceeded_under_a_checkin_storm() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let devices = fleet(&ts, 200, "t").await;
     let mut s = spec("2.0", "t");
     s.max_concurrent = 10;
@@ -103,9 +101,7 @@ async fn concurrency_cap_is_never_exceeded_under_a_checkin_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_rate_holds_within_one_token() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let devices = fleet(&ts, 40, "t").await;
     let mut s = spec("2.0", "t");
     s.max_concurrent = 1000;
@@ -152,9 +148,7 @@ async fn start_rate_holds_within_one_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_device_loses_its_lease_and_the_slot_is_reused() {
-    let ts = TestServer::start(&fast_checkin(1000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(1000).await;
     let d = fleet(&ts, 2, "t").await;
     let mut s = spec("2.0", "t");
     s.max_concurrent = 1;
@@ -196,9 +190,7 @@ async fn a_silent_device_loses_its_lease_and_the_slot_is_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_renews_the_lease() {
-    let ts = TestServer::start(&fast_checkin(1000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(1000).await;
     let d = fleet(&ts, 1, "t").await;
     let r = ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
     let Action::Update(o) = d[0].checkin("1.0", AgentState::Idle, None).await.action else {
@@ -223,9 +215,7 @@ async fn progress_renews_the_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waves_open_only_after_soak_and_success() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let devices = fleet(&ts, 60, "t").await;
     let mut s = spec("2.0", "t");
     s.waves = vec![20, 100];
@@ -277,9 +267,7 @@ async fn waves_open_only_after_soak_and_success() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wave_does_not_open_before_its_soak() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let devices = fleet(&ts, 30, "t").await;
     let mut s = spec("2.0", "t");
     s.waves = vec![30, 100];
@@ -302,9 +290,7 @@ async fn a_wave_does_not_open_before_its_soak() {
 async fn failing_rollout(
     on_failure: OnFailure,
 ) -> (TestServer, Vec<Sim>, String, Vec<UpdateOffer>) {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let devices = fleet(&ts, 12, "t").await;
     let mut s = spec("2.0", "t");
     s.max_concurrent = 12;
@@ -377,9 +363,7 @@ async fn failure_threshold_aborts_and_downloading_devices_are_cancelled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_idempotent_by_device_and_seq() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let d = fleet(&ts, 1, "t").await;
     let r = ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
     let Action::Update(o) = d[0].checkin("1.0", AgentState::Idle, None).await.action else {
@@ -431,9 +415,7 @@ async fn events_are_idempotent_by_device_and_seq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_download_is_retried_up_to_max_retries() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let d = fleet(&ts, 1, "t").await;
     let mut s = spec("2.0", "t");
     s.max_retries = 1;
@@ -457,9 +439,7 @@ async fn a_failed_download_is_retried_up_to_max_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_on_a_version_without_a_delta_gets_the_full_image() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let d = fleet(&ts, 2, "t").await;
     ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
     let Action::Update(delta) = d[0].checkin("1.0", AgentState::Idle, None).await.action else {
@@ -588,9 +568,7 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_selector_limits_the_rollout_to_matching_devices() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let http = http();
     let tag = |site: &str| {
         [("site".to_string(), site.to_string())]
@@ -623,9 +601,7 @@ async fn a_selector_limits_the_rollout_to_matching_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_rate_ramps_with_commits() {
-    let ts = TestServer::start(&fast_checkin(5000)).await;
-    ts.release("t", "1.0", &image(16, 1)).await;
-    ts.release("t", "2.0", &image(16, 2)).await;
+    let ts = TestServer::with_two_releases(5000).await;
     let d = fleet(&ts, 4, "t").await;
     let mut s = spec("2.0", "t");
     s.max_starts_per_min = 10.0;

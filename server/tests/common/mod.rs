@@ -74,6 +74,15 @@ impl TestServer {
         }
     }
 
+    /// A server with fast check-ins (`lease_ms` leases) and releases 1.0
+    /// and 2.0 of device type `t`, built.
+    pub async fn with_two_releases(lease_ms: u64) -> TestServer {
+        let ts = TestServer::start(&fast_checkin(lease_ms)).await;
+        ts.release("t", "1.0", &image(16, 1)).await;
+        ts.release("t", "2.0", &image(16, 2)).await;
+        ts
+    }
+
     pub fn app(&self) -> &ota_server::app::App {
         &self.running.as_ref().unwrap().app
     }
