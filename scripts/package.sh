@@ -12,9 +12,12 @@ command -v cargo-deb >/dev/null || cargo install -q cargo-deb --locked
 server_deb=$(cargo deb -q -p ota-server --no-build | tail -1)
 agent_deb=$(cargo deb -q -p ota-agent --target aarch64-unknown-linux-musl --profile agent-dist --no-build | tail -1)
 check() { # DEB PATH...
-  local deb=$1; shift
+  local deb=$1 list; shift
+  # Listed once into a variable: `dpkg-deb -c | grep -q` under pipefail
+  # fails when grep stops reading early (SIGPIPE).
+  list=$(dpkg-deb -c "$deb")
   for p in "$@"; do
-    dpkg-deb -c "$deb" | grep -q " \./$p\$" || { echo "!! $deb lacks $p"; exit 1; }
+    grep -q " \./$p\$" <<<"$list" || { echo "!! $deb lacks $p"; exit 1; }
   done
 }
 check "$server_deb" usr/bin/ota-server usr/lib/systemd/system/ota-server.service etc/ota-server/server.toml
