@@ -41,24 +41,20 @@ pub struct App {
     tmp: PathBuf,
 }
 
+/// Constant-time equality of two digests.
+fn digest_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Constant-time equality for secrets (compares hashes, so lengths leak
 /// nothing either).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let ha = Sha256::digest(a);
-    let hb = Sha256::digest(b);
-    ha.iter()
-        .zip(hb.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+    digest_eq(&Sha256::digest(a), &Sha256::digest(b))
 }
 
 impl App {
     pub fn is_admin(&self, token: &str) -> bool {
-        let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        h.iter()
-            .zip(self.admin_hash.iter())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+        digest_eq(&Sha256::digest(token.as_bytes()), &self.admin_hash)
     }
 
     pub fn tmp_dir(&self) -> &std::path::Path {

@@ -229,7 +229,15 @@ pub struct WaveCounters {
 pub struct Rollout {
     pub id: String,
     pub spec: RolloutSpec,
+    /// The record; written under this lock by operator actions, the
+    /// failure threshold and the tick.
     rec: Mutex<RolloutRecord>,
+    /// Copies of `rec.state` and `rec.wave` for the check-in path, which
+    /// reads them on every check-in: atomics, so check-ins of one rollout
+    /// never queue on its record lock. Updated under that lock
+    /// ([`Rollout::publish`]).
+    state_now: std::sync::atomic::AtomicU8,
+    wave_now: std::sync::atomic::AtomicUsize,
     pub throttle: Throttle,
     members: DashMap<String, Member>,
     pub waves: Vec<WaveCounters>,
@@ -255,10 +263,24 @@ impl Rollout {
             waves: (0..rec.spec.waves.len())
                 .map(|_| WaveCounters::default())
                 .collect(),
+            state_now: std::sync::atomic::AtomicU8::new(rec.state as u8),
+            wave_now: std::sync::atomic::AtomicUsize::new(rec.wave),
             rec: Mutex::new(rec),
             throttle: Throttle::new(),
             members: DashMap::new(),
         }
+    }
+
+    /// Publishes `rec`'s state and open wave to the check-in path. Called
+    /// with the record lock held, after every change of either.
+    fn publish(&self, rec: &RolloutRecord) {
+        self.state_now.store(rec.state as u8, Ordering::Release);
+        self.wave_now.store(rec.wave, Ordering::Release);
+    }
+
+    /// The newest open wave (index).
+    fn open_wave(&self) -> usize {
+        self.wave_now.load(Ordering::Acquire)
     }
 
     pub fn wave_of(&self, device: &str) -> usize {
@@ -271,7 +293,12 @@ impl Rollout {
     }
 
     pub fn state(&self) -> RolloutState {
-        self.rec.lock().unwrap().state
+        match self.state_now.load(Ordering::Acquire) {
+            0 => RolloutState::Active,
+            1 => RolloutState::Paused,
+            2 => RolloutState::Aborted,
+            _ => RolloutState::Completed,
+        }
     }
 
     fn matches(&self, device_type: &str, tags: &BTreeMap<String, String>) -> bool {
@@ -570,6 +597,7 @@ impl Rollouts {
             }
             rec.state = to;
             rec.reason = reason;
+            r.publish(&rec);
             self.store.rollouts.insert(id.as_bytes(), encode(&*rec))?;
         }
         self.store.durable().await?;
@@ -712,7 +740,7 @@ impl Rollouts {
                 near_head: false,
             });
         }
-        let open = r.rec.lock().unwrap().wave;
+        let open = r.open_wave();
         if wave > open {
             return Ok(Decision::Wait {
                 reason: format!("wave {} of rollout {} is not open yet", wave + 1, r.id),
@@ -877,6 +905,7 @@ impl Rollouts {
             rec.wave + 1,
             100.0 * r.spec.failure_threshold
         );
+        r.publish(&rec);
         warn!(rollout = %r.id, state = ?rec.state, reason = %rec.reason, "failure threshold reached");
         self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
         Ok(())
@@ -949,6 +978,7 @@ impl Rollouts {
             if soaked && succeeded {
                 rec.wave += 1;
                 rec.wave_opened_at_ms = now;
+                r.publish(&rec);
                 rec.reason = format!(
                     "wave {} opened: {done} of {eligible} devices in waves 1-{} committed",
                     rec.wave + 1,
@@ -959,6 +989,7 @@ impl Rollouts {
             }
         } else if eligible > 0 && finished >= eligible {
             rec.state = RolloutState::Completed;
+            r.publish(&rec);
             rec.reason = format!("every eligible device finished: {done} committed of {eligible}");
             info!(rollout = %r.id, "rollout completed");
             self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
