@@ -254,11 +254,15 @@ async fn checkin(
     let (action, base, durable) = match decision {
         Decision::Answer(a) => (a, None, false),
         Decision::AnswerDurable(a) => (a, None, true),
-        Decision::Wait { reason, near_head } => {
+        Decision::Wait {
+            reason,
+            class,
+            near_head,
+        } => {
             app.metrics
                 .throttled
                 .get_or_create(&ReasonLabel {
-                    reason: reason_class(&reason).into(),
+                    reason: class.into(),
                 })
                 .inc();
             let base = if near_head {
@@ -304,22 +308,6 @@ async fn checkin(
             .insert(header::RETRY_AFTER, HeaderValue::from(next.div_ceil(1000)));
     }
     Ok(resp)
-}
-
-fn reason_class(reason: &str) -> &'static str {
-    if reason.contains("concurrency") {
-        "concurrency_cap"
-    } else if reason.contains("start rate") {
-        "start_rate"
-    } else if reason.contains("queued") {
-        "queued"
-    } else if reason.contains("paused") {
-        "paused"
-    } else if reason.contains("wave") {
-        "wave_closed"
-    } else {
-        "building"
-    }
 }
 
 async fn events(
@@ -630,9 +618,4 @@ pub fn total_leases(app: &App) -> u64 {
         .iter()
         .map(|r| r.throttle.active())
         .sum()
-}
-
-/// Events counted so far (tests and the load test read it via /metrics).
-pub fn events_accepted(app: &App) -> u64 {
-    app.rollouts.events_accepted.load(Ordering::Relaxed)
 }

@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
-use ota_format::Digest;
 use ota_format::api::{Action, AgentState, Event, EventKind, UpdateOffer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -366,7 +365,12 @@ pub enum Decision {
     /// Answer after the store is durable (an admission was written).
     AnswerDurable(Action),
     /// Throttled: `near_head` devices are told to come back sooner.
-    Wait { reason: String, near_head: bool },
+    Wait {
+        reason: String,
+        /// Metric label of the reason (`ota_throttled_total{reason}`).
+        class: &'static str,
+        near_head: bool,
+    },
 }
 
 /// Pacing knobs the engine needs from the config.
@@ -737,6 +741,7 @@ impl Rollouts {
         if state == RolloutState::Paused {
             return Ok(Decision::Wait {
                 reason: format!("rollout {} is paused", r.id),
+                class: "paused",
                 near_head: false,
             });
         }
@@ -744,6 +749,7 @@ impl Rollouts {
         if wave > open {
             return Ok(Decision::Wait {
                 reason: format!("wave {} of rollout {} is not open yet", wave + 1, r.id),
+                class: "wave_closed",
                 near_head: false,
             });
         }
@@ -753,6 +759,7 @@ impl Rollouts {
         else {
             return Ok(Decision::Wait {
                 reason: format!("release {} is still being built", r.spec.release),
+                class: "building",
                 near_head: false,
             });
         };
@@ -789,6 +796,7 @@ impl Rollouts {
                 tracing::debug!(reason = reason.as_str(), "throttled");
                 Ok(Decision::Wait {
                     reason: reason.as_str().into(),
+                    class: reason.label(),
                     near_head,
                 })
             }
@@ -1197,9 +1205,6 @@ impl RolloutStatus {
         t
     }
 }
-
-/// Digest re-export for offers.
-pub type Sha = Digest;
 
 impl From<sled::Error> for RolloutError {
     fn from(e: sled::Error) -> Self {

@@ -62,6 +62,15 @@ impl WaitReason {
             WaitReason::Queued => "queued behind devices that waited longer",
         }
     }
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            WaitReason::ConcurrencyCap => "concurrency_cap",
+            WaitReason::StartRate => "start_rate",
+            WaitReason::Queued => "queued",
+        }
+    }
 }
 
 /// The result of an admission attempt.

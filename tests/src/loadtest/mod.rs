@@ -26,7 +26,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -396,7 +396,6 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         args: args.clone(),
         started: Instant::now(),
         slots_dir,
-        server_up: AtomicBool::new(true),
         in_flight: tokio::sync::Semaphore::new(args.max_requests),
     });
     drop(v2);
@@ -490,10 +489,8 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
                 "kill -9 of the server at {:.1} s",
                 elapsed.as_secs_f64()
             ));
-            shared.server_up.store(false, Ordering::SeqCst);
             let t = Instant::now();
             tokio::task::block_in_place(|| server.restart())?;
-            shared.server_up.store(true, Ordering::SeqCst);
             bar.println(format!(
                 "server back after {:.1} s",
                 t.elapsed().as_secs_f64()
@@ -533,6 +530,3 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let ok = r.invariants_hold();
     Ok((r, ok))
 }
-
-/// Counts things atomically (shared by device tasks).
-pub type Counter = AtomicU64;

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use ota_agent::client::Client;
 use ota_agent::pool::{self, PoolConfig, PoolError, PoolStats};
 use ota_agent::verify::{Running, check_manifest};
-use ota_delta::io::{ReadAt, WriteAt};
+use ota_delta::io::WriteAt;
 use ota_format::api::*;
 use ota_format::{Digest, Manifest, TrustedKeys};
 use rand::{Rng, SeedableRng};
@@ -178,7 +178,6 @@ pub struct Shared {
     pub args: Args,
     pub started: Instant,
     pub slots_dir: PathBuf,
-    pub server_up: AtomicBool,
     /// Bounds API requests in flight across the fleet, so connections (and
     /// file descriptors, on both sides) stay bounded however large N is.
     pub in_flight: tokio::sync::Semaphore,
@@ -367,9 +366,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
         let Some(resp) = dev.checkin(&req).await else {
             errors += 1;
             let wait = pool::backoff(Duration::from_millis(200), Duration::from_secs(5), errors);
-            if !nap(&sh, wait).await {
-                continue;
-            }
+            nap(&sh, wait).await;
             continue;
         };
         errors = 0;
@@ -753,10 +750,4 @@ fn applied_bytes(m: &Manifest, todo: &[usize], done: &HashSet<usize>) -> u64 {
         .filter(|d| seen.insert(d.offset))
         .map(|d| d.length)
         .sum()
-}
-
-// ReadAt for Vec<u8> exists in ota-delta; keep the bound visible here.
-#[allow(dead_code)]
-fn _assert_source_is_readat(v: &Vec<u8>) -> &dyn ReadAt {
-    v
 }
