@@ -66,6 +66,76 @@ pub struct ServerConfig {
     /// TLS; plain HTTP when absent.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Where durable state lives: sled in `data_dir` (default) or PostgreSQL.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Where the fleet-wide throttle lives: this process (default) or Redis.
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
+}
+
+/// `[storage]`: the durable state backend.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default)]
+    pub backend: StorageBackend,
+    /// `postgres://user:password@host:port/db` (postgres only).
+    #[serde(default)]
+    pub url: String,
+    /// Connections this replica keeps to PostgreSQL. Default 16.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// This replica's name (logs, metrics, its own `tmp/` subdirectory of a
+    /// shared `data_dir`). Default: the host name and the listen port.
+    #[serde(default)]
+    pub replica_id: String,
+}
+
+/// Durable state backends.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Embedded sled database in `data_dir/db`: one process, no services.
+    #[default]
+    Sled,
+    /// PostgreSQL: several replicas share one database; `data_dir` (images
+    /// and artifacts) must then be a directory every replica can read and
+    /// write (NFS, CephFS, EFS...).
+    Postgres,
+}
+
+/// `[throttle]`: where leases, the start-rate bucket and the queue live.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ThrottleConfig {
+    #[serde(default)]
+    pub backend: ThrottleBackend,
+    /// `redis://host:port/db` (redis only).
+    #[serde(default)]
+    pub url: String,
+    /// Prefix of every Redis key, so several fleets can share one Redis.
+    /// Default `ota`.
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+}
+
+/// Throttle backends.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ThrottleBackend {
+    /// In this process: limits hold for this replica only.
+    #[default]
+    Local,
+    /// Redis: limits hold for every replica together.
+    Redis,
+}
+
+fn default_pool() -> usize {
+    16
+}
+fn default_prefix() -> String {
+    "ota".into()
 }
 
 /// Check-in pacing: what `next_checkin_ms` the server hands out.
@@ -209,7 +279,76 @@ impl ServerConfig {
         {
             return bad("chunk_size must be a positive multiple of 4096, at most 4 MiB".into());
         }
+        let st = &self.storage;
+        match st.backend {
+            StorageBackend::Sled => {
+                if !st.url.is_empty() {
+                    return bad("storage.url is set but storage.backend is \"sled\"; set backend = \"postgres\" or remove the url".into());
+                }
+                if self.throttle.backend == ThrottleBackend::Redis {
+                    return bad("throttle.backend = \"redis\" needs storage.backend = \"postgres\": a shared throttle is for several replicas, and they must share their state too".into());
+                }
+            }
+            StorageBackend::Postgres => {
+                if !st.url.starts_with("postgres://") && !st.url.starts_with("postgresql://") {
+                    return bad(
+                        "storage.url must be a postgres:// URL when storage.backend = \"postgres\""
+                            .into(),
+                    );
+                }
+                if st.pool_size == 0 || st.pool_size > 1000 {
+                    return bad("storage.pool_size must be 1..=1000".into());
+                }
+            }
+        }
+        if !st.replica_id.is_empty() {
+            ota_format::api::check_name("storage.replica_id", &st.replica_id)
+                .map_err(ConfigError::Invalid)?;
+        }
+        let th = &self.throttle;
+        match th.backend {
+            ThrottleBackend::Local => {
+                if !th.url.is_empty() {
+                    return bad("throttle.url is set but throttle.backend is \"local\"; set backend = \"redis\" or remove the url".into());
+                }
+            }
+            ThrottleBackend::Redis => {
+                if !th.url.starts_with("redis://") && !th.url.starts_with("rediss://") {
+                    return bad(
+                        "throttle.url must be a redis:// URL when throttle.backend = \"redis\""
+                            .into(),
+                    );
+                }
+            }
+        }
+        if th.key_prefix.is_empty()
+            || !th
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return bad("throttle.key_prefix must be letters, digits, - and _".into());
+        }
         Ok(())
+    }
+
+    /// This replica's name (see [`StorageConfig::replica_id`]).
+    pub fn replica_id(&self) -> String {
+        if !self.storage.replica_id.is_empty() {
+            return self.storage.replica_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let port = self
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_or(0, |a| a.port());
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        format!("{}-{port}", if host.is_empty() { "replica" } else { &host })
     }
 
     /// The lease lifetime.

@@ -20,6 +20,8 @@
 //! sled and made durable (group commit) before the answer goes out, so a
 //! kill -9 never forgets an admission, an event or a pause.
 
+pub mod redis_throttle;
+pub mod shared;
 pub mod throttle;
 
 use std::collections::BTreeMap;
