@@ -19,20 +19,24 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::artifacts::{ArtifactStore, EgressLimiter};
-use crate::config::ServerConfig;
+use crate::backend::{Backend, LocalState};
+use crate::config::{ServerConfig, StorageBackend, ThrottleBackend};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
-use crate::releases::{BuildSettings, Releases};
+use crate::releases::{BuildSettings, ReleaseDb, Releases};
+use crate::rollout::shared::{FleetThrottle, LocalFleetThrottle};
 use crate::rollout::{Pacing, Rollouts};
 use crate::store::{Store, StoreError};
 
 /// Everything a request handler can reach.
 pub struct App {
     pub config: ServerConfig,
-    pub store: Store,
-    pub fleet: Fleet,
+    /// Devices and rollouts (sled or PostgreSQL).
+    pub state: Backend,
+    /// The sled backend's concrete state (tests inspect its throttles).
+    pub local: Option<Arc<LocalState>>,
+    pub replica_id: String,
     pub releases: Arc<Releases>,
-    pub rollouts: Rollouts,
     pub artifacts: ArtifactStore,
     pub egress: Option<Arc<EgressLimiter>>,
     pub metrics: Metrics,
@@ -61,6 +65,11 @@ impl App {
         &self.tmp
     }
 
+    /// The sled backend's state (panics on PostgreSQL: tests only).
+    pub fn local(&self) -> &LocalState {
+        self.local.as_deref().expect("the sled backend")
+    }
+
     /// Enrolls (or re-enrolls) a device and updates rollout eligibility.
     pub async fn enroll(
         &self,
@@ -68,11 +77,11 @@ impl App {
         device_type: &str,
         tags: BTreeMap<String, String>,
     ) -> Result<String, StoreError> {
-        let new = self.fleet.get(id).is_none();
-        let token = self.fleet.enroll(id, device_type, tags.clone()).await?;
-        self.rollouts.on_enroll(id, device_type, &tags, new);
+        let (token, new) = self.state.enroll(id, device_type, tags).await?;
         self.metrics.enrollments.inc();
-        self.metrics.devices.set(self.fleet.len() as i64);
+        if new {
+            self.metrics.devices.inc();
+        }
         info!(device = id, device_type, new, "device enrolled");
         Ok(token)
     }
@@ -85,7 +94,7 @@ pub struct Running {
     cancel: CancellationToken,
     tracker: TaskTracker,
     flusher_stop: CancellationToken,
-    flusher: tokio::task::JoinHandle<()>,
+    flusher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -102,20 +111,35 @@ impl Running {
         self.tracker.close();
         self.tracker.wait().await;
         self.flusher_stop.cancel();
-        let _ = self.flusher.await;
+        if let Some(f) = self.flusher {
+            let _ = f.await;
+        }
     }
 }
 
 /// Opens the state in the configured data directory and starts serving.
 pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Running> {
     let data = &config.data_dir;
-    for sub in ["db", "images", "artifacts", "tmp"] {
+    let replica_id = config.replica_id();
+    let shared = config.storage.backend == StorageBackend::Postgres;
+    // With a shared data directory each replica has its own tmp/, on the
+    // same filesystem as artifacts/ (atomic renames), which only it empties.
+    let tmp = if shared {
+        data.join("tmp").join(&replica_id)
+    } else {
+        data.join("tmp")
+    };
+    for sub in ["images", "artifacts"] {
         std::fs::create_dir_all(data.join(sub))
             .with_context(|| format!("creating {}", data.join(sub).display()))?;
     }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     // Half-written uploads and builds of an earlier run.
-    for e in std::fs::read_dir(data.join("tmp"))? {
-        let _ = std::fs::remove_file(e?.path());
+    for e in std::fs::read_dir(&tmp)? {
+        let p = e?.path();
+        if p.is_file() {
+            let _ = std::fs::remove_file(p);
+        }
     }
     let key_pem = std::fs::read_to_string(&config.signing_key)
         .with_context(|| format!("reading signing key {}", config.signing_key.display()))?;
@@ -123,15 +147,32 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         ota_format::SigningKeyPair::from_pem(&key_pem)
             .with_context(|| format!("signing key {}", config.signing_key.display()))?,
     );
-    let store = Store::open(&data.join("db")).context("opening the state database")?;
     let images = ArtifactStore::open(data.join("images")).context("opening images/")?;
     let artifacts = ArtifactStore::open(data.join("artifacts")).context("opening artifacts/")?;
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
+    let (store, pool) = match config.storage.backend {
+        StorageBackend::Sled => {
+            std::fs::create_dir_all(data.join("db"))?;
+            let store = Store::open(&data.join("db")).context("opening the state database")?;
+            (Some(store), None)
+        }
+        StorageBackend::Postgres => {
+            let pool = crate::pg::connect(&config.storage.url, config.storage.pool_size)
+                .await
+                .context("opening the PostgreSQL state database (storage.url)")?;
+            (None, Some(pool))
+        }
+    };
+    let release_db = match (&store, &pool) {
+        (Some(s), _) => ReleaseDb::Sled(s.clone()),
+        (None, Some(p)) => ReleaseDb::Postgres(p.clone()),
+        (None, None) => unreachable!("one backend is always opened"),
+    };
     let (releases, jobs) = Releases::load(
-        store.clone(),
+        release_db,
         images,
         artifacts.clone(),
-        data.join("tmp"),
+        tmp.clone(),
         BuildSettings {
             delta_history: config.delta_history,
             chunk_size: config.chunk_size,
@@ -140,19 +181,42 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             threads,
         },
         key,
-    )?;
+    )
+    .await?;
     let releases = Arc::new(releases);
-    let fleet = Fleet::load(store.clone())?;
-    let rollouts = Rollouts::load(
-        store.clone(),
-        releases.clone(),
-        Pacing {
-            lease_ms: config.checkin.lease_ms,
-            idle_ms: config.checkin.idle_interval_ms,
-            max_parallel_ranges: config.checkin.max_parallel_ranges,
-        },
-        &fleet,
-    )?;
+    let pacing = Pacing {
+        lease_ms: config.checkin.lease_ms,
+        idle_ms: config.checkin.idle_interval_ms,
+        max_parallel_ranges: config.checkin.max_parallel_ranges,
+    };
+    let (state, local): (Backend, Option<Arc<LocalState>>) = match (&store, pool) {
+        (Some(store), _) => {
+            let fleet = Fleet::load(store.clone())?;
+            let rollouts = Rollouts::load(store.clone(), releases.clone(), pacing, &fleet)?;
+            let local = Arc::new(LocalState {
+                store: store.clone(),
+                fleet,
+                rollouts,
+            });
+            (local.clone(), Some(local))
+        }
+        (None, Some(pool)) => {
+            let throttle: Arc<dyn FleetThrottle> = match config.throttle.backend {
+                ThrottleBackend::Local => Arc::new(LocalFleetThrottle::new()),
+                ThrottleBackend::Redis => Arc::new(
+                    crate::rollout::redis_throttle::RedisThrottle::connect(
+                        &config.throttle.url,
+                        &config.throttle.key_prefix,
+                    )
+                    .await
+                    .context("connecting to Redis (throttle.url)")?,
+                ),
+            };
+            let pg = crate::pg::PgState::open(pool, throttle, releases.clone(), pacing).await?;
+            (Arc::new(pg), None)
+        }
+        (None, None) => unreachable!("one backend is always opened"),
+    };
     let egress = std::num::NonZeroU64::new(config.egress_bytes_per_sec)
         .map(|bps| Arc::new(EgressLimiter::new(bps)));
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -160,25 +224,28 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let metrics = Metrics::new();
-    metrics.devices.set(fleet.len() as i64);
+    let devices = state.device_count().await?;
+    metrics.devices.set(devices as i64);
     let app = Arc::new(App {
         admin_hash: Sha256::digest(config.admin_token.as_bytes()).into(),
-        tmp: data.join("tmp"),
+        tmp,
         config,
-        store: store.clone(),
-        fleet,
+        state,
+        local,
+        replica_id: replica_id.clone(),
         releases: releases.clone(),
-        rollouts,
         artifacts,
         egress,
         metrics,
         bytes_served: Arc::new(AtomicU64::new(0)),
     });
-    info!(%addr, devices = app.fleet.len(), rollouts = app.rollouts.list().len(), "ota-server listening");
+    info!(%addr, devices, backend = app.state.kind(), replica = %replica_id, "ota-server listening");
 
     let tracker = TaskTracker::new();
     let flusher_stop = CancellationToken::new();
-    let flusher = tokio::spawn(store.clone().run_flusher(flusher_stop.clone()));
+    let flusher = store
+        .clone()
+        .map(|s| tokio::spawn(s.run_flusher(flusher_stop.clone())));
     releases.requeue_unfinished();
     tracker.spawn(releases.clone().run_builder(jobs, cancel.clone()));
     tracker.spawn(tick(app.clone(), cancel.clone()));
@@ -255,22 +322,32 @@ async fn tick(app: Arc<App>, cancel: CancellationToken) {
             _ = every.tick() => {}
         }
         n += 1;
-        match app.rollouts.tick() {
+        match app.state.tick().await {
             Ok(expired) => {
                 app.metrics.lease_expiries.inc_by(expired);
             }
             Err(e) => warn!(error = %e, "rollout tick failed"),
         }
+        if n % 8 == 0
+            && let Err(e) = app.releases.refresh().await
+        {
+            warn!(error = %e, "refreshing the release catalogue failed");
+        }
         app.metrics
             .active_leases
-            .set(crate::http::total_leases(&app) as i64);
+            .set(app.state.total_leases().await as i64);
         app.metrics
             .bytes_served
             .inner()
             .store(app.bytes_served.load(Ordering::Relaxed), Ordering::Relaxed);
         if n % 8 == 0 {
-            for r in app.rollouts.list() {
-                app.metrics.set_rollout(&app.rollouts.status(&r));
+            match app.state.rollout_statuses().await {
+                Ok(all) => {
+                    for s in all {
+                        app.metrics.set_rollout(&s);
+                    }
+                }
+                Err(e) => warn!(error = %e, "reading rollout status for metrics failed"),
             }
         }
     }

@@ -75,7 +75,7 @@ pub struct ServerConfig {
 }
 
 /// `[storage]`: the durable state backend.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     #[serde(default)]
@@ -106,7 +106,7 @@ pub enum StorageBackend {
 }
 
 /// `[throttle]`: where leases, the start-rate bucket and the queue live.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ThrottleConfig {
     #[serde(default)]
@@ -129,6 +129,27 @@ pub enum ThrottleBackend {
     Local,
     /// Redis: limits hold for every replica together.
     Redis,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: StorageBackend::Sled,
+            url: String::new(),
+            pool_size: default_pool(),
+            replica_id: String::new(),
+        }
+    }
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        ThrottleConfig {
+            backend: ThrottleBackend::Local,
+            url: String::new(),
+            key_prefix: default_prefix(),
+        }
+    }
 }
 
 fn default_pool() -> usize {

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::backend::AuthedDevice;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -28,9 +30,9 @@ use tokio::io::AsyncWriteExt;
 use tracing::warn;
 
 use crate::app::App;
-use crate::fleet::Device;
 use crate::metrics::{ActionLabel, KindLabel, ReasonLabel};
 use crate::rollout::{Decision, RolloutError, RolloutSpec, RolloutState};
+use crate::store::StoreError;
 
 /// An error answer: status, stable code, message for the operator.
 pub struct ApiErr(pub StatusCode, pub &'static str, pub String);
@@ -41,7 +43,15 @@ impl IntoResponse for ApiErr {
             code: self.1.into(),
             error: self.2,
         };
-        (self.0, axum::Json(body)).into_response()
+        let mut r = (self.0, axum::Json(body)).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // Jittered, so a fleet turned away together does not return
+            // together.
+            let secs = rand::rng().random_range(1..=5u32);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
     }
 }
 
@@ -58,14 +68,22 @@ fn internal(e: impl std::fmt::Display) -> ApiErr {
     )
 }
 
-impl From<crate::store::StoreError> for ApiErr {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<StoreError> for ApiErr {
+    fn from(e: StoreError) -> Self {
         match e {
-            crate::store::StoreError::ShuttingDown => ApiErr(
+            StoreError::ShuttingDown => ApiErr(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 "the server is shutting down; retry shortly".into(),
             ),
+            StoreError::Unavailable(m) => {
+                warn!(error = %m, "backend unavailable");
+                ApiErr(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("{m}; retry shortly"),
+                )
+            }
             e => internal(e),
         }
     }
@@ -121,10 +139,11 @@ fn unauthorized() -> ApiErr {
     )
 }
 
-fn device_auth(app: &App, headers: &HeaderMap) -> Result<Arc<Device>, ApiErr> {
-    bearer(headers)
-        .and_then(|t| app.fleet.authenticate(t))
-        .ok_or_else(unauthorized)
+async fn device_auth(app: &App, headers: &HeaderMap) -> Result<AuthedDevice, ApiErr> {
+    let Some(t) = bearer(headers) else {
+        return Err(unauthorized());
+    };
+    app.state.authenticate(t).await?.ok_or_else(unauthorized)
 }
 
 fn admin_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiErr> {
@@ -235,7 +254,7 @@ async fn checkin(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiErr> {
-    let dev = device_auth(&app, &headers)?;
+    let dev = device_auth(&app, &headers).await?;
     let req: CheckinRequest = read_json(body).await?;
     api::check_name("current_version", &req.current_version).map_err(bad_request)?;
     if let Some(u) = &req.update
@@ -243,14 +262,8 @@ async fn checkin(
     {
         return Err(bad_request("update_id is too long"));
     }
-    let (id, device_type, tags) = {
-        let r = dev.record.lock().unwrap();
-        (r.id.clone(), r.device_type.clone(), r.tags.clone())
-    };
-    app.fleet
-        .record_checkin(&dev, &req.current_version, req.booted_slot, req.state)?;
     let c = &app.config.checkin;
-    let decision = app.rollouts.checkin(&id, &device_type, &tags, &req)?;
+    let decision = app.state.checkin(&dev, &req).await?;
     let (action, base, durable) = match decision {
         Decision::Answer(a) => (a, None, false),
         Decision::AnswerDurable(a) => (a, None, true),
@@ -273,9 +286,6 @@ async fn checkin(
             (Action::Wait { reason }, Some(base), false)
         }
     };
-    if durable {
-        app.store.durable().await?;
-    }
     let base = base.unwrap_or(match &action {
         Action::Update(o) => c.idle_interval_ms.min(o.lease_ms / 3),
         Action::Cancel { .. } => 1000,
@@ -315,7 +325,7 @@ async fn events(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiErr> {
-    let dev = device_auth(&app, &headers)?;
+    let dev = device_auth(&app, &headers).await?;
     let req: EventsRequest = read_json(body).await?;
     if req.events.len() > api::MAX_EVENTS_PER_BATCH {
         return Err(bad_request(format!(
@@ -342,11 +352,11 @@ async fn events(
             )));
         }
     }
-    let id = dev.record.lock().unwrap().id.clone();
     let mut accepted = 0;
     let mut duplicates = 0;
-    for e in &req.events {
-        if app.rollouts.apply_event(&id, e)? {
+    let new = app.state.apply_events(&dev.id, &req.events).await?;
+    for (e, new) in req.events.iter().zip(new) {
+        if new {
             accepted += 1;
             let kind = serde_json::to_value(e.kind)
                 .ok()
@@ -358,8 +368,6 @@ async fn events(
             app.metrics.events_duplicate.inc();
         }
     }
-    // Acknowledge only what is on disk.
-    app.store.durable().await?;
     Ok(axum::Json(EventsResponse {
         accepted,
         duplicates,
@@ -376,14 +384,11 @@ async fn artifact(
     let device = match bearer(&headers) {
         Some(t) if app.is_admin(t) => None,
         Some(t) => Some(
-            app.fleet
+            app.state
                 .authenticate(t)
+                .await?
                 .ok_or_else(unauthorized)?
-                .record
-                .lock()
-                .unwrap()
-                .id
-                .clone(),
+                .id,
         ),
         None => return Err(unauthorized()),
     };
@@ -408,7 +413,7 @@ async fn artifact(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
     {
-        app.rollouts.count_bytes(&d, n);
+        app.state.count_bytes(&d, n);
     }
     Ok(resp)
 }
@@ -443,32 +448,14 @@ async fn admin_device_get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
-    let dev = app.fleet.get(&id).ok_or_else(|| {
+    let view = app.state.device_view(&id).await?.ok_or_else(|| {
         ApiErr(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no device {id}"),
         )
     })?;
-    let rec = dev.record.lock().unwrap().clone();
-    let live = dev.live.lock().unwrap().clone();
-    let rollouts: Vec<_> = app
-        .rollouts
-        .list()
-        .iter()
-        .filter_map(|r| app.rollouts.member(&r.id, &id))
-        .collect();
-    Ok(axum::Json(serde_json::json!({
-        "id": rec.id,
-        "device_type": rec.device_type,
-        "tags": rec.tags,
-        "version": live.version,
-        "booted_slot": live.booted_slot,
-        "state": live.state,
-        "last_seen_ms": live.last_seen_ms,
-        "rollouts": rollouts,
-    }))
-    .into_response())
+    Ok(axum::Json(view).into_response())
 }
 
 async fn admin_releases(
@@ -542,8 +529,8 @@ async fn admin_rollout_create(
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
     let spec: RolloutSpec = read_json(body).await?;
-    let r = app.rollouts.create(spec, &app.fleet).await?;
-    Ok((StatusCode::CREATED, axum::Json(app.rollouts.status(&r))).into_response())
+    let st = app.state.create_rollout(spec).await?;
+    Ok((StatusCode::CREATED, axum::Json(st)).into_response())
 }
 
 async fn admin_rollouts(
@@ -551,12 +538,7 @@ async fn admin_rollouts(
     headers: HeaderMap,
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
-    let all: Vec<_> = app
-        .rollouts
-        .list()
-        .iter()
-        .map(|r| app.rollouts.status(r))
-        .collect();
+    let all = app.state.rollout_statuses().await?;
     Ok(axum::Json(all).into_response())
 }
 
@@ -566,8 +548,7 @@ async fn admin_rollout_get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
-    let r = app.rollouts.get(&id).ok_or(RolloutError::NotFound(id))?;
-    Ok(axum::Json(app.rollouts.status(&r)).into_response())
+    Ok(axum::Json(app.state.rollout_status(&id).await?).into_response())
 }
 
 async fn admin_rollout_action(
@@ -588,34 +569,16 @@ async fn admin_rollout_action(
             ));
         }
     };
-    let r = app.rollouts.set_state(&id, to, reason.into()).await?;
-    Ok(axum::Json(app.rollouts.status(&r)).into_response())
+    let st = app.state.set_rollout_state(&id, to, reason.into()).await?;
+    Ok(axum::Json(st).into_response())
 }
 
-/// Fleet-wide figures: devices, events stored (a full scan of the events
-/// tree: for reports and load tests, not for dashboards), flushes.
+/// Fleet-wide figures: devices, events stored (a full count: for reports
+/// and load tests, not for dashboards), this replica's counters.
 async fn admin_stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
-    let app2 = app.clone();
-    let events_stored = tokio::task::spawn_blocking(move || app2.store.events.len())
-        .await
-        .map_err(internal)?;
-    Ok(axum::Json(serde_json::json!({
-        "devices": app.fleet.len(),
-        "events_stored": events_stored,
-        "events_accepted_since_start": app.rollouts.events_accepted.load(Ordering::Relaxed),
-        "events_duplicate_since_start": app.rollouts.events_duplicate.load(Ordering::Relaxed),
-        "flushes_since_start": app.store.flush_count(),
-        "bytes_served_since_start": app.bytes_served.load(Ordering::Relaxed),
-    }))
-    .into_response())
-}
-
-/// Leases held across all rollouts (for the gauge).
-pub fn total_leases(app: &App) -> u64 {
-    app.rollouts
-        .list()
-        .iter()
-        .map(|r| r.throttle.active())
-        .sum()
+    let mut v = app.state.stats().await?;
+    v["replica"] = app.replica_id.clone().into();
+    v["bytes_served_since_start"] = app.bytes_served.load(Ordering::Relaxed).into();
+    Ok(axum::Json(v).into_response())
 }

@@ -4,6 +4,10 @@
 //! # Layout
 //!
 //! - [`config`]: `server.toml`, validated on load.
+//! - [`backend`]: the state layer's trait ([`backend::StateBackend`]) and
+//!   its single-process implementation over [`fleet`], [`rollout`] and
+//!   [`store`].
+//! - [`pg`]: the PostgreSQL implementation, for several replicas.
 //! - [`store`]: sled trees and the group-commit flusher that makes
 //!   acknowledged writes durable without an fsync per request.
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
@@ -12,7 +16,9 @@
 //!   optional egress cap.
 //! - [`rollout`]: waves, failure thresholds and per-device progress;
 //!   [`rollout::throttle`] holds the concurrency cap, download leases, the
-//!   start-rate limiter and the fair waiting queue.
+//!   start-rate limiter and the fair waiting queue;
+//!   [`rollout::shared`] the fleet-wide throttle trait (local or
+//!   [`rollout::redis_throttle`]) the PostgreSQL backend uses.
 //! - [`http`]: routes and handlers of the device and admin APIs.
 //! - [`metrics`]: the Prometheus exposition.
 //! - [`app`]: wiring, background tasks and orderly shutdown.
@@ -20,11 +26,13 @@
 
 pub mod app;
 pub mod artifacts;
+pub mod backend;
 pub mod client;
 pub mod config;
 pub mod fleet;
 pub mod http;
 pub mod metrics;
+pub mod pg;
 pub mod releases;
 pub mod rollout;
 pub mod store;

@@ -12,9 +12,9 @@
 //! half-written output lives only in `tmp/`, which start-up empties, and an
 //! artifact becomes visible only by an atomic rename once complete.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_format::{Digest, Envelope, Manifest, SigningKeyPair};
@@ -104,9 +104,84 @@ pub struct BuildSettings {
 
 type Job = (String, String, Option<String>);
 
+/// Where release records are kept.
+///
+/// With PostgreSQL several replicas share the catalogue: each keeps a copy
+/// in memory ([`Releases::refresh`] every few seconds), writes go to the
+/// database first, and a build is run by the replica holding its advisory
+/// lock, so it runs once however many replicas see it pending, and is taken
+/// over when that replica dies (its session, and so its lock, ends).
+pub enum ReleaseDb {
+    Sled(Store),
+    Postgres(deadpool_postgres::Pool),
+}
+
+impl ReleaseDb {
+    async fn load_all(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
+        match self {
+            ReleaseDb::Sled(store) => load_all(&store.releases),
+            ReleaseDb::Postgres(pool) => {
+                let c = crate::pg::conn(pool).await?;
+                let rows = c
+                    .query("SELECT record FROM releases", &[])
+                    .await
+                    .map_err(crate::pg::err)?;
+                rows.iter()
+                    .map(|r| {
+                        let v: tokio_postgres::types::Json<ReleaseRecord> = r.get(0);
+                        Ok(v.0)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Inserts `rec` unless a record exists; returns the existing one.
+    async fn insert_new(&self, rec: &ReleaseRecord) -> Result<Option<ReleaseRecord>, StoreError> {
+        match self {
+            ReleaseDb::Sled(store) => {
+                store
+                    .releases
+                    .insert(key2(&rec.device_type, &rec.version), encode(rec))?;
+                store.durable().await?;
+                Ok(None)
+            }
+            ReleaseDb::Postgres(pool) => {
+                let c = crate::pg::conn(pool).await?;
+                let n = c
+                    .execute(
+                        "INSERT INTO releases (device_type, version, record) VALUES ($1, $2, $3) \
+                         ON CONFLICT DO NOTHING",
+                        &[
+                            &rec.device_type,
+                            &rec.version,
+                            &tokio_postgres::types::Json(rec),
+                        ],
+                    )
+                    .await
+                    .map_err(crate::pg::err)?;
+                if n == 1 {
+                    return Ok(None);
+                }
+                let row = c
+                    .query_one(
+                        "SELECT record FROM releases WHERE device_type = $1 AND version = $2",
+                        &[&rec.device_type, &rec.version],
+                    )
+                    .await
+                    .map_err(crate::pg::err)?;
+                let v: tokio_postgres::types::Json<ReleaseRecord> = row.get(0);
+                Ok(Some(v.0))
+            }
+        }
+    }
+}
+
 /// The release catalogue and the build queue.
 pub struct Releases {
-    store: Store,
+    db: ReleaseDb,
+    /// Jobs in the channel, so periodic re-queuing never duplicates one.
+    queued: Mutex<HashSet<Job>>,
     images: ArtifactStore,
     artifacts: ArtifactStore,
     tmp: PathBuf,
@@ -121,8 +196,8 @@ pub struct Releases {
 impl Releases {
     /// Loads the catalogue; returns it and the build queue's receiver.
     /// Interrupted builds are re-queued by [`Releases::requeue_unfinished`].
-    pub fn load(
-        store: Store,
+    pub async fn load(
+        db: ReleaseDb,
         images: ArtifactStore,
         artifacts: ArtifactStore,
         tmp: PathBuf,
@@ -130,7 +205,7 @@ impl Releases {
         key: Arc<SigningKeyPair>,
     ) -> Result<(Releases, mpsc::Receiver<Job>), StoreError> {
         let mut map = HashMap::new();
-        for r in load_all::<ReleaseRecord>(&store.releases)? {
+        for r in db.load_all().await? {
             map.insert((r.device_type.clone(), r.version.clone()), r);
         }
         // Builds wait in sled, not in the channel, so a full channel only
@@ -138,7 +213,8 @@ impl Releases {
         let (tx, rx) = mpsc::channel(1024);
         Ok((
             Releases {
-                store,
+                db,
+                queued: Mutex::new(HashSet::new()),
                 images,
                 artifacts,
                 tmp,
@@ -151,13 +227,14 @@ impl Releases {
         ))
     }
 
-    /// Queues every build not yet ready (after a restart).
+    /// Queues every build not yet ready (after a restart; with PostgreSQL
+    /// also periodically, to take over builds of a replica that died).
     pub fn requeue_unfinished(&self) {
         let map = self.map.read().unwrap();
         for r in map.values() {
             for b in &r.builds {
                 if matches!(b.status, BuildStatus::Pending | BuildStatus::Building) {
-                    let _ = self.jobs.try_send((
+                    self.queue((
                         r.device_type.clone(),
                         r.version.clone(),
                         b.from_version.clone(),
@@ -165,6 +242,33 @@ impl Releases {
                 }
             }
         }
+    }
+
+    fn queue(&self, job: Job) {
+        let mut q = self.queued.lock().unwrap();
+        if q.contains(&job) {
+            return;
+        }
+        if self.jobs.try_send(job.clone()).is_ok() {
+            q.insert(job);
+        }
+    }
+
+    /// Reloads the catalogue from the database (PostgreSQL: other replicas
+    /// add releases and finish builds) and queues unfinished builds.
+    pub async fn refresh(&self) -> Result<(), StoreError> {
+        if let ReleaseDb::Sled(_) = self.db {
+            return Ok(());
+        }
+        let all = self.db.load_all().await?;
+        {
+            let mut map = self.map.write().unwrap();
+            for r in all {
+                map.insert((r.device_type.clone(), r.version.clone()), r);
+            }
+        }
+        self.requeue_unfinished();
+        Ok(())
     }
 
     pub fn exists(&self, device_type: &str, version: &str) -> bool {
@@ -221,8 +325,10 @@ impl Releases {
             )));
         }
         let (sha, size) = self.images.put_file(image_tmp).await?;
+        // Other replicas may have added releases of this type.
+        self.refresh().await?;
         let rec = {
-            let mut map = self.map.write().unwrap();
+            let map = self.map.read().unwrap();
             let k = (device_type.to_string(), version.to_string());
             if let Some(old) = map.get(&k) {
                 if old.image_sha256 == sha {
@@ -255,7 +361,7 @@ impl Releases {
                     seconds: None,
                 });
             }
-            let rec = ReleaseRecord {
+            ReleaseRecord {
                 device_type: device_type.into(),
                 version: version.into(),
                 image_sha256: sha,
@@ -264,23 +370,28 @@ impl Releases {
                 seq,
                 security_counter,
                 builds,
-            };
-            self.store
-                .releases
-                .insert(key2(device_type, version), encode(&rec))?;
-            map.insert(k, rec.clone());
-            rec
+            }
         };
-        self.store.durable().await?;
+        if let Some(old) = self.db.insert_new(&rec).await? {
+            // Another replica added it meanwhile.
+            if old.image_sha256 == sha {
+                return Ok(old);
+            }
+            return Err(ReleaseError::Exists {
+                device_type: device_type.into(),
+                version: version.into(),
+            });
+        }
+        self.map
+            .write()
+            .unwrap()
+            .insert((device_type.to_string(), version.to_string()), rec.clone());
         for b in &rec.builds {
-            let _ = self
-                .jobs
-                .send((
-                    device_type.to_string(),
-                    version.to_string(),
-                    b.from_version.clone(),
-                ))
-                .await;
+            self.queue((
+                device_type.to_string(),
+                version.to_string(),
+                b.from_version.clone(),
+            ));
         }
         info!(
             device_type,
@@ -292,23 +403,106 @@ impl Releases {
         Ok(rec)
     }
 
-    fn set_build(
+    /// Changes one build of a release and persists the record (with
+    /// PostgreSQL as a read-modify-write under the row lock, so replicas
+    /// finishing different builds of one release do not overwrite each
+    /// other).
+    async fn set_build(
         &self,
         device_type: &str,
         version: &str,
         from: &Option<String>,
         f: impl FnOnce(&mut Build),
     ) -> Result<(), StoreError> {
-        let mut map = self.map.write().unwrap();
-        let Some(r) = map.get_mut(&(device_type.to_string(), version.to_string())) else {
+        let pool = match &self.db {
+            ReleaseDb::Sled(store) => {
+                let mut map = self.map.write().unwrap();
+                let Some(r) = map.get_mut(&(device_type.to_string(), version.to_string())) else {
+                    return Ok(());
+                };
+                if let Some(b) = r.builds.iter_mut().find(|b| &b.from_version == from) {
+                    f(b);
+                }
+                store
+                    .releases
+                    .insert(key2(device_type, version), encode(&*r))?;
+                return Ok(());
+            }
+            ReleaseDb::Postgres(pool) => pool,
+        };
+        let mut c = crate::pg::conn(pool).await?;
+        let tx = c.transaction().await.map_err(crate::pg::err)?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT record FROM releases WHERE device_type = $1 AND version = $2 FOR UPDATE",
+                &[&device_type, &version],
+            )
+            .await
+            .map_err(crate::pg::err)?
+        else {
             return Ok(());
         };
-        if let Some(b) = r.builds.iter_mut().find(|b| &b.from_version == from) {
+        let mut rec: tokio_postgres::types::Json<ReleaseRecord> = row.get(0);
+        if let Some(b) = rec.0.builds.iter_mut().find(|b| &b.from_version == from) {
             f(b);
         }
-        self.store
-            .releases
-            .insert(key2(device_type, version), encode(&*r))?;
+        tx.execute(
+            "UPDATE releases SET record = $3 WHERE device_type = $1 AND version = $2",
+            &[&device_type, &version, &rec],
+        )
+        .await
+        .map_err(crate::pg::err)?;
+        tx.commit().await.map_err(crate::pg::err)?;
+        self.map
+            .write()
+            .unwrap()
+            .insert((device_type.to_string(), version.to_string()), rec.0);
+        Ok(())
+    }
+
+    /// With PostgreSQL: takes the build's advisory lock on a connection
+    /// held for the build. `None`: another replica is building it.
+    async fn claim(
+        &self,
+        job: &Job,
+    ) -> Result<Option<Option<deadpool_postgres::Object>>, StoreError> {
+        let ReleaseDb::Postgres(pool) = &self.db else {
+            return Ok(Some(None));
+        };
+        let c = crate::pg::conn(pool).await?;
+        let got: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&build_lock_key(job)])
+            .await
+            .map_err(crate::pg::err)?
+            .get(0);
+        if !got {
+            return Ok(None);
+        }
+        // Someone may have finished it before we got the lock.
+        self.refresh_one(&c, &job.0, &job.1).await?;
+        Ok(Some(Some(c)))
+    }
+
+    async fn refresh_one(
+        &self,
+        c: &deadpool_postgres::Object,
+        t: &str,
+        v: &str,
+    ) -> Result<(), StoreError> {
+        if let Some(row) = c
+            .query_opt(
+                "SELECT record FROM releases WHERE device_type = $1 AND version = $2",
+                &[&t, &v],
+            )
+            .await
+            .map_err(crate::pg::err)?
+        {
+            let rec: tokio_postgres::types::Json<ReleaseRecord> = row.get(0);
+            self.map
+                .write()
+                .unwrap()
+                .insert((t.to_string(), v.to_string()), rec.0);
+        }
         Ok(())
     }
 
@@ -323,6 +517,15 @@ impl Releases {
             let job = tokio::select! {
                 _ = cancel.cancelled() => return,
                 j = rx.recv() => match j { Some(j) => j, None => return },
+            };
+            self.queued.lock().unwrap().remove(&job);
+            let claim = match self.claim(&job).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    error!(error = %e, "claiming a build; will retry");
+                    continue;
+                }
             };
             let (t, v, from) = job;
             let span = info_span!("build", device_type = %t, version = %v, from = ?from);
@@ -340,7 +543,9 @@ impl Releases {
                 if !matches!(status, Some(BuildStatus::Pending | BuildStatus::Building)) {
                     return;
                 }
-                if let Err(e) = this.set_build(&t, &v, &from, |b| b.status = BuildStatus::Building)
+                if let Err(e) = this
+                    .set_build(&t, &v, &from, |b| b.status = BuildStatus::Building)
+                    .await
                 {
                     error!(error = %e, "recording build start");
                 }
@@ -363,6 +568,7 @@ impl Releases {
                             b.artifacts = Some(a);
                             b.seconds = Some(secs);
                         })
+                        .await
                     }
                     Err(e) => {
                         error!(error = %e, "build failed");
@@ -370,12 +576,19 @@ impl Releases {
                             b.status = BuildStatus::Failed;
                             b.error = Some(e);
                         })
+                        .await
                     }
                 };
                 if let Err(e) = r {
                     error!(error = %e, "recording build result");
                 }
-                let _ = this.store.durable().await;
+                if let ReleaseDb::Sled(store) = &this.db {
+                    let _ = store.durable().await;
+                }
+                if let Some(c) = claim {
+                    let key = build_lock_key(&(t.clone(), v.clone(), from.clone()));
+                    let _ = c.execute("SELECT pg_advisory_unlock($1)", &[&key]).await;
+                }
             }
             .instrument(span)
             .await;
@@ -489,4 +702,20 @@ impl From<sled::Error> for ReleaseError {
     fn from(e: sled::Error) -> Self {
         ReleaseError::Store(e.into())
     }
+}
+
+/// The advisory-lock key of a build: 64 bits of a hash of (type, version,
+/// from).
+fn build_lock_key(job: &Job) -> i64 {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"ota-build\0");
+    h.update(job.0.as_bytes());
+    h.update([0]);
+    h.update(job.1.as_bytes());
+    h.update([0]);
+    if let Some(f) = &job.2 {
+        h.update(f.as_bytes());
+    }
+    i64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
 }

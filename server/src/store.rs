@@ -38,6 +38,12 @@ pub enum StoreError {
     Transaction(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("state database (PostgreSQL): {0}")]
+    Postgres(String),
+    /// A backend (PostgreSQL, Redis) cannot be reached right now: the
+    /// request is answered 503 and the device retries.
+    #[error("{0} (temporarily unavailable; devices retry)")]
+    Unavailable(String),
 }
 
 /// The sled database and its group-commit flusher.

@@ -1,6 +1,7 @@
 //! The rollout throttle over real HTTP on 127.0.0.1: caps, rates, leases,
 //! waves, failure thresholds, idempotent events and bad input.
 
+#[path = "common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
@@ -223,8 +224,9 @@ async fn waves_open_only_after_soak_and_success() {
     s.soak_ms = 2000;
     s.success_threshold = 1.0;
     let r = ts.admin.rollout_create(&s).await.unwrap();
-    let rollout = ts.app().rollouts.get(&r.id).unwrap();
-    let (w1, w2): (Vec<_>, Vec<_>) = devices.iter().partition(|d| rollout.wave_of(&d.id) == 0);
+    let (w1, w2): (Vec<_>, Vec<_>) = devices
+        .iter()
+        .partition(|d| ota_server::rollout::wave_of(&r.spec, &r.id, &d.id) == 0);
     assert!(!w1.is_empty() && !w2.is_empty());
     let opened = Instant::now();
     // Wave 2 is closed; wave 1 is admitted.
@@ -274,8 +276,10 @@ async fn a_wave_does_not_open_before_its_soak() {
     s.max_concurrent = 100;
     s.soak_ms = 60_000;
     let r = ts.admin.rollout_create(&s).await.unwrap();
-    let rollout = ts.app().rollouts.get(&r.id).unwrap();
-    for d in devices.iter().filter(|d| rollout.wave_of(&d.id) == 0) {
+    for d in devices
+        .iter()
+        .filter(|d| ota_server::rollout::wave_of(&r.spec, &r.id, &d.id) == 0)
+    {
         let Action::Update(o) = d.checkin("1.0", AgentState::Idle, None).await.action else {
             panic!()
         };
@@ -410,7 +414,7 @@ async fn events_are_idempotent_by_device_and_seq() {
     let st = ts.status(&r.id).await;
     assert_eq!(st.totals().committed, 1);
     assert_eq!(st.totals().installed, 1);
-    assert_eq!(ts.app().rollouts.events_accepted.load(Ordering::Relaxed), 6);
+    assert_eq!(ts.events_accepted().await, 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -561,9 +565,9 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         .unwrap();
     check(r, 400).await;
     // Nothing changed: one device, no rollouts, no events counted.
-    assert_eq!(ts.app().fleet.len(), 1);
+    assert_eq!(ts.app().state.device_count().await.unwrap(), 1);
     assert!(ts.admin.rollouts().await.unwrap().is_empty());
-    assert_eq!(ts.app().rollouts.events_accepted.load(Ordering::Relaxed), 0);
+    assert_eq!(ts.events_accepted().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

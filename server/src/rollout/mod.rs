@@ -256,6 +256,108 @@ pub fn percentile(device: &str, rollout: &str) -> u8 {
     (u64::from_be_bytes(h[..8].try_into().unwrap()) % 100) as u8
 }
 
+/// The wave (index) `device` belongs to in rollout `id`.
+pub fn wave_of(spec: &RolloutSpec, id: &str, device: &str) -> usize {
+    let p = percentile(device, id);
+    spec.waves.iter().position(|&w| p < w).unwrap_or(0)
+}
+
+/// Whether a device of `device_type` with `tags` is in the rollout.
+pub fn spec_matches(
+    spec: &RolloutSpec,
+    device_type: &str,
+    tags: &BTreeMap<String, String>,
+) -> bool {
+    spec.device_type == device_type && spec.selector.iter().all(|(k, v)| tags.get(k) == Some(v))
+}
+
+/// The start rate after ramping by `committed` commits.
+pub fn ramped_rate(s: &RolloutSpec, committed: u64) -> f64 {
+    if s.ramp_factor <= 1.0 {
+        return s.max_starts_per_min;
+    }
+    let step = if s.ramp_every > 0 {
+        s.ramp_every
+    } else {
+        s.min_sample.max(1)
+    };
+    let steps = (committed / step).min(64) as i32;
+    (s.max_starts_per_min * s.ramp_factor.powi(steps)).min(s.max_starts_per_min * 1000.0)
+}
+
+/// The failure-threshold rule over (ok, bad) outcomes of the opened waves:
+/// the new state and its reason when the rollout must stop.
+pub fn failure_verdict(
+    spec: &RolloutSpec,
+    rec: &RolloutRecord,
+    ok: u64,
+    bad: u64,
+) -> Option<(RolloutState, String)> {
+    if rec.state != RolloutState::Active {
+        return None;
+    }
+    let bad = bad.saturating_sub(rec.baseline.0);
+    let ok = ok.saturating_sub(rec.baseline.1);
+    let n = ok + bad;
+    if n < spec.min_sample.max(1) || (bad as f64) < spec.failure_threshold * n as f64 {
+        return None;
+    }
+    let state = match spec.on_failure {
+        OnFailure::Pause => RolloutState::Paused,
+        OnFailure::Abort => RolloutState::Aborted,
+    };
+    Some((
+        state,
+        format!(
+            "failure rate {:.1}% ({bad} of {n} outcomes in waves 1-{}) reached the {:.1}% threshold",
+            100.0 * bad as f64 / n as f64,
+            rec.wave + 1,
+            100.0 * spec.failure_threshold
+        ),
+    ))
+}
+
+/// The wave rule: opens the next wave when the open one soaked and enough
+/// devices succeeded; completes the rollout when every eligible device
+/// finished. `waves` holds (eligible, ok = committed + already current,
+/// failures) per wave. Changes `rec` and returns whether it changed.
+pub fn advance_record(
+    spec: &RolloutSpec,
+    rec: &mut RolloutRecord,
+    waves: &[(u64, u64, u64)],
+    now: u64,
+) -> bool {
+    if rec.state != RolloutState::Active {
+        return false;
+    }
+    let upto = rec.wave;
+    let (mut eligible, mut done, mut finished) = (0, 0, 0);
+    for &(e, ok, bad) in &waves[..=upto.min(waves.len() - 1)] {
+        eligible += e;
+        done += ok;
+        finished += ok + bad;
+    }
+    let soaked = now >= rec.wave_opened_at_ms + spec.soak_ms;
+    let succeeded = done as f64 >= spec.success_threshold * eligible as f64;
+    if upto + 1 < waves.len() {
+        if soaked && succeeded {
+            rec.wave += 1;
+            rec.wave_opened_at_ms = now;
+            rec.reason = format!(
+                "wave {} opened: {done} of {eligible} devices in waves 1-{} committed",
+                rec.wave + 1,
+                upto + 1
+            );
+            return true;
+        }
+    } else if eligible > 0 && finished >= eligible {
+        rec.state = RolloutState::Completed;
+        rec.reason = format!("every eligible device finished: {done} committed of {eligible}");
+        return true;
+    }
+    false
+}
+
 impl Rollout {
     fn new(rec: RolloutRecord) -> Rollout {
         Rollout {
@@ -285,8 +387,7 @@ impl Rollout {
     }
 
     pub fn wave_of(&self, device: &str) -> usize {
-        let p = percentile(device, &self.id);
-        self.spec.waves.iter().position(|&w| p < w).unwrap_or(0)
+        wave_of(&self.spec, &self.id, device)
     }
 
     pub fn record(&self) -> RolloutRecord {
@@ -303,12 +404,7 @@ impl Rollout {
     }
 
     fn matches(&self, device_type: &str, tags: &BTreeMap<String, String>) -> bool {
-        self.spec.device_type == device_type
-            && self
-                .spec
-                .selector
-                .iter()
-                .all(|(k, v)| tags.get(k) == Some(v))
+        spec_matches(&self.spec, device_type, tags)
     }
 
     /// Sum of committed (+ already current) and of failures over waves `..=w`.
@@ -324,31 +420,33 @@ impl Rollout {
 
     /// The start rate now, after ramping by commits.
     pub fn starts_per_min(&self) -> f64 {
-        let s = &self.spec;
-        if s.ramp_factor <= 1.0 {
-            return s.max_starts_per_min;
-        }
         let committed: u64 = self
             .waves
             .iter()
             .map(|c| c.committed.load(Ordering::Relaxed))
             .sum();
-        let step = if s.ramp_every > 0 {
-            s.ramp_every
-        } else {
-            s.min_sample.max(1)
-        };
-        let steps = (committed / step).min(64) as i32;
-        (s.max_starts_per_min * s.ramp_factor.powi(steps)).min(s.max_starts_per_min * 1000.0)
+        ramped_rate(&self.spec, committed)
     }
 }
 
 /// The offer a device gets for an admitted update.
 fn offer(r: &Rollout, m: &Member, a: &Artifacts, parallel: u32, lease_ms: u64) -> UpdateOffer {
+    offer_for(&r.id, &r.spec, m, a, parallel, lease_ms)
+}
+
+/// The offer for member `m` of rollout `id` (both engines).
+pub(crate) fn offer_for(
+    id: &str,
+    spec: &RolloutSpec,
+    m: &Member,
+    a: &Artifacts,
+    parallel: u32,
+    lease_ms: u64,
+) -> UpdateOffer {
     UpdateOffer {
         update_id: m.update_id.clone(),
-        rollout_id: r.id.clone(),
-        version: r.spec.release.clone(),
+        rollout_id: id.to_string(),
+        version: spec.release.clone(),
         from_version: a.from_version.clone(),
         manifest_url: format!("/api/v1/artifacts/{}", a.manifest_sha256),
         manifest_sha256: a.manifest_sha256,
@@ -895,26 +993,12 @@ impl Rollouts {
     /// Pauses or aborts `r` if its failure rate reached the threshold.
     fn check_failures(&self, r: &Rollout) -> Result<(), StoreError> {
         let mut rec = r.rec.lock().unwrap();
-        if rec.state != RolloutState::Active {
-            return Ok(());
-        }
         let (ok, bad) = r.outcomes(rec.wave);
-        let bad = bad.saturating_sub(rec.baseline.0);
-        let ok = ok.saturating_sub(rec.baseline.1);
-        let n = ok + bad;
-        if n < r.spec.min_sample.max(1) || (bad as f64) < r.spec.failure_threshold * n as f64 {
+        let Some((state, reason)) = failure_verdict(&r.spec, &rec, ok, bad) else {
             return Ok(());
-        }
-        rec.state = match r.spec.on_failure {
-            OnFailure::Pause => RolloutState::Paused,
-            OnFailure::Abort => RolloutState::Aborted,
         };
-        rec.reason = format!(
-            "failure rate {:.1}% ({bad} of {n} outcomes in waves 1-{}) reached the {:.1}% threshold",
-            100.0 * bad as f64 / n as f64,
-            rec.wave + 1,
-            100.0 * r.spec.failure_threshold
-        );
+        rec.state = state;
+        rec.reason = reason;
         r.publish(&rec);
         warn!(rollout = %r.id, state = ?rec.state, reason = %rec.reason, "failure threshold reached");
         self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
@@ -968,40 +1052,18 @@ impl Rollouts {
     /// rollout completed when every eligible device is done.
     fn advance(&self, r: &Rollout, now: u64) -> Result<(), StoreError> {
         let mut rec = r.rec.lock().unwrap();
-        if rec.state != RolloutState::Active {
-            return Ok(());
-        }
-        let upto = rec.wave;
-        let mut eligible = 0;
-        let mut done = 0;
-        let mut finished = 0;
-        for c in &r.waves[..=upto] {
-            eligible += c.eligible.load(Ordering::Relaxed);
-            let ok = c.committed.load(Ordering::Relaxed) + c.current.load(Ordering::Relaxed);
-            done += ok;
-            finished +=
-                ok + c.failed.load(Ordering::Relaxed) + c.rolled_back.load(Ordering::Relaxed);
-        }
-        let soaked = now >= rec.wave_opened_at_ms + r.spec.soak_ms;
-        let succeeded = done as f64 >= r.spec.success_threshold * eligible as f64;
-        if upto + 1 < r.waves.len() {
-            if soaked && succeeded {
-                rec.wave += 1;
-                rec.wave_opened_at_ms = now;
-                r.publish(&rec);
-                rec.reason = format!(
-                    "wave {} opened: {done} of {eligible} devices in waves 1-{} committed",
-                    rec.wave + 1,
-                    upto + 1
-                );
-                info!(rollout = %r.id, wave = rec.wave + 1, done, eligible, "wave opened");
-                self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
-            }
-        } else if eligible > 0 && finished >= eligible {
-            rec.state = RolloutState::Completed;
+        let waves: Vec<(u64, u64, u64)> = r
+            .waves
+            .iter()
+            .map(|c| {
+                let ok = c.committed.load(Ordering::Relaxed) + c.current.load(Ordering::Relaxed);
+                let bad = c.failed.load(Ordering::Relaxed) + c.rolled_back.load(Ordering::Relaxed);
+                (c.eligible.load(Ordering::Relaxed), ok, bad)
+            })
+            .collect();
+        if advance_record(&r.spec, &mut rec, &waves, now) {
             r.publish(&rec);
-            rec.reason = format!("every eligible device finished: {done} committed of {eligible}");
-            info!(rollout = %r.id, "rollout completed");
+            info!(rollout = %r.id, state = ?rec.state, wave = rec.wave + 1, reason = %rec.reason, "rollout advanced");
             self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
         }
         Ok(())
@@ -1073,7 +1135,7 @@ impl Rollouts {
 
 /// What a transition does besides changing the member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Effect {
+pub(crate) enum Effect {
     None,
     ReleaseLease,
     Installed,
@@ -1084,6 +1146,11 @@ enum Effect {
 
 /// The member's next state after `ev`, if the event changes it.
 fn transition(r: &Rollout, m: &Member, ev: &Event) -> Option<(Member, Effect)> {
+    transition_for(r.spec.max_retries, m, ev)
+}
+
+/// The member's next state after `ev` (both engines).
+pub(crate) fn transition_for(max_retries: u32, m: &Member, ev: &Event) -> Option<(Member, Effect)> {
     let mut n = m.clone();
     let effect = match (m.phase, ev.kind) {
         (Phase::Downloading, EventKind::Progress) => {
@@ -1123,7 +1190,7 @@ fn transition(r: &Rollout, m: &Member, ev: &Event) -> Option<(Member, Effect)> {
         }
         (Phase::Downloading | Phase::Downloaded, EventKind::Failed) => {
             n.reason = ev.detail.reason.clone();
-            if m.attempt <= r.spec.max_retries {
+            if m.attempt <= max_retries {
                 n.phase = Phase::Waiting;
                 Effect::ReleaseLease
             } else {

@@ -24,9 +24,12 @@
 //!   Rebuilt leases all count against the cap and the bucket restarts empty:
 //!   after a loss the fleet admits fewer devices for a while, never more.
 
-use async_trait::async_trait;
+use std::sync::Arc;
 
-use super::throttle::{Admission, Limits};
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::throttle::{Admission, Limits, Throttle};
 
 /// A lease the engine's database knows of (device in `downloading`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,4 +117,120 @@ pub trait FleetThrottle: Send + Sync + 'static {
     /// Drops the rollout's state (it completed or was aborted and has no
     /// leases left).
     async fn forget(&self, rollout: &str) -> Result<(), ThrottleError>;
+}
+
+/// [`FleetThrottle`] in this process: one [`Throttle`] per rollout. Limits
+/// hold for this replica only, so it is for a single replica (PostgreSQL
+/// for durability, no Redis). A fresh process knows no rollout, so the
+/// engine rebuilds each from its database on first use, exactly as after a
+/// Redis loss.
+#[derive(Default)]
+pub struct LocalFleetThrottle {
+    rollouts: DashMap<String, Arc<Throttle>>,
+}
+
+impl LocalFleetThrottle {
+    pub fn new() -> LocalFleetThrottle {
+        LocalFleetThrottle::default()
+    }
+
+    fn get(&self, rollout: &str) -> Result<Arc<Throttle>, ThrottleError> {
+        self.rollouts
+            .get(rollout)
+            .map(|t| t.clone())
+            .ok_or_else(|| ThrottleError::Lost(rollout.to_string()))
+    }
+}
+
+#[async_trait]
+impl FleetThrottle for LocalFleetThrottle {
+    async fn try_admit(
+        &self,
+        rollout: &str,
+        device: &str,
+        update_id: &str,
+        limits: Limits,
+    ) -> Result<Admission, ThrottleError> {
+        let t = self.get(rollout)?;
+        let now = crate::now_ms();
+        if t.holds_any(device, now) {
+            return Ok(Admission::Wait {
+                reason: super::throttle::WaitReason::ConcurrencyCap,
+                near_head: true,
+            });
+        }
+        Ok(t.try_admit(device, update_id, now, limits))
+    }
+
+    async fn renew(
+        &self,
+        rollout: &str,
+        device: &str,
+        fence: u64,
+        lease_ms: u64,
+    ) -> Result<bool, ThrottleError> {
+        Ok(self
+            .get(rollout)?
+            .renew_fenced(device, fence, crate::now_ms(), lease_ms))
+    }
+
+    async fn release(
+        &self,
+        rollout: &str,
+        device: &str,
+        fence: u64,
+    ) -> Result<bool, ThrottleError> {
+        Ok(self.get(rollout)?.release_fenced(device, fence))
+    }
+
+    async fn reap(&self, rollout: &str) -> Result<Vec<HeldLease>, ThrottleError> {
+        Ok(self
+            .get(rollout)?
+            .reap_fenced(crate::now_ms())
+            .into_iter()
+            .map(|(device, update_id, fence)| HeldLease {
+                device,
+                update_id,
+                fence,
+            })
+            .collect())
+    }
+
+    async fn rebuild(
+        &self,
+        rollout: &str,
+        leases: &[HeldLease],
+        lease_ms: u64,
+        min_fence: u64,
+    ) -> Result<(), ThrottleError> {
+        let now = crate::now_ms();
+        let t = self
+            .rollouts
+            .entry(rollout.to_string())
+            .or_insert_with(|| {
+                let t = Throttle::new();
+                t.start_empty(now, min_fence);
+                Arc::new(t)
+            })
+            .clone();
+        for l in leases {
+            t.restore_fenced(&l.device, &l.update_id, l.fence, now, lease_ms);
+        }
+        Ok(())
+    }
+
+    async fn stats(&self, rollout: &str) -> Result<ThrottleStats, ThrottleError> {
+        let t = self.get(rollout)?;
+        Ok(ThrottleStats {
+            active: t.active(),
+            waiting: t.waiting() as u64,
+            granted: t.granted.load(std::sync::atomic::Ordering::Relaxed),
+            expired: t.expired.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    async fn forget(&self, rollout: &str) -> Result<(), ThrottleError> {
+        self.rollouts.remove(rollout);
+        Ok(())
+    }
 }

@@ -167,6 +167,45 @@ impl Throttle {
         }
     }
 
+    /// Restores a lease under its original fence (the shared-throttle
+    /// rebuild): renewals naming that fence keep working, and later grants
+    /// get larger fences.
+    pub fn restore_fenced(
+        &self,
+        device: &str,
+        update_id: &str,
+        fence: u64,
+        now_ms: u64,
+        lease_ms: u64,
+    ) {
+        {
+            let mut g = self.gate.lock().unwrap();
+            g.next_fence = g.next_fence.max(fence);
+        }
+        let mut fresh = false;
+        self.leases.entry(device.to_string()).or_insert_with(|| {
+            fresh = true;
+            Lease {
+                update_id: update_id.to_string(),
+                expires_at_ms: AtomicU64::new(now_ms + lease_ms),
+                fence,
+            }
+        });
+        if fresh {
+            self.active.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Starts the start-rate bucket empty at `now_ms` and moves the fence
+    /// counter past `min_fence` (after a loss of state: admit fewer, and
+    /// never reuse a fence).
+    pub fn start_empty(&self, now_ms: u64, min_fence: u64) {
+        let mut g = self.gate.lock().unwrap();
+        g.tokens = 0.0;
+        g.refilled_ms = now_ms.max(1);
+        g.next_fence = g.next_fence.max(min_fence);
+    }
+
     /// Tries to admit `device` for `update_id`.
     pub fn try_admit(&self, device: &str, update_id: &str, now_ms: u64, l: Limits) -> Admission {
         let mut g = self.gate.lock().unwrap();
@@ -279,11 +318,47 @@ impl Throttle {
         }
     }
 
+    /// Renews `device`'s lease if it is still the grant `fence`.
+    pub fn renew_fenced(&self, device: &str, fence: u64, now_ms: u64, lease_ms: u64) -> bool {
+        match self.leases.get(device) {
+            Some(l) if l.fence == fence => {
+                if l.expires_at_ms.load(Ordering::SeqCst) < now_ms {
+                    return false;
+                }
+                l.expires_at_ms
+                    .fetch_max(now_ms + lease_ms, Ordering::SeqCst);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Releases `device`'s lease if it is still the grant `fence`.
+    pub fn release_fenced(&self, device: &str, fence: u64) -> bool {
+        if self
+            .leases
+            .remove_if(device, |_, l| l.fence == fence)
+            .is_some()
+        {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Whether `device` holds a live lease for `update_id`.
     pub fn holds(&self, device: &str, update_id: &str, now_ms: u64) -> bool {
         self.leases.get(device).is_some_and(|l| {
             l.update_id == update_id && l.expires_at_ms.load(Ordering::SeqCst) >= now_ms
         })
+    }
+
+    /// Whether `device` holds any live lease.
+    pub fn holds_any(&self, device: &str, now_ms: u64) -> bool {
+        self.leases
+            .get(device)
+            .is_some_and(|l| l.expires_at_ms.load(Ordering::SeqCst) >= now_ms)
     }
 
     /// Releases `device`'s lease (download finished or failed).
@@ -298,6 +373,14 @@ impl Throttle {
 
     /// Frees every lease past its deadline; returns (device, update id).
     pub fn reap(&self, now_ms: u64) -> Vec<(String, String)> {
+        self.reap_fenced(now_ms)
+            .into_iter()
+            .map(|(d, u, _)| (d, u))
+            .collect()
+    }
+
+    /// Like [`Throttle::reap`], with each lease's fence.
+    pub fn reap_fenced(&self, now_ms: u64) -> Vec<(String, String, u64)> {
         let expired: Vec<(String, u64)> = self
             .leases
             .iter()
@@ -312,7 +395,7 @@ impl Throttle {
             }) {
                 self.active.fetch_sub(1, Ordering::SeqCst);
                 self.expired.fetch_add(1, Ordering::Relaxed);
-                out.push((dev, l.update_id));
+                out.push((dev, l.update_id, l.fence));
             }
         }
         out

@@ -57,10 +57,65 @@ pub fn fast_checkin(lease_ms: u64) -> String {
     )
 }
 
+/// Whether this test binary runs its suite on PostgreSQL + Redis: the
+/// `rollout_pg` binary includes the `rollout_http` suite unchanged, so one
+/// set of tests proves both backends behave alike.
+pub fn on_postgres() -> bool {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .is_some_and(|f| f.starts_with("rollout_pg"))
+}
+
+/// `[storage]` and `[throttle]` sections for a fresh PostgreSQL database and
+/// a fresh Redis key prefix (from `OTA_TEST_PG_URL` / `OTA_TEST_REDIS_URL`,
+/// which `scripts/services.sh env` prints).
+pub async fn postgres_sections() -> String {
+    let (Ok(pg), Ok(redis)) = (
+        std::env::var("OTA_TEST_PG_URL"),
+        std::env::var("OTA_TEST_REDIS_URL"),
+    ) else {
+        panic!(
+            "this suite runs on PostgreSQL and Redis: run `scripts/services.sh start` and \
+             `eval \"$(scripts/services.sh env)\"` first (or use scripts/test.sh)"
+        );
+    };
+    let name = format!("ota_t_{:016x}", rand::random::<u64>());
+    let (client, conn) = tokio_postgres::connect(&pg, tokio_postgres::NoTls)
+        .await
+        .expect("connecting to OTA_TEST_PG_URL");
+    let task = tokio::spawn(conn);
+    client
+        .execute(&format!("CREATE DATABASE {name}"), &[])
+        .await
+        .unwrap();
+    drop(client);
+    let _ = task.await;
+    let url = match pg.rfind('/') {
+        Some(i) if pg[..i].contains('@') || pg[..i].contains("//") => {
+            format!("{}/{name}", &pg[..i])
+        }
+        _ => panic!("OTA_TEST_PG_URL must end in /database"),
+    };
+    let storage = format!("[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\npool_size = 8\n");
+    // OTA_TEST_REDIS_URL=local: PostgreSQL with the in-process throttle.
+    if redis == "local" {
+        return storage;
+    }
+    format!(
+        "{storage}[throttle]\nbackend = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{name}\"\n"
+    )
+}
+
 impl TestServer {
     pub async fn start(extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_config(dir.path(), "127.0.0.1:0", extra);
+        let extra = if on_postgres() {
+            format!("{extra}\n{}", postgres_sections().await)
+        } else {
+            extra.to_string()
+        };
+        let cfg = write_config(dir.path(), "127.0.0.1:0", &extra);
         let running = start(ServerConfig::load(&cfg).unwrap(), CancellationToken::new())
             .await
             .unwrap();
@@ -81,6 +136,13 @@ impl TestServer {
         ts.release("t", "1.0", &image(16, 1)).await;
         ts.release("t", "2.0", &image(16, 2)).await;
         ts
+    }
+
+    /// Events the server counted as new since it started.
+    pub async fn events_accepted(&self) -> u64 {
+        self.app().state.stats().await.unwrap()["events_accepted_since_start"]
+            .as_u64()
+            .unwrap()
     }
 
     pub fn app(&self) -> &ota_server::app::App {

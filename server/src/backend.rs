@@ -1,0 +1,272 @@
+//! The state layer's seam: [`StateBackend`], everything the HTTP handlers
+//! and the periodic tick ask of devices and rollouts.
+//!
+//! Two implementations, chosen by `[storage] backend` in `server.toml`:
+//!
+//! - [`LocalState`] (`sled`, the default): one process; hot state in
+//!   sharded in-memory maps and atomics, sled as the durable mirror with
+//!   group commit. No services to run.
+//! - [`crate::pg::PgState`] (`postgres`): several replicas share one
+//!   PostgreSQL database; each decision is a short transaction there, and
+//!   the throttle is a [`crate::rollout::shared::FleetThrottle`] (Redis for
+//!   several replicas).
+//!
+//! The API, CLI and metrics are the same whichever is chosen: handlers only
+//! see this trait and the types of [`crate::rollout`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use ota_format::api::{AgentState, CheckinRequest, Event, Slot};
+
+use crate::fleet::Fleet;
+use crate::rollout::{Decision, RolloutError, RolloutSpec, RolloutState, RolloutStatus, Rollouts};
+use crate::store::{Store, StoreError};
+
+/// A device that presented a valid token.
+#[derive(Debug, Clone)]
+pub struct AuthedDevice {
+    pub id: String,
+    pub device_type: String,
+    pub tags: BTreeMap<String, String>,
+    /// What the state layer knew before this request (PostgreSQL uses it to
+    /// write only what changed).
+    pub version: Option<String>,
+    pub booted_slot: Option<Slot>,
+    pub state: Option<AgentState>,
+    pub last_seen_ms: u64,
+}
+
+/// Durable state and rollout decisions.
+///
+/// # Cancel safety
+/// Every method that writes makes its write atomic (one sled transaction or
+/// one PostgreSQL transaction), and acknowledges only after it is durable:
+/// a dropped future leaves the state as before or as after, never between.
+#[async_trait]
+pub trait StateBackend: Send + Sync + 'static {
+    /// `"sled"` or `"postgres"` (logs, `/api/v1/admin/stats`).
+    fn kind(&self) -> &'static str;
+
+    /// Enrolls (or re-enrolls, revoking the old token) a device; returns its
+    /// new token once durable, and whether the device is new.
+    async fn enroll(
+        &self,
+        id: &str,
+        device_type: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<(String, bool), StoreError>;
+
+    /// The device a bearer token belongs to.
+    async fn authenticate(&self, token: &str) -> Result<Option<AuthedDevice>, StoreError>;
+
+    /// Records what the device reported and decides its check-in. A
+    /// decision that promised something (an admission) is durable on return.
+    async fn checkin(
+        &self,
+        dev: &AuthedDevice,
+        req: &CheckinRequest,
+    ) -> Result<Decision, StoreError>;
+
+    /// Ingests events, idempotent by (device, seq); `true` per new event.
+    /// Durable on return.
+    async fn apply_events(&self, device: &str, events: &[Event]) -> Result<Vec<bool>, StoreError>;
+
+    /// The admin view of one device.
+    async fn device_view(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError>;
+
+    async fn device_count(&self) -> Result<u64, StoreError>;
+
+    async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError>;
+
+    /// Operator action: pause, resume or abort.
+    async fn set_rollout_state(
+        &self,
+        id: &str,
+        to: RolloutState,
+        reason: String,
+    ) -> Result<RolloutStatus, RolloutError>;
+
+    async fn rollout_statuses(&self) -> Result<Vec<RolloutStatus>, RolloutError>;
+
+    async fn rollout_status(&self, id: &str) -> Result<RolloutStatus, RolloutError>;
+
+    /// Periodic work: lease expiry, waves, completion. Returns leases
+    /// expired by this call.
+    async fn tick(&self) -> Result<u64, StoreError>;
+
+    /// Payload bytes served to `device` (per-wave `bytes_served`).
+    fn count_bytes(&self, device: &str, bytes: u64);
+
+    /// Fleet-wide figures for reports (`/api/v1/admin/stats`).
+    async fn stats(&self) -> Result<serde_json::Value, StoreError>;
+
+    /// Leases held across rollouts (the `ota_active_leases` gauge).
+    async fn total_leases(&self) -> u64;
+}
+
+/// The single-process backend: [`Fleet`] and [`Rollouts`] over sled.
+pub struct LocalState {
+    pub store: Store,
+    pub fleet: Fleet,
+    pub rollouts: Rollouts,
+}
+
+#[async_trait]
+impl StateBackend for LocalState {
+    fn kind(&self) -> &'static str {
+        "sled"
+    }
+
+    async fn enroll(
+        &self,
+        id: &str,
+        device_type: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<(String, bool), StoreError> {
+        let new = self.fleet.get(id).is_none();
+        let token = self.fleet.enroll(id, device_type, tags.clone()).await?;
+        self.rollouts.on_enroll(id, device_type, &tags, new);
+        Ok((token, new))
+    }
+
+    async fn authenticate(&self, token: &str) -> Result<Option<AuthedDevice>, StoreError> {
+        let Some(dev) = self.fleet.authenticate(token) else {
+            return Ok(None);
+        };
+        let r = dev.record.lock().unwrap();
+        Ok(Some(AuthedDevice {
+            id: r.id.clone(),
+            device_type: r.device_type.clone(),
+            tags: r.tags.clone(),
+            version: r.version.clone(),
+            booted_slot: None,
+            state: None,
+            last_seen_ms: 0,
+        }))
+    }
+
+    async fn checkin(
+        &self,
+        dev: &AuthedDevice,
+        req: &CheckinRequest,
+    ) -> Result<Decision, StoreError> {
+        if let Some(d) = self.fleet.get(&dev.id) {
+            self.fleet
+                .record_checkin(&d, &req.current_version, req.booted_slot, req.state)?;
+        }
+        let d = self
+            .rollouts
+            .checkin(&dev.id, &dev.device_type, &dev.tags, req)?;
+        if let Decision::AnswerDurable(_) = d {
+            self.store.durable().await?;
+        }
+        Ok(d)
+    }
+
+    async fn apply_events(&self, device: &str, events: &[Event]) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            out.push(self.rollouts.apply_event(device, e)?);
+        }
+        // Acknowledge only what is on disk.
+        self.store.durable().await?;
+        Ok(out)
+    }
+
+    async fn device_view(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let Some(dev) = self.fleet.get(id) else {
+            return Ok(None);
+        };
+        let rec = dev.record.lock().unwrap().clone();
+        let live = dev.live.lock().unwrap().clone();
+        let rollouts: Vec<_> = self
+            .rollouts
+            .list()
+            .iter()
+            .filter_map(|r| self.rollouts.member(&r.id, id))
+            .collect();
+        Ok(Some(serde_json::json!({
+            "id": rec.id,
+            "device_type": rec.device_type,
+            "tags": rec.tags,
+            "version": live.version,
+            "booted_slot": live.booted_slot,
+            "state": live.state,
+            "last_seen_ms": live.last_seen_ms,
+            "rollouts": rollouts,
+        })))
+    }
+
+    async fn device_count(&self) -> Result<u64, StoreError> {
+        Ok(self.fleet.len() as u64)
+    }
+
+    async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {
+        let r = self.rollouts.create(spec, &self.fleet).await?;
+        Ok(self.rollouts.status(&r))
+    }
+
+    async fn set_rollout_state(
+        &self,
+        id: &str,
+        to: RolloutState,
+        reason: String,
+    ) -> Result<RolloutStatus, RolloutError> {
+        let r = self.rollouts.set_state(id, to, reason).await?;
+        Ok(self.rollouts.status(&r))
+    }
+
+    async fn rollout_statuses(&self) -> Result<Vec<RolloutStatus>, RolloutError> {
+        Ok(self
+            .rollouts
+            .list()
+            .iter()
+            .map(|r| self.rollouts.status(r))
+            .collect())
+    }
+
+    async fn rollout_status(&self, id: &str) -> Result<RolloutStatus, RolloutError> {
+        let r = self
+            .rollouts
+            .get(id)
+            .ok_or_else(|| RolloutError::NotFound(id.into()))?;
+        Ok(self.rollouts.status(&r))
+    }
+
+    async fn tick(&self) -> Result<u64, StoreError> {
+        self.rollouts.tick()
+    }
+
+    fn count_bytes(&self, device: &str, bytes: u64) {
+        self.rollouts.count_bytes(device, bytes);
+    }
+
+    async fn stats(&self) -> Result<serde_json::Value, StoreError> {
+        let events = self.store.events.clone();
+        let events_stored = tokio::task::spawn_blocking(move || events.len())
+            .await
+            .map_err(|e| StoreError::Transaction(e.to_string()))?;
+        Ok(serde_json::json!({
+            "backend": "sled",
+            "devices": self.fleet.len(),
+            "events_stored": events_stored,
+            "events_accepted_since_start": self.rollouts.events_accepted.load(Ordering::Relaxed),
+            "events_duplicate_since_start": self.rollouts.events_duplicate.load(Ordering::Relaxed),
+            "flushes_since_start": self.store.flush_count(),
+        }))
+    }
+
+    async fn total_leases(&self) -> u64 {
+        self.rollouts
+            .list()
+            .iter()
+            .map(|r| r.throttle.active())
+            .sum()
+    }
+}
+
+/// Shared handle.
+pub type Backend = Arc<dyn StateBackend>;

@@ -1,0 +1,6 @@
+//! The whole `rollout_http` suite again, on the scale-out backends:
+//! PostgreSQL for state and Redis for the throttle (each test gets a fresh
+//! database and key prefix). Needs `scripts/services.sh start`.
+
+#[path = "rollout_http.rs"]
+mod suite;
