@@ -184,15 +184,28 @@ impl Col {
     }
 }
 
-/// Adds `n` to a counter of (rollout, wave) in a random shard.
+/// The counter shard of a device. Fixed per device, so every transaction
+/// touches counter rows of one shard only and two transactions can never
+/// wait on each other's counter rows in opposite orders (no deadlocks).
+fn shard_of(device: &str) -> i32 {
+    let h = device
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+    (h % SHARDS as u64) as i32
+}
+
+/// Adds `n` to a counter of (rollout, wave) in `device`'s shard.
 async fn bump(
     c: &impl GenericClient,
     rollout: &str,
     wave: usize,
+    device: &str,
     col: Col,
     n: i64,
 ) -> Result<(), StoreError> {
-    let shard = rand::random_range(0..SHARDS);
+    let shard = shard_of(device);
     let sql = format!(
         "INSERT INTO wave_counters (rollout, wave, shard, {0}) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (rollout, wave, shard) DO UPDATE SET {0} = wave_counters.{0} + EXCLUDED.{0}",
@@ -437,7 +450,7 @@ impl PgState {
         .await
         .map_err(err)?;
         if failed {
-            bump(&tx, &r.id, m.wave, Col::Failed, 1).await?;
+            bump(&tx, &r.id, m.wave, device, Col::Failed, 1).await?;
         }
         tx.commit().await.map_err(err)?;
         info!(phase = ?m.phase, "download lease expired");
@@ -594,7 +607,7 @@ impl PgState {
             *per.entry((r.get(1), r.get(2))).or_default() += pending[&d] as i64;
         }
         for ((rollout, wave), n) in per {
-            bump(&c, &rollout, wave as usize, Col::BytesServed, n).await?;
+            bump(&c, &rollout, wave as usize, "", Col::BytesServed, n).await?;
         }
         Ok(())
     }
@@ -660,7 +673,7 @@ impl StateBackend for PgState {
                 .collect();
             for r in live {
                 let w = wave_of(&r.rec.spec, &r.rec.id, id);
-                bump(&tx, &r.rec.id, w, Col::Eligible, 1).await?;
+                bump(&tx, &r.rec.id, w, id, Col::Eligible, 1).await?;
             }
         }
         tx.commit().await.map_err(err)?;
@@ -919,7 +932,7 @@ impl StateBackend for PgState {
                         .await
                         .map_err(err)?;
                     if n == 1 {
-                        bump(&tx, &rec.id, wave, Col::Admitted, 1).await?;
+                        bump(&tx, &rec.id, wave, device, Col::Admitted, 1).await?;
                         tx.commit().await.map_err(err)?;
                     }
                     Ok::<bool, StoreError>(n == 1)
@@ -1037,7 +1050,7 @@ impl StateBackend for PgState {
                 Effect::RolledBack => Some(Col::RolledBack),
             };
             if let Some(col) = col {
-                bump(&tx, rid, nm.wave, col, 1).await?;
+                bump(&tx, rid, nm.wave, device, col, 1).await?;
             }
             if effect != Effect::None {
                 after.push((rid.to_string(), fence, false));

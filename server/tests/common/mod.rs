@@ -109,13 +109,18 @@ pub async fn postgres_sections() -> String {
 
 impl TestServer {
     pub async fn start(extra: &str) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
         let extra = if on_postgres() {
             format!("{extra}\n{}", postgres_sections().await)
         } else {
             extra.to_string()
         };
-        let cfg = write_config(dir.path(), "127.0.0.1:0", &extra);
+        TestServer::start_in(tempfile::tempdir().unwrap(), &extra).await
+    }
+
+    /// A server with the config `extra` in `dir` (replicas of one fleet
+    /// share the data directory's contents through `dir`'s symlink).
+    pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> TestServer {
+        let cfg = write_config(dir.path(), "127.0.0.1:0", extra);
         let running = start(ServerConfig::load(&cfg).unwrap(), CancellationToken::new())
             .await
             .unwrap();

@@ -1,0 +1,152 @@
+//! Three replicas in one fleet: one PostgreSQL database, one Redis
+//! throttle, one shared data directory. Devices check in with one replica
+//! and report events to another; the fleet-wide cap must hold across all
+//! of them. Needs `scripts/services.sh start` (OTA_TEST_PG_URL,
+//! OTA_TEST_REDIS_URL).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ota_format::api::*;
+use ota_server::rollout::RolloutState;
+
+/// Starts `n` replicas sharing state, throttle, data directory and key.
+async fn replicas(n: usize) -> (Vec<TestServer>, tempfile::TempDir) {
+    let sections = postgres_sections().await;
+    let extra = format!("{}\n{sections}", fast_checkin(5000));
+    let shared = tempfile::tempdir().unwrap();
+    let mut out: Vec<TestServer> = Vec::new();
+    for i in 0..n {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(shared.path(), dir.path().join("data")).unwrap();
+        if let Some(first) = out.first() {
+            std::fs::copy(
+                first.dir.path().join("signing.key"),
+                dir.path().join("signing.key"),
+            )
+            .unwrap();
+        }
+        let extra = extra.replacen(
+            "[storage]\n",
+            &format!("[storage]\nreplica_id = \"replica-{i}\"\n"),
+            1,
+        );
+        out.push(TestServer::start_in(dir, &extra).await);
+    }
+    (out, shared)
+}
+
+/// Waits until every replica's catalogue shows the release built.
+async fn built_everywhere(rs: &[TestServer], version: &str) {
+    for r in rs {
+        let t = Instant::now();
+        loop {
+            let all = r.admin.releases().await.unwrap();
+            if all.iter().any(|x| {
+                x.version == version
+                    && x.builds
+                        .iter()
+                        .all(|b| b.status == ota_server::releases::BuildStatus::Ready)
+            }) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "release not visible");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cap_holds_across_three_replicas() {
+    let (rs, _shared) = replicas(3).await;
+    rs[0].release("t", "1.0", &image(16, 1)).await;
+    rs[1].release("t", "2.0", &image(16, 2)).await;
+    built_everywhere(&rs, "2.0").await;
+    let http = http();
+    let mut devices = Vec::new();
+    for i in 0..150 {
+        let base = &rs[i % 3].base;
+        devices.push(Sim::enroll(base, &format!("dev-{i:04}"), "t", &http).await);
+    }
+    let mut s = spec("2.0", "t");
+    s.max_concurrent = 7;
+    let r = rs[2].admin.rollout_create(&s).await.unwrap();
+    assert_eq!(
+        r.totals().eligible,
+        150,
+        "enrollments on every replica count"
+    );
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let max_seen = Arc::new(AtomicU64::new(0));
+    let bases: Vec<String> = rs.iter().map(|r| r.base.clone()).collect();
+    let mut tasks = Vec::new();
+    for (i, d) in devices.into_iter().enumerate() {
+        let (in_flight, max_seen) = (in_flight.clone(), max_seen.clone());
+        // Check-ins rotate over the replicas; events go to yet another.
+        let bases = bases.clone();
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut k = i;
+            loop {
+                assert!(Instant::now() < deadline, "{} never got its update", d.id);
+                k += 1;
+                let mut dd = d.clone();
+                dd.base = bases[k % 3].clone();
+                let a = dd.checkin("1.0", AgentState::Idle, None).await;
+                match a.action {
+                    Action::Update(o) => {
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        max_seen.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        dd.base = bases[(k + 1) % 3].clone();
+                        dd.event(&o.update_id, EventKind::Installed).await;
+                        dd.base = bases[(k + 2) % 3].clone();
+                        dd.event(&o.update_id, EventKind::Committed).await;
+                        return;
+                    }
+                    // A replica learns of a rollout created on another at
+                    // its next tick (250 ms): until then it has nothing.
+                    Action::Wait { .. } | Action::None => {
+                        tokio::time::sleep(Duration::from_millis(a.next_checkin_ms.min(50))).await
+                    }
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let max = max_seen.load(Ordering::SeqCst);
+    assert!(
+        max <= 7,
+        "{max} concurrent downloads across replicas with a cap of 7"
+    );
+    assert!(max >= 3, "the cap was barely used ({max})");
+    let mut st = rs[0].status(&r.id).await;
+    for _ in 0..50 {
+        if st.state == RolloutState::Completed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        st = rs[0].status(&r.id).await;
+    }
+    assert_eq!(st.state, RolloutState::Completed, "{}", st.reason);
+    assert_eq!(st.totals().committed, 150);
+    assert_eq!(st.totals().admitted, 150, "an admission was counted twice");
+    assert_eq!(st.active_leases, 0);
+    // 300 events, each stored once, whichever replica took it.
+    let stats = rs[1].app().state.stats().await.unwrap();
+    assert_eq!(stats["events_stored"], 300);
+    let mut accepted = 0;
+    for r in &rs {
+        accepted += r.events_accepted().await;
+    }
+    assert_eq!(accepted, 300);
+}
