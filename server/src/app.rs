@@ -204,7 +204,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             let throttle: Arc<dyn FleetThrottle> = match config.throttle.backend {
                 ThrottleBackend::Local => Arc::new(LocalFleetThrottle::new()),
                 ThrottleBackend::Redis => Arc::new(
-                    crate::rollout::redis_throttle::RedisThrottle::connect(
+                    crate::rollout::redis_throttle::connect(
                         &config.throttle.url,
                         &config.throttle.key_prefix,
                     )

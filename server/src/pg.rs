@@ -188,11 +188,9 @@ impl Col {
 /// touches counter rows of one shard only and two transactions can never
 /// wait on each other's counter rows in opposite orders (no deadlocks).
 fn shard_of(device: &str) -> i32 {
-    let h = device
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+    let h = device.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     (h % SHARDS as u64) as i32
 }
 

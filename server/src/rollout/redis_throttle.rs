@@ -2,10 +2,8 @@
 use super::shared::{FleetThrottle, HeldLease, ThrottleError, ThrottleStats};
 use super::throttle::{Admission, Limits};
 pub struct RedisThrottle;
-impl RedisThrottle {
-    pub async fn connect(_url: &str, _prefix: &str) -> Result<RedisThrottle, ThrottleError> {
-        Err(ThrottleError::Backend("not merged yet".into()))
-    }
+pub async fn connect(_url: &str, _prefix: &str) -> Result<RedisThrottle, ThrottleError> {
+    Err(ThrottleError::Backend("not merged yet".into()))
 }
 #[async_trait::async_trait]
 impl FleetThrottle for RedisThrottle {
