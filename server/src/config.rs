@@ -334,9 +334,9 @@ impl ServerConfig {
                 }
             }
             ThrottleBackend::Redis => {
-                if !th.url.starts_with("redis://") && !th.url.starts_with("rediss://") {
+                if !th.url.starts_with("redis://") {
                     return bad(
-                        "throttle.url must be a redis:// URL when throttle.backend = \"redis\""
+                        "throttle.url must be a redis:// URL when throttle.backend = \"redis\" (TLS to Redis is not built in: use a local TLS tunnel such as stunnel)"
                             .into(),
                     );
                 }

@@ -458,6 +458,19 @@ impl PgState {
         Ok(true)
     }
 
+    /// Reaps expired leases of `r` and turns each into a retry or failure;
+    /// returns how many were settled.
+    async fn reap_and_settle(&self, r: &RolloutRecord) -> Result<u64, StoreError> {
+        let expired = throttled!(self, &r.id, self.throttle.reap(&r.id))?;
+        let mut n = 0;
+        for l in expired {
+            if self.expire_member(r, &l.device, l.fence).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Pauses or aborts the rollout if its failure rate reached the
     /// threshold (under the rollout's row lock).
     async fn check_failures(&self, id: &str) -> Result<(), StoreError> {
@@ -808,8 +821,11 @@ impl StateBackend for PgState {
                             p.lease_ms,
                         ))));
                     }
-                    // The lease is gone (expired, or reaped by a replica
-                    // that died before recording it): settle it here.
+                    // The lease is gone: reap now (so the throttle counts
+                    // the expiry at once), then settle this member even if
+                    // its lease was reaped by a replica that died before
+                    // recording it.
+                    self.reap_and_settle(rec).await?;
                     self.expire_member(rec, device, *fence).await?;
                     return Ok(Decision::Answer(Action::Cancel {
                         update_id: m.update_id.clone(),
@@ -1294,12 +1310,7 @@ impl StateBackend for PgState {
             if r.rec.state == RolloutState::Completed {
                 continue;
             }
-            let expired = throttled!(self, &r.rec.id, self.throttle.reap(&r.rec.id))?;
-            for l in expired {
-                if self.expire_member(&r.rec, &l.device, l.fence).await? {
-                    expired_total += 1;
-                }
-            }
+            expired_total += self.reap_and_settle(&r.rec).await?;
             if r.rec.state == RolloutState::Active {
                 self.advance(&r.rec.id).await?;
             }
