@@ -7,8 +7,12 @@
 //! - [`images`]: deterministic image pairs with the edits real updates make.
 //! - [`Update`]: keygen + delta through the real `ota-server` CLI, and a
 //!   way to run `ota-agent apply` on the result.
+//! - [`services`]: the test PostgreSQL and Redis (`scripts/services.sh`).
+//! - [`cluster`]: N `ota-server` replicas behind a real nginx.
 
+pub mod cluster;
 pub mod loadtest;
+pub mod services;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

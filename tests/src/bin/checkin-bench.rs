@@ -1,6 +1,13 @@
-//! `checkin-bench`: check-ins per second and latency of a real `ota-server`
-//! process with N enrolled devices, driven by `wrk` (C, one process, so the
+//! `checkin-bench`: check-ins per second and latency of real `ota-server`
+//! processes with N enrolled devices, driven by `wrk` (C, one process, so the
 //! load generator takes as little of this 2-core machine as possible).
+//!
+//! Setups, each measured in the same run:
+//! - `sled`: one process, sled storage, local throttle (the default; always);
+//! - `sled+nginx` (`--sled-behind-nginx`): the same process behind nginx,
+//!   which prices the balancer hop;
+//! - `pg+redis xN` (`--replicas 1,2,3`): N replicas sharing PostgreSQL and
+//!   Redis behind nginx (see `ota_tests::cluster`).
 //!
 //! Scenarios, each for `--seconds`:
 //! - `idle`: no rollout; every answer is "nothing to do".
@@ -8,18 +15,37 @@
 //!   and a start rate; every device that checks in asks to update, so the
 //!   answers are mostly "wait", with admissions (durable writes) mixed in.
 //!
-//! Usage: `checkin-bench --devices 10000,100000 [--seconds 10] [--connections 128]`
-//! (release build: `cargo run --release -p ota-tests --bin checkin-bench`).
+//! Usage: `checkin-bench --devices 10000,100000 [--seconds 10] [--connections 128]
+//! [--replicas 1,2,3]` (release build: `cargo run --release -p ota-tests --bin
+//! checkin-bench`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use ota_tests::cluster::{Cluster, ClusterOpts};
+
+const NEEDS: &str = "\
+Needs (nothing is installed by the bench):
+  - wrk (apt-get install wrk);
+  - with --sled-behind-nginx or --replicas: nginx (apt-get install nginx-light);
+  - with --replicas: PostgreSQL and Redis, e.g. the private ones of
+    scripts/services.sh (apt-get install postgresql redis-server):
+      scripts/services.sh start && eval \"$(scripts/services.sh env)\"
+    which sets OTA_TEST_PG_URL and OTA_TEST_REDIS_URL, read by --pg-url and
+    --redis-url. Each setup gets a fresh database (dropped afterwards) and a
+    Redis key prefix of its own. PostgreSQL needs max_connections of at least
+    the replicas times --pool-size (services.sh sets 300).";
 
 #[derive(Parser)]
+#[command(
+    name = "checkin-bench",
+    about = "Check-ins per second and latency of ota-server: one sled process, and N replicas (PostgreSQL + Redis) behind nginx",
+    after_help = NEEDS
+)]
 struct Args {
     /// Fleet sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
@@ -29,6 +55,25 @@ struct Args {
     /// wrk connections.
     #[arg(long, default_value_t = 128)]
     connections: usize,
+    /// Also measure N replicas (PostgreSQL state, Redis throttle) behind
+    /// nginx, for each N listed.
+    #[arg(long, value_delimiter = ',')]
+    replicas: Vec<usize>,
+    /// Also measure the sled process behind nginx.
+    #[arg(long)]
+    sled_behind_nginx: bool,
+    /// PostgreSQL admin URL (a database is created per setup).
+    #[arg(long, env = "OTA_TEST_PG_URL")]
+    pg_url: Option<String>,
+    /// Redis URL.
+    #[arg(long, env = "OTA_TEST_REDIS_URL")]
+    redis_url: Option<String>,
+    /// PostgreSQL connections per replica.
+    #[arg(long, default_value_t = 32)]
+    pool_size: usize,
+    /// nginx worker processes.
+    #[arg(long, default_value_t = 1)]
+    nginx_workers: usize,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -37,39 +82,49 @@ struct Args {
 const ADMIN: &str = "bench-admin-token-0123456789";
 const ENROLL: &str = "bench-enroll-key-0123456789";
 
-struct Server(Child, String);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// What serves the check-ins.
+#[derive(Clone, Copy, Debug)]
+enum Setup {
+    Sled,
+    SledBehindNginx,
+    Replicas(usize),
+}
+
+impl Setup {
+    fn name(&self) -> String {
+        match self {
+            Setup::Sled => "sled".into(),
+            Setup::SledBehindNginx => "sled+nginx".into(),
+            Setup::Replicas(n) => format!("pg+redis x{n}"),
+        }
     }
 }
 
-fn start_server(dir: &Path) -> Result<Server> {
-    let key = ota_format::SigningKeyPair::generate()?;
-    std::fs::write(dir.join("k.pem"), key.to_pem()?)?;
-    std::fs::write(
-        dir.join("server.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nadmin_token = \"{ADMIN}\"\nenrollment_key = \"{ENROLL}\"\nsigning_key = \"k.pem\"\nzstd_level = 3\n"
-        ),
-    )?;
-    let mut child = Command::new(ota_tests::bin("ota-server"))
-        .arg("serve")
-        .arg("--config")
-        .arg(dir.join("server.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-    let addr = line
-        .trim()
-        .strip_prefix("ota-server listening on ")
-        .context("server did not start")?
-        .to_string();
-    Ok(Server(child, format!("http://{addr}")))
+/// Starts the setup's processes (a fresh database for replicas).
+async fn start(setup: Setup, a: &Args) -> Result<Cluster> {
+    let mut opts = ClusterOpts {
+        admin_token: ADMIN.into(),
+        enrollment_key: ENROLL.into(),
+        top_level: "zstd_level = 3\n".into(),
+        balancer: !matches!(setup, Setup::Sled),
+        nginx_workers: a.nginx_workers,
+        pool_size: a.pool_size,
+        ..ClusterOpts::default()
+    };
+    let n = match setup {
+        Setup::Sled | Setup::SledBehindNginx => 1,
+        Setup::Replicas(n) => {
+            let (Some(pg), Some(redis)) = (&a.pg_url, &a.redis_url) else {
+                bail!("--replicas needs --pg-url and --redis-url\n\n{NEEDS}");
+            };
+            opts.pg_url = Some(ota_tests::services::create_database(pg, "bench").await?);
+            opts.drop_database_via = Some(pg.clone());
+            opts.redis_url = Some(redis.clone());
+            opts.key_prefix = ota_tests::services::unique_name("bench");
+            n
+        }
+    };
+    tokio::task::spawn_blocking(move || Cluster::start(n, opts)).await?
 }
 
 async fn enroll_all(base: &str, n: usize, out: &Path) -> Result<f64> {
@@ -123,6 +178,7 @@ end
 
 #[derive(serde::Serialize, Debug)]
 struct Row {
+    setup: String,
     devices: usize,
     scenario: &'static str,
     checkins_per_sec: f64,
@@ -132,7 +188,6 @@ struct Row {
     non_2xx: u64,
     socket_errors: u64,
 }
-
 fn run_wrk(
     base: &str,
     tokens: &Path,
@@ -173,69 +228,103 @@ fn run_wrk(
     ))
 }
 
+/// One setup, one fleet size: enroll, releases, both scenarios.
+async fn measure(setup: Setup, n: usize, a: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = start(setup, a).await?;
+    let base = cluster.lb_url();
+    let tokens = dir.path().join("tokens.txt");
+    let rate = enroll_all(&base, n, &tokens).await?;
+    eprintln!("[{}] {n} devices enrolled at {rate:.0}/s", setup.name());
+    let lua = dir.path().join("checkin.lua");
+    std::fs::write(&lua, LUA)?;
+    let admin = ota_server::client::AdminClient::new(&base, ADMIN)?;
+    for (v, seed) in [("1.0", 1u64), ("2.0", 2)] {
+        let p = dir.path().join(format!("{v}.img"));
+        std::fs::write(&p, ota_tests::images::base(1 << 20, seed))?;
+        admin.release_add("bench", v, 0, &p, false).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while admin.releases().await?.iter().any(|r| {
+        r.builds
+            .iter()
+            .any(|b| b.status != ota_server::releases::BuildStatus::Ready)
+    }) {
+        if Instant::now() > deadline {
+            bail!("release builds did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for scenario in ["idle", "stampede"] {
+        if scenario == "stampede" {
+            let mut s: ota_server::rollout::RolloutSpec =
+                serde_json::from_value(serde_json::json!({
+                    "release": "2.0", "device_type": "bench", "max_concurrent": 500,
+                    "max_starts_per_min": 6000.0, "waves": [10, 100], "min_sample": 1000000
+                }))?;
+            s.soak_ms = 3_600_000;
+            admin.rollout_create(&s).await?;
+        }
+        let (rps, p50, p99, max, non2xx, sock) = run_wrk(&base, &tokens, &lua, a)?;
+        let row = Row {
+            setup: setup.name(),
+            devices: n,
+            scenario,
+            checkins_per_sec: rps,
+            p50_ms: p50,
+            p99_ms: p99,
+            max_ms: max,
+            non_2xx: non2xx,
+            socket_errors: sock,
+        };
+        eprintln!("{row:?}");
+        rows.push(row);
+    }
+    drop(cluster);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
+    match Command::new("wrk").arg("-v").output() {
+        Ok(_) => {}
+        Err(e) => bail!("wrk not found ({e}): apt-get install wrk\n\n{NEEDS}"),
+    }
+    let mut setups = vec![Setup::Sled];
+    if a.sled_behind_nginx {
+        setups.push(Setup::SledBehindNginx);
+    }
+    for &r in &a.replicas {
+        if r == 0 {
+            bail!("--replicas takes counts of 1 or more");
+        }
+        setups.push(Setup::Replicas(r));
+    }
+    if setups.len() > 1 && ota_tests::services::nginx_bin().is_none() {
+        bail!("nginx not found: apt-get install nginx-light\n\n{NEEDS}");
+    }
+    if !a.replicas.is_empty() && (a.pg_url.is_none() || a.redis_url.is_none()) {
+        bail!(
+            "--replicas needs --pg-url and --redis-url (or OTA_TEST_PG_URL and OTA_TEST_REDIS_URL)\n\n{NEEDS}"
+        );
+    }
     let mut rows = Vec::new();
     for &n in &a.devices {
-        let dir = tempfile::tempdir()?;
-        let server = start_server(dir.path())?;
-        let base = server.1.clone();
-        let tokens = dir.path().join("tokens.txt");
-        let rate = enroll_all(&base, n, &tokens).await?;
-        eprintln!("{n} devices enrolled at {rate:.0}/s");
-        let lua = dir.path().join("checkin.lua");
-        std::fs::write(&lua, LUA)?;
-        let admin = ota_server::client::AdminClient::new(&base, ADMIN)?;
-        for (v, seed) in [("1.0", 1u64), ("2.0", 2)] {
-            let p = dir.path().join(format!("{v}.img"));
-            std::fs::write(&p, ota_tests::images::base(1 << 20, seed))?;
-            admin.release_add("bench", v, 0, &p, false).await?;
+        for &setup in &setups {
+            measure(setup, n, &a, &mut rows)
+                .await
+                .with_context(|| format!("{} with {n} devices", setup.name()))?;
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while admin.releases().await?.iter().any(|r| {
-            r.builds
-                .iter()
-                .any(|b| b.status != ota_server::releases::BuildStatus::Ready)
-        }) {
-            if Instant::now() > deadline {
-                bail!("release builds did not finish");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for scenario in ["idle", "stampede"] {
-            if scenario == "stampede" {
-                let mut s: ota_server::rollout::RolloutSpec =
-                    serde_json::from_value(serde_json::json!({
-                        "release": "2.0", "device_type": "bench", "max_concurrent": 500,
-                        "max_starts_per_min": 6000.0, "waves": [10, 100], "min_sample": 1000000
-                    }))?;
-                s.soak_ms = 3_600_000;
-                admin.rollout_create(&s).await?;
-            }
-            let (rps, p50, p99, max, non2xx, sock) = run_wrk(&base, &tokens, &lua, &a)?;
-            let row = Row {
-                devices: n,
-                scenario,
-                checkins_per_sec: rps,
-                p50_ms: p50,
-                p99_ms: p99,
-                max_ms: max,
-                non_2xx: non2xx,
-                socket_errors: sock,
-            };
-            eprintln!("{row:?}");
-            rows.push(row);
-        }
-        drop(server);
     }
     println!(
-        "| devices | scenario | check-ins/s | p50 ms | p99 ms | max ms | non-2xx | socket errors |"
+        "| setup | devices | scenario | check-ins/s | p50 ms | p99 ms | max ms | non-2xx | socket errors |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            r.setup,
             r.devices,
             r.scenario,
             r.checkins_per_sec,

@@ -1,4 +1,6 @@
-//! `ota-loadtest`: a simulated fleet against a real `ota-server` process.
+//! `ota-loadtest`: a simulated fleet against real `ota-server` processes:
+//! one sled process (the default), or `--replicas N` behind nginx sharing
+//! PostgreSQL and Redis (see [`crate::cluster`]).
 //!
 //! Each simulated device is a tokio task that speaks the device API with the
 //! agent's own [`ota_agent::client::Client`], checks manifests with
@@ -8,25 +10,33 @@
 //! still hashed by the apply engine before it would be written); a fraction
 //! writes real slot files whose final hash is checked.
 //!
+//! With replicas the invariants are judged fleet-wide: the devices count
+//! themselves downloading and their download starts (the authority on "the
+//! cap and the start rate held across replicas"), the server's active leases
+//! are polled through the balancer, and events acknowledged by devices must
+//! equal events stored.
+//!
 //! # Layout
-//! - this module: configuration, orchestration (server process, releases,
+//! - this module: configuration, orchestration (servers, releases,
 //!   enrollment, rollout, the fleet), invariant checks and exit status;
+//! - [`faults`]: kill -9 of a replica, Redis and PostgreSQL restarts, and
+//!   what the run looked like around each;
 //! - [`sim`]: one simulated device and its faults;
 //! - [`proxy`]: the fault-injecting TCP proxy (cuts and corrupted bytes);
 //! - [`report`]: samples, the terminal table, JSON and the SVG chart.
 //!
 //! Every loop is bounded: devices stop at the run's deadline, the harness
-//! kills the server it started, and the run ends by itself.
+//! kills the servers (and nginx) it started, and the run ends by itself.
 
+pub mod faults;
 pub mod proxy;
 pub mod report;
 pub mod sim;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -34,6 +44,7 @@ use clap::Parser;
 use ota_agent::client::{Client, Timeouts};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Cluster, ClusterOpts};
 use crate::images;
 
 /// Command-line options. Rates are fractions of the fleet (0..1).
@@ -107,9 +118,44 @@ pub struct Args {
     /// Devices that apply into real slot files (the rest use a sink).
     #[arg(long, default_value_t = 0.01)]
     pub real_slot_rate: f64,
-    /// Restart the server (kill -9) once this far into the run (0 = never).
+    /// Restart the server (kill -9, then start at once) this far into the
+    /// run (0 = never). With --replicas: replica 0.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub server_restart_at: Duration,
+    /// Server replicas behind nginx (the devices and the admin client talk
+    /// to nginx). 0 = one sled process and no balancer. One replica may use
+    /// sled; more need --pg-url and --redis-url.
+    #[arg(long, default_value_t = 0)]
+    pub replicas: usize,
+    /// PostgreSQL admin URL (e.g. $OTA_TEST_PG_URL): the harness creates a
+    /// fresh database there for the replicas' state, and drops it at the end.
+    #[arg(long)]
+    pub pg_url: Option<String>,
+    /// Redis URL (e.g. $OTA_TEST_REDIS_URL) for the fleet-wide throttle; the
+    /// run's keys get a prefix of their own.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// kill -9 of replica 1 (replica 0 with a single one) this far into the
+    /// run (0 = never); it comes back --replica-down-for later.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub kill_replica_at: Duration,
+    /// How long the killed replica stays down.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub replica_down_for: Duration,
+    /// Restart Redis losing its data (services.sh restart-redis) this far
+    /// into the run (0 = never).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub restart_redis_at: Duration,
+    /// Restart PostgreSQL (services.sh restart-postgres, fast mode) this far
+    /// into the run (0 = never).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub restart_postgres_at: Duration,
+    /// scripts/services.sh, for the Redis and PostgreSQL restarts.
+    #[arg(long, env = "OTA_SERVICES_SCRIPT")]
+    pub services_script: Option<PathBuf>,
+    /// Keep the run's database (and print its URL) instead of dropping it.
+    #[arg(long)]
+    pub keep_database: bool,
     /// Give up after this long.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub deadline: Duration,
@@ -133,79 +179,7 @@ pub struct Args {
 pub const ADMIN: &str = "loadtest-admin-token-0123456789";
 pub const ENROLL: &str = "loadtest-enroll-key-0123456789";
 
-/// The server process the harness runs (and restarts).
-pub struct ServerProc {
-    child: Option<Child>,
-    cfg: PathBuf,
-    pub addr: SocketAddr,
-}
-
-impl ServerProc {
-    fn start(cfg: &Path, addr: SocketAddr) -> Result<ServerProc> {
-        let mut s = ServerProc {
-            child: None,
-            cfg: cfg.to_path_buf(),
-            addr,
-        };
-        s.spawn()?;
-        Ok(s)
-    }
-
-    fn spawn(&mut self) -> Result<()> {
-        let mut child = Command::new(crate::bin("ota-server"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting ota-server")?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
-            &mut line,
-        )?;
-        if !line.starts_with("ota-server listening on") {
-            bail!("ota-server did not start: {line:?}");
-        }
-        self.child = Some(child);
-        Ok(())
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
-
-    /// kill -9 and start again on the same address.
-    fn restart(&mut self) -> Result<()> {
-        if let Some(mut c) = self.child.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        // The port may linger briefly; retry the bind for a few seconds.
-        let t = Instant::now();
-        loop {
-            match self.spawn() {
-                Ok(()) => return Ok(()),
-                Err(e) if t.elapsed() < Duration::from_secs(10) => {
-                    tracing::warn!(error = %e, "restart failed, retrying");
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+pub use crate::cluster::ServerProc;
 
 /// Server CPU seconds and peak RSS from /proc.
 pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
@@ -223,12 +197,6 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
         .parse::<u64>()
         .ok()?;
     Some((cpu, hwm * 1024))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// The `n`-th loopback source address: 127.0.x.y, skipping .0 and 127.0.0.1.
@@ -269,27 +237,135 @@ fn clients(n: u32, read_timeout: Duration) -> Result<Vec<reqwest::Client>> {
         .collect()
 }
 
+/// What the run runs on: the cluster and how it is set up.
+struct Deployment {
+    cluster: Arc<Cluster>,
+    storage: &'static str,
+    throttle: &'static str,
+    database: Option<String>,
+}
+
+/// Starts the server processes the options ask for.
+async fn deploy(args: &Args, dir: &Path) -> Result<Deployment> {
+    if args.replicas > 1 && (args.pg_url.is_none() || args.redis_url.is_none()) {
+        bail!(
+            "--replicas {} needs --pg-url and --redis-url: replicas share their state in PostgreSQL and the fleet-wide throttle in Redis (scripts/services.sh start; eval \"$(scripts/services.sh env)\"; then --pg-url \"$OTA_TEST_PG_URL\" --redis-url \"$OTA_TEST_REDIS_URL\")",
+            args.replicas
+        );
+    }
+    if args.replicas == 0 && (args.pg_url.is_some() || args.redis_url.is_some()) {
+        bail!("--pg-url and --redis-url need --replicas 1 or more");
+    }
+    if args.redis_url.is_some() && args.pg_url.is_none() {
+        bail!("--redis-url needs --pg-url: the server refuses a Redis throttle over sled");
+    }
+    if !args.restart_redis_at.is_zero() && args.redis_url.is_none() {
+        bail!("--restart-redis-at needs --redis-url");
+    }
+    if !args.restart_postgres_at.is_zero() && args.pg_url.is_none() {
+        bail!("--restart-postgres-at needs --pg-url");
+    }
+    if (!args.restart_redis_at.is_zero() || !args.restart_postgres_at.is_zero())
+        && args.services_script.is_none()
+    {
+        bail!(
+            "restarting Redis or PostgreSQL needs --services-script (or OTA_SERVICES_SCRIPT): scripts/services.sh"
+        );
+    }
+    let database = match &args.pg_url {
+        Some(admin) => Some(crate::services::create_database(admin, "loadtest").await?),
+        None => None,
+    };
+    if let (Some(db), true) = (&database, args.keep_database) {
+        eprintln!("database {db} (kept: --keep-database)");
+    }
+    let opts = ClusterOpts {
+        pg_url: database.clone(),
+        redis_url: args.redis_url.clone(),
+        key_prefix: crate::services::unique_name("loadtest"),
+        // Every device request may wait on the pool: keep it well stocked,
+        // within PostgreSQL's max_connections (300 in services.sh).
+        pool_size: (240 / args.replicas.max(1)).clamp(4, 32),
+        admin_token: ADMIN.into(),
+        enrollment_key: ENROLL.into(),
+        signing_key: Some(dir.join("signing.key")),
+        top_level: "zstd_level = 9\nchunk_size = 65536\n".into(),
+        sections: format!(
+            "[checkin]\nidle_interval_ms = {}\nwait_interval_ms = {}\nlease_ms = {}\njitter = 0.3\nmax_parallel_ranges = {}\n",
+            args.idle_ms, args.wait_ms, args.lease_ms, args.parallel
+        ),
+        balancer: args.replicas > 0,
+        nginx_workers: 1,
+        rust_log: "warn".into(),
+        forward_stderr: true,
+        dir: Some(dir.join("cluster")),
+        drop_database_via: if args.keep_database {
+            None
+        } else {
+            args.pg_url.clone()
+        },
+        independent_sled: false,
+    };
+    let n = args.replicas.max(1);
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start(n, opts)).await??;
+    Ok(Deployment {
+        cluster: Arc::new(cluster),
+        storage: if database.is_some() {
+            "postgres"
+        } else {
+            "sled"
+        },
+        throttle: if args.redis_url.is_some() {
+            "redis"
+        } else {
+            "local"
+        },
+        database,
+    })
+}
+
+/// Retries an admin call a few times (a replica may be restarting).
+async fn admin_retry<T, F, Fut>(what: &str, f: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut last = None;
+    for attempt in 0..10u32 {
+        match tokio::time::timeout(Duration::from_secs(10), f()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(anyhow::anyhow!("timed out after 10 s")),
+        }
+        tokio::time::sleep(Duration::from_millis(300 * (attempt as u64 + 1))).await;
+    }
+    Err(last
+        .expect("tried")
+        .context(format!("{what}: 10 attempts failed")))
+}
+
 /// Runs the whole load test; returns the report and whether every
 /// invariant held.
 pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let seed = args.seed.unwrap_or_else(rand::random);
     eprintln!("ota-loadtest: {} devices, seed {seed}", args.devices);
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let key = ota_format::SigningKeyPair::generate()?;
     std::fs::write(dir.path().join("signing.key"), key.to_pem()?)?;
     let trusted = ota_format::TrustedKeys::try_new(vec![key.verifying_key()], 1)?;
-    std::fs::write(
-        dir.path().join("server.toml"),
-        format!(
-            "listen = \"{addr}\"\ndata_dir = \"data\"\nadmin_token = \"{ADMIN}\"\nenrollment_key = \"{ENROLL}\"\nsigning_key = \"signing.key\"\nzstd_level = 9\nchunk_size = 65536\n[checkin]\nidle_interval_ms = {}\nwait_interval_ms = {}\nlease_ms = {}\njitter = 0.3\nmax_parallel_ranges = {}\n",
-            args.idle_ms, args.wait_ms, args.lease_ms, args.parallel
-        ),
-    )?;
-    let mut server = ServerProc::start(&dir.path().join("server.toml"), addr)?;
-    let base = format!("http://{addr}");
-    let admin = ota_server::client::AdminClient::new(&base, ADMIN)?;
+    let dep = deploy(&args, dir.path()).await?;
+    let cluster = dep.cluster.clone();
+    let lb = cluster.lb_addr();
+    let base = cluster.lb_url();
+    if args.replicas > 0 {
+        eprintln!(
+            "{} replica(s) ({} storage, {} throttle) behind nginx at {base}",
+            cluster.len(),
+            dep.storage,
+            dep.throttle
+        );
+    }
+    let admin = Arc::new(ota_server::client::AdminClient::new(&base, ADMIN)?);
 
     // Two versions of an image, as releases.
     if args.image_kib == 0 || args.image_kib % 4 != 0 {
@@ -353,9 +429,9 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         .and_then(|b| b.artifacts.as_ref())
         .map_or(0, |a| a.payload_size);
 
-    // The fault proxy, for devices on bad links.
+    // The fault proxy, for devices on bad links (in front of the balancer).
     let proxy_cancel = CancellationToken::new();
-    let proxy = proxy::FaultProxy::start(addr, seed, proxy_cancel.clone()).await?;
+    let proxy = proxy::FaultProxy::start(lb, seed, proxy_cancel.clone()).await?;
     let proxy_base = format!("http://{}", proxy.addr);
 
     let read_timeout = Duration::from_secs(5);
@@ -400,7 +476,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     });
     drop(v2);
 
-    let run_started = Instant::now();
+    let run_started = shared.started;
     let mut tasks = tokio::task::JoinSet::new();
     let plan = sim::assign_faults(&args, seed);
     for (i, (token, faults)) in tokens.into_iter().zip(plan).enumerate() {
@@ -423,8 +499,6 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         tasks.spawn(sim::run_device(dev, shared.clone()));
     }
 
-    // Sampler, progress, server restart, deadline.
-    let mut samples = Vec::new();
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -436,12 +510,33 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         )
         .expect("valid template"),
     );
-    let mut restarted = args.server_restart_at.is_zero();
-    let mut restarts = 0u64;
-    let mut max_server_leases = 0u64;
-    let mut ticks = 0u64;
-    let mut peak_cpu = (0.0f64, 0u64);
-    let mut cpu_before_restart = 0.0;
+
+    // Server-side leases, through the balancer, once a second.
+    let aux_cancel = CancellationToken::new();
+    let leases = Arc::new(LeaseWatch::default());
+    let lease_task = tokio::spawn(watch_leases(
+        admin.clone(),
+        rollout.id.clone(),
+        leases.clone(),
+        aux_cancel.clone(),
+    ));
+    // Infrastructure faults.
+    let fault_plan = faults::plan(&args, cluster.len());
+    let fault_log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let fault_task = tokio::spawn(faults::drive(
+        fault_plan.clone(),
+        cluster.clone(),
+        args.services_script.clone(),
+        run_started,
+        aux_cancel.clone(),
+        fault_log.clone(),
+        bar.clone(),
+    ));
+
+    // Sampler, progress, deadline.
+    let mut samples = Vec::new();
+    let mut cpu_by_pid = std::collections::HashMap::<u32, f64>::new();
+    let mut peak_rss = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -455,14 +550,8 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
             }
         }
         let elapsed = run_started.elapsed();
-        ticks += 1;
-        if ticks % 4 == 0
-            && let Ok(Ok(st)) =
-                tokio::time::timeout(Duration::from_secs(2), admin.rollout(&rollout.id)).await
-        {
-            max_server_leases = max_server_leases.max(st.active_leases);
-        }
-        let s = shared.stats.sample(elapsed, args.waves.len(), &shared);
+        let mut s = shared.stats.sample(elapsed, args.waves.len(), &shared);
+        s.server_leases = leases.last.load(Ordering::Relaxed);
         bar.set_position(s.finished);
         bar.set_message(format!(
             "waiting {} downloading {} (max {}/{}) committed {} failed {} rolled back {}",
@@ -475,26 +564,11 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
             s.rolled_back
         ));
         samples.push(s);
-        if let Some(pid) = server.pid()
-            && let Some((cpu, rss)) = proc_usage(pid)
-        {
-            peak_cpu.0 = cpu_before_restart + cpu;
-            peak_cpu.1 = peak_cpu.1.max(rss);
-        }
-        if !restarted && elapsed >= args.server_restart_at {
-            restarted = true;
-            restarts += 1;
-            cpu_before_restart = peak_cpu.0;
-            bar.println(format!(
-                "kill -9 of the server at {:.1} s",
-                elapsed.as_secs_f64()
-            ));
-            let t = Instant::now();
-            tokio::task::block_in_place(|| server.restart())?;
-            bar.println(format!(
-                "server back after {:.1} s",
-                t.elapsed().as_secs_f64()
-            ));
+        for pid in cluster.pids().into_iter().flatten() {
+            if let Some((cpu, rss)) = proc_usage(pid) {
+                cpu_by_pid.insert(pid, cpu);
+                peak_rss = peak_rss.max(rss);
+            }
         }
         if elapsed > args.deadline {
             bar.println("deadline reached: stopping the fleet");
@@ -504,11 +578,41 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     bar.finish_and_clear();
     let run_secs = run_started.elapsed().as_secs_f64();
     proxy_cancel.cancel();
+    aux_cancel.cancel();
+    let _ = lease_task.await;
+    let _ = fault_task.await;
+    // Faults planned after the fleet finished did not happen; a replica
+    // still down comes back so the final figures see every replica.
+    for i in 0..cluster.len() {
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || c.start_again(i)).await??;
+    }
 
-    // What the server says.
-    let status = admin.rollout(&rollout.id).await?;
-    let stats = admin.stats().await?;
-    let events_stored = stats["events_stored"].as_u64().unwrap_or(0);
+    // What the server says (through the balancer).
+    let status = admin_retry("rollout status", || admin.rollout(&rollout.id)).await?;
+    let stats = admin_retry("admin stats", || admin.stats()).await?;
+    let events_stored = stats["events_stored"]
+        .as_u64()
+        .context("the admin stats have no events_stored")?;
+    let mut starts = shared.stats.starts.lock().unwrap().clone();
+    starts.sort_unstable();
+    let mut fault_records = std::mem::take(&mut *fault_log.lock().unwrap());
+    faults::annotate(&mut fault_records, &samples, &starts);
+    let redis = args.redis_url.is_some();
+    let throttle_resets = fault_records
+        .iter()
+        .filter(|f| f.error.is_none() && f.action.is_some_and(|a| a.resets_throttle(redis)))
+        .count() as u64;
+    let server_restarts = fault_records
+        .iter()
+        .filter(|f| {
+            f.error.is_none()
+                && matches!(
+                    f.action,
+                    Some(faults::Action::RestartReplica(_) | faults::Action::KillReplica(_))
+                )
+        })
+        .count() as u64;
     let r = report::build(report::Inputs {
         args: &args,
         seed,
@@ -517,16 +621,57 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         shared: &shared,
         status: &status,
         events_stored,
-        server_cpu_secs: peak_cpu.0,
-        server_peak_rss: peak_cpu.1,
+        server_cpu_secs: cpu_by_pid.values().sum(),
+        server_peak_rss: peak_rss,
         image_size: size as u64,
         delta_size,
         samples,
         proxy: proxy.stats(),
-        max_server_leases,
-        server_restarts: restarts,
+        max_server_leases: leases.max.load(Ordering::Relaxed),
+        lease_polls: leases.polls.load(Ordering::Relaxed),
+        server_restarts,
+        throttle_resets,
+        replicas: args.replicas,
+        storage: dep.storage,
+        throttle: dep.throttle,
+        faults: fault_records,
     });
-    drop(server);
+    if let Some(db) = &dep.database
+        && args.keep_database
+    {
+        eprintln!("database kept: {db}");
+    }
+    drop(dep);
+    // The last reference: stops nginx and the replicas, drops the database.
+    drop(cluster);
     let ok = r.invariants_hold();
     Ok((r, ok))
+}
+
+/// The server's active leases as polled through the balancer.
+#[derive(Default)]
+struct LeaseWatch {
+    last: AtomicU64,
+    max: AtomicU64,
+    polls: AtomicU64,
+}
+
+async fn watch_leases(
+    admin: Arc<ota_server::client::AdminClient>,
+    id: String,
+    w: Arc<LeaseWatch>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Ok(Ok(st)) = tokio::time::timeout(Duration::from_secs(2), admin.rollout(&id)).await {
+            w.last.store(st.active_leases, Ordering::Relaxed);
+            w.max.fetch_max(st.active_leases, Ordering::Relaxed);
+            w.polls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }

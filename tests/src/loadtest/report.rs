@@ -8,6 +8,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Args;
+use super::faults::FaultRecord;
 use super::proxy::ProxyStats;
 use super::sim::Shared;
 
@@ -24,6 +25,12 @@ pub struct Sample {
     pub silent: u64,
     pub finished: u64,
     pub committed_per_wave: Vec<u64>,
+    /// Cumulative check-ins and failed check-ins, download starts.
+    pub checkins: u64,
+    pub checkin_errors: u64,
+    pub starts: u64,
+    /// Active leases the server reported at its last poll.
+    pub server_leases: u64,
 }
 
 pub struct Inputs<'a> {
@@ -41,7 +48,15 @@ pub struct Inputs<'a> {
     pub samples: Vec<Sample>,
     pub proxy: ProxyStats,
     pub max_server_leases: u64,
+    pub lease_polls: u64,
     pub server_restarts: u64,
+    /// Faults that refilled a start-rate bucket (see
+    /// [`super::faults::Action::resets_throttle`]).
+    pub throttle_resets: u64,
+    pub replicas: usize,
+    pub storage: &'static str,
+    pub throttle: &'static str,
+    pub faults: Vec<FaultRecord>,
 }
 
 /// Everything the run measured.
@@ -49,16 +64,25 @@ pub struct Inputs<'a> {
 pub struct Report {
     pub devices: usize,
     pub seed: u64,
+    /// Server processes behind nginx (0: one, no balancer), their storage
+    /// and throttle backends.
+    pub replicas: usize,
+    pub storage: String,
+    pub throttle: String,
     pub faults: serde_json::Value,
+    /// Infrastructure faults as they happened.
+    pub fault_timeline: Vec<FaultRecord>,
     pub completion_secs: f64,
     pub enroll_secs: f64,
     pub max_concurrent_cap: u64,
     pub max_concurrent_observed_devices: u64,
     pub max_concurrent_observed_server_leases: u64,
+    pub server_lease_polls: u64,
     pub max_starts_per_min: f64,
     pub start_burst: f64,
     pub max_starts_in_any_minute: u64,
     pub start_rate_violations: u64,
+    pub throttle_resets: u64,
     pub checkins: u64,
     pub checkin_errors: u64,
     pub checkin_p50_ms: f64,
@@ -75,11 +99,16 @@ pub struct Report {
     pub events_acked: u64,
     pub events_stored_by_server: u64,
     pub events_lost: u64,
+    /// Stored beyond those acknowledged: only events given up at the
+    /// deadline may be (stored, their answer lost); more is double counting.
+    pub events_extra: u64,
     pub events_given_up: u64,
     pub wrong_images: u64,
     pub real_slots_verified: u64,
     pub operations_verified: u64,
     pub committed: u64,
+    /// Devices the server counts committed (fleet-wide, all replicas).
+    pub server_committed: u64,
     pub rolled_back: u64,
     pub failed: u64,
     pub silent: u64,
@@ -120,8 +149,9 @@ pub fn build(i: Inputs<'_>) -> Report {
     starts.sort_unstable();
     let burst = (a.max_starts_per_min / 60.0).floor().max(1.0);
     // Client-side timestamps lag the server's decisions by up to a request;
-    // each server restart refills one burst.
-    let allowance = burst * (1 + i.server_restarts) as f64 + 1.0;
+    // each reset of the throttle (restart of the process holding it, Redis
+    // losing its data) refills one burst.
+    let allowance = burst * (1 + i.throttle_resets) as f64 + 1.0;
     let (max_minute, bad60) = start_windows(&starts, 60_000, a.max_starts_per_min, allowance);
     let (_, bad10) = start_windows(&starts, 10_000, a.max_starts_per_min, allowance);
     let lat = st.latency();
@@ -136,21 +166,31 @@ pub fn build(i: Inputs<'_>) -> Report {
     Report {
         devices: a.devices,
         seed: i.seed,
+        replicas: i.replicas,
+        storage: i.storage.into(),
+        throttle: i.throttle.into(),
+        fault_timeline: i.faults,
         faults: serde_json::json!({
             "cut_rate": a.cut_rate, "corrupt_rate": a.corrupt_rate, "kill_rate": a.kill_rate,
             "silent_rate": a.silent_rate, "slow_rate": a.slow_rate, "slow_bps": a.slow_bps,
             "health_fail_rate": a.health_fail_rate, "real_slot_rate": a.real_slot_rate,
             "server_restart_at_secs": a.server_restart_at.as_secs_f64(),
+            "kill_replica_at_secs": a.kill_replica_at.as_secs_f64(),
+            "replica_down_for_secs": a.replica_down_for.as_secs_f64(),
+            "restart_redis_at_secs": a.restart_redis_at.as_secs_f64(),
+            "restart_postgres_at_secs": a.restart_postgres_at.as_secs_f64(),
         }),
         completion_secs: i.run_secs,
         enroll_secs: i.enroll_secs,
         max_concurrent_cap: a.max_concurrent,
         max_concurrent_observed_devices: st.max_downloading.load(Ordering::Relaxed),
         max_concurrent_observed_server_leases: i.max_server_leases,
+        server_lease_polls: i.lease_polls,
         max_starts_per_min: a.max_starts_per_min,
         start_burst: burst,
         max_starts_in_any_minute: max_minute,
         start_rate_violations: bad60 + bad10,
+        throttle_resets: i.throttle_resets,
         checkins: st.checkins.load(Ordering::Relaxed),
         checkin_errors: st.checkin_errors.load(Ordering::Relaxed),
         checkin_p50_ms: q(0.5),
@@ -167,11 +207,13 @@ pub fn build(i: Inputs<'_>) -> Report {
         events_acked: acked,
         events_stored_by_server: i.events_stored,
         events_lost: acked.saturating_sub(i.events_stored),
+        events_extra: i.events_stored.saturating_sub(acked),
         events_given_up: st.events_given_up.load(Ordering::Relaxed),
         wrong_images: st.wrong_images.load(Ordering::Relaxed),
         real_slots_verified: st.real_slots_verified.load(Ordering::Relaxed),
         operations_verified: st.ops_verified.load(Ordering::Relaxed),
         committed: c[4],
+        server_committed: i.status.totals().committed,
         rolled_back: c[6],
         failed: c[5],
         silent: c[7],
@@ -219,6 +261,32 @@ impl Report {
                 self.events_lost
             ));
         }
+        if self.events_extra > self.events_given_up {
+            v.push(format!(
+                "the server stored {} events more than the devices had acknowledged (only {} were given up unacknowledged): double counted",
+                self.events_extra, self.events_given_up
+            ));
+        }
+        if self.server_committed != self.committed {
+            v.push(format!(
+                "{} devices committed but the server counts {}",
+                self.committed, self.server_committed
+            ));
+        }
+        if self.timed_out > 0 {
+            v.push(format!(
+                "{} devices never finished (the deadline stopped them)",
+                self.timed_out
+            ));
+        }
+        for f in &self.fault_timeline {
+            if let Some(e) = &f.error {
+                v.push(format!(
+                    "fault at {:.1} s ({}) failed: {e}",
+                    f.at_secs, f.what
+                ));
+            }
+        }
         if self.wrong_images > 0 {
             v.push(format!(
                 "{} devices ended on a wrong image",
@@ -238,6 +306,17 @@ impl Report {
         let rows: Vec<(&str, String)> = vec![
             ("devices", format!("{} (seed {})", self.devices, self.seed)),
             (
+                "servers",
+                if self.replicas == 0 {
+                    format!("one process, {} storage, no balancer", self.storage)
+                } else {
+                    format!(
+                        "{} replica(s) behind nginx, {} storage, {} throttle",
+                        self.replicas, self.storage, self.throttle
+                    )
+                },
+            ),
+            (
                 "completion",
                 format!(
                     "{:.1} s (enrollment {:.1} s before)",
@@ -247,8 +326,13 @@ impl Report {
             (
                 "outcome",
                 format!(
-                    "{} committed, {} rolled back, {} failed, {} silent, {} unfinished",
-                    self.committed, self.rolled_back, self.failed, self.silent, self.timed_out
+                    "{} committed ({} by the server's count), {} rolled back, {} failed, {} silent, {} unfinished",
+                    self.committed,
+                    self.server_committed,
+                    self.rolled_back,
+                    self.failed,
+                    self.silent,
+                    self.timed_out
                 ),
             ),
             (
@@ -258,17 +342,22 @@ impl Report {
             (
                 "max concurrent downloads",
                 format!(
-                    "{} devices / {} server leases, cap {}",
+                    "{} devices (fleet-wide, device side) / {} server leases ({} polls), cap {}",
                     self.max_concurrent_observed_devices,
                     self.max_concurrent_observed_server_leases,
+                    self.server_lease_polls,
                     self.max_concurrent_cap
                 ),
             ),
             (
                 "max starts in a minute",
                 format!(
-                    "{} (rate {}/min, burst {})",
-                    self.max_starts_in_any_minute, self.max_starts_per_min, self.start_burst
+                    "{} (rate {}/min, burst {}; {} windows over the limit, {} throttle resets allowed for)",
+                    self.max_starts_in_any_minute,
+                    self.max_starts_per_min,
+                    self.start_burst,
+                    self.start_rate_violations,
+                    self.throttle_resets
                 ),
             ),
             (
@@ -304,10 +393,11 @@ impl Report {
             (
                 "events",
                 format!(
-                    "{} acknowledged, {} stored by the server, {} lost, {} given up at the deadline",
+                    "{} acknowledged, {} stored by the server, {} lost, {} extra, {} given up at the deadline",
                     self.events_acked,
                     self.events_stored_by_server,
                     self.events_lost,
+                    self.events_extra,
                     self.events_given_up
                 ),
             ),
@@ -329,7 +419,7 @@ impl Report {
             (
                 "server",
                 format!(
-                    "{:.1} CPU-s, peak RSS {:.1} MiB, {} kill -9 restarts",
+                    "{:.1} CPU-s (all replicas), peak RSS {:.1} MiB (largest replica), {} kill -9",
                     self.server_cpu_secs, self.server_peak_rss_mib, self.server_restarts
                 ),
             ),
@@ -338,6 +428,12 @@ impl Report {
         let mut s = String::new();
         for (k, v) in rows {
             s += &format!("  {k:<w$}  {v}\n");
+        }
+        if !self.fault_timeline.is_empty() {
+            s += "  faults:\n";
+            for f in &self.fault_timeline {
+                s += &format!("    {}\n", super::faults::describe(f));
+            }
         }
         s
     }

@@ -162,6 +162,10 @@ impl FleetStats {
             silent: c[7],
             finished: c[4] + c[5] + c[6] + c[7] + c[8],
             committed_per_wave: per_wave.iter().map(|w| w[4]).collect(),
+            checkins: self.checkins.load(Ordering::Relaxed),
+            checkin_errors: self.checkin_errors.load(Ordering::Relaxed),
+            starts: self.starts.lock().unwrap().len() as u64,
+            server_leases: 0,
         }
     }
 }
