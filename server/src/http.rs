@@ -463,6 +463,8 @@ async fn admin_releases(
     headers: HeaderMap,
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
+    // Other replicas add releases and finish builds: read the database.
+    app.releases.refresh().await?;
     Ok(axum::Json(app.releases.list()).into_response())
 }
 
