@@ -37,6 +37,8 @@ pub struct AuthedDevice {
     pub booted_slot: Option<Slot>,
     pub state: Option<AgentState>,
     pub last_seen_ms: u64,
+    /// SHA-256 of the token it presented (a cache key).
+    pub token_sha256: [u8; 32],
 }
 
 /// Durable state and rollout decisions.
@@ -133,6 +135,7 @@ impl StateBackend for LocalState {
     }
 
     async fn authenticate(&self, token: &str) -> Result<Option<AuthedDevice>, StoreError> {
+        let token_sha256 = crate::fleet::hash_token(token);
         let Some(dev) = self.fleet.authenticate(token) else {
             return Ok(None);
         };
@@ -145,6 +148,7 @@ impl StateBackend for LocalState {
             booted_slot: None,
             state: None,
             last_seen_ms: 0,
+            token_sha256,
         }))
     }
 

@@ -57,6 +57,12 @@ mod embedded {
 /// commits over this many rows.
 const SHARDS: i32 = 8;
 
+/// How long a replica trusts a token it looked up. Check-ins of idle
+/// devices then need no query at all; the price is that a token revoked by
+/// re-enrollment keeps working for up to this long on replicas that cached
+/// it (a revoked token still only speaks for its own device).
+const AUTH_CACHE_MS: u64 = 5_000;
+
 /// Advisory lock key serialising migrations of replicas starting together.
 const MIGRATION_LOCK: i64 = 0x6f74_615f_6d69_6772; // "ota_migr"
 
@@ -271,6 +277,8 @@ pub struct PgState {
     bytes: Mutex<HashMap<String, u64>>,
     events_accepted: AtomicU64,
     events_duplicate: AtomicU64,
+    /// Token hash → (device, valid until ms); see [`AUTH_CACHE_MS`].
+    auth: dashmap::DashMap<[u8; 32], (AuthedDevice, u64)>,
 }
 
 impl PgState {
@@ -291,6 +299,7 @@ impl PgState {
             bytes: Mutex::new(HashMap::new()),
             events_accepted: AtomicU64::new(0),
             events_duplicate: AtomicU64::new(0),
+            auth: dashmap::DashMap::new(),
         };
         s.refresh().await?;
         Ok(s)
@@ -693,6 +702,12 @@ impl StateBackend for PgState {
 
     async fn authenticate(&self, token: &str) -> Result<Option<AuthedDevice>, StoreError> {
         let hash = hash_token(token);
+        let now = crate::now_ms();
+        if let Some(e) = self.auth.get(&hash)
+            && e.1 > now
+        {
+            return Ok(Some(e.0.clone()));
+        }
         let c = conn(&self.pool).await?;
         let Some(r) = c
             .query_opt(
@@ -705,7 +720,7 @@ impl StateBackend for PgState {
         else {
             return Ok(None);
         };
-        Ok(Some(AuthedDevice {
+        let dev = AuthedDevice {
             id: r.get(0),
             device_type: r.get(1),
             tags: r.get::<_, Json<BTreeMap<String, String>>>(2).0,
@@ -713,7 +728,10 @@ impl StateBackend for PgState {
             booted_slot: parse_text(r.get(4)),
             state: parse_text(r.get(5)),
             last_seen_ms: r.get::<_, i64>(6).max(0) as u64,
-        }))
+            token_sha256: hash,
+        };
+        self.auth.insert(hash, (dev.clone(), now + AUTH_CACHE_MS));
+        Ok(Some(dev))
     }
 
     async fn checkin(
@@ -744,6 +762,13 @@ impl StateBackend for PgState {
             )
             .await
             .map_err(err)?;
+            // The cached copy says what was just written.
+            if let Some(mut e) = self.auth.get_mut(&dev.token_sha256) {
+                e.0.version = Some(req.current_version.clone());
+                e.0.booted_slot = Some(req.booted_slot);
+                e.0.state = Some(req.state);
+                e.0.last_seen_ms = now;
+            }
         }
         let Some(r) = self.active_for(&dev.device_type, &dev.tags) else {
             return Ok(Decision::Answer(Action::None));
@@ -1302,6 +1327,8 @@ impl StateBackend for PgState {
     }
 
     async fn tick(&self) -> Result<u64, StoreError> {
+        let now = crate::now_ms();
+        self.auth.retain(|_, e| e.1 > now);
         self.refresh().await?;
         self.flush_bytes().await?;
         let all: Vec<Cached> = self.rollouts.read().unwrap().clone();
