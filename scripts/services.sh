@@ -86,11 +86,19 @@ pg_ready() {
   "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres
 }
 
+# A live process (a zombie waiting for a slow init to reap it is gone).
+alive() {
+  local state
+  kill -0 "$1" 2>/dev/null || return 1
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ $state != Z ]]
+}
+
 redis_pid() {
   local pid
   [[ -f $REDIS_PID ]] || return 1
   pid=$(cat "$REDIS_PID" 2>/dev/null) || return 1
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ -n $pid ]] && alive "$pid" || return 1
   # A recycled pid is not our Redis.
   grep -q redis-server "/proc/$pid/cmdline" 2>/dev/null || return 1
   echo "$pid"
@@ -188,13 +196,13 @@ stop_redis() {
     return 0
   fi
   rcli shutdown nosave >/dev/null 2>&1 || true
-  for i in $(seq 1 100); do
-    kill -0 "$pid" 2>/dev/null || {
+  for i in $(seq 1 200); do
+    alive "$pid" || {
       rm -f "$REDIS_PID"
       echo "services.sh: Redis stopped"
       return 0
     }
-    sleep 0.1
+    sleep 0.05
   done
   kill -9 "$pid" 2>/dev/null || true
   rm -f "$REDIS_PID"
