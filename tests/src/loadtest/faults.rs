@@ -278,7 +278,7 @@ pub fn describe(r: &FaultRecord) -> String {
         return s;
     }
     s += &format!(
-        "; then {} waiting, {} downloading; 10 s after: {} check-in errors of {} check-ins ({} in the 10 s before), max {} downloading / {} server leases; ",
+        "; then {} waiting, {} downloading; 10 s after: {} check-in errors of {} check-ins ({} in the 10 s before), at most {} downloading (sampled) / {} server leases; ",
         r.waiting_at,
         r.downloading_at,
         r.checkin_errors_10s_after,
