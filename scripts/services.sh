@@ -53,7 +53,7 @@ as_pg() {
 
 pg_bin() {
   local v
-  v=$(ls -1 /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1)
+  v=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
   if [[ -z $v || ! -x /usr/lib/postgresql/$v/bin/pg_ctl || ! -x /usr/lib/postgresql/$v/bin/initdb ]]; then
     die "PostgreSQL server binaries not found under /usr/lib/postgresql/<version>/bin: apt-get install postgresql"
   fi
@@ -86,11 +86,19 @@ pg_ready() {
   "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres
 }
 
+# A live process (a zombie waiting for a slow init to reap it is gone).
+alive() {
+  local state
+  kill -0 "$1" 2>/dev/null || return 1
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [[ $state != Z ]]
+}
+
 redis_pid() {
   local pid
   [[ -f $REDIS_PID ]] || return 1
   pid=$(cat "$REDIS_PID" 2>/dev/null) || return 1
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ -n $pid ]] && alive "$pid" || return 1
   # A recycled pid is not our Redis.
   grep -q redis-server "/proc/$pid/cmdline" 2>/dev/null || return 1
   echo "$pid"
@@ -145,8 +153,7 @@ $(tail -n 15 "$PG_LOG" 2>/dev/null)"
 }
 
 wait_pg() {
-  local i
-  for i in $(seq 1 100); do
+  for _ in $(seq 1 100); do
     pg_ready && return 0
     sleep 0.1
   done
@@ -169,8 +176,7 @@ start_redis() {
       die "redis-server did not start; the end of $REDIS_LOG:
 $(tail -n 15 "$REDIS_LOG" 2>/dev/null)"
   fi
-  local i
-  for i in $(seq 1 100); do
+  for _ in $(seq 1 100); do
     if [[ $(rcli ping 2>/dev/null) == PONG ]] && redis_pid >/dev/null; then
       echo "services.sh: Redis up on 127.0.0.1:$REDIS_PORT ($(redis-server --version | awk '{print $3}'))"
       return 0
@@ -182,19 +188,19 @@ $(tail -n 15 "$REDIS_LOG" 2>/dev/null)"
 }
 
 stop_redis() {
-  local pid i
+  local pid
   if ! pid=$(redis_pid); then
     echo "services.sh: Redis not running"
     return 0
   fi
   rcli shutdown nosave >/dev/null 2>&1 || true
-  for i in $(seq 1 100); do
-    kill -0 "$pid" 2>/dev/null || {
+  for _ in $(seq 1 200); do
+    alive "$pid" || {
       rm -f "$REDIS_PID"
       echo "services.sh: Redis stopped"
       return 0
     }
-    sleep 0.1
+    sleep 0.05
   done
   kill -9 "$pid" 2>/dev/null || true
   rm -f "$REDIS_PID"

@@ -143,7 +143,7 @@ fn the_harness_drives_a_rollout_through_nginx_across_a_replica_kill() {
     assert_eq!(n("start_rate_violations"), 0);
     assert_eq!(n("events_acked"), n("events_stored_by_server"));
     assert_eq!(n("committed"), 150);
-    assert_eq!(n("server_committed"), 150);
+    assert_eq!(n("server_on_new_version"), 150);
     let faults = r["fault_timeline"].as_array().unwrap();
     assert_eq!(faults.len(), 2, "the kill and the return");
     // While the only replica was down, nginx answered 502: devices saw it.

@@ -112,7 +112,7 @@ fn three_replicas_hold_every_limit_through_kills_and_restarts() {
 
     // Every device on the verified new image.
     assert_eq!(n("committed"), DEVICES, "{stdout}");
-    assert_eq!(n("server_committed"), DEVICES);
+    assert_eq!(n("server_on_new_version"), DEVICES, "{stdout}");
     assert_eq!(n("wrong_images"), 0);
     assert!(n("real_slots_verified") > 0, "no real slot was checked");
 

@@ -122,7 +122,10 @@ pub struct FaultRecord {
     pub admissions_resumed_after_secs: Option<f64>,
 }
 
-/// Runs the plan until done or `cancel`; each action in a blocking thread.
+/// Runs the plan until done or `cancel`, each action at its time in a
+/// blocking thread: a kill and the return of that replica in order, the
+/// other faults independently (a slow Redis restart does not delay the
+/// replica's return).
 pub async fn drive(
     plan: Vec<Planned>,
     cluster: Arc<Cluster>,
@@ -132,7 +135,48 @@ pub async fn drive(
     log: Arc<Mutex<Vec<FaultRecord>>>,
     bar: indicatif::ProgressBar,
 ) {
+    let mut chains: Vec<Vec<Planned>> = Vec::new();
     for p in plan {
+        let replica = |a: Action| match a {
+            Action::RestartReplica(i) | Action::KillReplica(i) | Action::ReplicaBack(i) => Some(i),
+            Action::RestartRedis | Action::RestartPostgres => None,
+        };
+        match chains
+            .iter_mut()
+            .find(|c| replica(p.action).is_some() && replica(c[0].action) == replica(p.action))
+        {
+            Some(c) => c.push(p),
+            None => chains.push(vec![p]),
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for chain in chains {
+        tasks.spawn(drive_chain(
+            chain,
+            cluster.clone(),
+            script.clone(),
+            started,
+            cancel.clone(),
+            log.clone(),
+            bar.clone(),
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+    log.lock()
+        .unwrap()
+        .sort_by(|a, b| a.at_secs.total_cmp(&b.at_secs));
+}
+
+async fn drive_chain(
+    chain: Vec<Planned>,
+    cluster: Arc<Cluster>,
+    script: Option<PathBuf>,
+    started: Instant,
+    cancel: CancellationToken,
+    log: Arc<Mutex<Vec<FaultRecord>>>,
+    bar: indicatif::ProgressBar,
+) {
+    for p in chain {
         let wait = p.at.saturating_sub(started.elapsed());
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -234,7 +278,7 @@ pub fn describe(r: &FaultRecord) -> String {
         return s;
     }
     s += &format!(
-        "; then {} waiting, {} downloading; 10 s after: {} check-in errors of {} check-ins ({} in the 10 s before), max {} downloading / {} server leases; ",
+        "; then {} waiting, {} downloading; 10 s after: {} check-in errors of {} check-ins ({} in the 10 s before), at most {} downloading (sampled) / {} server leases; ",
         r.waiting_at,
         r.downloading_at,
         r.checkin_errors_10s_after,

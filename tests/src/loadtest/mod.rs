@@ -479,6 +479,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let run_started = shared.started;
     let mut tasks = tokio::task::JoinSet::new();
     let plan = sim::assign_faults(&args, seed);
+    let all_tokens = tokens.clone();
     for (i, (token, faults)) in tokens.into_iter().zip(plan).enumerate() {
         let (pool, url) = if faults.via_proxy {
             (&via_proxy, &proxy_base)
@@ -536,6 +537,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     // Sampler, progress, deadline.
     let mut samples = Vec::new();
     let mut cpu_by_pid = std::collections::HashMap::<u32, f64>::new();
+    let mut lb_cpu_by_pid = std::collections::HashMap::<u32, f64>::new();
     let mut peak_rss = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -570,6 +572,11 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
                 peak_rss = peak_rss.max(rss);
             }
         }
+        for pid in cluster.nginx_pids() {
+            if let Some((cpu, _)) = proc_usage(pid) {
+                lb_cpu_by_pid.insert(pid, cpu);
+            }
+        }
         if elapsed > args.deadline {
             bar.println("deadline reached: stopping the fleet");
             shared.cancel.cancel();
@@ -590,6 +597,15 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
 
     // What the server says (through the balancer).
     let status = admin_retry("rollout status", || admin.rollout(&rollout.id)).await?;
+    // Every committed device reports in on its new version, as an agent
+    // does after the reboot into the new slot; then the server (any
+    // replica) must know it runs the new version.
+    let committed: Vec<usize> = (0..args.devices)
+        .filter(|&i| {
+            shared.stats.state[i].load(Ordering::Relaxed) == sim::DevState::Committed as u8
+        })
+        .collect();
+    let report_in = report_in(&direct, &base, t, &admin, &all_tokens, &committed).await;
     let stats = admin_retry("admin stats", || admin.stats()).await?;
     let events_stored = stats["events_stored"]
         .as_u64()
@@ -621,7 +637,10 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         shared: &shared,
         status: &status,
         events_stored,
+        server_on_new_version: report_in.0,
+        not_on_new_version: report_in.1,
         server_cpu_secs: cpu_by_pid.values().sum(),
+        balancer_cpu_secs: lb_cpu_by_pid.values().sum(),
         server_peak_rss: peak_rss,
         image_size: size as u64,
         delta_size,
@@ -646,6 +665,59 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     drop(cluster);
     let ok = r.invariants_hold();
     Ok((r, ok))
+}
+
+/// Checks in every device of `committed` on version 2.0 (booted from slot
+/// B) and asks the server, through the balancer, which version each runs.
+/// Returns how many it knows on 2.0 and a few of the others, with why.
+async fn report_in(
+    http: &[reqwest::Client],
+    base: &str,
+    t: Timeouts,
+    admin: &ota_server::client::AdminClient,
+    tokens: &[String],
+    committed: &[usize],
+) -> (u64, Vec<String>) {
+    use futures_util::StreamExt;
+    use ota_format::api::{AgentState, CheckinRequest, Slot};
+    let results: Vec<Result<(), String>> = futures_util::stream::iter(committed)
+        .map(|&i| async move {
+            let c = Client::from_reqwest(http[i % http.len()].clone(), base, t)
+                .with_token(tokens[i].clone());
+            let req = CheckinRequest {
+                current_version: "2.0".into(),
+                booted_slot: Slot::B,
+                state: AgentState::Idle,
+                update: None,
+            };
+            let id = sim::device_id(i);
+            let mut last = String::new();
+            for attempt in 0..5u64 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                if let Err(e) = c.checkin(&req).await {
+                    last = format!("{id}: check-in on 2.0: {e}");
+                    continue;
+                }
+                match admin.device_get(&id).await {
+                    Ok(v) if v["version"] == "2.0" => return Ok(()),
+                    Ok(v) => last = format!("{id}: the server says version {}", v["version"]),
+                    Err(e) => last = format!("{id}: {e:#}"),
+                }
+            }
+            Err(last)
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+    let bad = results
+        .into_iter()
+        .filter_map(|r| r.err())
+        .take(5)
+        .collect();
+    (ok, bad)
 }
 
 /// The server's active leases as polled through the balancer.

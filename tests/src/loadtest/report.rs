@@ -41,7 +41,10 @@ pub struct Inputs<'a> {
     pub shared: &'a Shared,
     pub status: &'a ota_server::rollout::RolloutStatus,
     pub events_stored: u64,
+    pub server_on_new_version: u64,
+    pub not_on_new_version: Vec<String>,
     pub server_cpu_secs: f64,
+    pub balancer_cpu_secs: f64,
     pub server_peak_rss: u64,
     pub image_size: u64,
     pub delta_size: u64,
@@ -107,8 +110,15 @@ pub struct Report {
     pub real_slots_verified: u64,
     pub operations_verified: u64,
     pub committed: u64,
-    /// Devices the server counts committed (fleet-wide, all replicas).
+    /// Devices the rollout counts committed (fleet-wide, all replicas). A
+    /// device whose lease expired (say, during an outage) before it
+    /// reported may have committed without being counted here.
     pub server_committed: u64,
+    /// Committed devices that, having checked in on 2.0 after the run, the
+    /// server (any replica, through the balancer) knows to run 2.0.
+    pub server_on_new_version: u64,
+    /// A few of the others, with why.
+    pub not_on_new_version: Vec<String>,
     pub rolled_back: u64,
     pub failed: u64,
     pub silent: u64,
@@ -117,6 +127,8 @@ pub struct Report {
     pub rollout_state: String,
     pub rollout_reason: String,
     pub server_cpu_secs: f64,
+    /// nginx (master and workers), with replicas.
+    pub balancer_cpu_secs: f64,
     pub server_peak_rss_mib: f64,
     pub server_restarts: u64,
     pub proxy: ProxyStats,
@@ -214,6 +226,8 @@ pub fn build(i: Inputs<'_>) -> Report {
         operations_verified: st.ops_verified.load(Ordering::Relaxed),
         committed: c[4],
         server_committed: i.status.totals().committed,
+        server_on_new_version: i.server_on_new_version,
+        not_on_new_version: i.not_on_new_version,
         rolled_back: c[6],
         failed: c[5],
         silent: c[7],
@@ -226,6 +240,7 @@ pub fn build(i: Inputs<'_>) -> Report {
         rollout_state: format!("{:?}", i.status.state),
         rollout_reason: i.status.reason.clone(),
         server_cpu_secs: i.server_cpu_secs,
+        balancer_cpu_secs: i.balancer_cpu_secs,
         server_peak_rss_mib: i.server_peak_rss as f64 / (1 << 20) as f64,
         server_restarts: i.server_restarts,
         proxy: i.proxy,
@@ -267,10 +282,10 @@ impl Report {
                 self.events_extra, self.events_given_up
             ));
         }
-        if self.server_committed != self.committed {
+        if self.server_on_new_version != self.committed {
             v.push(format!(
-                "{} devices committed but the server counts {}",
-                self.committed, self.server_committed
+                "{} devices committed but the server knows only {} on the new version (e.g. {:?})",
+                self.committed, self.server_on_new_version, self.not_on_new_version
             ));
         }
         if self.timed_out > 0 {
@@ -326,9 +341,10 @@ impl Report {
             (
                 "outcome",
                 format!(
-                    "{} committed ({} by the server's count), {} rolled back, {} failed, {} silent, {} unfinished",
+                    "{} committed ({} counted by the rollout, {} known on 2.0 by the server), {} rolled back, {} failed, {} silent, {} unfinished",
                     self.committed,
                     self.server_committed,
+                    self.server_on_new_version,
                     self.rolled_back,
                     self.failed,
                     self.silent,
@@ -419,8 +435,11 @@ impl Report {
             (
                 "server",
                 format!(
-                    "{:.1} CPU-s (all replicas), peak RSS {:.1} MiB (largest replica), {} kill -9",
-                    self.server_cpu_secs, self.server_peak_rss_mib, self.server_restarts
+                    "{:.1} CPU-s (all replicas; nginx {:.1}), peak RSS {:.1} MiB (largest replica), {} kill -9",
+                    self.server_cpu_secs,
+                    self.balancer_cpu_secs,
+                    self.server_peak_rss_mib,
+                    self.server_restarts
                 ),
             ),
         ];
