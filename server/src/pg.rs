@@ -660,6 +660,16 @@ impl StateBackend for PgState {
         self.refresh().await?;
         let mut c = conn(&self.pool).await?;
         let tx = c.transaction().await.map_err(err)?;
+        // The token being revoked: this replica forgets it at once (others
+        // within AUTH_CACHE_MS).
+        let old: Option<Vec<u8>> = tx
+            .query_opt(
+                "SELECT token_sha256 FROM devices WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(err)?
+            .map(|r| r.get(0));
         let new: bool = tx
             .query_one(
                 "INSERT INTO devices (id, device_type, tags, token_sha256, enrolled_at_ms) \
@@ -697,6 +707,9 @@ impl StateBackend for PgState {
             }
         }
         tx.commit().await.map_err(err)?;
+        if let Some(old) = old.and_then(|o| <[u8; 32]>::try_from(o.as_slice()).ok()) {
+            self.auth.remove(&old);
+        }
         Ok((token, new))
     }
 

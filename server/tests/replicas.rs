@@ -150,3 +150,48 @@ async fn the_cap_holds_across_three_replicas() {
     }
     assert_eq!(accepted, 300);
 }
+
+/// Re-enrollment revokes the old token: at once on a replica that has not
+/// cached it (or that did the enrollment), within the 5 s token cache on a
+/// replica that has. The new token works everywhere at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_working_on_every_replica() {
+    let (rs, _shared) = replicas(2).await;
+    let http = http();
+    let old = Sim::enroll(&rs[0].base, "dev-r", "t", &http).await;
+    let on = |base: &str, s: &Sim| {
+        let mut s = s.clone();
+        s.base = base.to_string();
+        s
+    };
+    let status = |s: Sim| async move {
+        s.http
+            .post(format!("{}/api/v1/devices/checkin", s.base))
+            .bearer_auth(&s.token)
+            .json(&CheckinRequest {
+                current_version: "1.0".into(),
+                booted_slot: Slot::A,
+                state: AgentState::Idle,
+                update: None,
+            })
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // Replica 1 caches the old token.
+    assert_eq!(status(on(&rs[1].base, &old)).await, 200);
+    let new = Sim::enroll(&rs[0].base, "dev-r", "t", &http).await;
+    assert_eq!(status(on(&rs[0].base, &old)).await, 401);
+    assert_eq!(status(on(&rs[0].base, &new)).await, 200);
+    assert_eq!(status(on(&rs[1].base, &new)).await, 200);
+    let t = Instant::now();
+    while status(on(&rs[1].base, &old)).await == 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "a revoked token still works after the cache's 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
