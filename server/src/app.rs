@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sha2::{Digest as _, Sha256};
@@ -41,8 +41,52 @@ pub struct App {
     pub egress: Option<Arc<EgressLimiter>>,
     pub metrics: Metrics,
     pub bytes_served: Arc<AtomicU64>,
+    /// Rate limit for the "backend unavailable" WARN (one per second).
+    pub unavailable_log: LogGate,
     admin_hash: [u8; 32],
     tmp: PathBuf,
+}
+
+/// Lets a repeated log line through at most once per period and counts what
+/// it held back, so an outage is reported once a second with a count rather
+/// than once per refused request.
+///
+/// Lock-free: called on every refused request, from every worker thread.
+pub struct LogGate {
+    start: Instant,
+    period_ms: u64,
+    /// Milliseconds after `start` of the last line let through, plus one
+    /// (0 = never).
+    last_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogGate {
+    pub fn new(period: Duration) -> LogGate {
+        LogGate {
+            start: Instant::now(),
+            period_ms: period.as_millis().max(1) as u64,
+            last_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when the caller may log now (`n` lines were held back since
+    /// the last one), `None` when it must not.
+    pub fn admit(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64 + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= self.period_ms)
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
 }
 
 /// Constant-time equality of two digests.
@@ -238,6 +282,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         egress,
         metrics,
         bytes_served: Arc::new(AtomicU64::new(0)),
+        unavailable_log: LogGate::new(Duration::from_secs(1)),
     });
     info!(%addr, devices, backend = app.state.kind(), replica = %replica_id, "ota-server listening");
 
@@ -316,6 +361,13 @@ async fn tick(app: Arc<App>, cancel: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_millis(250));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
+    // While the backend is down every tick fails: one line per 5 s.
+    let log = LogGate::new(Duration::from_secs(5));
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        if let Some(suppressed) = log.admit() {
+            warn!(error = %e, failed_since_last_log = suppressed, "{what} failed");
+        }
+    };
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -326,12 +378,12 @@ async fn tick(app: Arc<App>, cancel: CancellationToken) {
             Ok(expired) => {
                 app.metrics.lease_expiries.inc_by(expired);
             }
-            Err(e) => warn!(error = %e, "rollout tick failed"),
+            Err(e) => fail("rollout tick", &e),
         }
         if n % 8 == 0
             && let Err(e) = app.releases.refresh().await
         {
-            warn!(error = %e, "refreshing the release catalogue failed");
+            fail("refreshing the release catalogue", &e);
         }
         app.metrics
             .active_leases
@@ -347,8 +399,32 @@ async fn tick(app: Arc<App>, cancel: CancellationToken) {
                         app.metrics.set_rollout(&s);
                     }
                 }
-                Err(e) => warn!(error = %e, "reading rollout status for metrics failed"),
+                Err(e) => fail("reading rollout status for metrics", &e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogGate;
+    use std::time::Duration;
+
+    /// Regression: during a PostgreSQL restart every refused request logged
+    /// a WARN (hundreds a second per replica).
+    #[test]
+    fn log_gate_lets_one_line_through_per_period_and_counts_the_rest() {
+        let g = LogGate::new(Duration::from_millis(200));
+        assert_eq!(g.admit(), Some(0), "the first line is logged");
+        for _ in 0..50 {
+            assert_eq!(g.admit(), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            g.admit(),
+            Some(50),
+            "the next line reports the held-back count"
+        );
+        assert_eq!(g.admit(), None);
     }
 }

@@ -37,13 +37,23 @@ use crate::store::StoreError;
 /// An error answer: status, stable code, message for the operator.
 pub struct ApiErr(pub StatusCode, pub &'static str, pub String);
 
+/// Marks an answer refused because the state backend (PostgreSQL, Redis)
+/// could not be reached. [`count_unavailable`] counts and logs these: the
+/// conversion from [`StoreError`] has no access to the replica's metrics.
+#[derive(Clone)]
+struct BackendUnavailable(String);
+
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
         let body = ApiError {
             code: self.1.into(),
             error: self.2,
         };
+        let unavailable = (self.1 == "unavailable").then(|| BackendUnavailable(body.error.clone()));
         let mut r = (self.0, axum::Json(body)).into_response();
+        if let Some(u) = unavailable {
+            r.extensions_mut().insert(u);
+        }
         if self.0 == StatusCode::SERVICE_UNAVAILABLE {
             // Jittered, so a fleet turned away together does not return
             // together.
@@ -76,14 +86,11 @@ impl From<StoreError> for ApiErr {
                 "shutting_down",
                 "the server is shutting down; retry shortly".into(),
             ),
-            StoreError::Unavailable(m) => {
-                warn!(error = %m, "backend unavailable");
-                ApiErr(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!("{m}; retry shortly"),
-                )
-            }
+            StoreError::Unavailable(m) => ApiErr(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("{m}; retry shortly"),
+            ),
             e => internal(e),
         }
     }
@@ -186,7 +193,30 @@ pub fn router(app: Arc<App>) -> Router {
                 "no such route; see docs/api.md".into(),
             )
         })
+        .layer(axum::middleware::map_response_with_state(
+            app.clone(),
+            count_unavailable,
+        ))
         .with_state(app)
+}
+
+/// Counts answers refused because the backend was unreachable and logs them
+/// at most once per second per replica: while PostgreSQL restarts a replica
+/// refuses hundreds of requests a second, and one WARN each would bury the
+/// journal (and cost more than the answers). The counter
+/// (`ota_backend_unavailable_total`) keeps the exact figure.
+async fn count_unavailable(State(app): State<Arc<App>>, r: Response) -> Response {
+    if let Some(BackendUnavailable(error)) = r.extensions().get::<BackendUnavailable>() {
+        app.metrics.backend_unavailable.inc();
+        if let Some(suppressed) = app.unavailable_log.admit() {
+            warn!(
+                error = %error,
+                similar_since_last_log = suppressed,
+                "backend unavailable: answering 503 with Retry-After; check PostgreSQL/Redis"
+            );
+        }
+    }
+    r
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

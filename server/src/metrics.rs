@@ -44,6 +44,9 @@ pub struct Metrics {
     pub events: Family<KindLabel, Counter>,
     pub events_duplicate: Counter,
     pub enrollments: Counter,
+    /// Requests refused with 503 because PostgreSQL or Redis could not be
+    /// reached (logged at most once a second, so this is the exact count).
+    pub backend_unavailable: Counter,
     pub rollout: Family<RolloutLabel, Gauge>,
     pub devices: Gauge,
 }
@@ -67,6 +70,7 @@ impl Metrics {
             events: Family::default(),
             events_duplicate: Counter::default(),
             enrollments: Counter::default(),
+            backend_unavailable: Counter::default(),
             rollout: Family::default(),
             devices: Gauge::default(),
             registry: Registry::default(),
@@ -111,6 +115,11 @@ impl Metrics {
             "enrollments",
             "Devices enrolled or re-enrolled",
             m.enrollments.clone(),
+        );
+        registry.register(
+            "backend_unavailable",
+            "Requests answered 503 because PostgreSQL or Redis could not be reached",
+            m.backend_unavailable.clone(),
         );
         registry.register("rollout", "Per-rollout, per-wave figures (what = eligible, admitted, downloading, installed, committed, failed, rolled_back, waiting, bytes_served)", m.rollout.clone());
         registry.register("devices", "Enrolled devices", m.devices.clone());

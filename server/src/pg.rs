@@ -40,7 +40,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::backend::{AuthedDevice, StateBackend};
 use crate::fleet::{hash_token, new_token};
 use crate::releases::Releases;
-use crate::rollout::shared::{FleetThrottle, HeldLease, ThrottleError};
+use crate::rollout::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError};
 use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
     Decision, Effect, Member, Pacing, Phase, RolloutError, RolloutRecord, RolloutSpec,
@@ -388,6 +388,7 @@ impl PgState {
                 &leases,
                 self.pacing.lease_ms,
                 max_fence.max(0) as u64,
+                Bucket::Empty,
             )
             .await
             .map_err(throttle_err)
@@ -1267,9 +1268,10 @@ impl StateBackend for PgState {
             .map_err(err)?;
         }
         tx.commit().await.map_err(err)?;
-        // A fresh throttle state (bucket starts empty: admit fewer, never more).
+        // A fresh throttle state: one burst, as the in-process throttle
+        // starts a rollout.
         self.throttle
-            .rebuild(&rec.id, &[], self.pacing.lease_ms, 0)
+            .rebuild(&rec.id, &[], self.pacing.lease_ms, 0, Bucket::Full)
             .await
             .map_err(|e| RolloutError::Store(throttle_err(e)))?;
         info!(rollout = %rec.id, release = %rec.spec.release, device_type = %rec.spec.device_type, "rollout created");

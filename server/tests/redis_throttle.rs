@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ota_server::rollout::redis_throttle::{RedisThrottle, connect};
-use ota_server::rollout::shared::{FleetThrottle, HeldLease, ThrottleError};
+use ota_server::rollout::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError};
 use ota_server::rollout::throttle::{Admission, Limits, WaitReason};
 use tokio::task::JoinSet;
 
@@ -170,12 +170,9 @@ async fn replicas(srv: &RedisServer) -> (RedisThrottle, RedisThrottle) {
     (a, b)
 }
 
-/// Creates the rollout's state. Rebuild leaves the start-rate bucket empty
-/// (a lost state must not mint tokens); at the fast rates the tests use it
-/// holds tokens again a millisecond later.
+/// Creates a new rollout's state (its bucket holds one burst).
 async fn create(t: &RedisThrottle, lease_ms: u64) {
-    t.rebuild(R, &[], lease_ms, 0).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    t.rebuild(R, &[], lease_ms, 0, Bucket::Full).await.unwrap();
 }
 
 fn granted(a: Admission) -> u64 {
@@ -285,7 +282,8 @@ async fn start_rate_stays_within_one_token_over_any_window() {
     const PAUSE: (Duration, Duration) = (Duration::from_millis(1400), Duration::from_millis(2800));
     let l = limits(1000, RATE, 60_000);
     let t0 = Instant::now();
-    a.rebuild(R, &[], 60_000, 0).await.unwrap();
+    // Empty, as after a loss, so the whole run is paced by the rate.
+    a.rebuild(R, &[], 60_000, 0, Bucket::Empty).await.unwrap();
     let starts = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = JoinSet::new();
     for task in 0..6usize {
@@ -459,7 +457,7 @@ async fn lost_state_is_loud_and_rebuild_admits_fewer_with_growing_fences() {
     assert!(is_lost(t.stats(R).await));
     create(&t, 60_000).await;
     let fast = limits(3, 1e6, 60_000);
-    // 120 per minute: one token every 0.5 s, starting from an empty bucket.
+    // 120 per minute: one token every 0.5 s.
     let slow = limits(3, 120.0, 60_000);
     let fa = granted(t.try_admit(R, "a", "u", fast).await.unwrap());
     let fb = granted(t.try_admit(R, "b", "u", fast).await.unwrap());
@@ -477,9 +475,14 @@ async fn lost_state_is_loud_and_rebuild_admits_fewer_with_growing_fences() {
         fence: f,
     };
     let known = [held("a", fa), held("b", fb)];
-    t.rebuild(R, &known, 60_000, fa.max(fb)).await.unwrap();
-    // A second (concurrent) rebuild changes nothing.
-    t.rebuild(R, &known, 60_000, fa.max(fb)).await.unwrap();
+    t.rebuild(R, &known, 60_000, fa.max(fb), Bucket::Empty)
+        .await
+        .unwrap();
+    // A second (concurrent) rebuild changes nothing, even one that would
+    // start the bucket full.
+    t.rebuild(R, &known, 60_000, fa.max(fb), Bucket::Full)
+        .await
+        .unwrap();
     let s = t.stats(R).await.unwrap();
     assert_eq!((s.active, s.waiting, s.granted), (2, 0, 0));
     // Fences kept: the holders renew as before.
@@ -512,7 +515,9 @@ async fn lost_state_is_loud_and_rebuild_admits_fewer_with_growing_fences() {
     assert!(is_lost(t.try_admit(R, "d", "u", fast).await));
     // The database knows only a and b (c's grant was "lost") and no minimum
     // fence: the clock-seeded counter still moves past every old fence.
-    t.rebuild(R, &known, 60_000, 0).await.unwrap();
+    t.rebuild(R, &known, 60_000, 0, Bucket::Empty)
+        .await
+        .unwrap();
     assert_eq!(t.stats(R).await.unwrap().active, 2);
     assert_eq!(
         wait_reason(t.try_admit(R, "d", "u", slow).await.unwrap()),
@@ -529,6 +534,30 @@ async fn lost_state_is_loud_and_rebuild_admits_fewer_with_growing_fences() {
     // forget drops the state: the rollout is unknown again.
     t.forget(R).await.unwrap();
     assert!(is_lost(t.stats(R).await));
+}
+
+/// Both backends start a new rollout alike (one burst at once); only a
+/// rebuild after a loss starts empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_rollout_gets_one_burst_and_a_rebuilt_one_none() {
+    let srv = redis_or_skip!("a_new_rollout_gets_one_burst_and_a_rebuilt_one_none");
+    let t = connect(&srv.url(), "ota").await.unwrap();
+    create(&t, 60_000).await;
+    // 120 per minute: a burst of 2, then one token every 0.5 s.
+    let l = limits(100, 120.0, 60_000);
+    granted(t.try_admit(R, "a", "u", l).await.unwrap());
+    granted(t.try_admit(R, "b", "u", l).await.unwrap());
+    assert_eq!(
+        wait_reason(t.try_admit(R, "c", "u", l).await.unwrap()),
+        WaitReason::StartRate
+    );
+    srv.flushall().await;
+    assert!(is_lost(t.stats(R).await));
+    t.rebuild(R, &[], 60_000, 0, Bucket::Empty).await.unwrap();
+    assert_eq!(
+        wait_reason(t.try_admit(R, "c", "u", l).await.unwrap()),
+        WaitReason::StartRate
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,3 +195,72 @@ async fn a_revoked_token_stops_working_on_every_replica() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A database outage: requests that need PostgreSQL get `503` with a
+/// `Retry-After` (never a `500`, never a hang), every one is counted in
+/// `ota_backend_unavailable_total`, and the replica serves again as soon
+/// as the database accepts connections, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_answers_503_is_counted_and_recovers() {
+    let (rs, _shared) = replicas(1).await;
+    let http = http();
+    let _dev = Sim::enroll(&rs[0].base, "dev-o", "t", &http).await;
+    let url = rs[0].app().config.storage.url.clone();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let admin_url = std::env::var("OTA_TEST_PG_URL").unwrap();
+    let (pg, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // The outage: no new connections, the replica's pooled ones cut.
+    pg.batch_execute(&format!(
+        "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = '{db}' AND pid <> pg_backend_pid();"
+    ))
+    .await
+    .unwrap();
+    let get = || async {
+        http.get(format!("{}/api/v1/admin/devices/dev-o", rs[0].base))
+            .bearer_auth(ADMIN)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap()
+    };
+    const REFUSED: u64 = 25;
+    for _ in 0..REFUSED {
+        let r = get().await;
+        assert_eq!(r.status().as_u16(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        let e: ApiError = r.json().await.unwrap();
+        assert_eq!(e.code, "unavailable", "{}", e.error);
+    }
+    let metrics = http
+        .get(format!("{}/metrics", rs[0].base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("ota_backend_unavailable_total {REFUSED}")),
+        "{metrics}"
+    );
+    pg.batch_execute(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let r = get().await;
+        if r.status().is_success() {
+            break;
+        }
+        assert_eq!(r.status().as_u16(), 503);
+        assert!(t.elapsed() < Duration::from_secs(10), "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -70,7 +70,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 
-use super::shared::{FleetThrottle, HeldLease, ThrottleError, ThrottleStats};
+use super::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError, ThrottleStats};
 use super::throttle::{Admission, Limits, WaitReason};
 
 /// Largest integer the scripts handle exactly (Lua numbers are doubles):
@@ -165,8 +165,10 @@ if held then
 end
 
 -- Refill the start-rate bucket by the time elapsed. It holds at most one
--- second's worth of starts (at least one). Rebuild leaves it empty; a
--- missing bucket (never after rebuild) also counts as empty.
+-- second's worth of starts (at least one). A new rollout's bucket is
+-- stored as "full" (more tokens than any burst, clamped here at first use);
+-- a rebuild after a loss leaves it empty; a missing bucket (never after
+-- rebuild) also counts as empty.
 local burst = math.max(1, math.floor(rate / 60))
 local b = redis.call('HMGET', bucket, 'tokens', 'refilled_ms')
 local tokens = tonumber(b[1]) or 0
@@ -318,8 +320,9 @@ return {1, {
 }}
 "#;
 
-/// ARGV: lease ms, min fence, then (device, update id, fence) per lease.
-/// Payload: 1 rebuilt, 0 the state was already there.
+/// ARGV: lease ms, min fence, bucket ("full" for a new rollout, "empty"
+/// after a loss), then (device, update id, fence) per lease. Payload: 1
+/// rebuilt, 0 the state was already there.
 ///
 /// The fence counter moves to max(current, min fence, every given fence,
 /// now × 1000): after Redis lost everything the counter restarts from the
@@ -331,14 +334,15 @@ return {1, {
 /// no script changes anything, so restoring is safe: leases the state still
 /// has keep their fence (a different fence in Redis is not overwritten) and
 /// every restored or surviving lease gets a fresh term. All of them count
-/// against the cap, and the bucket starts empty: after a loss the fleet
-/// admits fewer devices for a while, never more.
+/// against the cap, and after a loss the bucket starts empty: the fleet
+/// admits fewer devices for a while, never more. A new rollout's bucket
+/// starts full (one burst), as the in-process throttle's does.
 const REBUILD: &str = r#"
 local lease_ms = tonumber(ARGV[1])
 local now = redis_ms()
 local top = math.max(tonumber(redis.call('GET', fence_key)) or 0,
   tonumber(ARGV[2]) or 0, now * 1000)
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   top = math.max(top, tonumber(ARGV[i + 2]) or 0)
 end
 redis.call('SET', fence_key, int(top))
@@ -348,7 +352,7 @@ if redis.call('EXISTS', marker) == 1 then
 end
 redis.call('SET', marker, int(now))
 local deadline = int(now + lease_ms)
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
   local device, update_id, fence = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if not redis.call('HGET', leases, device) then
     redis.call('HSET', leases, device, fence .. '|' .. update_id)
@@ -364,7 +368,12 @@ for _, device in ipairs(redis.call('HKEYS', leases)) do
     redis.call('ZADD', deadlines, deadline, device)
   end
 end
-redis.call('HSET', bucket, 'tokens', 0, 'refilled_ms', int(now))
+-- 1e9 tokens: more than any burst; try_admit clamps it to the burst.
+local start = 0
+if ARGV[3] == 'full' then
+  start = 1000000000
+end
+redis.call('HSET', bucket, 'tokens', int(start), 'refilled_ms', int(now))
 return {1, 1}
 "#;
 
@@ -618,10 +627,15 @@ impl FleetThrottle for RedisThrottle {
         leases: &[HeldLease],
         lease_ms: u64,
         min_fence: u64,
+        bucket: Bucket,
     ) -> Result<(), ThrottleError> {
         let mut inv = self.invocation(&self.scripts.rebuild, rollout);
         inv.arg(lease_ms.min(MAX_TERM_MS))
-            .arg(check_fence(min_fence)?);
+            .arg(check_fence(min_fence)?)
+            .arg(match bucket {
+                Bucket::Full => "full",
+                Bucket::Empty => "empty",
+            });
         for l in leases {
             inv.arg(&l.device)
                 .arg(&l.update_id)

@@ -31,6 +31,18 @@ use dashmap::DashMap;
 
 use super::throttle::{Admission, Limits, Throttle};
 
+/// How a (re)built rollout's start-rate bucket begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bucket {
+    /// A new rollout: one burst's worth, as the in-process throttle's first
+    /// use gives, so both backends start a rollout alike. "rate × t +
+    /// burst" holds from the first second either way.
+    Full,
+    /// After the state was lost: no tokens. Starts granted just before the
+    /// loss are unknown, so the fleet admits fewer for a while, never more.
+    Empty,
+}
+
 /// A lease the engine's database knows of (device in `downloading`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldLease {
@@ -99,16 +111,18 @@ pub trait FleetThrottle: Send + Sync + 'static {
     /// returned to exactly one caller, across all replicas).
     async fn reap(&self, rollout: &str) -> Result<Vec<HeldLease>, ThrottleError>;
 
-    /// Recreates the state of `rollout` after [`ThrottleError::Lost`]:
-    /// `leases` (from the database) get a fresh `lease_ms` term and keep
-    /// their fences; the fence counter moves past `min_fence`; the bucket
-    /// starts empty. Idempotent: replicas may rebuild concurrently.
+    /// Creates the state of a new rollout (`Bucket::Full`) or recreates it
+    /// after [`ThrottleError::Lost`] (`Bucket::Empty`): `leases` (from the
+    /// database) get a fresh `lease_ms` term and keep their fences; the
+    /// fence counter moves past `min_fence`. Idempotent: replicas may
+    /// rebuild concurrently, and a state that exists is left as it is.
     async fn rebuild(
         &self,
         rollout: &str,
         leases: &[HeldLease],
         lease_ms: u64,
         min_fence: u64,
+        bucket: Bucket,
     ) -> Result<(), ThrottleError>;
 
     /// The rollout's counters.
@@ -202,6 +216,7 @@ impl FleetThrottle for LocalFleetThrottle {
         leases: &[HeldLease],
         lease_ms: u64,
         min_fence: u64,
+        bucket: Bucket,
     ) -> Result<(), ThrottleError> {
         let now = crate::now_ms();
         let t = self
@@ -209,7 +224,7 @@ impl FleetThrottle for LocalFleetThrottle {
             .entry(rollout.to_string())
             .or_insert_with(|| {
                 let t = Throttle::new();
-                t.start_empty(now, min_fence);
+                t.start(now, min_fence, bucket == Bucket::Full);
                 Arc::new(t)
             })
             .clone();

@@ -196,13 +196,15 @@ impl Throttle {
         }
     }
 
-    /// Starts the start-rate bucket empty at `now_ms` and moves the fence
-    /// counter past `min_fence` (after a loss of state: admit fewer, and
-    /// never reuse a fence).
-    pub fn start_empty(&self, now_ms: u64, min_fence: u64) {
+    /// Moves the fence counter past `min_fence` (never reuse a fence) and
+    /// starts the start-rate bucket full (a new rollout: one burst at first
+    /// use) or empty at `now_ms` (after a loss of state: admit fewer).
+    pub fn start(&self, now_ms: u64, min_fence: u64, full: bool) {
         let mut g = self.gate.lock().unwrap();
-        g.tokens = 0.0;
-        g.refilled_ms = now_ms.max(1);
+        if !full {
+            g.tokens = 0.0;
+            g.refilled_ms = now_ms.max(1);
+        }
         g.next_fence = g.next_fence.max(min_fence);
     }
 
