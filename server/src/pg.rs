@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Object, Pool};
-use ota_format::api::{Action, AgentState, CheckinRequest, Event, EventKind};
+use ota_format::api::{Action, CheckinRequest, Event, EventKind};
 use tokio_postgres::types::Json;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -44,8 +44,9 @@ use crate::rollout::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError};
 use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
     Decision, Effect, Member, Pacing, Phase, RolloutError, RolloutRecord, RolloutSpec,
-    RolloutState, RolloutStatus, WaveStatus, advance_record, failure_verdict, offer_for,
-    ramped_rate, spec_matches, transition_for, wave_of,
+    RolloutState, RolloutStatus, WaveStatus, advance_record, cancel_ended_attempt, failure_verdict,
+    held_back, lease_expired, nothing_to_offer, offer_for, past_download, ramped_rate,
+    spec_matches, transition_for, wave_of,
 };
 use crate::store::StoreError;
 
@@ -807,15 +808,7 @@ impl StateBackend for PgState {
         if let Some((m, fence)) = &member {
             match m.phase {
                 Phase::Downloading => {
-                    let holds_it = req
-                        .update
-                        .as_ref()
-                        .is_some_and(|u| u.update_id == m.update_id);
-                    if matches!(
-                        req.state,
-                        AgentState::Installing | AgentState::Rebooting | AgentState::Testing
-                    ) && holds_it
-                    {
+                    if past_download(req, m) {
                         return Ok(Decision::Answer(Action::None));
                     }
                     if rec.state == RolloutState::Aborted {
@@ -866,24 +859,11 @@ impl StateBackend for PgState {
                     // recording it.
                     self.reap_and_settle(rec).await?;
                     self.expire_member(rec, device, *fence).await?;
-                    return Ok(Decision::Answer(Action::Cancel {
-                        update_id: m.update_id.clone(),
-                        reason: "download lease expired; the slot was given to another device"
-                            .into(),
-                    }));
+                    return Ok(Decision::Answer(lease_expired(m)));
                 }
                 Phase::Waiting | Phase::Cancelled | Phase::Failed => {
-                    if req.state == AgentState::Downloading
-                        && let Some(u) = &req.update
-                        && u.update_id.starts_with(&format!("{}.", rec.id))
-                    {
-                        return Ok(Decision::Answer(Action::Cancel {
-                            update_id: u.update_id.clone(),
-                            reason: m
-                                .reason
-                                .clone()
-                                .unwrap_or_else(|| "this attempt is no longer valid".into()),
-                        }));
+                    if let Some(cancel) = cancel_ended_attempt(&rec.id, m, req) {
+                        return Ok(Decision::Answer(cancel));
                     }
                     if m.phase != Phase::Waiting {
                         return Ok(Decision::Answer(Action::None));
@@ -892,26 +872,12 @@ impl StateBackend for PgState {
                 _ => return Ok(Decision::Answer(Action::None)),
             }
         }
-        if req.current_version == rec.spec.release
-            || req.state != AgentState::Idle
-            || matches!(rec.state, RolloutState::Aborted | RolloutState::Completed)
-        {
+        if nothing_to_offer(&rec.spec.release, rec.state, req) {
             return Ok(Decision::Answer(Action::None));
         }
-        if rec.state == RolloutState::Paused {
-            return Ok(Decision::Wait {
-                reason: format!("rollout {} is paused", rec.id),
-                class: "paused",
-                near_head: false,
-            });
-        }
         let wave = wave_of(&rec.spec, &rec.id, device);
-        if wave > rec.wave {
-            return Ok(Decision::Wait {
-                reason: format!("wave {} of rollout {} is not open yet", wave + 1, rec.id),
-                class: "wave_closed",
-                near_head: false,
-            });
+        if let Some(wait) = held_back(&rec.id, rec.state, wave, rec.wave) {
+            return Ok(wait);
         }
         let Some(artifacts) =
             self.releases

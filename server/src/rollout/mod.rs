@@ -458,6 +458,83 @@ pub(crate) fn offer_for(
     }
 }
 
+// Check-in rules both engines share. The side effects (leases, writes) are
+// each engine's own; the answers are decided here so that sled and
+// PostgreSQL cannot drift apart.
+
+/// Whether a downloading member's device is already past the download of
+/// this attempt (installing, rebooting into or testing it): nothing to say.
+pub(crate) fn past_download(req: &ota_format::api::CheckinRequest, m: &Member) -> bool {
+    matches!(
+        req.state,
+        AgentState::Installing | AgentState::Rebooting | AgentState::Testing
+    ) && req
+        .update
+        .as_ref()
+        .is_some_and(|u| u.update_id == m.update_id)
+}
+
+/// The answer to a device whose download lease is gone.
+pub(crate) fn lease_expired(m: &Member) -> Action {
+    Action::Cancel {
+        update_id: m.update_id.clone(),
+        reason: "download lease expired; the slot was given to another device".into(),
+    }
+}
+
+/// A device still downloading an attempt of rollout `id` that the server
+/// has ended (lease expired, failed, aborted) must stop.
+pub(crate) fn cancel_ended_attempt(
+    id: &str,
+    m: &Member,
+    req: &ota_format::api::CheckinRequest,
+) -> Option<Action> {
+    let u = req.update.as_ref()?;
+    (req.state == AgentState::Downloading && u.update_id.starts_with(&format!("{id}."))).then(
+        || Action::Cancel {
+            update_id: u.update_id.clone(),
+            reason: m
+                .reason
+                .clone()
+                .unwrap_or_else(|| "this attempt is no longer valid".into()),
+        },
+    )
+}
+
+/// Whether a device not holding an update of the rollout has nothing to get
+/// from it: it runs the release already, is busy, or the rollout is over.
+pub(crate) fn nothing_to_offer(
+    release: &str,
+    state: RolloutState,
+    req: &ota_format::api::CheckinRequest,
+) -> bool {
+    req.current_version == release
+        || req.state != AgentState::Idle
+        || matches!(state, RolloutState::Aborted | RolloutState::Completed)
+}
+
+/// Why an eligible device must wait before admission is even tried (the
+/// rollout is paused, its wave is not open yet), if it must.
+pub(crate) fn held_back(
+    id: &str,
+    state: RolloutState,
+    wave: usize,
+    open_wave: usize,
+) -> Option<Decision> {
+    if state == RolloutState::Paused {
+        return Some(Decision::Wait {
+            reason: format!("rollout {id} is paused"),
+            class: "paused",
+            near_head: false,
+        });
+    }
+    (wave > open_wave).then(|| Decision::Wait {
+        reason: format!("wave {} of rollout {id} is not open yet", wave + 1),
+        class: "wave_closed",
+        near_head: false,
+    })
+}
+
 /// What a check-in decided.
 pub enum Decision {
     /// Answer at once.
@@ -745,15 +822,7 @@ impl Rollouts {
         if let Some(mut m) = r.members.get_mut(device) {
             match m.phase {
                 Phase::Downloading => {
-                    let holds_it = req
-                        .update
-                        .as_ref()
-                        .is_some_and(|u| u.update_id == m.update_id);
-                    if matches!(
-                        req.state,
-                        AgentState::Installing | AgentState::Rebooting | AgentState::Testing
-                    ) && holds_it
-                    {
+                    if past_download(req, &m) {
                         return Ok(Decision::Answer(Action::None));
                     }
                     if state == RolloutState::Aborted {
@@ -783,26 +852,11 @@ impl Rollouts {
                     }
                     // The lease expired; the reaper turns that into a retry
                     // or a failure. Tell the device to stop.
-                    return Ok(Decision::Answer(Action::Cancel {
-                        update_id: m.update_id.clone(),
-                        reason: "download lease expired; the slot was given to another device"
-                            .into(),
-                    }));
+                    return Ok(Decision::Answer(lease_expired(&m)));
                 }
                 Phase::Waiting | Phase::Cancelled | Phase::Failed => {
-                    // A device still downloading an attempt the server has
-                    // ended (lease expired, failed, aborted) must stop.
-                    if req.state == AgentState::Downloading
-                        && let Some(u) = &req.update
-                        && u.update_id.starts_with(&format!("{}.", r.id))
-                    {
-                        return Ok(Decision::Answer(Action::Cancel {
-                            update_id: u.update_id.clone(),
-                            reason: m
-                                .reason
-                                .clone()
-                                .unwrap_or_else(|| "this attempt is no longer valid".into()),
-                        }));
+                    if let Some(cancel) = cancel_ended_attempt(&r.id, &m, req) {
+                        return Ok(Decision::Answer(cancel));
                     }
                     if m.phase == Phase::Failed {
                         return Ok(Decision::Answer(Action::None));
@@ -812,13 +866,7 @@ impl Rollouts {
             }
         }
         // Not holding an update from this rollout.
-        if req.current_version == r.spec.release
-            || req.state != AgentState::Idle
-            || state == RolloutState::Aborted
-        {
-            return Ok(Decision::Answer(Action::None));
-        }
-        if state == RolloutState::Completed {
+        if nothing_to_offer(&r.spec.release, state, req) {
             return Ok(Decision::Answer(Action::None));
         }
         let wave = r.wave_of(device);
@@ -838,20 +886,8 @@ impl Rollouts {
         if m.phase == Phase::Cancelled {
             return Ok(Decision::Answer(Action::None));
         }
-        if state == RolloutState::Paused {
-            return Ok(Decision::Wait {
-                reason: format!("rollout {} is paused", r.id),
-                class: "paused",
-                near_head: false,
-            });
-        }
-        let open = r.open_wave();
-        if wave > open {
-            return Ok(Decision::Wait {
-                reason: format!("wave {} of rollout {} is not open yet", wave + 1, r.id),
-                class: "wave_closed",
-                near_head: false,
-            });
+        if let Some(wait) = held_back(&r.id, state, wave, r.open_wave()) {
+            return Ok(wait);
         }
         let Some(artifacts) =
             self.releases
