@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Object, Pool};
@@ -274,8 +274,9 @@ pub struct PgState {
     /// this replica's own writes; admissions re-check state in SQL).
     rollouts: RwLock<Vec<Cached>>,
     /// Bytes served per device since the last tick, attributed to waves in
-    /// the tick (one query per tick, not per Range request).
-    bytes: Mutex<HashMap<String, u64>>,
+    /// the tick (one query per tick, not per Range request). Sharded: every
+    /// Range response adds to it.
+    bytes: dashmap::DashMap<String, u64>,
     events_accepted: AtomicU64,
     events_duplicate: AtomicU64,
     /// Token hash → (device, valid until ms); see [`AUTH_CACHE_MS`].
@@ -297,7 +298,7 @@ impl PgState {
             releases,
             pacing,
             rollouts: RwLock::new(Vec::new()),
-            bytes: Mutex::new(HashMap::new()),
+            bytes: dashmap::DashMap::new(),
             events_accepted: AtomicU64::new(0),
             events_duplicate: AtomicU64::new(0),
             auth: dashmap::DashMap::new(),
@@ -608,7 +609,12 @@ impl PgState {
 
     /// Attributes buffered payload bytes to (rollout, wave) counters.
     async fn flush_bytes(&self) -> Result<(), StoreError> {
-        let pending = std::mem::take(&mut *self.bytes.lock().unwrap());
+        // Each entry is taken out whole; bytes added meanwhile start a new one.
+        let keys: Vec<String> = self.bytes.iter().map(|e| e.key().clone()).collect();
+        let pending: HashMap<String, u64> = keys
+            .into_iter()
+            .filter_map(|k| self.bytes.remove(&k))
+            .collect();
         if pending.is_empty() {
             return Ok(());
         }
@@ -1327,11 +1333,13 @@ impl StateBackend for PgState {
     }
 
     fn count_bytes(&self, device: &str, bytes: u64) {
-        let mut b = self.bytes.lock().unwrap();
-        if let Some(n) = b.get_mut(device) {
+        if let Some(mut n) = self.bytes.get_mut(device) {
             *n += bytes;
-        } else if b.len() < 1_000_000 {
-            b.insert(device.to_string(), bytes);
+            return;
+        }
+        // The shard guard above is gone: `len` locks every shard in turn.
+        if self.bytes.len() < 1_000_000 {
+            *self.bytes.entry(device.to_string()).or_default() += bytes;
         }
     }
 

@@ -456,6 +456,7 @@ async fn a_device_on_a_version_without_a_delta_gets_the_full_image() {
     assert_eq!(full.from_version, None);
     assert!(delta.payload_size < full.payload_size);
     // Both artifacts are served, content-addressed, and verify.
+    let mut served = 0;
     for o in [&delta, &full] {
         let body = d[0]
             .http
@@ -468,6 +469,19 @@ async fn a_device_on_a_version_without_a_delta_gets_the_full_image() {
             .await
             .unwrap();
         assert_eq!(ota_format::Digest::of(&body), o.manifest_sha256);
+        served += body.len() as u64;
+    }
+    // The bytes a member fetched count for its rollout (on PostgreSQL they
+    // are buffered per replica and attributed on the next tick).
+    let t = std::time::Instant::now();
+    let id = &delta.rollout_id;
+    while ts.status(id).await.totals().bytes_served != served {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "{} bytes counted, {served} served",
+            ts.status(id).await.totals().bytes_served
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
