@@ -39,11 +39,13 @@ done
 
 mkdir -p "$work/server"
 "$server" keygen --out "$work/server" >/dev/null
+admin=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+enroll=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 cat > "$work/server/server.toml" <<EOT
 listen = "127.0.0.1:0"
 data_dir = "data"
-admin_token = "arm64-e2e-admin-token"
-enrollment_key = "arm64-e2e-enroll-key"
+admin_token = "$admin"
+enrollment_key = "$enroll"
 signing_key = "ota-signing.key"
 zstd_level = 9
 [checkin]
@@ -56,7 +58,7 @@ pids+=($!)
 for _ in $(seq 100); do grep -q "listening on" "$work/server/stdout" 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/^ota-server listening on //p' "$work/server/stdout")
 [ -n "$addr" ] || { cat "$work/server/log"; exit 1; }
-export OTA_SERVER="http://$addr" OTA_ADMIN_TOKEN=arm64-e2e-admin-token
+export OTA_SERVER="http://$addr" OTA_ADMIN_TOKEN="$admin"
 "$server" release add --version 1.0 --device-type arm64-board --image "$work/v1.img" --wait >/dev/null
 "$server" release add --version 2.0 --device-type arm64-board --image "$work/v2.img" --wait | sed 's/^/  /'
 

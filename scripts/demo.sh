@@ -44,8 +44,9 @@ scripts/make-images.sh "$work/images" 128 >/dev/null
 echo "== starting ota-server on 127.0.0.1 (data in $work/server)"
 mkdir -p "$work/server"
 "$bin/ota-server" keygen --out "$work/server" >/dev/null
-admin=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
-enroll=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+# 32 random bytes each, hex: the server refuses short or placeholder secrets.
+admin=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+enroll=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 cat > "$work/server/server.toml" <<EOF
 listen = "127.0.0.1:0"
 data_dir = "data"
@@ -109,10 +110,22 @@ EOF
   pids+=($!)
 done
 
+# Waves are filled by rank among the devices known when the rollout is
+# created (a 25 % wave of 4 holds one): wait until every agent enrolled.
+for _ in $(seq 300); do
+  n=$(curl -s -H "Authorization: Bearer $admin" "$OTA_SERVER/api/v1/admin/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["devices"])' 2>/dev/null || echo 0)
+  [ "$n" = "$devices" ] && break
+  sleep 0.2
+done
+[ "$n" = "$devices" ] || { echo "!! only $n of $devices devices enrolled"; exit 1; }
+
 echo "== rollout: waves 25%,100%, soak 5 s, at most 2 downloads at once, 30 starts/min"
 rollout=$("$bin/ota-server" rollout create --release 2.0 --device-type demo-board --waves 25,100 --soak 5s \
   --max-concurrent 2 --max-starts-per-min 30 --failure-threshold 50% --min-sample 2 --on-failure pause 2>/dev/null)
 echo "   rollout $rollout"
+w1=$(curl -s -H "Authorization: Bearer $admin" "$OTA_SERVER/api/v1/admin/rollouts/$rollout" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][0]["eligible"])')
+echo "   wave 1 (25 %) holds $w1 of $devices devices"
+[ "$w1" -ge 1 ] || { echo "!! the canary wave holds no device"; exit 1; }
 t0=$(date +%s)
 last=""
 while :; do

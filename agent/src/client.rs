@@ -140,6 +140,11 @@ impl Client {
         *self.token.write().unwrap_or_else(|e| e.into_inner()) = Some(token.into());
     }
 
+    /// The token requests carry now.
+    pub fn token(&self) -> Option<String> {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The underlying HTTP client (for the chunk pool).
     pub fn http(&self) -> &reqwest::Client {
         &self.http

@@ -288,6 +288,8 @@ impl Config {
         check_name("device id", &self.device_id).map_err(|e| invalid("device_id", e))?;
         check_name("device type", &self.device_type).map_err(|e| invalid("device_type", e))?;
         check_name("version", &self.factory_version).map_err(|e| invalid("factory_version", e))?;
+        ota_format::Version::parse(&self.factory_version)
+            .map_err(|e| invalid("factory_version", e.to_string()))?;
         if self.trusted_keys.is_empty() {
             return Err(invalid("trusted_keys", "name at least one public key file"));
         }

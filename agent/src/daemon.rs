@@ -740,6 +740,8 @@ async fn main_loop(
     let mut next_checkin = tokio::time::Instant::now();
     let mut failures = 0u32;
     let mut last_contact = Instant::now();
+    // The token the server last refused, once we have said so.
+    let mut refused: Option<String> = None;
     loop {
         let mut pinged = false;
         tokio::select! {
@@ -787,6 +789,7 @@ async fn main_loop(
                 match r {
                     Ok((resp, retry_after)) => {
                         failures = 0;
+                        refused = None;
                         last_contact = Instant::now();
                         wait = Duration::from_millis(resp.next_checkin_ms.clamp(100, 86_400_000));
                         match resp.action {
@@ -817,19 +820,11 @@ async fn main_loop(
                             wait = wait.min(d.lease / 3).max(Duration::from_millis(100));
                         }
                     }
-                    Err(e) if e.is_unauthorized() && agent.cfg.enrollment_key_file.is_some() => {
-                        // Our token was revoked (the id was enrolled again
-                        // elsewhere, or the server lost it): enroll anew.
+                    Err(e) if e.is_unauthorized() => {
                         failures += 1;
                         wait = pool::backoff(Duration::from_secs(1), agent.cfg.max_backoff, failures);
-                        let plain = agent.client.clone();
-                        match obtain_token(&agent.cfg, &plain, shutdown, true).await {
-                            Ok(Some(t)) => {
-                                agent.client.set_token(t);
-                                wait = Duration::ZERO;
-                            }
-                            Ok(None) => {}
-                            Err(e) => tracing::error!("re-enrolling failed: {e}"),
+                        if on_unauthorized(agent, shutdown, &mut refused).await {
+                            wait = Duration::ZERO;
                         }
                     }
                     Err(e) => {
@@ -851,6 +846,64 @@ async fn main_loop(
             next_checkin = tokio::time::Instant::now() + wait;
         }
     }
+}
+
+/// The server refused our token (401): it was rotated (`ota-server device
+/// add --rotate`), or the id was enrolled again elsewhere, or the server lost
+/// it. In that order of preference: a different token in the token file
+/// (the operator put the rotated one there) is used at once; with an
+/// `enrollment_key_file` the device enrolls anew; else it cannot help
+/// itself, and says once per refused token that it needs re-provisioning.
+/// Returns whether to check in again at once.
+///
+/// # Cancel safety
+/// Reads the token file; re-enrolling replaces it atomically (see
+/// [`obtain_token`]); cancelled by `shutdown` while enrolling.
+async fn on_unauthorized(
+    agent: &Agent,
+    shutdown: &CancellationToken,
+    refused: &mut Option<String>,
+) -> bool {
+    let path = agent.cfg.token_path();
+    let in_use = agent.client.token();
+    let on_disk = std::fs::read_to_string(&path)
+        .map(|t| t.trim().to_string())
+        .ok()
+        .filter(|t| !t.is_empty());
+    if let Some(t) = on_disk
+        && Some(&t) != in_use.as_ref()
+    {
+        tracing::info!(path = %path.display(), "the server refused the device token; the token file holds another one: using it");
+        agent.client.set_token(t);
+        return true;
+    }
+    if agent.cfg.enrollment_key_file.is_some() {
+        let plain = agent.client.clone();
+        match obtain_token(&agent.cfg, &plain, shutdown, true).await {
+            Ok(Some(t)) => {
+                agent.client.set_token(t);
+                return true;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("re-enrolling failed: {e}"),
+        }
+        return false;
+    }
+    let refused_now = in_use.unwrap_or_default();
+    if refused.as_deref() != Some(refused_now.as_str()) {
+        tracing::error!(
+            device = %agent.cfg.device_id,
+            path = %path.display(),
+            "the server refuses this device's token (401) and there is no enrollment_key_file to enroll again: \
+             this device needs re-provisioning — run `ota-server device add --rotate --id {} --type {}` \
+             and put the token it prints in {} (read again at the next attempt; no restart needed)",
+            agent.cfg.device_id,
+            agent.cfg.device_type,
+            path.display()
+        );
+        *refused = Some(refused_now);
+    }
+    false
 }
 
 async fn fail_update(agent: &Agent, update_id: &str, reason: String) -> Result<(), DaemonError> {

@@ -335,3 +335,73 @@ async fn a_revoked_token_leads_to_a_new_enrollment() {
     let token = std::fs::read_to_string(dev.data.join("token")).unwrap();
     assert!(token.starts_with("tok-"), "{token}");
 }
+
+/// Issue 19, defect 3: a device whose token was rotated (`ota-server device
+/// add --rotate`) and that has no enrollment key looped on 401 without a
+/// word, and never looked at its token file again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_reread_from_the_token_file_and_reported() {
+    let fx = Fixture::new(1 << 20, 256 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-rotated"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    // Pre-provisioned: no enrollment key, a token the server refuses.
+    let cfg = std::fs::read_to_string(&dev.config).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("enrollment_key_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&dev.config, cfg).unwrap();
+    std::fs::create_dir_all(&dev.data).unwrap();
+    let token_file = dev.data.join("token");
+    std::fs::write(&token_file, "revoked-token\n").unwrap();
+    let log = dev.data.join("../agent.log");
+    let mut agent = AgentProc(
+        std::process::Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&dev.config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let said = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("needs re-provisioning")
+            .count()
+    };
+    let t = std::time::Instant::now();
+    while said(&log) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no re-provisioning message:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(agent.try_wait().unwrap().is_none(), "the agent exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several more refusals (max_backoff 2 s): said once, not per attempt.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(said(&log), 1, "{text}");
+    assert!(text.contains("device add --rotate --id dev-1"), "{text}");
+    assert!(
+        server.srv.checkins.lock().unwrap().is_empty(),
+        "no check-in can pass with a refused token"
+    );
+    // The operator rotates the token and puts the new one in the file: the
+    // agent picks it up at its next attempt, without a restart.
+    std::fs::write(&token_file, "tok-rotated\n").unwrap();
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(30))
+            .await
+            .success()
+    );
+    assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("the token file holds another one"), "{text}");
+}

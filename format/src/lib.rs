@@ -19,15 +19,20 @@
 //! - [`limits`]: every size bound applied to untrusted input, in one place.
 //! - [`api`]: the device API's JSON bodies (check-in, events, enrollment),
 //!   shared by agent and server; `docs/api.md` describes the protocol.
+//! - [`version`]: release versions (semantic versioning) and their one
+//!   order, which the server applies at `release add` and the agent before
+//!   installing.
 
 pub mod api;
 pub mod digest;
 pub mod envelope;
 pub mod limits;
 pub mod manifest;
+pub mod version;
 
 pub use digest::Digest;
 pub use envelope::{Envelope, EnvelopeError, SigningKeyPair, TrustedKeys};
 pub use manifest::{
     DataRange, Extent, ImageRef, Manifest, ManifestError, OpKind, Operation, PayloadInfo,
 };
+pub use version::{Version, VersionError};

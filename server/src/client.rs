@@ -64,11 +64,14 @@ impl AdminClient {
         id: &str,
         device_type: &str,
         tags: &std::collections::BTreeMap<String, String>,
+        rotate: bool,
     ) -> Result<ota_format::api::EnrollResponse> {
         self.call(
             Method::POST,
             "/api/v1/admin/devices",
-            Some(&serde_json::json!({"id": id, "device_type": device_type, "tags": tags})),
+            Some(
+                &serde_json::json!({"id": id, "device_type": device_type, "tags": tags, "rotate": rotate}),
+            ),
         )
         .await
     }
@@ -87,6 +90,39 @@ impl AdminClient {
         image: &Path,
         progress: bool,
     ) -> Result<ReleaseRecord> {
+        self.release_add_opts(
+            device_type,
+            version,
+            security_counter,
+            false,
+            image,
+            progress,
+        )
+        .await
+    }
+
+    /// [`AdminClient::release_add`], optionally a deliberate downgrade
+    /// (`allow_downgrade`: the server accepts a lower version when the
+    /// security counter is above every earlier release's).
+    pub async fn release_add_opts(
+        &self,
+        device_type: &str,
+        version: &str,
+        security_counter: u64,
+        allow_downgrade: bool,
+        image: &Path,
+        progress: bool,
+    ) -> Result<ReleaseRecord> {
+        // Refuse here what the server would refuse after the upload (the
+        // server checks again): an early answer to a streamed body can be
+        // lost when the server closes the connection mid-upload.
+        crate::releases::check_new_release(
+            &self.releases().await?,
+            device_type,
+            version,
+            security_counter,
+            allow_downgrade,
+        )?;
         let f = tokio::fs::File::open(image)
             .await
             .with_context(|| format!("opening {}", image.display()))?;
@@ -110,7 +146,7 @@ impl AdminClient {
                 }
             });
         let url = format!(
-            "{}/api/v1/admin/releases/{device_type}/{version}?security_counter={security_counter}",
+            "{}/api/v1/admin/releases/{device_type}/{version}?security_counter={security_counter}&allow_downgrade={allow_downgrade}",
             self.base
         );
         let resp = self

@@ -353,6 +353,12 @@ impl ServerConfig {
         Ok(())
     }
 
+    /// Refuses placeholder or weak `admin_token` / `enrollment_key` (see
+    /// [`crate::secrets`]); `serve` calls it unless `--insecure-dev`.
+    pub fn check_secrets(&self) -> Result<(), ConfigError> {
+        crate::secrets::check(self)
+    }
+
     /// This replica's name (see [`StorageConfig::replica_id`]).
     pub fn replica_id(&self) -> String {
         if !self.storage.replica_id.is_empty() {

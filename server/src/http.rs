@@ -454,6 +454,9 @@ struct DeviceAdd {
     device_type: String,
     #[serde(default)]
     tags: BTreeMap<String, String>,
+    /// Replace the token of an existing device (the old one stops working).
+    #[serde(default)]
+    rotate: bool,
 }
 
 async fn admin_device_add(
@@ -464,6 +467,23 @@ async fn admin_device_add(
     admin_auth(&app, &headers)?;
     let req: DeviceAdd = read_json(body).await?;
     check_device_fields(&req.id, &req.device_type, &req.tags)?;
+    // Provisioning an id that exists would revoke the token its device
+    // uses, which then loops on 401: only on purpose (`--rotate`). Two
+    // operators adding one new id at the same instant can still race; the
+    // later token wins, as with --rotate.
+    if !req.rotate && app.state.device_view(&req.id).await?.is_some() {
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            "device_exists",
+            format!(
+                "device {} is already provisioned; `device add --rotate` issues a new token and the old one stops working at once (the device needs the new token in its token file)",
+                req.id
+            ),
+        ));
+    }
+    if req.rotate {
+        warn!(device = %req.id, "rotating the device token: the old one is revoked");
+    }
     let token = app.enroll(&req.id, &req.device_type, req.tags).await?;
     Ok(axum::Json(EnrollResponse {
         device_id: req.id,
@@ -502,6 +522,22 @@ async fn admin_releases(
 struct ReleaseQuery {
     #[serde(default)]
     security_counter: u64,
+    /// A lower version on purpose (needs a higher security counter).
+    #[serde(default)]
+    allow_downgrade: bool,
+}
+
+fn release_err(e: crate::releases::ReleaseError) -> ApiErr {
+    match e {
+        crate::releases::ReleaseError::Invalid(m) => bad_request(m),
+        e @ crate::releases::ReleaseError::Exists { .. } => {
+            ApiErr(StatusCode::CONFLICT, "conflict", e.to_string())
+        }
+        e @ crate::releases::ReleaseError::Order(_) => {
+            ApiErr(StatusCode::CONFLICT, "version_order", e.to_string())
+        }
+        e => internal(e),
+    }
 }
 
 async fn admin_release_add(
@@ -514,6 +550,16 @@ async fn admin_release_add(
     admin_auth(&app, &headers)?;
     api::check_name("device type", &device_type).map_err(bad_request)?;
     api::check_name("version", &version).map_err(bad_request)?;
+    // Refuse a version devices would refuse before the upload, not after.
+    app.releases
+        .precheck(
+            &device_type,
+            &version,
+            q.security_counter,
+            q.allow_downgrade,
+        )
+        .await
+        .map_err(release_err)?;
     // Stream the image to a temporary file; never hold it in memory.
     let tmp = tempfile::Builder::new()
         .prefix("upload-")
@@ -535,15 +581,15 @@ async fn admin_release_add(
     drop(f);
     let rec = app
         .releases
-        .add(&device_type, &version, q.security_counter, &path)
+        .add(
+            &device_type,
+            &version,
+            q.security_counter,
+            q.allow_downgrade,
+            &path,
+        )
         .await
-        .map_err(|e| match e {
-            crate::releases::ReleaseError::Invalid(m) => bad_request(m),
-            e @ crate::releases::ReleaseError::Exists { .. } => {
-                ApiErr(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
-            e => internal(e),
-        })?;
+        .map_err(release_err)?;
     Ok((StatusCode::CREATED, axum::Json(rec)).into_response())
 }
 

@@ -4,6 +4,8 @@
 //! # Layout
 //!
 //! - [`config`]: `server.toml`, validated on load.
+//! - [`secrets`]: the start-up refusal of placeholder and weak secrets
+//!   (`serve` without `--insecure-dev`).
 //! - [`backend`]: the state layer's trait ([`backend::StateBackend`]) and
 //!   its single-process implementation over [`fleet`], [`rollout`] and
 //!   [`store`].
@@ -35,6 +37,7 @@ pub mod metrics;
 pub mod pg;
 pub mod releases;
 pub mod rollout;
+pub mod secrets;
 pub mod store;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times

@@ -53,6 +53,10 @@ enum Cmd {
         /// Log as JSON lines (for log shippers) instead of text.
         #[arg(long)]
         log_json: bool,
+        /// Start even with placeholder or weak secrets in the config (a
+        /// throw-away test set-up only: anyone who guesses them runs the fleet).
+        #[arg(long)]
+        insecure_dev: bool,
     },
     /// Manage devices (admin API).
     Device {
@@ -110,6 +114,9 @@ enum DeviceCmd {
         /// Tag for rollout selectors, repeatable.
         #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_kv)]
         tags: Vec<(String, String)>,
+        /// Issue a new token for an existing device; its old token stops working at once.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Show a device: version, state, rollouts.
     Show { id: String },
@@ -128,6 +135,10 @@ enum ReleaseCmd {
         /// Anti-rollback counter for this release's manifests.
         #[arg(long, default_value_t = 0)]
         security_counter: u64,
+        /// Accept a version not greater than the newest release (a deliberate
+        /// rollback); needs a --security-counter above every earlier release's.
+        #[arg(long)]
+        allow_downgrade: bool,
         /// Wait until every build is ready (or failed).
         #[arg(long)]
         wait: bool,
@@ -287,7 +298,11 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Keygen { out, force } => keygen(&out, force),
         Cmd::Delta(a) => delta(a),
-        Cmd::Serve { config, .. } => runtime().and_then(|rt| rt.block_on(serve(&config))),
+        Cmd::Serve {
+            config,
+            insecure_dev,
+            ..
+        } => runtime().and_then(|rt| rt.block_on(serve(&config, insecure_dev))),
         Cmd::Device { conn, cmd } => runtime().and_then(|rt| rt.block_on(device_cmd(conn, cmd))),
         Cmd::Release { conn, cmd } => runtime().and_then(|rt| rt.block_on(release_cmd(conn, cmd))),
         Cmd::Rollout { conn, cmd } => runtime().and_then(|rt| rt.block_on(rollout_cmd(conn, cmd))),
@@ -353,6 +368,10 @@ fn read_signing_key(path: &Path) -> Result<SigningKeyPair> {
 
 fn delta(a: DeltaArgs) -> Result<()> {
     let started = Instant::now();
+    // Agents refuse a manifest whose version they cannot order.
+    for v in std::iter::once(&a.to_version).chain(a.from_version.as_ref()) {
+        ota_format::Version::parse(v)?;
+    }
     let key = read_signing_key(&a.key)?;
     let target =
         File::open(&a.to).with_context(|| format!("opening target image {}", a.to.display()))?;
@@ -432,8 +451,17 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn serve(config: &Path) -> Result<()> {
-    let config = ServerConfig::load(config)?;
+async fn serve(config_path: &Path, insecure_dev: bool) -> Result<()> {
+    let config = ServerConfig::load(config_path)?;
+    if insecure_dev {
+        if let Err(e) = config.check_secrets() {
+            tracing::warn!("--insecure-dev: starting anyway: {e}");
+        }
+    } else {
+        config
+            .check_secrets()
+            .with_context(|| format!("refusing to start with {}", config_path.display()))?;
+    }
     let cancel = CancellationToken::new();
     // The handler is installed before the server announces itself, so a
     // SIGTERM sent as soon as it listens is a graceful stop, not a kill.
@@ -462,15 +490,23 @@ async fn device_cmd(conn: Conn, cmd: DeviceCmd) -> Result<()> {
             id,
             device_type,
             tags,
+            rotate,
         } => {
             let r = c
-                .device_add(&id, &device_type, &tags.into_iter().collect())
+                .device_add(&id, &device_type, &tags.into_iter().collect(), rotate)
                 .await?;
             println!("{}", r.token);
-            eprintln!(
-                "device {} provisioned; put the token above in its token file (it is not shown again)",
-                r.device_id
-            );
+            if rotate {
+                eprintln!(
+                    "device {}: new token above; the old token no longer works — put the new one in the device's token file (it is not shown again)",
+                    r.device_id
+                );
+            } else {
+                eprintln!(
+                    "device {} provisioned; put the token above in its token file (it is not shown again)",
+                    r.device_id
+                );
+            }
         }
         DeviceCmd::Show { id } => {
             println!(
@@ -490,13 +526,15 @@ async fn release_cmd(conn: Conn, cmd: ReleaseCmd) -> Result<()> {
             device_type,
             image,
             security_counter,
+            allow_downgrade,
             wait,
         } => {
             let r = c
-                .release_add(
+                .release_add_opts(
                     &device_type,
                     &version,
                     security_counter,
+                    allow_downgrade,
                     &image,
                     std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 )

@@ -45,8 +45,8 @@ use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
     Decision, Effect, Member, Pacing, Phase, RolloutError, RolloutRecord, RolloutSpec,
     RolloutState, RolloutStatus, WaveStatus, advance_record, cancel_ended_attempt, failure_verdict,
-    held_back, lease_expired, nothing_to_offer, offer_for, past_download, ramped_rate,
-    spec_matches, transition_for, wave_of,
+    held_back, lease_expired, nothing_to_offer, offer_for, past_download, ramped_rate, rank_key,
+    spec_matches, transition_for, wave_bounds,
 };
 use crate::store::StoreError;
 
@@ -604,6 +604,7 @@ impl PgState {
             leases_expired: ts.expired,
             spec: rec.spec.clone(),
             waves,
+            wave_bounds: rec.wave_bounds.clone(),
         })
     }
 
@@ -710,7 +711,7 @@ impl StateBackend for PgState {
                 .cloned()
                 .collect();
             for r in live {
-                let w = wave_of(&r.rec.spec, &r.rec.id, id);
+                let w = r.rec.wave_of(id);
                 bump(&tx, &r.rec.id, w, id, Col::Eligible, 1).await?;
             }
         }
@@ -881,7 +882,7 @@ impl StateBackend for PgState {
         if nothing_to_offer(&rec.spec.release, rec.state, req) {
             return Ok(Decision::Answer(Action::None));
         }
-        let wave = wave_of(&rec.spec, &rec.id, device);
+        let wave = rec.wave_of(device);
         if let Some(wait) = held_back(&rec.id, rec.state, wave, rec.wave) {
             return Ok(wait);
         }
@@ -1179,8 +1180,37 @@ impl StateBackend for PgState {
             .await
             .map_err(err)?
             .get(0);
+        let id = format!("r{n}");
+        // The devices to update, ranked into waves (the same rule as the
+        // single-process backend: rollout::wave_bounds). Read in this
+        // transaction, so the bounds and the counters below agree.
+        let rows = tx
+            .query(
+                "SELECT id, tags, version FROM devices WHERE device_type = $1",
+                &[&spec.device_type],
+            )
+            .await
+            .map_err(err)?;
+        let mut matching = Vec::new();
+        for r in rows {
+            let dev: String = r.get(0);
+            let tags = r.get::<_, Json<BTreeMap<String, String>>>(1).0;
+            if spec_matches(&spec, &spec.device_type, &tags) {
+                let current =
+                    r.get::<_, Option<String>>(2).as_deref() == Some(spec.release.as_str());
+                matching.push((dev, current));
+            }
+        }
+        let wave_bounds = wave_bounds(
+            &spec,
+            matching
+                .iter()
+                .filter(|(_, current)| !current)
+                .map(|(dev, _)| rank_key(dev, &id))
+                .collect(),
+        );
         let rec = RolloutRecord {
-            id: format!("r{n}"),
+            id,
             spec,
             created_at_ms: now,
             state: RolloutState::Active,
@@ -1188,6 +1218,7 @@ impl StateBackend for PgState {
             wave: 0,
             wave_opened_at_ms: now,
             baseline: (0, 0),
+            wave_bounds,
         };
         let ins = tx
             .execute(
@@ -1211,22 +1242,10 @@ impl StateBackend for PgState {
         let waves = rec.spec.waves.len();
         let mut eligible = vec![0i64; waves];
         let mut current = vec![0i64; waves];
-        let rows = tx
-            .query(
-                "SELECT id, tags, version FROM devices WHERE device_type = $1",
-                &[&rec.spec.device_type],
-            )
-            .await
-            .map_err(err)?;
-        for r in rows {
-            let id: String = r.get(0);
-            let tags = r.get::<_, Json<BTreeMap<String, String>>>(1).0;
-            if !spec_matches(&rec.spec, &rec.spec.device_type, &tags) {
-                continue;
-            }
-            let w = wave_of(&rec.spec, &rec.id, &id);
+        for (dev, is_current) in &matching {
+            let w = rec.wave_of(dev);
             eligible[w] += 1;
-            if r.get::<_, Option<String>>(2).as_deref() == Some(rec.spec.release.as_str()) {
+            if *is_current {
                 current[w] += 1;
             }
         }

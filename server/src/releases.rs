@@ -86,6 +86,9 @@ pub enum ReleaseError {
         device_type: String,
         version: String,
     },
+    /// The version would not move devices forward (see [`check_order`]).
+    #[error("{0}")]
+    Order(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("storing the image: {0}")]
@@ -103,6 +106,88 @@ pub struct BuildSettings {
 }
 
 type Job = (String, String, Option<String>);
+
+/// The release rule of `release add`: `version` must parse (semantic
+/// versioning, [`ota_format::Version`]) and be greater than every release of
+/// its device type, and `security_counter` must not be below any of theirs —
+/// devices refuse both otherwise (a lower version as a downgrade, a lower
+/// counter as a rollback), and a release every device refuses helps no one.
+/// A lower or equal version is a deliberate rollback only with
+/// `allow_downgrade` and a counter above every earlier one: devices accept it
+/// because of that counter, which also locks out the release it replaces.
+/// Earlier releases whose version does not parse (added before versions
+/// were checked) take no part in the version comparison.
+pub fn check_order<'a>(
+    earlier: impl IntoIterator<Item = &'a ReleaseRecord>,
+    version: &str,
+    security_counter: u64,
+    allow_downgrade: bool,
+) -> Result<(), ReleaseError> {
+    let new =
+        ota_format::Version::parse(version).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+    let mut newest: Option<(ota_format::Version, &ReleaseRecord)> = None;
+    let mut top_counter: Option<&ReleaseRecord> = None;
+    for r in earlier {
+        if top_counter.is_none_or(|t| r.security_counter > t.security_counter) {
+            top_counter = Some(r);
+        }
+        if let Ok(v) = ota_format::Version::parse(&r.version)
+            && newest.as_ref().is_none_or(|(n, _)| v > *n)
+        {
+            newest = Some((v, r));
+        }
+    }
+    if let Some(t) = top_counter
+        && security_counter < t.security_counter
+    {
+        return Err(ReleaseError::Order(format!(
+            "security counter {security_counter} is below the {} of release {} of {}: devices that installed it would refuse this release as a rollback; pass --security-counter {} or higher",
+            t.security_counter, t.version, t.device_type, t.security_counter
+        )));
+    }
+    let Some((newest, n)) = newest else {
+        return Ok(());
+    };
+    if new > newest {
+        return Ok(());
+    }
+    let top = top_counter.map_or(0, |t| t.security_counter);
+    if !allow_downgrade {
+        return Err(ReleaseError::Order(format!(
+            "version {version} is not greater than {}, the newest release of {} (semantic versioning: pre-releases come before their release; see docs/format.md); devices would refuse it as a downgrade. Add a higher version, or roll back on purpose with --allow-downgrade and a security counter above {top}",
+            n.version, n.device_type
+        )));
+    }
+    if security_counter <= top {
+        return Err(ReleaseError::Order(format!(
+            "--allow-downgrade to {version} (below {}) needs a security counter above {top}, the highest of the releases of {}: devices accept a lower version only with a higher counter",
+            n.version, n.device_type
+        )));
+    }
+    Ok(())
+}
+
+/// [`check_order`] for a release about to be uploaded, over every release
+/// (`all`): an existing (device type, version) passes, since re-sending the
+/// same image is an idempotent retry ([`Releases::add`] decides). The CLI
+/// runs it on `GET /api/v1/admin/releases` before streaming an image, the
+/// server before reading the upload and again when recording it.
+pub fn check_new_release<'a>(
+    all: impl IntoIterator<Item = &'a ReleaseRecord>,
+    device_type: &str,
+    version: &str,
+    security_counter: u64,
+    allow_downgrade: bool,
+) -> Result<(), ReleaseError> {
+    let same: Vec<&ReleaseRecord> = all
+        .into_iter()
+        .filter(|r| r.device_type == device_type)
+        .collect();
+    if same.iter().any(|r| r.version == version) {
+        return Ok(());
+    }
+    check_order(same, version, security_counter, allow_downgrade)
+}
 
 /// Where release records are kept.
 ///
@@ -300,8 +385,29 @@ impl Releases {
         ready(Some(from)).or_else(|| ready(None))
     }
 
+    /// Checks `version` against the releases of `device_type` before an
+    /// upload ([`check_new_release`]).
+    pub async fn precheck(
+        &self,
+        device_type: &str,
+        version: &str,
+        security_counter: u64,
+        allow_downgrade: bool,
+    ) -> Result<(), ReleaseError> {
+        self.refresh().await?;
+        let map = self.map.read().unwrap();
+        check_new_release(
+            map.values(),
+            device_type,
+            version,
+            security_counter,
+            allow_downgrade,
+        )
+    }
+
     /// Registers a release whose image was streamed to `image_tmp` (hashed
-    /// as it arrived) and queues its builds.
+    /// as it arrived) and queues its builds; refuses a version that would
+    /// not move devices forward ([`check_order`]).
     ///
     /// # Cancel safety
     /// Not cancel safe between the image move and the record write: a
@@ -312,10 +418,12 @@ impl Releases {
         device_type: &str,
         version: &str,
         security_counter: u64,
+        allow_downgrade: bool,
         image_tmp: &Path,
     ) -> Result<ReleaseRecord, ReleaseError> {
         ota_format::api::check_name("device type", device_type).map_err(ReleaseError::Invalid)?;
         ota_format::api::check_name("version", version).map_err(ReleaseError::Invalid)?;
+        ota_format::Version::parse(version).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
         let size = std::fs::metadata(image_tmp)
             .map_err(|e| ReleaseError::Invalid(format!("reading the upload: {e}")))?
             .len();
@@ -343,6 +451,12 @@ impl Releases {
                 .values()
                 .filter(|r| r.device_type == device_type)
                 .collect();
+            check_order(
+                earlier.iter().copied(),
+                version,
+                security_counter,
+                allow_downgrade,
+            )?;
             earlier.sort_by_key(|r| std::cmp::Reverse(r.seq));
             let seq = earlier.first().map_or(1, |r| r.seq + 1);
             let mut builds = vec![Build {

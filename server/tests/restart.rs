@@ -169,6 +169,17 @@ async fn a_build_interrupted_by_kill_9_reruns_after_restart() {
     let p = dir.path().join("big.img");
     std::fs::write(&p, image(8192, 1)).unwrap();
     admin.release_add("t", "1.0", 0, &p, false).await.unwrap();
+    // Kill once the builder has started writing (the build is queued when
+    // release_add returns, but may not have begun on a loaded machine).
+    let tmp = dir.path().join("data/tmp");
+    let t = std::time::Instant::now();
+    while std::fs::read_dir(&tmp).unwrap().next().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the build never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let r = admin.releases().await.unwrap();
     assert_ne!(
         r[0].builds[0].status,

@@ -224,9 +224,7 @@ async fn waves_open_only_after_soak_and_success() {
     s.soak_ms = 2000;
     s.success_threshold = 1.0;
     let r = ts.admin.rollout_create(&s).await.unwrap();
-    let (w1, w2): (Vec<_>, Vec<_>) = devices
-        .iter()
-        .partition(|d| ota_server::rollout::wave_of(&r.spec, &r.id, &d.id) == 0);
+    let (w1, w2): (Vec<_>, Vec<_>) = devices.iter().partition(|d| r.wave_of(&d.id) == 0);
     assert!(!w1.is_empty() && !w2.is_empty());
     let opened = Instant::now();
     // Wave 2 is closed; wave 1 is admitted.
@@ -276,10 +274,7 @@ async fn a_wave_does_not_open_before_its_soak() {
     s.max_concurrent = 100;
     s.soak_ms = 60_000;
     let r = ts.admin.rollout_create(&s).await.unwrap();
-    for d in devices
-        .iter()
-        .filter(|d| ota_server::rollout::wave_of(&r.spec, &r.id, &d.id) == 0)
-    {
+    for d in devices.iter().filter(|d| r.wave_of(&d.id) == 0) {
         let Action::Update(o) = d.checkin("1.0", AgentState::Idle, None).await.action else {
             panic!()
         };

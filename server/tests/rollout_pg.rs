@@ -4,3 +4,6 @@
 
 #[path = "rollout_http.rs"]
 mod suite;
+
+#[path = "operator_guards.rs"]
+mod guards;

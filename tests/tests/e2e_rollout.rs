@@ -18,8 +18,8 @@ impl Drop for Kill {
     }
 }
 
-const ADMIN: &str = "e2e-admin-token-0123456789";
-const ENROLL: &str = "e2e-enroll-key-0123456789";
+const ADMIN: &str = "582431ebdbd27bb3df74a2d0a425592d";
+const ENROLL: &str = "5fccf83b952b091e02bba4731785a74a";
 
 fn server(dir: &Path) -> (Child, String) {
     Command::new(bin("ota-server"))

@@ -2,8 +2,14 @@
 //!
 //! A rollout offers one release to the devices of one type (optionally
 //! narrowed by tags), in **waves**: cumulative percentages of the eligible
-//! devices, with membership fixed by a hash of (device id, rollout id). A
-//! wave opens when the previous one has soaked for `soak` and enough of its
+//! devices, filled by rank (see [`wave_bounds`]): at creation the devices
+//! that need the release are ordered by a hash of (device id, rollout id),
+//! and each wave takes its share of them, rounded up, at least one device
+//! when its percentage is above zero — so a 1 % canary of 30 devices holds
+//! one device, not none. The hash of the last device of each wave is stored
+//! with the rollout, so a device's wave never changes during the rollout,
+//! and a device that enrolls later falls into the wave its hash ranks it in.
+//! A wave opens when the previous one has soaked for `soak` and enough of its
 //! devices *committed* (healthy after reboot). Within open waves a device is
 //! admitted by the [`throttle`]: a free download lease under the concurrency
 //! cap, a start-rate token and its turn in the waiting queue.
@@ -177,6 +183,19 @@ pub struct RolloutRecord {
     /// threshold is evaluated on what happened since.
     #[serde(default)]
     pub baseline: (u64, u64),
+    /// The rank key of the last device of each wave but the last, fixed at
+    /// creation ([`wave_bounds`]). Empty for a rollout created with no
+    /// device to update (or before waves were filled by rank): waves then
+    /// come from the hash percentile.
+    #[serde(default)]
+    pub wave_bounds: Vec<u64>,
+}
+
+impl RolloutRecord {
+    /// The wave (index) `device` belongs to.
+    pub fn wave_of(&self, device: &str) -> usize {
+        wave_of(&self.spec, &self.id, &self.wave_bounds, device)
+    }
 }
 
 /// Where a device is in a rollout.
@@ -242,24 +261,68 @@ pub struct Rollout {
     pub throttle: Throttle,
     members: DashMap<String, Member>,
     pub waves: Vec<WaveCounters>,
+    /// `rec.wave_bounds` (fixed for the rollout's life).
+    bounds: Vec<u64>,
 }
 
 /// The wave percentile (0..100) of a device in a rollout: stable for the
 /// rollout's life, independent across rollouts (so the same devices are not
 /// always the canaries).
 pub fn percentile(device: &str, rollout: &str) -> u8 {
+    (rank_key(device, rollout) % 100) as u8
+}
+
+/// The rank key of a device in a rollout: the first 8 bytes of the hash
+/// [`percentile`] reduces, so ranks and percentiles agree.
+pub fn rank_key(device: &str, rollout: &str) -> u64 {
     let h = Sha256::new()
         .chain_update(rollout.as_bytes())
         .chain_update([0])
         .chain_update(device.as_bytes())
         .finalize();
-    (u64::from_be_bytes(h[..8].try_into().unwrap()) % 100) as u8
+    u64::from_be_bytes(h[..8].try_into().unwrap())
 }
 
-/// The wave (index) `device` belongs to in rollout `id`.
-pub fn wave_of(spec: &RolloutSpec, id: &str, device: &str) -> usize {
-    let p = percentile(device, id);
-    spec.waves.iter().position(|&w| p < w).unwrap_or(0)
+/// The waves filled by rank: `keys` are the [`rank_key`]s of the devices the
+/// rollout is to update (any order). Wave `i` takes its share
+/// `waves[i] - waves[i-1]` percent of them, rounded up and at least one
+/// device, until none are left; the result is the key of the last device of
+/// each wave but the last (the last wave takes everything above). Rounding
+/// up favours the early waves on purpose: a canary too small to hold a
+/// device protects nothing. Empty when there are no devices.
+pub fn wave_bounds(spec: &RolloutSpec, mut keys: Vec<u64>) -> Vec<u64> {
+    let n = keys.len() as u64;
+    if n == 0 {
+        return Vec::new();
+    }
+    keys.sort_unstable();
+    let mut bounds = Vec::with_capacity(spec.waves.len().saturating_sub(1));
+    let (mut cum, mut prev) = (0u64, 0u64);
+    for &p in &spec.waves[..spec.waves.len().saturating_sub(1)] {
+        let share = u64::from(p).saturating_sub(prev);
+        prev = u64::from(p);
+        if share > 0 {
+            cum = (cum + (n * share).div_ceil(100).max(1)).min(n);
+        }
+        bounds.push(keys[cum.max(1) as usize - 1]);
+    }
+    bounds
+}
+
+/// The wave (index) `device` belongs to in rollout `id` with the stored
+/// `bounds` ([`wave_bounds`]): the first wave whose last key is not below
+/// the device's, else the last wave. Without bounds, its hash percentile.
+pub fn wave_of(spec: &RolloutSpec, id: &str, bounds: &[u64], device: &str) -> usize {
+    if bounds.is_empty() {
+        let p = percentile(device, id);
+        return spec.waves.iter().position(|&w| p < w).unwrap_or(0);
+    }
+    let k = rank_key(device, id);
+    bounds
+        .iter()
+        .position(|&b| k <= b)
+        .unwrap_or(bounds.len())
+        .min(spec.waves.len() - 1)
 }
 
 /// Whether a device of `device_type` with `tags` is in the rollout.
@@ -368,6 +431,7 @@ impl Rollout {
                 .collect(),
             state_now: std::sync::atomic::AtomicU8::new(rec.state as u8),
             wave_now: std::sync::atomic::AtomicUsize::new(rec.wave),
+            bounds: rec.wave_bounds.clone(),
             rec: Mutex::new(rec),
             throttle: Throttle::new(),
             members: DashMap::new(),
@@ -387,7 +451,7 @@ impl Rollout {
     }
 
     pub fn wave_of(&self, device: &str) -> usize {
-        wave_of(&self.spec, &self.id, device)
+        wave_of(&self.spec, &self.id, &self.bounds, device)
     }
 
     pub fn record(&self) -> RolloutRecord {
@@ -730,6 +794,17 @@ impl Rollouts {
         }
         let now = crate::now_ms();
         let id = format!("r{}", self.store.next_id("rollout")?);
+        // The devices to update, ranked into waves.
+        let mut keys = Vec::new();
+        fleet.for_each(|d| {
+            let rec = d.record.lock().unwrap();
+            if spec_matches(&spec, &rec.device_type, &rec.tags)
+                && rec.version.as_deref() != Some(spec.release.as_str())
+            {
+                keys.push(rank_key(&rec.id, &id));
+            }
+        });
+        let wave_bounds = wave_bounds(&spec, keys);
         let rec = RolloutRecord {
             id: id.clone(),
             spec,
@@ -739,6 +814,7 @@ impl Rollouts {
             wave: 0,
             wave_opened_at_ms: now,
             baseline: (0, 0),
+            wave_bounds,
         };
         self.store.rollouts.insert(id.as_bytes(), encode(&rec))?;
         self.store.durable().await?;
@@ -1160,6 +1236,7 @@ impl Rollouts {
             leases_expired: r.throttle.expired.load(Ordering::Relaxed),
             spec: r.spec.clone(),
             waves,
+            wave_bounds: r.bounds.clone(),
         }
     }
 
@@ -1273,9 +1350,17 @@ pub struct RolloutStatus {
     pub leases_expired: u64,
     pub spec: RolloutSpec,
     pub waves: Vec<WaveStatus>,
+    /// See [`RolloutRecord::wave_bounds`].
+    #[serde(default)]
+    pub wave_bounds: Vec<u64>,
 }
 
 impl RolloutStatus {
+    /// The wave (index) `device` belongs to in this rollout.
+    pub fn wave_of(&self, device: &str) -> usize {
+        wave_of(&self.spec, &self.id, &self.wave_bounds, device)
+    }
+
     /// Totals over every wave.
     pub fn totals(&self) -> WaveStatus {
         let mut t = WaveStatus {

@@ -15,8 +15,8 @@ use ota_server::releases::BuildStatus;
 use ota_server::rollout::{OnFailure, RolloutSpec, RolloutStatus};
 use tokio_util::sync::CancellationToken;
 
-pub const ADMIN: &str = "admin-token-0123456789";
-pub const ENROLL: &str = "enroll-key-0123456789";
+pub const ADMIN: &str = "a05d73208a8416267c3fe14761805415";
+pub const ENROLL: &str = "89a525ce23940afbc827a48ac9afd0e4";
 
 pub struct TestServer {
     pub running: Option<Running>,

@@ -79,8 +79,8 @@ struct Args {
     json: Option<std::path::PathBuf>,
 }
 
-const ADMIN: &str = "bench-admin-token-0123456789";
-const ENROLL: &str = "bench-enroll-key-0123456789";
+const ADMIN: &str = "62eb41a3c1ea2bd3880bc41fe0f1c45d";
+const ENROLL: &str = "03f45b658f8f3caec81cd20e2a4e98a4";
 
 /// What serves the check-ins.
 #[derive(Clone, Copy, Debug)]

@@ -176,8 +176,8 @@ pub struct Args {
     pub quiet: bool,
 }
 
-pub const ADMIN: &str = "loadtest-admin-token-0123456789";
-pub const ENROLL: &str = "loadtest-enroll-key-0123456789";
+pub const ADMIN: &str = "b5952ff26437e857808c12417ad6b99e";
+pub const ENROLL: &str = "6f4b8f615ab795f278485966d0ac984b";
 
 pub use crate::cluster::ServerProc;
 
@@ -492,10 +492,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
             id: sim::device_id(i),
             client,
             faults,
-            wave: {
-                let p = ota_server::rollout::percentile(&sim::device_id(i), &rollout.id);
-                args.waves.iter().position(|&w| p < w).unwrap_or(0)
-            },
+            wave: rollout.wave_of(&sim::device_id(i)),
         };
         tasks.spawn(sim::run_device(dev, shared.clone()));
     }
