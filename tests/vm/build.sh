@@ -36,7 +36,7 @@ mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$cache/debs"
 apt_o=(-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::status=$apt_dir/status"
   -o "Dir::Cache=$apt_dir" -o APT::Architecture=arm64 -o APT::Architectures::=arm64
   -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
-pkgs=(linux-image-$kver busybox-static libubootenv-tool libubootenv0.1 zlib1g libc6)
+pkgs=(linux-image-$kver busybox-static libubootenv-tool libubootenv0.1 zlib1g libc6 ca-certificates)
 if [ -z "$(find "$apt_dir/lists" -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
   apt-get "${apt_o[@]}" -qq update >&2
 fi
@@ -48,7 +48,7 @@ for p in "${pkgs[@]}"; do
 done
 (cd "$cache/debs" && for pv in "${vers[@]}"; do
   p=${pv%%=*}; v=${pv#*=}
-  ls "${p}_"*"${v#*:}_arm64.deb" >/dev/null 2>&1 || apt-get "${apt_o[@]}" -qq download "$pv" >&2
+  ls "${p}_"*"${v#*:}"_*.deb >/dev/null 2>&1 || apt-get "${apt_o[@]}" -qq download "$pv" >&2
 done)
 
 key=$( { printf '%s\n' "${vers[@]}"; sha256sum "$uboot" "$agent" "$here"/* "$root/deploy/uboot/boot.cmd" | cut -c1-64; } | sha256sum | cut -c1-16)
@@ -56,12 +56,12 @@ out=$cache/$key
 if [ -f "$out/done" ]; then echo "$out"; exit 0; fi
 echo "building the VM into $out" >&2
 rm -rf "$out.tmp"; mkdir -p "$out.tmp"; w=$out.tmp/work; mkdir -p "$w"
-deb() { ls "$cache/debs/${1}_"*"_arm64.deb" | tail -1; }
+deb() { ls "$cache/debs/${1}_"*.deb | tail -1; }
 
 # Kernel and its modules; the initramfs loads the virtio drivers.
 mkdir -p "$w/k" "$w/u"
 dpkg-deb -x "$(deb "linux-image-$kver")" "$w/k"
-for p in busybox-static libubootenv-tool libubootenv0.1 zlib1g libc6; do dpkg-deb -x "$(deb "$p")" "$w/u"; done
+for p in busybox-static libubootenv-tool libubootenv0.1 zlib1g libc6 ca-certificates; do dpkg-deb -x "$(deb "$p")" "$w/u"; done
 depmod -b "$w/k" "$kver"
 mkdir -p "$w/initrd/bin" "$w/initrd/modules" "$w/initrd/proc" "$w/initrd/sys" "$w/initrd/dev"
 cp "$w/u/bin/busybox" "$w/initrd/bin/busybox"
@@ -96,6 +96,10 @@ ln -s lib "$r/lib64" 2>/dev/null || true
 cp -L "$w/u/lib/ld-linux-aarch64.so.1" "$r/lib/ld-linux-aarch64.so.1" 2>/dev/null ||
   ln -s aarch64-linux-gnu/ld-linux-aarch64.so.1 "$r/lib/ld-linux-aarch64.so.1"
 install -m 755 "$agent" "$r/usr/bin/ota-agent"
+# The agent's HTTP client loads the system roots (https:// servers); what
+# update-ca-certificates would make from Debian's ca-certificates.
+mkdir -p "$r/etc/ssl/certs"
+cat "$w"/u/usr/share/ca-certificates/mozilla/*.crt > "$r/etc/ssl/certs/ca-certificates.crt"
 install -m 755 "$here/rootfs-init" "$r/sbin/init"
 cp "$here/fw_env.config" "$r/etc/fw_env.config"
 cp "$here/agent.toml" "$r/etc/ota-agent/agent.toml"
