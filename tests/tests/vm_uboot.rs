@@ -25,9 +25,11 @@ fn workspace() -> PathBuf {
 }
 
 fn arm_agent() -> PathBuf {
-    std::env::var_os("ARM_AGENT").map(PathBuf::from).unwrap_or_else(|| {
-        workspace().join("target/aarch64-unknown-linux-musl/agent-dist/ota-agent")
-    })
+    std::env::var_os("ARM_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace().join("target/aarch64-unknown-linux-musl/agent-dist/ota-agent")
+        })
 }
 
 /// What is missing to run the VM, if anything.

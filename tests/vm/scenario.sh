@@ -98,7 +98,7 @@ powercut)
   moments=()
   for t in "${at[@]}"; do
     while (( $(echo "$(date +%s.%N) - $t_rollout < $t" | bc) )); do sleep 0.1; done
-    phase=$(grep -a -E 'ota-vm:|INFO|WARN|ERROR|edge-ota:|Starting kernel' "$work/console.log" | tail -1 | cut -c1-140)
+    phase=$(sed 's/\x1b\[[0-9;]*m//g' "$work/console.log" | grep -a -E 'ota-vm:|INFO|WARN|ERROR|edge-ota:|Starting kernel' | tail -1 | cut -c1-160)
     power_cut
     moments+=("+${t}s")
     log "cut at +${t}s (seed $seed) during: $phase"
