@@ -55,6 +55,8 @@ key=$( { printf '%s\n' "${vers[@]}"; sha256sum "$uboot" "$agent" "$here"/* "$roo
 out=$cache/$key
 if [ -f "$out/done" ]; then echo "$out"; exit 0; fi
 echo "building the VM into $out" >&2
+# Only the result's path goes to stdout (mkfs and friends talk).
+exec 3>&1 1>&2
 rm -rf "$out.tmp"; mkdir -p "$out.tmp"; w=$out.tmp/work; mkdir -p "$w"
 deb() { ls "$cache/debs/${1}_"*.deb | tail -1; }
 
@@ -153,4 +155,4 @@ touch "$out.tmp/done"
 mv "$out.tmp" "$out"
 # Older builds go (only the current one is ever used).
 find "$cache" -mindepth 1 -maxdepth 1 -type d -not -name apt -not -name debs -not -name "$key" -exec rm -rf {} +
-echo "$out"
+echo "$out" >&3
