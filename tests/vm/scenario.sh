@@ -66,9 +66,12 @@ corrupt-env)
   # A second copy of the boot state written by libubootenv (newer counter),
   # then each copy corrupted in turn: U-Boot must boot from the other.
   host_env >/dev/null || die "no readable boot state on the factory disk"
-  fw_setenv -c "$work/fw_env.config" bootlimit 3 || die "fw_setenv on the host"
+  # (a value that changes: libubootenv writes nothing when nothing changes)
+  fw_setenv -c "$work/fw_env.config" ota_note copy-2-written || die "fw_setenv on the host"
   off=$(( $(part_start 4) * 512 ))
   for copy in 2 1; do
+    [ "$(dd if="$work/disk.img" bs=1 skip=$((off + 0x20000 + 4)) count=1 status=none | od -An -tu1 | tr -d ' ')" = 2 ] ||
+      die "copy 2 of the boot state was not written by fw_setenv"
     start=$(( off + (copy - 1) * 0x20000 + 8 ))
     printf 'XXXXXXXX' | dd of="$work/disk.img" bs=1 seek="$start" conv=notrunc status=none
     : > "$work/console.log"
@@ -79,7 +82,7 @@ corrupt-env)
     grep -q "copy $copy 0 .*using $other" "$work/console.log" || die "U-Boot did not report copy $copy bad and use copy $other"
     # Restore: rewrite both copies through libubootenv for the next round.
     dd if="$vm/disk.img" of="$work/disk.img" bs=512 skip=$((off / 512)) seek=$((off / 512)) count=512 conv=notrunc status=none
-    fw_setenv -c "$work/fw_env.config" bootlimit 3
+    fw_setenv -c "$work/fw_env.config" ota_note copy-2-written || die "fw_setenv on the host"
   done
   echo "RESULT corrupt-env: with either copy of the boot state corrupted, U-Boot used the other and booted"
   ;;
