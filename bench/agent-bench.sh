@@ -66,6 +66,7 @@ b = "$d/b.img"
 backend = "file"
 env_file = "$d/boot.env"
 TOML
+  "$bin/ota-agent" simulate-boot --env-file "$d/boot.env" >/dev/null
 }
 rss_of() { awk '/Maximum resident set size/ {printf "%.1f", $6 / 1024}' "$1"; }
 wall_of() { awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$1"; }

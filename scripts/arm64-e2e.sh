@@ -84,6 +84,8 @@ backend = "file"
 env_file = "$d/boot.env"
 bootlimit = 3
 EOT
+# Power-on: the (simulated) bootloader records which slot it booted.
+qemu-aarch64 "$arm" simulate-boot --env-file "$d/boot.env" --bootlimit 3 >/dev/null
 ( while [ ! -e "$work/stop" ]; do
     qemu-aarch64 "$arm" run --config "$d/agent.toml" >> "$d/agent.log" 2>&1 || sleep 1
   done ) &

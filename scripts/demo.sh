@@ -98,6 +98,9 @@ backend = "file"
 env_file = "$d/boot.env"
 bootlimit = 3
 EOF
+  # Power-on: the (simulated) bootloader records which slot it booted; the
+  # agent reads it and refuses to act without it.
+  "$bin/ota-agent" simulate-boot --env-file "$d/boot.env" --bootlimit 3 >/dev/null
   # The device: run the agent; when it exits after switching slots (the
   # reboot), "power on" again and start it anew, until told to stop.
   ( while [ ! -e "$work/stop" ]; do

@@ -13,7 +13,25 @@
 //! - rolling back points `slot_var` at the old slot and clears the trial.
 //!
 //! So a new slot that hangs, panics or is never committed is abandoned by
-//! the bootloader after `bootlimit` boots, without the agent.
+//! the bootloader after `bootlimit` boots, without the agent. The fallback
+//! (`altbootcmd`) leaves `bootcount` above zero, which is how the agent tells
+//! a fallback from a switch that never reached the environment.
+//!
+//! # Which slot runs is read, never inferred
+//!
+//! The running slot comes from what actually booted: the `booted` record the
+//! simulated bootloader writes (`file`), or the kernel command line the real
+//! bootloader passed (`uboot`, `grub`: `boot.cmdline_markers`, by default
+//! `root=<slot path>`). It is never taken from the slot that *should* boot
+//! next: an agent restarted (not rebooted) after switching would otherwise
+//! believe it runs the new slot and commit it untried. When neither source
+//! names a slot, [`BootControl::state`] fails with
+//! [`BootError::UnknownBootedSlot`] and the agent does nothing.
+//!
+//! Likewise "has the device rebooted since the switch?" is read from the
+//! kernel's boot id (`/proc/sys/kernel/random/boot_id`; the `file` back-end
+//! keeps a `boot_id` its simulated power-on renews), see
+//! [`BootControl::boot_id`].
 //!
 //! Back-ends: `file` (a key=value file replaced atomically and fsynced; the
 //! "bootloader" is [`simulate_boot`], run by tests as the reboot command),
@@ -40,6 +58,13 @@ pub enum BootError {
     Command { command: String, stderr: String },
     #[error("boot environment: {0}")]
     Invalid(String),
+    /// Nothing readable says which slot is running: the agent must not
+    /// commit, roll back or report a version.
+    #[error(
+        "cannot tell which slot is running: {0}; refusing to act on the boot environment \
+         (fix the bootloader integration, see deploy/README.md)"
+    )]
+    UnknownBootedSlot(String),
 }
 
 /// A bootloader's variable store.
@@ -52,6 +77,17 @@ pub trait BootEnv: Send + Sync {
     /// Which slot is running now, if the back-end knows by itself.
     fn booted_marker(&self) -> Option<String> {
         None
+    }
+    /// An identifier of the current boot, different after every (real or
+    /// simulated) power-on: the kernel's random boot id.
+    fn boot_id(&self) -> Result<String, BootError> {
+        let path = "/proc/sys/kernel/random/boot_id";
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|source| BootError::Io {
+                what: format!("reading {path}"),
+                source,
+            })
     }
 }
 
@@ -125,7 +161,9 @@ impl BootControl {
     }
 
     /// Reads the boot state. A missing slot variable means slot A (a factory
-    /// environment that never switched).
+    /// environment that never switched: the bootloader's default). The
+    /// running slot must be readable (see the module docs); if it is not,
+    /// this fails with [`BootError::UnknownBootedSlot`].
     pub fn state(&self) -> Result<BootState, BootError> {
         let vars = self.env.read()?;
         let next = match vars.get(&self.cfg.slot_var) {
@@ -138,7 +176,7 @@ impl BootControl {
             Some(v) => self
                 .parse_slot(&v)
                 .ok_or_else(|| BootError::Invalid(format!("booted slot {v:?} names no slot")))?,
-            None => self.booted_from_cmdline().unwrap_or(next),
+            None => self.booted_from_cmdline()?,
         };
         Ok(BootState {
             booted,
@@ -153,15 +191,29 @@ impl BootControl {
         })
     }
 
-    fn booted_from_cmdline(&self) -> Option<Slot> {
-        let markers = self.cmdline_markers.as_ref()?;
-        let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-        let has = |m: &str| cmdline.split_whitespace().any(|w| w == m);
-        match (has(&markers[0]), has(&markers[1])) {
-            (true, false) => Some(Slot::A),
-            (false, true) => Some(Slot::B),
-            _ => None,
-        }
+    /// The running slot from the kernel command line markers.
+    fn booted_from_cmdline(&self) -> Result<Slot, BootError> {
+        let Some(markers) = self.cmdline_markers.as_ref() else {
+            return Err(BootError::UnknownBootedSlot(
+                "the boot environment has no `booted` record: the (simulated) bootloader \
+                 never ran; run `ota-agent simulate-boot --env-file FILE` once when \
+                 provisioning the device, as a power-on would"
+                    .into(),
+            ));
+        };
+        let path = &self.cfg.cmdline_file;
+        let cmdline = std::fs::read_to_string(path).map_err(|source| BootError::Io {
+            what: format!("reading {}", path.display()),
+            source,
+        })?;
+        slot_from_cmdline(&cmdline, markers)
+    }
+
+    /// The current boot's identity (see [`BootEnv::boot_id`]): the agent
+    /// records it when it decides to switch, so that after a restart it can
+    /// tell "rebooted since" from "merely restarted".
+    pub fn boot_id(&self) -> Result<String, BootError> {
+        self.env.boot_id()
     }
 
     /// Boots `slot` next, on trial.
@@ -194,6 +246,28 @@ impl BootControl {
             (&self.cfg.upgrade_available_var, "0".into()),
             (&self.cfg.bootcount_var, "0".into()),
         ])
+    }
+}
+
+/// Which slot the kernel command line names, by its markers (A, B): exactly
+/// one must appear.
+fn slot_from_cmdline(cmdline: &str, markers: &[String; 2]) -> Result<Slot, BootError> {
+    let has = |m: &str| cmdline.split_whitespace().any(|w| w == m);
+    match (has(&markers[0]), has(&markers[1])) {
+        (true, false) => Ok(Slot::A),
+        (false, true) => Ok(Slot::B),
+        (a, b) => Err(BootError::UnknownBootedSlot(format!(
+            "the kernel command line {} ({:?} for slot a, {:?} for slot b): {:?}; \
+             have the bootloader pass the booted slot's marker, or set boot.cmdline_markers",
+            if a && b {
+                "names both slots"
+            } else {
+                "names neither slot"
+            },
+            markers[0],
+            markers[1],
+            cmdline.trim()
+        ))),
     }
 }
 
@@ -252,12 +326,23 @@ impl BootEnv for FileEnv {
     fn booted_marker(&self) -> Option<String> {
         self.read().ok()?.get("booted").cloned()
     }
+    fn boot_id(&self) -> Result<String, BootError> {
+        self.read()?.get("boot_id").cloned().ok_or_else(|| {
+            BootError::UnknownBootedSlot(format!(
+                "{} has no `boot_id`: run `ota-agent simulate-boot --env-file {}` \
+                 once when provisioning, as a power-on would",
+                self.path.display(),
+                self.path.display()
+            ))
+        })
+    }
 }
 
 /// What the U-Boot script does at power-on, applied to a `file` environment:
-/// count a trial boot, fall back past the limit, and record which slot
-/// "runs". Tests use `ota-agent simulate-boot` (which calls this) as the
-/// reboot command. Returns the slot booted.
+/// count a trial boot, fall back past the limit (leaving `bootcount` above
+/// zero, as `deploy/uboot/boot.cmd`'s `altbootcmd` does), and record which
+/// slot "runs" and a fresh `boot_id`. Tests use `ota-agent simulate-boot`
+/// (which calls this) as the reboot command. Returns the slot booted.
 pub fn simulate_boot(path: &Path, bootlimit: u32) -> Result<String, BootError> {
     let env = FileEnv { path: path.into() };
     let mut vars = env.read()?;
@@ -274,10 +359,10 @@ pub fn simulate_boot(path: &Path, bootlimit: u32) -> Result<String, BootError> {
             part = if part == "a" { "b".into() } else { "a".into() };
             vars.insert("boot_part".into(), part.clone());
             vars.insert("upgrade_available".into(), "0".into());
-            vars.insert("bootcount".into(), "0".into());
         }
     }
     vars.insert("booted".into(), part.clone());
+    vars.insert("boot_id".into(), format!("{:032x}", rand::random::<u128>()));
     let pairs: Vec<(&str, String)> = vars.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     env.write(&pairs)?;
     Ok(part)
@@ -408,6 +493,7 @@ mod tests {
             bootlimit: 2,
             slot_values: ["a".into(), "b".into()],
             cmdline_markers: None,
+            cmdline_file: "/proc/cmdline".into(),
         };
         BootControl::from_config(&cfg, [Path::new("/a"), Path::new("/b")]).unwrap()
     }
@@ -417,6 +503,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("boot.env");
         let c = ctl(&p);
+        simulate_boot(&p, 2).unwrap();
         assert_eq!(c.state().unwrap().booted, Slot::A);
         c.switch_to(Slot::B).unwrap();
         assert_eq!(simulate_boot(&p, 2).unwrap(), "b");
@@ -430,6 +517,68 @@ mod tests {
             (s.booted, s.next, s.upgrade_available),
             (Slot::A, Slot::A, false)
         );
+        // The fallback leaves the count: the agent tells it from a switch
+        // that never reached the environment.
+        assert_eq!(s.bootcount, 3);
+    }
+
+    /// Issue 13: killed after switching to B, restarted without a reboot,
+    /// the agent must still see A running (it used to take "next" for the
+    /// running slot and commit B untried).
+    #[test]
+    fn a_restart_without_reboot_still_runs_the_old_slot() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("boot.env");
+        let c = ctl(&p);
+        simulate_boot(&p, 2).unwrap();
+        let before = c.boot_id().unwrap();
+        c.switch_to(Slot::B).unwrap();
+        let s = c.state().unwrap();
+        assert_eq!((s.booted, s.next), (Slot::A, Slot::B));
+        assert_eq!(c.boot_id().unwrap(), before, "no power-on happened");
+        simulate_boot(&p, 2).unwrap();
+        assert_eq!(c.state().unwrap().booted, Slot::B);
+        assert_ne!(
+            c.boot_id().unwrap(),
+            before,
+            "a power-on renews the boot id"
+        );
+    }
+
+    /// Issue 13: an environment that names the next slot but not the
+    /// running one is refused, not guessed.
+    #[test]
+    fn an_unknown_running_slot_is_refused_not_inferred() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("boot.env");
+        let c = ctl(&p);
+        c.switch_to(Slot::B).unwrap();
+        let err = c.state().unwrap_err();
+        assert!(matches!(err, BootError::UnknownBootedSlot(_)), "got {err}");
+        assert!(err.to_string().contains("simulate-boot"), "{err}");
+        assert!(matches!(
+            c.boot_id().unwrap_err(),
+            BootError::UnknownBootedSlot(_)
+        ));
+    }
+
+    #[test]
+    fn the_kernel_command_line_must_name_exactly_one_slot() {
+        let m = ["root=/dev/vda2".to_string(), "root=/dev/vda3".to_string()];
+        let slot = |c: &str| slot_from_cmdline(c, &m);
+        assert_eq!(slot("console=ttyAMA0 root=/dev/vda2 rw").unwrap(), Slot::A);
+        assert_eq!(slot("root=/dev/vda3 quiet").unwrap(), Slot::B);
+        for bad in [
+            "console=ttyAMA0",
+            "root=/dev/vda2 root=/dev/vda3",
+            "root=/dev/vda22",
+        ] {
+            let err = slot(bad).unwrap_err();
+            assert!(
+                matches!(err, BootError::UnknownBootedSlot(_)),
+                "{bad}: {err}"
+            );
+        }
     }
 
     /// libubootenv's `fw_setenv -s` ignored the `name value` lines the

@@ -180,6 +180,14 @@ pub struct BootConfig {
     /// "root=/dev/mmcblk0p3"]`. Default: `root=<slot path>`.
     #[serde(default)]
     pub cmdline_markers: Option<[String; 2]>,
+    /// `uboot`/`grub`: where the kernel command line is read. Default
+    /// `/proc/cmdline`; other paths are for tests and containers.
+    #[serde(default = "default_cmdline_file")]
+    pub cmdline_file: PathBuf,
+}
+
+fn default_cmdline_file() -> PathBuf {
+    "/proc/cmdline".into()
 }
 
 mod humantime_serde_compat {

@@ -203,18 +203,28 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let bg = shutdown.child_token();
-    let watchdog = tokio::spawn(watchdog(bg.clone()));
     let events = tokio::spawn(events_loop(agent.clone(), bg.clone()));
+    let mut watchdog = Watchdog::from_env();
     let r = async {
-        if let Some(exit) = after_boot(&agent).await? {
+        // The health check may take longer than the watchdog interval: the
+        // finishing step is pinged for while it runs (every step in it is
+        // bounded by a timeout).
+        let after = after_boot(&agent);
+        tokio::pin!(after);
+        let exit = loop {
+            tokio::select! {
+                r = &mut after => break r?,
+                _ = watchdog.due() => watchdog.ping(),
+            }
+        };
+        if let Some(exit) = exit {
             return Ok(exit);
         }
-        main_loop(&agent, &shutdown).await
+        main_loop(&agent, &shutdown, &mut watchdog).await
     }
     .await;
     // Last chance to deliver events (e.g. `rebooting`), briefly.
     bg.cancel();
-    let _ = watchdog.await;
     let _ = events.await;
     let _ = tokio::time::timeout(Duration::from_secs(1), flush_events(&agent)).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -289,21 +299,62 @@ async fn obtain_token(
     }
 }
 
-/// Pings the systemd watchdog at half its interval, if it is enabled.
-async fn watchdog(stop: CancellationToken) {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
+/// The systemd watchdog (`WatchdogSec=`), pinged by the loop that does the
+/// work — never by a timer task beside it, which would go on pinging while
+/// the main loop hangs. [`main_loop`] selects on [`Watchdog::due`] with its
+/// other branches, so a ping proves the loop came round; a loop stuck in a
+/// branch stops the pings and systemd restarts the agent.
+struct Watchdog {
+    /// Half the interval systemd gave (`None`: no watchdog).
+    tick: Option<tokio::time::Interval>,
+}
+
+impl Watchdog {
+    fn from_env() -> Watchdog {
+        let mut usec = 0u64;
+        let tick = (sd_notify::watchdog_enabled(false, &mut usec) && usec > 0).then(|| {
+            let mut i = tokio::time::interval(Duration::from_micros(usec / 2));
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        Watchdog { tick }
     }
-    let every = Duration::from_micros(usec / 2);
-    loop {
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+
+    /// Resolves when a ping is due; never, without a watchdog.
+    ///
+    /// # Cancel safety
+    /// Cancel safe (a tick not taken stays due).
+    async fn due(&mut self) {
+        match &mut self.tick {
+            Some(t) => {
+                t.tick().await;
+            }
+            None => std::future::pending().await,
         }
     }
+
+    fn ping(&self) {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+    }
 }
+
+/// Test-only fault injection, compiled into debug builds (the tests') and
+/// builds with the `test-hooks` feature, never into a release build.
+/// `OTA_AGENT_TEST_HANG_AFTER_CHECKINS=N`: after N check-ins the main loop
+/// hangs for good (a deadlock stand-in), so tests can prove that the
+/// watchdog pings stop and systemd restarts the agent.
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
+async fn test_hook_hang(checkins: u64) {
+    let after = std::env::var("OTA_AGENT_TEST_HANG_AFTER_CHECKINS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if after.is_some_and(|n| checkins >= n) {
+        tracing::error!("test hook: the main loop hangs now (OTA_AGENT_TEST_HANG_AFTER_CHECKINS)");
+        std::future::pending::<()>().await;
+    }
+}
+#[cfg(not(any(debug_assertions, feature = "test-hooks")))]
+async fn test_hook_hang(_checkins: u64) {}
 
 /// Sends the outbox whenever told to, and every few seconds.
 ///
@@ -498,6 +549,16 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
     async {
         match rec.phase {
             Phase::Downloading | Phase::Installing => Ok(None),
+            // Killed (not rebooted) after deciding to switch: the running
+            // slot is still the old one, whatever the environment says next.
+            // Finish the switch (idempotent) and reboot; never commit here.
+            Phase::Rebooting if same_boot(agent, &rec)? => {
+                if !(bs.next == rec.target && bs.upgrade_available) {
+                    agent.boot.switch_to(rec.target)?;
+                }
+                agent.set_status("rebooting", Some(&rec), None);
+                reboot(agent).await.map(Some)
+            }
             Phase::Rebooting if bs.booted == rec.target => {
                 agent.set_status("testing", Some(&rec), None);
                 let healthy = run_command(
@@ -545,10 +606,46 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
                     }
                 }
             }
-            Phase::Rebooting if bs.next == rec.target && bs.upgrade_available => {
-                // Switched, but killed before the reboot happened.
+            Phase::Rebooting
+                if rec.switched_in_boot.is_none()
+                    && bs.next == rec.target
+                    && bs.upgrade_available =>
+            {
+                // Switched, but killed before the reboot happened (a record
+                // from an agent that did not note the boot id).
                 agent.set_status("rebooting", Some(&rec), None);
                 reboot(agent).await.map(Some)
+            }
+            Phase::Rebooting if bs.next == rec.target && bs.upgrade_available => {
+                // Rebooted, yet the old slot runs while the environment still
+                // asks for a trial of the new one: the bootloader does not
+                // follow the contract. Rebooting again could loop forever.
+                agent.boot.rollback_to(rec.from_slot)?;
+                let reason = format!(
+                    "the bootloader booted slot {} although the boot environment asked for a \
+                     trial of slot {}: check the boot script against deploy/uboot/boot.cmd",
+                    bs.booted.name(),
+                    rec.target.name()
+                );
+                finish_rollback(agent, &rec, reason).await?;
+                Ok(None)
+            }
+            Phase::Rebooting
+                if rec.switched_in_boot.is_some() && bs.bootcount == 0 && !bs.upgrade_available =>
+            {
+                // Rebooted on the old slot with an untouched environment: the
+                // power went before the switch reached it (a fallback leaves
+                // `bootcount` above zero). Resume at "installing": the slot is
+                // read back and verified again before the next switch.
+                tracing::warn!(
+                    slot = rec.target.name(),
+                    "the boot switch did not reach the boot environment before the power went; \
+                     verifying the slot again and switching"
+                );
+                rec.phase = Phase::Installing;
+                rec.switched_in_boot = None;
+                agent.state.set_update(Some(&rec))?;
+                Ok(None)
             }
             Phase::Rebooting => {
                 let reason = format!(
@@ -571,6 +668,16 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
     }
     .instrument(span)
     .await
+}
+
+/// Whether the device is still in the boot in which the agent decided to
+/// switch (`update.json` names it): then nothing has rebooted since, and the
+/// running slot cannot be the new one.
+fn same_boot(agent: &Agent, rec: &UpdateRecord) -> Result<bool, DaemonError> {
+    match &rec.switched_in_boot {
+        Some(id) => Ok(*id == agent.boot.boot_id()?),
+        None => Ok(false),
+    }
 }
 
 async fn finish_rollback(
@@ -613,8 +720,13 @@ struct Download {
 /// # Cancel safety
 /// Stops at `shutdown` after cancelling the update task and awaiting it, so
 /// the recorder finishes syncing and recording what was written.
-async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<Exit, DaemonError> {
+async fn main_loop(
+    agent: &Arc<Agent>,
+    shutdown: &CancellationToken,
+    watchdog: &mut Watchdog,
+) -> Result<Exit, DaemonError> {
     let mut download: Option<Download> = None;
+    let mut checkins = 0u64;
     // Resume an update interrupted by a crash or a stop, without waiting
     // for the server.
     if let Some(rec) = agent.state.update()?
@@ -623,9 +735,13 @@ async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<E
         download = Some(start_download(agent, rec.offer, shutdown));
     }
     let mut wait = Duration::ZERO;
+    // The next check-in is a deadline, not a sleep started anew each time
+    // round: the watchdog branch comes round more often than check-ins.
+    let mut next_checkin = tokio::time::Instant::now();
     let mut failures = 0u32;
     let mut last_contact = Instant::now();
     loop {
+        let mut pinged = false;
         tokio::select! {
             _ = shutdown.cancelled() => {
                 if let Some(d) = download.take() {
@@ -647,7 +763,13 @@ async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<E
                 }
                 wait = Duration::ZERO;
             }
-            _ = tokio::time::sleep(wait) => {
+            _ = watchdog.due() => {
+                watchdog.ping();
+                pinged = true;
+            }
+            _ = tokio::time::sleep_until(next_checkin) => {
+                checkins += 1;
+                test_hook_hang(checkins).await;
                 let (booted, running) = agent.running()?;
                 let req = CheckinRequest {
                     current_version: running.version.clone(),
@@ -724,6 +846,9 @@ async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<E
                     }
                 }
             }
+        }
+        if !pinged {
+            next_checkin = tokio::time::Instant::now() + wait;
         }
     }
 }
@@ -849,6 +974,7 @@ async fn update_task(
         to_version: manifest.to.version.clone(),
         to_security_counter: manifest.security_counter,
         reason: None,
+        switched_in_boot: None,
     };
     if existing.is_none() {
         write_atomic(&manifest_path, &envelope).map_err(|e| format!("saving the manifest: {e}"))?;
@@ -1003,9 +1129,14 @@ async fn update_task(
     }
     dest.sync_all()
         .map_err(|e| format!("syncing slot {}: {e}", target.name()))?;
-    agent.boot.switch_to(target)?;
+    // The decision is recorded (with this boot's id) before the boot
+    // environment changes: after a crash or power cut, `after_boot` then
+    // knows whether the switch may have happened and whether the device has
+    // rebooted since, instead of guessing from the environment alone.
     rec.phase = Phase::Rebooting;
+    rec.switched_in_boot = Some(agent.boot.boot_id()?);
     agent.state.set_update(Some(&rec))?;
+    agent.boot.switch_to(target)?;
     agent
         .event(
             &offer.update_id,

@@ -68,6 +68,11 @@ pub struct UpdateRecord {
     /// Why we are rolling back (phase `rolling-back`).
     #[serde(default)]
     pub reason: Option<String>,
+    /// The boot id (`BootControl::boot_id`) of the boot in which the agent
+    /// decided to switch to `target`; recorded before the switch. The same
+    /// id after a restart means no reboot happened since.
+    #[serde(default)]
+    pub switched_in_boot: Option<String>,
 }
 
 /// What each slot holds, as far as the agent knows.

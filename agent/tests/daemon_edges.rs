@@ -212,6 +212,65 @@ async fn systemd_gets_ready_status_watchdog_and_stopping() {
     eprintln!("notify messages: {seen:?}");
 }
 
+/// Issue 13: the watchdog ping must come from the loop that does the work.
+/// It used to come from a timer task beside the loop, which went on pinging
+/// while the loop hung, so systemd never restarted a stuck agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_main_loop_stops_the_watchdog_pings() {
+    let fx = Fixture::new(256 << 10, 64 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server
+        .srv
+        .next_checkin_ms
+        .store(100, std::sync::atomic::Ordering::SeqCst);
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let sock_path = dev.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} run --config {}",
+            agent_bin().display(),
+            dev.config.display()
+        ))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env("OTA_AGENT_TEST_HANG_AFTER_CHECKINS", "5")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut agent = AgentProc(child);
+    let mut buf = [0u8; 4096];
+    let t = Instant::now();
+    let mut last_ping = None;
+    let mut pings = 0;
+    // Pings while the loop runs; then the loop hangs (after 5 check-ins at
+    // 100 ms, ~0.5 s) and the pings must stop although the process lives.
+    while t.elapsed() < Duration::from_secs(4) {
+        if let Ok(n) = sock.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1")
+        {
+            pings += 1;
+            last_ping = Some(t.elapsed());
+        }
+    }
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent should hang, not exit"
+    );
+    assert!(pings >= 2, "no watchdog pings before the hang: {pings}");
+    let last = last_ping.unwrap();
+    assert!(
+        last < Duration::from_secs(2),
+        "watchdog pings went on while the main loop hung (last at {last:?}, {pings} pings)"
+    );
+    // A hung loop cannot answer SIGTERM either: systemd would SIGABRT it.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_that_cannot_be_renewed_stops_the_download() {
     let fx = Fixture::noisy(4 << 20, 128 << 10, true);

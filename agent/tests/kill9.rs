@@ -137,6 +137,12 @@ async fn kill_9_at_random_moments_never_leaves_a_wrong_image() {
             (v["boot_part"].as_str(), v["upgrade_available"].as_str()),
             ("b", "0")
         );
+        // Committed only after B really booted (issue 13: a restart after the
+        // switch used to commit B without a reboot).
+        assert_eq!(
+            v["booted"], "b",
+            "trial {trial} (seed {seed}): committed a slot that never booted"
+        );
         let sent = server.srv.bytes_sent.load(Ordering::SeqCst);
         let redownload = sent.saturating_sub(fx.payload.len() as u64);
         assert!(

@@ -114,6 +114,13 @@ bootlimit = 3
         ),
     )
     .unwrap();
+    // Power-on: the simulated bootloader records the running slot.
+    let st = Command::new(&agent)
+        .args(["simulate-boot", "--env-file"])
+        .arg(d.join("boot.env"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "simulate-boot");
     Dev { dir: d, cfg }
 }
 

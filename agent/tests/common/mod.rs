@@ -594,6 +594,8 @@ bootlimit = 3
             b = slot_b.display(),
         );
         std::fs::write(&config, cfg).unwrap();
+        // Power-on: the simulated bootloader records the running slot.
+        ota_agent::bootctl::simulate_boot(&boot_env, 3).unwrap();
         Device {
             dir,
             config,
