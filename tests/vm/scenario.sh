@@ -96,6 +96,7 @@ powercut)
   if [ -n "${OTA_VM_CUTS_AT:-}" ]; then read -ra at <<< "$OTA_VM_CUTS_AT"; else
     at=(); for ((i = 0; i < cuts; i++)); do at+=("$((RANDOM % (span * 10) / 10)).$((RANDOM % 10))"); done
   fi
+  mapfile -t at < <(printf '%s\n' "${at[@]}" | sort -n)
   boot_and_enroll
   rollout_start
   moments=()
