@@ -122,7 +122,9 @@ impl BootControl {
                     .clone()
                     .ok_or_else(|| BootError::Invalid("file back-end needs env_file".into()))?,
             }),
-            "uboot" => Box::new(UbootEnv),
+            "uboot" => Box::new(UbootEnv {
+                config: cfg.env_file.clone(),
+            }),
             "grub" => Box::new(GrubEnv {
                 path: cfg
                     .env_file
@@ -383,25 +385,75 @@ fn run(cmd: &mut Command) -> Result<String, BootError> {
 
 /// The `uboot` back-end: `fw_printenv` / `fw_setenv -s` (one atomic update of
 /// the redundant environment for all variables).
-pub struct UbootEnv;
+///
+/// The two tools named `fw_setenv` disagree on the script format:
+/// libubootenv's (Debian's `libubootenv-tool`, Yocto's default) reads
+/// `name=value` lines and silently ignores `name value` ones, exiting 0;
+/// U-Boot's own `u-boot-tools` one reads `name value` and refuses `=` in a
+/// name. So every write is read back: `name=value` first, the legacy format
+/// if that did not take, and an error if neither did, because a switch the
+/// bootloader never sees is an update that silently never boots.
+pub struct UbootEnv {
+    /// `fw_env.config` to use instead of `/etc/fw_env.config` (`boot.env_file`).
+    pub config: Option<PathBuf>,
+}
 
-impl BootEnv for UbootEnv {
-    fn read(&self) -> Result<BTreeMap<String, String>, BootError> {
-        Ok(parse_env(&run(&mut Command::new("fw_printenv"))?))
+impl UbootEnv {
+    fn tool(&self, name: &str) -> Command {
+        let mut cmd = Command::new(name);
+        if let Some(c) = &self.config {
+            cmd.arg("-c").arg(c);
+        }
+        cmd
     }
-    fn write(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
-        let script: String = vars.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+
+    fn script(&self, vars: &[(&str, String)], sep: char) -> Result<(), BootError> {
+        let script: String = vars.iter().map(|(k, v)| format!("{k}{sep}{v}\n")).collect();
         let mut f = tempfile::NamedTempFile::new().map_err(|source| BootError::Io {
             what: "creating the fw_setenv script".into(),
             source,
         })?;
         f.write_all(script.as_bytes())
+            .and_then(|()| f.flush())
             .map_err(|source| BootError::Io {
                 what: "writing the fw_setenv script".into(),
                 source,
             })?;
-        run(Command::new("fw_setenv").arg("-s").arg(f.path()))?;
+        run(self.tool("fw_setenv").arg("-s").arg(f.path()))?;
         Ok(())
+    }
+
+    /// The first variable the environment does not hold as written.
+    fn mismatch(&self, vars: &[(&str, String)]) -> Result<Option<String>, BootError> {
+        let now = self.read()?;
+        Ok(vars
+            .iter()
+            .find(|(k, v)| now.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}={v} (it holds {:?})", now.get(*k))))
+    }
+}
+
+impl BootEnv for UbootEnv {
+    fn read(&self) -> Result<BTreeMap<String, String>, BootError> {
+        Ok(parse_env(&run(&mut self.tool("fw_printenv"))?))
+    }
+    fn write(&self, vars: &[(&str, String)]) -> Result<(), BootError> {
+        let first = self.script(vars, '=');
+        if first.is_ok() && self.mismatch(vars)?.is_none() {
+            return Ok(());
+        }
+        tracing::debug!(
+            ?first,
+            "fw_setenv did not take `name=value` lines: trying `name value`"
+        );
+        self.script(vars, ' ')?;
+        match self.mismatch(vars)? {
+            None => Ok(()),
+            Some(m) => Err(BootError::Invalid(format!(
+                "fw_setenv -s exited 0 but the environment does not hold {m}: \
+                 check that fw_env.config names the environment U-Boot reads"
+            ))),
+        }
     }
 }
 
@@ -527,6 +579,77 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    /// libubootenv's `fw_setenv -s` ignored the `name value` lines the
+    /// agent wrote and exited 0: the switch to B never reached U-Boot (found
+    /// on the U-Boot VM, tests/vm). Runs the real tools on a real redundant
+    /// environment.
+    #[test]
+    fn uboot_switch_reaches_the_real_fw_setenv_environment() {
+        let have = |t: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !(have("fw_setenv") && have("mkenvimage")) {
+            assert!(
+                std::env::var("CI").map_or(true, |v| v != "true"),
+                "CI=true needs fw_setenv (libubootenv-tool) and mkenvimage (u-boot-tools)"
+            );
+            eprintln!("!!!! SKIPPED: fw_setenv or mkenvimage missing");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let env = d.path().join("env.bin");
+        let txt = d.path().join("env.txt");
+        std::fs::write(
+            &txt,
+            "boot_part=a\nbootlimit=3\nbootcount=0\nupgrade_available=0\n",
+        )
+        .unwrap();
+        let copy = d.path().join("copy.bin");
+        let st = Command::new("mkenvimage")
+            .args(["-r", "-s", "0x20000", "-o"])
+            .arg(&copy)
+            .arg(&txt)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut img = std::fs::read(&copy).unwrap();
+        img.resize(0x40000, 0);
+        std::fs::write(&env, img).unwrap();
+        let conf = d.path().join("fw_env.config");
+        std::fs::write(
+            &conf,
+            format!(
+                "{e} 0x0 0x20000 0x20000\n{e} 0x20000 0x20000 0x20000\n",
+                e = env.display()
+            ),
+        )
+        .unwrap();
+        let cfg = BootConfig {
+            backend: "uboot".into(),
+            env_file: Some(conf),
+            slot_var: "boot_part".into(),
+            upgrade_available_var: "upgrade_available".into(),
+            bootcount_var: "bootcount".into(),
+            bootlimit: 3,
+            slot_values: ["a".into(), "b".into()],
+            cmdline_markers: Some(["root=/dev/vda2".into(), "root=/dev/vda3".into()]),
+        };
+        let c = BootControl::from_config(&cfg, [Path::new("/dev/vda2"), Path::new("/dev/vda3")])
+            .unwrap();
+        c.switch_to(Slot::B).unwrap();
+        let s = c.state().unwrap();
+        assert_eq!(
+            (s.next, s.upgrade_available, s.bootcount),
+            (Slot::B, true, 0)
+        );
+        c.commit(Slot::B).unwrap();
+        let s = c.state().unwrap();
+        assert_eq!((s.next, s.upgrade_available), (Slot::B, false));
     }
 
     #[test]

@@ -153,7 +153,8 @@ pub struct BootConfig {
     /// fw_setenv) or `"grub"` (grub-editenv). Required.
     pub backend: String,
     /// `file`: the state file. `grub`: the grubenv file (default
-    /// `/boot/grub/grubenv`). Unused by `uboot`.
+    /// `/boot/grub/grubenv`). `uboot`: the `fw_env.config` for
+    /// `fw_printenv`/`fw_setenv -c` (default: the tools' `/etc/fw_env.config`).
     #[serde(default)]
     pub env_file: Option<PathBuf>,
     /// Variable holding the slot to boot, `a`/`b`. Default: `"boot_part"`.

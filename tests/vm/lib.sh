@@ -1,0 +1,133 @@
+# Shared by the VM scenario scripts: the server, the VM's power switch, and
+# checks of the disk as the host sees it between power cycles.
+# shellcheck shell=bash
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+server=${OTA_SERVER_BIN:-$root/target/debug/ota-server}
+devtype=ota-vm-arm64
+qemu_pid=
+server_pid=
+t_start=$(date +%s.%N)
+now() { printf '%.1f' "$(echo "$(date +%s.%N) - $t_start" | bc)"; }
+log() { echo "[$(now)s] $*" >&2; }
+die() {
+  log "FAIL: $*"
+  [ -f "$work/console.log" ] && { echo "---- last console lines ($work/console.log)" >&2; tail -40 "$work/console.log" >&2; }
+  exit 1
+}
+
+cleanup() {
+  [ -n "$qemu_pid" ] && kill -9 "$qemu_pid" 2>/dev/null
+  [ -n "$server_pid" ] && kill -TERM "$server_pid" 2>/dev/null
+  wait 2>/dev/null
+  if [ -n "${OTA_VM_KEEP:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
+}
+
+# vm_setup VARIANT: a fresh factory disk, a server with 1.0 and 2.0 (= the
+# slot image VARIANT), started. Release data is built once per VM build and
+# copied (sled data dir of a stopped server) for the next scenario.
+vm_setup() {
+  vm=$("$here/build.sh") || die "building the VM failed"
+  work=$(mktemp -d "${TMPDIR:-/tmp}/ota-vm.XXXXXX")
+  trap cleanup EXIT
+  cp --sparse=always "$vm/disk.img" "$work/disk.img"
+  : > "$work/console.log"
+  local rel=$vm/server-$1
+  if [ ! -f "$rel/done" ]; then
+    rm -rf "$rel"; mkdir -p "$rel"
+    server_conf "$rel"
+    server_start "$rel"
+    "$server" release add --version 1.0 --device-type $devtype --image "$vm/v1.img" --wait >/dev/null || die "release 1.0"
+    "$server" release add --version 2.0 --device-type $devtype --image "$vm/$1.img" --wait >/dev/null || die "release 2.0"
+    kill -TERM "$server_pid"; wait "$server_pid" 2>/dev/null || true; server_pid=
+    touch "$rel/done"
+  fi
+  mkdir -p "$work/server"
+  cp -a "$rel/data" "$rel/server.toml" "$work/server/"
+  server_start "$work/server"
+  log "server $OTA_SERVER; VM $vm; work $work"
+}
+
+server_conf() {
+  cat > "$1/server.toml" <<EOT
+listen = "127.0.0.1:0"
+data_dir = "data"
+admin_token = "ota-vm-admin-token"
+enrollment_key = "ota-vm-enrollment-key"
+signing_key = "$vm/ota-signing.key"
+zstd_level = 9
+[checkin]
+idle_interval_ms = 1000
+wait_interval_ms = 1000
+lease_ms = 600000
+EOT
+}
+
+server_start() {
+  (cd "$1" && exec "$server" serve --config server.toml > stdout 2> log) &
+  server_pid=$!
+  for _ in $(seq 100); do grep -q "listening on" "$1/stdout" 2>/dev/null && break; sleep 0.1; done
+  addr=$(sed -n 's/^ota-server listening on //p' "$1/stdout")
+  [ -n "$addr" ] || { cat "$1/log" >&2; die "ota-server did not start"; }
+  export OTA_SERVER="http://$addr" OTA_ADMIN_TOKEN=ota-vm-admin-token
+}
+
+# Power on: U-Boot from Debian's u-boot-qemu, one virtio disk, user-mode
+# network restricted to one forward: 10.0.2.100:80 in the guest is the
+# server on the host's loopback (socat per connection); nothing else.
+power_on() {
+  echo "==== power on at $(now)s" >> "$work/console.log"
+  qemu-system-aarch64 -M virt -cpu cortex-a57 -smp 1 -m 384 -nographic -monitor none \
+    -bios "$vm/u-boot.bin" \
+    -drive "if=none,file=$work/disk.img,format=raw,id=d,cache=writeback" -device virtio-blk-device,drive=d \
+    -netdev "user,id=n,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:socat STDIO TCP:${addr}" \
+    -device virtio-net-device,netdev=n < /dev/null >> "$work/console.log" 2>&1 &
+  qemu_pid=$!
+}
+
+# Power cut: the emulator killed (guest page cache, unflushed writes: gone).
+power_cut() {
+  kill -9 "$qemu_pid" 2>/dev/null; wait "$qemu_pid" 2>/dev/null || true; qemu_pid=
+  echo "==== power cut at $(now)s" >> "$work/console.log"
+}
+
+# The boot state as U-Boot will read it, through libubootenv on the host.
+part_start() { sgdisk -i "$1" "$work/disk.img" | sed -n 's/^First sector: \([0-9]*\).*/\1/p'; }
+host_env() {
+  local off; off=$(( $(part_start 4) * 512 ))
+  printf '%s 0x%x 0x20000 0x20000\n%s 0x%x 0x20000 0x20000\n' "$work/disk.img" "$off" "$work/disk.img" $((off + 0x20000)) > "$work/fw_env.config"
+  fw_printenv -c "$work/fw_env.config" "$@" 2>/dev/null
+}
+env_var() { host_env -n "$1"; }
+# Slot B holds image $1 byte for byte.
+slot_b_is() {
+  local size; size=$(stat -c %s "$1")
+  [ "$(dd if="$work/disk.img" bs=512 skip="$(part_start 3)" count=$((size / 512)) status=none | sha256sum)" = "$(sha256sum < "$1")" ]
+}
+# The invariant after any power cut: the bootloader never boots into a slot
+# that is not a verified image: if B is next, B is 2.0 byte for byte.
+check_bootable() {
+  local part; part=$(env_var boot_part) || part=a
+  if [ "$part" = b ]; then
+    slot_b_is "$1" || die "U-Boot would boot slot b, which is not the verified 2.0 image (moment: $2)"
+  fi
+  log "  after the cut: boot_part=$part upgrade_available=$(env_var upgrade_available || echo -) bootcount=$(env_var bootcount || echo -): ok"
+}
+
+rollout_col() { "$server" rollout status "$rid" | awk -v c="$1" '$1=="all"{print $c}'; }
+committed() { [ "$(rollout_col 9)" = 1 ]; }
+rolled_back() { [ "$(rollout_col 11)" = 1 ]; }
+wait_for() { # seconds description command...
+  local limit=$1 what=$2; shift 2
+  local t0=$SECONDS
+  until "$@"; do
+    (( SECONDS - t0 < limit )) || { "$server" rollout status "$rid" >&2 || true; die "$what: not within ${limit}s"; }
+    sleep 1
+  done
+}
+rollout_start() {
+  rid=$("$server" rollout create --release 2.0 --device-type $devtype --max-concurrent 1 --max-starts-per-min 60 2>/dev/null) || die "rollout create"
+  t_rollout=$(date +%s.%N)
+}
+since_rollout() { printf '%.0f' "$(echo "$(date +%s.%N) - $t_rollout" | bc)"; }
+console_has() { grep -q "$1" "$work/console.log"; }
