@@ -630,7 +630,12 @@ async fn main_loop(agent: &Arc<Agent>, shutdown: &CancellationToken) -> Result<E
         // The lease is unconfirmed: the first check-in (at once) renews it
         // or cancels the update; without an answer the download stops
         // within one lease term, as if the lease had just been granted.
-        download = Some(start_download(agent, rec.offer, shutdown, LeaseInstant::now()));
+        download = Some(start_download(
+            agent,
+            rec.offer,
+            shutdown,
+            LeaseInstant::now(),
+        ));
     }
     let mut wait = Duration::ZERO;
     let mut failures = 0u32;

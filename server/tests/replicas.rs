@@ -346,7 +346,10 @@ async fn a_grant_lost_in_a_throttle_rebuild_is_withdrawn_not_offered() {
         del.arg(format!("{tag}:{k}"));
     }
     let deleted: u64 = del.query_async(&mut redis).await.unwrap();
-    assert!(deleted >= 3, "the rollout's keys were not there ({deleted})");
+    assert!(
+        deleted >= 3,
+        "the rollout's keys were not there ({deleted})"
+    );
 
     // e's check-in finds the state lost, rebuilds it from PostgreSQL (where
     // d is not downloading yet) and takes the free slot.
@@ -372,7 +375,11 @@ async fn a_grant_lost_in_a_throttle_rebuild_is_withdrawn_not_offered() {
     );
     let st = srv.status(&r.id).await;
     assert_eq!(st.active_leases, 1);
-    assert_eq!(st.totals().admitted, 1, "the withdrawn admission still counts");
+    assert_eq!(
+        st.totals().admitted,
+        1,
+        "the withdrawn admission still counts"
+    );
 
     // The withdrawal cost d nothing: once e is done, d gets the slot.
     e.event(&e_offer.update_id, EventKind::Installed).await;

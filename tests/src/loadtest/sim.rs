@@ -705,8 +705,14 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
     let done = &mut h.done;
     let result = {
         tokio::pin!(pool_fut);
-        let mut keeper = tokio::time::interval(lease_every);
-        keeper.tick().await;
+        // Check-ins keep the lease: the first is due `lease_every` after
+        // the check-in that last renewed it (the manifest and the
+        // `download-started` event took some of its term already).
+        let last_renewal = lease.stop_at() - lease.term();
+        let mut keeper = tokio::time::interval_at(
+            (last_renewal + lease_every).max(tokio::time::Instant::now()),
+            lease_every,
+        );
         let mut kill_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
