@@ -249,7 +249,7 @@ async fn a_hung_checkin_does_not_keep_a_lost_lease_downloading() {
         );
     };
     eprintln!("download stopped {stopped_at:?} after check-ins began to hang (lease 1 s)");
-    assert!(stopped_at < Duration::from_millis(2500), "{stopped_at:?}");
+    assert!(stopped_at < Duration::from_secs(3), "{stopped_at:?}");
     // The server answers again: the renewed lease resumes the download.
     server.srv.checkin_hang_ms.store(0, Ordering::SeqCst);
     server.srv.throttle_us.store(0, Ordering::SeqCst);
