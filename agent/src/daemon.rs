@@ -12,7 +12,9 @@
 //!    inactive slot. A recorder fsyncs the slot, then records the applied
 //!    operations in sled and a coalesced `progress` event. While downloading
 //!    the agent checks in every `lease_ms / 3` to keep its lease; a `cancel`
-//!    answer, SIGTERM, or a lease it can no longer renew cancels the pool.
+//!    answer, SIGTERM, or a lease it could not renew in time cancels the
+//!    pool — before the server's deadline, by [`crate::lease`]'s clock, so
+//!    the slot is never re-granted while this device still downloads.
 //! 4. **Install**: hash the whole target slot against `to.sha256`, switch
 //!    boot to it on trial, record phase `rebooting`, report `installed` and
 //!    `rebooting`, run the reboot command and exit.
@@ -48,6 +50,9 @@ use ota_format::api::{
 use ota_format::envelope::public_key_from_pem;
 use ota_format::{Digest, Manifest, TrustedKeys};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant as LeaseInstant;
+
+use crate::lease::LeaseClock;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -710,7 +715,9 @@ async fn finish_rollback(
 /// A running update task.
 struct Download {
     update_id: String,
-    lease: Duration,
+    lease: LeaseClock,
+    /// Stopped because the lease ran out (the task is winding down).
+    lease_lost: bool,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), UpdateEnd>>,
 }
@@ -732,19 +739,28 @@ async fn main_loop(
     if let Some(rec) = agent.state.update()?
         && matches!(rec.phase, Phase::Downloading | Phase::Installing)
     {
-        download = Some(start_download(agent, rec.offer, shutdown));
+        // The lease is unconfirmed: the first check-in (at once) renews it
+        // or cancels the update; without an answer the download stops
+        // within one lease term, as if the lease had just been granted.
+        download = Some(start_download(
+            agent,
+            rec.offer,
+            shutdown,
+            LeaseInstant::now(),
+        ));
     }
     let mut wait = Duration::ZERO;
     // The next check-in is a deadline, not a sleep started anew each time
     // round: the watchdog branch comes round more often than check-ins.
     let mut next_checkin = tokio::time::Instant::now();
     let mut failures = 0u32;
-    let mut last_contact = Instant::now();
     // The token the server last refused, once we have said so.
     let mut refused: Option<String> = None;
     loop {
         let mut pinged = false;
+        let stop_at = lease_stop_at(&download);
         tokio::select! {
+            _ = sleep_until_opt(stop_at) => stop_for_lost_lease(&mut download),
             _ = shutdown.cancelled() => {
                 if let Some(d) = download.take() {
                     d.cancel.cancel();
@@ -782,15 +798,23 @@ async fn main_loop(
                         progress: agent.live.snapshot(),
                     }),
                 };
-                let r = tokio::select! {
-                    _ = shutdown.cancelled() => continue,
-                    r = agent.client.checkin(&req) => r,
+                let sent = LeaseInstant::now();
+                let checkin = agent.client.checkin(&req);
+                tokio::pin!(checkin);
+                // A check-in that hangs must not keep a lost lease
+                // downloading.
+                let r = loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break None,
+                        r = &mut checkin => break Some(r),
+                        _ = sleep_until_opt(lease_stop_at(&download)) => stop_for_lost_lease(&mut download),
+                    }
                 };
+                let Some(r) = r else { continue };
                 match r {
                     Ok((resp, retry_after)) => {
                         failures = 0;
                         refused = None;
-                        last_contact = Instant::now();
                         wait = Duration::from_millis(resp.next_checkin_ms.clamp(100, 86_400_000));
                         match resp.action {
                             Action::None => {}
@@ -798,10 +822,15 @@ async fn main_loop(
                                 tracing::debug!("server says wait: {reason}");
                                 wait = wait.max(retry_after.unwrap_or_default());
                             }
-                            Action::Update(offer) => match &download {
-                                Some(d) if d.update_id == offer.update_id => {}
+                            Action::Update(offer) => match &mut download {
+                                // The offer of the update in hand renews its lease.
+                                Some(d) if d.update_id == offer.update_id => {
+                                    if !d.lease_lost {
+                                        d.lease.renewed(sent);
+                                    }
+                                }
                                 Some(d) => tracing::warn!(holding = %d.update_id, offered = %offer.update_id, "ignoring a second offer while one is in hand"),
-                                None => download = Some(start_download(agent, offer, shutdown)),
+                                None => download = Some(start_download(agent, offer, shutdown, sent)),
                             },
                             Action::Cancel { update_id, reason } => {
                                 if let Some(d) = download.as_ref().filter(|d| d.update_id == update_id) {
@@ -817,7 +846,7 @@ async fn main_loop(
                             }
                         }
                         if let Some(d) = &download {
-                            wait = wait.min(d.lease / 3).max(Duration::from_millis(100));
+                            wait = wait.min(d.lease.term() / 3).max(Duration::from_millis(100));
                         }
                     }
                     Err(e) if e.is_unauthorized() => {
@@ -832,11 +861,7 @@ async fn main_loop(
                         wait = pool::backoff(Duration::from_secs(1), agent.cfg.max_backoff, failures);
                         tracing::warn!(retry_in_ms = wait.as_millis() as u64, "check-in failed: {e}");
                         if let Some(d) = &download {
-                            wait = wait.min(d.lease / 3).max(Duration::from_millis(100));
-                            if last_contact.elapsed() > d.lease {
-                                tracing::warn!(update = %d.update_id, "lease lost (no contact for {:?}): stopping the download", d.lease);
-                                d.cancel.cancel();
-                            }
+                            wait = wait.min(d.lease.term() / 3).max(Duration::from_millis(100));
                         }
                     }
                 }
@@ -923,16 +948,47 @@ async fn fail_update(agent: &Agent, update_id: &str, reason: String) -> Result<(
     Ok(())
 }
 
+/// When the download in hand must have stopped (none if there is none, or
+/// it is already stopping).
+fn lease_stop_at(download: &Option<Download>) -> Option<LeaseInstant> {
+    download
+        .as_ref()
+        .filter(|d| !d.lease_lost)
+        .map(|d| d.lease.stop_at())
+}
+
+/// Sleeps until `at`; never returns without it.
+async fn sleep_until_opt(at: Option<LeaseInstant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The lease could not be renewed in time: stop downloading now, before the
+/// server's deadline gives the slot to another device. The update stays in
+/// `update.json`; the next check-in that renews it resumes the download.
+fn stop_for_lost_lease(download: &mut Option<Download>) {
+    if let Some(d) = download.as_mut().filter(|d| !d.lease_lost) {
+        tracing::warn!(update = %d.update_id, "lease not renewed in time (server unreachable?): stopping the download before the server gives the slot away");
+        d.lease_lost = true;
+        d.cancel.cancel();
+    }
+}
+
+/// Starts the update task for `offer`, granted by a check-in sent at `sent`.
 fn start_download(
     agent: &Arc<Agent>,
     offer: UpdateOffer,
     shutdown: &CancellationToken,
+    sent: LeaseInstant,
 ) -> Download {
     let cancel = shutdown.child_token();
     let span = tracing::info_span!("update", id = %offer.update_id, version = %offer.version);
     let d = Download {
         update_id: offer.update_id.clone(),
-        lease: Duration::from_millis(offer.lease_ms.max(300)),
+        lease: LeaseClock::granted(Duration::from_millis(offer.lease_ms.max(300)), sent),
+        lease_lost: false,
         cancel: cancel.clone(),
         task: tokio::spawn(update_task(agent.clone(), offer, cancel).instrument(span)),
     };

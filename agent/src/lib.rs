@@ -18,6 +18,10 @@
 //!   requests, at most N in flight, stall detection, retries with backoff and
 //!   jitter, every operation verified before it is written into any
 //!   [`ota_delta::io::WriteAt`] destination, within a memory budget.
+//! - [`lease`]: the device's copy of its download lease — it stops
+//!   downloading before the server's deadline, so a lease that could not be
+//!   renewed is never re-granted while it still downloads (the daemon and
+//!   the load test's simulated devices share it).
 //! - [`state`]: what survives a crash — atomic decision files, and sled for
 //!   progress hints (re-verified on restart), the events outbox and the
 //!   event counter.
@@ -31,6 +35,7 @@ pub mod bootctl;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod lease;
 pub mod pool;
 pub mod state;
 pub mod status;

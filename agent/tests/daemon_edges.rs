@@ -271,6 +271,55 @@ async fn a_hung_main_loop_stops_the_watchdog_pings() {
     agent.wait().unwrap();
 }
 
+/// Issue 19, defect 4: check-ins that hang (a replica waiting on a
+/// restarting database) instead of failing. The agent judged its lease only
+/// when a check-in failed, and from when an answer arrived: a check-in held
+/// for 6 s kept a 1 s lease downloading for all of it, while the server
+/// had long given the slot to another device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_checkin_does_not_keep_a_lost_lease_downloading() {
+    let fx = Fixture::noisy(4 << 20, 128 << 10, true);
+    let server = Server::start(&[&fx]).await;
+    server.srv.throttle_us.store(50_000, Ordering::SeqCst);
+    server.srv.next_checkin_ms.store(100, Ordering::SeqCst);
+    let mut offer = fx.offer("u-hang");
+    offer.lease_ms = 1000;
+    *server.srv.offer.lock().unwrap() = Some(offer);
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    server
+        .wait_for("download", Duration::from_secs(20), |s| {
+            s.srv.bytes_sent.load(Ordering::SeqCst) > 50_000
+        })
+        .await;
+    server.srv.checkin_hang_ms.store(6000, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut last = server.srv.bytes_sent.load(Ordering::SeqCst);
+    let stopped_at = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = server.srv.bytes_sent.load(Ordering::SeqCst);
+        if now == last {
+            break t.elapsed();
+        }
+        last = now;
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "download went on for 5 s on a 1 s lease while check-ins hung"
+        );
+    };
+    eprintln!("download stopped {stopped_at:?} after check-ins began to hang (lease 1 s)");
+    assert!(stopped_at < Duration::from_secs(3), "{stopped_at:?}");
+    // The server answers again: the renewed lease resumes the download.
+    server.srv.checkin_hang_ms.store(0, Ordering::SeqCst);
+    server.srv.throttle_us.store(0, Ordering::SeqCst);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(30))
+            .await
+            .success()
+    );
+    assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_that_cannot_be_renewed_stops_the_download() {
     let fx = Fixture::noisy(4 << 20, 128 << 10, true);

@@ -470,6 +470,40 @@ impl PgState {
         Ok(true)
     }
 
+    /// Undoes the record of admission `fence` of member `m` whose lease
+    /// the throttle no longer holds (lost between grant and record, see
+    /// the admission in [`PgState::checkin`]): the member waits again with
+    /// its attempt not spent, and the admission is not counted. The device
+    /// was never told, so nothing else changes.
+    async fn withdraw_admission(
+        &self,
+        r: &RolloutRecord,
+        m: &Member,
+        fence: u64,
+    ) -> Result<(), StoreError> {
+        let mut w = m.clone();
+        w.phase = Phase::Waiting;
+        w.attempt = m.attempt.saturating_sub(1);
+        w.artifacts = None;
+        w.reason = Some("admission withdrawn: its lease was lost in a throttle rebuild".into());
+        let mut c = conn(&self.pool).await?;
+        let tx = c.transaction().await.map_err(err)?;
+        let n = tx
+            .execute(
+                "UPDATE members SET phase = 'waiting', member = $4 \
+                 WHERE rollout = $1 AND device = $2 AND fence = $3 AND phase = 'downloading'",
+                &[&r.id, &m.device, &(fence as i64), &Json(&w)],
+            )
+            .await
+            .map_err(err)?;
+        if n == 1 {
+            bump(&tx, &r.id, m.wave, &m.device, Col::Admitted, -1).await?;
+        }
+        tx.commit().await.map_err(err)?;
+        warn!(rollout = %r.id, device = %m.device, fence, "admission withdrawn: its lease was lost in a throttle rebuild before the device was told");
+        Ok(())
+    }
+
     /// Reaps expired leases of `r` and turns each into a retry or failure;
     /// returns how many were settled.
     async fn reap_and_settle(&self, r: &RolloutRecord) -> Result<u64, StoreError> {
@@ -966,6 +1000,27 @@ impl StateBackend for PgState {
                 .await;
                 match written {
                     Ok(true) => {
+                        // The grant was made in the throttle before it was
+                        // recorded here. Had the throttle lost its state in
+                        // between, a rebuild (which reads only recorded
+                        // leases) would not count this one and could give
+                        // its slot away: confirm the lease still stands
+                        // before the device is told to download.
+                        let held = throttled!(
+                            self,
+                            &rec.id,
+                            self.throttle.renew(&rec.id, device, fence, p.lease_ms)
+                        )?;
+                        if !held {
+                            self.withdraw_admission(rec, &m, fence).await?;
+                            return Ok(Decision::Wait {
+                                reason: "the download lease was lost while the throttle was \
+                                         rebuilt; retry shortly"
+                                    .into(),
+                                class: "queued",
+                                near_head: true,
+                            });
+                        }
                         let _g = span.enter();
                         info!(fence, update_id = %m.update_id, delta_from = ?artifacts.from_version, "admitted");
                         Ok(Decision::AnswerDurable(Action::Update(offer_for(

@@ -264,3 +264,137 @@ async fn a_database_outage_answers_503_is_counted_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Issue 19, defect 4 (fleet cap exceeded after a Redis restart): an
+/// admission is granted in Redis, then recorded in PostgreSQL. When Redis
+/// loses its state between the two, the rebuild reads PostgreSQL without
+/// that lease, the rebuilt throttle does not count it, and its slot goes to
+/// another device. The replica used to offer the update all the same: two
+/// devices downloading under a cap of 1. Explicit steps, no timing: the
+/// record is held back by an uncommitted row of the test's own, Redis's
+/// loss is the deletion of the rollout's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grant_lost_in_a_throttle_rebuild_is_withdrawn_not_offered() {
+    let (rs, _shared) = replicas(1).await;
+    let srv = &rs[0];
+    srv.release("t", "1.0", &image(16, 1)).await;
+    srv.release("t", "2.0", &image(16, 2)).await;
+    built_everywhere(&rs, "2.0").await;
+    let http = http();
+    let d = Sim::enroll(&srv.base, "dev-d", "t", &http).await;
+    let e = Sim::enroll(&srv.base, "dev-e", "t", &http).await;
+    let mut s = spec("2.0", "t");
+    s.max_concurrent = 1;
+    s.max_retries = 3;
+    let r = srv.admin.rollout_create(&s).await.unwrap();
+
+    // Hold back the record of d's admission: an uncommitted row with its
+    // key makes the admission's INSERT wait until this transaction ends.
+    let cfg = &srv.app().config;
+    let (mut pg, conn) = tokio_postgres::connect(&cfg.storage.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let blocker = pg.transaction().await.unwrap();
+    blocker
+        .execute(
+            "INSERT INTO members (rollout, device, wave, phase, member) \
+             VALUES ($1, 'dev-d', 0, 'waiting', '{}'::jsonb)",
+            &[&r.id],
+        )
+        .await
+        .unwrap();
+
+    // d is granted the only slot in Redis; its record now waits.
+    let d_checkin = {
+        let d = d.clone();
+        tokio::spawn(async move { d.checkin("1.0", AgentState::Idle, None).await })
+    };
+    let redis_url = std::env::var("OTA_TEST_REDIS_URL").unwrap();
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let tag = format!("{{{}:{}}}", cfg.throttle.key_prefix, r.id);
+    let t = Instant::now();
+    while !redis::cmd("HEXISTS")
+        .arg(format!("{tag}:leases"))
+        .arg("dev-d")
+        .query_async::<bool>(&mut redis)
+        .await
+        .unwrap()
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "d was never granted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!d_checkin.is_finished(), "d's admission was not held back");
+
+    // Redis loses the rollout's state (as in a restart without data).
+    let keys = [
+        "marker",
+        "leases",
+        "deadlines",
+        "bucket",
+        "queue",
+        "seen",
+        "ticket",
+        "counts",
+    ];
+    let mut del = redis::cmd("DEL");
+    for k in keys {
+        del.arg(format!("{tag}:{k}"));
+    }
+    let deleted: u64 = del.query_async(&mut redis).await.unwrap();
+    assert!(
+        deleted >= 3,
+        "the rollout's keys were not there ({deleted})"
+    );
+
+    // e's check-in finds the state lost, rebuilds it from PostgreSQL (where
+    // d is not downloading yet) and takes the free slot.
+    let t = Instant::now();
+    let e_offer = loop {
+        match e.checkin("1.0", AgentState::Idle, None).await.action {
+            Action::Update(o) => break o,
+            Action::Wait { .. } | Action::None => {
+                assert!(t.elapsed() < Duration::from_secs(10), "e never admitted");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("unexpected answer to e: {other:?}"),
+        }
+    };
+
+    // d's record goes through now; d must not be told to download.
+    blocker.rollback().await.unwrap();
+    let d_answer = d_checkin.await.unwrap();
+    assert!(
+        !matches!(d_answer.action, Action::Update(_)),
+        "d was offered the update while e holds the only slot (cap 1): {:?}",
+        d_answer.action
+    );
+    let st = srv.status(&r.id).await;
+    assert_eq!(st.active_leases, 1);
+    assert_eq!(
+        st.totals().admitted,
+        1,
+        "the withdrawn admission still counts"
+    );
+
+    // The withdrawal cost d nothing: once e is done, d gets the slot.
+    e.event(&e_offer.update_id, EventKind::Installed).await;
+    let t = Instant::now();
+    loop {
+        match d.checkin("1.0", AgentState::Idle, None).await.action {
+            Action::Update(o) => {
+                assert_eq!(o.update_id, format!("{}.1", r.id), "an attempt was spent");
+                break;
+            }
+            Action::Wait { .. } => {
+                assert!(t.elapsed() < Duration::from_secs(10), "d never admitted");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("unexpected answer to d: {other:?}"),
+        }
+    }
+}

@@ -161,6 +161,8 @@ pub struct Srv {
     pub next_checkin_ms: AtomicU64,
     /// Answer check-ins with 503 (the server "unreachable" for the API).
     pub checkin_down: std::sync::atomic::AtomicBool,
+    /// Hold every check-in this long before answering (a server that hangs).
+    pub checkin_hang_ms: AtomicU64,
     pub enroll_key: String,
 }
 
@@ -205,6 +207,7 @@ impl Server {
             throttle_us: AtomicU64::new(0),
             next_checkin_ms: AtomicU64::new(200),
             checkin_down: Default::default(),
+            checkin_hang_ms: AtomicU64::new(0),
             enroll_key: "fleet-key".into(),
         });
         let app = Router::new()
@@ -315,6 +318,10 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
     };
     if s.checkin_down.load(Ordering::SeqCst) {
         return api_err(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "down");
+    }
+    let hang = s.checkin_hang_ms.load(Ordering::SeqCst);
+    if hang > 0 {
+        tokio::time::sleep(Duration::from_millis(hang)).await;
     }
     s.checkins.lock().unwrap().push(req.clone());
     let next = s.next_checkin_ms.load(Ordering::SeqCst);

@@ -12,7 +12,11 @@
 //!
 //! With replicas the invariants are judged fleet-wide: the devices count
 //! themselves downloading and their download starts (the authority on "the
-//! cap and the start rate held across replicas"), the server's active leases
+//! cap and the start rate held across replicas"). A device counts while it
+//! really fetches (manifest or payload), not while it merely holds an
+//! update between attempts, and it stops by itself when its lease could not
+//! be renewed in time, as the agent does ([`ota_agent::lease`]). The
+//! server's active leases
 //! are polled through the balancer, and events acknowledged by devices must
 //! equal events stored.
 //!

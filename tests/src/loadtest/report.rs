@@ -78,8 +78,16 @@ pub struct Report {
     pub completion_secs: f64,
     pub enroll_secs: f64,
     pub max_concurrent_cap: u64,
+    /// Most devices fetching at once (manifest or payload), counted by the
+    /// devices themselves.
     pub max_concurrent_observed_devices: u64,
     pub max_concurrent_observed_server_leases: u64,
+    /// When the device-side maximum was first reached (s into the run).
+    pub max_concurrent_observed_devices_at_secs: f64,
+    /// Downloads the server stopped (`cancel`), and downloads devices
+    /// stopped themselves because their lease could not be renewed in time.
+    pub server_cancels: u64,
+    pub lease_stops: u64,
     pub server_lease_polls: u64,
     pub max_starts_per_min: f64,
     pub start_burst: f64,
@@ -197,7 +205,12 @@ pub fn build(i: Inputs<'_>) -> Report {
         max_concurrent_cap: a.max_concurrent,
         max_concurrent_observed_devices: st.max_downloading.load(Ordering::Relaxed),
         max_concurrent_observed_server_leases: i.max_server_leases,
+        max_concurrent_observed_devices_at_secs: st.max_downloading_at_ms.load(Ordering::Relaxed)
+            as f64
+            / 1000.0,
         server_lease_polls: i.lease_polls,
+        server_cancels: st.cancels.load(Ordering::Relaxed),
+        lease_stops: st.lease_stops.load(Ordering::Relaxed),
         max_starts_per_min: a.max_starts_per_min,
         start_burst: burst,
         max_starts_in_any_minute: max_minute,

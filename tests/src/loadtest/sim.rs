@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 use hdrhistogram::Histogram;
 use ota_agent::client::Client;
+use ota_agent::lease::LeaseClock;
 use ota_agent::pool::{self, PoolConfig, PoolError, PoolStats};
 use ota_agent::verify::{Running, check_manifest};
 use ota_delta::io::WriteAt;
@@ -75,6 +76,8 @@ pub struct FleetStats {
     pub wave: Vec<AtomicU8>,
     pub downloading: AtomicU64,
     pub max_downloading: AtomicU64,
+    /// When `max_downloading` was first reached, ms since the run began.
+    pub max_downloading_at_ms: AtomicU64,
     /// Download starts, ms since the run began.
     pub starts: Mutex<Vec<u64>>,
     latency: Vec<Mutex<Histogram<u64>>>,
@@ -93,6 +96,8 @@ pub struct FleetStats {
     pub ops_verified: AtomicU64,
     pub download_failures: AtomicU64,
     pub cancels: AtomicU64,
+    /// Downloads a device stopped itself because its lease ran out.
+    pub lease_stops: AtomicU64,
 }
 
 impl FleetStats {
@@ -102,6 +107,7 @@ impl FleetStats {
             wave: (0..n).map(|_| AtomicU8::new(0)).collect(),
             downloading: AtomicU64::new(0),
             max_downloading: AtomicU64::new(0),
+            max_downloading_at_ms: AtomicU64::new(0),
             starts: Mutex::new(Vec::new()),
             latency: (0..16)
                 .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
@@ -121,6 +127,7 @@ impl FleetStats {
             ops_verified: AtomicU64::new(0),
             download_failures: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
+            lease_stops: AtomicU64::new(0),
         }
     }
 
@@ -252,7 +259,9 @@ struct InHand {
     offer: UpdateOffer,
     manifest: Arc<Manifest>,
     done: HashSet<usize>,
-    counted: bool,
+    /// The device's copy of its lease (renewed by check-ins answered with
+    /// this update's offer).
+    lease: LeaseClock,
     killed: bool,
     slot: Option<Arc<std::fs::File>>,
 }
@@ -261,6 +270,9 @@ enum DownloadEnd {
     Done,
     Killed,
     CancelledByServer,
+    /// The lease could not be renewed in time: stopped before the server's
+    /// deadline; the update stays in hand until a check-in renews it.
+    LeaseLost,
     Failed(String),
     RunOver,
 }
@@ -350,7 +362,6 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
     let mut errors = 0u32;
     loop {
         if sh.cancel.is_cancelled() {
-            finish_counting(&sh, &mut hand);
             st.set(d.index, DevState::TimedOut);
             return;
         }
@@ -367,6 +378,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
                 progress: Progress::default(),
             }),
         };
+        let sent = tokio::time::Instant::now();
         let Some(resp) = dev.checkin(&req).await else {
             errors += 1;
             let wait = pool::backoff(Duration::from_millis(200), Duration::from_secs(5), errors);
@@ -379,7 +391,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
             Action::None => {
                 if hand.is_some() {
                     // The server no longer knows the update: drop it.
-                    finish_counting(&sh, &mut hand);
+                    hand = None;
                 }
                 st.set(d.index, DevState::Idle);
                 nap(&sh, next).await;
@@ -390,7 +402,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
             }
             Action::Cancel { .. } => {
                 st.cancels.fetch_add(1, Ordering::Relaxed);
-                finish_counting(&sh, &mut hand);
+                hand = None;
                 st.set(d.index, DevState::Waiting);
                 nap(&sh, next.min(Duration::from_secs(1))).await;
             }
@@ -402,12 +414,16 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
                     st.set(d.index, DevState::Silent);
                     return;
                 }
-                if hand
-                    .as_ref()
-                    .is_none_or(|h| h.offer.update_id != offer.update_id)
+                let lease = LeaseClock::granted(Duration::from_millis(offer.lease_ms), sent);
+                if let Some(h) = hand
+                    .as_mut()
+                    .filter(|h| h.offer.update_id == offer.update_id)
                 {
-                    finish_counting(&sh, &mut hand);
-                    match start_update(&mut dev, offer).await {
+                    // The offer of the update in hand renews its lease.
+                    h.lease.renewed(sent);
+                } else {
+                    hand = None;
+                    match start_update(&mut dev, offer, lease).await {
                         Ok(h) => hand = Some(h),
                         Err(reason) => {
                             st.download_failures.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +439,6 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
                     DownloadEnd::Done => {
                         let id = h.offer.update_id.clone();
                         let real = h.slot.take();
-                        finish_counting(&sh, &mut hand);
                         dev.event(&id, EventKind::Downloaded, Default::default())
                             .await;
                         if let Some(f) = real {
@@ -487,15 +502,19 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
                         st.resumes.fetch_add(1, Ordering::Relaxed);
                         nap(&sh, Duration::from_millis(rng.random_range(100..500))).await;
                     }
+                    DownloadEnd::LeaseLost => {
+                        st.lease_stops.fetch_add(1, Ordering::Relaxed);
+                        st.set(d.index, DevState::Waiting);
+                    }
                     DownloadEnd::CancelledByServer => {
                         st.cancels.fetch_add(1, Ordering::Relaxed);
-                        finish_counting(&sh, &mut hand);
+                        hand = None;
                         st.set(d.index, DevState::Waiting);
                     }
                     DownloadEnd::Failed(reason) => {
                         st.download_failures.fetch_add(1, Ordering::Relaxed);
                         let id = h.offer.update_id.clone();
-                        finish_counting(&sh, &mut hand);
+                        hand = None;
                         dev.event(
                             &id,
                             EventKind::Failed,
@@ -519,38 +538,56 @@ fn sh_len(f: &std::fs::File) -> u64 {
     f.metadata().map_or(0, |m| m.len())
 }
 
-/// Stops counting a device as downloading (before the server learns it
-/// finished, so the client-side count never exceeds the server's).
-fn finish_counting(sh: &Shared, hand: &mut Option<InHand>) {
-    if let Some(h) = hand.take()
-        && h.counted
-    {
-        sh.stats.downloading.fetch_sub(1, Ordering::SeqCst);
+/// Counts a device as downloading while it exists: only while the device
+/// really fetches (the manifest, or payload ranges through the pool). A
+/// device that holds an update but is between attempts (killed, waiting
+/// for a check-in to renew its lease) downloads nothing and is not
+/// counted, as the server does not count a lease that ran out.
+struct Transferring<'a>(&'a FleetStats);
+
+impl<'a> Transferring<'a> {
+    fn start(sh: &'a Shared) -> Transferring<'a> {
+        let st = &sh.stats;
+        let now = st.downloading.fetch_add(1, Ordering::SeqCst) + 1;
+        if st.max_downloading.fetch_max(now, Ordering::SeqCst) < now {
+            st.max_downloading_at_ms
+                .store(sh.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        Transferring(st)
     }
 }
 
+impl Drop for Transferring<'_> {
+    fn drop(&mut self) {
+        self.0.downloading.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sleeps until the lease must have stopped.
+async fn lease_runs_out(l: &LeaseClock) {
+    tokio::time::sleep_until(l.stop_at()).await
+}
+
 /// Fetches and checks the manifest, counts the start.
-async fn start_update(dev: &mut Dev<'_>, offer: UpdateOffer) -> Result<InHand, String> {
+async fn start_update(
+    dev: &mut Dev<'_>,
+    offer: UpdateOffer,
+    lease: LeaseClock,
+) -> Result<InHand, String> {
     let sh = dev.sh;
     let st = &sh.stats;
-    let now = st.downloading.fetch_add(1, Ordering::SeqCst) + 1;
-    st.max_downloading.fetch_max(now, Ordering::SeqCst);
     st.starts
         .lock()
         .unwrap()
         .push(sh.started.elapsed().as_millis() as u64);
-    let env = match dev
-        .d
-        .client
-        .fetch_manifest(&offer.manifest_url, &offer.manifest_sha256)
-        .await
-    {
-        Ok(e) => e,
-        Err(e) => {
-            st.downloading.fetch_sub(1, Ordering::SeqCst);
-            return Err(format!("manifest: {e}"));
+    let fetched = {
+        let _t = Transferring::start(sh);
+        tokio::select! {
+            r = dev.d.client.fetch_manifest(&offer.manifest_url, &offer.manifest_sha256) => r.map_err(|e| format!("manifest: {e}")),
+            _ = lease_runs_out(&lease) => Err("manifest: the lease ran out before it arrived".into()),
         }
     };
+    let env = fetched?;
     let running = Running {
         device_type: "sim".into(),
         version: "1.0".into(),
@@ -558,10 +595,7 @@ async fn start_update(dev: &mut Dev<'_>, offer: UpdateOffer) -> Result<InHand, S
     };
     let m = match check_manifest(&env, &sh.trusted, &running, Some(&offer), SystemTime::now()) {
         Ok(m) => m,
-        Err(e) => {
-            st.downloading.fetch_sub(1, Ordering::SeqCst);
-            return Err(format!("manifest check: {e}"));
-        }
+        Err(e) => return Err(format!("manifest check: {e}")),
     };
     let needed: u64 = m
         .operations
@@ -589,7 +623,7 @@ async fn start_update(dev: &mut Dev<'_>, offer: UpdateOffer) -> Result<InHand, S
         offer,
         manifest: Arc::new(m),
         done: HashSet::new(),
-        counted: true,
+        lease,
         killed: false,
         slot,
     };
@@ -664,12 +698,21 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
     let lease_every = Duration::from_millis((h.offer.lease_ms / 3).max(200));
     let mut killed = false;
     let mut server_cancel = false;
+    let mut lease_lost = false;
+    let _counted = Transferring::start(sh);
     let mut applied_now = 0usize;
+    let mut lease = h.lease;
     let done = &mut h.done;
     let result = {
         tokio::pin!(pool_fut);
-        let mut keeper = tokio::time::interval(lease_every);
-        keeper.tick().await;
+        // Check-ins keep the lease: the first is due `lease_every` after
+        // the check-in that last renewed it (the manifest and the
+        // `download-started` event took some of its term already).
+        let last_renewal = lease.stop_at() - lease.term();
+        let mut keeper = tokio::time::interval_at(
+            (last_renewal + lease_every).max(tokio::time::Instant::now()),
+            lease_every,
+        );
         let mut kill_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
@@ -685,23 +728,43 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                     killed = true;
                     cancel.cancel();
                 }
+                _ = lease_runs_out(&lease), if !lease_lost => {
+                    lease_lost = true;
+                    cancel.cancel();
+                }
                 _ = keeper.tick() => {
+                    let sent = tokio::time::Instant::now();
                     let req = CheckinRequest {
                         current_version: "1.0".into(),
                         booted_slot: Slot::A,
                         state: AgentState::Downloading,
                         update: Some(UpdateInHand { update_id: update_id.clone(), progress: Progress { ops_done: done.len() as u64, ..Default::default() } }),
                     };
-                    if let Some(r) = dev.checkin(&req).await
-                        && matches!(r.action, Action::Cancel { .. })
-                    {
-                        server_cancel = true;
-                        cancel.cancel();
+                    // A check-in that hangs must not keep a lost lease
+                    // downloading.
+                    let answer = tokio::select! {
+                        r = dev.checkin(&req) => r,
+                        _ = lease_runs_out(&lease), if !lease_lost => {
+                            lease_lost = true;
+                            cancel.cancel();
+                            None
+                        }
+                    };
+                    match answer.map(|r| r.action) {
+                        Some(Action::Cancel { .. }) => {
+                            server_cancel = true;
+                            cancel.cancel();
+                        }
+                        Some(Action::Update(o)) if o.update_id == update_id && !lease_lost => {
+                            lease.renewed(sent);
+                        }
+                        _ => {}
                     }
                 }
             }
         }
     };
+    h.lease = lease;
     while let Ok(i) = rx.try_recv() {
         done.insert(i);
     }
@@ -740,6 +803,7 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
             DownloadEnd::Killed
         }
         Err(PoolError::Cancelled) if server_cancel => DownloadEnd::CancelledByServer,
+        Err(PoolError::Cancelled) if lease_lost => DownloadEnd::LeaseLost,
         Err(PoolError::Cancelled) => DownloadEnd::RunOver,
         Err(e) => DownloadEnd::Failed(e.to_string()),
     }
