@@ -19,12 +19,15 @@
 //! - [`limits`]: every size bound applied to untrusted input, in one place.
 //! - [`api`]: the device API's JSON bodies (check-in, events, enrollment),
 //!   shared by agent and server; `docs/api.md` describes the protocol.
+//! - [`term`]: the binaries' edges: one-line error reports without repeated
+//!   causes, and whether logs may be coloured (`NO_COLOR`, terminals).
 
 pub mod api;
 pub mod digest;
 pub mod envelope;
 pub mod limits;
 pub mod manifest;
+pub mod term;
 
 pub use digest::Digest;
 pub use envelope::{Envelope, EnvelopeError, SigningKeyPair, TrustedKeys};

@@ -4,3 +4,8 @@
 
 #[path = "rollout_http.rs"]
 mod suite;
+
+// The admin API suite too: inventory, device show, failure reasons,
+// deletions.
+#[path = "admin_http.rs"]
+mod admin;
