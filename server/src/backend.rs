@@ -255,34 +255,22 @@ impl StateBackend for LocalState {
             ),
             None => None,
         };
-        let mut page = PageBuilder::new(filter);
-        // One pass over the in-memory fleet (about 10 ms at 100,000
-        // devices); each device's locks are held for a few field reads.
-        self.fleet.for_each(|dev| {
-            let rec = dev.record.lock().unwrap();
-            let live = dev.live.lock().unwrap();
-            let state = (live.last_seen_ms > 0).then_some(live.state);
-            if !filter.matches(
-                &rec.device_type,
-                live.version.as_deref(),
-                &rec.tags,
-                state,
-                live.last_seen_ms,
-            ) || rollout.as_ref().is_some_and(|r| !r.has_member(&rec.id))
-            {
-                return;
-            }
-            page.offer(&rec.id, || DeviceSummary {
-                id: rec.id.clone(),
-                device_type: rec.device_type.clone(),
-                version: live.version.clone(),
-                state,
-                booted_slot: live.booted_slot,
-                last_seen_ms: live.last_seen_ms,
-                tags: rec.tags.clone(),
-            });
+        let scan = || {
+            let mut page = PageBuilder::new(filter);
+            self.scan_fleet(filter, rollout.as_deref(), &mut page);
+            page.finish()
+        };
+        // A pass over 100,000 devices takes tens of milliseconds: off the
+        // async workers, so check-ins on this worker are not held up behind
+        // an operator's (or a dashboard's) listing.
+        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
         });
-        Ok(page.finish())
+        Ok(if multi_thread {
+            tokio::task::block_in_place(scan)
+        } else {
+            scan()
+        })
     }
 
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {
@@ -346,6 +334,42 @@ impl StateBackend for LocalState {
             .iter()
             .map(|r| r.throttle.active())
             .sum()
+    }
+}
+
+impl LocalState {
+    /// One pass over the in-memory fleet; each device's locks are held for a
+    /// few field reads.
+    fn scan_fleet(
+        &self,
+        filter: &DeviceFilter,
+        rollout: Option<&crate::rollout::Rollout>,
+        page: &mut PageBuilder<'_>,
+    ) {
+        self.fleet.for_each(|dev| {
+            let rec = dev.record.lock().unwrap();
+            let live = dev.live.lock().unwrap();
+            let state = (live.last_seen_ms > 0).then_some(live.state);
+            if !filter.matches(
+                &rec.device_type,
+                live.version.as_deref(),
+                &rec.tags,
+                state,
+                live.last_seen_ms,
+            ) || rollout.is_some_and(|r| !r.has_member(&rec.id))
+            {
+                return;
+            }
+            page.offer(&rec.id, || DeviceSummary {
+                id: rec.id.clone(),
+                device_type: rec.device_type.clone(),
+                version: live.version.clone(),
+                state,
+                booted_slot: live.booted_slot,
+                last_seen_ms: live.last_seen_ms,
+                tags: rec.tags.clone(),
+            });
+        });
     }
 }
 

@@ -1247,7 +1247,9 @@ impl StateBackend for PgState {
             );
         }
         match f.state {
-            Some(StateFilter::Never) => conds.push("last_seen_ms = 0".into()),
+            // Every condition binds exactly one parameter, so the first
+            // `filtered` parameters are the count query's.
+            Some(StateFilter::Never) => push(&mut conds, "last_seen_ms = ?", Box::new(0i64)),
             Some(StateFilter::Is(s)) => {
                 push(
                     &mut conds,

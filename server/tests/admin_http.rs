@@ -203,9 +203,6 @@ async fn device_show_keeps_bytes_verified_after_commit_and_lists_history() {
 async fn rollout_status_shows_the_top_failure_reasons() {
     let ts = TestServer::with_two_releases(5000).await;
     let http = http();
-    let mut s = spec("2.0", "t");
-    s.min_sample = 100;
-    let r = ts.admin.rollout_create(&s).await.unwrap();
     let reasons = [
         "disk full",
         "disk full",
@@ -213,9 +210,15 @@ async fn rollout_status_shows_the_top_failure_reasons() {
         "bad signature",
         "health check failed",
     ];
-    for (i, reason) in reasons.iter().enumerate() {
-        let d = Sim::enroll(&ts.base, &format!("d{i}"), "t", &http).await;
-        let o = admitted(&d).await;
+    let mut devices = Vec::new();
+    for i in 0..reasons.len() {
+        devices.push(Sim::enroll(&ts.base, &format!("d{i}"), "t", &http).await);
+    }
+    let mut s = spec("2.0", "t");
+    s.min_sample = 100;
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+    for (d, reason) in devices.iter().zip(reasons) {
+        let o = admitted(d).await;
         d.events(vec![Event {
             seq: 1,
             update_id: o.update_id.clone(),

@@ -22,8 +22,9 @@ fn id(i: u64) -> String {
     format!("dev-{i:06}")
 }
 
-/// Slowest of 3 runs of each query (a debug build on a shared 2-core
-/// machine); every page must come back within `budget`. `never` is how many
+/// Slowest of 3 runs of each query; every page must come back within
+/// `budget` (generous: a debug build on a shared 2-core machine, where a
+/// client-side filter or an offset scan per page would take far longer). `never` is how many
 /// devices have never checked in.
 async fn measure(ts: &TestServer, label: &str, never: u64, budget: Duration) {
     let cases: Vec<(&str, DeviceQuery, u64)> = vec![
@@ -99,7 +100,7 @@ async fn device_list_stays_fast_at_100k_devices_on_sled() {
     let ts = TestServer::start_in(dir, &fast_checkin(5000)).await;
     // sled keeps check-in state in memory: no device has been seen since
     // the (re)start, so "never" matches all of them.
-    measure(&ts, "sled", N, Duration::from_secs(1)).await;
+    measure(&ts, "sled", N, Duration::from_secs(2)).await;
 }
 
 fn sha2_of(i: u64) -> [u8; 32] {
@@ -132,12 +133,12 @@ async fn device_list_stays_fast_at_100k_devices_on_postgres() {
              SELECT 'dev-' || lpad(i::text, 6, '0'), CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, \
              jsonb_build_object('site', 's' || (i % 100)), sha256(i::text::bytea), 1, '1.0', 'a', \
              CASE WHEN i % 3 = 0 THEN NULL ELSE 'idle' END, \
-             CASE WHEN i % 3 = 0 THEN 0 ELSE $1 END \
-             FROM generate_series(0, $2) AS i",
-            &[&(ota_server::now_ms() as i64 - 60_000), &(N as i64 - 1)],
+             CASE WHEN i % 3 = 0 THEN 0 ELSE $1::bigint END \
+             FROM generate_series(0, $2::int) AS i",
+            &[&(ota_server::now_ms() as i64 - 60_000), &(N as i32 - 1)],
         )
         .await
         .unwrap();
     client.execute("ANALYZE devices", &[]).await.unwrap();
-    measure(&ts, "postgres", N.div_ceil(3), Duration::from_secs(1)).await;
+    measure(&ts, "postgres", N.div_ceil(3), Duration::from_secs(2)).await;
 }
