@@ -263,9 +263,8 @@ impl StateBackend for LocalState {
         // A pass over 100,000 devices takes tens of milliseconds: off the
         // async workers, so check-ins on this worker are not held up behind
         // an operator's (or a dashboard's) listing.
-        let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        });
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         Ok(if multi_thread {
             tokio::task::block_in_place(scan)
         } else {

@@ -35,7 +35,10 @@ fn a_size_below_the_content_is_refused_with_the_minimum_and_auto_fits() {
     let o = Command::new(script()).arg(&out).arg("32").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("too small") && err.contains("at least"), "{err}");
+    assert!(
+        err.contains("too small") && err.contains("at least"),
+        "{err}"
+    );
     let left: Vec<_> = std::fs::read_dir(&out)
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();
@@ -47,12 +50,20 @@ fn a_size_below_the_content_is_refused_with_the_minimum_and_auto_fits() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no minimum in {err}"));
 
-    let o = Command::new(script()).arg(&out).arg("auto").output().unwrap();
+    let o = Command::new(script())
+        .arg(&out)
+        .arg("auto")
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for v in ["v1.img", "v2.img"] {
         let img = out.join(v);
         assert_eq!(std::fs::metadata(&img).unwrap().len(), min << 20, "{v}");
-        let fsck = Command::new("e2fsck").arg("-fn").arg(&img).output().unwrap();
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
         assert!(
             fsck.status.success(),
             "{v}: {}",
