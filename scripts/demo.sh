@@ -34,9 +34,13 @@ if ((${#need[@]})); then
 fi
 
 t_start=$(date +%s)
-echo "== building ota-server and ota-agent (release)"
-cargo build --release -q -p ota-server -p ota-agent
-bin=$PWD/target/release
+# The dev profile the tests use (dependencies and ota-delta are optimised
+# in it, see Cargo.toml): scripts/test.sh after the demo, or the demo after
+# the tests, compiles only what is left instead of everything again. Cargo's
+# progress stays visible: a first build takes minutes (README: first run).
+echo "== building ota-server and ota-agent (cargo build, dev profile shared with the tests)"
+cargo build -p ota-server -p ota-agent
+bin=$PWD/target/debug
 
 echo "== two versions of a 128 MiB ext4 root filesystem (real binaries; v2 is a security update)"
 scripts/make-images.sh "$work/images" 128 >/dev/null

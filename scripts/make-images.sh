@@ -3,13 +3,21 @@
 # would: ext4 images (mkfs.ext4 -d) of a tree of real binaries and text files,
 # where version 2 changes some binaries, edits configuration, adds and removes
 # files. Deterministic for a given machine.
-#   usage: scripts/make-images.sh OUTDIR [SIZE_MIB]   -> OUTDIR/v1.img OUTDIR/v2.img
+#   usage: scripts/make-images.sh OUTDIR [SIZE_MIB|auto]   -> OUTDIR/v1.img OUTDIR/v2.img
+# SIZE_MIB defaults to 128; `auto` sizes both images to their content (about
+# 70 MiB here). A size below what the content needs is refused before any
+# image is written, with the minimum; a failed image never stays behind.
 set -euo pipefail
-out=${1:?usage: make-images.sh OUTDIR [SIZE_MIB]}
+usage="usage: make-images.sh OUTDIR [SIZE_MIB|auto]"
+out=${1:?$usage}
 size=${2:-128}
+if [[ $size != auto && ! $size =~ ^[0-9]+$ ]]; then
+  echo "make-images.sh: SIZE_MIB must be a number of MiB or 'auto', got '$size'; $usage" >&2
+  exit 2
+fi
 mkdir -p "$out"
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" "$out"/.v[12].img.tmp' EXIT
 
 tree() { # tree ROOT VERSION
   local r=$1 v=$2
@@ -48,11 +56,27 @@ PY
   find "$r" -exec touch -h -d @1700000000 {} +
 }
 
+tree "$work/root1" 1
+tree "$work/root2" 2
+# The smallest ext4 that holds the larger tree: its allocated size plus 5 %
+# for directories and extent blocks, plus 8 MiB for the journal (4 MiB at
+# these sizes), inode tables and group descriptors. (mkfs.ext4 -d fails with
+# "Could not allocate block" below it.)
+kib=$(du -sk "$work/root1" "$work/root2" | awk '$1 > m { m = $1 } END { print m }')
+min=$(( (kib * 105 / 100 + 1023) / 1024 + 8 ))
+if [[ $size == auto ]]; then
+  size=$min
+elif (( size < min )); then
+  echo "make-images.sh: ${size} MiB is too small for this content ($((kib / 1024)) MiB of files): use at least ${min} (or 'auto'); nothing written" >&2
+  exit 1
+fi
 for v in 1 2; do
-  tree "$work/root$v" "$v"
-  rm -f "$out/v$v.img"
+  # Built beside the target and renamed: a failed mkfs leaves no image.
+  tmp="$out/.v$v.img.tmp"
+  rm -f "$tmp"
   E2FSPROGS_FAKE_TIME=1700000000 mkfs.ext4 -q -F -b 4096 -m 0 -L rootfs \
     -U 2f6e6a5c-0000-4000-8000-00000000000$v -E hash_seed=2f6e6a5c-0000-4000-8000-000000000002,nodiscard \
-    -d "$work/root$v" "$out/v$v.img" "${size}M"
+    -d "$work/root$v" "$tmp" "${size}M"
+  mv -f "$tmp" "$out/v$v.img"
 done
 ls -l "$out"/v1.img "$out"/v2.img

@@ -35,17 +35,25 @@ enum Cmd {
         /// The agent configuration (TOML).
         #[arg(long, default_value = "/etc/ota-agent/agent.toml")]
         config: PathBuf,
+        /// `file` boot back-end only (demos, development): after the
+        /// simulated reboot, start again in this process instead of exiting,
+        /// as a real device would come back up.
+        #[arg(long)]
+        restart_after_reboot: bool,
     },
     /// Print the running version, booted slot, pending update, phase and progress.
     Status {
+        /// The agent configuration (TOML).
         #[arg(long, default_value = "/etc/ota-agent/agent.toml")]
         config: PathBuf,
     },
     /// Apply the bootloader's power-on logic to a `file` boot environment
     /// (count a trial boot, fall back past --bootlimit, record the booted slot).
     SimulateBoot {
-        #[arg(long)]
+        /// The `file` back-end's boot environment ([boot] env_file in agent.toml).
+        #[arg(long, value_name = "BOOT.env")]
         env_file: PathBuf,
+        /// Trial boots before falling back to the other slot.
         #[arg(long, default_value_t = 3)]
         bootlimit: u32,
     },
@@ -89,7 +97,7 @@ fn init_logging(default: &str, journal: bool) {
         // journald adds timestamps and does not render colours.
         b.without_time().with_ansi(false).init();
     } else {
-        b.init();
+        b.with_ansi(ota_format::term::stderr_colors()).init();
     }
 }
 
@@ -100,7 +108,10 @@ fn main() {
             init_logging("warn", false);
             apply(a)
         }
-        Cmd::Run { config } => run(&config),
+        Cmd::Run {
+            config,
+            restart_after_reboot,
+        } => run(&config, restart_after_reboot),
         Cmd::Status { config } => status(&config),
         Cmd::SimulateBoot {
             env_file,
@@ -110,13 +121,22 @@ fn main() {
             .map_err(Into::into),
     };
     if let Err(e) = r {
-        eprintln!("ota-agent: error: {e:#}");
+        eprintln!(
+            "ota-agent: error: {}",
+            ota_format::term::error_chain(e.as_ref())
+        );
         std::process::exit(1);
     }
 }
 
-fn run(config: &Path) -> Result<()> {
+fn run(config: &Path, restart_after_reboot: bool) -> Result<()> {
     let cfg = ota_agent::config::Config::load(config)?;
+    if restart_after_reboot && cfg.boot.backend != "file" {
+        bail!(
+            "--restart-after-reboot is for the `file` boot back-end only; with `{}` the device really reboots and systemd starts the agent again",
+            cfg.boot.backend
+        );
+    }
     init_logging("info", cfg.log_format == "journal");
     let rt = tokio::runtime::Builder::new_multi_thread()
         // Devices have few cores; the work is I/O and hashing.
@@ -138,9 +158,31 @@ fn run(config: &Path) -> Result<()> {
             }
             s.cancel();
         });
+        let file_backend = cfg.boot.backend == "file";
         let exit = ota_agent::daemon::run(cfg, shutdown).await?;
-        tracing::info!(?exit, "agent stopped");
-        Ok(())
+        match exit {
+            ota_agent::daemon::Exit::Rebooting if file_backend && restart_after_reboot => {
+                tracing::info!("simulated reboot done: starting again (--restart-after-reboot)");
+            }
+            ota_agent::daemon::Exit::Rebooting if file_backend => {
+                tracing::warn!(
+                    "the `file` boot back-end has no real reboot: the agent exits here and the \
+                     device stays `installed` until `ota-agent run` starts again (a supervisor \
+                     loop, or --restart-after-reboot for demos)"
+                );
+                return Ok(());
+            }
+            _ => {
+                tracing::info!(?exit, "agent stopped");
+                return Ok(());
+            }
+        }
+        // Like a device coming back up: a new process image, same arguments.
+        let exe = std::env::current_exe().context("finding this executable to restart")?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(std::env::args_os().skip(1));
+        let err = std::os::unix::process::CommandExt::exec(&mut cmd);
+        Err(anyhow::Error::new(err).context(format!("restarting {}", exe.display())))
     })
 }
 
@@ -287,4 +329,28 @@ fn apply(a: ApplyArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every option and argument of every subcommand explains itself in
+    /// `--help` (`--config`, `--env-file`... once had none).
+    #[test]
+    fn every_argument_has_help_text() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                if a.get_help().is_none() && a.get_id() != "help" && a.get_id() != "version" {
+                    missing.push(format!("{path} --{}", a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "ota-agent", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }

@@ -22,6 +22,8 @@
 //! - [`version`]: release versions (semantic versioning) and their one
 //!   order, which the server applies at `release add` and the agent before
 //!   installing.
+//! - [`term`]: the binaries' edges: one-line error reports without repeated
+//!   causes, and whether logs may be coloured (`NO_COLOR`, terminals).
 
 pub mod api;
 pub mod digest;
@@ -29,6 +31,7 @@ pub mod envelope;
 pub mod limits;
 pub mod manifest;
 pub mod version;
+pub mod term;
 
 pub use digest::Digest;
 pub use envelope::{Envelope, EnvelopeError, SigningKeyPair, TrustedKeys};

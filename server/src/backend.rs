@@ -22,8 +22,13 @@ use async_trait::async_trait;
 use ota_format::api::{AgentState, CheckinRequest, Event, Slot};
 
 use crate::fleet::Fleet;
+use crate::inventory::{DeviceFilter, DevicePage, DeviceSummary, PageBuilder};
 use crate::rollout::{Decision, RolloutError, RolloutSpec, RolloutState, RolloutStatus, Rollouts};
 use crate::store::{Store, StoreError};
+
+/// Events (progress excepted) `device_view` returns as the device's
+/// history, newest last.
+pub const DEVICE_HISTORY: usize = 20;
 
 /// A device that presented a valid token.
 #[derive(Debug, Clone)]
@@ -76,10 +81,22 @@ pub trait StateBackend: Send + Sync + 'static {
     /// Durable on return.
     async fn apply_events(&self, device: &str, events: &[Event]) -> Result<Vec<bool>, StoreError>;
 
-    /// The admin view of one device.
+    /// The admin view of one device: what it reported, its rollout
+    /// memberships and its last [`DEVICE_HISTORY`] events.
     async fn device_view(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError>;
 
     async fn device_count(&self) -> Result<u64, StoreError>;
+
+    /// Retires a device: its record and token are deleted (the token stops
+    /// working; PostgreSQL replicas forget it within their auth cache's few
+    /// seconds), its events and rollout records stay as history. `false` if
+    /// there was no such device. Durable on return.
+    async fn retire_device(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// One page of the inventory (`GET /api/v1/admin/devices`), filtered
+    /// and paged here, not by the client. `NotFound` if `filter.rollout`
+    /// names no rollout.
+    async fn device_list(&self, filter: &DeviceFilter) -> Result<DevicePage, RolloutError>;
 
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError>;
 
@@ -192,6 +209,22 @@ impl StateBackend for LocalState {
             .iter()
             .filter_map(|r| self.rollouts.member(&r.id, id))
             .collect();
+        // Events are keyed device NUL seq (big-endian): the newest are the
+        // last of the device's prefix.
+        let mut prefix = id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut history: Vec<Event> = Vec::new();
+        for kv in self.store.events.scan_prefix(prefix).rev() {
+            let (k, v) = kv?;
+            let e: Event = crate::store::decode(&k, &v)?;
+            if e.kind != ota_format::api::EventKind::Progress {
+                history.push(e);
+            }
+            if history.len() == DEVICE_HISTORY {
+                break;
+            }
+        }
+        history.reverse();
         Ok(Some(serde_json::json!({
             "id": rec.id,
             "device_type": rec.device_type,
@@ -201,11 +234,42 @@ impl StateBackend for LocalState {
             "state": live.state,
             "last_seen_ms": live.last_seen_ms,
             "rollouts": rollouts,
+            "history": history,
         })))
     }
 
     async fn device_count(&self) -> Result<u64, StoreError> {
         Ok(self.fleet.len() as u64)
+    }
+
+    async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
+        self.fleet.remove(id).await
+    }
+
+    async fn device_list(&self, filter: &DeviceFilter) -> Result<DevicePage, RolloutError> {
+        let rollout = match &filter.rollout {
+            Some(id) => Some(
+                self.rollouts
+                    .get(id)
+                    .ok_or_else(|| RolloutError::NotFound(id.clone()))?,
+            ),
+            None => None,
+        };
+        let scan = || {
+            let mut page = PageBuilder::new(filter);
+            self.scan_fleet(filter, rollout.as_deref(), &mut page);
+            page.finish()
+        };
+        // A pass over 100,000 devices takes tens of milliseconds: off the
+        // async workers, so check-ins on this worker are not held up behind
+        // an operator's (or a dashboard's) listing.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        Ok(if multi_thread {
+            tokio::task::block_in_place(scan)
+        } else {
+            scan()
+        })
     }
 
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {
@@ -269,6 +333,42 @@ impl StateBackend for LocalState {
             .iter()
             .map(|r| r.throttle.active())
             .sum()
+    }
+}
+
+impl LocalState {
+    /// One pass over the in-memory fleet; each device's locks are held for a
+    /// few field reads.
+    fn scan_fleet(
+        &self,
+        filter: &DeviceFilter,
+        rollout: Option<&crate::rollout::Rollout>,
+        page: &mut PageBuilder<'_>,
+    ) {
+        self.fleet.for_each(|dev| {
+            let rec = dev.record.lock().unwrap();
+            let live = dev.live.lock().unwrap();
+            let state = (live.last_seen_ms > 0).then_some(live.state);
+            if !filter.matches(
+                &rec.device_type,
+                live.version.as_deref(),
+                &rec.tags,
+                state,
+                live.last_seen_ms,
+            ) || rollout.is_some_and(|r| !r.has_member(&rec.id))
+            {
+                return;
+            }
+            page.offer(&rec.id, || DeviceSummary {
+                id: rec.id.clone(),
+                device_type: rec.device_type.clone(),
+                version: live.version.clone(),
+                state,
+                booted_slot: live.booted_slot,
+                last_seen_ms: live.last_seen_ms,
+                tags: rec.tags.clone(),
+            });
+        });
     }
 }
 

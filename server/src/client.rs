@@ -76,9 +76,52 @@ impl AdminClient {
         .await
     }
 
+    /// One page of the inventory (`GET /api/v1/admin/devices`).
+    pub async fn device_list(
+        &self,
+        q: &crate::inventory::DeviceQuery,
+    ) -> Result<crate::inventory::DevicePage> {
+        let mut url = reqwest::Url::parse(&format!("{}/api/v1/admin/devices", self.base))
+            .with_context(|| format!("server URL {:?}", self.base))?;
+        if let serde_json::Value::Object(m) = serde_json::to_value(q)? {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in m {
+                match v {
+                    serde_json::Value::String(s) => pairs.append_pair(&k, &s),
+                    other => pairs.append_pair(&k, &other.to_string()),
+                };
+            }
+        }
+        let url = url.to_string();
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}: is the server running?"))?;
+        decode(resp, &format!("GET {url}")).await
+    }
+
     pub async fn device_get(&self, id: &str) -> Result<serde_json::Value> {
         self.call::<(), _>(Method::GET, &format!("/api/v1/admin/devices/{id}"), None)
             .await
+    }
+
+    /// Retires a device (`DELETE /api/v1/admin/devices/{id}`).
+    pub async fn device_retire(&self, id: &str) -> Result<serde_json::Value> {
+        self.call::<(), _>(Method::DELETE, &format!("/api/v1/admin/devices/{id}"), None)
+            .await
+    }
+
+    /// Deletes a release (`DELETE /api/v1/admin/releases/{device_type}/{version}`).
+    pub async fn release_delete(&self, device_type: &str, version: &str) -> Result<ReleaseRecord> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/api/v1/admin/releases/{device_type}/{version}"),
+            None,
+        )
+        .await
     }
 
     /// Streams `image` to the server (never read whole into memory).
@@ -162,6 +205,98 @@ impl AdminClient {
         decode(resp, &format!("PUT {url}")).await
     }
 
+    /// Waits until every build of a release is ready or failed. On a
+    /// terminal (`progress`), one line per build shows its phase, the time
+    /// since it started and, once ready, the payload size achieved; without
+    /// one, a line per build is printed as it finishes, so logs of scripted
+    /// runs still say what happened.
+    pub async fn wait_release(
+        &self,
+        device_type: &str,
+        version: &str,
+        progress: bool,
+    ) -> Result<ReleaseRecord> {
+        use crate::releases::BuildStatus;
+        let multi = indicatif::MultiProgress::with_draw_target(if progress {
+            indicatif::ProgressDrawTarget::stderr()
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        });
+        let style = indicatif::ProgressStyle::with_template("  {spinner} {prefix:<22} {msg}")
+            .expect("valid template");
+        let mut bars: Vec<(indicatif::ProgressBar, Option<std::time::Instant>, bool)> = Vec::new();
+        loop {
+            let all = self.releases().await?;
+            let r = all
+                .into_iter()
+                .find(|x| x.device_type == device_type && x.version == version)
+                .with_context(|| {
+                    format!("release {version} of {device_type} disappeared while building")
+                })?;
+            for (i, b) in r.builds.iter().enumerate() {
+                if bars.len() <= i {
+                    let bar = multi.add(indicatif::ProgressBar::new_spinner());
+                    bar.set_style(style.clone());
+                    bar.set_prefix(match &b.from_version {
+                        Some(f) => format!("delta from {f}"),
+                        None => "full image".to_string(),
+                    });
+                    bars.push((bar, None, false));
+                }
+                let (bar, started, done) = &mut bars[i];
+                if *done {
+                    continue;
+                }
+                if b.status == BuildStatus::Building && started.is_none() {
+                    *started = Some(std::time::Instant::now());
+                }
+                let elapsed = started.map_or(String::new(), |t| {
+                    format!(
+                        " {}",
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            t.elapsed().as_secs()
+                        ))
+                    )
+                });
+                let line = match b.status {
+                    BuildStatus::Pending => "queued".to_string(),
+                    BuildStatus::Building => format!("building{elapsed}"),
+                    BuildStatus::Ready => format!(
+                        "ready: {} payload ({:.1} % of the {} image) in {:.1} s",
+                        indicatif::HumanBytes(b.artifacts.as_ref().map_or(0, |a| a.payload_size)),
+                        100.0 * b.artifacts.as_ref().map_or(0, |a| a.payload_size) as f64
+                            / r.image_size.max(1) as f64,
+                        indicatif::HumanBytes(r.image_size),
+                        b.seconds.unwrap_or(0.0)
+                    ),
+                    BuildStatus::Failed => {
+                        format!(
+                            "FAILED: {}",
+                            b.error.as_deref().unwrap_or("no reason recorded")
+                        )
+                    }
+                };
+                if matches!(b.status, BuildStatus::Ready | BuildStatus::Failed) {
+                    *done = true;
+                    bar.finish_with_message(line.clone());
+                    if !progress {
+                        eprintln!("  {:<22} {line}", bar.prefix());
+                    }
+                } else {
+                    bar.set_message(line);
+                    bar.tick();
+                }
+            }
+            if r.builds
+                .iter()
+                .all(|b| matches!(b.status, BuildStatus::Ready | BuildStatus::Failed))
+            {
+                return Ok(r);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    }
+
     /// Fleet-wide figures (`GET /api/v1/admin/stats`).
     pub async fn stats(&self) -> Result<serde_json::Value> {
         self.call::<(), _>(Method::GET, "/api/v1/admin/stats", None)
@@ -210,7 +345,9 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response, what: &str) -> Res
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
         if status == StatusCode::UNAUTHORIZED {
-            bail!("{what}: {status}: the admin token is wrong ({msg})");
+            bail!(
+                "{what}: {status}: the server refused the admin token; use `admin_token` from its server.toml (--admin-token or OTA_ADMIN_TOKEN)"
+            );
         }
         bail!("{what}: {status}: {msg}");
     }
@@ -276,5 +413,6 @@ pub fn render_status(s: &RolloutStatus) -> String {
             w.bytes_served
         );
     }
+    o.push_str(&crate::render::failure_reasons(s));
     o
 }

@@ -151,6 +151,28 @@ impl Fleet {
         Ok(token)
     }
 
+    /// Deletes a device and revokes its token, once the deletion is durable;
+    /// `false` if there was none.
+    ///
+    /// # Cancel safety
+    /// If cancelled before the deletion is durable, the device may be back
+    /// after a crash; the operator, who saw no answer, retires it again.
+    pub async fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        let Some(dev) = self.get(id) else {
+            return Ok(false);
+        };
+        self.store.devices.remove(id.as_bytes())?;
+        self.store.durable().await?;
+        let rec = dev.record.lock().unwrap().clone();
+        if let Ok(h) = hex::decode(&rec.token_sha256)
+            && let Ok(h) = TokenHash::try_from(h.as_slice())
+        {
+            self.tokens.remove(&h);
+        }
+        self.devices.remove(id);
+        Ok(true)
+    }
+
     /// The device a token belongs to.
     pub fn authenticate(&self, token: &str) -> Option<Arc<Device>> {
         let id = self.tokens.get(&hash_token(token))?.clone();

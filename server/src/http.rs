@@ -65,11 +65,11 @@ impl IntoResponse for ApiErr {
     }
 }
 
-fn bad_request(m: impl Into<String>) -> ApiErr {
+pub(crate) fn bad_request(m: impl Into<String>) -> ApiErr {
     ApiErr(StatusCode::BAD_REQUEST, "bad_request", m.into())
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiErr {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiErr {
     warn!(error = %e, "internal error");
     ApiErr(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -141,7 +141,17 @@ fn unauthorized() -> ApiErr {
     ApiErr(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
-        "missing or unknown bearer token; enroll the device again (or check the admin token)"
+        "missing or unknown device token; enroll the device again (or provision it with `ota-server device add`)"
+            .into(),
+    )
+}
+
+/// The admin API's 401: about the admin token, not about devices.
+fn admin_unauthorized() -> ApiErr {
+    ApiErr(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong admin token; use `admin_token` from server.toml (--admin-token or OTA_ADMIN_TOKEN)"
             .into(),
     )
 }
@@ -153,10 +163,10 @@ async fn device_auth(app: &App, headers: &HeaderMap) -> Result<AuthedDevice, Api
     app.state.authenticate(t).await?.ok_or_else(unauthorized)
 }
 
-fn admin_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiErr> {
+pub(crate) fn admin_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiErr> {
     match bearer(headers) {
         Some(t) if app.is_admin(t) => Ok(()),
-        _ => Err(unauthorized()),
+        _ => Err(admin_unauthorized()),
     }
 }
 
@@ -169,13 +179,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/devices/checkin", post(checkin))
         .route("/api/v1/devices/events", post(events))
         .route("/api/v1/artifacts/{sha256}", get(artifact))
-        .route("/api/v1/admin/devices", post(admin_device_add))
-        .route("/api/v1/admin/devices/{id}", get(admin_device_get))
+        .route(
+            "/api/v1/admin/devices",
+            post(admin_device_add).get(crate::admin::device_list),
+        )
+        .route(
+            "/api/v1/admin/devices/{id}",
+            get(admin_device_get).delete(crate::admin::device_retire),
+        )
         .route("/api/v1/admin/releases", get(admin_releases))
         .route("/api/v1/admin/stats", get(admin_stats))
         .route(
             "/api/v1/admin/releases/{device_type}/{version}",
-            put(admin_release_add),
+            put(admin_release_add).delete(crate::admin::release_delete),
         )
         .route(
             "/api/v1/admin/rollouts",

@@ -13,6 +13,8 @@
 //! - [`store`]: sled trees and the group-commit flusher that makes
 //!   acknowledged writes durable without an fsync per request.
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
+//! - [`inventory`]: device-list filters, keyset paging and summary rows
+//!   (`GET /api/v1/admin/devices`), shared by both backends.
 //! - [`releases`]: the release catalogue and the background delta builder.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
 //!   optional egress cap.
@@ -21,11 +23,16 @@
 //!   start-rate limiter and the fair waiting queue;
 //!   [`rollout::shared`] the fleet-wide throttle trait (local or
 //!   [`rollout::redis_throttle`]) the PostgreSQL backend uses.
-//! - [`http`]: routes and handlers of the device and admin APIs.
+//! - [`http`]: routes and handlers of the device and admin APIs;
+//!   [`admin`] the inventory list and the deletions (device retire,
+//!   release delete) with the checks that keep them safe.
 //! - [`metrics`]: the Prometheus exposition.
 //! - [`app`]: wiring, background tasks and orderly shutdown.
 //! - [`client`]: the admin API client the CLI uses.
+//! - [`render`]: the CLI's human output (device table, one device, rollout
+//!   list, failure reasons).
 
+pub mod admin;
 pub mod app;
 pub mod artifacts;
 pub mod backend;
@@ -33,9 +40,11 @@ pub mod client;
 pub mod config;
 pub mod fleet;
 pub mod http;
+pub mod inventory;
 pub mod metrics;
 pub mod pg;
 pub mod releases;
+pub mod render;
 pub mod rollout;
 pub mod secrets;
 pub mod store;

@@ -38,6 +38,7 @@ struct Cli {
 enum Cmd {
     /// Create an ed25519 signing key: DIR/ota-signing.key (0600) and DIR/ota-signing.pub.
     Keygen {
+        /// Directory to write the key pair into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Overwrite an existing key (devices trusting the old key will refuse updates).
@@ -48,6 +49,7 @@ enum Cmd {
     Delta(DeltaArgs),
     /// Run the rollout server.
     Serve {
+        /// The server's configuration (see deploy/server.toml for every option).
         #[arg(long, value_name = "server.toml")]
         config: PathBuf,
         /// Log as JSON lines (for log shippers) instead of text.
@@ -107,8 +109,10 @@ struct Conn {
 enum DeviceCmd {
     /// Pre-provision a device and print its token (shown once).
     Add {
+        /// Unique device id (what the device's agent.toml calls device_id).
         #[arg(long)]
         id: String,
+        /// Device type: which releases and rollouts apply to it (e.g. rpi4).
         #[arg(long = "type", value_name = "T")]
         device_type: String,
         /// Tag for rollout selectors, repeatable.
@@ -118,18 +122,71 @@ enum DeviceCmd {
         #[arg(long)]
         rotate: bool,
     },
-    /// Show a device: version, state, rollouts.
-    Show { id: String },
+    /// Take a device out of service: its token stops working, its history stays.
+    Retire {
+        /// The device id.
+        id: String,
+    },
+    /// List devices, filtered and paged by the server.
+    List(DeviceListArgs),
+    /// Show a device: version, state, rollouts and recent events.
+    Show {
+        /// The device id.
+        id: String,
+        /// Print the API's raw JSON instead of the human form.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DeviceListArgs {
+    /// Only devices of this type.
+    #[arg(long = "type", value_name = "T")]
+    device_type: Option<String>,
+    /// Only devices that last reported this version.
+    #[arg(long)]
+    version: Option<String>,
+    /// Only devices with this tag, repeatable (all must match).
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_kv)]
+    tags: Vec<(String, String)>,
+    /// Only devices the rollout has admitted.
+    #[arg(long, value_name = "ID")]
+    rollout: Option<String>,
+    /// Only devices in this agent state.
+    #[arg(long, value_parser = ["idle", "downloading", "installing", "rebooting", "testing", "never"])]
+    state: Option<String>,
+    /// Only devices seen within this long (e.g. 10m).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    seen_within: Option<std::time::Duration>,
+    /// Only devices silent for at least this long, never-seen ones included (e.g. 1h).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    silent_for: Option<std::time::Duration>,
+    /// Rows per page (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Start after this device id (the `next page` hint of the previous page).
+    #[arg(long, value_name = "ID")]
+    after: Option<String>,
+    /// Every page, not just the first.
+    #[arg(long)]
+    all: bool,
+    /// Print the API's raw JSON pages (one per line with --all).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
 enum ReleaseCmd {
     /// Upload an image; the server builds the full payload and deltas in the background.
     Add {
+        /// The release's version (what devices report once they run it).
         #[arg(long)]
         version: String,
-        #[arg(long)]
+        /// Device type the image is for.
+        #[arg(long, value_name = "T")]
         device_type: String,
+        /// The complete root filesystem image; deltas from every earlier release are built from it.
         #[arg(long, value_name = "PATH")]
         image: PathBuf,
         /// Anti-rollback counter for this release's manifests.
@@ -145,6 +202,15 @@ enum ReleaseCmd {
     },
     /// List releases and their builds.
     List,
+    /// Delete a release no live rollout offers and no device runs.
+    Delete {
+        /// Device type of the release.
+        #[arg(long, value_name = "T")]
+        device_type: String,
+        /// Version of the release.
+        #[arg(long)]
+        version: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +219,7 @@ enum RolloutCmd {
     Create(RolloutArgs),
     /// One rollout's status per wave.
     Status {
+        /// The rollout id (from `rollout create` or `rollout list`).
         id: String,
         /// Refresh every second until the rollout completes, pauses or aborts.
         #[arg(long)]
@@ -161,18 +228,29 @@ enum RolloutCmd {
     /// Every rollout.
     List,
     /// Stop admitting devices (in-flight downloads finish).
-    Pause { id: String },
+    Pause {
+        /// The rollout id.
+        id: String,
+    },
     /// Resume admitting devices.
-    Resume { id: String },
+    Resume {
+        /// The rollout id.
+        id: String,
+    },
     /// Stop the rollout: downloading devices are told to cancel.
-    Abort { id: String },
+    Abort {
+        /// The rollout id.
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
 struct RolloutArgs {
-    #[arg(long)]
+    /// Version of the release to roll out (from `release add`).
+    #[arg(long, value_name = "VERSION")]
     release: String,
-    #[arg(long)]
+    /// Device type to update.
+    #[arg(long, value_name = "T")]
     device_type: String,
     /// Only devices with this tag, repeatable.
     #[arg(long = "selector", value_name = "TAG=VALUE", value_parser = parse_kv)]
@@ -204,6 +282,7 @@ struct RolloutArgs {
     /// Outcomes needed before the failure threshold applies.
     #[arg(long, default_value_t = 20)]
     min_sample: u64,
+    /// What the failure threshold does to the rollout.
     #[arg(long, value_enum, default_value = "pause")]
     on_failure: FailureAction,
     /// Extra attempts per device after a failure or a lost lease.
@@ -241,18 +320,22 @@ struct DeltaArgs {
     /// The new image.
     #[arg(long, value_name = "NEW.img")]
     to: PathBuf,
+    /// Version of the new image.
     #[arg(long, value_name = "V2")]
     to_version: String,
     /// The image devices run now; omit for a full image.
     #[arg(long, value_name = "OLD.img", requires = "from_version")]
     from: Option<PathBuf>,
+    /// Version of the image devices run now.
     #[arg(long, value_name = "V1", requires = "from")]
     from_version: Option<String>,
     /// PKCS#8 PEM signing key (from `keygen`).
     #[arg(long, value_name = "KEY")]
     key: PathBuf,
+    /// Directory for manifest.json and payload.bin (created if missing).
     #[arg(long, value_name = "OUTDIR")]
     out: PathBuf,
+    /// Device type written into the manifest (agents refuse other types).
     #[arg(long, value_name = "T", default_value = "generic")]
     device_type: String,
     /// Target bytes per changed chunk (multiple of 4096, at most 4 MiB).
@@ -293,6 +376,7 @@ fn main() {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(ota_format::term::stderr_colors())
             .init();
     }
     let r = match cli.cmd {
@@ -308,7 +392,10 @@ fn main() {
         Cmd::Rollout { conn, cmd } => runtime().and_then(|rt| rt.block_on(rollout_cmd(conn, cmd))),
     };
     if let Err(e) = r {
-        eprintln!("ota-server: error: {e:#}");
+        eprintln!(
+            "ota-server: error: {}",
+            ota_format::term::error_chain(e.as_ref())
+        );
         std::process::exit(1);
     }
 }
@@ -508,12 +595,67 @@ async fn device_cmd(conn: Conn, cmd: DeviceCmd) -> Result<()> {
                 );
             }
         }
-        DeviceCmd::Show { id } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&c.device_get(&id).await?)?
-            );
+        DeviceCmd::Show { id, json } => {
+            let v = c.device_get(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let v: ota_server::render::DeviceView =
+                    serde_json::from_value(v).context("unexpected device view")?;
+                print!("{}", ota_server::render::device(&v, ota_server::now_ms()));
+            }
         }
+        DeviceCmd::List(a) => device_list(&c, a).await?,
+        DeviceCmd::Retire { id } => {
+            c.device_retire(&id).await?;
+            println!("device {id} retired: its token no longer works; its events stay as history");
+        }
+    }
+    Ok(())
+}
+
+/// `device list`: one page, or every page with `--all`.
+async fn device_list(c: &AdminClient, a: DeviceListArgs) -> Result<()> {
+    let mut q = ota_server::inventory::DeviceQuery {
+        device_type: a.device_type,
+        version: a.version,
+        tags: (!a.tags.is_empty()).then(|| {
+            a.tags
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
+        rollout: a.rollout,
+        state: a.state,
+        seen_within_s: a.seen_within.map(|d| d.as_secs()),
+        silent_for_s: a.silent_for.map(|d| d.as_secs()),
+        after: a.after,
+        limit: Some(a.limit),
+    };
+    // With --all, the human form is one table over every page.
+    let mut all: Option<ota_server::inventory::DevicePage> = None;
+    loop {
+        let mut page = c.device_list(&q).await?;
+        let next = page.next.clone();
+        if a.json {
+            println!("{}", serde_json::to_string(&page)?);
+        } else if let Some(acc) = all.as_mut() {
+            acc.devices.append(&mut page.devices);
+            acc.next = page.next;
+        } else {
+            all = Some(page);
+        }
+        match next {
+            Some(n) if a.all => q.after = Some(n),
+            _ => break,
+        }
+    }
+    if let Some(p) = all {
+        print!(
+            "{}",
+            ota_server::render::device_table(&p, ota_server::now_ms())
+        );
     }
     Ok(())
 }
@@ -548,36 +690,41 @@ async fn release_cmd(conn: Conn, cmd: ReleaseCmd) -> Result<()> {
                 r.builds.len()
             );
             if wait {
-                loop {
-                    let all = c.releases().await?;
-                    let r = all
-                        .iter()
-                        .find(|x| x.device_type == device_type && x.version == version)
-                        .context("the release disappeared")?;
-                    if r.builds.iter().all(|b| {
-                        matches!(
-                            b.status,
-                            ota_server::releases::BuildStatus::Ready
-                                | ota_server::releases::BuildStatus::Failed
-                        )
-                    }) {
-                        print_release(r);
-                        if r.builds
-                            .iter()
-                            .any(|b| b.status == ota_server::releases::BuildStatus::Failed)
-                        {
-                            bail!("some builds failed");
-                        }
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let r = c
+                    .wait_release(
+                        &device_type,
+                        &version,
+                        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                    )
+                    .await?;
+                print_release(&r);
+                if r.builds
+                    .iter()
+                    .any(|b| b.status == ota_server::releases::BuildStatus::Failed)
+                {
+                    bail!(
+                        "some builds failed (reasons above); fix the cause and add the release again under a new version"
+                    );
                 }
             }
         }
         ReleaseCmd::List => {
-            for r in c.releases().await? {
+            let all = c.releases().await?;
+            if all.is_empty() {
+                println!(
+                    "no releases yet; add one with `ota-server release add --version V --device-type T --image PATH --wait`"
+                );
+            }
+            for r in all {
                 print_release(&r);
             }
+        }
+        ReleaseCmd::Delete {
+            device_type,
+            version,
+        } => {
+            c.release_delete(&device_type, &version).await?;
+            println!("release {version} of {device_type} deleted");
         }
     }
     Ok(())
@@ -638,24 +785,7 @@ async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
             }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         },
-        RolloutCmd::List => {
-            for s in c.rollouts().await? {
-                let t = s.totals();
-                println!(
-                    "{:<6} {:<12} {:<12} {:<10} wave {}/{} committed {}/{} failed {} — {}",
-                    s.id,
-                    s.spec.device_type,
-                    s.spec.release,
-                    format!("{:?}", s.state),
-                    s.open_wave,
-                    s.waves.len(),
-                    t.committed + t.already_current,
-                    t.eligible,
-                    t.failed + t.rolled_back,
-                    s.reason
-                );
-            }
-        }
+        RolloutCmd::List => print!("{}", ota_server::render::rollout_list(&c.rollouts().await?)),
         RolloutCmd::Pause { id } => {
             print!("{}", render_status(&c.rollout_action(&id, "pause").await?))
         }

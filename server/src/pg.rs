@@ -39,14 +39,15 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::backend::{AuthedDevice, StateBackend};
 use crate::fleet::{hash_token, new_token};
+use crate::inventory::{DeviceFilter, DevicePage, DeviceSummary, StateFilter};
 use crate::releases::Releases;
 use crate::rollout::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError};
 use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
-    Decision, Effect, Member, Pacing, Phase, RolloutError, RolloutRecord, RolloutSpec,
-    RolloutState, RolloutStatus, WaveStatus, advance_record, cancel_ended_attempt, failure_verdict,
-    held_back, lease_expired, nothing_to_offer, offer_for, past_download, ramped_rate, rank_key,
-    spec_matches, transition_for, wave_bounds,
+    Decision, Effect, FailureReason, Member, Pacing, Phase, RolloutError, RolloutRecord,
+    RolloutSpec, RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
+    cancel_ended_attempt, failure_verdict, held_back, lease_expired, nothing_to_offer, offer_for,
+    past_download, ramped_rate, rank_key, spec_matches, transition_for, wave_bounds,
 };
 use crate::store::StoreError;
 
@@ -625,6 +626,23 @@ impl PgState {
             })
             .collect();
         let committed: u64 = cs.iter().map(|w| w[4]).sum();
+        // Same definition as the sled engine's FailureTally: the reason of
+        // each member whose last attempt failed.
+        let failure_reasons = c
+            .query(
+                "SELECT member->>'reason', count(*) FROM members WHERE rollout = $1 \
+                 AND phase IN ('failed', 'rolled-back', 'waiting') AND member->>'reason' IS NOT NULL \
+                 GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $2",
+                &[&rec.id, &(TOP_FAILURE_REASONS as i64)],
+            )
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| FailureReason {
+                reason: r.get(0),
+                devices: r.get::<_, i64>(1) as u64,
+            })
+            .collect();
         Ok(RolloutStatus {
             id: rec.id.clone(),
             state: rec.state,
@@ -639,6 +657,7 @@ impl PgState {
             spec: rec.spec.clone(),
             waves,
             wave_bounds: rec.wave_bounds.clone(),
+            failure_reasons,
         })
     }
 
@@ -1196,6 +1215,18 @@ impl StateBackend for PgState {
             .iter()
             .map(|r| r.get::<_, Json<serde_json::Value>>(0).0)
             .collect();
+        let mut history: Vec<serde_json::Value> = c
+            .query(
+                "SELECT event FROM events WHERE device = $1 AND kind <> 'progress' \
+                 ORDER BY seq DESC LIMIT $2",
+                &[&id, &(crate::backend::DEVICE_HISTORY as i64)],
+            )
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|r| r.get::<_, Json<serde_json::Value>>(0).0)
+            .collect();
+        history.reverse();
         Ok(Some(serde_json::json!({
             "id": r.get::<_, String>(0),
             "device_type": r.get::<_, String>(1),
@@ -1205,6 +1236,7 @@ impl StateBackend for PgState {
             "state": r.get::<_, Option<String>>(5),
             "last_seen_ms": r.get::<_, i64>(6),
             "rollouts": members,
+            "history": history,
         })))
     }
 
@@ -1216,6 +1248,140 @@ impl StateBackend for PgState {
             .map_err(err)?
             .get(0);
         Ok(n as u64)
+    }
+
+    async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
+        let c = conn(&self.pool).await?;
+        let n = c
+            .execute("DELETE FROM devices WHERE id = $1", &[&id])
+            .await
+            .map_err(err)?;
+        // This replica forgets the token at once; others within AUTH_CACHE_MS.
+        self.auth.retain(|_, (d, _)| d.id != id);
+        Ok(n == 1)
+    }
+
+    async fn device_list(&self, f: &DeviceFilter) -> Result<DevicePage, RolloutError> {
+        let c = conn(&self.pool).await?;
+        if let Some(r) = &f.rollout {
+            let found = c
+                .query_opt("SELECT 1 FROM rollouts WHERE id = $1", &[r])
+                .await
+                .map_err(err)?;
+            if found.is_none() {
+                return Err(RolloutError::NotFound(r.clone()));
+            }
+        }
+        // The WHERE clause is built from fixed fragments; every value is a
+        // bound parameter. Paging walks the primary key (`id > $after ORDER
+        // BY id LIMIT n`), so any page is an index range scan.
+        type Param = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+        let mut conds: Vec<String> = Vec::new();
+        let mut params: Vec<Param> = Vec::new();
+        let mut push = |conds: &mut Vec<String>, cond: &str, v: Param| {
+            params.push(v);
+            conds.push(cond.replace('?', &format!("${}", params.len())));
+        };
+        if let Some(t) = &f.device_type {
+            push(&mut conds, "device_type = ?", Box::new(t.clone()));
+        }
+        if let Some(v) = &f.version {
+            push(&mut conds, "version = ?", Box::new(v.clone()));
+        }
+        if !f.tags.is_empty() {
+            push(
+                &mut conds,
+                "tags @> ?",
+                Box::new(Json(serde_json::to_value(&f.tags).unwrap_or_default())),
+            );
+        }
+        if let Some(r) = &f.rollout {
+            push(
+                &mut conds,
+                "EXISTS (SELECT 1 FROM members m WHERE m.rollout = ? AND m.device = devices.id)",
+                Box::new(r.clone()),
+            );
+        }
+        match f.state {
+            // Every condition binds exactly one parameter, so the first
+            // `filtered` parameters are the count query's.
+            Some(StateFilter::Never) => push(&mut conds, "last_seen_ms = ?", Box::new(0i64)),
+            Some(StateFilter::Is(s)) => {
+                push(
+                    &mut conds,
+                    "last_seen_ms > 0 AND state = ?",
+                    Box::new(text(&s)),
+                );
+            }
+            None => {}
+        }
+        if let Some(t) = f.seen_since_ms {
+            push(&mut conds, "last_seen_ms >= ?", Box::new(t as i64));
+        }
+        if let Some(t) = f.silent_since_ms {
+            push(&mut conds, "last_seen_ms < ?", Box::new(t as i64));
+        }
+        let filtered = conds.len();
+        if let Some(a) = &f.after {
+            push(&mut conds, "id > ?", Box::new(a.clone()));
+        }
+        let where_of = |n: usize| {
+            if n == 0 {
+                String::new()
+            } else {
+                format!("WHERE {}", conds[..n].join(" AND "))
+            }
+        };
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT id, device_type, tags, version, booted_slot, state, last_seen_ms                      FROM devices {} ORDER BY id LIMIT {}",
+                    where_of(conds.len()),
+                    f.limit + 1
+                ),
+                &refs,
+            )
+            .await
+            .map_err(err)?;
+        let total: i64 = c
+            .query_one(
+                &format!("SELECT count(*) FROM devices {}", where_of(filtered)),
+                &refs[..filtered],
+            )
+            .await
+            .map_err(err)?
+            .get(0);
+        let mut devices: Vec<DeviceSummary> = rows
+            .iter()
+            .map(|r| {
+                let last_seen_ms = r.get::<_, i64>(6) as u64;
+                DeviceSummary {
+                    id: r.get(0),
+                    device_type: r.get(1),
+                    tags: serde_json::from_value(r.get::<_, Json<serde_json::Value>>(2).0)
+                        .unwrap_or_default(),
+                    version: r.get(3),
+                    booted_slot: parse_text(r.get(4)),
+                    state: parse_text(r.get(5)).filter(|_| last_seen_ms > 0),
+                    last_seen_ms,
+                }
+            })
+            .collect();
+        let next = if devices.len() > f.limit {
+            devices.truncate(f.limit);
+            devices.last().map(|d| d.id.clone())
+        } else {
+            None
+        };
+        Ok(DevicePage {
+            devices,
+            total: total as u64,
+            next,
+        })
     }
 
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {

@@ -89,6 +89,14 @@ pub enum ReleaseError {
     /// The version would not move devices forward (see [`check_order`]).
     #[error("{0}")]
     Order(String),
+    #[error("no release {version} of {device_type}; `ota-server release list` shows them")]
+    NotFound {
+        device_type: String,
+        version: String,
+    },
+    /// The release is in use; the message says by what and what to do.
+    #[error("{0}")]
+    InUse(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("storing the image: {0}")]
@@ -221,6 +229,27 @@ impl ReleaseDb {
         }
     }
 
+    /// Deletes a record, durably.
+    async fn remove(&self, device_type: &str, version: &str) -> Result<(), StoreError> {
+        match self {
+            ReleaseDb::Sled(store) => {
+                store.releases.remove(key2(device_type, version))?;
+                store.durable().await
+            }
+            ReleaseDb::Postgres(pool) => {
+                crate::pg::conn(pool)
+                    .await?
+                    .execute(
+                        "DELETE FROM releases WHERE device_type = $1 AND version = $2",
+                        &[&device_type, &version],
+                    )
+                    .await
+                    .map_err(crate::pg::err)?;
+                Ok(())
+            }
+        }
+    }
+
     /// Inserts `rec` unless a record exists; returns the existing one.
     async fn insert_new(&self, rec: &ReleaseRecord) -> Result<Option<ReleaseRecord>, StoreError> {
         match self {
@@ -347,13 +376,85 @@ impl Releases {
         }
         let all = self.db.load_all().await?;
         {
-            let mut map = self.map.write().unwrap();
-            for r in all {
-                map.insert((r.device_type.clone(), r.version.clone()), r);
-            }
+            // Replaced whole: releases deleted by another replica go too.
+            *self.map.write().unwrap() = all
+                .into_iter()
+                .map(|r| ((r.device_type.clone(), r.version.clone()), r))
+                .collect();
         }
         self.requeue_unfinished();
         Ok(())
+    }
+
+    /// Deletes a release whose builds have finished: its record, then its
+    /// image and artifacts unless another release shares them (they are
+    /// content-addressed). The caller has checked that no live rollout uses
+    /// it and no device runs it (see `DELETE /api/v1/admin/releases/...`).
+    ///
+    /// # Cancel safety
+    /// The record goes first, in one durable write; files are removed after.
+    /// Cancelled in between, files stay behind unreferenced (harmless).
+    pub async fn delete(
+        &self,
+        device_type: &str,
+        version: &str,
+    ) -> Result<ReleaseRecord, ReleaseError> {
+        let key = (device_type.to_string(), version.to_string());
+        let rec =
+            self.map
+                .read()
+                .unwrap()
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| ReleaseError::NotFound {
+                    device_type: device_type.into(),
+                    version: version.into(),
+                })?;
+        if rec
+            .builds
+            .iter()
+            .any(|b| matches!(b.status, BuildStatus::Pending | BuildStatus::Building))
+        {
+            return Err(ReleaseError::InUse(format!(
+                "release {version} of {device_type} is still building; wait for its builds (`ota-server release list`), then delete it"
+            )));
+        }
+        self.db.remove(device_type, version).await?;
+        self.map.write().unwrap().remove(&key);
+        let digests = |r: &ReleaseRecord| {
+            let mut v = vec![r.image_sha256];
+            for a in r.builds.iter().filter_map(|b| b.artifacts.as_ref()) {
+                v.push(a.manifest_sha256);
+                v.push(a.payload_sha256);
+            }
+            v
+        };
+        let kept: HashSet<Digest> = self
+            .map
+            .read()
+            .unwrap()
+            .values()
+            .flat_map(digests)
+            .collect();
+        let mut files = vec![self.images.path_of(&rec.image_sha256)];
+        files.extend(
+            digests(&rec)
+                .into_iter()
+                .skip(1)
+                .map(|d| self.artifacts.path_of(&d)),
+        );
+        for (d, path) in digests(&rec).into_iter().zip(files) {
+            if kept.contains(&d) {
+                continue;
+            }
+            if let Err(e) = tokio::fs::remove_file(&path).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a deleted release's file");
+            }
+        }
+        info!(device_type, version, "release deleted");
+        Ok(rec)
     }
 
     pub fn exists(&self, device_type: &str, version: &str) -> bool {

@@ -40,6 +40,11 @@ pub enum StoreError {
     ShuttingDown,
     #[error("state database (PostgreSQL): {0}")]
     Postgres(String),
+    #[error(
+        "another ota-server uses {}: its state database is locked; stop that server first, or give this one its own data_dir",
+        .0.parent().unwrap_or(.0).display()
+    )]
+    Locked(std::path::PathBuf),
     /// A backend (PostgreSQL, Redis) cannot be reached right now: the
     /// request is answered 503 and the device retries.
     #[error("{0} (temporarily unavailable; devices retry)")]
@@ -56,6 +61,9 @@ pub struct Store {
     pub members: sled::Tree,
     pub events: sled::Tree,
     pub meta: sled::Tree,
+    /// An exclusive lock on `ota-server.lock` in the directory, held while
+    /// any clone lives (released by the OS if the process dies).
+    _lock: Arc<std::fs::File>,
     flush: Arc<Flusher>,
 }
 
@@ -71,8 +79,25 @@ struct Flusher {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir`. Refuses, naming the cause,
+    /// when another process has it open (sled allows one process; its own
+    /// lock error does not say which directory or why).
     pub fn open(dir: &std::path::Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Sled(e.into()))?;
+        let lock_path = dir.join("ota-server.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Sled(e.into()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked(dir.to_path_buf()));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::Sled(e.into())),
+        }
         let db = sled::Config::new()
             .path(dir)
             // sled's own periodic flush stays on as a backstop; durability
@@ -89,6 +114,7 @@ impl Store {
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
             db,
+            _lock: Arc::new(lock),
             flush: Arc::new(Flusher {
                 requested: AtomicU64::new(0),
                 done,

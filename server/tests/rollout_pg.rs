@@ -7,3 +7,7 @@ mod suite;
 
 #[path = "operator_guards.rs"]
 mod guards;
+// The admin API suite too: inventory, device show, failure reasons,
+// deletions.
+#[path = "admin_http.rs"]
+mod admin;

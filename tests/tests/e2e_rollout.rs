@@ -124,14 +124,24 @@ bootlimit = 3
     Dev { dir: d, cfg }
 }
 
-fn run_agent(d: &Dev) -> Child {
+fn agent_log(d: &Dev) -> std::path::PathBuf {
+    d.dir.join(format!("agent-{}.log", std::process::id()))
+}
+
+/// Starts the agent daemon; its log is appended to, across restarts.
+fn run_agent(d: &Dev, extra: &[&str]) -> Child {
     Command::new(bin("ota-agent"))
         .args(["run", "--config"])
         .arg(&d.cfg)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(
-            std::fs::File::create(d.dir.join(format!("agent-{}.log", std::process::id()))).unwrap(),
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(agent_log(d))
+                .unwrap(),
         )
         .spawn()
         .unwrap()
@@ -195,16 +205,28 @@ fn a_rollout_commits_on_a_healthy_device_and_rolls_back_a_sick_one() {
         ],
     );
     let id = id.trim().to_string();
-    // Each device "boots" its agent; after the agent switches slots and
-    // exits (the reboot), it is started again, until both are done.
+    // The sick device "boots" its agent; after the agent switches slots and
+    // exits (the reboot), it is started again, until it is done. The good
+    // one restarts itself (--restart-after-reboot), so its process never
+    // exits.
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut running: Vec<Option<Child>> = vec![Some(run_agent(&good)), Some(run_agent(&sick))];
+    let restart = ["--restart-after-reboot"];
+    let mut running: Vec<Option<Child>> = vec![
+        Some(run_agent(&good, &restart)),
+        Some(run_agent(&sick, &[])),
+    ];
+    let mut good_exits = 0;
     loop {
         for (i, d) in [&good, &sick].into_iter().enumerate() {
             if let Some(c) = running[i].as_mut()
                 && let Some(_st) = c.try_wait().unwrap()
             {
-                running[i] = Some(run_agent(d));
+                if i == 0 {
+                    good_exits += 1;
+                    running[i] = Some(run_agent(d, &restart));
+                } else {
+                    running[i] = Some(run_agent(d, &[]));
+                }
             }
         }
         let st = cli(&base, &["rollout", "status", &id]);
@@ -233,6 +255,19 @@ fn a_rollout_commits_on_a_healthy_device_and_rolls_back_a_sick_one() {
         let _ = c.wait();
     }
     procs.0.extend(running.into_iter().flatten());
+    assert_eq!(
+        good_exits,
+        0,
+        "--restart-after-reboot exited: {}",
+        std::fs::read_to_string(agent_log(&good)).unwrap_or_default()
+    );
+    // Without it, the agent says why it exits at the "reboot".
+    let log = std::fs::read_to_string(agent_log(&sick)).unwrap();
+    assert!(log.contains("no real reboot"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colours in a redirected log: {log:?}"
+    );
 
     // The healthy device runs 2.0 from slot B, byte for byte.
     let s = status(&good);

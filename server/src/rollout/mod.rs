@@ -265,6 +265,14 @@ pub struct Rollout {
     bounds: Vec<u64>,
 }
 
+impl Rollout {
+    /// Whether `device` is a member: the rollout admitted it at least once
+    /// (members are recorded at admission).
+    pub fn has_member(&self, device: &str) -> bool {
+        self.members.contains_key(device)
+    }
+}
+
 /// The wave percentile (0..100) of a device in a rollout: stable for the
 /// rollout's life, independent across rollouts (so the same devices are not
 /// always the canaries).
@@ -1198,8 +1206,10 @@ impl Rollouts {
         let rec = r.record();
         let n = r.waves.len();
         let mut per_phase = vec![[0u64; 9]; n];
+        let mut reasons = FailureTally::default();
         for m in r.members.iter() {
             per_phase[m.wave.min(n - 1)][m.phase as usize] += 1;
+            reasons.add(&m);
         }
         let waves = (0..n)
             .map(|w| {
@@ -1237,6 +1247,7 @@ impl Rollouts {
             spec: r.spec.clone(),
             waves,
             wave_bounds: r.bounds.clone(),
+            failure_reasons: reasons.top(),
         }
     }
 
@@ -1276,6 +1287,12 @@ pub(crate) fn transition_for(max_retries: u32, m: &Member, ev: &Event) -> Option
         }
         (Phase::Downloading, EventKind::Downloaded) => {
             n.phase = Phase::Downloaded;
+            // The last progress figure, persisted with the phase: progress
+            // events themselves are not, so without this a committed
+            // device would show 0 bytes verified.
+            if let Some(p) = &ev.detail.progress {
+                n.bytes_verified = p.bytes_verified;
+            }
             Effect::ReleaseLease
         }
         (Phase::Downloading | Phase::Downloaded, EventKind::Installed) => {
@@ -1353,6 +1370,46 @@ pub struct RolloutStatus {
     /// See [`RolloutRecord::wave_bounds`].
     #[serde(default)]
     pub wave_bounds: Vec<u64>,
+    /// The commonest reasons devices gave for their last failed attempt
+    /// (failed, rolled back, or waiting to retry), most frequent first: what
+    /// an operator needs when a rollout pauses on its failure rate.
+    #[serde(default)]
+    pub failure_reasons: Vec<FailureReason>,
+}
+
+/// One failure reason and how many devices gave it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FailureReason {
+    pub reason: String,
+    pub devices: u64,
+}
+
+/// Reasons shown in a status.
+pub const TOP_FAILURE_REASONS: usize = 5;
+
+/// Counts failure reasons over members (the sled engine's status scan).
+#[derive(Default)]
+struct FailureTally(std::collections::HashMap<String, u64>);
+
+impl FailureTally {
+    fn add(&mut self, m: &Member) {
+        if matches!(m.phase, Phase::Failed | Phase::RolledBack | Phase::Waiting)
+            && let Some(r) = &m.reason
+        {
+            *self.0.entry(r.clone()).or_default() += 1;
+        }
+    }
+
+    fn top(self) -> Vec<FailureReason> {
+        let mut v: Vec<FailureReason> = self
+            .0
+            .into_iter()
+            .map(|(reason, devices)| FailureReason { reason, devices })
+            .collect();
+        v.sort_by(|a, b| b.devices.cmp(&a.devices).then(a.reason.cmp(&b.reason)));
+        v.truncate(TOP_FAILURE_REASONS);
+        v
+    }
 }
 
 impl RolloutStatus {

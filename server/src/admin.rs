@@ -1,0 +1,144 @@
+//! Admin API handlers for the inventory and for taking things out of
+//! service: `GET /api/v1/admin/devices` (list), `DELETE
+//! /api/v1/admin/devices/{id}` (retire) and `DELETE
+//! /api/v1/admin/releases/{device_type}/{version}`.
+//!
+//! Deletions refuse what would strand a device or a rollout, and say what to
+//! do instead: a release a live (active or paused) rollout offers, a release
+//! devices still run (it is the base of their deltas: without it they could
+//! only get full images of later releases), a device in the middle of an
+//! update. The checks read the state just before the deletion; a rollout
+//! created in between is caught by the rollout's own check that its
+//! release exists only until then, which is accepted (operators do not race
+//! themselves).
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tracing::info;
+
+use crate::app::App;
+use crate::http::{ApiErr, admin_auth, bad_request, internal};
+use crate::inventory::{DeviceFilter, DeviceQuery};
+use crate::releases::ReleaseError;
+use crate::render::DeviceView;
+use crate::rollout::{Phase, RolloutState};
+
+fn conflict(m: String) -> ApiErr {
+    ApiErr(StatusCode::CONFLICT, "conflict", m)
+}
+
+/// `GET /api/v1/admin/devices?device_type=&version=&tags=&rollout=&state=&seen_within_s=&silent_for_s=&after=&limit=`
+pub async fn device_list(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    q: Result<Query<DeviceQuery>, QueryRejection>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let filter = q.parse(crate::now_ms()).map_err(bad_request)?;
+    let page = app.state.device_list(&filter).await?;
+    Ok(axum::Json(page).into_response())
+}
+
+/// `DELETE /api/v1/admin/devices/{id}`: refused while the device is mid-update.
+pub async fn device_retire(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let not_found = || {
+        ApiErr(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device {id}; `ota-server device list` shows them"),
+        )
+    };
+    let view = app.state.device_view(&id).await?.ok_or_else(not_found)?;
+    let view: DeviceView = serde_json::from_value(view).map_err(internal)?;
+    let live: Vec<String> = app
+        .state
+        .rollout_statuses()
+        .await?
+        .into_iter()
+        .filter(|s| matches!(s.state, RolloutState::Active | RolloutState::Paused))
+        .map(|s| s.id)
+        .collect();
+    for m in &view.rollouts {
+        let rollout = m.update_id.split('.').next().unwrap_or_default();
+        if live.iter().any(|r| r == rollout)
+            && matches!(
+                m.phase,
+                Phase::Downloading | Phase::Downloaded | Phase::Installed | Phase::Rebooting
+            )
+        {
+            return Err(conflict(format!(
+                "device {id} is in the middle of an update in rollout {rollout}; wait until it commits or \
+                 rolls back (`ota-server device show {id}`), or abort the rollout, then retire it"
+            )));
+        }
+    }
+    if !app.state.retire_device(&id).await? {
+        return Err(not_found());
+    }
+    info!(device = %id, "device retired");
+    Ok(axum::Json(serde_json::json!({ "retired": id })).into_response())
+}
+
+/// `DELETE /api/v1/admin/releases/{device_type}/{version}`.
+pub async fn release_delete(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((device_type, version)): Path<(String, String)>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    if let Some(r) = app.state.rollout_statuses().await?.into_iter().find(|s| {
+        matches!(s.state, RolloutState::Active | RolloutState::Paused)
+            && s.spec.device_type == device_type
+            && s.spec.release == version
+    }) {
+        return Err(conflict(format!(
+            "rollout {} ({:?}) offers release {version} of {device_type}; abort it first (`ota-server rollout abort {}`)",
+            r.id, r.state, r.id
+        )));
+    }
+    let running = app
+        .state
+        .device_list(&DeviceFilter {
+            device_type: Some(device_type.clone()),
+            version: Some(version.clone()),
+            limit: 3,
+            ..Default::default()
+        })
+        .await?;
+    if running.total > 0 {
+        let ids: Vec<&str> = running.devices.iter().map(|d| d.id.as_str()).collect();
+        return Err(conflict(format!(
+            "{} device(s) of {device_type} still run {version} ({}{}): it is the base of their deltas; \
+             update them to a later release first, or retire them (`ota-server device list --type {device_type} --version {version}`)",
+            running.total,
+            ids.join(", "),
+            if running.total > ids.len() as u64 {
+                ", ..."
+            } else {
+                ""
+            }
+        )));
+    }
+    let rec = app
+        .releases
+        .delete(&device_type, &version)
+        .await
+        .map_err(|e| match e {
+            e @ ReleaseError::NotFound { .. } => {
+                ApiErr(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            ReleaseError::InUse(m) => conflict(m),
+            e => internal(e),
+        })?;
+    Ok(axum::Json(rec).into_response())
+}

@@ -1,0 +1,235 @@
+//! The `ota-server` command line as an operator meets it: the real binary,
+//! against a real server on 127.0.0.1 where one is needed. Help on every
+//! option, errors that neither repeat their cause nor list env-backed
+//! options as missing, plain logs when redirected, human output of the
+//! admin commands, and one clear error for a second server on a data
+//! directory.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use ota_format::api::AgentState;
+
+fn ota(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ota-server"));
+    c.args(args)
+        .env_remove("OTA_SERVER")
+        .env_remove("OTA_ADMIN_TOKEN");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs an admin subcommand against `ts` with the connection from the
+/// environment, as the README sets it up; returns (stdout, stderr).
+fn admin(ts: &TestServer, args: &[&str]) -> (String, String) {
+    let o = ota(
+        args,
+        &[("OTA_SERVER", &ts.base), ("OTA_ADMIN_TOKEN", ADMIN)],
+    );
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "ota-server {args:?}: {err}");
+    (out, err)
+}
+
+const SUBCOMMANDS: &[&[&str]] = &[
+    &["keygen"],
+    &["delta"],
+    &["serve"],
+    &["device", "add"],
+    &["device", "list"],
+    &["device", "show"],
+    &["device", "retire"],
+    &["release", "add"],
+    &["release", "list"],
+    &["release", "delete"],
+    &["rollout", "create"],
+    &["rollout", "status"],
+    &["rollout", "pause"],
+];
+
+#[test]
+fn every_option_and_argument_has_help_text() {
+    let mut missing = Vec::new();
+    for sub in SUBCOMMANDS {
+        let mut args = sub.to_vec();
+        args.push("-h");
+        let o = ota(&args, &[]);
+        assert!(o.status.success(), "{sub:?} -h");
+        let help = text(&o.stdout);
+        // An argument line starts with `-` or `<`; its help follows on the
+        // same line after two spaces, or (clap's layout when lines are
+        // long) on the next, further indented lines.
+        let mut in_args = false;
+        let mut pending: Option<String> = None;
+        for line in help.lines() {
+            if line.ends_with(':') && !line.starts_with(' ') {
+                in_args = line == "Arguments:" || line == "Options:";
+                continue;
+            }
+            if !in_args || line.trim().is_empty() {
+                continue;
+            }
+            let t = line.trim();
+            if t.starts_with('-') || t.starts_with('<') {
+                if let Some(p) = pending.take() {
+                    missing.push(format!("{}: {p}", sub.join(" ")));
+                }
+                let cols = t.split("  ").filter(|c| !c.trim().is_empty()).count();
+                if cols < 2 {
+                    pending = Some(t.to_string());
+                }
+            } else {
+                pending = None;
+            }
+        }
+        if let Some(p) = pending {
+            missing.push(format!("{}: {p}", sub.join(" ")));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "options without help:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn a_missing_argument_error_does_not_list_env_backed_connection_options() {
+    let o = ota(&["device", "add", "--type", "rpi4"], &[]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("--id"), "{err}");
+    assert!(
+        !err.contains("--server") && !err.contains("--admin-token"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_error_names_its_cause_once() {
+    let o = ota(&["serve", "--config", "/nonexistent/server.toml"], &[]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/server.toml"), "{err}");
+}
+
+#[test]
+fn redirected_logs_carry_no_colour_codes() {
+    // A warning (the signing key is group-readable) logged to a pipe.
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        ota(&["keygen", "--out", dir.path().to_str().unwrap()], &[])
+            .status
+            .success()
+    );
+    let key = dir.path().join("ota-signing.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let o = ota(
+        &[
+            "delta",
+            "--to",
+            "/nonexistent.img",
+            "--to-version",
+            "2",
+            "--key",
+            key.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let err = text(&o.stderr);
+    assert!(err.contains("chmod 600"), "no warning logged: {err}");
+    assert!(
+        !err.contains('\x1b'),
+        "ANSI codes in a redirected log: {err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_directory_gets_one_clear_error() {
+    let ts = TestServer::start(&fast_checkin(5000)).await;
+    let cfg = ts.dir.path().join("server.toml");
+    let second = ota_server::app::start(
+        ota_server::config::ServerConfig::load(&cfg).unwrap(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    let Err(e) = second else {
+        panic!("a second server opened the same sled database");
+    };
+    let msg = ota_format::term::error_chain(e.as_ref());
+    assert!(msg.contains("another ota-server uses"), "{msg}");
+    assert!(msg.contains("data"), "{msg}");
+    assert!(
+        !msg.to_lowercase().contains("resource temporarily"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_speak_human_with_json_on_request() {
+    let ts = TestServer::start(&fast_checkin(5000)).await;
+    let (out, _) = admin(&ts, &["rollout", "list"]);
+    assert!(out.contains("no rollouts yet"), "{out}");
+    let (out, _) = admin(&ts, &["release", "list"]);
+    assert!(out.contains("no releases yet"), "{out}");
+
+    // release add --wait, not on a terminal: one line per finished build.
+    let img = ts.dir.path().join("v1.img");
+    std::fs::write(&img, image(16, 1)).unwrap();
+    let (_, err) = admin(
+        &ts,
+        &[
+            "release",
+            "add",
+            "--version",
+            "1.0",
+            "--device-type",
+            "t",
+            "--image",
+            img.to_str().unwrap(),
+            "--wait",
+        ],
+    );
+    assert!(
+        err.contains("full image") && err.contains("ready:"),
+        "{err}"
+    );
+    assert!(!err.contains('\x1b'), "{err:?}");
+
+    let d = Sim::enroll(&ts.base, "dev-1", "t", &http()).await;
+    d.checkin("1.0", AgentState::Idle, None).await;
+    Sim::enroll(&ts.base, "dev-2", "t", &http()).await;
+    let (out, _) = admin(&ts, &["device", "list", "--type", "t"]);
+    assert!(out.starts_with("ID"), "{out}");
+    assert!(out.contains("dev-1") && out.contains("s ago"), "{out}");
+    assert!(
+        out.contains("never") && out.contains("2 matching devices"),
+        "{out}"
+    );
+    let (out, _) = admin(&ts, &["device", "list", "--state", "never", "--json"]);
+    let page: ota_server::inventory::DevicePage = serde_json::from_str(&out).unwrap();
+    assert_eq!(page.devices.len(), 1);
+    assert_eq!(page.devices[0].id, "dev-2");
+
+    let (out, _) = admin(&ts, &["device", "show", "dev-1"]);
+    assert!(out.contains("last seen") && out.contains("s ago)"), "{out}");
+    assert!(!out.contains("last_seen_ms"), "{out}");
+    let (out, _) = admin(&ts, &["device", "show", "dev-1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["last_seen_ms"].as_u64().unwrap() > 0);
+
+    admin(&ts, &["device", "retire", "dev-2"]);
+    let (out, _) = admin(&ts, &["device", "list"]);
+    assert!(!out.contains("dev-2"), "{out}");
+}
