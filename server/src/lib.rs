@@ -20,7 +20,11 @@
 //!   [`rollout::shared`] the fleet-wide throttle trait (local or
 //!   [`rollout::redis_throttle`]) the PostgreSQL backend uses.
 //! - [`http`]: routes and handlers of the device and admin APIs.
-//! - [`metrics`]: the Prometheus exposition.
+//! - [`listener`]: the accept loop (plain and TLS) with connection hygiene:
+//!   header, idle and body timeouts, global and per-address connection
+//!   caps, HTTP/2 limits, and a [`listener::ConnInfo`] on every request.
+//! - [`metrics`]: the Prometheus exposition (text 0.0.4 or OpenMetrics,
+//!   by `Accept`), per-rollout state and alerting figures.
 //! - [`app`]: wiring, background tasks and orderly shutdown.
 //! - [`client`]: the admin API client the CLI uses.
 
@@ -31,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod fleet;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod pg;
 pub mod releases;
