@@ -106,6 +106,10 @@ impl Drop for OpenConnection {
     }
 }
 
+/// What was last exported for a rollout: its state series (to drop stale
+/// ones), its progress figure and when (Unix seconds) that last changed.
+type Seen = (Vec<RolloutStateLabel>, u64, i64);
+
 /// Per-rollout series.
 #[derive(Default)]
 struct RolloutSeries {
@@ -118,7 +122,7 @@ struct RolloutSeries {
     last_progress: Family<RolloutIdLabel, Gauge>,
     /// Per rollout: the state series last exported (to drop stale ones)
     /// and the progress figure with the time it last changed.
-    seen: Mutex<HashMap<String, (Vec<RolloutStateLabel>, u64, i64)>>,
+    seen: Mutex<HashMap<String, Seen>>,
 }
 
 /// Which exposition a scraper gets.

@@ -249,10 +249,12 @@ async fn slow_or_stalled_request_body_gets_408_and_the_connection_closes() {
         let t = Instant::now();
         let (mut r, mut w) = s.into_split();
         let writer = tokio::spawn(async move {
-            while trickle {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if w.write_all(b" ").await.is_err() {
-                    return;
+            if trickle {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if w.write_all(b" ").await.is_err() {
+                        return;
+                    }
                 }
             }
             // Hold the write half open without sending.
