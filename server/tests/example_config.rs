@@ -89,29 +89,7 @@ fn nginx_example_passes_nginx_t() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ok = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=ota.example.com",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-        ])
-        .current_dir(d)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    common::self_signed_cert(d, "ota.example.com");
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/nginx.conf");
     let conf = std::fs::read_to_string(p)
         .unwrap()

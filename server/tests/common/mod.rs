@@ -358,3 +358,33 @@ pub fn require_tool(name: &str, package: &str) -> bool {
     eprintln!("SKIPPED: {name} is missing (apt-get install {package})");
     false
 }
+
+/// A self-signed certificate (`cert.pem`, `key.pem` in `dir`) for
+/// 127.0.0.1 and `cn`, made by `openssl`.
+pub fn self_signed_cert(dir: &Path, cn: &str) {
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            &format!("subjectAltName=IP:127.0.0.1,DNS:{cn}"),
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(ok.success(), "openssl req -x509 failed");
+}
