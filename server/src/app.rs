@@ -136,6 +136,9 @@ impl App {
 pub struct Running {
     pub addr: std::net::SocketAddr,
     pub app: Arc<App>,
+    /// The listener's connection limits: send a new `[connections]` here
+    /// (a reload) and new connections get it.
+    pub connection_limits: tokio::sync::watch::Sender<Arc<crate::config::ConnectionsConfig>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     flusher_stop: CancellationToken,
@@ -299,6 +302,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     // One accept loop for plain and TLS (crate::listener): timeouts and
     // connection caps that axum::serve does not have.
     let listener = Listener::new(listener, app.config.connections.clone());
+    let connection_limits = listener.limits();
     let conn_metrics = app.metrics.connections.clone();
     match &app.config.tls {
         None => {
@@ -334,6 +338,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     Ok(Running {
         addr,
         app,
+        connection_limits,
         cancel,
         tracker,
         flusher_stop,

@@ -437,3 +437,24 @@ async fn silent_and_trickling_tls_handshakes_are_closed() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// The limits can be swapped while serving (a configuration reload sends
+/// them): new connections get the new ones.
+#[tokio::test]
+async fn swapped_limits_apply_to_new_connections() {
+    let ts = TestServer::start("").await;
+    let a = addr(&ts);
+    let mut first = connect_from("127.0.0.5", a).await;
+    healthz_keep_alive(&mut first).await;
+    let mut second = connect_from("127.0.0.5", a).await;
+    healthz_keep_alive(&mut second).await;
+    drop(second);
+    let running = ts.running.as_ref().unwrap();
+    let mut tighter = (**running.connection_limits.borrow()).clone();
+    tighter.max_connections_per_address = 1;
+    running.connection_limits.send_replace(Arc::new(tighter));
+    // `first` holds the address's one slot: a new one is refused.
+    let mut third = connect_from("127.0.0.5", a).await;
+    assert!(refused(&mut third).await, "the new per-address limit was not applied");
+    healthz_keep_alive(&mut first).await;
+}
