@@ -22,6 +22,7 @@ use crate::artifacts::{ArtifactStore, EgressLimiter};
 use crate::backend::{Backend, LocalState};
 use crate::config::{ServerConfig, StorageBackend, ThrottleBackend};
 use crate::fleet::Fleet;
+use crate::listener::{Listener, PlainAcceptor, RustlsAcceptor};
 use crate::metrics::Metrics;
 use crate::releases::{BuildSettings, ReleaseDb, Releases};
 use crate::rollout::shared::{FleetThrottle, LocalFleetThrottle};
@@ -135,6 +136,9 @@ impl App {
 pub struct Running {
     pub addr: std::net::SocketAddr,
     pub app: Arc<App>,
+    /// The listener's connection limits: send a new `[connections]` here
+    /// (a reload) and new connections get it.
+    pub connection_limits: tokio::sync::watch::Sender<Arc<crate::config::ConnectionsConfig>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     flusher_stop: CancellationToken,
@@ -295,23 +299,20 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     tracker.spawn(releases.clone().run_builder(jobs, cancel.clone()));
     tracker.spawn(tick(app.clone(), cancel.clone()));
     let router = crate::http::router(app.clone());
-    let c = cancel.clone();
+    // One accept loop for plain and TLS (crate::listener): timeouts and
+    // connection caps that axum::serve does not have.
+    let listener = Listener::new(listener, app.config.connections.clone());
+    let connection_limits = listener.limits();
+    let conn_metrics = app.metrics.connections.clone();
     match &app.config.tls {
         None => {
-            tracker.spawn(async move {
-                // TCP_NODELAY: without it every Range response ends with a
-                // delayed-ACK stall (~40 ms), which cut an agent's download
-                // rate from ~400 to 100 MiB/s.
-                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                let r = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { c.cancelled().await })
-                    .await;
-                if let Err(e) = r {
-                    warn!(error = %e, "HTTP server stopped with an error");
-                }
-            });
+            tracker.spawn(listener.serve(
+                PlainAcceptor,
+                router,
+                conn_metrics,
+                cancel.clone(),
+                tracker.clone(),
+            ));
         }
         Some(tls) => {
             // Already installed (a second server in one process): fine.
@@ -325,30 +326,19 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
                         tls.key.display()
                     )
                 })?;
-            let handle = axum_server::Handle::new();
-            let h = handle.clone();
-            tracker.spawn(async move {
-                c.cancelled().await;
-                h.graceful_shutdown(Some(Duration::from_secs(10)));
-            });
-            let std_listener = listener.into_std()?;
-            tracker.spawn(async move {
-                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls)
-                    .acceptor(axum_server::accept::NoDelayAcceptor::new());
-                let r = axum_server::from_tcp(std_listener)
-                    .acceptor(acceptor)
-                    .handle(handle)
-                    .serve(router.into_make_service())
-                    .await;
-                if let Err(e) = r {
-                    warn!(error = %e, "HTTPS server stopped with an error");
-                }
-            });
+            tracker.spawn(listener.serve(
+                RustlsAcceptor(rustls),
+                router,
+                conn_metrics,
+                cancel.clone(),
+                tracker.clone(),
+            ));
         }
     }
     Ok(Running {
         addr,
         app,
+        connection_limits,
         cancel,
         tracker,
         flusher_stop,

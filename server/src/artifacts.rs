@@ -377,26 +377,37 @@ fn parse_range_header(value: &str) -> Option<Vec<RangeSpec>> {
     if specs.is_empty() { None } else { Some(specs) }
 }
 
+/// One range-spec resolved against a file of `size` bytes: the inclusive
+/// byte range it selects, or `None` when it is unsatisfiable.
+fn resolve_spec(spec: RangeSpec, size: u64) -> Option<(u64, u64)> {
+    match spec {
+        RangeSpec::From { first, .. } if first >= size => None,
+        RangeSpec::From { first, last } => {
+            Some((first, last.map_or(size - 1, |l| l.min(size - 1))))
+        }
+        RangeSpec::Suffix(0) => None,
+        RangeSpec::Suffix(_) if size == 0 => None,
+        RangeSpec::Suffix(n) => Some((size - n.min(size), size - 1)),
+    }
+}
+
 /// Resolves a `Range` header value against a file of `size` bytes.
+///
+/// RFC 9110 §14.2 allows `416` only when *no* range is satisfiable; with
+/// several satisfiable ranges the server may ignore the header. So: no
+/// satisfiable range → `416`; exactly one → `206` for it (an unsatisfiable
+/// companion is dropped, §14.1.1); two or more → `200` with the whole file
+/// rather than `multipart/byteranges`, which no device client needs and
+/// every client would have to parse (see docs/api.md).
 fn resolve_range(value: &str, size: u64) -> RangeOutcome {
     let Some(specs) = parse_range_header(value) else {
         return RangeOutcome::Full;
     };
-    let [spec] = specs[..] else {
-        return RangeOutcome::Unsatisfiable;
-    };
-    match spec {
-        RangeSpec::From { first, .. } if first >= size => RangeOutcome::Unsatisfiable,
-        RangeSpec::From { first, last } => RangeOutcome::Partial {
-            start: first,
-            end: last.map_or(size - 1, |l| l.min(size - 1)),
-        },
-        RangeSpec::Suffix(0) => RangeOutcome::Unsatisfiable,
-        RangeSpec::Suffix(_) if size == 0 => RangeOutcome::Unsatisfiable,
-        RangeSpec::Suffix(n) => RangeOutcome::Partial {
-            start: size - n.min(size),
-            end: size - 1,
-        },
+    let mut satisfiable = specs.into_iter().filter_map(|s| resolve_spec(s, size));
+    match (satisfiable.next(), satisfiable.next()) {
+        (None, _) => RangeOutcome::Unsatisfiable,
+        (Some((start, end)), None) => RangeOutcome::Partial { start, end },
+        (Some(_), Some(_)) => RangeOutcome::Full,
     }
 }
 
@@ -450,8 +461,10 @@ fn header_u64(n: u64) -> HeaderValue {
 ///   `Content-Range: bytes a-b/size`; an end beyond the file is clamped;
 ///   a start at or past the end, a zero suffix, or any range of an empty
 ///   file → `416` with `Content-Range: bytes */size`;
-/// - several ranges → `416`: multipart answers would complicate every client
-///   for no gain, devices fetch ranges one per request;
+/// - several ranges: `416` only when none is satisfiable (RFC 9110 §14.2);
+///   one satisfiable → `206` for it; two or more → `200` with the whole
+///   file (the header may be ignored): multipart answers would complicate
+///   every client for no gain, devices fetch ranges one per request;
 /// - a malformed `Range` (bad syntax, `last < first`, a unit other than
 ///   bytes, several `Range` fields) is ignored and the whole file sent with
 ///   `200`, as RFC 9110 §14.2 permits: a confused client still gets correct
@@ -542,8 +555,8 @@ pub async fn serve(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "range_not_satisfiable",
                 format!(
-                    "the artifact is {size} bytes; ask for one range \
-                     bytes=first-last with first < {size}"
+                    "the artifact is {size} bytes; no requested range starts \
+                     before byte {size}: ask for bytes=first-last with first < {size}"
                 ),
             );
             r.headers_mut().extend(base);
@@ -702,7 +715,12 @@ mod tests {
         assert_eq!(resolve_range("bytes=-0", 10), Unsatisfiable);
         assert_eq!(resolve_range("bytes=0-", 0), Unsatisfiable);
         assert_eq!(resolve_range("bytes=-5", 0), Unsatisfiable);
-        assert_eq!(resolve_range("bytes=0-1,4-5", 10), Unsatisfiable);
+        // RFC 9110 §14.2: 416 only when no range is satisfiable.
+        assert_eq!(resolve_range("bytes=0-1,4-5", 10), Full);
+        assert_eq!(resolve_range("bytes=0-9,20-29", 100), Full);
+        assert_eq!(resolve_range("bytes=0-1,50-60", 10), p(0, 1));
+        assert_eq!(resolve_range("bytes=50-60,-0,3-", 10), p(3, 9));
+        assert_eq!(resolve_range("bytes=10-,20-29,-0", 10), Unsatisfiable);
         for bad in [
             "",
             "bytes",

@@ -72,6 +72,9 @@ pub struct ServerConfig {
     /// Where the fleet-wide throttle lives: this process (default) or Redis.
     #[serde(default)]
     pub throttle: ThrottleConfig,
+    /// Connection hygiene of the listener (timeouts and caps).
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
 }
 
 /// `[storage]`: the durable state backend.
@@ -234,6 +237,130 @@ impl Default for CheckinConfig {
     }
 }
 
+/// `[connections]`: how long a client may take and how many sockets it may
+/// hold (see `server/src/listener.rs` for how each is enforced). The
+/// defaults suit devices on slow cellular links and an operator uploading
+/// images; tighten them behind a reverse proxy that buffers requests.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// Time allowed from accepting a connection (TLS handshake included), or
+    /// from the end of the previous response on a kept-alive HTTP/1.1
+    /// connection, until a complete request head has arrived. Default 10 s.
+    /// Defeats slowloris (headers one byte a second) and silent sockets.
+    #[serde(default = "default_header_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight and no byte moving either way
+    /// for this long is closed (HTTP/2 connections, and responses a client
+    /// stopped reading). Default 60 s.
+    #[serde(default = "default_conn_idle_ms")]
+    pub idle_timeout_ms: u64,
+    /// Longest wait for the next piece of a request body, and the grace
+    /// before `body_min_bytes_per_sec` applies. Default 30 s.
+    #[serde(default = "default_body_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Average rate a request body must keep once `body_read_timeout_ms`
+    /// has passed, so a body trickling a byte a second is cut off. Default
+    /// 1024.
+    #[serde(default = "default_body_rate")]
+    pub body_min_bytes_per_sec: u64,
+    /// Connections open at once, all clients. Over it, new connections are
+    /// closed at accept. Keep it below the process's file limit
+    /// (`LimitNOFILE`). Default 50000.
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Connections open at once from one source address; 0 = no limit
+    /// (behind a reverse proxy every connection comes from the proxy).
+    /// Default 256 (many devices may share a carrier-grade NAT address).
+    #[serde(default = "default_max_per_addr")]
+    pub max_connections_per_address: usize,
+    /// Largest request head: HTTP/1.1 read buffer (at least 8192) and the
+    /// HTTP/2 header-list size. Default 16 KiB.
+    #[serde(default = "default_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection. Default 64 (an agent uses
+    /// at most `checkin.max_parallel_ranges`).
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+}
+
+fn default_header_ms() -> u64 {
+    10_000
+}
+fn default_conn_idle_ms() -> u64 {
+    60_000
+}
+fn default_body_ms() -> u64 {
+    30_000
+}
+fn default_body_rate() -> u64 {
+    1024
+}
+fn default_max_conns() -> usize {
+    50_000
+}
+fn default_max_per_addr() -> usize {
+    256
+}
+fn default_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_h2_streams() -> u32 {
+    64
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            header_read_timeout_ms: default_header_ms(),
+            idle_timeout_ms: default_conn_idle_ms(),
+            body_read_timeout_ms: default_body_ms(),
+            body_min_bytes_per_sec: default_body_rate(),
+            max_connections: default_max_conns(),
+            max_connections_per_address: default_max_per_addr(),
+            max_header_bytes: default_header_bytes(),
+            h2_max_concurrent_streams: default_h2_streams(),
+        }
+    }
+}
+
+impl ConnectionsConfig {
+    /// Checks the limits; the message names the option and its range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("connections.{m}")));
+        let ms = 100..=3_600_000;
+        if !ms.contains(&self.header_read_timeout_ms) {
+            return bad("header_read_timeout_ms must be 100..=3600000 (0.1 s to 1 h)");
+        }
+        if !ms.contains(&self.idle_timeout_ms) {
+            return bad("idle_timeout_ms must be 100..=3600000 (0.1 s to 1 h)");
+        }
+        if !ms.contains(&self.body_read_timeout_ms) {
+            return bad("body_read_timeout_ms must be 100..=3600000 (0.1 s to 1 h)");
+        }
+        if self.body_min_bytes_per_sec == 0 {
+            return bad(
+                "body_min_bytes_per_sec must be positive (1024 lets any real link through)",
+            );
+        }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return bad("max_connections must be 1..=1000000");
+        }
+        if self.max_connections_per_address > self.max_connections {
+            return bad(
+                "max_connections_per_address must be 0 (no limit) or at most max_connections",
+            );
+        }
+        if !(1024..=1 << 20).contains(&self.max_header_bytes) {
+            return bad("max_header_bytes must be 1024..=1048576");
+        }
+        if !(1..=1000).contains(&self.h2_max_concurrent_streams) {
+            return bad("h2_max_concurrent_streams must be 1..=1000");
+        }
+        Ok(())
+    }
+}
+
 impl ServerConfig {
     /// Reads and validates `path`. Relative paths inside are taken relative
     /// to the file's directory, so a config and its key can travel together.
@@ -350,6 +477,7 @@ impl ServerConfig {
         {
             return bad("throttle.key_prefix must be letters, digits, - and _".into());
         }
+        self.connections.validate()?;
         Ok(())
     }
 

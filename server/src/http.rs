@@ -111,19 +111,38 @@ impl From<RolloutError> for ApiErr {
     }
 }
 
+/// `408` when a body read failed on the listener's body deadline
+/// ([`crate::listener::BodyTimeout`]), `None` for any other body error.
+fn body_error(e: axum::Error) -> Option<ApiErr> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<crate::listener::BodyTimeout>() {
+            return Some(ApiErr(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                t.to_string(),
+            ));
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// Reads a JSON body of at most `MAX_REQUEST_BYTES`.
 async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiErr> {
     let bytes = axum::body::to_bytes(body, api::MAX_REQUEST_BYTES)
         .await
-        .map_err(|_| {
-            ApiErr(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "request bodies are limited to {} bytes",
-                    api::MAX_REQUEST_BYTES
-                ),
-            )
+        .map_err(|e| {
+            body_error(e).unwrap_or_else(|| {
+                ApiErr(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!(
+                        "request bodies are limited to {} bytes",
+                        api::MAX_REQUEST_BYTES
+                    ),
+                )
+            })
         })?;
     serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("malformed JSON body: {e}")))
 }
@@ -235,13 +254,18 @@ async fn count_unavailable(State(app): State<Arc<App>>, r: Response) -> Response
     r
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+/// `GET /metrics`: Prometheus text 0.0.4 unless the scraper asks for
+/// OpenMetrics (see [`crate::metrics::Format::negotiate`]).
+async fn metrics(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let format = crate::metrics::Format::negotiate(
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+    );
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.encode(),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        app.metrics.encode(format),
     )
         .into_response()
 }
@@ -586,7 +610,10 @@ async fn admin_release_add(
     let mut f = tokio::fs::File::from_std(std_file);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| bad_request(format!("upload interrupted: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            let msg = format!("upload interrupted: {e}");
+            body_error(e).unwrap_or_else(|| bad_request(msg))
+        })?;
         f.write_all(&chunk).await.map_err(|e| {
             internal(format!(
                 "writing the upload (is the data directory's disk full?): {e}"

@@ -26,7 +26,11 @@
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`admin`] the inventory list and the deletions (device retire,
 //!   release delete) with the checks that keep them safe.
-//! - [`metrics`]: the Prometheus exposition.
+//! - [`listener`]: the accept loop (plain and TLS) with connection hygiene:
+//!   header, idle and body timeouts, global and per-address connection
+//!   caps, HTTP/2 limits, and a [`listener::ConnInfo`] on every request.
+//! - [`metrics`]: the Prometheus exposition (text 0.0.4 or OpenMetrics,
+//!   by `Accept`), per-rollout state and alerting figures.
 //! - [`app`]: wiring, background tasks and orderly shutdown.
 //! - [`client`]: the admin API client the CLI uses.
 //! - [`render`]: the CLI's human output (device table, one device, rollout
@@ -41,6 +45,7 @@ pub mod config;
 pub mod fleet;
 pub mod http;
 pub mod inventory;
+pub mod listener;
 pub mod metrics;
 pub mod pg;
 pub mod releases;

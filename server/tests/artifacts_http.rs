@@ -198,7 +198,7 @@ async fn every_range_form() {
 }
 
 #[tokio::test]
-async fn unsatisfiable_and_multiple_ranges_are_416() {
+async fn unsatisfiable_ranges_are_416() {
     let srv = Server::start(None).await;
     let data = random_bytes(1000);
     let d = srv.put(&data).await;
@@ -208,7 +208,7 @@ async fn unsatisfiable_and_multiple_ranges_are_416() {
         (d, "bytes=1000-", 1000),
         (d, "bytes=1000-2000", 1000),
         (d, "bytes=-0", 1000),
-        (d, "bytes=0-1,5-9", 1000),
+        (d, "bytes=1000-,2000-2999", 1000),
         (empty, "bytes=0-", 0),
     ] {
         let r = get_with(&c, &srv.url(&digest), &[("range", range)]).await;
@@ -224,6 +224,28 @@ async fn unsatisfiable_and_multiple_ranges_are_416() {
     let r = get_with(&c, &srv.url(&empty), &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.is_empty());
+}
+
+/// Regression (issue 17): `bytes=0-9,20-29` answered 416, which RFC 9110
+/// §14.2 allows only when no range is satisfiable. Two satisfiable ranges
+/// now get the whole file; one satisfiable among unsatisfiable ones gets
+/// `206` for it.
+#[tokio::test]
+async fn several_ranges_are_416_only_when_none_is_satisfiable() {
+    let srv = Server::start(None).await;
+    let data = random_bytes(1000);
+    let d = srv.put(&data).await;
+    let c = reqwest::Client::new();
+    for range in ["bytes=0-9,20-29", "bytes=0-1,5-9", "bytes=-5,0-0"] {
+        let r = get_with(&c, &srv.url(&d), &[("range", range)]).await;
+        assert_eq!(r.status, StatusCode::OK, "{range}");
+        assert_eq!(r.body, data, "{range}");
+        assert_eq!(r.header("content-range"), None);
+    }
+    let r = get_with(&c, &srv.url(&d), &[("range", "bytes=5000-,10-19")]).await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.header("content-range"), Some("bytes 10-19/1000"));
+    assert_eq!(r.body, &data[10..20]);
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! The example configuration in deploy/ parses and validates.
 
+mod common;
+
 #[test]
 fn deploy_server_toml_is_valid() {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/server.toml");
@@ -110,4 +112,84 @@ fn serve_refuses_placeholder_secrets_unless_insecure_dev() {
     assert!(line.starts_with("ota-server listening on"), "{line:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--insecure-dev: starting anyway"), "{err}");
+/// deploy/server.toml documents the `[connections]` defaults: it must say
+/// what the code does.
+#[test]
+fn deploy_server_toml_states_the_connection_defaults() {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/server.toml");
+    let c = ota_server::config::ServerConfig::load(&p).unwrap();
+    assert_eq!(
+        c.connections,
+        ota_server::config::ConnectionsConfig::default()
+    );
+}
+
+/// A connection limit that would disable a protection (or cannot work) is
+/// refused at load, with the option's name.
+#[test]
+fn bad_connection_limits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.toml");
+    for (line, says) in [
+        ("header_read_timeout_ms = 0", "header_read_timeout_ms"),
+        ("idle_timeout_ms = 99", "idle_timeout_ms"),
+        ("body_read_timeout_ms = 0", "body_read_timeout_ms"),
+        ("body_min_bytes_per_sec = 0", "body_min_bytes_per_sec"),
+        ("max_connections = 0", "max_connections"),
+        (
+            "max_connections = 10\nmax_connections_per_address = 11",
+            "max_connections_per_address",
+        ),
+        ("max_header_bytes = 100", "max_header_bytes"),
+        ("h2_max_concurrent_streams = 0", "h2_max_concurrent_streams"),
+        ("header_timeout = 5", "unknown field"),
+    ] {
+        std::fs::write(
+            &p,
+            format!(
+                "data_dir = \"d\"\nadmin_token = \"0123456789abcdef\"\nsigning_key = \"k\"\n\
+                 [connections]\n{line}\n"
+            ),
+        )
+        .unwrap();
+        let e = ota_server::config::ServerConfig::load(&p).unwrap_err();
+        assert!(e.to_string().contains(says), "{line}: {e}");
+    }
+}
+
+/// The nginx example (deploy/examples/nginx.conf) is accepted by `nginx -t`
+/// (its certificate, pid and log paths pointed at a temporary directory).
+#[test]
+fn nginx_example_passes_nginx_t() {
+    if !common::require_tool("nginx", "nginx-light") || !common::require_tool("openssl", "openssl")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::self_signed_cert(d, "ota.example.com");
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/nginx.conf");
+    let conf = std::fs::read_to_string(p)
+        .unwrap()
+        .replace("/etc/ota-server/tls/", &format!("{}/", d.display()))
+        .replace("/run/", &format!("{}/", d.display()))
+        .replace("/var/log/nginx/", &format!("{}/", d.display()));
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    let nginx = ["/usr/sbin/nginx", "nginx"]
+        .into_iter()
+        .find(|n| std::path::Path::new(n).exists())
+        .unwrap_or("nginx");
+    let out = std::process::Command::new(nginx)
+        .arg("-t")
+        .arg("-p")
+        .arg(d)
+        .arg("-c")
+        .arg(d.join("nginx.conf"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

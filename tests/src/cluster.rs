@@ -68,6 +68,8 @@ pub struct ServerProc {
     name: String,
     rust_log: String,
     forward_stderr: bool,
+    /// The `ota-server` binary (another build for side-by-side benchmarks).
+    bin: PathBuf,
     tail: Tail,
     pid: Arc<AtomicU32>,
     pub addr: SocketAddr,
@@ -83,6 +85,7 @@ impl ServerProc {
         name: &str,
         rust_log: &str,
         forward_stderr: bool,
+        bin: Option<&Path>,
     ) -> Result<ServerProc> {
         let mut s = ServerProc {
             child: None,
@@ -91,6 +94,7 @@ impl ServerProc {
             name: name.to_string(),
             rust_log: rust_log.to_string(),
             forward_stderr,
+            bin: bin.map_or_else(|| crate::bin("ota-server"), Path::to_path_buf),
             tail: Tail::default(),
             pid: Arc::new(AtomicU32::new(0)),
             addr: listen,
@@ -109,7 +113,7 @@ impl ServerProc {
 
     fn spawn(&mut self) -> Result<()> {
         self.write_config()?;
-        let mut child = Command::new(crate::bin("ota-server"))
+        let mut child = Command::new(&self.bin)
             .arg("serve")
             .arg("--config")
             .arg(&self.cfg)
@@ -267,6 +271,10 @@ pub struct ClusterOpts {
     /// with a `data_dir` of its own. They share nothing, so only requests
     /// that need no shared state mean anything through the balancer.
     pub independent_sled: bool,
+    /// Run this `ota-server` binary instead of the workspace's (checkin-bench
+    /// `--baseline-bin`: an older build measured side by side). It gets no
+    /// `[connections]` section, which older builds do not know.
+    pub server_bin: Option<PathBuf>,
 }
 
 impl Default for ClusterOpts {
@@ -288,6 +296,7 @@ impl Default for ClusterOpts {
             dir: None,
             drop_database_via: None,
             independent_sled: false,
+            server_bin: None,
         }
     }
 }
@@ -394,6 +403,13 @@ impl Cluster {
                     )
                 }
             }
+            // Every test client comes from loopback, and behind nginx (or
+            // the load test's fault proxy) from one address: the
+            // per-address cap is for the open internet, as in
+            // deploy/examples/nginx.conf.
+            if opts.server_bin.is_none() {
+                s += "[connections]\nmax_connections_per_address = 0\n";
+            }
             s += &opts.sections;
             s
         };
@@ -406,6 +422,7 @@ impl Cluster {
                 &format!("r{i}"),
                 &opts.rust_log,
                 opts.forward_stderr,
+                opts.server_bin.as_deref(),
             )
         };
         let mut procs = vec![start_one(0)?];

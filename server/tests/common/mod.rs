@@ -58,13 +58,14 @@ pub fn fast_checkin(lease_ms: u64) -> String {
 }
 
 /// Whether this test binary runs its suite on PostgreSQL + Redis: the
-/// `rollout_pg` binary includes the `rollout_http` suite unchanged, so one
-/// set of tests proves both backends behave alike.
+/// `rollout_pg` (`metrics_pg`) binary includes the `rollout_http`
+/// (`metrics_http`) suite unchanged, so one set of tests proves both
+/// backends behave alike.
 pub fn on_postgres() -> bool {
     std::env::current_exe()
         .ok()
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
-        .is_some_and(|f| f.starts_with("rollout_pg"))
+        .is_some_and(|f| f.starts_with("rollout_pg") || f.starts_with("metrics_pg"))
 }
 
 /// `[storage]` and `[throttle]` sections for a fresh PostgreSQL database and
@@ -337,4 +338,53 @@ pub fn http() -> reqwest::Client {
         .pool_max_idle_per_host(64)
         .build()
         .unwrap()
+}
+
+/// Whether the external tool `name` can run. Missing: a test that needs it
+/// panics in CI (`CI=true`: it must never skip silently there) and is
+/// skipped with a note elsewhere.
+pub fn require_tool(name: &str, package: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{name} is missing (apt-get install {package}); CI must run this test");
+    }
+    eprintln!("SKIPPED: {name} is missing (apt-get install {package})");
+    false
+}
+
+/// A self-signed certificate (`cert.pem`, `key.pem` in `dir`) for
+/// 127.0.0.1 and `cn`, made by `openssl`.
+pub fn self_signed_cert(dir: &Path, cn: &str) {
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            &format!("subjectAltName=IP:127.0.0.1,DNS:{cn}"),
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install openssl)");
+    assert!(ok.success(), "openssl req -x509 failed");
 }

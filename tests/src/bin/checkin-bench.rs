@@ -7,7 +7,10 @@
 //! - `sled+nginx` (`--sled-behind-nginx`): the same process behind nginx,
 //!   which prices the balancer hop;
 //! - `pg+redis xN` (`--replicas 1,2,3`): N replicas sharing PostgreSQL and
-//!   Redis behind nginx (see `ota_tests::cluster`).
+//!   Redis behind nginx (see `ota_tests::cluster`);
+//! - `sled (baseline)` (`--baseline-bin PATH`): `sled` again with another
+//!   build of `ota-server` (e.g. the commit before a change), so a change's
+//!   cost is measured side by side in one run.
 //!
 //! Scenarios, each for `--seconds`:
 //! - `idle`: no rollout; every answer is "nothing to do".
@@ -74,6 +77,11 @@ struct Args {
     /// nginx worker processes.
     #[arg(long, default_value_t = 1)]
     nginx_workers: usize,
+    /// Also measure this `ota-server` binary (an older build, e.g. of the
+    /// commit before a change) as setup `sled (baseline)`, interleaved with
+    /// `sled` in the same run, so the two are compared under the same load.
+    #[arg(long)]
+    baseline_bin: Option<std::path::PathBuf>,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -88,6 +96,8 @@ enum Setup {
     Sled,
     SledBehindNginx,
     Replicas(usize),
+    /// `--baseline-bin`: another build of the server, sled, direct.
+    Baseline,
 }
 
 impl Setup {
@@ -96,6 +106,7 @@ impl Setup {
             Setup::Sled => "sled".into(),
             Setup::SledBehindNginx => "sled+nginx".into(),
             Setup::Replicas(n) => format!("pg+redis x{n}"),
+            Setup::Baseline => "sled (baseline)".into(),
         }
     }
 }
@@ -106,13 +117,17 @@ async fn start(setup: Setup, a: &Args) -> Result<Cluster> {
         admin_token: ADMIN.into(),
         enrollment_key: ENROLL.into(),
         top_level: "zstd_level = 3\n".into(),
-        balancer: !matches!(setup, Setup::Sled),
+        balancer: !matches!(setup, Setup::Sled | Setup::Baseline),
+        server_bin: match setup {
+            Setup::Baseline => a.baseline_bin.clone(),
+            _ => None,
+        },
         nginx_workers: a.nginx_workers,
         pool_size: a.pool_size,
         ..ClusterOpts::default()
     };
     let n = match setup {
-        Setup::Sled | Setup::SledBehindNginx => 1,
+        Setup::Sled | Setup::SledBehindNginx | Setup::Baseline => 1,
         Setup::Replicas(n) => {
             let (Some(pg), Some(redis)) = (&a.pg_url, &a.redis_url) else {
                 bail!("--replicas needs --pg-url and --redis-url\n\n{NEEDS}");
@@ -292,6 +307,9 @@ async fn main() -> Result<()> {
         Err(e) => bail!("wrk not found ({e}): apt-get install wrk\n\n{NEEDS}"),
     }
     let mut setups = vec![Setup::Sled];
+    if a.baseline_bin.is_some() {
+        setups.push(Setup::Baseline);
+    }
     if a.sled_behind_nginx {
         setups.push(Setup::SledBehindNginx);
     }
@@ -301,7 +319,8 @@ async fn main() -> Result<()> {
         }
         setups.push(Setup::Replicas(r));
     }
-    if setups.len() > 1 && ota_tests::services::nginx_bin().is_none() {
+    if (a.sled_behind_nginx || !a.replicas.is_empty()) && ota_tests::services::nginx_bin().is_none()
+    {
         bail!("nginx not found: apt-get install nginx-light\n\n{NEEDS}");
     }
     if !a.replicas.is_empty() && (a.pg_url.is_none() || a.redis_url.is_none()) {

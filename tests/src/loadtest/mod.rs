@@ -309,6 +309,7 @@ async fn deploy(args: &Args, dir: &Path) -> Result<Deployment> {
             args.pg_url.clone()
         },
         independent_sled: false,
+        server_bin: None,
     };
     let n = args.replicas.max(1);
     let cluster = tokio::task::spawn_blocking(move || Cluster::start(n, opts)).await??;

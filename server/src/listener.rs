@@ -1,0 +1,628 @@
+//! The accept loop: connection hygiene for a server that faces the open
+//! internet.
+//!
+//! `axum::serve` builds hyper's connection builder without a timer, so
+//! hyper's header-read timeout is off and a client can hold a socket (and a
+//! file descriptor) forever by sending headers one byte a second, or nothing
+//! at all. This loop serves the same router itself, with:
+//!
+//! - a **first-request deadline**: a connection that has not delivered a
+//!   complete request head within `header_read_timeout` of being accepted
+//!   (TLS handshake and HTTP/2 preface included) is closed — this catches
+//!   silent connections, which hyper's own timer never sees because protocol
+//!   detection reads before it starts;
+//! - hyper's **HTTP/1.1 header-read timeout** (with `TokioTimer`), measured
+//!   from the moment a connection waits for a request head, so it also bounds
+//!   how long a kept-alive connection may sit between requests;
+//! - an **idle timeout**: no request in flight and no byte moving in either
+//!   direction for `idle_timeout` closes the connection (HTTP/2 has no
+//!   header-read timer, and a client that stops reading a response stalls
+//!   writes);
+//! - a **request-body timeout** ([`TimedBody`]): a body that stops for
+//!   `body_read_timeout`, or trickles slower than `body_min_bytes_per_sec`
+//!   once that grace has passed, fails the request and closes the connection;
+//! - **connection caps**, global and per source address, checked before any
+//!   byte is read: over the cap the socket is closed at once;
+//! - **HTTP/2 limits**: concurrent streams and header-list size (hyper's
+//!   rapid-reset defaults stay on).
+//!
+//! The limits are read from a [`tokio::sync::watch`] channel for every new
+//! connection, so a configuration reload can swap them without a restart
+//! ([`Listener::limits`]).
+//!
+//! The loop is generic over how a TCP connection becomes a byte stream
+//! ([`Acceptor`]: plain TCP or rustls), and every request carries a
+//! [`ConnInfo`] extension (peer address, and for TLS the peer's certificate
+//! chain, ALPN and SNI), so handlers can learn who is on the other end.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use dashmap::DashMap;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::app::LogGate;
+use crate::config::ConnectionsConfig;
+use crate::metrics::ConnMetrics;
+
+/// How long connections get to finish their requests after shutdown starts
+/// (SIGTERM) before they are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a connection closed for being idle gets to send its goodbye
+/// (HTTP/2 `GOAWAY`) before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Who is on the other end of a request's connection (a request extension).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    /// `None` on plain HTTP.
+    pub tls: Option<Arc<TlsInfo>>,
+}
+
+/// What the TLS handshake established.
+#[derive(Debug, Clone, Default)]
+pub struct TlsInfo {
+    /// The client's certificate chain, leaf first (empty without client
+    /// authentication).
+    pub peer_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub alpn: Option<Vec<u8>>,
+    pub sni: Option<String>,
+}
+
+/// Turns an accepted TCP connection into the byte stream HTTP is served on.
+pub trait Acceptor: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Completes the handshake (if any). The caller bounds it with the
+    /// first-request deadline.
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the half-done handshake and the socket.
+    fn accept(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+    ) -> impl Future<Output = io::Result<(Self::Io, ConnInfo)>> + Send;
+}
+
+/// Plain HTTP.
+pub struct PlainAcceptor;
+
+impl Acceptor for PlainAcceptor {
+    type Io = TcpStream;
+    async fn accept(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+    ) -> io::Result<(TcpStream, ConnInfo)> {
+        Ok((tcp, ConnInfo { remote, tls: None }))
+    }
+}
+
+/// HTTPS with rustls. The server configuration is read for every handshake,
+/// so `RustlsConfig::reload_from_pem_file` takes effect for new connections.
+pub struct RustlsAcceptor(pub axum_server::tls_rustls::RustlsConfig);
+
+impl Acceptor for RustlsAcceptor {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    async fn accept(&self, tcp: TcpStream, remote: SocketAddr) -> io::Result<(Self::Io, ConnInfo)> {
+        let tls = tokio_rustls::TlsAcceptor::from(self.0.get_inner())
+            .accept(tcp)
+            .await?;
+        let (_, session) = tls.get_ref();
+        let info = TlsInfo {
+            peer_certificates: session
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default(),
+            alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+            sni: session.server_name().map(str::to_owned),
+        };
+        Ok((
+            tls,
+            ConnInfo {
+                remote,
+                tls: Some(Arc::new(info)),
+            },
+        ))
+    }
+}
+
+/// A listening socket with its limits.
+pub struct Listener {
+    tcp: TcpListener,
+    limits: watch::Sender<Arc<ConnectionsConfig>>,
+}
+
+impl Listener {
+    pub fn new(tcp: TcpListener, limits: ConnectionsConfig) -> Listener {
+        Listener {
+            tcp,
+            limits: watch::Sender::new(Arc::new(limits)),
+        }
+    }
+
+    /// The limits new connections get; send a new value to change them
+    /// (connections already open keep theirs).
+    pub fn limits(&self) -> watch::Sender<Arc<ConnectionsConfig>> {
+        self.limits.clone()
+    }
+
+    /// Accepts and serves connections until `cancel`; then every open
+    /// connection is asked to finish (HTTP/1.1: after its current response;
+    /// HTTP/2: `GOAWAY`) and dropped after a grace period. Connection tasks
+    /// are spawned on `tracker`, so waiting for it waits for them.
+    ///
+    /// # Cancel safety
+    /// Meant to be spawned and stopped through `cancel`; dropping the future
+    /// stops accepting but leaves connection tasks to their own deadlines.
+    pub async fn serve<A: Acceptor>(
+        self,
+        acceptor: A,
+        router: Router,
+        metrics: ConnMetrics,
+        cancel: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let acceptor = Arc::new(acceptor);
+        let metrics = Arc::new(metrics);
+        let per_address: Arc<DashMap<IpAddr, usize>> = Arc::new(DashMap::new());
+        let mut global: Option<(usize, Arc<Semaphore>)> = None;
+        let accept_log = LogGate::new(Duration::from_secs(1));
+        let refuse_log = LogGate::new(Duration::from_secs(1));
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.tcp.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        if let Some(n) = accept_log.admit() {
+                            warn!(error = %e, failed_since_last_log = n, "accepting a connection failed (raise LimitNOFILE or lower connections.max_connections)");
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let limits = self.limits.borrow().clone();
+            let sem = match &global {
+                Some((n, s)) if *n == limits.max_connections => s.clone(),
+                _ => {
+                    let s = Arc::new(Semaphore::new(limits.max_connections));
+                    global = Some((limits.max_connections, s.clone()));
+                    s
+                }
+            };
+            let Ok(permit) = sem.try_acquire_owned() else {
+                metrics.refused("max_connections");
+                if let Some(n) = refuse_log.admit() {
+                    warn!(%remote, refused_since_last_log = n, max = limits.max_connections, "connection refused: connections.max_connections reached");
+                }
+                continue;
+            };
+            let Some(slot) = AddressSlot::take(
+                &per_address,
+                remote.ip(),
+                limits.max_connections_per_address,
+            ) else {
+                metrics.refused("max_connections_per_address");
+                if let Some(n) = refuse_log.admit() {
+                    warn!(%remote, refused_since_last_log = n, max = limits.max_connections_per_address, "connection refused: connections.max_connections_per_address reached");
+                }
+                continue;
+            };
+            // TCP_NODELAY: without it every Range response ends with a
+            // delayed-ACK stall (~40 ms), which cut an agent's download rate
+            // from ~400 to 100 MiB/s.
+            let _ = tcp.set_nodelay(true);
+            let conn = Connection {
+                acceptor: acceptor.clone(),
+                router: router.clone(),
+                metrics: metrics.clone(),
+                limits,
+                cancel: cancel.clone(),
+            };
+            tracker.spawn(async move {
+                conn.run(tcp, remote).await;
+                drop((permit, slot));
+            });
+        }
+    }
+}
+
+/// One connection counted against its source address.
+struct AddressSlot {
+    map: Arc<DashMap<IpAddr, usize>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    /// `None` when `ip` already has `max` connections (0 = no limit).
+    fn take(map: &Arc<DashMap<IpAddr, usize>>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut n = map.entry(ip).or_insert(0);
+        if max != 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        self.map.remove_if_mut(&self.ip, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
+/// What a connection's watchdog reads: requests started and in flight, and
+/// when a byte last moved.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start` when a byte was last read or written.
+    last_ms: AtomicU64,
+    requests: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Decrements the in-flight count when a request's response is ready (or
+/// its handler is dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Connection<A> {
+    acceptor: Arc<A>,
+    router: Router,
+    metrics: Arc<ConnMetrics>,
+    limits: Arc<ConnectionsConfig>,
+    cancel: CancellationToken,
+}
+
+impl<A: Acceptor> Connection<A> {
+    /// Handshake, then HTTP until the peer leaves, a deadline passes or
+    /// shutdown ends it.
+    ///
+    /// # Cancel safety
+    /// Dropping it drops the socket; requests in flight are abandoned.
+    async fn run(self, tcp: TcpStream, remote: SocketAddr) {
+        let l = &self.limits;
+        let _open = self.metrics.open();
+        let header_timeout = Duration::from_millis(l.header_read_timeout_ms);
+        let idle_timeout = Duration::from_millis(l.idle_timeout_ms);
+        let accepted = tokio::time::Instant::now();
+        let first_deadline = accepted + header_timeout;
+        let handshake = tokio::select! {
+            _ = self.cancel.cancelled() => return,
+            r = tokio::time::timeout_at(first_deadline, self.acceptor.accept(tcp, remote)) => r,
+        };
+        let (io, info) = match handshake {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                debug!(%remote, error = %e, "handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.closed("handshake_timeout");
+                debug!(%remote, "handshake not finished within connections.header_read_timeout_ms");
+                return;
+            }
+        };
+        let activity = Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        });
+        let io = TokioIo::new(Tracked {
+            inner: io,
+            activity: activity.clone(),
+        });
+
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(l.max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(l.h2_max_concurrent_streams)
+            .max_header_list_size(l.max_header_bytes as u32);
+
+        let body_limits = Arc::new(BodyLimits {
+            idle: Duration::from_millis(l.body_read_timeout_ms),
+            min_rate: l.body_min_bytes_per_sec,
+            metrics: self.metrics.clone(),
+        });
+        let svc = {
+            let activity = activity.clone();
+            let router = self.router.clone();
+            let info = info.clone();
+            hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                activity.requests.fetch_add(1, Ordering::Relaxed);
+                activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                let guard = InFlight(activity.clone());
+                let (mut parts, body) = req.into_parts();
+                parts.extensions.insert(info.clone());
+                parts
+                    .extensions
+                    .insert(axum::extract::ConnectInfo(info.remote));
+                let req = http::Request::from_parts(
+                    parts,
+                    Body::new(TimedBody::new(body, body_limits.clone())),
+                );
+                let mut router = router.clone();
+                async move {
+                    let r = tower_service::Service::call(&mut router, req).await;
+                    drop(guard);
+                    r
+                }
+            })
+        };
+        let conn = builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+
+        // The watchdog: sleeps until the next deadline that could apply and
+        // decides there; the connection itself is polled in between.
+        let mut closing: Option<tokio::time::Instant> = None;
+        let mut shutting_down = false;
+        loop {
+            let now = tokio::time::Instant::now();
+            let next = if let Some(until) = closing {
+                until
+            } else {
+                // With a request in flight the connection is not idle
+                // (a handler may take a while): look again later.
+                let idle_at = if activity.in_flight.load(Ordering::Relaxed) > 0 {
+                    now + idle_timeout
+                } else {
+                    tokio::time::Instant::from_std(activity.last()) + idle_timeout
+                };
+                if activity.requests.load(Ordering::Relaxed) == 0 {
+                    first_deadline.min(idle_at)
+                } else {
+                    idle_at
+                }
+            };
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        let timeout = e
+                            .downcast_ref::<hyper::Error>()
+                            .is_some_and(hyper::Error::is_timeout);
+                        if timeout {
+                            self.metrics.closed("header_timeout");
+                            debug!(%remote, "request head not received within connections.header_read_timeout_ms");
+                        } else {
+                            debug!(%remote, error = %e, "connection ended with an error");
+                        }
+                    }
+                    return;
+                }
+                _ = self.cancel.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(closing.map_or(now + SHUTDOWN_GRACE, |c| c.min(now + SHUTDOWN_GRACE)));
+                }
+                _ = tokio::time::sleep_until(next) => {
+                    let now = tokio::time::Instant::now();
+                    if closing.is_some_and(|c| now >= c) {
+                        return;
+                    }
+                    if closing.is_some() {
+                        continue;
+                    }
+                    if activity.requests.load(Ordering::Relaxed) == 0 && now >= first_deadline {
+                        self.metrics.closed("first_request_timeout");
+                        debug!(%remote, "no request within connections.header_read_timeout_ms");
+                        return;
+                    }
+                    let idle_for = now.into_std().saturating_duration_since(activity.last());
+                    if activity.in_flight.load(Ordering::Relaxed) == 0 && idle_for >= idle_timeout {
+                        self.metrics.closed("idle_timeout");
+                        debug!(%remote, "idle for connections.idle_timeout_ms");
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(now + CLOSE_GRACE);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A byte stream that records when bytes last moved.
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The request-body deadlines of one connection.
+struct BodyLimits {
+    /// Longest wait for the next piece of body; also the grace before the
+    /// minimum rate applies.
+    idle: Duration,
+    /// Bytes per second a body must average once `idle` has passed.
+    min_rate: u64,
+    metrics: Arc<ConnMetrics>,
+}
+
+/// Why a request body was cut off (the handler sees it as a body error).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "request body too slow: {received} bytes in {elapsed:?} (connections.body_read_timeout_ms / body_min_bytes_per_sec)"
+)]
+pub struct BodyTimeout {
+    received: u64,
+    elapsed: Duration,
+}
+
+/// A request body with a read deadline: the next frame must come within
+/// `idle` of the previous one, and by `start + idle + received / min_rate`,
+/// so a body that trickles a byte a second fails as surely as one that stops.
+///
+/// The timer is only armed when the body is not already there: a check-in's
+/// small body usually arrives with its head and costs no timer at all.
+struct TimedBody {
+    inner: Incoming,
+    limits: Arc<BodyLimits>,
+    start: tokio::time::Instant,
+    last: tokio::time::Instant,
+    received: u64,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, limits: Arc<BodyLimits>) -> TimedBody {
+        let now = tokio::time::Instant::now();
+        TimedBody {
+            inner,
+            limits,
+            start: now,
+            last: now,
+            received: 0,
+            sleep: None,
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        let by_rate = self.start
+            + self.limits.idle
+            + Duration::from_secs_f64(self.received as f64 / self.limits.min_rate.max(1) as f64);
+        (self.last + self.limits.idle).min(by_rate)
+    }
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.received += d.len() as u64;
+                    this.last = tokio::time::Instant::now();
+                    let deadline = this.deadline();
+                    if let Some(s) = &mut this.sleep {
+                        s.as_mut().reset(deadline);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Pending => {
+                let deadline = this.deadline();
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                ready!(sleep.as_mut().poll(cx));
+                this.limits.metrics.closed("body_timeout");
+                Poll::Ready(Some(Err(Box::new(BodyTimeout {
+                    received: this.received,
+                    elapsed: this.start.elapsed(),
+                }))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,460 @@
+//! Connection hygiene of the listener, tried as an outsider would: real
+//! sockets on 127.0.0.1, short configured timeouts (1–2 s), and a device
+//! checking in the whole time. Each test fails if its protection is removed.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ota_format::api::AgentState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Limits for these tests: everything generous except what a test lowers.
+fn limits(lines: &str) -> String {
+    format!("[connections]\nmax_connections_per_address = 0\n{lines}\n")
+}
+
+fn addr(ts: &TestServer) -> SocketAddr {
+    ts.running.as_ref().unwrap().addr
+}
+
+fn open_now(ts: &TestServer) -> i64 {
+    ts.app().metrics.connections.open.get()
+}
+
+fn closed(ts: &TestServer, reason: &str) -> u64 {
+    ts.app()
+        .metrics
+        .connections
+        .closed
+        .get_or_create(&ota_server::metrics::ReasonLabel {
+            reason: reason.into(),
+        })
+        .get()
+}
+
+/// Reads until the server closes the connection; returns what it sent.
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Sends one `GET /healthz` with keep-alive and reads exactly its answer.
+async fn healthz_keep_alive(s: &mut TcpStream) {
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"ok\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+}
+
+/// A device checking in every 50 ms until `stop`; counts successes and
+/// panics on any failure.
+fn checkins(sim: Sim, stop: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            tokio::select! {
+                _ = stop.notified() => return n,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            sim.checkin("1.0", AgentState::Idle, None).await;
+            n += 1;
+        }
+    })
+}
+
+/// Regression (issue 17): 200 slowloris connections (headers one byte a
+/// second), 50 silent ones and 20 idle keep-alives were all still open
+/// after 65 s. With `header_read_timeout_ms = 1000` every one of them is
+/// closed within it (plus scheduling slack), while a device keeps checking
+/// in successfully. The idle timeout is long here, so only the header
+/// deadlines can close them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_silent_and_idle_keepalive_connections_are_closed() {
+    let ts = TestServer::start(&limits(
+        "header_read_timeout_ms = 1000\nidle_timeout_ms = 60000",
+    ))
+    .await;
+    let a = addr(&ts);
+    let sim = Sim::enroll(&ts.base, "d1", "t", &http()).await;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let device = checkins(sim, stop.clone());
+    let baseline = open_now(&ts);
+
+    let slowest = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let t0 = Instant::now();
+    // 200 slowloris: a request line, then a header one byte a second.
+    for _ in 0..200 {
+        let slowest = slowest.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(a).await.unwrap();
+            let start = Instant::now();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+                .await
+                .unwrap();
+            let (mut r, mut w) = s.into_split();
+            let writer = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if w.write_all(b"a").await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut buf = [0u8; 256];
+            while let Ok(n) = r.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            writer.abort();
+            slowest.fetch_max(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }));
+    }
+    // 50 silent: connect, send nothing.
+    for _ in 0..50 {
+        let slowest = slowest.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(a).await.unwrap();
+            let start = Instant::now();
+            read_to_close(&mut s).await;
+            slowest.fetch_max(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }));
+    }
+    // 20 idle keep-alives: one request, then nothing.
+    for _ in 0..20 {
+        let slowest = slowest.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(a).await.unwrap();
+            healthz_keep_alive(&mut s).await;
+            let start = Instant::now();
+            let rest = read_to_close(&mut s).await;
+            assert!(rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"));
+            slowest.fetch_max(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("a stalled connection was still open after 10 s (configured: 1 s)")
+            .unwrap();
+    }
+    let slowest = slowest.load(Ordering::Relaxed);
+    assert!(
+        slowest < 3000,
+        "the slowest stalled connection closed after {slowest} ms (configured 1000 ms)"
+    );
+    stop.notify_one();
+    let ok = device.await.unwrap();
+    assert!(ok >= 10, "only {ok} check-ins in {:?}", t0.elapsed());
+    // The server's own count agrees: nothing of the attack is left open.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while open_now(&ts) > baseline && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        open_now(&ts) <= baseline,
+        "{} connections open",
+        open_now(&ts)
+    );
+    // Slowloris connections meet two deadlines at once (hyper's header
+    // timer and the first-request deadline); the kept-alive ones only
+    // hyper's, the silent ones only the first-request deadline.
+    let (first, header) = (
+        closed(&ts, "first_request_timeout"),
+        closed(&ts, "header_timeout"),
+    );
+    assert!(
+        header >= 20 && first >= 50 && first + header >= 270,
+        "{first} {header}"
+    );
+}
+
+/// HTTP/2 has no header-read timer: an idle HTTP/2 connection stays open
+/// unless the idle timeout closes it.
+#[tokio::test]
+async fn idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let ts = TestServer::start(&limits(
+        "header_read_timeout_ms = 1000\nidle_timeout_ms = 1500",
+    ))
+    .await;
+    let before = open_now(&ts);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(format!("{}/healthz", ts.base)).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await.unwrap(), "ok\n");
+    assert_eq!(open_now(&ts), before + 1);
+    let t = Instant::now();
+    while open_now(&ts) > before && t.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = t.elapsed();
+    assert_eq!(
+        open_now(&ts),
+        before,
+        "the idle HTTP/2 connection is still open"
+    );
+    assert!(
+        took >= Duration::from_millis(1000),
+        "closed too early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "closed after {took:?} (configured 1.5 s)"
+    );
+    assert_eq!(closed(&ts, "idle_timeout"), 1);
+    // The client reconnects transparently.
+    let r = h2.get(format!("{}/healthz", ts.base)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A request body that trickles (10 bytes a second) or stops is cut off
+/// with `408` after `body_read_timeout_ms`, and the connection is closed.
+#[tokio::test]
+async fn slow_or_stalled_request_body_gets_408_and_the_connection_closes() {
+    let ts = TestServer::start(&limits(
+        "header_read_timeout_ms = 5000\nidle_timeout_ms = 60000\nbody_read_timeout_ms = 1000\nbody_min_bytes_per_sec = 1024",
+    ))
+    .await;
+    let a = addr(&ts);
+    for trickle in [true, false] {
+        let mut s = TcpStream::connect(a).await.unwrap();
+        s.write_all(
+            b"POST /api/v1/devices/enroll HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+        let t = Instant::now();
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            if trickle {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if w.write_all(b" ").await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // Hold the write half open without sending.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(w);
+        });
+        let mut answer = Vec::new();
+        let got = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut answer)).await;
+        writer.abort();
+        assert!(
+            got.is_ok(),
+            "trickle={trickle}: still open after 5 s (configured 1 s)"
+        );
+        let took = t.elapsed();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 408"),
+            "trickle={trickle}: {text}"
+        );
+        assert!(text.contains("request_timeout"), "{text}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
+            "trickle={trickle}: took {took:?}"
+        );
+    }
+    // A body at an ordinary pace is not affected.
+    let sim = Sim::enroll(&ts.base, "d1", "t", &http()).await;
+    sim.checkin("1.0", AgentState::Idle, None).await;
+}
+
+/// Connects from `ip` (any 127.0.0.0/8 address is this host).
+async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Whether the server closed `s` at once (refused) rather than waiting for
+/// a request.
+async fn refused(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(700), s.read(&mut b)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// At most `max_connections_per_address` connections from one address and
+/// `max_connections` in all; over the cap a connection is closed at once,
+/// other addresses are still served, and a closed connection frees its slot.
+#[tokio::test]
+async fn connection_caps_per_address_and_in_total() {
+    let ts = TestServer::start(
+        "[connections]\nmax_connections = 6\nmax_connections_per_address = 4\nheader_read_timeout_ms = 10000\n",
+    )
+    .await;
+    let a = addr(&ts);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect_from("127.0.0.1", a).await;
+        healthz_keep_alive(&mut s).await;
+        held.push(s);
+    }
+    let mut fifth = connect_from("127.0.0.1", a).await;
+    assert!(
+        refused(&mut fifth).await,
+        "a 5th connection from one address was accepted"
+    );
+    // Another address is served...
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let mut s = connect_from(ip, a).await;
+        healthz_keep_alive(&mut s).await;
+        held.push(s);
+    }
+    // ...until the global cap.
+    let mut seventh = connect_from("127.0.0.4", a).await;
+    assert!(refused(&mut seventh).await, "a 7th connection was accepted");
+    let refused_count = |reason: &str| {
+        ts.app()
+            .metrics
+            .connections
+            .refused
+            .get_or_create(&ota_server::metrics::ReasonLabel {
+                reason: reason.into(),
+            })
+            .get()
+    };
+    assert_eq!(refused_count("max_connections_per_address"), 1);
+    assert_eq!(refused_count("max_connections"), 1);
+    // Closing one frees its slot (for its address and in total).
+    drop(held.remove(0));
+    let mut again = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if open_now(&ts) < 6 {
+            let mut s = connect_from("127.0.0.1", a).await;
+            healthz_keep_alive(&mut s).await;
+            again = Some(s);
+            break;
+        }
+    }
+    assert!(again.is_some(), "the freed slot was never given back");
+}
+
+/// SIGTERM's path (`Running::shutdown`) still ends promptly with idle and
+/// silent connections open, and in-flight requests finish.
+#[tokio::test]
+async fn shutdown_closes_idle_connections_promptly() {
+    let mut ts = TestServer::start(&limits(
+        "header_read_timeout_ms = 30000\nidle_timeout_ms = 60000",
+    ))
+    .await;
+    let a = addr(&ts);
+    let mut idle = TcpStream::connect(a).await.unwrap();
+    healthz_keep_alive(&mut idle).await;
+    let mut silent = TcpStream::connect(a).await.unwrap();
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), ts.stop())
+        .await
+        .expect("shutdown waited for idle connections");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(read_to_close(&mut idle).await.is_empty());
+    assert!(read_to_close(&mut silent).await.is_empty());
+}
+
+/// The TLS listener has the same deadlines: a connection that never sends
+/// a ClientHello, or trickles one a byte a second, is closed after
+/// `header_read_timeout_ms`, while an HTTPS client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_trickling_tls_handshakes_are_closed() {
+    let certs = tempfile::tempdir().unwrap();
+    self_signed_cert(certs.path(), "localhost");
+    let ts = TestServer::start(&format!(
+        "[tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\n{1}",
+        certs.path().display(),
+        limits("header_read_timeout_ms = 1000\nidle_timeout_ms = 60000"),
+    ))
+    .await;
+    let a = addr(&ts);
+    let mut silent = TcpStream::connect(a).await.unwrap();
+    let trickle = TcpStream::connect(a).await.unwrap();
+    let t = Instant::now();
+    let (mut r, mut w) = trickle.into_split();
+    let writer = tokio::spawn(async move {
+        // The start of a TLS 1.2+ ClientHello record, a byte a second.
+        for b in [
+            0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ] {
+            if w.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let both = async {
+        read_to_close(&mut silent).await;
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest).await;
+    };
+    tokio::time::timeout(Duration::from_secs(5), both)
+        .await
+        .expect("a stalled TLS handshake was still open after 5 s (configured 1 s)");
+    writer.abort();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // (The socket closes a moment before the closure is counted.)
+    let t = Instant::now();
+    while closed(&ts, "handshake_timeout") < 2 && t.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed(&ts, "handshake_timeout"), 2);
+    let https = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let r = https
+        .get(ts.base.replace("http://", "https://") + "/healthz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// The limits can be swapped while serving (a configuration reload sends
+/// them): new connections get the new ones.
+#[tokio::test]
+async fn swapped_limits_apply_to_new_connections() {
+    let ts = TestServer::start("").await;
+    let a = addr(&ts);
+    let mut first = connect_from("127.0.0.5", a).await;
+    healthz_keep_alive(&mut first).await;
+    let mut second = connect_from("127.0.0.5", a).await;
+    healthz_keep_alive(&mut second).await;
+    drop(second);
+    let running = ts.running.as_ref().unwrap();
+    let mut tighter = (**running.connection_limits.borrow()).clone();
+    tighter.max_connections_per_address = 1;
+    running.connection_limits.send_replace(Arc::new(tighter));
+    // `first` holds the address's one slot: a new one is refused.
+    let mut third = connect_from("127.0.0.5", a).await;
+    assert!(refused(&mut third).await, "the new per-address limit was not applied");
+    healthz_keep_alive(&mut first).await;
+}
