@@ -112,6 +112,8 @@ fn serve_refuses_placeholder_secrets_unless_insecure_dev() {
     assert!(line.starts_with("ota-server listening on"), "{line:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--insecure-dev: starting anyway"), "{err}");
+}
+
 /// deploy/server.toml documents the `[connections]` defaults: it must say
 /// what the code does.
 #[test]
