@@ -638,6 +638,7 @@ mod tests {
             bootlimit: 3,
             slot_values: ["a".into(), "b".into()],
             cmdline_markers: Some(["root=/dev/vda2".into(), "root=/dev/vda3".into()]),
+            cmdline_file: "/proc/cmdline".into(),
         };
         let c = BootControl::from_config(&cfg, [Path::new("/dev/vda2"), Path::new("/dev/vda3")])
             .unwrap();
