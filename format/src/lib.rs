@@ -30,8 +30,8 @@ pub mod digest;
 pub mod envelope;
 pub mod limits;
 pub mod manifest;
-pub mod version;
 pub mod term;
+pub mod version;
 
 pub use digest::Digest;
 pub use envelope::{Envelope, EnvelopeError, SigningKeyPair, TrustedKeys};
