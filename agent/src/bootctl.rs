@@ -638,7 +638,12 @@ mod tests {
             bootlimit: 3,
             slot_values: ["a".into(), "b".into()],
             cmdline_markers: Some(["root=/dev/vda2".into(), "root=/dev/vda3".into()]),
-            cmdline_file: "/proc/cmdline".into(),
+            // The booted slot as the kernel would report it (slot A).
+            cmdline_file: {
+                let c = d.path().join("cmdline");
+                std::fs::write(&c, "console=ttyAMA0 root=/dev/vda2 ro\n").unwrap();
+                c
+            },
         };
         let c = BootControl::from_config(&cfg, [Path::new("/dev/vda2"), Path::new("/dev/vda3")])
             .unwrap();
