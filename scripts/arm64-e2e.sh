@@ -64,7 +64,7 @@ export OTA_SERVER="http://$addr" OTA_ADMIN_TOKEN="$admin"
 
 d=$work/dev; mkdir -p "$d"
 cp "$work/v1.img" "$d/slot-a.img"; : > "$d/slot-b.img"
-echo arm64-e2e-enroll-key > "$d/enroll.key"
+echo "$enroll" > "$d/enroll.key"
 cat > "$d/agent.toml" <<EOT
 server_url = "$OTA_SERVER"
 device_id = "arm64-1"
