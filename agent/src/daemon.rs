@@ -658,6 +658,11 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
                     bs.booted.name()
                 );
                 finish_rollback(agent, &rec, reason).await?;
+                // Acknowledge the fallback: the running slot is the good one
+                // and the count the bootloader left goes back to 0, so that a
+                // later switch lost to a power cut is not taken for another
+                // fallback.
+                agent.boot.commit(bs.booted)?;
                 Ok(None)
             }
             Phase::RollingBack if bs.booted == rec.from_slot => {

@@ -198,6 +198,18 @@ async fn boot_count_exhausted_is_reported_as_rolled_back() {
             .contains("boot count exhausted"),
         "{rb:?}"
     );
+    // The fallback is acknowledged: A is good and the count is cleared, so a
+    // later switch lost to a power cut is not mistaken for a fallback.
+    let v = dev.boot_vars();
+    assert_eq!(
+        (
+            v["boot_part"].as_str(),
+            v["upgrade_available"].as_str(),
+            v["bootcount"].as_str()
+        ),
+        ("a", "0", "0"),
+        "{v:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

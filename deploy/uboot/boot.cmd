@@ -10,7 +10,8 @@
 #   bootcount          trial boots so far; incremented and saved at every
 #                      boot while upgrade_available=1
 #   bootlimit          past this many trial boots the other slot boots
-#                      (altbootcmd), the trial is cleared, no agent needed
+#                      (altbootcmd), the trial is cleared, no agent needed;
+#                      bootcount stays above zero after a fallback
 # The agent sets boot_part=<new>, upgrade_available=1, bootcount=0 to try a
 # slot, and upgrade_available=0, bootcount=0 to commit it.
 #
@@ -101,7 +102,11 @@ if test -z "${upgrade_available}"; then setenv upgrade_available 0; fi
 setenv ota_save ' setexpr.b ota_fn ${ota_fa} + 1; if test ${ota_act} = 2; then setenv ota_wm ${ota_m1}; setenv ota_ws ${ota_s1}; setenv ota_act 1; else setenv ota_wm ${ota_m2}; setenv ota_ws ${ota_s2}; setenv ota_act 2; fi; mw.b ${ota_wm} 0 ${ota_envsz}; setexpr ota_c ${ota_wm} + 1; env export -c -s ${ota_csz} ${ota_c} ${ota_vars}; cp.b ${ota_c} ${ota_tmp} 4; cp.b ${ota_tmp} ${ota_wm} 4; setexpr ota_t ${ota_wm} + 4; mw.b ${ota_t} ${ota_fn} 1; ${devtype} write ${ota_wm} ${ota_ws} ${ota_envblk}; setenv ota_fa ${ota_fn}'
 
 # The fallback when a trial slot has booted bootlimit times uncommitted.
-setenv altbootcmd ' if test "${boot_part}" = "b"; then setenv boot_part a; else setenv boot_part b; fi; echo "edge-ota: bootcount ${bootcount} > bootlimit ${bootlimit}: falling back to slot ${boot_part}"; setenv upgrade_available 0; setenv bootcount 0; run ota_save'
+# bootcount is LEFT above zero: it is how the agent tells a fallback from a
+# switch that never reached the environment (a power cut during the write),
+# which it would verify and try again. The agent resets it when it reports
+# the rollback's outcome or switches next.
+setenv altbootcmd ' if test "${boot_part}" = "b"; then setenv boot_part a; else setenv boot_part b; fi; echo "edge-ota: bootcount ${bootcount} > bootlimit ${bootlimit}: falling back to slot ${boot_part}"; setenv upgrade_available 0; run ota_save'
 
 if test "${upgrade_available}" = "1"; then
   # setexpr answers in hex: the same digits as decimal while bootlimit < 10.
