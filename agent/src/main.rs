@@ -85,11 +85,25 @@ fn init_logging(default: &str, journal: bool) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // The filter is reloadable: `log_level` in agent.toml applies at start
+    // and at every SIGHUP.
     if journal {
         // journald adds timestamps and does not render colours.
-        b.without_time().with_ansi(false).init();
-    } else {
+        let b = b.without_time().with_ansi(false).with_filter_reloading();
+        let h = b.reload_handle();
         b.init();
+        ota_agent::reload::set_log_reloader(Box::new(move |l| {
+            let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
+            h.reload(f).map_err(|e| e.to_string())
+        }));
+    } else {
+        let b = b.with_filter_reloading();
+        let h = b.reload_handle();
+        b.init();
+        ota_agent::reload::set_log_reloader(Box::new(move |l| {
+            let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
+            h.reload(f).map_err(|e| e.to_string())
+        }));
     }
 }
 
@@ -118,6 +132,10 @@ fn main() {
 fn run(config: &Path) -> Result<()> {
     let cfg = ota_agent::config::Config::load(config)?;
     init_logging("info", cfg.log_format == "journal");
+    // `log_level` in agent.toml wins over RUST_LOG, at start as at reload.
+    if let Some(level) = &cfg.log_level {
+        ota_agent::reload::apply_log_level(level).map_err(anyhow::Error::msg)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         // Devices have few cores; the work is I/O and hashing.
         .worker_threads(2)

@@ -19,8 +19,14 @@
 //!   start-rate limiter and the fair waiting queue;
 //!   [`rollout::shared`] the fleet-wide throttle trait (local or
 //!   [`rollout::redis_throttle`]) the PostgreSQL backend uses.
+//! - [`signing`]: the signing keys — a key file, keys in a PKCS#11 token,
+//!   or both during a rotation.
+//! - [`freshness`]: the signed, short-lived statement of the latest release
+//!   per device type that every check-in answer carries.
 //! - [`http`]: routes and handlers of the device and admin APIs.
 //! - [`metrics`]: the Prometheus exposition.
+//! - [`reload`]: `SIGHUP` / admin reload of `server.toml`, validated first
+//!   and swapped atomically (pacing, log level, TLS certificate, signing keys).
 //! - [`app`]: wiring, background tasks and orderly shutdown.
 //! - [`client`]: the admin API client the CLI uses.
 
@@ -30,11 +36,14 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod fleet;
+pub mod freshness;
 pub mod http;
 pub mod metrics;
 pub mod pg;
 pub mod releases;
+pub mod reload;
 pub mod rollout;
+pub mod signing;
 pub mod store;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times

@@ -325,6 +325,7 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
                 update_id: id,
                 reason,
             },
+            freshness: None,
         });
     }
     let offer = s.offer.lock().unwrap().clone();
@@ -343,6 +344,7 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
     json(&CheckinResponse {
         next_checkin_ms: next,
         action,
+        freshness: None,
     })
 }
 
