@@ -132,7 +132,8 @@ mod tests {
             // No statement from a server that never sent one: fine.
             g.accept(None, &trusted, "rpi4", at(5), &state).unwrap();
             // A device whose clock says 1970 accepts a signed statement...
-            g.accept(Some(&new), &trusted, "rpi4", at(5), &state).unwrap();
+            g.accept(Some(&new), &trusted, "rpi4", at(5), &state)
+                .unwrap();
             // ...and from then on believes no earlier time.
             assert_eq!(g.now(at(5)), at(1_800_000_900));
             assert!(g.check_offer(1).is_err(), "older than the newest release");
@@ -145,10 +146,16 @@ mod tests {
         let e = g
             .accept(Some(&old), &trusted, "rpi4", at(5), &state)
             .unwrap_err();
-        assert!(matches!(e, GuardError::Refused(FreshnessError::Replayed { .. })), "{e}");
+        assert!(
+            matches!(e, GuardError::Refused(FreshnessError::Replayed { .. })),
+            "{e}"
+        );
         // Once statements were seen, an answer without one is refused.
         let e = g.accept(None, &trusted, "rpi4", at(5), &state).unwrap_err();
-        assert!(matches!(e, GuardError::Refused(FreshnessError::Missing)), "{e}");
+        assert!(
+            matches!(e, GuardError::Refused(FreshnessError::Missing)),
+            "{e}"
+        );
         // Past its window (by the floor, whatever the clock says): refused.
         let later = Freshness::new("rpi4", None, 2, at(1_800_000_900), hour)
             .sign(&[&key])

@@ -91,7 +91,9 @@ impl LiveSettings {
         let r = self.reload_from(&old, &path);
         match &r {
             Ok(changed) => info!(path = %path.display(), ?changed, "configuration reloaded"),
-            Err(e) => warn!(path = %path.display(), "configuration reload refused, the running configuration stays: {e}"),
+            Err(e) => {
+                warn!(path = %path.display(), "configuration reload refused, the running configuration stays: {e}")
+            }
         }
         r
     }
@@ -105,9 +107,21 @@ impl LiveSettings {
         let fixed: [(&'static str, String, String); 7] = [
             ("server_url", old.server_url.clone(), new.server_url.clone()),
             ("device_id", old.device_id.clone(), new.device_id.clone()),
-            ("device_type", old.device_type.clone(), new.device_type.clone()),
-            ("data_dir", format!("{:?}", old.data_dir), format!("{:?}", new.data_dir)),
-            ("slots", format!("{:?}", old.slots), format!("{:?}", new.slots)),
+            (
+                "device_type",
+                old.device_type.clone(),
+                new.device_type.clone(),
+            ),
+            (
+                "data_dir",
+                format!("{:?}", old.data_dir),
+                format!("{:?}", new.data_dir),
+            ),
+            (
+                "slots",
+                format!("{:?}", old.slots),
+                format!("{:?}", new.slots),
+            ),
             ("boot", format!("{:?}", old.boot), format!("{:?}", new.boot)),
             (
                 "require_freshness",
@@ -155,11 +169,13 @@ mod tests {
     use ota_format::{Envelope, EnvelopeError, SigningKeyPair};
     use std::path::Path;
 
-    fn write_cfg(dir: &Path, keys: &[&str], bandwidth: u64, device_type: &str) -> std::path::PathBuf {
-        let keys: Vec<String> = keys
-            .iter()
-            .map(|k| format!("{:?}", dir.join(k)))
-            .collect();
+    fn write_cfg(
+        dir: &Path,
+        keys: &[&str],
+        bandwidth: u64,
+        device_type: &str,
+    ) -> std::path::PathBuf {
+        let keys: Vec<String> = keys.iter().map(|k| format!("{:?}", dir.join(k))).collect();
         let p = dir.join("agent.toml");
         std::fs::write(
             &p,
@@ -199,7 +215,11 @@ mod tests {
             by_old.verify(&live.trusted()),
             Err(EnvelopeError::UntrustedSigner { .. })
         ));
-        assert!(Envelope::sign(b"{}", &[&new]).verify(&live.trusted()).is_ok());
+        assert!(
+            Envelope::sign(b"{}", &[&new])
+                .verify(&live.trusted())
+                .is_ok()
+        );
         assert_eq!(live.bandwidth_limit(), 1 << 20);
 
         // Broken files: refused, nothing changes.

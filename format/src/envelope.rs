@@ -332,7 +332,10 @@ impl Envelope {
 
     /// Checks the signatures (whatever the payload type: the caller checks
     /// it first) and returns the signed bytes.
-    pub(crate) fn verify_signatures(&self, trusted: &TrustedKeys) -> Result<Vec<u8>, EnvelopeError> {
+    pub(crate) fn verify_signatures(
+        &self,
+        trusted: &TrustedKeys,
+    ) -> Result<Vec<u8>, EnvelopeError> {
         if self.signatures.len() > MAX_SIGNATURES {
             return Err(EnvelopeError::TooManySignatures {
                 count: self.signatures.len(),

@@ -120,7 +120,9 @@ impl Freshness {
         let f: Freshness =
             serde_json::from_slice(&body).map_err(|e| FreshnessError::Malformed(e.to_string()))?;
         if f.device_type.len() > MAX_NAME_LEN
-            || f.latest_version.as_ref().is_some_and(|v| v.len() > MAX_NAME_LEN)
+            || f.latest_version
+                .as_ref()
+                .is_some_and(|v| v.len() > MAX_NAME_LEN)
         {
             return Err(FreshnessError::Malformed("name too long".into()));
         }
@@ -217,16 +219,36 @@ mod tests {
     #[test]
     fn replayed_statement_is_refused() {
         let (k, t) = setup();
-        let old = Freshness::new("rpi4", Some("1.0".into()), 1, at(1_000_000), Duration::from_secs(3600));
-        let new = Freshness::new("rpi4", Some("1.1".into()), 1, at(1_000_600), Duration::from_secs(3600));
+        let old = Freshness::new(
+            "rpi4",
+            Some("1.0".into()),
+            1,
+            at(1_000_000),
+            Duration::from_secs(3600),
+        );
+        let new = Freshness::new(
+            "rpi4",
+            Some("1.1".into()),
+            1,
+            at(1_000_600),
+            Duration::from_secs(3600),
+        );
         let (old_env, new_env) = (old.sign(&[&k]).unwrap(), new.sign(&[&k]).unwrap());
         let floor = FreshnessFloor::default();
         let floor = floor
-            .check(&Freshness::open(&new_env, &t).unwrap(), "rpi4", at(1_000_700))
+            .check(
+                &Freshness::open(&new_env, &t).unwrap(),
+                "rpi4",
+                at(1_000_700),
+            )
             .unwrap();
         // The old statement is still within its window, but older than seen.
         let err = floor
-            .check(&Freshness::open(&old_env, &t).unwrap(), "rpi4", at(1_000_700))
+            .check(
+                &Freshness::open(&old_env, &t).unwrap(),
+                "rpi4",
+                at(1_000_700),
+            )
             .unwrap_err();
         assert!(matches!(err, FreshnessError::Replayed { .. }), "{err}");
     }
@@ -255,7 +277,11 @@ mod tests {
         // A statement that expired before the floor is refused even though
         // the clock says 1970.
         let stale = Freshness::new("rpi4", None, 0, at(1_800_003_600 - 2 * 86_400), day);
-        assert!(FreshnessFloor::default().check(&stale, "rpi4", at(10)).is_ok());
+        assert!(
+            FreshnessFloor::default()
+                .check(&stale, "rpi4", at(10))
+                .is_ok()
+        );
         assert!(matches!(
             floor.check(&stale, "rpi4", at(10)),
             Err(FreshnessError::Replayed { .. })
@@ -269,13 +295,24 @@ mod tests {
         let env = f.sign(&[&k]).unwrap();
         assert!(env.verify(&t).is_err(), "a statement is not a manifest");
         let m = Envelope::sign(b"{}", &[&k]);
-        assert!(Freshness::open(&m, &t).is_err(), "a manifest is not a statement");
+        assert!(
+            Freshness::open(&m, &t).is_err(),
+            "a manifest is not a statement"
+        );
     }
 
     #[test]
     fn stale_offer_is_refused_and_other_device_types_too() {
-        let f = Freshness::new("rpi4", Some("2.0".into()), 7, at(1_000), Duration::from_secs(60));
-        let floor = FreshnessFloor::default().check(&f, "rpi4", at(1_000)).unwrap();
+        let f = Freshness::new(
+            "rpi4",
+            Some("2.0".into()),
+            7,
+            at(1_000),
+            Duration::from_secs(60),
+        );
+        let floor = FreshnessFloor::default()
+            .check(&f, "rpi4", at(1_000))
+            .unwrap();
         assert!(floor.check_offer(7).is_ok());
         assert!(matches!(
             floor.check_offer(6),

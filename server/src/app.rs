@@ -24,8 +24,8 @@ use crate::config::{ServerConfig, StorageBackend, ThrottleBackend};
 use crate::fleet::Fleet;
 use crate::metrics::Metrics;
 use crate::releases::{BuildSettings, ReleaseDb, Releases};
-use crate::rollout::shared::{FleetThrottle, LocalFleetThrottle};
 use crate::rollout::Rollouts;
+use crate::rollout::shared::{FleetThrottle, LocalFleetThrottle};
 use crate::store::{Store, StoreError};
 
 /// Everything a request handler can reach.
@@ -264,7 +264,8 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
                     .context("connecting to Redis (throttle.url)")?,
                 ),
             };
-            let pg = crate::pg::PgState::open(pool, throttle, releases.clone(), pacing.clone()).await?;
+            let pg =
+                crate::pg::PgState::open(pool, throttle, releases.clone(), pacing.clone()).await?;
             (Arc::new(pg), None)
         }
         (None, None) => unreachable!("one backend is always opened"),
@@ -342,7 +343,10 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             let _ = tls;
             // The certificate comes from the live configuration: a reload
             // swaps it for new handshakes (see `crate::reload::LiveCert`).
-            let resolver = app.live.cert_resolver().expect("loaded above when [tls] is set");
+            let resolver = app
+                .live
+                .cert_resolver()
+                .expect("loaded above when [tls] is set");
             let mut server_config = rustls::ServerConfig::builder()
                 .with_no_client_auth()
                 .with_cert_resolver(resolver);

@@ -312,7 +312,8 @@ impl ServerConfig {
             s.validate().map_err(ConfigError::Invalid)?;
         }
         if let Some(level) = &self.log_level {
-            crate::reload::check_log_level(level).map_err(|e| ConfigError::Invalid(format!("log_level: {e}")))?;
+            crate::reload::check_log_level(level)
+                .map_err(|e| ConfigError::Invalid(format!("log_level: {e}")))?;
         }
         if !(60..=7 * 86_400).contains(&self.freshness_secs) {
             return bad("freshness_secs must be 60..=604800 (one minute to one week)".into());

@@ -42,7 +42,6 @@ impl FreshnessService {
         }
     }
 
-
     /// The current statement for `device_type`, signing a new one when the
     /// period or the catalogue changed. `None` (and a WARN) only when the
     /// signers fail: a check-in is still answered, and agents that require

@@ -505,14 +505,12 @@ async fn admin_device_get(
 
 /// `POST /api/v1/admin/reload`: re-reads `server.toml` (as `SIGHUP` does).
 /// 200 with what changed, or 422 with why nothing did.
-async fn admin_reload(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiErr> {
+async fn admin_reload(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
     match app.live.reload().await {
-        Ok(changed) => Ok(axum::Json(serde_json::json!({ "reloaded": true, "changed": changed }))
-            .into_response()),
+        Ok(changed) => Ok(
+            axum::Json(serde_json::json!({ "reloaded": true, "changed": changed })).into_response(),
+        ),
         Err(e @ crate::reload::ReloadError::Busy) => {
             Err(ApiErr(StatusCode::CONFLICT, "busy", e.to_string()))
         }

@@ -43,10 +43,10 @@ use crate::releases::Releases;
 use crate::rollout::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError};
 use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
-    Decision, Effect, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
-    RolloutState, RolloutStatus, WaveStatus, advance_record, cancel_ended_attempt, failure_verdict,
-    held_back, lease_expired, nothing_to_offer, offer_for, past_download, ramped_rate,
-    spec_matches, transition_for, wave_of,
+    Decision, Effect, Member, Phase, RolloutError, RolloutRecord, RolloutSpec, RolloutState,
+    RolloutStatus, WaveStatus, advance_record, cancel_ended_attempt, failure_verdict, held_back,
+    lease_expired, nothing_to_offer, offer_for, past_download, ramped_rate, spec_matches,
+    transition_for, wave_of,
 };
 use crate::store::StoreError;
 

@@ -294,7 +294,10 @@ impl Releases {
     pub fn latest(&self, device_type: &str) -> (Option<String>, u64) {
         let map = self.map.read().unwrap();
         let mine = map.values().filter(|r| r.device_type == device_type);
-        let newest = mine.clone().max_by_key(|r| r.seq).map(|r| r.version.clone());
+        let newest = mine
+            .clone()
+            .max_by_key(|r| r.seq)
+            .map(|r| r.version.clone());
         (newest, mine.map(|r| r.security_counter).max().unwrap_or(0))
     }
 

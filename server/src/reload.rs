@@ -41,7 +41,9 @@ pub enum ReloadError {
     NoFile,
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
-    #[error("{0} changed: that setting needs a restart (nothing was changed; revert it, or restart ota-server)")]
+    #[error(
+        "{0} changed: that setting needs a restart (nothing was changed; revert it, or restart ota-server)"
+    )]
     NeedsRestart(&'static str),
     #[error("TLS: {0}")]
     Tls(String),
@@ -67,18 +69,15 @@ pub fn load_certified_key(tls: &TlsConfig) -> Result<CertifiedKey, ReloadError> 
     }
     let key = PrivateKeyDer::from_pem_file(&tls.key)
         .map_err(|e| ReloadError::Tls(format!("private key {}: {e}", tls.key.display())))?;
-    CertifiedKey::from_der(
-        certs,
-        key,
-        &rustls::crypto::aws_lc_rs::default_provider(),
+    CertifiedKey::from_der(certs, key, &rustls::crypto::aws_lc_rs::default_provider()).map_err(
+        |e| {
+            ReloadError::Tls(format!(
+                "certificate {} and key {} do not make a usable pair: {e}",
+                tls.cert.display(),
+                tls.key.display()
+            ))
+        },
     )
-    .map_err(|e| {
-        ReloadError::Tls(format!(
-            "certificate {} and key {} do not make a usable pair: {e}",
-            tls.cert.display(),
-            tls.key.display()
-        ))
-    })
 }
 
 /// Serves whatever certificate is current: new TLS handshakes pick up a
@@ -195,7 +194,9 @@ impl Live {
         let r = self.reload_from(&old, &path).await;
         match &r {
             Ok(changed) => info!(path = %path.display(), ?changed, "configuration reloaded"),
-            Err(e) => warn!(path = %path.display(), "configuration reload refused, the running configuration stays: {e}"),
+            Err(e) => {
+                warn!(path = %path.display(), "configuration reload refused, the running configuration stays: {e}")
+            }
         }
         r
     }
@@ -292,7 +293,11 @@ fn fixed_settings_unchanged(old: &ServerConfig, new: &ServerConfig) -> Result<()
         format!("{:?}", new.throttle),
         "[throttle]",
     )?;
-    same(old.admin_token.clone(), new.admin_token.clone(), "admin_token")?;
+    same(
+        old.admin_token.clone(),
+        new.admin_token.clone(),
+        "admin_token",
+    )?;
     same(
         old.enrollment_key.clone(),
         new.enrollment_key.clone(),

@@ -70,7 +70,9 @@ impl Pkcs11Config {
     /// Static checks (no module loaded). Returns what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         if self.token_label.is_empty() || self.token_label.len() > 32 {
-            return Err("signing.token_label must be 1 to 32 characters (a PKCS#11 token label)".into());
+            return Err(
+                "signing.token_label must be 1 to 32 characters (a PKCS#11 token label)".into(),
+            );
         }
         if self.key_labels.is_empty() {
             return Err("signing.key_labels must name at least one key in the token".into());
@@ -80,14 +82,19 @@ impl Pkcs11Config {
         }
         match (&self.pin_file, &self.pin_env) {
             (Some(_), None) | (None, Some(_)) => Ok(()),
-            _ => Err("set exactly one of signing.pin_file and signing.pin_env (the token's user PIN)".into()),
+            _ => Err(
+                "set exactly one of signing.pin_file and signing.pin_env (the token's user PIN)"
+                    .into(),
+            ),
         }
     }
 
     fn pin(&self) -> Result<AuthPin, SigningError> {
         let pin = match (&self.pin_file, &self.pin_env) {
             (Some(p), _) => std::fs::read_to_string(p)
-                .map_err(|e| SigningError::Pin(format!("reading signing.pin_file {}: {e}", p.display())))?
+                .map_err(|e| {
+                    SigningError::Pin(format!("reading signing.pin_file {}: {e}", p.display()))
+                })?
                 .lines()
                 .next()
                 .unwrap_or_default()
@@ -123,7 +130,9 @@ pub enum SigningError {
         what: String,
         source: CkError,
     },
-    #[error("PKCS#11 module {module}: no token labelled {label:?} (tokens: {found:?}); initialise it, or fix signing.token_label")]
+    #[error(
+        "PKCS#11 module {module}: no token labelled {label:?} (tokens: {found:?}); initialise it, or fix signing.token_label"
+    )]
     NoToken {
         module: PathBuf,
         label: String,
@@ -138,7 +147,9 @@ pub enum SigningError {
     },
     #[error("PKCS#11 PIN: {0} (set signing.pin_file or signing.pin_env)")]
     Pin(String),
-    #[error("no signing key configured: set signing_key (a key file) or [signing] (a PKCS#11 token)")]
+    #[error(
+        "no signing key configured: set signing_key (a key file) or [signing] (a PKCS#11 token)"
+    )]
     NoKey,
 }
 
@@ -154,7 +165,10 @@ impl Signers {
     /// Opens every configured key: the key file (if any) and each key of the
     /// token (if any). Blocking (module loading, login): call it once at
     /// start or reload, from a blocking context.
-    pub fn open(key_file: Option<&Path>, token: Option<&Pkcs11Config>) -> Result<Signers, SigningError> {
+    pub fn open(
+        key_file: Option<&Path>,
+        token: Option<&Pkcs11Config>,
+    ) -> Result<Signers, SigningError> {
         let mut list: Vec<Arc<dyn ManifestSigner>> = Vec::new();
         if let Some(path) = key_file {
             let pem = std::fs::read_to_string(path).map_err(|source| SigningError::ReadKey {
@@ -184,7 +198,10 @@ impl Signers {
     /// Signers over keys already in memory (tests, the `delta` command).
     pub fn from_keys(keys: Vec<SigningKeyPair>) -> Signers {
         Signers {
-            list: keys.into_iter().map(|k| Arc::new(k) as Arc<dyn ManifestSigner>).collect(),
+            list: keys
+                .into_iter()
+                .map(|k| Arc::new(k) as Arc<dyn ManifestSigner>)
+                .collect(),
         }
     }
 
@@ -313,7 +330,10 @@ impl Pkcs11Signer {
         };
         let find = |class: ObjectClass, what: &'static str| -> Result<ObjectHandle, SigningError> {
             let found = session
-                .find_objects(&[Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())])
+                .find_objects(&[
+                    Attribute::Class(class),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ])
                 .map_err(|e| key_err(what, format!("cannot be searched for: {e}")))?;
             match found.as_slice() {
                 [one] => Ok(*one),
@@ -330,7 +350,10 @@ impl Pkcs11Signer {
         for a in attrs {
             match a {
                 Attribute::KeyType(t) if t != KeyType::EC_EDWARDS => {
-                    return Err(key_err("public", format!("is a {t} key, not Ed25519 (CKK_EC_EDWARDS)")));
+                    return Err(key_err(
+                        "public",
+                        format!("is a {t} key, not Ed25519 (CKK_EC_EDWARDS)"),
+                    ));
                 }
                 Attribute::EcPoint(p) => point = Some(p),
                 _ => {}
@@ -378,13 +401,17 @@ impl ManifestSigner for Pkcs11Signer {
             .unwrap()
             .sign(&mech, self.key, msg)
             .map_err(|e| fail(format!("C_Sign: {e}")))?;
-        let sig: [u8; 64] = sig
-            .as_slice()
-            .try_into()
-            .map_err(|_| fail(format!("the token returned {} bytes, not a 64-byte Ed25519 signature", sig.len())))?;
+        let sig: [u8; 64] = sig.as_slice().try_into().map_err(|_| {
+            fail(format!(
+                "the token returned {} bytes, not a 64-byte Ed25519 signature",
+                sig.len()
+            ))
+        })?;
         self.public
             .verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&sig))
-            .map_err(|_| fail("the token's signature does not verify with its public key".into()))?;
+            .map_err(|_| {
+                fail("the token's signature does not verify with its public key".into())
+            })?;
         Ok(sig)
     }
 }
@@ -404,7 +431,9 @@ pub fn generate_in_token(cfg: &Pkcs11Config, label: &str) -> Result<VerifyingKey
         .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
         .map_err(|e| key_err(format!("cannot be searched for: {e}")))?;
     if !existing.is_empty() {
-        return Err(key_err("already exists: pick a new label (labels name keys for rotation)".into()));
+        return Err(key_err(
+            "already exists: pick a new label (labels name keys for rotation)".into(),
+        ));
     }
     let id = label.as_bytes().to_vec();
     let public_tpl = [
@@ -426,7 +455,11 @@ pub fn generate_in_token(cfg: &Pkcs11Config, label: &str) -> Result<VerifyingKey
     ];
     let (public, _) = session
         .generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public_tpl, &private_tpl)
-        .map_err(|e| key_err(format!("could not be generated (does the module support CKM_EC_EDWARDS_KEY_PAIR_GEN?): {e}")))?;
+        .map_err(|e| {
+            key_err(format!(
+                "could not be generated (does the module support CKM_EC_EDWARDS_KEY_PAIR_GEN?): {e}"
+            ))
+        })?;
     let point = session
         .get_attributes(public, &[AttributeType::EcPoint])
         .map_err(|e| key_err(format!("public half cannot be read: {e}")))?;

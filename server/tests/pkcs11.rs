@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use common::*;
+use ota_format::api::AgentState;
 use ota_format::{Envelope, EnvelopeError, Freshness, TrustedKeys};
 use ota_server::signing::{Pkcs11Config, destroy_in_token, generate_in_token};
 
@@ -117,7 +118,11 @@ async fn token_server(h: &Hsm, labels: &[&str]) -> TestServer {
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("signing_key = \"signing.key\"\n", "");
-    std::fs::write(&cfg, format!("{text}{}{}", fast_checkin(5000), signing_section(h, labels))).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}{}{}", fast_checkin(5000), signing_section(h, labels)),
+    )
+    .unwrap();
     let config = ota_server::config::ServerConfig::load(&cfg).unwrap();
     let running = ota_server::app::start(config, tokio_util::sync::CancellationToken::new())
         .await
@@ -142,7 +147,10 @@ async fn manifest_of(ts: &TestServer, version: &str) -> Vec<u8> {
         .and_then(|b| b.artifacts.clone())
         .unwrap();
     http()
-        .get(format!("{}/api/v1/artifacts/{}", ts.base, full.manifest_sha256))
+        .get(format!(
+            "{}/api/v1/artifacts/{}",
+            ts.base, full.manifest_sha256
+        ))
         .bearer_auth(ADMIN)
         .send()
         .await
@@ -184,7 +192,11 @@ async fn manifests_and_freshness_statements_are_signed_in_the_token() {
     // The check-in answer carries a statement signed in the token too.
     let dev = Sim::enroll(&ts.base, "d1", "t", &http()).await;
     let r = dev.checkin("0", AgentState::Idle, None).await;
-    let f = Freshness::open(r.freshness.as_ref().expect("a freshness statement"), &trusted).unwrap();
+    let f = Freshness::open(
+        r.freshness.as_ref().expect("a freshness statement"),
+        &trusted,
+    )
+    .unwrap();
     assert_eq!(f.device_type, "t");
     assert_eq!(f.latest_version.as_deref(), Some("1.0"));
 }
@@ -198,19 +210,39 @@ async fn wrong_pin_or_missing_key_fails_the_start_with_a_clear_error() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("no-such-key") && err.contains("not in the token"), "{err}");
-    // A wrong PIN.
-    let bad_pin = h.pin_file.with_file_name("bad-pin");
+    assert!(
+        err.contains("no-such-key") && err.contains("not in the token"),
+        "{err}"
+    );
+    // A wrong PIN, in a process of its own (PKCS#11 login state is per
+    // process and token: this process is already logged in). The real
+    // binary, through `token-keygen`, which logs in the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let bad_pin = dir.path().join("bad-pin");
     std::fs::write(&bad_pin, "000000\n").unwrap();
-    let mut cfg = token_cfg(h, &["pin-key"]);
-    cfg.pin_file = Some(bad_pin);
-    let err = ota_server::signing::Signers::open(None, Some(&cfg)).err().unwrap().to_string();
-    assert!(err.contains("PIN"), "{err}");
+    let cfg = write_config(dir.path(), "127.0.0.1:0", "");
+    let mut section = signing_section(h, &["pin-key"]);
+    section = section.replace(&format!("{:?}", h.pin_file), &format!("{bad_pin:?}"));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}{section}")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ota-server"))
+        .args(["token-keygen", "--label", "never", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(dir.path().join("never.pub"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("wrong PIN"), "{err}");
     assert!(!err.contains("000000"), "the PIN is never printed: {err}");
     // A wrong token label lists the tokens there are.
     let mut cfg = token_cfg(h, &["pin-key"]);
     cfg.token_label = "nope".into();
-    let err = ota_server::signing::Signers::open(None, Some(&cfg)).err().unwrap().to_string();
+    let err = ota_server::signing::Signers::open(None, Some(&cfg))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains(TOKEN), "{err}");
     // Keys are generated once per label.
     assert!(generate_in_token(&token_cfg(h, &[]), "pin-key").is_err());

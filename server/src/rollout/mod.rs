@@ -988,8 +988,12 @@ impl Rollouts {
         {
             // Progress renews the lease even when it changes no phase.
             if matches!(ev.kind, EventKind::Progress | EventKind::DownloadStarted) {
-                r.throttle
-                    .renew(device, &ev.update_id, crate::now_ms(), self.pacing.load().lease_ms);
+                r.throttle.renew(
+                    device,
+                    &ev.update_id,
+                    crate::now_ms(),
+                    self.pacing.load().lease_ms,
+                );
             }
             if let Some((nm, effect)) = next {
                 *m = nm;
