@@ -92,19 +92,23 @@ fn init_logging(default: &str, journal: bool) {
         let b = b.without_time().with_ansi(false).with_filter_reloading();
         let h = b.reload_handle();
         b.init();
-        ota_agent::reload::set_log_reloader(Box::new(move |l| {
-            let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
-            h.reload(f).map_err(|e| e.to_string())
-        }));
+        ota_agent::reload::set_log_reloader(log_reloader(h));
     } else {
         let b = b.with_filter_reloading();
         let h = b.reload_handle();
         b.init();
-        ota_agent::reload::set_log_reloader(Box::new(move |l| {
-            let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
-            h.reload(f).map_err(|e| e.to_string())
-        }));
+        ota_agent::reload::set_log_reloader(log_reloader(h));
     }
+}
+
+/// What a reload calls to swap the log filter.
+fn log_reloader<S: 'static>(
+    h: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> ota_agent::reload::LogReloader {
+    Box::new(move |l| {
+        let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
+        h.reload(f).map_err(|e| e.to_string())
+    })
 }
 
 fn main() {

@@ -276,6 +276,16 @@ struct DeltaArgs {
     no_progress: bool,
 }
 
+/// What a reload calls to swap the log filter.
+fn log_reloader<S: 'static>(
+    h: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> ota_server::reload::LogReloader {
+    Box::new(move |l| {
+        let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
+        h.reload(f).map_err(|e| e.to_string())
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let (default_level, json) = match &cli.cmd {
@@ -294,10 +304,7 @@ fn main() {
             .with_filter_reloading();
         let h = b.reload_handle();
         b.init();
-        ota_server::reload::set_log_reloader(Box::new(move |l| {
-            let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
-            h.reload(f).map_err(|e| e.to_string())
-        }));
+        ota_server::reload::set_log_reloader(log_reloader(h));
     } else {
         let b = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -305,10 +312,7 @@ fn main() {
             .with_filter_reloading();
         let h = b.reload_handle();
         b.init();
-        ota_server::reload::set_log_reloader(Box::new(move |l| {
-            let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
-            h.reload(f).map_err(|e| e.to_string())
-        }));
+        ota_server::reload::set_log_reloader(log_reloader(h));
     }
     let r = match cli.cmd {
         Cmd::Keygen { out, force } => keygen(&out, force),

@@ -31,6 +31,8 @@ pub struct Fixture {
     pub envelope: Vec<u8>,
     pub payload: Vec<u8>,
     pub pubkey_pem: String,
+    /// The key that signed the manifest (and signs freshness statements).
+    pub key: SigningKeyPair,
 }
 
 impl Fixture {
@@ -95,6 +97,7 @@ impl Fixture {
             envelope,
             payload,
             pubkey_pem: key.public_pem(),
+            key,
         }
     }
 
@@ -162,6 +165,8 @@ pub struct Srv {
     /// Answer check-ins with 503 (the server "unreachable" for the API).
     pub checkin_down: std::sync::atomic::AtomicBool,
     pub enroll_key: String,
+    /// The freshness statement check-in answers carry.
+    pub freshness: Mutex<Option<Envelope>>,
 }
 
 pub struct Server {
@@ -206,6 +211,7 @@ impl Server {
             next_checkin_ms: AtomicU64::new(200),
             checkin_down: Default::default(),
             enroll_key: "fleet-key".into(),
+            freshness: Mutex::new(None),
         });
         let app = Router::new()
             .route("/api/v1/devices/enroll", post(enroll))
@@ -325,7 +331,7 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
                 update_id: id,
                 reason,
             },
-            freshness: None,
+            freshness: s.freshness.lock().unwrap().clone(),
         });
     }
     let offer = s.offer.lock().unwrap().clone();
@@ -344,7 +350,7 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
     json(&CheckinResponse {
         next_checkin_ms: next,
         action,
-        freshness: None,
+        freshness: s.freshness.lock().unwrap().clone(),
     })
 }
 
