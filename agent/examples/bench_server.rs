@@ -125,6 +125,7 @@ async fn checkin(State(s): State<Arc<Srv>>, body: Bytes) -> Response<Body> {
     json(&CheckinResponse {
         next_checkin_ms: 2000,
         action,
+        freshness: None,
     })
 }
 

@@ -73,6 +73,12 @@ pub struct Config {
     /// How many of `trusted_keys` must have signed a manifest. Default: 1.
     #[serde(default = "one")]
     pub key_threshold: usize,
+    /// Refuse check-in answers without a signed freshness statement, even
+    /// before the first one was seen (once one was seen they are always
+    /// required). Default: false, for servers older than statements; set it
+    /// on new fleets.
+    #[serde(default)]
+    pub require_freshness: bool,
     /// The version the factory image runs, used until the agent has
     /// committed an update of its own. Default: `"0"`.
     #[serde(default = "default_factory_version")]
@@ -135,6 +141,14 @@ pub struct Config {
     /// Default: `"text"`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Log filter (`info`, `warn,ota_agent=debug`, ...), applied at start
+    /// (over `RUST_LOG`) and at every reload (`SIGHUP`). Default: unset
+    /// (`RUST_LOG`, else `info`).
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// The file this configuration was read from (what `SIGHUP` re-reads).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The A/B slots.
@@ -267,7 +281,9 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        let mut c = Self::from_toml(&text, path)?;
+        c.source = Some(path.into());
+        Ok(c)
     }
 
     /// Parses and validates configuration text (`path` only names it in errors).
@@ -338,6 +354,10 @@ impl Config {
         }
         if self.boot.slot_values[0] == self.boot.slot_values[1] {
             return Err(invalid("boot.slot_values", "the two values must differ"));
+        }
+        if let Some(level) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log_level", format!("{level:?} is not a log filter: {e}")))?;
         }
         if !matches!(self.log_format.as_str(), "text" | "journal") {
             return Err(invalid("log_format", "must be \"text\" or \"journal\""));

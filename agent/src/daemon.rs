@@ -134,7 +134,9 @@ struct Agent {
     state: State,
     boot: BootControl,
     client: Client,
-    trusted: TrustedKeys,
+    /// Trusted keys and bandwidth cap: swapped by a reload (`SIGHUP`).
+    live_settings: crate::reload::LiveSettings,
+    freshness: crate::freshness::FreshnessGuard,
     events: Notify,
     live: Live,
     status: Mutex<StatusRecord>,
@@ -190,16 +192,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
         );
         state.set_slots(&slots)?;
     }
+    let freshness = crate::freshness::FreshnessGuard::load(&state, cfg.require_freshness)?;
     let token = match obtain_token(&cfg, &base, &shutdown, false).await? {
         Some(t) => t,
         None => return Ok(Exit::Shutdown),
     };
+    let live_settings = crate::reload::LiveSettings::new(cfg.clone(), trusted);
     let agent = Arc::new(Agent {
         client: base.with_token(token),
         cfg,
         state,
         boot,
-        trusted,
+        live_settings,
+        freshness,
         events: Notify::new(),
         live: Live::default(),
         status: Mutex::new(StatusRecord::default()),
@@ -208,6 +213,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let bg = shutdown.child_token();
+    let reloader = tokio::spawn(reload_on_sighup(agent.clone(), bg.clone()));
     let events = tokio::spawn(events_loop(agent.clone(), bg.clone()));
     let mut watchdog = Watchdog::from_env();
     let r = async {
@@ -230,10 +236,33 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     .await;
     // Last chance to deliver events (e.g. `rebooting`), briefly.
     bg.cancel();
+    let _ = reloader.await;
     let _ = events.await;
     let _ = tokio::time::timeout(Duration::from_secs(1), flush_events(&agent)).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     r
+}
+
+/// Re-reads `agent.toml` on every `SIGHUP` until `stop`.
+///
+/// # Cancel safety
+/// Stops at `stop`; a reload in progress runs to completion on its
+/// blocking thread (it swaps nothing until everything validated).
+async fn reload_on_sighup(agent: Arc<Agent>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: configuration reload is unavailable");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            s = hup.recv() => if s.is_none() { return },
+        }
+        let a = agent.clone();
+        // The outcome is logged by the reload itself.
+        let _ = tokio::task::spawn_blocking(move || a.live_settings.reload()).await;
+    }
 }
 
 /// Reads the device token, enrolling first if there is none.
@@ -816,6 +845,18 @@ async fn main_loop(
                         failures = 0;
                         refused = None;
                         wait = Duration::from_millis(resp.next_checkin_ms.clamp(100, 86_400_000));
+                        // A stale or replayed answer is not acted on: no
+                        // new download starts from it.
+                        let fresh = agent.freshness.accept(
+                            resp.freshness.as_ref(),
+                            &agent.live_settings.trusted(),
+                            &agent.cfg.device_type,
+                            SystemTime::now(),
+                            &agent.state,
+                        );
+                        if let Err(e) = &fresh {
+                            tracing::warn!("check-in answer not acted on: {e}");
+                        }
                         match resp.action {
                             Action::None => {}
                             Action::Wait { reason } => {
@@ -830,6 +871,7 @@ async fn main_loop(
                                     }
                                 }
                                 Some(d) => tracing::warn!(holding = %d.update_id, offered = %offer.update_id, "ignoring a second offer while one is in hand"),
+                                None if fresh.is_err() => {}
                                 None => download = Some(start_download(agent, offer, shutdown, sent)),
                             },
                             Action::Cancel { update_id, reason } => {
@@ -1036,11 +1078,15 @@ async fn update_task(
     };
     let manifest = Arc::new(verify::check_manifest(
         &envelope,
-        &agent.trusted,
+        &agent.live_settings.trusted(),
         &running,
         Some(&offer),
-        SystemTime::now(),
+        agent.freshness.now(SystemTime::now()),
     )?);
+    agent
+        .freshness
+        .check_offer(manifest.security_counter)
+        .map_err(|e| UpdateEnd::Failed(e.to_string()))?;
     let target = booted.other();
     if let Some(r) = &existing
         && r.target != target
@@ -1172,7 +1218,7 @@ async fn update_task(
             memory_budget: agent.cfg.memory_budget,
             stall_timeout: agent.cfg.stall_timeout,
             attempts: agent.cfg.range_attempts,
-            bandwidth_limit: agent.cfg.bandwidth_limit,
+            bandwidth_limit: agent.live_settings.bandwidth_limit(),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
         };

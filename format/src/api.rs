@@ -122,6 +122,10 @@ pub struct CheckinResponse {
     pub next_checkin_ms: u64,
     #[serde(flatten)]
     pub action: Action,
+    /// The server's signed freshness statement for the device's type
+    /// ([`crate::freshness`]); absent from servers that do not sign one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<crate::Envelope>,
 }
 
 /// What the device should do.
@@ -274,6 +278,7 @@ mod tests {
             action: Action::Wait {
                 reason: "concurrency cap".into(),
             },
+            freshness: None,
         };
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["action"], "wait");

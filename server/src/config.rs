@@ -43,7 +43,26 @@ pub struct ServerConfig {
     /// `--admin-token`). At least 16 characters.
     pub admin_token: String,
     /// PKCS#8 PEM ed25519 key that signs the manifests the server builds.
-    pub signing_key: PathBuf,
+    /// Optional when `[signing]` names keys in a PKCS#11 token; when both
+    /// are set, every manifest carries both signatures (key rotation).
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// `[signing]`: keys in a PKCS#11 token (see [`crate::signing`]).
+    #[serde(default)]
+    pub signing: Option<crate::signing::Pkcs11Config>,
+    /// Lifetime of the signed freshness statements in check-in answers
+    /// (seconds). Default 3600. A device refuses a statement older than
+    /// this, so it bounds how long a replayed answer can freeze a device;
+    /// statements are re-signed every quarter of it.
+    #[serde(default = "default_freshness_secs")]
+    pub freshness_secs: u64,
+    /// Log filter (`info`, `warn,ota_server=debug`, ...), applied at start
+    /// and at every reload. Default: unset (`RUST_LOG`, else `info`).
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// The file this configuration was read from (what a reload re-reads).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
     /// How many earlier releases of a device type get a delta to a new
     /// release. Devices on older versions get the full image. Default 3.
     #[serde(default = "default_delta_history")]
@@ -196,6 +215,9 @@ pub struct TlsConfig {
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
+}
+fn default_freshness_secs() -> u64 {
+    3600
 }
 fn default_delta_history() -> usize {
     3
@@ -374,7 +396,11 @@ impl ServerConfig {
             source: Box::new(source),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.data_dir, &mut c.signing_key] {
+        let signing_pin = c.signing.as_mut().and_then(|s| s.pin_file.as_mut());
+        for p in [Some(&mut c.data_dir), c.signing_key.as_mut(), signing_pin]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -387,6 +413,7 @@ impl ServerConfig {
             }
         }
         c.validate()?;
+        c.source = Some(path.into());
         Ok(c)
     }
 
@@ -404,6 +431,19 @@ impl ServerConfig {
         }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!("listen = {:?} is not an address:port", self.listen));
+        }
+        if self.signing_key.is_none() && self.signing.is_none() {
+            return bad("no signing key: set signing_key (a key file) or [signing] (keys in a PKCS#11 token)".into());
+        }
+        if let Some(s) = &self.signing {
+            s.validate().map_err(ConfigError::Invalid)?;
+        }
+        if let Some(level) = &self.log_level {
+            crate::reload::check_log_level(level)
+                .map_err(|e| ConfigError::Invalid(format!("log_level: {e}")))?;
+        }
+        if !(60..=7 * 86_400).contains(&self.freshness_secs) {
+            return bad("freshness_secs must be 60..=604800 (one minute to one week)".into());
         }
         let c = &self.checkin;
         if c.idle_interval_ms == 0 || c.wait_interval_ms == 0 {

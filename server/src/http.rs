@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::backend::AuthedDevice;
 
@@ -207,6 +208,7 @@ pub fn router(app: Arc<App>) -> Router {
             get(admin_device_get).delete(crate::admin::device_retire),
         )
         .route("/api/v1/admin/releases", get(admin_releases))
+        .route("/api/v1/admin/reload", post(admin_reload))
         .route("/api/v1/admin/stats", get(admin_stats))
         .route(
             "/api/v1/admin/releases/{device_type}/{version}",
@@ -332,7 +334,10 @@ async fn checkin(
     {
         return Err(bad_request("update_id is too long"));
     }
-    let c = &app.config.checkin;
+    // One snapshot for the whole request: a reload meanwhile does not mix
+    // old and new values in one answer.
+    let live = app.live.config();
+    let c = &live.checkin;
     let decision = app.state.checkin(&dev, &req).await?;
     let (action, base, durable) = match decision {
         Decision::Answer(a) => (a, None, false),
@@ -378,9 +383,19 @@ async fn checkin(
         .get_or_create(&ActionLabel { action: label })
         .inc();
     let is_wait = matches!(action, Action::Wait { .. });
+    let freshness = app
+        .freshness
+        .statement(
+            &app.releases,
+            &dev.device_type,
+            Duration::from_secs(live.freshness_secs),
+        )
+        .await
+        .map(|e| (*e).clone());
     let mut resp = axum::Json(CheckinResponse {
         next_checkin_ms: next,
         action,
+        freshness,
     })
     .into_response();
     if is_wait {
@@ -546,6 +561,25 @@ async fn admin_device_get(
         )
     })?;
     Ok(axum::Json(view).into_response())
+}
+
+/// `POST /api/v1/admin/reload`: re-reads `server.toml` (as `SIGHUP` does).
+/// 200 with what changed, or 422 with why nothing did.
+async fn admin_reload(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    match app.live.reload().await {
+        Ok(changed) => Ok(
+            axum::Json(serde_json::json!({ "reloaded": true, "changed": changed })).into_response(),
+        ),
+        Err(e @ crate::reload::ReloadError::Busy) => {
+            Err(ApiErr(StatusCode::CONFLICT, "busy", e.to_string()))
+        }
+        Err(e) => Err(ApiErr(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reload_refused",
+            e.to_string(),
+        )),
+    }
 }
 
 async fn admin_releases(

@@ -23,6 +23,10 @@
 //!   start-rate limiter and the fair waiting queue;
 //!   [`rollout::shared`] the fleet-wide throttle trait (local or
 //!   [`rollout::redis_throttle`]) the PostgreSQL backend uses.
+//! - [`signing`]: the signing keys — a key file, keys in a PKCS#11 token,
+//!   or both during a rotation.
+//! - [`freshness`]: the signed, short-lived statement of the latest release
+//!   per device type that every check-in answer carries.
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`admin`] the inventory list and the deletions (device retire,
 //!   release delete) with the checks that keep them safe.
@@ -31,6 +35,8 @@
 //!   caps, HTTP/2 limits, and a [`listener::ConnInfo`] on every request.
 //! - [`metrics`]: the Prometheus exposition (text 0.0.4 or OpenMetrics,
 //!   by `Accept`), per-rollout state and alerting figures.
+//! - [`reload`]: `SIGHUP` / admin reload of `server.toml`, validated first
+//!   and swapped atomically (pacing, log level, TLS certificate, signing keys).
 //! - [`app`]: wiring, background tasks and orderly shutdown.
 //! - [`client`]: the admin API client the CLI uses.
 //! - [`render`]: the CLI's human output (device table, one device, rollout
@@ -43,15 +49,18 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod fleet;
+pub mod freshness;
 pub mod http;
 pub mod inventory;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
 pub mod releases;
+pub mod reload;
 pub mod render;
 pub mod rollout;
 pub mod secrets;
+pub mod signing;
 pub mod store;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times

@@ -44,8 +44,8 @@ use crate::releases::Releases;
 use crate::rollout::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError};
 use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
-    Decision, Effect, FailureReason, Member, Pacing, Phase, RolloutError, RolloutRecord,
-    RolloutSpec, RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
+    Decision, Effect, FailureReason, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
+    RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
     cancel_ended_attempt, failure_verdict, held_back, lease_expired, nothing_to_offer, offer_for,
     past_download, ramped_rate, rank_key, spec_matches, transition_for, wave_bounds,
 };
@@ -270,7 +270,7 @@ pub struct PgState {
     pool: Pool,
     throttle: Arc<dyn FleetThrottle>,
     releases: Arc<Releases>,
-    pacing: Pacing,
+    pacing: crate::rollout::SharedPacing,
     /// Rollouts in creation order (a cache: refreshed each tick and after
     /// this replica's own writes; admissions re-check state in SQL).
     rollouts: RwLock<Vec<Cached>>,
@@ -291,7 +291,7 @@ impl PgState {
         pool: Pool,
         throttle: Arc<dyn FleetThrottle>,
         releases: Arc<Releases>,
-        pacing: Pacing,
+        pacing: crate::rollout::SharedPacing,
     ) -> Result<PgState, StoreError> {
         let s = PgState {
             pool,
@@ -389,7 +389,7 @@ impl PgState {
             .rebuild(
                 rollout,
                 &leases,
-                self.pacing.lease_ms,
+                self.pacing.load().lease_ms,
                 max_fence.max(0) as u64,
                 Bucket::Empty,
             )
@@ -815,7 +815,7 @@ impl StateBackend for PgState {
         req: &CheckinRequest,
     ) -> Result<Decision, StoreError> {
         let now = crate::now_ms();
-        let p = self.pacing;
+        let p = **self.pacing.load();
         // What the device reports is written only when it changed (and
         // last-seen every few minutes): idle check-ins stay read-only.
         if dev.version.as_deref() != Some(&req.current_version)
@@ -1170,7 +1170,7 @@ impl StateBackend for PgState {
         for (rid, fence, renew) in after {
             let res = if renew {
                 self.throttle
-                    .renew(&rid, device, fence, self.pacing.lease_ms)
+                    .renew(&rid, device, fence, self.pacing.load().lease_ms)
                     .await
                     .map(|_| ())
             } else {
@@ -1483,7 +1483,7 @@ impl StateBackend for PgState {
         // A fresh throttle state: one burst, as the in-process throttle
         // starts a rollout.
         self.throttle
-            .rebuild(&rec.id, &[], self.pacing.lease_ms, 0, Bucket::Full)
+            .rebuild(&rec.id, &[], self.pacing.load().lease_ms, 0, Bucket::Full)
             .await
             .map_err(|e| RolloutError::Store(throttle_err(e)))?;
         info!(rollout = %rec.id, release = %rec.spec.release, device_type = %rec.spec.device_type, "rollout created");

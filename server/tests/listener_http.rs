@@ -455,6 +455,9 @@ async fn swapped_limits_apply_to_new_connections() {
     running.connection_limits.send_replace(Arc::new(tighter));
     // `first` holds the address's one slot: a new one is refused.
     let mut third = connect_from("127.0.0.5", a).await;
-    assert!(refused(&mut third).await, "the new per-address limit was not applied");
+    assert!(
+        refused(&mut third).await,
+        "the new per-address limit was not applied"
+    );
     healthz_keep_alive(&mut first).await;
 }
