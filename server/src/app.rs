@@ -43,6 +43,8 @@ pub struct App {
     pub bytes_served: Arc<AtomicU64>,
     /// Rate limit for the "backend unavailable" WARN (one per second).
     pub unavailable_log: LogGate,
+    /// The fleet CA that signs devices' CSRs (`[tls] client_ca_key`).
+    pub device_ca: crate::certs::SharedCa,
     admin_hash: [u8; 32],
     tmp: PathBuf,
 }
@@ -261,6 +263,17 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         }
         (None, None) => unreachable!("one backend is always opened"),
     };
+    let device_ca = match &config.tls {
+        Some(t) => match (&t.client_ca, &t.client_ca_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(crate::certs::DeviceCa::load(
+                cert,
+                key,
+                t.client_cert_days,
+            )?)),
+            _ => None,
+        },
+        None => None,
+    };
     let egress = std::num::NonZeroU64::new(config.egress_bytes_per_sec)
         .map(|bps| Arc::new(EgressLimiter::new(bps)));
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -283,6 +296,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         metrics,
         bytes_served: Arc::new(AtomicU64::new(0)),
         unavailable_log: LogGate::new(Duration::from_secs(1)),
+        device_ca,
     });
     info!(%addr, devices, backend = app.state.kind(), replica = %replica_id, "ota-server listening");
 
@@ -316,15 +330,10 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         Some(tls) => {
             // Already installed (a second server in one process): fine.
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "loading TLS certificate {} and key {}",
-                        tls.cert.display(),
-                        tls.key.display()
-                    )
-                })?;
+            let refusals = Arc::new(crate::tls::Refusals::default());
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_config(
+                crate::tls::server_config(tls, &refusals).context("loading [tls]")?,
+            );
             let handle = axum_server::Handle::new();
             let h = handle.clone();
             tracker.spawn(async move {
@@ -333,8 +342,8 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             });
             let std_listener = listener.into_std()?;
             tracker.spawn(async move {
-                let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls)
-                    .acceptor(axum_server::accept::NoDelayAcceptor::new());
+                // TLS, then the client certificate as a request extension.
+                let acceptor = crate::tls::MtlsAcceptor::new(rustls, refusals);
                 let r = axum_server::from_tcp(std_listener)
                     .acceptor(acceptor)
                     .handle(handle)

@@ -11,6 +11,11 @@
 //! - [`store`]: sled trees and the group-commit flusher that makes
 //!   acknowledged writes durable without an fsync per request.
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
+//! - [`certs`]: device certificates: the fleet CA that signs CSRs, the
+//!   revocation list (sled side), which certificate field names a device.
+//! - [`tls`]: the HTTPS listener's rustls configuration (optional client
+//!   certificates) and the acceptor that hands the peer certificate to the
+//!   handlers.
 //! - [`releases`]: the release catalogue and the background delta builder.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
 //!   optional egress cap.
@@ -27,6 +32,7 @@
 pub mod app;
 pub mod artifacts;
 pub mod backend;
+pub mod certs;
 pub mod client;
 pub mod config;
 pub mod fleet;
@@ -36,6 +42,7 @@ pub mod pg;
 pub mod releases;
 pub mod rollout;
 pub mod store;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times
 /// are persisted, so they must survive a restart).

@@ -12,7 +12,8 @@
 //! Trees: `devices` (id → [`crate::fleet::DeviceRecord`]), `releases`
 //! (`type\0version` → release record), `rollouts` (id → rollout record),
 //! `members` (`rollout\0device` → member), `events` (`device\0seq` → event),
-//! `meta` (counters).
+//! `meta` (counters), `device_certs` (certificate serial →
+//! [`crate::certs::CertRecord`]: issued and revoked client certificates).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,7 @@ pub struct Store {
     pub members: sled::Tree,
     pub events: sled::Tree,
     pub meta: sled::Tree,
+    pub certs: sled::Tree,
     flush: Arc<Flusher>,
 }
 
@@ -88,6 +90,7 @@ impl Store {
             members: db.open_tree("members")?,
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
+            certs: db.open_tree("device_certs")?,
             db,
             flush: Arc::new(Flusher {
                 requested: AtomicU64::new(0),
