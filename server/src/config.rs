@@ -202,7 +202,7 @@ pub struct TlsConfig {
     /// `client_ca` is the issuer. Default: none (no CSR enrollment).
     #[serde(default)]
     pub client_ca_key: Option<PathBuf>,
-    /// CRL files (PEM or DER) of the fleet CA, checked in the handshake in
+    /// CRL files (PEM or DER) of the fleet CA, checked at the handshake in
     /// addition to the revocation list in the server's state. Default: none.
     #[serde(default)]
     pub client_crls: Vec<PathBuf>,
