@@ -278,10 +278,16 @@ async fn obtain_token(
         }
     }
     let key_file = cfg.enrollment_key_file.as_ref().ok_or_else(|| {
-        DaemonError::Setup(format!(
-            "no device token at {} and no enrollment_key_file to enroll with",
-            path.display()
-        ))
+        DaemonError::Setup(match (csr, &cfg.client_cert) {
+            (Some(_), Some(cert)) => format!(
+                "no client certificate at {} and no enrollment_key_file to enroll with a CSR; install the device's certificate there or set enrollment_key_file",
+                cert.display()
+            ),
+            _ => format!(
+                "no device token at {} and no enrollment_key_file to enroll with",
+                path.display()
+            ),
+        })
     })?;
     let key = std::fs::read_to_string(key_file)
         .map_err(|e| DaemonError::Setup(format!("reading {}: {e}", key_file.display())))?;
