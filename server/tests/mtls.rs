@@ -183,9 +183,20 @@ impl Fixture {
         self.ts.stop().await;
         let cfg = ota_server::config::ServerConfig::load(&self.ts.dir.path().join("server.toml"))
             .unwrap();
-        let running = ota_server::app::start(cfg, CancellationToken::new())
-            .await
-            .unwrap();
+        // Connections the clients kept alive hold the old state open (sled's
+        // lock) until they close: retry for a while.
+        let mut tries = 0;
+        let running = loop {
+            match ota_server::app::start(cfg.clone(), CancellationToken::new()).await {
+                Ok(r) => break r,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("restart: {e:#}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("restarting the server: {e:#}"),
+            }
+        };
         self.https = format!("https://{}", running.addr);
         self.ts.running = Some(running);
     }
