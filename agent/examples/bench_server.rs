@@ -111,6 +111,7 @@ async fn enroll(body: Bytes) -> Response<Body> {
     json(&EnrollResponse {
         device_id: req.device_id,
         token: "bench-token".into(),
+        certificate: None,
     })
 }
 

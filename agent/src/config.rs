@@ -63,6 +63,22 @@ pub struct Config {
     /// Default: `<data_dir>/token`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// This device's X.509 client certificate (PEM), presented in the TLS
+    /// handshake so the server knows the device by it (mTLS). When it does
+    /// not exist yet, the agent enrolls with a CSR for `client_key` and
+    /// writes the certificate the server returns here. Needs `client_key`
+    /// and an `https://` `server_url`. Default: none (bearer token only).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of `client_cert` (PKCS#8 PEM). Created (ECDSA P-256,
+    /// 0600) on first start when missing: it never leaves the device.
+    /// Default: none.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) trusted for the server's TLS certificate,
+    /// instead of the system's roots. Default: none (system roots).
+    #[serde(default)]
+    pub server_ca: Option<PathBuf>,
     /// Directory of the agent's state: the sled database (progress hints,
     /// events outbox, event counter), the current update's manifest and the
     /// atomically replaced decision files. Default: `/var/lib/ota-agent`.
@@ -358,6 +374,20 @@ impl Config {
         if let Some(level) = &self.log_level {
             tracing_subscriber::EnvFilter::try_new(level)
                 .map_err(|e| invalid("log_level", format!("{level:?} is not a log filter: {e}")))?;
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(invalid(
+                "client_cert",
+                "client_cert and client_key go together: set both or neither",
+            ));
+        }
+        if (self.client_cert.is_some() || self.server_ca.is_some())
+            && !self.server_url.starts_with("https://")
+        {
+            return Err(invalid(
+                "server_url",
+                "client_cert and server_ca need an https:// server_url",
+            ));
         }
         if !matches!(self.log_format.as_str(), "text" | "journal") {
             return Err(invalid("log_format", "must be \"text\" or \"journal\""));

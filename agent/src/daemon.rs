@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::bootctl::{BootControl, write_atomic};
-use crate::client::{Client, ClientError, Timeouts};
+use crate::client::{Client, ClientError, Timeouts, TlsSettings};
 use crate::config::Config;
 use crate::pool::{self, PoolConfig, PoolError, PoolStats};
 use crate::state::{Phase, SlotInfo, State, StatusRecord, UpdateRecord};
@@ -173,11 +173,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     let state = State::open(&cfg.data_dir)?;
     let boot = BootControl::from_config(&cfg.boot, [&cfg.slots.a, &cfg.slots.b])?;
     let trusted = load_trusted(&cfg)?;
-    let base = Client::new(
+    let timeouts = Timeouts {
+        request: cfg.request_timeout,
+        read: cfg.stall_timeout,
+    };
+    let server_ca =
+        match &cfg.server_ca {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                DaemonError::Setup(format!("reading server_ca {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+    let mut identity =
+        crate::identity::prepare(&cfg).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let base = Client::with_tls(
         &cfg.server_url,
-        Timeouts {
-            request: cfg.request_timeout,
-            read: cfg.stall_timeout,
+        timeouts,
+        &TlsSettings {
+            server_ca: server_ca.clone(),
+            identity: None,
         },
     )?;
     let bs = boot.state()?;
@@ -193,13 +207,32 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
         state.set_slots(&slots)?;
     }
     let freshness = crate::freshness::FreshnessGuard::load(&state, cfg.require_freshness)?;
-    let token = match obtain_token(&cfg, &base, &shutdown, false).await? {
+    let csr = match &identity {
+        crate::identity::Identity::NeedsCertificate { csr } => Some(csr.clone()),
+        _ => None,
+    };
+    let token = match obtain_token(&cfg, &base, &shutdown, false, csr.as_deref()).await? {
         Some(t) => t,
         None => return Ok(Exit::Shutdown),
     };
+    if csr.is_some() {
+        identity = crate::identity::prepare(&cfg).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    }
+    // With a certificate it is the device's identity: no bearer token.
+    let client = match identity {
+        crate::identity::Identity::Ready(pem) => Client::with_tls(
+            &cfg.server_url,
+            timeouts,
+            &TlsSettings {
+                server_ca,
+                identity: Some(pem),
+            },
+        )?,
+        _ => base.with_token(token),
+    };
     let live_settings = crate::reload::LiveSettings::new(cfg.clone(), trusted);
     let agent = Arc::new(Agent {
-        client: base.with_token(token),
+        client,
         cfg,
         state,
         boot,
@@ -275,10 +308,13 @@ async fn obtain_token(
     client: &Client,
     shutdown: &CancellationToken,
     force: bool,
+    csr: Option<&str>,
 ) -> Result<Option<String>, DaemonError> {
     let path = cfg.token_path();
     if force {
         tracing::warn!("the server rejected the device token: enrolling again");
+    } else if csr.is_some() {
+        tracing::info!("no client certificate yet: enrolling with a CSR");
     } else if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_string();
         if !t.is_empty() {
@@ -286,10 +322,16 @@ async fn obtain_token(
         }
     }
     let key_file = cfg.enrollment_key_file.as_ref().ok_or_else(|| {
-        DaemonError::Setup(format!(
-            "no device token at {} and no enrollment_key_file to enroll with",
-            path.display()
-        ))
+        DaemonError::Setup(match (csr, &cfg.client_cert) {
+            (Some(_), Some(cert)) => format!(
+                "no client certificate at {} and no enrollment_key_file to enroll with a CSR; install the device's certificate there or set enrollment_key_file",
+                cert.display()
+            ),
+            _ => format!(
+                "no device token at {} and no enrollment_key_file to enroll with",
+                path.display()
+            ),
+        })
     })?;
     let key = std::fs::read_to_string(key_file)
         .map_err(|e| DaemonError::Setup(format!("reading {}: {e}", key_file.display())))?;
@@ -298,6 +340,7 @@ async fn obtain_token(
         device_id: cfg.device_id.clone(),
         device_type: cfg.device_type.clone(),
         tags: cfg.tags.clone(),
+        csr: csr.map(String::from),
     };
     let mut failures = 0;
     loop {
@@ -316,6 +359,16 @@ async fn obtain_token(
                         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                     })
                     .map_err(|e| DaemonError::Setup(format!("writing {}: {e}", path.display())))?;
+                if csr.is_some() {
+                    let pem = resp.certificate.as_deref().ok_or_else(|| {
+                        DaemonError::Setup(
+                            "the server enrolled the device but returned no certificate for its CSR; set tls.client_ca_key on the server, or remove client_cert from agent.toml".into(),
+                        )
+                    })?;
+                    crate::identity::store_certificate(cfg, pem)
+                        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+                    tracing::info!(device = %resp.device_id, "client certificate received");
+                }
                 tracing::info!(device = %resp.device_id, "enrolled");
                 return Ok(Some(resp.token));
             }
@@ -946,7 +999,7 @@ async fn on_unauthorized(
     }
     if agent.cfg.enrollment_key_file.is_some() {
         let plain = agent.client.clone();
-        match obtain_token(&agent.cfg, &plain, shutdown, true).await {
+        match obtain_token(&agent.cfg, &plain, shutdown, true, None).await {
             Ok(Some(t)) => {
                 agent.client.set_token(t);
                 return true;

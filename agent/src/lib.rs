@@ -11,6 +11,8 @@
 //!   validated once at load.
 //! - [`client`]: the device API client (enroll, check-in, events, manifest),
 //!   reqwest with rustls, no content decoding, timeouts.
+//! - [`identity`]: the device's TLS client certificate (mTLS): its key made
+//!   on the device, the CSR sent at enrollment, the issued certificate.
 //! - [`verify`]: manifest checks before any download — signatures against
 //!   the threshold, device type, expiry, no downgrade of version or security
 //!   counter, the booted slot is the delta's base.
@@ -41,6 +43,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod freshness;
+pub mod identity;
 pub mod lease;
 pub mod pool;
 pub mod reload;

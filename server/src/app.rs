@@ -52,6 +52,8 @@ pub struct App {
     /// read settings that a reload may change from here, once per request;
     /// `config` is the configuration the server started with.
     pub live: crate::reload::Live,
+    /// The fleet CA that signs devices' CSRs (`[tls] client_ca_key`).
+    pub device_ca: crate::certs::SharedCa,
     admin_hash: [u8; 32],
     tmp: PathBuf,
 }
@@ -274,6 +276,17 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         }
         (None, None) => unreachable!("one backend is always opened"),
     };
+    let device_ca = match &config.tls {
+        Some(t) => match (&t.client_ca, &t.client_ca_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(crate::certs::DeviceCa::load(
+                cert,
+                key,
+                t.client_cert_days,
+            )?)),
+            _ => None,
+        },
+        None => None,
+    };
     let egress = std::num::NonZeroU64::new(config.egress_bytes_per_sec)
         .map(|bps| Arc::new(EgressLimiter::new(bps)));
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -311,6 +324,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         freshness: crate::freshness::FreshnessService::new(signers.clone()),
         signers,
         live,
+        device_ca,
     });
     info!(%addr, devices, backend = app.state.kind(), replica = %replica_id, "ota-server listening");
 
@@ -342,21 +356,22 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         Some(tls) => {
             // Already installed (a second server in one process): fine.
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let _ = tls;
-            // The certificate comes from the live configuration: a reload
-            // swaps it for new handshakes (see `crate::reload::LiveCert`).
+            // One rustls configuration: the live certificate (a reload swaps
+            // it, see `crate::reload::LiveCert`) and the client-certificate
+            // verifier of `crate::tls`, with one `Refusals` for the life of
+            // the listener (a reload rebuilds the configuration around it).
             let resolver = app
                 .live
                 .cert_resolver()
                 .expect("loaded above when [tls] is set");
-            let mut server_config = rustls::ServerConfig::builder()
-                .with_no_client_auth()
-                .with_cert_resolver(resolver);
-            server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            let rustls =
-                axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(server_config));
+            let refusals = Arc::new(crate::tls::Refusals::default());
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_config(
+                crate::tls::server_config(tls, &refusals, resolver).context("loading [tls]")?,
+            );
+            app.live.set_tls(rustls.clone(), refusals.clone());
+            // TLS, then the client certificate on every request.
             tracker.spawn(listener.serve(
-                RustlsAcceptor(rustls),
+                RustlsAcceptor::new(rustls, refusals),
                 router,
                 conn_metrics,
                 cancel.clone(),

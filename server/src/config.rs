@@ -205,12 +205,36 @@ pub struct CheckinConfig {
     pub max_parallel_ranges: u32,
 }
 
-/// TLS certificate and key (PEM).
+/// TLS certificate and key (PEM), and optionally device certificates
+/// (mTLS): see [`crate::tls`] and `docs/api.md`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The fleet CA (PEM, one or more certificates): client certificates
+    /// chaining to it are verified during the handshake and identify a
+    /// device by their subject CN. Presenting one stays optional, so
+    /// bearer-token devices keep working on the same listener. Default:
+    /// none (client certificates are not asked for).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// The fleet CA's private key (PKCS#8 PEM): with it the server signs
+    /// the CSRs devices send at enrollment. The first certificate of
+    /// `client_ca` is the issuer. Default: none (no CSR enrollment).
+    #[serde(default)]
+    pub client_ca_key: Option<PathBuf>,
+    /// CRL files (PEM or DER) of the fleet CA, checked at the handshake in
+    /// addition to the revocation list in the server's state. Default: none.
+    #[serde(default)]
+    pub client_crls: Vec<PathBuf>,
+    /// Validity of the certificates the server issues, in days. Default 365.
+    #[serde(default = "default_client_cert_days")]
+    pub client_cert_days: u32,
+}
+
+fn default_client_cert_days() -> u32 {
+    365
 }
 
 fn default_listen() -> String {
@@ -406,7 +430,12 @@ impl ServerConfig {
             }
         }
         if let Some(tls) = &mut c.tls {
-            for p in [&mut tls.cert, &mut tls.key] {
+            let optional = tls.client_ca.iter_mut().chain(tls.client_ca_key.iter_mut());
+            for p in [&mut tls.cert, &mut tls.key]
+                .into_iter()
+                .chain(optional)
+                .chain(tls.client_crls.iter_mut())
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -457,6 +486,20 @@ impl ServerConfig {
         }
         if c.max_parallel_ranges == 0 || c.max_parallel_ranges > 64 {
             return bad("checkin.max_parallel_ranges must be 1..=64".into());
+        }
+        if let Some(t) = &self.tls {
+            if t.client_ca_key.is_some() && t.client_ca.is_none() {
+                return bad("tls.client_ca_key is set without tls.client_ca: name the fleet CA certificate the key belongs to".into());
+            }
+            if !t.client_crls.is_empty() && t.client_ca.is_none() {
+                return bad(
+                    "tls.client_crls needs tls.client_ca (CRLs are checked against the fleet CA)"
+                        .into(),
+                );
+            }
+            if !(1..=3650).contains(&t.client_cert_days) {
+                return bad("tls.client_cert_days must be 1..=3650".into());
+            }
         }
         if !(1..=22).contains(&self.zstd_level) {
             return bad("zstd_level must be 1..=22".into());

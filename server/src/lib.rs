@@ -15,6 +15,11 @@
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
 //! - [`inventory`]: device-list filters, keyset paging and summary rows
 //!   (`GET /api/v1/admin/devices`), shared by both backends.
+//! - [`certs`]: device certificates: the fleet CA that signs CSRs, the
+//!   revocation list (sled side), which certificate field names a device.
+//! - [`tls`]: the HTTPS listener's rustls configuration (optional client
+//!   certificates) and the acceptor that hands the peer certificate to the
+//!   handlers.
 //! - [`releases`]: the release catalogue and the background delta builder.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
 //!   optional egress cap.
@@ -46,6 +51,7 @@ pub mod admin;
 pub mod app;
 pub mod artifacts;
 pub mod backend;
+pub mod certs;
 pub mod client;
 pub mod config;
 pub mod fleet;
@@ -62,6 +68,7 @@ pub mod rollout;
 pub mod secrets;
 pub mod signing;
 pub mod store;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times
 /// are persisted, so they must survive a restart).

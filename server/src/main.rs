@@ -149,6 +149,15 @@ enum DeviceCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a device's client certificates: every one the server issued
+    /// to it, or the one with --serial (also one made outside the server).
+    /// Takes effect at the device's next request.
+    RevokeCert {
+        id: String,
+        /// Serial in hex, as `openssl x509 -noout -serial` prints it.
+        #[arg(long)]
+        serial: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -671,6 +680,19 @@ async fn device_cmd(conn: Conn, cmd: DeviceCmd) -> Result<()> {
         DeviceCmd::Retire { id } => {
             c.device_retire(&id).await?;
             println!("device {id} retired: its token no longer works; its events stay as history");
+        }
+        DeviceCmd::RevokeCert { id, serial } => {
+            let r = c.device_revoke_cert(&id, serial.as_deref()).await?;
+            let revoked: Vec<&str> = r["revoked"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            if revoked.is_empty() {
+                println!("device {id}: that certificate was already revoked");
+            }
+            for s in revoked {
+                println!("device {id}: certificate {s} revoked");
+            }
         }
     }
     Ok(())

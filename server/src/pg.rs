@@ -37,7 +37,7 @@ use ota_format::api::{Action, CheckinRequest, Event, EventKind};
 use tokio_postgres::types::Json;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::backend::{AuthedDevice, StateBackend};
+use crate::backend::{AuthedDevice, CertAuth, StateBackend, cert_key};
 use crate::fleet::{hash_token, new_token};
 use crate::inventory::{DeviceFilter, DevicePage, DeviceSummary, StateFilter};
 use crate::releases::Releases;
@@ -807,6 +807,93 @@ impl StateBackend for PgState {
         };
         self.auth.insert(hash, (dev.clone(), now + AUTH_CACHE_MS));
         Ok(Some(dev))
+    }
+
+    async fn authenticate_cert(&self, id: &str, serial: &str) -> Result<CertAuth, StoreError> {
+        let key = cert_key(serial);
+        let now = crate::now_ms();
+        if let Some(e) = self.auth.get(&key)
+            && e.1 > now
+            && e.0.id == id
+        {
+            return Ok(CertAuth::Device(e.0.clone()));
+        }
+        let c = conn(&self.pool).await?;
+        let r = c
+            .query_one(
+                "SELECT d.id, d.device_type, d.tags, d.version, d.booted_slot, d.state, \
+                 d.last_seen_ms, EXISTS (SELECT 1 FROM device_certs \
+                 WHERE serial = $2 AND revoked_at_ms IS NOT NULL) \
+                 FROM (SELECT 1) AS one LEFT JOIN devices d ON d.id = $1",
+                &[&id, &serial],
+            )
+            .await
+            .map_err(err)?;
+        if r.get::<_, bool>(7) {
+            return Ok(CertAuth::Revoked);
+        }
+        if r.get::<_, Option<String>>(0).is_none() {
+            return Ok(CertAuth::UnknownDevice);
+        }
+        let dev = AuthedDevice {
+            id: r.get(0),
+            device_type: r.get(1),
+            tags: r.get::<_, Json<BTreeMap<String, String>>>(2).0,
+            version: r.get(3),
+            booted_slot: parse_text(r.get(4)),
+            state: parse_text(r.get(5)),
+            last_seen_ms: r.get::<_, i64>(6).max(0) as u64,
+            token_sha256: key,
+        };
+        self.auth.insert(key, (dev.clone(), now + AUTH_CACHE_MS));
+        Ok(CertAuth::Device(dev))
+    }
+
+    async fn record_cert(&self, serial: &str, device: &str) -> Result<(), StoreError> {
+        let c = conn(&self.pool).await?;
+        c.execute(
+            "INSERT INTO device_certs (serial, device, issued_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (serial) DO NOTHING",
+            &[&serial, &device, &(crate::now_ms() as i64)],
+        )
+        .await
+        .map_err(err)?;
+        Ok(())
+    }
+
+    async fn revoke_certs(
+        &self,
+        device: &str,
+        serial: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = crate::now_ms() as i64;
+        let c = conn(&self.pool).await?;
+        let rows = match serial {
+            Some(s) => c
+                .query(
+                    "INSERT INTO device_certs (serial, device, issued_at_ms, revoked_at_ms) \
+                     VALUES ($1, $2, 0, $3) ON CONFLICT (serial) DO UPDATE \
+                     SET revoked_at_ms = EXCLUDED.revoked_at_ms \
+                     WHERE device_certs.revoked_at_ms IS NULL RETURNING serial",
+                    &[&s, &device, &now],
+                )
+                .await
+                .map_err(err)?,
+            None => c
+                .query(
+                    "UPDATE device_certs SET revoked_at_ms = $2 \
+                     WHERE device = $1 AND revoked_at_ms IS NULL RETURNING serial",
+                    &[&device, &now],
+                )
+                .await
+                .map_err(err)?,
+        };
+        let out: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        // This replica forgets them at once; others within AUTH_CACHE_MS.
+        for s in &out {
+            self.auth.remove(&cert_key(s));
+        }
+        Ok(out)
     }
 
     async fn checkin(

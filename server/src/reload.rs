@@ -10,14 +10,16 @@
 //! certificate that does not match its key, is refused with one log line
 //! naming the problem, and everything stays as it was.
 //!
-//! Reloadable: `[checkin]` (pacing, lease), `[connections]` (timeouts and
+//! Reloadable: `[checkin]` (pacing, lease), `[tls] client_crls` (and the
+//! CRL files' contents), `[connections]` (timeouts and
 //! caps of new connections; open ones keep theirs), `freshness_secs`,
 //! `log_level`,
 //! the TLS certificate and key (they expire: renew the files, then reload),
 //! the signing keys (`signing_key`, `[signing]`: a key rotation without a
 //! restart). Everything else (listen address, data directory, storage,
 //! throttle backend, admin token, enrollment key, build settings, turning
-//! TLS on or off) needs a restart; a reload that changes one of those is
+//! TLS on or off, the fleet CA `client_ca` / `client_ca_key` /
+//! `client_cert_days`) needs a restart; a reload that changes one of those is
 //! refused, so an operator never believes a change took effect when it did
 //! not.
 
@@ -30,12 +32,14 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use axum_server::tls_rustls::RustlsConfig;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{ConnectionsConfig, ServerConfig, TlsConfig};
 use crate::rollout::Pacing;
 use crate::signing::{SignerSlot, Signers};
+use crate::tls::Refusals;
 
 /// Why a reload was refused. Nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +143,10 @@ pub struct Live {
     /// The listener's limits ([`crate::listener::Listener::limits`]), set
     /// once the listener exists.
     connections: OnceLock<watch::Sender<Arc<ConnectionsConfig>>>,
+    /// The HTTPS listener's rustls configuration and the refusals its client
+    /// verifier records into, set once the listener exists: a reload
+    /// rebuilds the configuration (fleet CA, CRLs) around the same ones.
+    tls: OnceLock<(RustlsConfig, Arc<Refusals>)>,
     reloading: AtomicBool,
 }
 
@@ -164,6 +172,7 @@ impl Live {
             cert,
             signers,
             connections: OnceLock::new(),
+            tls: OnceLock::new(),
             reloading: AtomicBool::new(false),
         }
     }
@@ -177,6 +186,12 @@ impl Live {
     /// channel). Set once; a second call is ignored.
     pub fn set_connection_limits(&self, tx: watch::Sender<Arc<ConnectionsConfig>>) {
         let _ = self.connections.set(tx);
+    }
+
+    /// The HTTPS listener's rustls configuration, rebuilt by a reload. Set
+    /// once; a second call is ignored.
+    pub fn set_tls(&self, config: RustlsConfig, refusals: Arc<Refusals>) {
+        let _ = self.tls.set((config, refusals));
     }
 
     /// The certificate resolver of the HTTPS listener (`None`: plain HTTP).
@@ -236,6 +251,23 @@ impl Live {
             }
             None => None,
         };
+        // The client verifier reads the fleet CA and the CRL files: a
+        // renewed CRL applies at reload (same path, new content).
+        let tls_config = match (&new.tls, self.tls.get(), &self.cert) {
+            (Some(t), Some((_, refusals)), Some(live)) => {
+                let (t, refusals) = (t.clone(), refusals.clone());
+                let resolver: Arc<dyn ResolvesServerCert> = live.clone();
+                Some(
+                    tokio::task::spawn_blocking(move || {
+                        crate::tls::server_config(&t, &refusals, resolver)
+                    })
+                    .await
+                    .map_err(|e| ReloadError::Tls(e.to_string()))?
+                    .map_err(|e| ReloadError::Tls(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
         let signers = if new.signing_key != old.signing_key
             || format!("{:?}", new.signing) != format!("{:?}", old.signing)
         {
@@ -262,6 +294,12 @@ impl Live {
         if let (Some(live), Some(cert)) = (&self.cert, cert) {
             live.store(cert);
             changed.push("tls certificate");
+        }
+        if let (Some((rustls, _)), Some(c)) = (self.tls.get(), tls_config) {
+            rustls.reload_from_config(c);
+            if new.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+                changed.push("tls client_ca and client_crls");
+            }
         }
         if let Some(s) = signers {
             info!(keys = ?s.keyids(), "signing keys swapped");
@@ -345,6 +383,19 @@ fn fixed_settings_unchanged(old: &ServerConfig, new: &ServerConfig) -> Result<()
         old.tls.is_some().to_string(),
         new.tls.is_some().to_string(),
         "[tls] (turning TLS on or off)",
+    )?;
+    // The CA that signs devices' CSRs is loaded at start (`App::device_ca`)
+    // and must stay the issuer the verifier trusts.
+    let signing_ca = |c: &ServerConfig| {
+        c.tls
+            .as_ref()
+            .map(|t| format!("{:?} {:?} {}", t.client_ca, t.client_ca_key, t.client_cert_days))
+            .unwrap_or_default()
+    };
+    same(
+        signing_ca(old),
+        signing_ca(new),
+        "tls.client_ca, tls.client_ca_key or tls.client_cert_days",
     )?;
     Ok(())
 }
