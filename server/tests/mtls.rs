@@ -454,3 +454,46 @@ async fn a_certificate_on_the_crl_file_is_refused() {
     assert!(log_text().contains("Revoked"));
     assert_eq!(f.checkin(&ok, None).await.unwrap().status(), 200);
 }
+
+/// A reload rebuilds the client verifier (merge of `keys` and `mtls`): a
+/// CRL file renewed in place refuses a newly revoked certificate from the
+/// next handshake on, without a restart; before the reload the old list
+/// still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_renewed_in_place_applies_at_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let first = pki.device("first", "dev-rl");
+    let later = pki.device("later", "dev-rl");
+    let crl = pki.revoke_and_crl("ca", &first.cert);
+    server_log();
+    let ts = TestServer::start(&tls_section(
+        &pki,
+        &format!("client_crls = [\"{}\"]\n", crl.display()),
+    ))
+    .await;
+    let https = ts.base.replace("http://", "https://");
+    let f = Fixture {
+        ts,
+        pki,
+        _pki_dir: dir,
+        https,
+    };
+    f.enroll("dev-rl").await;
+    assert_eq!(f.checkin(&later, None).await.unwrap().status(), 200);
+    // The CA revokes `later`; the same CRL file now lists it.
+    assert_eq!(f.pki.revoke_and_crl("ca", &later.cert), crl);
+    assert_eq!(f.checkin(&later, None).await.unwrap().status(), 200);
+    let r = f
+        .client(None)
+        .post(format!("{}/api/v1/admin/reload", f.https))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("client_crls"), "{body}");
+    let (status, code_) = code(f.checkin(&later, None).await.unwrap()).await;
+    assert_eq!((status, code_.as_str()), (403, "certificate_refused"));
+}

@@ -280,3 +280,41 @@ async fn renewed_certificate_is_served_to_new_connections() {
             .is_success()
     );
 }
+
+/// `[connections]` is reloadable and reaches the accept loop (merge of
+/// `keys` and `net`): after a reload to one connection per address, a
+/// second connection from 127.0.0.1 is closed while the first is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_connection_limits_to_new_connections() {
+    let ts = TestServer::start(&checkin_section(3000)).await;
+    let health = format!("{}/healthz", ts.base);
+    // One idle connection held open: under the default limits a second one
+    // is served.
+    let held = tokio::net::TcpStream::connect(ts.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(http().get(&health).send().await.unwrap().status().is_success());
+    rewrite(
+        &ts,
+        &format!(
+            "{}[connections]\nmax_connections_per_address = 1\n",
+            checkin_section(3000)
+        ),
+    );
+    let r = reload(&ts.base).await;
+    assert!(r.status().is_success());
+    let body = r.text().await.unwrap();
+    assert!(body.contains("[connections]"), "{body}");
+    // `held` was accepted under the old limits and still counts; a new
+    // connection is over the new cap and closed before any byte is read.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    assert!(
+        fresh.get(&health).send().await.is_err(),
+        "a second connection from one address was served after the reload to max_connections_per_address = 1"
+    );
+    drop(held);
+}
