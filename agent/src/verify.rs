@@ -200,7 +200,7 @@ mod tests {
             &spec,
             None,
             &std::fs::File::open(&img).unwrap(),
-            &mut Vec::new(),
+            Vec::new(),
             &GenerateOptions {
                 chunk_size: 4096,
                 zstd_level: 1,

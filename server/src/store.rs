@@ -93,12 +93,12 @@ impl Store {
             .write(true)
             .open(&lock_path)
             .map_err(|e| StoreError::Sled(e.into()))?;
-        match lock.try_lock() {
+        match fs2::FileExt::try_lock_exclusive(&lock) {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 return Err(StoreError::Locked(dir.to_path_buf()));
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::Sled(e.into())),
+            Err(e) => return Err(StoreError::Sled(e.into())),
         }
         let db = sled::Config::new()
             .path(dir)

@@ -1,6 +1,8 @@
 //! The whole `rollout_http` suite again, on the scale-out backends:
 //! PostgreSQL for state and Redis for the throttle (each test gets a fresh
 //! database and key prefix). Needs `scripts/services.sh start`.
+//! Each included suite brings its own copy of `common` (they also run alone).
+#![allow(clippy::duplicate_mod)]
 
 #[path = "rollout_http.rs"]
 mod suite;
