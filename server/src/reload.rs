@@ -28,11 +28,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
+use axum_server::tls_rustls::RustlsConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use axum_server::tls_rustls::RustlsConfig;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -389,7 +389,12 @@ fn fixed_settings_unchanged(old: &ServerConfig, new: &ServerConfig) -> Result<()
     let signing_ca = |c: &ServerConfig| {
         c.tls
             .as_ref()
-            .map(|t| format!("{:?} {:?} {}", t.client_ca, t.client_ca_key, t.client_cert_days))
+            .map(|t| {
+                format!(
+                    "{:?} {:?} {}",
+                    t.client_ca, t.client_ca_key, t.client_cert_days
+                )
+            })
             .unwrap_or_default()
     };
     same(

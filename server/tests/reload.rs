@@ -294,7 +294,15 @@ async fn reload_applies_connection_limits_to_new_connections() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(http().get(&health).send().await.unwrap().status().is_success());
+    assert!(
+        http()
+            .get(&health)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
     rewrite(
         &ts,
         &format!(

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ota_tests::bin;
+// Secrets strong enough for `ota-server serve` without --insecure-dev.
+use ota_tests::loadtest::{ADMIN, ENROLL};
 use ota_tests::pki::Pki;
 
 struct Kill(Vec<Child>);
@@ -20,9 +22,6 @@ impl Drop for Kill {
         }
     }
 }
-
-const ADMIN: &str = "mtls-admin-token-0123456789";
-const ENROLL: &str = "mtls-enroll-key-0123456789";
 
 fn server(dir: &Path, pki: &Pki) -> (Child, String) {
     Command::new(bin("ota-server"))
@@ -64,14 +63,19 @@ fn server(dir: &Path, pki: &Pki) -> (Child, String) {
 }
 
 /// The admin CLI over HTTPS, trusting the test CA (`SSL_CERT_FILE`).
-fn cli(base: &str, pki: &Pki, args: &[&str]) -> String {
-    let o = Command::new(bin("ota-server"))
+fn cli_output(base: &str, pki: &Pki, args: &[&str]) -> std::process::Output {
+    Command::new(bin("ota-server"))
         .args(args)
         .env("OTA_SERVER", base)
         .env("OTA_ADMIN_TOKEN", ADMIN)
         .env("SSL_CERT_FILE", pki.path("ca.pem"))
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Same, asserting success; its standard output.
+fn cli(base: &str, pki: &Pki, args: &[&str]) -> String {
+    let o = cli_output(base, pki, args);
     assert!(
         o.status.success(),
         "ota-server {args:?}: {}",
@@ -80,9 +84,15 @@ fn cli(base: &str, pki: &Pki, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// When the server last heard from device `id`; 0 before it enrolled.
 fn last_seen(base: &str, pki: &Pki, id: &str) -> u64 {
-    let v: serde_json::Value =
-        serde_json::from_str(&cli(base, pki, &["device", "show", id])).unwrap();
+    let o = cli_output(base, pki, &["device", "show", "--json", id]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if !o.status.success() && err.contains("404") {
+        return 0;
+    }
+    assert!(o.status.success(), "ota-server device show {id}: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     v["last_seen_ms"].as_u64().unwrap_or(0)
 }
 
@@ -129,6 +139,13 @@ env_file = "{d}/boot.env"
         ),
     )
     .unwrap();
+    // Power-on: the (simulated) bootloader records the booted slot.
+    let st = Command::new(bin("ota-agent"))
+        .args(["simulate-boot", "--env-file"])
+        .arg(d.join("boot.env"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "simulate-boot");
     let log = d.join("agent.log");
     procs.0.push(
         Command::new(bin("ota-agent"))
