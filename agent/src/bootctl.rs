@@ -620,8 +620,6 @@ mod tests {
         let mut img = std::fs::read(&copy).unwrap();
         img.resize(0x40000, 0);
         std::fs::write(&env, img).unwrap();
-        let cmdline = d.path().join("cmdline");
-        std::fs::write(&cmdline, "console=ttyAMA0 root=/dev/vda2 rootwait\n").unwrap();
         let conf = d.path().join("fw_env.config");
         std::fs::write(
             &conf,
@@ -640,9 +638,12 @@ mod tests {
             bootlimit: 3,
             slot_values: ["a".into(), "b".into()],
             cmdline_markers: Some(["root=/dev/vda2".into(), "root=/dev/vda3".into()]),
-            // The device's command line, not this machine's /proc/cmdline
-            // (which names neither slot).
-            cmdline_file: cmdline,
+            // The booted slot as the kernel would report it (slot A).
+            cmdline_file: {
+                let c = d.path().join("cmdline");
+                std::fs::write(&c, "console=ttyAMA0 root=/dev/vda2 ro\n").unwrap();
+                c
+            },
         };
         let c = BootControl::from_config(&cfg, [Path::new("/dev/vda2"), Path::new("/dev/vda3")])
             .unwrap();

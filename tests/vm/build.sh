@@ -106,7 +106,7 @@ install -m 755 "$here/rootfs-init" "$r/sbin/init"
 cp "$here/fw_env.config" "$r/etc/fw_env.config"
 cp "$here/agent.toml" "$r/etc/ota-agent/agent.toml"
 cp "$out.tmp/ota-signing.pub" "$r/etc/ota-agent/ota-signing.pub"
-echo ota-vm-enrollment-key > "$r/etc/ota-agent/enrollment.key"
+echo 119c431b7ea4a2186958b8651a2ef823757e6c65c784fe02d207ff527ae9b378 > "$r/etc/ota-agent/enrollment.key"
 zstd -q -d -c "$(ls "$w/k/boot/vmlinuz-$kver")" > "$r/boot/Image" 2>/dev/null ||
   cp "$w/k/boot/vmlinuz-$kver" "$r/boot/Image"
 cp "$w/initrd.img" "$r/boot/initrd.img"

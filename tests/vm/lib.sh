@@ -52,8 +52,8 @@ server_conf() {
   cat > "$1/server.toml" <<EOT
 listen = "127.0.0.1:0"
 data_dir = "data"
-admin_token = "ota-vm-admin-token"
-enrollment_key = "ota-vm-enrollment-key"
+admin_token = "ff1f62036ee69e12be023c077d0ef6209b975649be73425a49e52694724c56c3"
+enrollment_key = "119c431b7ea4a2186958b8651a2ef823757e6c65c784fe02d207ff527ae9b378"
 signing_key = "$vm/ota-signing.key"
 zstd_level = 9
 [checkin]
@@ -69,7 +69,7 @@ server_start() {
   for _ in $(seq 100); do grep -q "listening on" "$1/stdout" 2>/dev/null && break; sleep 0.1; done
   addr=$(sed -n 's/^ota-server listening on //p' "$1/stdout")
   [ -n "$addr" ] || { cat "$1/log" >&2; die "ota-server did not start"; }
-  export OTA_SERVER="http://$addr" OTA_ADMIN_TOKEN=ota-vm-admin-token
+  export OTA_SERVER="http://$addr" OTA_ADMIN_TOKEN=ff1f62036ee69e12be023c077d0ef6209b975649be73425a49e52694724c56c3
 }
 
 # Power on: U-Boot from Debian's u-boot-qemu, one virtio disk, user-mode
