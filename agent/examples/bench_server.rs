@@ -111,6 +111,7 @@ async fn enroll(body: Bytes) -> Response<Body> {
     json(&EnrollResponse {
         device_id: req.device_id,
         token: "bench-token".into(),
+        certificate: None,
     })
 }
 
@@ -125,6 +126,7 @@ async fn checkin(State(s): State<Arc<Srv>>, body: Bytes) -> Response<Body> {
     json(&CheckinResponse {
         next_checkin_ms: 2000,
         action,
+        freshness: None,
     })
 }
 

@@ -79,6 +79,16 @@ pub struct Timeouts {
     pub read: Duration,
 }
 
+/// TLS settings of a [`Client`] (PEM bytes).
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// The only CA(s) trusted for the server's certificate (else the
+    /// system's roots).
+    pub server_ca: Option<Vec<u8>>,
+    /// Client certificate and key, presented in every handshake (mTLS).
+    pub identity: Option<Vec<u8>>,
+}
+
 /// The device API client. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct Client {
@@ -93,20 +103,39 @@ pub struct Client {
 impl Client {
     /// A client for the server at `base` (e.g. `http://10.0.0.1:8080`).
     pub fn new(base: &str, timeouts: Timeouts) -> Result<Client, ClientError> {
+        Client::with_tls(base, timeouts, &TlsSettings::default())
+    }
+
+    /// A client with a pinned server CA and/or a client certificate.
+    pub fn with_tls(
+        base: &str,
+        timeouts: Timeouts,
+        tls: &TlsSettings,
+    ) -> Result<Client, ClientError> {
         // ring is the TLS crypto provider (see Cargo.toml); installing it
         // again, or after another, is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let err = |what: &str| {
+            let what = what.to_string();
+            move |source| ClientError::Transport { what, source }
+        };
+        let mut b = reqwest::Client::builder()
             .connect_timeout(timeouts.request.min(Duration::from_secs(10)))
             .read_timeout(timeouts.read)
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
-            .user_agent(concat!("ota-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|source| ClientError::Transport {
-                what: "building the HTTP client".into(),
-                source,
-            })?;
+            .user_agent(concat!("ota-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &tls.server_ca {
+            let roots = reqwest::Certificate::from_pem_bundle(ca)
+                .map_err(err("reading server_ca (PEM certificates)"))?;
+            b = b.tls_certs_only(roots);
+        }
+        if let Some(id) = &tls.identity {
+            let id = reqwest::Identity::from_pem(id)
+                .map_err(err("reading client_cert and client_key (PEM)"))?;
+            b = b.identity(id);
+        }
+        let http = b.build().map_err(err("building the HTTP client"))?;
         Ok(Client {
             http,
             base: base.trim_end_matches('/').to_string(),

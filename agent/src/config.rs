@@ -63,6 +63,22 @@ pub struct Config {
     /// Default: `<data_dir>/token`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// This device's X.509 client certificate (PEM), presented in the TLS
+    /// handshake so the server knows the device by it (mTLS). When it does
+    /// not exist yet, the agent enrolls with a CSR for `client_key` and
+    /// writes the certificate the server returns here. Needs `client_key`
+    /// and an `https://` `server_url`. Default: none (bearer token only).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of `client_cert` (PKCS#8 PEM). Created (ECDSA P-256,
+    /// 0600) on first start when missing: it never leaves the device.
+    /// Default: none.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) trusted for the server's TLS certificate,
+    /// instead of the system's roots. Default: none (system roots).
+    #[serde(default)]
+    pub server_ca: Option<PathBuf>,
     /// Directory of the agent's state: the sled database (progress hints,
     /// events outbox, event counter), the current update's manifest and the
     /// atomically replaced decision files. Default: `/var/lib/ota-agent`.
@@ -73,6 +89,12 @@ pub struct Config {
     /// How many of `trusted_keys` must have signed a manifest. Default: 1.
     #[serde(default = "one")]
     pub key_threshold: usize,
+    /// Refuse check-in answers without a signed freshness statement, even
+    /// before the first one was seen (once one was seen they are always
+    /// required). Default: false, for servers older than statements; set it
+    /// on new fleets.
+    #[serde(default)]
+    pub require_freshness: bool,
     /// The version the factory image runs, used until the agent has
     /// committed an update of its own. Default: `"0"`.
     #[serde(default = "default_factory_version")]
@@ -135,6 +157,14 @@ pub struct Config {
     /// Default: `"text"`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Log filter (`info`, `warn,ota_agent=debug`, ...), applied at start
+    /// (over `RUST_LOG`) and at every reload (`SIGHUP`). Default: unset
+    /// (`RUST_LOG`, else `info`).
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// The file this configuration was read from (what `SIGHUP` re-reads).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The A/B slots.
@@ -267,7 +297,9 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        let mut c = Self::from_toml(&text, path)?;
+        c.source = Some(path.into());
+        Ok(c)
     }
 
     /// Parses and validates configuration text (`path` only names it in errors).
@@ -338,6 +370,24 @@ impl Config {
         }
         if self.boot.slot_values[0] == self.boot.slot_values[1] {
             return Err(invalid("boot.slot_values", "the two values must differ"));
+        }
+        if let Some(level) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log_level", format!("{level:?} is not a log filter: {e}")))?;
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(invalid(
+                "client_cert",
+                "client_cert and client_key go together: set both or neither",
+            ));
+        }
+        if (self.client_cert.is_some() || self.server_ca.is_some())
+            && !self.server_url.starts_with("https://")
+        {
+            return Err(invalid(
+                "server_url",
+                "client_cert and server_ca need an https:// server_url",
+            ));
         }
         if !matches!(self.log_format.as_str(), "text" | "journal") {
             return Err(invalid("log_format", "must be \"text\" or \"journal\""));

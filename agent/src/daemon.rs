@@ -58,7 +58,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::bootctl::{BootControl, write_atomic};
-use crate::client::{Client, ClientError, Timeouts};
+use crate::client::{Client, ClientError, Timeouts, TlsSettings};
 use crate::config::Config;
 use crate::pool::{self, PoolConfig, PoolError, PoolStats};
 use crate::state::{Phase, SlotInfo, State, StatusRecord, UpdateRecord};
@@ -134,7 +134,9 @@ struct Agent {
     state: State,
     boot: BootControl,
     client: Client,
-    trusted: TrustedKeys,
+    /// Trusted keys and bandwidth cap: swapped by a reload (`SIGHUP`).
+    live_settings: crate::reload::LiveSettings,
+    freshness: crate::freshness::FreshnessGuard,
     events: Notify,
     live: Live,
     status: Mutex<StatusRecord>,
@@ -171,11 +173,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     let state = State::open(&cfg.data_dir)?;
     let boot = BootControl::from_config(&cfg.boot, [&cfg.slots.a, &cfg.slots.b])?;
     let trusted = load_trusted(&cfg)?;
-    let base = Client::new(
+    let timeouts = Timeouts {
+        request: cfg.request_timeout,
+        read: cfg.stall_timeout,
+    };
+    let server_ca =
+        match &cfg.server_ca {
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                DaemonError::Setup(format!("reading server_ca {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+    let mut identity =
+        crate::identity::prepare(&cfg).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let base = Client::with_tls(
         &cfg.server_url,
-        Timeouts {
-            request: cfg.request_timeout,
-            read: cfg.stall_timeout,
+        timeouts,
+        &TlsSettings {
+            server_ca: server_ca.clone(),
+            identity: None,
         },
     )?;
     let bs = boot.state()?;
@@ -190,16 +206,38 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
         );
         state.set_slots(&slots)?;
     }
-    let token = match obtain_token(&cfg, &base, &shutdown, false).await? {
+    let freshness = crate::freshness::FreshnessGuard::load(&state, cfg.require_freshness)?;
+    let csr = match &identity {
+        crate::identity::Identity::NeedsCertificate { csr } => Some(csr.clone()),
+        _ => None,
+    };
+    let token = match obtain_token(&cfg, &base, &shutdown, false, csr.as_deref()).await? {
         Some(t) => t,
         None => return Ok(Exit::Shutdown),
     };
+    if csr.is_some() {
+        identity = crate::identity::prepare(&cfg).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    }
+    // With a certificate it is the device's identity: no bearer token.
+    let client = match identity {
+        crate::identity::Identity::Ready(pem) => Client::with_tls(
+            &cfg.server_url,
+            timeouts,
+            &TlsSettings {
+                server_ca,
+                identity: Some(pem),
+            },
+        )?,
+        _ => base.with_token(token),
+    };
+    let live_settings = crate::reload::LiveSettings::new(cfg.clone(), trusted);
     let agent = Arc::new(Agent {
-        client: base.with_token(token),
+        client,
         cfg,
         state,
         boot,
-        trusted,
+        live_settings,
+        freshness,
         events: Notify::new(),
         live: Live::default(),
         status: Mutex::new(StatusRecord::default()),
@@ -208,6 +246,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let bg = shutdown.child_token();
+    let reloader = tokio::spawn(reload_on_sighup(agent.clone(), bg.clone()));
     let events = tokio::spawn(events_loop(agent.clone(), bg.clone()));
     let mut watchdog = Watchdog::from_env();
     let r = async {
@@ -230,10 +269,33 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     .await;
     // Last chance to deliver events (e.g. `rebooting`), briefly.
     bg.cancel();
+    let _ = reloader.await;
     let _ = events.await;
     let _ = tokio::time::timeout(Duration::from_secs(1), flush_events(&agent)).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     r
+}
+
+/// Re-reads `agent.toml` on every `SIGHUP` until `stop`.
+///
+/// # Cancel safety
+/// Stops at `stop`; a reload in progress runs to completion on its
+/// blocking thread (it swaps nothing until everything validated).
+async fn reload_on_sighup(agent: Arc<Agent>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: configuration reload is unavailable");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            s = hup.recv() => if s.is_none() { return },
+        }
+        let a = agent.clone();
+        // The outcome is logged by the reload itself.
+        let _ = tokio::task::spawn_blocking(move || a.live_settings.reload()).await;
+    }
 }
 
 /// Reads the device token, enrolling first if there is none.
@@ -246,10 +308,13 @@ async fn obtain_token(
     client: &Client,
     shutdown: &CancellationToken,
     force: bool,
+    csr: Option<&str>,
 ) -> Result<Option<String>, DaemonError> {
     let path = cfg.token_path();
     if force {
         tracing::warn!("the server rejected the device token: enrolling again");
+    } else if csr.is_some() {
+        tracing::info!("no client certificate yet: enrolling with a CSR");
     } else if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_string();
         if !t.is_empty() {
@@ -257,10 +322,16 @@ async fn obtain_token(
         }
     }
     let key_file = cfg.enrollment_key_file.as_ref().ok_or_else(|| {
-        DaemonError::Setup(format!(
-            "no device token at {} and no enrollment_key_file to enroll with",
-            path.display()
-        ))
+        DaemonError::Setup(match (csr, &cfg.client_cert) {
+            (Some(_), Some(cert)) => format!(
+                "no client certificate at {} and no enrollment_key_file to enroll with a CSR; install the device's certificate there or set enrollment_key_file",
+                cert.display()
+            ),
+            _ => format!(
+                "no device token at {} and no enrollment_key_file to enroll with",
+                path.display()
+            ),
+        })
     })?;
     let key = std::fs::read_to_string(key_file)
         .map_err(|e| DaemonError::Setup(format!("reading {}: {e}", key_file.display())))?;
@@ -269,6 +340,7 @@ async fn obtain_token(
         device_id: cfg.device_id.clone(),
         device_type: cfg.device_type.clone(),
         tags: cfg.tags.clone(),
+        csr: csr.map(String::from),
     };
     let mut failures = 0;
     loop {
@@ -287,6 +359,16 @@ async fn obtain_token(
                         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                     })
                     .map_err(|e| DaemonError::Setup(format!("writing {}: {e}", path.display())))?;
+                if csr.is_some() {
+                    let pem = resp.certificate.as_deref().ok_or_else(|| {
+                        DaemonError::Setup(
+                            "the server enrolled the device but returned no certificate for its CSR; set tls.client_ca_key on the server, or remove client_cert from agent.toml".into(),
+                        )
+                    })?;
+                    crate::identity::store_certificate(cfg, pem)
+                        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+                    tracing::info!(device = %resp.device_id, "client certificate received");
+                }
                 tracing::info!(device = %resp.device_id, "enrolled");
                 return Ok(Some(resp.token));
             }
@@ -821,6 +903,18 @@ async fn main_loop(
                         failures = 0;
                         refused = None;
                         wait = Duration::from_millis(resp.next_checkin_ms.clamp(100, 86_400_000));
+                        // A stale or replayed answer is not acted on: no
+                        // new download starts from it.
+                        let fresh = agent.freshness.accept(
+                            resp.freshness.as_ref(),
+                            &agent.live_settings.trusted(),
+                            &agent.cfg.device_type,
+                            SystemTime::now(),
+                            &agent.state,
+                        );
+                        if let Err(e) = &fresh {
+                            tracing::warn!("check-in answer not acted on: {e}");
+                        }
                         match resp.action {
                             Action::None => {}
                             Action::Wait { reason } => {
@@ -835,6 +929,7 @@ async fn main_loop(
                                     }
                                 }
                                 Some(d) => tracing::warn!(holding = %d.update_id, offered = %offer.update_id, "ignoring a second offer while one is in hand"),
+                                None if fresh.is_err() => {}
                                 None => download = Some(start_download(agent, offer, shutdown, sent)),
                             },
                             Action::Cancel { update_id, reason } => {
@@ -909,7 +1004,7 @@ async fn on_unauthorized(
     }
     if agent.cfg.enrollment_key_file.is_some() {
         let plain = agent.client.clone();
-        match obtain_token(&agent.cfg, &plain, shutdown, true).await {
+        match obtain_token(&agent.cfg, &plain, shutdown, true, None).await {
             Ok(Some(t)) => {
                 agent.client.set_token(t);
                 return true;
@@ -1041,11 +1136,15 @@ async fn update_task(
     };
     let manifest = Arc::new(verify::check_manifest(
         &envelope,
-        &agent.trusted,
+        &agent.live_settings.trusted(),
         &running,
         Some(&offer),
-        SystemTime::now(),
+        agent.freshness.now(SystemTime::now()),
     )?);
+    agent
+        .freshness
+        .check_offer(manifest.security_counter)
+        .map_err(|e| UpdateEnd::Failed(e.to_string()))?;
     let target = booted.other();
     if let Some(r) = &existing
         && r.target != target
@@ -1177,7 +1276,7 @@ async fn update_task(
             memory_budget: agent.cfg.memory_budget,
             stall_timeout: agent.cfg.stall_timeout,
             attempts: agent.cfg.range_attempts,
-            bandwidth_limit: agent.cfg.bandwidth_limit,
+            bandwidth_limit: agent.live_settings.bandwidth_limit(),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
         };

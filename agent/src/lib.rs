@@ -11,9 +11,14 @@
 //!   validated once at load.
 //! - [`client`]: the device API client (enroll, check-in, events, manifest),
 //!   reqwest with rustls, no content decoding, timeouts.
+//! - [`identity`]: the device's TLS client certificate (mTLS): its key made
+//!   on the device, the CSR sent at enrollment, the issued certificate.
 //! - [`verify`]: manifest checks before any download — signatures against
 //!   the threshold, device type, expiry, no downgrade of version or security
 //!   counter, the booted slot is the delta's base.
+//! - [`freshness`]: the server's signed freshness statements checked
+//!   against a persisted time floor (freeze and replay attacks, devices
+//!   without a real-time clock).
 //! - [`pool`]: the bounded concurrent chunk pool — coalesced/split Range
 //!   requests, at most N in flight, stall detection, retries with backoff and
 //!   jitter, every operation verified before it is written into any
@@ -29,14 +34,19 @@
 //!   `file` (tests, demos), `uboot`, `grub`.
 //! - [`daemon`]: `ota-agent run` — check-in loop, download, install, reboot,
 //!   health check, commit or rollback, one cancellation tree, systemd notify.
+//! - [`reload`]: `SIGHUP` re-reads `agent.toml` (trusted keys, bandwidth
+//!   cap, log level), validated first and swapped atomically.
 //! - [`status`]: `ota-agent status`.
 
 pub mod bootctl;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod freshness;
+pub mod identity;
 pub mod lease;
 pub mod pool;
+pub mod reload;
 pub mod state;
 pub mod status;
 pub mod verify;

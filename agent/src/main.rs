@@ -93,12 +93,32 @@ fn init_logging(default: &str, journal: bool) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // The filter is reloadable: `log_level` in agent.toml applies at start
+    // and at every SIGHUP.
     if journal {
         // journald adds timestamps and does not render colours.
-        b.without_time().with_ansi(false).init();
+        let b = b.without_time().with_ansi(false).with_filter_reloading();
+        let h = b.reload_handle();
+        b.init();
+        ota_agent::reload::set_log_reloader(log_reloader(h));
     } else {
-        b.with_ansi(ota_format::term::stderr_colors()).init();
+        let b = b
+            .with_ansi(ota_format::term::stderr_colors())
+            .with_filter_reloading();
+        let h = b.reload_handle();
+        b.init();
+        ota_agent::reload::set_log_reloader(log_reloader(h));
     }
+}
+
+/// What a reload calls to swap the log filter.
+fn log_reloader<S: 'static>(
+    h: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> ota_agent::reload::LogReloader {
+    Box::new(move |l| {
+        let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
+        h.reload(f).map_err(|e| e.to_string())
+    })
 }
 
 fn main() {
@@ -138,6 +158,10 @@ fn run(config: &Path, restart_after_reboot: bool) -> Result<()> {
         );
     }
     init_logging("info", cfg.log_format == "journal");
+    // `log_level` in agent.toml wins over RUST_LOG, at start as at reload.
+    if let Some(level) = &cfg.log_level {
+        ota_agent::reload::apply_log_level(level).map_err(anyhow::Error::msg)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         // Devices have few cores; the work is I/O and hashing.
         .worker_threads(2)

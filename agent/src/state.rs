@@ -370,6 +370,15 @@ impl State {
         self.write_json("slots.json", s)
     }
 
+    /// The freshness floor ([`crate::freshness`]).
+    pub fn freshness(&self) -> Result<Option<ota_format::FreshnessFloor>, StateError> {
+        self.read_json("freshness.json")
+    }
+
+    pub fn set_freshness(&self, f: &ota_format::FreshnessFloor) -> Result<(), StateError> {
+        self.write_json("freshness.json", f)
+    }
+
     pub fn set_status(&self, s: &StatusRecord) -> Result<(), StateError> {
         self.write_json("status.json", s)
     }

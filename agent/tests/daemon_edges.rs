@@ -454,3 +454,72 @@ async fn a_refused_token_is_reread_from_the_token_file_and_reported() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("the token file holds another one"), "{text}");
 }
+
+/// Issue 17 item 6 through the real daemon: an answer whose freshness
+/// statement is older than one already seen (a replay, though validly signed
+/// and not expired) is not acted on — its offer starts no download — and
+/// once statements were seen, an answer without one is refused too; the
+/// current statement is acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_or_stripped_freshness_statement_is_not_acted_on() {
+    use ota_format::Freshness;
+    use std::time::SystemTime;
+    let fx = Fixture::new(1 << 20, 256 << 10, false);
+    let server = Server::start(&[&fx]).await;
+    let now = SystemTime::now();
+    let statement = |age: u64| {
+        Freshness::new(
+            "testboard",
+            Some("2.0.0".into()),
+            0,
+            now - Duration::from_secs(age),
+            Duration::from_secs(3600),
+        )
+        .sign(&[&fx.key])
+        .unwrap()
+    };
+    let (current, replayed) = (statement(0), statement(600));
+    *server.srv.freshness.lock().unwrap() = Some(current.clone());
+    let dev = Device::new(&server.url, &fx, "true", "");
+    let mut agent = dev.spawn();
+    let floor = dev.dir.path().join("data").join("freshness.json");
+    let t0 = Instant::now();
+    while !floor.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no freshness floor recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The replayed statement, and then none at all, with an offer: no
+    // download starts.
+    for answer in [Some(replayed), None] {
+        *server.srv.freshness.lock().unwrap() = answer;
+        *server.srv.offer.lock().unwrap() = Some(fx.offer("u-fresh"));
+        let before = server.srv.checkins.lock().unwrap().len();
+        server
+            .wait_for("several check-ins", Duration::from_secs(20), |s| {
+                s.srv.checkins.lock().unwrap().len() >= before + 4
+            })
+            .await;
+        assert_eq!(
+            server.srv.range_requests.load(Ordering::SeqCst),
+            0,
+            "a stale answer started a download"
+        );
+        assert!(
+            server.event_kinds().is_empty(),
+            "{:?}",
+            server.event_kinds()
+        );
+    }
+    // The current statement again: the offer is taken.
+    *server.srv.freshness.lock().unwrap() = Some(current);
+    server
+        .wait_for("the download", Duration::from_secs(30), |s| {
+            s.srv.range_requests.load(Ordering::SeqCst) > 0
+        })
+        .await;
+    sigterm(&agent);
+    let _ = wait_exit(&mut agent, Duration::from_secs(30)).await;
+}

@@ -57,6 +57,11 @@ pub struct EnrollRequest {
     /// Labels used by rollout selectors (`--selector tag=value`).
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// A PKCS#10 certificate signing request (PEM) whose subject CN is
+    /// `device_id`: the server answers with a client certificate signed by
+    /// the fleet CA, so the device's private key never leaves it. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -65,6 +70,9 @@ pub struct EnrollResponse {
     /// Bearer token for every later call. Shown once: the server keeps only
     /// its SHA-256.
     pub token: String,
+    /// The client certificate (PEM) issued for the request's `csr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// What the agent is doing, as it tells the server at check-in.
@@ -122,6 +130,10 @@ pub struct CheckinResponse {
     pub next_checkin_ms: u64,
     #[serde(flatten)]
     pub action: Action,
+    /// The server's signed freshness statement for the device's type
+    /// ([`crate::freshness`]); absent from servers that do not sign one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<crate::Envelope>,
 }
 
 /// What the device should do.
@@ -274,6 +286,7 @@ mod tests {
             action: Action::Wait {
                 reason: "concurrency cap".into(),
             },
+            freshness: None,
         };
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["action"], "wait");

@@ -99,6 +99,25 @@ pub enum KeyError {
     Random(String),
 }
 
+/// Something that makes ed25519 signatures with a key whose id it knows: a
+/// key in memory ([`SigningKeyPair`]) or a key that never leaves a token
+/// (the server's PKCS#11 signer). Signing can fail (a token unplugged, a
+/// session logged out), so it returns a result.
+pub trait ManifestSigner: Send + Sync {
+    /// [`key_id`] of the public key.
+    fn keyid(&self) -> &str;
+    /// The 64-byte ed25519 signature of `msg` (RFC 8032, pure Ed25519).
+    fn sign_message(&self, msg: &[u8]) -> Result<[u8; 64], SignError>;
+}
+
+/// A signer could not sign.
+#[derive(Debug, thiserror::Error)]
+#[error("signing with key {keyid}: {reason}")]
+pub struct SignError {
+    pub keyid: String,
+    pub reason: String,
+}
+
 /// Stable identifier of a public key: hex SHA-256 of its 32 bytes.
 pub fn key_id(key: &VerifyingKey) -> String {
     Digest::of(key.as_bytes()).to_hex()
@@ -171,6 +190,15 @@ impl SigningKeyPair {
     }
 }
 
+impl ManifestSigner for SigningKeyPair {
+    fn keyid(&self) -> &str {
+        &self.keyid
+    }
+    fn sign_message(&self, msg: &[u8]) -> Result<[u8; 64], SignError> {
+        Ok(self.key.sign(msg).to_bytes())
+    }
+}
+
 /// Reads an SPKI PEM public key.
 pub fn public_key_from_pem(pem: &str) -> Result<VerifyingKey, KeyError> {
     VerifyingKey::from_public_key_pem(pem).map_err(|e| KeyError::BadPublicKey(e.to_string()))
@@ -214,19 +242,41 @@ impl Envelope {
     }
 
     fn sign_as(payload_type: &str, manifest_bytes: &[u8], keys: &[&SigningKeyPair]) -> Envelope {
-        let msg = pae(payload_type, manifest_bytes);
-        let signatures = keys
-            .iter()
-            .map(|k| Signature {
-                keyid: k.keyid.clone(),
-                sig: B64.encode(k.key.sign(&msg).to_bytes()),
-            })
-            .collect();
-        Envelope {
-            payload_type: payload_type.into(),
-            payload: B64.encode(manifest_bytes),
-            signatures,
+        let signers: Vec<&dyn ManifestSigner> = keys.iter().map(|k| *k as _).collect();
+        Self::sign_with(payload_type, manifest_bytes, &signers)
+            .expect("a key in memory always signs")
+    }
+
+    /// Compresses the manifest (zstd) and signs the compressed bytes with
+    /// every signer given (keys in memory or in a token).
+    pub fn sign_compressed_with(
+        manifest_json: &[u8],
+        signers: &[&dyn ManifestSigner],
+    ) -> Result<Envelope, SignError> {
+        let z =
+            zstd::bulk::compress(manifest_json, 19).expect("compressing into memory cannot fail");
+        Self::sign_with(PAYLOAD_TYPE_ZSTD, &z, signers)
+    }
+
+    /// Signs `body` as a DSSE envelope of `payload_type` with every signer.
+    pub fn sign_with(
+        payload_type: &str,
+        body: &[u8],
+        signers: &[&dyn ManifestSigner],
+    ) -> Result<Envelope, SignError> {
+        let msg = pae(payload_type, body);
+        let mut signatures = Vec::with_capacity(signers.len());
+        for k in signers {
+            signatures.push(Signature {
+                keyid: k.keyid().to_string(),
+                sig: B64.encode(k.sign_message(&msg)?),
+            });
         }
+        Ok(Envelope {
+            payload_type: payload_type.into(),
+            payload: B64.encode(body),
+            signatures,
+        })
     }
 
     /// Serialized form, as written to `manifest.json`.
@@ -276,6 +326,16 @@ impl Envelope {
                 found: self.payload_type.chars().take(100).collect(),
             });
         }
+        let body = self.verify_signatures(trusted)?;
+        self.decode_body(body)
+    }
+
+    /// Checks the signatures (whatever the payload type: the caller checks
+    /// it first) and returns the signed bytes.
+    pub(crate) fn verify_signatures(
+        &self,
+        trusted: &TrustedKeys,
+    ) -> Result<Vec<u8>, EnvelopeError> {
         if self.signatures.len() > MAX_SIGNATURES {
             return Err(EnvelopeError::TooManySignatures {
                 count: self.signatures.len(),
@@ -309,7 +369,7 @@ impl Envelope {
             }
         }
         if valid.len() >= trusted.threshold {
-            return self.decode_body(body);
+            return Ok(body);
         }
         if let Some(keyid) = bad {
             return Err(EnvelopeError::BadSignature { keyid });

@@ -16,6 +16,9 @@
 //!   engine can rely on (non-overlapping, covering, bounded operations).
 //! - [`envelope`]: the DSSE signing envelope around the exact manifest bytes,
 //!   key files, key ids and threshold verification for key rotation.
+//! - [`freshness`]: the short-lived signed statement of the latest release
+//!   per device type (TUF's timestamp role) and the agent's time floor,
+//!   against freeze and replay attacks.
 //! - [`limits`]: every size bound applied to untrusted input, in one place.
 //! - [`api`]: the device API's JSON bodies (check-in, events, enrollment),
 //!   shared by agent and server; `docs/api.md` describes the protocol.
@@ -28,13 +31,17 @@
 pub mod api;
 pub mod digest;
 pub mod envelope;
+pub mod freshness;
 pub mod limits;
 pub mod manifest;
 pub mod term;
 pub mod version;
 
 pub use digest::Digest;
-pub use envelope::{Envelope, EnvelopeError, SigningKeyPair, TrustedKeys};
+pub use envelope::{
+    Envelope, EnvelopeError, ManifestSigner, SignError, SigningKeyPair, TrustedKeys,
+};
+pub use freshness::{Freshness, FreshnessError, FreshnessFloor};
 pub use manifest::{
     DataRange, Extent, ImageRef, Manifest, ManifestError, OpKind, Operation, PayloadInfo,
 };

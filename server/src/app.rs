@@ -25,8 +25,8 @@ use crate::fleet::Fleet;
 use crate::listener::{Listener, PlainAcceptor, RustlsAcceptor};
 use crate::metrics::Metrics;
 use crate::releases::{BuildSettings, ReleaseDb, Releases};
+use crate::rollout::Rollouts;
 use crate::rollout::shared::{FleetThrottle, LocalFleetThrottle};
-use crate::rollout::{Pacing, Rollouts};
 use crate::store::{Store, StoreError};
 
 /// Everything a request handler can reach.
@@ -44,6 +44,16 @@ pub struct App {
     pub bytes_served: Arc<AtomicU64>,
     /// Rate limit for the "backend unavailable" WARN (one per second).
     pub unavailable_log: LogGate,
+    /// The keys manifests and freshness statements are signed with.
+    pub signers: crate::signing::SignerSlot,
+    /// The signed freshness statements check-in answers carry.
+    pub freshness: crate::freshness::FreshnessService,
+    /// The reloadable configuration (`SIGHUP`, `POST /api/v1/admin/reload`):
+    /// read settings that a reload may change from here, once per request;
+    /// `config` is the configuration the server started with.
+    pub live: crate::reload::Live,
+    /// The fleet CA that signs devices' CSRs (`[tls] client_ca_key`).
+    pub device_ca: crate::certs::SharedCa,
     admin_hash: [u8; 32],
     tmp: PathBuf,
 }
@@ -189,12 +199,14 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             let _ = std::fs::remove_file(p);
         }
     }
-    let key_pem = std::fs::read_to_string(&config.signing_key)
-        .with_context(|| format!("reading signing key {}", config.signing_key.display()))?;
-    let key = Arc::new(
-        ota_format::SigningKeyPair::from_pem(&key_pem)
-            .with_context(|| format!("signing key {}", config.signing_key.display()))?,
-    );
+    let (key_file, token) = (config.signing_key.clone(), config.signing.clone());
+    let signers: crate::signing::SignerSlot = Arc::new(arc_swap::ArcSwap::from_pointee(
+        tokio::task::spawn_blocking(move || {
+            crate::signing::Signers::open(key_file.as_deref(), token.as_ref())
+        })
+        .await
+        .context("opening the signing keys")??,
+    ));
     let images = ArtifactStore::open(data.join("images")).context("opening images/")?;
     let artifacts = ArtifactStore::open(data.join("artifacts")).context("opening artifacts/")?;
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
@@ -228,19 +240,17 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             expiry_days: config.manifest_expiry_days,
             threads,
         },
-        key,
+        signers.clone(),
     )
     .await?;
     let releases = Arc::new(releases);
-    let pacing = Pacing {
-        lease_ms: config.checkin.lease_ms,
-        idle_ms: config.checkin.idle_interval_ms,
-        max_parallel_ranges: config.checkin.max_parallel_ranges,
-    };
+    let pacing: crate::rollout::SharedPacing = Arc::new(arc_swap::ArcSwap::from_pointee(
+        crate::reload::pacing_of(&config),
+    ));
     let (state, local): (Backend, Option<Arc<LocalState>>) = match (&store, pool) {
         (Some(store), _) => {
             let fleet = Fleet::load(store.clone())?;
-            let rollouts = Rollouts::load(store.clone(), releases.clone(), pacing, &fleet)?;
+            let rollouts = Rollouts::load(store.clone(), releases.clone(), pacing.clone(), &fleet)?;
             let local = Arc::new(LocalState {
                 store: store.clone(),
                 fleet,
@@ -260,10 +270,22 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
                     .context("connecting to Redis (throttle.url)")?,
                 ),
             };
-            let pg = crate::pg::PgState::open(pool, throttle, releases.clone(), pacing).await?;
+            let pg =
+                crate::pg::PgState::open(pool, throttle, releases.clone(), pacing.clone()).await?;
             (Arc::new(pg), None)
         }
         (None, None) => unreachable!("one backend is always opened"),
+    };
+    let device_ca = match &config.tls {
+        Some(t) => match (&t.client_ca, &t.client_ca_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(crate::certs::DeviceCa::load(
+                cert,
+                key,
+                t.client_cert_days,
+            )?)),
+            _ => None,
+        },
+        None => None,
     };
     let egress = std::num::NonZeroU64::new(config.egress_bytes_per_sec)
         .map(|bps| Arc::new(EgressLimiter::new(bps)));
@@ -274,6 +296,18 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     let metrics = Metrics::new();
     let devices = state.device_count().await?;
     metrics.devices.set(devices as i64);
+    // The certificate is loaded before the server announces itself, so a
+    // bad pair fails the start, like a bad file fails a reload.
+    let cert = match &config.tls {
+        Some(tls) => Some(Arc::new(crate::reload::LiveCert::new(
+            crate::reload::load_certified_key(tls)?,
+        ))),
+        None => None,
+    };
+    if let Some(level) = &config.log_level {
+        crate::reload::apply_log_level(level).map_err(anyhow::Error::msg)?;
+    }
+    let live = crate::reload::Live::new(config.clone(), pacing, cert, signers.clone());
     let app = Arc::new(App {
         admin_hash: Sha256::digest(config.admin_token.as_bytes()).into(),
         tmp,
@@ -287,6 +321,10 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         metrics,
         bytes_served: Arc::new(AtomicU64::new(0)),
         unavailable_log: LogGate::new(Duration::from_secs(1)),
+        freshness: crate::freshness::FreshnessService::new(signers.clone()),
+        signers,
+        live,
+        device_ca,
     });
     info!(%addr, devices, backend = app.state.kind(), replica = %replica_id, "ota-server listening");
 
@@ -303,6 +341,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     // connection caps that axum::serve does not have.
     let listener = Listener::new(listener, app.config.connections.clone());
     let connection_limits = listener.limits();
+    app.live.set_connection_limits(connection_limits.clone());
     let conn_metrics = app.metrics.connections.clone();
     match &app.config.tls {
         None => {
@@ -317,17 +356,22 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
         Some(tls) => {
             // Already installed (a second server in one process): fine.
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "loading TLS certificate {} and key {}",
-                        tls.cert.display(),
-                        tls.key.display()
-                    )
-                })?;
+            // One rustls configuration: the live certificate (a reload swaps
+            // it, see `crate::reload::LiveCert`) and the client-certificate
+            // verifier of `crate::tls`, with one `Refusals` for the life of
+            // the listener (a reload rebuilds the configuration around it).
+            let resolver = app
+                .live
+                .cert_resolver()
+                .expect("loaded above when [tls] is set");
+            let refusals = Arc::new(crate::tls::Refusals::default());
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_config(
+                crate::tls::server_config(tls, &refusals, resolver).context("loading [tls]")?,
+            );
+            app.live.set_tls(rustls.clone(), refusals.clone());
+            // TLS, then the client certificate on every request.
             tracker.spawn(listener.serve(
-                RustlsAcceptor(rustls),
+                RustlsAcceptor::new(rustls, refusals),
                 router,
                 conn_metrics,
                 cancel.clone(),

@@ -46,6 +46,23 @@ pub struct AuthedDevice {
     pub token_sha256: [u8; 32],
 }
 
+/// What a verified client certificate speaks for.
+#[derive(Debug, Clone)]
+pub enum CertAuth {
+    Device(AuthedDevice),
+    /// Its serial is on the revocation list.
+    Revoked,
+    /// No device has the certificate's id (never enrolled).
+    UnknownDevice,
+}
+
+/// The cache key of a certificate-authenticated device (in the place of a
+/// token hash: distinct from every token's).
+pub fn cert_key(serial: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(format!("x509-serial:{serial}").as_bytes()).into()
+}
+
 /// Durable state and rollout decisions.
 ///
 /// # Cancel safety
@@ -68,6 +85,22 @@ pub trait StateBackend: Send + Sync + 'static {
 
     /// The device a bearer token belongs to.
     async fn authenticate(&self, token: &str) -> Result<Option<AuthedDevice>, StoreError>;
+
+    /// The device a verified client certificate names (its subject CN),
+    /// unless the certificate's serial is revoked.
+    async fn authenticate_cert(&self, id: &str, serial: &str) -> Result<CertAuth, StoreError>;
+
+    /// Records a certificate issued to `device` (durable on return), so
+    /// `revoke_certs` without a serial finds it.
+    async fn record_cert(&self, serial: &str, device: &str) -> Result<(), StoreError>;
+
+    /// Revokes `serial`, or every certificate issued to `device`; returns
+    /// the serials newly revoked. Durable on return.
+    async fn revoke_certs(
+        &self,
+        device: &str,
+        serial: Option<&str>,
+    ) -> Result<Vec<String>, StoreError>;
 
     /// Records what the device reported and decides its check-in. A
     /// decision that promised something (an admission) is durable on return.
@@ -153,20 +186,32 @@ impl StateBackend for LocalState {
 
     async fn authenticate(&self, token: &str) -> Result<Option<AuthedDevice>, StoreError> {
         let token_sha256 = crate::fleet::hash_token(token);
-        let Some(dev) = self.fleet.authenticate(token) else {
-            return Ok(None);
-        };
-        let r = dev.record.lock().unwrap();
-        Ok(Some(AuthedDevice {
-            id: r.id.clone(),
-            device_type: r.device_type.clone(),
-            tags: r.tags.clone(),
-            version: r.version.clone(),
-            booted_slot: None,
-            state: None,
-            last_seen_ms: 0,
-            token_sha256,
-        }))
+        Ok(self
+            .fleet
+            .authenticate(token)
+            .map(|dev| authed(&dev, token_sha256)))
+    }
+
+    async fn authenticate_cert(&self, id: &str, serial: &str) -> Result<CertAuth, StoreError> {
+        if self.fleet.certs.is_revoked(serial) {
+            return Ok(CertAuth::Revoked);
+        }
+        Ok(match self.fleet.get(id) {
+            Some(dev) => CertAuth::Device(authed(&dev, cert_key(serial))),
+            None => CertAuth::UnknownDevice,
+        })
+    }
+
+    async fn record_cert(&self, serial: &str, device: &str) -> Result<(), StoreError> {
+        self.fleet.certs.record_issued(serial, device).await
+    }
+
+    async fn revoke_certs(
+        &self,
+        device: &str,
+        serial: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        self.fleet.certs.revoke(device, serial).await
     }
 
     async fn checkin(
@@ -369,6 +414,20 @@ impl LocalState {
                 tags: rec.tags.clone(),
             });
         });
+    }
+}
+
+fn authed(dev: &crate::fleet::Device, token_sha256: [u8; 32]) -> AuthedDevice {
+    let r = dev.record.lock().unwrap();
+    AuthedDevice {
+        id: r.id.clone(),
+        device_type: r.device_type.clone(),
+        tags: r.tags.clone(),
+        version: r.version.clone(),
+        booted_slot: None,
+        state: None,
+        last_seen_ms: 0,
+        token_sha256,
     }
 }
 

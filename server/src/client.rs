@@ -124,6 +124,21 @@ impl AdminClient {
         .await
     }
 
+    /// Revokes a device's client certificates (all it was issued, or the
+    /// one with `serial`); returns `{"device", "revoked": [serials]}`.
+    pub async fn device_revoke_cert(
+        &self,
+        id: &str,
+        serial: Option<&str>,
+    ) -> Result<serde_json::Value> {
+        self.call(
+            Method::POST,
+            &format!("/api/v1/admin/devices/{id}/revoke-cert"),
+            Some(&serde_json::json!({ "serial": serial })),
+        )
+        .await
+    }
+
     /// Streams `image` to the server (never read whole into memory).
     pub async fn release_add(
         &self,

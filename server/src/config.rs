@@ -43,7 +43,26 @@ pub struct ServerConfig {
     /// `--admin-token`). At least 16 characters.
     pub admin_token: String,
     /// PKCS#8 PEM ed25519 key that signs the manifests the server builds.
-    pub signing_key: PathBuf,
+    /// Optional when `[signing]` names keys in a PKCS#11 token; when both
+    /// are set, every manifest carries both signatures (key rotation).
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// `[signing]`: keys in a PKCS#11 token (see [`crate::signing`]).
+    #[serde(default)]
+    pub signing: Option<crate::signing::Pkcs11Config>,
+    /// Lifetime of the signed freshness statements in check-in answers
+    /// (seconds). Default 3600. A device refuses a statement older than
+    /// this, so it bounds how long a replayed answer can freeze a device;
+    /// statements are re-signed every quarter of it.
+    #[serde(default = "default_freshness_secs")]
+    pub freshness_secs: u64,
+    /// Log filter (`info`, `warn,ota_server=debug`, ...), applied at start
+    /// and at every reload. Default: unset (`RUST_LOG`, else `info`).
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// The file this configuration was read from (what a reload re-reads).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
     /// How many earlier releases of a device type get a delta to a new
     /// release. Devices on older versions get the full image. Default 3.
     #[serde(default = "default_delta_history")]
@@ -186,16 +205,43 @@ pub struct CheckinConfig {
     pub max_parallel_ranges: u32,
 }
 
-/// TLS certificate and key (PEM).
+/// TLS certificate and key (PEM), and optionally device certificates
+/// (mTLS): see [`crate::tls`] and `docs/api.md`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The fleet CA (PEM, one or more certificates): client certificates
+    /// chaining to it are verified during the handshake and identify a
+    /// device by their subject CN. Presenting one stays optional, so
+    /// bearer-token devices keep working on the same listener. Default:
+    /// none (client certificates are not asked for).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// The fleet CA's private key (PKCS#8 PEM): with it the server signs
+    /// the CSRs devices send at enrollment. The first certificate of
+    /// `client_ca` is the issuer. Default: none (no CSR enrollment).
+    #[serde(default)]
+    pub client_ca_key: Option<PathBuf>,
+    /// CRL files (PEM or DER) of the fleet CA, checked at the handshake in
+    /// addition to the revocation list in the server's state. Default: none.
+    #[serde(default)]
+    pub client_crls: Vec<PathBuf>,
+    /// Validity of the certificates the server issues, in days. Default 365.
+    #[serde(default = "default_client_cert_days")]
+    pub client_cert_days: u32,
+}
+
+fn default_client_cert_days() -> u32 {
+    365
 }
 
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
+}
+fn default_freshness_secs() -> u64 {
+    3600
 }
 fn default_delta_history() -> usize {
     3
@@ -374,19 +420,29 @@ impl ServerConfig {
             source: Box::new(source),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut c.data_dir, &mut c.signing_key] {
+        let signing_pin = c.signing.as_mut().and_then(|s| s.pin_file.as_mut());
+        for p in [Some(&mut c.data_dir), c.signing_key.as_mut(), signing_pin]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         if let Some(tls) = &mut c.tls {
-            for p in [&mut tls.cert, &mut tls.key] {
+            let optional = tls.client_ca.iter_mut().chain(tls.client_ca_key.iter_mut());
+            for p in [&mut tls.cert, &mut tls.key]
+                .into_iter()
+                .chain(optional)
+                .chain(tls.client_crls.iter_mut())
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
             }
         }
         c.validate()?;
+        c.source = Some(path.into());
         Ok(c)
     }
 
@@ -405,6 +461,19 @@ impl ServerConfig {
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!("listen = {:?} is not an address:port", self.listen));
         }
+        if self.signing_key.is_none() && self.signing.is_none() {
+            return bad("no signing key: set signing_key (a key file) or [signing] (keys in a PKCS#11 token)".into());
+        }
+        if let Some(s) = &self.signing {
+            s.validate().map_err(ConfigError::Invalid)?;
+        }
+        if let Some(level) = &self.log_level {
+            crate::reload::check_log_level(level)
+                .map_err(|e| ConfigError::Invalid(format!("log_level: {e}")))?;
+        }
+        if !(60..=7 * 86_400).contains(&self.freshness_secs) {
+            return bad("freshness_secs must be 60..=604800 (one minute to one week)".into());
+        }
         let c = &self.checkin;
         if c.idle_interval_ms == 0 || c.wait_interval_ms == 0 {
             return bad("checkin intervals must be positive".into());
@@ -417,6 +486,20 @@ impl ServerConfig {
         }
         if c.max_parallel_ranges == 0 || c.max_parallel_ranges > 64 {
             return bad("checkin.max_parallel_ranges must be 1..=64".into());
+        }
+        if let Some(t) = &self.tls {
+            if t.client_ca_key.is_some() && t.client_ca.is_none() {
+                return bad("tls.client_ca_key is set without tls.client_ca: name the fleet CA certificate the key belongs to".into());
+            }
+            if !t.client_crls.is_empty() && t.client_ca.is_none() {
+                return bad(
+                    "tls.client_crls needs tls.client_ca (CRLs are checked against the fleet CA)"
+                        .into(),
+                );
+            }
+            if !(1..=3650).contains(&t.client_cert_days) {
+                return bad("tls.client_cert_days must be 1..=3650".into());
+            }
         }
         if !(1..=22).contains(&self.zstd_level) {
             return bad("zstd_level must be 1..=22".into());

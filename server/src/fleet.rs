@@ -69,6 +69,8 @@ pub struct Fleet {
     store: Store,
     devices: DashMap<String, Arc<Device>>,
     tokens: DashMap<TokenHash, String>,
+    /// Issued and revoked client certificates.
+    pub certs: crate::certs::CertList,
 }
 
 impl Fleet {
@@ -77,6 +79,7 @@ impl Fleet {
         let fleet = Fleet {
             devices: DashMap::new(),
             tokens: DashMap::new(),
+            certs: crate::certs::CertList::load(store.clone())?,
             store,
         };
         for rec in load_all::<DeviceRecord>(&fleet.store.devices)? {

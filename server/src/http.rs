@@ -9,15 +9,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use crate::backend::AuthedDevice;
+use crate::backend::{AuthedDevice, CertAuth};
+use crate::tls::{ClientIdentity, PeerCert};
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::{Extension, Router};
 use futures_util::StreamExt;
 use ota_format::api::{
     self, Action, ApiError, CheckinRequest, CheckinResponse, EnrollRequest, EnrollResponse,
@@ -27,7 +29,7 @@ use rand::Rng;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncWriteExt;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::app::App;
 use crate::metrics::{ActionLabel, KindLabel, ReasonLabel};
@@ -175,11 +177,89 @@ fn admin_unauthorized() -> ApiErr {
     )
 }
 
-async fn device_auth(app: &App, headers: &HeaderMap) -> Result<AuthedDevice, ApiErr> {
-    let Some(t) = bearer(headers) else {
-        return Err(unauthorized());
+/// The connection's verified client certificate, if any (see
+/// [`crate::tls`]).
+type Identity = Option<Extension<ClientIdentity>>;
+
+/// The calling device: the one its client certificate names, else the one
+/// its bearer token belongs to. With both, they must be the same device: a
+/// certificate for X never acts as Y.
+async fn device_auth(
+    app: &App,
+    headers: &HeaderMap,
+    ident: &Identity,
+) -> Result<AuthedDevice, ApiErr> {
+    let cert = match ident.as_ref().map(|Extension(i)| i) {
+        None | Some(ClientIdentity::None) => {
+            let Some(t) = bearer(headers) else {
+                return Err(unauthorized());
+            };
+            return app.state.authenticate(t).await?.ok_or_else(unauthorized);
+        }
+        Some(ClientIdentity::Refused(reason)) => {
+            return Err(ApiErr(
+                StatusCode::FORBIDDEN,
+                "certificate_refused",
+                format!(
+                    "the client certificate was refused: {reason}; the device needs a certificate from the fleet CA that is valid now (check its clock) and not revoked"
+                ),
+            ));
+        }
+        Some(ClientIdentity::Verified(c)) => c.clone(),
     };
-    app.state.authenticate(t).await?.ok_or_else(unauthorized)
+    let dev = cert_device(app, &cert).await?;
+    if let Some(t) = bearer(headers) {
+        match app.state.authenticate(t).await? {
+            Some(d) if d.id == dev.id => {}
+            Some(d) => {
+                warn!(certificate_device = %dev.id, token_device = %d.id, serial = %cert.serial,
+                    "request refused: client certificate and bearer token name different devices");
+                return Err(ApiErr(
+                    StatusCode::FORBIDDEN,
+                    "identity_mismatch",
+                    format!(
+                        "the client certificate is device {}'s but the bearer token is device {}'s; a device authenticates as itself only",
+                        dev.id, d.id
+                    ),
+                ));
+            }
+            None => return Err(unauthorized()),
+        }
+    }
+    Ok(dev)
+}
+
+/// The device a verified client certificate names, unless it is revoked.
+async fn cert_device(app: &App, cert: &PeerCert) -> Result<AuthedDevice, ApiErr> {
+    let Some(id) = &cert.device_id else {
+        warn!(serial = %cert.serial, "client certificate without a device id in its subject CN refused");
+        return Err(ApiErr(
+            StatusCode::FORBIDDEN,
+            "certificate_no_device",
+            "the client certificate's subject CN is not a device id; the fleet CA must issue it with /CN=<device id>".into(),
+        ));
+    };
+    match app.state.authenticate_cert(id, &cert.serial).await? {
+        CertAuth::Device(d) => Ok(d),
+        CertAuth::Revoked => {
+            warn!(device = %id, serial = %cert.serial, "revoked client certificate refused");
+            Err(ApiErr(
+                StatusCode::FORBIDDEN,
+                "certificate_revoked",
+                format!(
+                    "the client certificate of device {id} (serial {}) is revoked; the operator must issue the device a new one",
+                    cert.serial
+                ),
+            ))
+        }
+        CertAuth::UnknownDevice => Err(ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!(
+                "the client certificate names device {id}, which is not enrolled; enroll it first"
+            ),
+        )),
+    }
 }
 
 pub(crate) fn admin_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiErr> {
@@ -206,7 +286,12 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/admin/devices/{id}",
             get(admin_device_get).delete(crate::admin::device_retire),
         )
+        .route(
+            "/api/v1/admin/devices/{id}/revoke-cert",
+            post(admin_device_revoke_cert),
+        )
         .route("/api/v1/admin/releases", get(admin_releases))
+        .route("/api/v1/admin/reload", post(admin_reload))
         .route("/api/v1/admin/stats", get(admin_stats))
         .route(
             "/api/v1/admin/releases/{device_type}/{version}",
@@ -290,14 +375,49 @@ async fn enroll(State(app): State<Arc<App>>, body: Body) -> Result<Response, Api
         ));
     }
     check_device_fields(&req.device_id, &req.device_type, &req.tags)?;
+    // Sign first: a bad CSR changes nothing.
+    let issued = match &req.csr {
+        None => None,
+        Some(csr) => Some(sign_csr(&app, &req.device_id, csr)?),
+    };
     let token = app
         .enroll(&req.device_id, &req.device_type, req.tags)
         .await?;
+    let certificate = match issued {
+        None => None,
+        Some((pem, serial)) => {
+            app.state.record_cert(&serial, &req.device_id).await?;
+            info!(device = %req.device_id, %serial, "client certificate issued");
+            Some(pem)
+        }
+    };
     Ok(axum::Json(EnrollResponse {
         device_id: req.device_id,
         token,
+        certificate,
     })
     .into_response())
+}
+
+/// Signs a device's CSR with the fleet CA: (certificate PEM, serial).
+fn sign_csr(app: &App, device_id: &str, csr: &str) -> Result<(String, String), ApiErr> {
+    let Some(ca) = &app.device_ca else {
+        return Err(ApiErr(
+            StatusCode::BAD_REQUEST,
+            "csr_unsupported",
+            "this server signs no CSRs (tls.client_ca_key is not set); enroll without a csr, or ask the operator to configure the fleet CA".into(),
+        ));
+    };
+    if csr.len() > 16 << 10 {
+        return Err(bad_request("the csr is longer than 16 KiB"));
+    }
+    ca.issue(device_id, csr).map_err(|e| match e {
+        e @ crate::certs::CsrError::Mismatch { .. } => {
+            warn!(device = %device_id, error = %e, "CSR for another device refused");
+            ApiErr(StatusCode::FORBIDDEN, "csr_mismatch", e.to_string())
+        }
+        e => bad_request(e.to_string()),
+    })
 }
 
 fn check_device_fields(id: &str, t: &str, tags: &BTreeMap<String, String>) -> Result<(), ApiErr> {
@@ -321,10 +441,11 @@ fn jittered(base: u64, jitter: f64) -> u64 {
 
 async fn checkin(
     State(app): State<Arc<App>>,
+    ident: Identity,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiErr> {
-    let dev = device_auth(&app, &headers).await?;
+    let dev = device_auth(&app, &headers, &ident).await?;
     let req: CheckinRequest = read_json(body).await?;
     api::check_name("current_version", &req.current_version).map_err(bad_request)?;
     if let Some(u) = &req.update
@@ -332,7 +453,10 @@ async fn checkin(
     {
         return Err(bad_request("update_id is too long"));
     }
-    let c = &app.config.checkin;
+    // One snapshot for the whole request: a reload meanwhile does not mix
+    // old and new values in one answer.
+    let live = app.live.config();
+    let c = &live.checkin;
     let decision = app.state.checkin(&dev, &req).await?;
     let (action, base, durable) = match decision {
         Decision::Answer(a) => (a, None, false),
@@ -378,9 +502,19 @@ async fn checkin(
         .get_or_create(&ActionLabel { action: label })
         .inc();
     let is_wait = matches!(action, Action::Wait { .. });
+    let freshness = app
+        .freshness
+        .statement(
+            &app.releases,
+            &dev.device_type,
+            Duration::from_secs(live.freshness_secs),
+        )
+        .await
+        .map(|e| (*e).clone());
     let mut resp = axum::Json(CheckinResponse {
         next_checkin_ms: next,
         action,
+        freshness,
     })
     .into_response();
     if is_wait {
@@ -392,10 +526,11 @@ async fn checkin(
 
 async fn events(
     State(app): State<Arc<App>>,
+    ident: Identity,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiErr> {
-    let dev = device_auth(&app, &headers).await?;
+    let dev = device_auth(&app, &headers, &ident).await?;
     let req: EventsRequest = read_json(body).await?;
     if req.events.len() > api::MAX_EVENTS_PER_BATCH {
         return Err(bad_request(format!(
@@ -448,19 +583,13 @@ async fn events(
 async fn artifact(
     State(app): State<Arc<App>>,
     method: Method,
+    ident: Identity,
     headers: HeaderMap,
     Path(sha): Path<String>,
 ) -> Result<Response, ApiErr> {
     let device = match bearer(&headers) {
         Some(t) if app.is_admin(t) => None,
-        Some(t) => Some(
-            app.state
-                .authenticate(t)
-                .await?
-                .ok_or_else(unauthorized)?
-                .id,
-        ),
-        None => return Err(unauthorized()),
+        _ => Some(device_auth(&app, &headers, &ident).await?.id),
     };
     let digest = match crate::artifacts::parse_sha256_segment(&sha) {
         Ok(d) => d,
@@ -528,6 +657,7 @@ async fn admin_device_add(
     Ok(axum::Json(EnrollResponse {
         device_id: req.id,
         token,
+        certificate: None,
     })
     .into_response())
 }
@@ -546,6 +676,62 @@ async fn admin_device_get(
         )
     })?;
     Ok(axum::Json(view).into_response())
+}
+
+/// `POST /api/v1/admin/reload`: re-reads `server.toml` (as `SIGHUP` does).
+/// 200 with what changed, or 422 with why nothing did.
+async fn admin_reload(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    match app.live.reload().await {
+        Ok(changed) => Ok(
+            axum::Json(serde_json::json!({ "reloaded": true, "changed": changed })).into_response(),
+        ),
+        Err(e @ crate::reload::ReloadError::Busy) => {
+            Err(ApiErr(StatusCode::CONFLICT, "busy", e.to_string()))
+        }
+        Err(e) => Err(ApiErr(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reload_refused",
+            e.to_string(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct RevokeCert {
+    #[serde(default)]
+    serial: Option<String>,
+}
+
+/// Revokes one certificate (by serial) or every certificate issued to the
+/// device; answers `{"device", "revoked": [serials]}`.
+async fn admin_device_revoke_cert(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    api::check_name("device id", &id).map_err(bad_request)?;
+    let req: RevokeCert = read_json(body).await?;
+    let serial = req
+        .serial
+        .as_deref()
+        .map(crate::certs::normalize_serial)
+        .transpose()
+        .map_err(bad_request)?;
+    let revoked = app.state.revoke_certs(&id, serial.as_deref()).await?;
+    if revoked.is_empty() && serial.is_none() {
+        return Err(ApiErr(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no unrevoked certificate was issued to device {id} by this server; name one made elsewhere with --serial"
+            ),
+        ));
+    }
+    warn!(device = %id, ?revoked, "client certificates revoked by the operator");
+    Ok(axum::Json(serde_json::json!({ "device": id, "revoked": revoked })).into_response())
 }
 
 async fn admin_releases(

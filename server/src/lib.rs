@@ -15,6 +15,11 @@
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
 //! - [`inventory`]: device-list filters, keyset paging and summary rows
 //!   (`GET /api/v1/admin/devices`), shared by both backends.
+//! - [`certs`]: device certificates: the fleet CA that signs CSRs, the
+//!   revocation list (sled side), which certificate field names a device.
+//! - [`tls`]: the HTTPS listener's rustls configuration (optional client
+//!   certificates) and the acceptor that hands the peer certificate to the
+//!   handlers.
 //! - [`releases`]: the release catalogue and the background delta builder.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
 //!   optional egress cap.
@@ -23,6 +28,10 @@
 //!   start-rate limiter and the fair waiting queue;
 //!   [`rollout::shared`] the fleet-wide throttle trait (local or
 //!   [`rollout::redis_throttle`]) the PostgreSQL backend uses.
+//! - [`signing`]: the signing keys — a key file, keys in a PKCS#11 token,
+//!   or both during a rotation.
+//! - [`freshness`]: the signed, short-lived statement of the latest release
+//!   per device type that every check-in answer carries.
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`admin`] the inventory list and the deletions (device retire,
 //!   release delete) with the checks that keep them safe.
@@ -31,6 +40,8 @@
 //!   caps, HTTP/2 limits, and a [`listener::ConnInfo`] on every request.
 //! - [`metrics`]: the Prometheus exposition (text 0.0.4 or OpenMetrics,
 //!   by `Accept`), per-rollout state and alerting figures.
+//! - [`reload`]: `SIGHUP` / admin reload of `server.toml`, validated first
+//!   and swapped atomically (pacing, log level, TLS certificate, signing keys).
 //! - [`app`]: wiring, background tasks and orderly shutdown.
 //! - [`client`]: the admin API client the CLI uses.
 //! - [`render`]: the CLI's human output (device table, one device, rollout
@@ -40,19 +51,24 @@ pub mod admin;
 pub mod app;
 pub mod artifacts;
 pub mod backend;
+pub mod certs;
 pub mod client;
 pub mod config;
 pub mod fleet;
+pub mod freshness;
 pub mod http;
 pub mod inventory;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
 pub mod releases;
+pub mod reload;
 pub mod render;
 pub mod rollout;
 pub mod secrets;
+pub mod signing;
 pub mod store;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times
 /// are persisted, so they must survive a restart).

@@ -61,6 +61,7 @@ use tracing::{debug, warn};
 use crate::app::LogGate;
 use crate::config::ConnectionsConfig;
 use crate::metrics::ConnMetrics;
+use crate::tls::{ClientIdentity, Refusals};
 
 /// How long connections get to finish their requests after shutdown starts
 /// (SIGTERM) before they are dropped.
@@ -85,6 +86,10 @@ pub struct TlsInfo {
     pub peer_certificates: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub alpn: Option<Vec<u8>>,
     pub sni: Option<String>,
+    /// The client certificate as the handlers see it (verified, refused and
+    /// why, or none); also added to every request as an
+    /// `axum::Extension` (see [`crate::tls`]).
+    pub identity: ClientIdentity,
 }
 
 /// Turns an accepted TCP connection into the byte stream HTTP is served on.
@@ -116,17 +121,41 @@ impl Acceptor for PlainAcceptor {
     }
 }
 
-/// HTTPS with rustls. The server configuration is read for every handshake,
-/// so `RustlsConfig::reload_from_pem_file` takes effect for new connections.
-pub struct RustlsAcceptor(pub axum_server::tls_rustls::RustlsConfig);
+/// HTTPS with rustls, and the client certificate's [`ClientIdentity`]
+/// (see [`crate::tls`]). The server configuration is read for every
+/// handshake, so `RustlsConfig::reload_from_config` takes effect for new
+/// connections.
+pub struct RustlsAcceptor {
+    config: axum_server::tls_rustls::RustlsConfig,
+    refusals: Arc<Refusals>,
+}
+
+impl RustlsAcceptor {
+    /// `refusals` must be the one `config`'s client verifier records into
+    /// ([`crate::tls::server_config`]).
+    pub fn new(config: axum_server::tls_rustls::RustlsConfig, refusals: Arc<Refusals>) -> Self {
+        RustlsAcceptor { config, refusals }
+    }
+}
 
 impl Acceptor for RustlsAcceptor {
     type Io = tokio_rustls::server::TlsStream<TcpStream>;
     async fn accept(&self, tcp: TcpStream, remote: SocketAddr) -> io::Result<(Self::Io, ConnInfo)> {
-        let tls = tokio_rustls::TlsAcceptor::from(self.0.get_inner())
+        // Verdicts recorded before this handshake began are not this
+        // connection's (see `Refusals::reason`).
+        let since = Instant::now();
+        let tls = match tokio_rustls::TlsAcceptor::from(self.config.get_inner())
             .accept(tcp)
-            .await?;
+            .await
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                crate::tls::log_handshake_error(Some(remote), &e);
+                return Err(e);
+            }
+        };
         let (_, session) = tls.get_ref();
+        let identity = ClientIdentity::of(session, &self.refusals, since, Some(remote));
         let info = TlsInfo {
             peer_certificates: session
                 .peer_certificates()
@@ -134,6 +163,7 @@ impl Acceptor for RustlsAcceptor {
                 .unwrap_or_default(),
             alpn: session.alpn_protocol().map(<[u8]>::to_vec),
             sni: session.server_name().map(str::to_owned),
+            identity,
         };
         Ok((
             tls,
@@ -383,6 +413,10 @@ impl<A: Acceptor> Connection<A> {
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
                 let guard = InFlight(activity.clone());
                 let (mut parts, body) = req.into_parts();
+                if let Some(tls) = &info.tls {
+                    // Read by handlers as `Extension<ClientIdentity>`.
+                    parts.extensions.insert(tls.identity.clone());
+                }
                 parts.extensions.insert(info.clone());
                 parts
                     .extensions

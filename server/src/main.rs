@@ -45,6 +45,18 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Generate an Ed25519 signing key inside the PKCS#11 token of the
+    /// config's [signing] section; write its public key (what devices trust).
+    TokenKeygen {
+        #[arg(long, value_name = "server.toml")]
+        config: PathBuf,
+        /// Label (CKA_LABEL) of the new key; list it in signing.key_labels.
+        #[arg(long)]
+        label: String,
+        /// Where to write the public key (SPKI PEM).
+        #[arg(long, value_name = "FILE.pub")]
+        out: PathBuf,
+    },
     /// Build a signed update: OUTDIR/manifest.json and OUTDIR/payload.bin.
     Delta(DeltaArgs),
     /// Run the rollout server.
@@ -136,6 +148,15 @@ enum DeviceCmd {
         /// Print the API's raw JSON instead of the human form.
         #[arg(long)]
         json: bool,
+    },
+    /// Revoke a device's client certificates: every one the server issued
+    /// to it, or the one with --serial (also one made outside the server).
+    /// Takes effect at the device's next request.
+    RevokeCert {
+        id: String,
+        /// Serial in hex, as `openssl x509 -noout -serial` prints it.
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -358,6 +379,16 @@ struct DeltaArgs {
     no_progress: bool,
 }
 
+/// What a reload calls to swap the log filter.
+fn log_reloader<S: 'static>(
+    h: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> ota_server::reload::LogReloader {
+    Box::new(move |l| {
+        let f = tracing_subscriber::EnvFilter::try_new(l).map_err(|e| e.to_string())?;
+        h.reload(f).map_err(|e| e.to_string())
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let (default_level, json) = match &cli.cmd {
@@ -366,21 +397,30 @@ fn main() {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| default_level.into());
+    // The filter is reloadable: `log_level` in server.toml applies at start
+    // and at every reload (SIGHUP).
     if json {
-        tracing_subscriber::fmt()
+        let b = tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
-            .init();
+            .with_filter_reloading();
+        let h = b.reload_handle();
+        b.init();
+        ota_server::reload::set_log_reloader(log_reloader(h));
     } else {
-        tracing_subscriber::fmt()
+        let b = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .with_ansi(ota_format::term::stderr_colors())
-            .init();
+            .with_filter_reloading();
+        let h = b.reload_handle();
+        b.init();
+        ota_server::reload::set_log_reloader(log_reloader(h));
     }
     let r = match cli.cmd {
         Cmd::Keygen { out, force } => keygen(&out, force),
+        Cmd::TokenKeygen { config, label, out } => token_keygen(&config, &label, &out),
         Cmd::Delta(a) => delta(a),
         Cmd::Serve {
             config,
@@ -532,6 +572,24 @@ fn print_summary(m: &Manifest, manifest_len: usize, secs: f64) {
     );
 }
 
+fn token_keygen(config: &Path, label: &str, out: &Path) -> Result<()> {
+    let cfg = ServerConfig::load(config)?;
+    let token = cfg
+        .signing
+        .as_ref()
+        .context("the config has no [signing] section naming the PKCS#11 module and token")?;
+    let public = ota_server::signing::generate_in_token(token, label)?;
+    let pem = ota_server::signing::public_pem(&public);
+    std::fs::write(out, &pem).with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "key {label:?} generated in token {:?}; key id {}; public key in {}",
+        token.token_label,
+        ota_format::envelope::key_id(&public),
+        out.display()
+    );
+    Ok(())
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -554,8 +612,21 @@ async fn serve(config_path: &Path, insecure_dev: bool) -> Result<()> {
     // SIGTERM sent as soon as it listens is a graceful stop, not a kill.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing a SIGTERM handler")?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing a SIGHUP handler")?;
     let running = ota_server::app::start(config, cancel.clone()).await?;
     println!("ota-server listening on {}", running.addr);
+    // SIGHUP: reload server.toml (the outcome is logged either way).
+    let (app, c) = (running.app.clone(), cancel.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = c.cancelled() => return,
+                s = hup.recv() => if s.is_none() { return },
+            }
+            let _ = app.live.reload().await;
+        }
+    });
     let c = cancel.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -609,6 +680,19 @@ async fn device_cmd(conn: Conn, cmd: DeviceCmd) -> Result<()> {
         DeviceCmd::Retire { id } => {
             c.device_retire(&id).await?;
             println!("device {id} retired: its token no longer works; its events stay as history");
+        }
+        DeviceCmd::RevokeCert { id, serial } => {
+            let r = c.device_revoke_cert(&id, serial.as_deref()).await?;
+            let revoked: Vec<&str> = r["revoked"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            if revoked.is_empty() {
+                println!("device {id}: that certificate was already revoked");
+            }
+            for s in revoked {
+                println!("device {id}: certificate {s} revoked");
+            }
         }
     }
     Ok(())

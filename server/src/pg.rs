@@ -37,15 +37,15 @@ use ota_format::api::{Action, CheckinRequest, Event, EventKind};
 use tokio_postgres::types::Json;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::backend::{AuthedDevice, StateBackend};
+use crate::backend::{AuthedDevice, CertAuth, StateBackend, cert_key};
 use crate::fleet::{hash_token, new_token};
 use crate::inventory::{DeviceFilter, DevicePage, DeviceSummary, StateFilter};
 use crate::releases::Releases;
 use crate::rollout::shared::{Bucket, FleetThrottle, HeldLease, ThrottleError};
 use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
-    Decision, Effect, FailureReason, Member, Pacing, Phase, RolloutError, RolloutRecord,
-    RolloutSpec, RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
+    Decision, Effect, FailureReason, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
+    RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
     cancel_ended_attempt, failure_verdict, held_back, lease_expired, nothing_to_offer, offer_for,
     past_download, ramped_rate, rank_key, spec_matches, transition_for, wave_bounds,
 };
@@ -270,7 +270,7 @@ pub struct PgState {
     pool: Pool,
     throttle: Arc<dyn FleetThrottle>,
     releases: Arc<Releases>,
-    pacing: Pacing,
+    pacing: crate::rollout::SharedPacing,
     /// Rollouts in creation order (a cache: refreshed each tick and after
     /// this replica's own writes; admissions re-check state in SQL).
     rollouts: RwLock<Vec<Cached>>,
@@ -291,7 +291,7 @@ impl PgState {
         pool: Pool,
         throttle: Arc<dyn FleetThrottle>,
         releases: Arc<Releases>,
-        pacing: Pacing,
+        pacing: crate::rollout::SharedPacing,
     ) -> Result<PgState, StoreError> {
         let s = PgState {
             pool,
@@ -389,7 +389,7 @@ impl PgState {
             .rebuild(
                 rollout,
                 &leases,
-                self.pacing.lease_ms,
+                self.pacing.load().lease_ms,
                 max_fence.max(0) as u64,
                 Bucket::Empty,
             )
@@ -809,13 +809,100 @@ impl StateBackend for PgState {
         Ok(Some(dev))
     }
 
+    async fn authenticate_cert(&self, id: &str, serial: &str) -> Result<CertAuth, StoreError> {
+        let key = cert_key(serial);
+        let now = crate::now_ms();
+        if let Some(e) = self.auth.get(&key)
+            && e.1 > now
+            && e.0.id == id
+        {
+            return Ok(CertAuth::Device(e.0.clone()));
+        }
+        let c = conn(&self.pool).await?;
+        let r = c
+            .query_one(
+                "SELECT d.id, d.device_type, d.tags, d.version, d.booted_slot, d.state, \
+                 d.last_seen_ms, EXISTS (SELECT 1 FROM device_certs \
+                 WHERE serial = $2 AND revoked_at_ms IS NOT NULL) \
+                 FROM (SELECT 1) AS one LEFT JOIN devices d ON d.id = $1",
+                &[&id, &serial],
+            )
+            .await
+            .map_err(err)?;
+        if r.get::<_, bool>(7) {
+            return Ok(CertAuth::Revoked);
+        }
+        if r.get::<_, Option<String>>(0).is_none() {
+            return Ok(CertAuth::UnknownDevice);
+        }
+        let dev = AuthedDevice {
+            id: r.get(0),
+            device_type: r.get(1),
+            tags: r.get::<_, Json<BTreeMap<String, String>>>(2).0,
+            version: r.get(3),
+            booted_slot: parse_text(r.get(4)),
+            state: parse_text(r.get(5)),
+            last_seen_ms: r.get::<_, i64>(6).max(0) as u64,
+            token_sha256: key,
+        };
+        self.auth.insert(key, (dev.clone(), now + AUTH_CACHE_MS));
+        Ok(CertAuth::Device(dev))
+    }
+
+    async fn record_cert(&self, serial: &str, device: &str) -> Result<(), StoreError> {
+        let c = conn(&self.pool).await?;
+        c.execute(
+            "INSERT INTO device_certs (serial, device, issued_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (serial) DO NOTHING",
+            &[&serial, &device, &(crate::now_ms() as i64)],
+        )
+        .await
+        .map_err(err)?;
+        Ok(())
+    }
+
+    async fn revoke_certs(
+        &self,
+        device: &str,
+        serial: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = crate::now_ms() as i64;
+        let c = conn(&self.pool).await?;
+        let rows = match serial {
+            Some(s) => c
+                .query(
+                    "INSERT INTO device_certs (serial, device, issued_at_ms, revoked_at_ms) \
+                     VALUES ($1, $2, 0, $3) ON CONFLICT (serial) DO UPDATE \
+                     SET revoked_at_ms = EXCLUDED.revoked_at_ms \
+                     WHERE device_certs.revoked_at_ms IS NULL RETURNING serial",
+                    &[&s, &device, &now],
+                )
+                .await
+                .map_err(err)?,
+            None => c
+                .query(
+                    "UPDATE device_certs SET revoked_at_ms = $2 \
+                     WHERE device = $1 AND revoked_at_ms IS NULL RETURNING serial",
+                    &[&device, &now],
+                )
+                .await
+                .map_err(err)?,
+        };
+        let out: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        // This replica forgets them at once; others within AUTH_CACHE_MS.
+        for s in &out {
+            self.auth.remove(&cert_key(s));
+        }
+        Ok(out)
+    }
+
     async fn checkin(
         &self,
         dev: &AuthedDevice,
         req: &CheckinRequest,
     ) -> Result<Decision, StoreError> {
         let now = crate::now_ms();
-        let p = self.pacing;
+        let p = **self.pacing.load();
         // What the device reports is written only when it changed (and
         // last-seen every few minutes): idle check-ins stay read-only.
         if dev.version.as_deref() != Some(&req.current_version)
@@ -1170,7 +1257,7 @@ impl StateBackend for PgState {
         for (rid, fence, renew) in after {
             let res = if renew {
                 self.throttle
-                    .renew(&rid, device, fence, self.pacing.lease_ms)
+                    .renew(&rid, device, fence, self.pacing.load().lease_ms)
                     .await
                     .map(|_| ())
             } else {
@@ -1483,7 +1570,7 @@ impl StateBackend for PgState {
         // A fresh throttle state: one burst, as the in-process throttle
         // starts a rollout.
         self.throttle
-            .rebuild(&rec.id, &[], self.pacing.lease_ms, 0, Bucket::Full)
+            .rebuild(&rec.id, &[], self.pacing.load().lease_ms, 0, Bucket::Full)
             .await
             .map_err(|e| RolloutError::Store(throttle_err(e)))?;
         info!(rollout = %rec.id, release = %rec.spec.release, device_type = %rec.spec.device_type, "rollout created");

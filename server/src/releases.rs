@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
-use ota_format::{Digest, Envelope, Manifest, SigningKeyPair};
+use ota_format::{Digest, Envelope, Manifest};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -304,7 +304,10 @@ pub struct Releases {
     map: RwLock<HashMap<(String, String), ReleaseRecord>>,
     jobs: mpsc::Sender<Job>,
     settings: BuildSettings,
-    key: Arc<SigningKeyPair>,
+    signers: crate::signing::SignerSlot,
+    /// Bumped at every change of `map`, so readers can cache what they
+    /// derive from it (the freshness statements).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Releases {
@@ -316,7 +319,7 @@ impl Releases {
         artifacts: ArtifactStore,
         tmp: PathBuf,
         settings: BuildSettings,
-        key: Arc<SigningKeyPair>,
+        signers: crate::signing::SignerSlot,
     ) -> Result<(Releases, mpsc::Receiver<Job>), StoreError> {
         let mut map = HashMap::new();
         for r in db.load_all().await? {
@@ -335,7 +338,8 @@ impl Releases {
                 map: RwLock::new(map),
                 jobs: tx,
                 settings,
-                key,
+                signers,
+                generation: Default::default(),
             },
             rx,
         ))
@@ -377,7 +381,10 @@ impl Releases {
         let all = self.db.load_all().await?;
         {
             // Replaced whole: releases deleted by another replica go too.
-            *self.map.write().unwrap() = all
+            let mut map = self.map.write().unwrap();
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+            *map = all
                 .into_iter()
                 .map(|r| ((r.device_type.clone(), r.version.clone()), r))
                 .collect();
@@ -420,7 +427,14 @@ impl Releases {
             )));
         }
         self.db.remove(device_type, version).await?;
-        self.map.write().unwrap().remove(&key);
+        {
+            // The freshness statement names the latest release: a deleted
+            // one must not stay in its cache.
+            let mut map = self.map.write().unwrap();
+            self.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+            map.remove(&key);
+        }
         let digests = |r: &ReleaseRecord| {
             let mut v = vec![r.image_sha256];
             for a in r.builds.iter().filter_map(|b| b.artifacts.as_ref()) {
@@ -462,6 +476,23 @@ impl Releases {
             .read()
             .unwrap()
             .contains_key(&(device_type.to_string(), version.to_string()))
+    }
+
+    /// Changes whenever the catalogue does.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The newest release of `device_type` (highest `seq`) and the highest
+    /// security counter of any of its releases.
+    pub fn latest(&self, device_type: &str) -> (Option<String>, u64) {
+        let map = self.map.read().unwrap();
+        let mine = map.values().filter(|r| r.device_type == device_type);
+        let newest = mine
+            .clone()
+            .max_by_key(|r| r.seq)
+            .map(|r| r.version.clone());
+        (newest, mine.map(|r| r.security_counter).max().unwrap_or(0))
     }
 
     /// Every release, newest last per device type.
@@ -632,6 +663,8 @@ impl Releases {
         let pool = match &self.db {
             ReleaseDb::Sled(store) => {
                 let mut map = self.map.write().unwrap();
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
                 let Some(r) = map.get_mut(&(device_type.to_string(), version.to_string())) else {
                     return Ok(());
                 };
@@ -900,7 +933,10 @@ impl Releases {
         )
         .map_err(|e| e.to_string())?;
         payload.as_file().sync_all().map_err(|e| e.to_string())?;
-        let env = Envelope::sign_compressed(&manifest.to_json(), &[&self.key]).to_json();
+        let signers = self.signers.load();
+        let env = Envelope::sign_compressed_with(&manifest.to_json(), &signers.refs())
+            .map_err(|e| e.to_string())?
+            .to_json();
         let mut mf = tempfile::Builder::new()
             .prefix("manifest-")
             .tempfile_in(&self.tmp)

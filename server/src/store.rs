@@ -12,7 +12,8 @@
 //! Trees: `devices` (id → [`crate::fleet::DeviceRecord`]), `releases`
 //! (`type\0version` → release record), `rollouts` (id → rollout record),
 //! `members` (`rollout\0device` → member), `events` (`device\0seq` → event),
-//! `meta` (counters).
+//! `meta` (counters), `device_certs` (certificate serial →
+//! [`crate::certs::CertRecord`]: issued and revoked client certificates).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +65,7 @@ pub struct Store {
     /// An exclusive lock on `ota-server.lock` in the directory, held while
     /// any clone lives (released by the OS if the process dies).
     _lock: Arc<std::fs::File>,
+    pub certs: sled::Tree,
     flush: Arc<Flusher>,
 }
 
@@ -113,6 +115,7 @@ impl Store {
             members: db.open_tree("members")?,
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
+            certs: db.open_tree("device_certs")?,
             db,
             _lock: Arc::new(lock),
             flush: Arc::new(Flusher {

@@ -378,3 +378,30 @@ async fn deleting_a_release_is_refused_while_in_use_and_says_what_to_do() {
         image_file.display()
     );
 }
+
+/// Deleting the newest release changes the signed freshness statement (the
+/// merge of `keys` and `cli`: `Releases::delete` did not bump the catalogue
+/// generation the statement cache is keyed on, so devices kept being told
+/// of a release that no longer exists).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_newest_release_updates_the_freshness_statement() {
+    let ts = TestServer::with_two_releases(5000).await;
+    let key = std::fs::read_to_string(ts.dir.path().join("signing.key")).unwrap();
+    let key = ota_format::SigningKeyPair::from_pem(&key).unwrap();
+    let trusted = ota_format::TrustedKeys::try_new([key.verifying_key()], 1).unwrap();
+    let d = Sim::enroll(&ts.base, "dev", "t", &http()).await;
+    let latest = |r: CheckinResponse| {
+        ota_format::Freshness::open(r.freshness.as_ref().expect("a statement"), &trusted)
+            .unwrap()
+            .latest_version
+    };
+    let r = d.checkin("1.0", AgentState::Idle, None).await;
+    assert_eq!(latest(r).as_deref(), Some("2.0"));
+    ts.admin.release_delete("t", "2.0").await.unwrap();
+    let r = d.checkin("1.0", AgentState::Idle, None).await;
+    assert_eq!(
+        latest(r).as_deref(),
+        Some("1.0"),
+        "the statement still names the deleted release"
+    );
+}

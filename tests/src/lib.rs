@@ -9,9 +9,11 @@
 //!   way to run `ota-agent apply` on the result.
 //! - [`services`]: the test PostgreSQL and Redis (`scripts/services.sh`).
 //! - [`cluster`]: N `ota-server` replicas behind a real nginx.
+//! - [`pki`]: CAs, server and device certificates, CRLs made by `openssl`.
 
 pub mod cluster;
 pub mod loadtest;
+pub mod pki;
 pub mod services;
 
 use std::path::{Path, PathBuf};

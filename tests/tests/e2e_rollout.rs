@@ -92,6 +92,7 @@ device_type = "board"
 enrollment_key_file = "{d}/enroll.key"
 data_dir = "{d}/data"
 trusted_keys = ["{k}/ota-signing.pub"]
+require_freshness = true
 factory_version = "1.0"
 checkin_interval = "300ms"
 max_backoff = "1s"
@@ -280,6 +281,15 @@ fn a_rollout_commits_on_a_healthy_device_and_rolls_back_a_sick_one() {
     assert!(s.contains("version:      1.0"), "{s}");
     assert!(s.contains("booted slot:  a"), "{s}");
     assert_eq!(std::fs::read(sick.dir.join("slot-a.img")).unwrap(), v1);
+    // Both agents required and accepted the server's signed freshness
+    // statements, and kept the floor on disk.
+    for d in [&good, &sick] {
+        let f: ota_format::FreshnessFloor = serde_json::from_slice(
+            &std::fs::read(d.dir.join("data/freshness.json")).expect("freshness.json"),
+        )
+        .unwrap();
+        assert!(f.seen && f.newest_issued_at > 1_700_000_000, "{f:?}");
+    }
     // The server counted both outcomes.
     let st = cli(&base, &["rollout", "status", &id]);
     assert!(

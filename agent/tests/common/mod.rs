@@ -31,6 +31,8 @@ pub struct Fixture {
     pub envelope: Vec<u8>,
     pub payload: Vec<u8>,
     pub pubkey_pem: String,
+    /// The key that signed the manifest (and signs freshness statements).
+    pub key: SigningKeyPair,
 }
 
 impl Fixture {
@@ -95,6 +97,7 @@ impl Fixture {
             envelope,
             payload,
             pubkey_pem: key.public_pem(),
+            key,
         }
     }
 
@@ -164,6 +167,8 @@ pub struct Srv {
     /// Hold every check-in this long before answering (a server that hangs).
     pub checkin_hang_ms: AtomicU64,
     pub enroll_key: String,
+    /// The freshness statement check-in answers carry.
+    pub freshness: Mutex<Option<Envelope>>,
 }
 
 pub struct Server {
@@ -209,6 +214,7 @@ impl Server {
             checkin_down: Default::default(),
             checkin_hang_ms: AtomicU64::new(0),
             enroll_key: "fleet-key".into(),
+            freshness: Mutex::new(None),
         });
         let app = Router::new()
             .route("/api/v1/devices/enroll", post(enroll))
@@ -300,6 +306,7 @@ async fn enroll(State(s): State<Arc<Srv>>, body: Bytes) -> Response<Body> {
     json(&EnrollResponse {
         device_id: req.device_id,
         token: format!("tok-{}", rand::random::<u64>()),
+        certificate: None,
     })
 }
 
@@ -332,6 +339,7 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
                 update_id: id,
                 reason,
             },
+            freshness: s.freshness.lock().unwrap().clone(),
         });
     }
     let offer = s.offer.lock().unwrap().clone();
@@ -350,6 +358,7 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
     json(&CheckinResponse {
         next_checkin_ms: next,
         action,
+        freshness: s.freshness.lock().unwrap().clone(),
     })
 }
 

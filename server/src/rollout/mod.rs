@@ -630,6 +630,10 @@ pub struct Pacing {
     pub max_parallel_ranges: u32,
 }
 
+/// The pacing knobs as the engines hold them: swapped as a whole by a
+/// configuration reload ([`crate::reload`]), read once per decision.
+pub type SharedPacing = std::sync::Arc<arc_swap::ArcSwap<Pacing>>;
+
 /// Every rollout, and the decisions over them.
 pub struct Rollouts {
     store: Store,
@@ -637,7 +641,7 @@ pub struct Rollouts {
     /// Read on every check-in, written on create: a read-mostly lock whose
     /// read side is shared.
     all: RwLock<Vec<Arc<Rollout>>>,
-    pacing: Pacing,
+    pacing: SharedPacing,
     /// Events counted (first time seen), for metrics and the load test.
     pub events_accepted: AtomicU64,
     pub events_duplicate: AtomicU64,
@@ -662,7 +666,7 @@ impl Rollouts {
     pub fn load(
         store: Store,
         releases: Arc<Releases>,
-        pacing: Pacing,
+        pacing: SharedPacing,
         fleet: &crate::fleet::Fleet,
     ) -> Result<Rollouts, StoreError> {
         let now = crate::now_ms();
@@ -686,7 +690,7 @@ impl Rollouts {
             match m.phase {
                 Phase::Downloading => {
                     r.throttle
-                        .restore(&m.device, &m.update_id, now, pacing.lease_ms)
+                        .restore(&m.device, &m.update_id, now, pacing.load().lease_ms)
                 }
                 Phase::Installed | Phase::Rebooting => {
                     c.installed.fetch_add(1, Ordering::Relaxed);
@@ -902,7 +906,7 @@ impl Rollouts {
             return Ok(Decision::Answer(Action::None));
         };
         let state = r.state();
-        let p = self.pacing;
+        let p = **self.pacing.load();
         if let Some(mut m) = r.members.get_mut(device) {
             match m.phase {
                 Phase::Downloading => {
@@ -1068,8 +1072,12 @@ impl Rollouts {
         {
             // Progress renews the lease even when it changes no phase.
             if matches!(ev.kind, EventKind::Progress | EventKind::DownloadStarted) {
-                r.throttle
-                    .renew(device, &ev.update_id, crate::now_ms(), self.pacing.lease_ms);
+                r.throttle.renew(
+                    device,
+                    &ev.update_id,
+                    crate::now_ms(),
+                    self.pacing.load().lease_ms,
+                );
             }
             if let Some((nm, effect)) = next {
                 *m = nm;

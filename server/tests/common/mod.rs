@@ -58,14 +58,16 @@ pub fn fast_checkin(lease_ms: u64) -> String {
 }
 
 /// Whether this test binary runs its suite on PostgreSQL + Redis: the
-/// `rollout_pg` (`metrics_pg`) binary includes the `rollout_http`
-/// (`metrics_http`) suite unchanged, so one set of tests proves both
+/// `rollout_pg` (`metrics_pg`, `mtls_pg`) binary includes the `rollout_http`
+/// (`metrics_http`, `mtls`) suite unchanged, so one set of tests proves both
 /// backends behave alike.
 pub fn on_postgres() -> bool {
     std::env::current_exe()
         .ok()
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
-        .is_some_and(|f| f.starts_with("rollout_pg") || f.starts_with("metrics_pg"))
+        .is_some_and(|f| {
+            f.starts_with("rollout_pg") || f.starts_with("metrics_pg") || f.starts_with("mtls_pg")
+        })
 }
 
 /// `[storage]` and `[throttle]` sections for a fresh PostgreSQL database and
@@ -256,6 +258,7 @@ impl Sim {
                 device_id: id.into(),
                 device_type: device_type.into(),
                 tags,
+                csr: None,
             })
             .send()
             .await

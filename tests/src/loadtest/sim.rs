@@ -225,6 +225,7 @@ pub async fn enroll_all(clients: &[Client], n: usize, key: &str) -> Result<Vec<S
                     device_id: device_id(i),
                     device_type: "sim".into(),
                     tags: Default::default(),
+                    csr: None,
                 };
                 let mut attempt = 0;
                 loop {
