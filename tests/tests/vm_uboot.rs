@@ -4,6 +4,10 @@
 //! on loopback. The VM is built from Debian packages and cached by
 //! `tests/vm/build.sh`; each scenario is `tests/vm/scenario.sh` (see there).
 //!
+//! `vm_systemd_*` boots the same device with systemd as PID 1 (`build.sh
+//! systemd`: the real `deploy/ota-agent.service` and a test drop-in) and an
+//! agent built with `--features test-hooks` (`scripts/build-vm-agents.sh`).
+//!
 //! One VM at a time (the machine has two cores): the scenarios take a
 //! process-wide lock. Without the tooling they skip with a loud message;
 //! with `CI=true` they fail instead, so CI can never pass without them.
@@ -32,8 +36,18 @@ fn arm_agent() -> PathBuf {
         })
 }
 
-/// What is missing to run the VM, if anything.
-fn missing_tooling() -> Vec<String> {
+/// The agent with the test-only hang hook, for the systemd device.
+fn arm_agent_hooks() -> PathBuf {
+    std::env::var_os("ARM_AGENT_HOOKS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace().join("target/aarch64-unknown-linux-musl/agent-dist/ota-agent-test-hooks")
+        })
+}
+
+/// What is missing to run the VM, if anything (`systemd`: the systemd
+/// device, whose agent is the test-hooks build).
+fn missing_tooling(systemd: bool) -> Vec<String> {
     let mut missing = Vec::new();
     for (tool, package) in [
         ("qemu-system-aarch64", "qemu-system-arm"),
@@ -58,10 +72,15 @@ fn missing_tooling() -> Vec<String> {
     if !Path::new("/usr/lib/u-boot/qemu_arm64/u-boot.bin").exists() {
         missing.push("/usr/lib/u-boot/qemu_arm64/u-boot.bin (apt-get install u-boot-qemu)".into());
     }
-    if !arm_agent().exists() {
+    let agent = if systemd {
+        arm_agent_hooks()
+    } else {
+        arm_agent()
+    };
+    if !agent.exists() {
         missing.push(format!(
-            "{} (cargo build --profile agent-dist --target aarch64-unknown-linux-musl -p ota-agent)",
-            arm_agent().display()
+            "{} (scripts/build-vm-agents.sh builds both ARM64 agents)",
+            agent.display()
         ));
     }
     missing
@@ -70,7 +89,7 @@ fn missing_tooling() -> Vec<String> {
 /// Runs one scenario; `None` when skipped (tooling missing outside CI).
 fn scenario(args: &[&str]) -> Option<String> {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let missing = missing_tooling();
+    let missing = missing_tooling(args.first() == Some(&"systemd"));
     if !missing.is_empty() {
         let msg = format!("VM scenario {args:?} needs: {}", missing.join(", "));
         if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -84,6 +103,7 @@ fn scenario(args: &[&str]) -> Option<String> {
         .args(args)
         .env("OTA_SERVER_BIN", bin("ota-server"))
         .env("ARM_AGENT", arm_agent())
+        .env("ARM_AGENT_HOOKS", arm_agent_hooks())
         .output()
         .expect("running tests/vm/scenario.sh");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -130,4 +150,14 @@ fn vm_power_cuts_during_the_update_end_on_v1_or_verified_v2() {
     // when OTA_VM_SEED is set.
     let seed = std::env::var("OTA_VM_SEED").unwrap_or_else(|_| "13".into());
     scenario(&["powercut", &seed, "3"]);
+}
+
+#[test]
+fn vm_systemd_type_notify_readiness_and_watchdog_restarts_a_hung_main_loop() {
+    // systemd as PID 1: the unit stays activating until the agent could
+    // enroll and sent READY=1; a main loop hung by the test hook stops the
+    // watchdog pings and systemd restarts the agent (asserted on
+    // `systemctl show` and the journal); the restarted agent then takes
+    // the update v1 -> v2, rebooting through systemd.
+    scenario(&["systemd"]);
 }

@@ -3,6 +3,9 @@
 # it: prints the directory holding it (last line of stdout).
 #
 #   tests/vm/build.sh            (OTA_SERVER_BIN, ARM_AGENT may point at the binaries)
+#   tests/vm/build.sh systemd    the same device with systemd as PID 1 in each
+#                                slot (ARM_AGENT_HOOKS: the agent built with
+#                                --features test-hooks; tests/vm/systemd/)
 #
 # What it makes, under target/vm-cache/<hash of every input>/:
 #   disk.img       the factory disk: GPT with 1 boot (ext4: boot.scr),
@@ -13,12 +16,24 @@
 #   u-boot.bin                                       Debian's qemu_arm64 U-Boot
 # Packages come from Debian through apt with a private state directory
 # (no dpkg --add-architecture, no root needed): the arm64 kernel, busybox,
-# libubootenv-tool and the libraries it links. Nothing else is downloaded.
+# libubootenv-tool and the libraries it links (and for `systemd`: systemd,
+# dbus and the libraries they link). Nothing else is downloaded.
+#
+# The systemd flavour lives in target/vm-cache/sd-<hash>/ (same files); its
+# slots are 112 MiB (systemd and its libraries) and run the real
+# deploy/ota-agent.service with the test drop-in from tests/vm/systemd/.
+# Its agent is a second build with the test-only hang hook: the shipped
+# agent-dist binary (busybox flavour) stays free of it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cache=${OTA_VM_CACHE:-$root/target/vm-cache}
-agent=${ARM_AGENT:-$root/target/aarch64-unknown-linux-musl/agent-dist/ota-agent}
+flavor=${1:-busybox}
+case $flavor in
+busybox) agent=${ARM_AGENT:-$root/target/aarch64-unknown-linux-musl/agent-dist/ota-agent}; prefix= ;;
+systemd) agent=${ARM_AGENT_HOOKS:-$root/target/aarch64-unknown-linux-musl/agent-dist/ota-agent-test-hooks}; prefix=sd- ;;
+*) echo "usage: tests/vm/build.sh [busybox|systemd]" >&2; exit 2 ;;
+esac
 server=${OTA_SERVER_BIN:-$root/target/debug/ota-server}
 uboot=/usr/lib/u-boot/qemu_arm64/u-boot.bin
 kver=6.1.0-57-cloud-arm64
@@ -26,7 +41,11 @@ need() { command -v "$1" >/dev/null || { echo "tests/vm/build.sh: $1 is missing 
 need qemu-system-aarch64 qemu-system-arm; need mkimage u-boot-tools; need mkenvimage u-boot-tools
 need sgdisk gdisk; need mkfs.ext4 e2fsprogs; need cpio cpio; need depmod kmod; need zstd zstd
 [ -f "$uboot" ] || { echo "tests/vm/build.sh: $uboot is missing (apt-get install u-boot-qemu)" >&2; exit 2; }
-[ -x "$agent" ] || { echo "tests/vm/build.sh: no ARM64 agent at $agent: cargo build --profile agent-dist --target aarch64-unknown-linux-musl -p ota-agent" >&2; exit 2; }
+if [ "$flavor" = systemd ]; then
+  [ -x "$agent" ] || { echo "tests/vm/build.sh: no test-hooks ARM64 agent at $agent (scripts/build-vm-agents.sh builds it)" >&2; exit 2; }
+else
+  [ -x "$agent" ] || { echo "tests/vm/build.sh: no ARM64 agent at $agent: cargo build --profile agent-dist --target aarch64-unknown-linux-musl -p ota-agent" >&2; exit 2; }
+fi
 [ -x "$server" ] || { echo "tests/vm/build.sh: no ota-server at $server (cargo build -p ota-server)" >&2; exit 2; }
 
 # Debian arm64 packages, through apt with its own lists and cache.
@@ -37,6 +56,14 @@ apt_o=(-o "Dir::State::Lists=$apt_dir/lists" -o "Dir::State::status=$apt_dir/sta
   -o "Dir::Cache=$apt_dir" -o APT::Architecture=arm64 -o APT::Architectures::=arm64
   -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
 pkgs=(linux-image-$kver busybox-static libubootenv-tool libubootenv0.1 zlib1g libc6 ca-certificates)
+# systemd 252 and what it, libsystemd-shared and dbus-daemon link
+# (aarch64-linux-gnu-readelf -d: NEEDED), nothing more: no udev (devtmpfs
+# has the nodes; nothing here waits for a .device unit).
+sd_pkgs=(systemd libsystemd-shared libacl1 libapparmor1 libaudit1 libcap-ng0 libblkid1 libcap2 libcrypt1
+  libgcrypt20 libgpg-error0 libip4tc2 libkmod2 liblz4-1 liblzma5 libmount1 libpam0g libpcre2-8-0
+  libseccomp2 libselinux1 libzstd1 libssl3 libgcc-s1 dbus dbus-daemon dbus-system-bus-common libdbus-1-3
+  libexpat1 libsystemd0)
+[ "$flavor" = systemd ] && pkgs+=("${sd_pkgs[@]}")
 if [ -z "$(find "$apt_dir/lists" -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
   apt-get "${apt_o[@]}" -qq update >&2
 fi
@@ -51,7 +78,7 @@ done
   ls "${p}_"*"${v#*:}"_*.deb >/dev/null 2>&1 || apt-get "${apt_o[@]}" -qq download "$pv" >&2
 done)
 
-key=$( { printf '%s\n' "${vers[@]}"; sha256sum "$uboot" "$agent" "$here"/* "$root/deploy/uboot/boot.cmd" | cut -c1-64; } | sha256sum | cut -c1-16)
+key=$prefix$( { printf '%s\n' "$flavor" "${vers[@]}"; { find "$here" -type f | LC_ALL=C sort; printf '%s\n' "$uboot" "$agent" "$root/deploy/uboot/boot.cmd" "$root/deploy/ota-agent.service"; } | xargs sha256sum | cut -c1-64; } | sha256sum | cut -c1-16)
 out=$cache/$key
 if [ -f "$out/done" ]; then echo "$out"; exit 0; fi
 echo "building the VM into $out" >&2
@@ -64,6 +91,10 @@ deb() { ls "$cache/debs/${1}_"*.deb | tail -1; }
 mkdir -p "$w/k" "$w/u"
 dpkg-deb -x "$(deb "linux-image-$kver")" "$w/k"
 for p in busybox-static libubootenv-tool libubootenv0.1 zlib1g libc6 ca-certificates; do dpkg-deb -x "$(deb "$p")" "$w/u"; done
+if [ "$flavor" = systemd ]; then
+  mkdir -p "$w/sd"
+  for p in libc6 zlib1g "${sd_pkgs[@]}"; do dpkg-deb -x "$(deb "$p")" "$w/sd"; done
+fi
 depmod -b "$w/k" "$kver"
 mkdir -p "$w/initrd/bin" "$w/initrd/modules" "$w/initrd/proc" "$w/initrd/sys" "$w/initrd/dev"
 cp "$w/u/bin/busybox" "$w/initrd/bin/busybox"
@@ -111,12 +142,16 @@ zstd -q -d -c "$(ls "$w/k/boot/vmlinuz-$kver")" > "$r/boot/Image" 2>/dev/null ||
   cp "$w/k/boot/vmlinuz-$kver" "$r/boot/Image"
 cp "$w/initrd.img" "$r/boot/initrd.img"
 slot_mb=48
+if [ "$flavor" = systemd ]; then
+  slot_mb=112
+  . "$here/systemd/rootfs.sh"
+fi
 mkslot() { # name version health-check-body [init-override]
   local d=$w/slot-$1
   rm -rf "$d"; cp -a "$r" "$d"
   echo "$2" > "$d/etc/ota-version"
   printf '#!/bin/sh\n%s\n' "$3" > "$d/etc/ota-agent/health-check"; chmod 755 "$d/etc/ota-agent/health-check"
-  if [ -n "${4:-}" ]; then printf '#!/bin/sh\n%s\n' "$4" > "$d/sbin/init"; chmod 755 "$d/sbin/init"; fi
+  if [ -n "${4:-}" ]; then rm -f "$d/sbin/init"; printf '#!/bin/sh\n%s\n' "$4" > "$d/sbin/init"; chmod 755 "$d/sbin/init"; fi
   # A release changes files, not only the version: a real delta to apply.
   head -c 2000000 /dev/zero | tr '\0' "${2:0:1}" > "$d/etc/payload-$2"
   E2FSPROGS_FAKE_TIME=1700000000 mkfs.ext4 -q -F -L "slot-$2" -U clear -E root_owner=0:0,hash_seed=00000000-0000-0000-0000-000000000000 \
@@ -137,7 +172,7 @@ mkenvimage -r -s 0x20000 -o "$w/env1.img" "$w/env.txt"
 cp "$w/env1.img" "$out.tmp/env-copy.img"
 mkfs.ext4 -q -F -L data "$w/data.img" 16M
 d=$out.tmp/disk.img
-truncate -s 140M "$d"
+truncate -s $((slot_mb * 2 + 28))M "$d"
 sgdisk -o \
   -n 1:2048:+4M -c 1:boot -A 1:set:2 \
   -n 2:0:+${slot_mb}M -c 2:rootfs-a \
@@ -153,6 +188,7 @@ cp "$uboot" "$out.tmp/u-boot.bin"
 rm -rf "$w"
 touch "$out.tmp/done"
 mv "$out.tmp" "$out"
-# Older builds go (only the current one is ever used).
-find "$cache" -mindepth 1 -maxdepth 1 -type d -not -name apt -not -name debs -not -name "$key" -exec rm -rf {} +
+# Older builds of this flavour go (only the current one is ever used).
+if [ -n "$prefix" ]; then sel=(-name "${prefix}*"); else sel=(-not -name "sd-*"); fi
+find "$cache" -mindepth 1 -maxdepth 1 -type d -not -name apt -not -name debs -not -name "$key" "${sel[@]}" -exec rm -rf {} +
 echo "$out" >&3

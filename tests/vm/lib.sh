@@ -27,7 +27,7 @@ cleanup() {
 # slot image VARIANT), started. Release data is built once per VM build and
 # copied (sled data dir of a stopped server) for the next scenario.
 vm_setup() {
-  vm=$("$here/build.sh") || die "building the VM failed"
+  vm=$("$here/build.sh" "${flavor:-busybox}") || die "building the VM failed"
   work=$(mktemp -d "${TMPDIR:-/tmp}/ota-vm.XXXXXX")
   trap cleanup EXIT
   cp --sparse=always "$vm/disk.img" "$work/disk.img"
@@ -75,12 +75,16 @@ server_start() {
 # Power on: U-Boot from Debian's u-boot-qemu, one virtio disk, user-mode
 # network restricted to one forward: 10.0.2.100:80 in the guest is the
 # server on the host's loopback (socat per connection); nothing else.
+# With $gate set, a connection reaches the server only while the file
+# $gate exists (it is closed at once otherwise: the server "unreachable").
 power_on() {
+  local fwd="socat STDIO TCP:${addr}"
+  [ -n "${gate:-}" ] && fwd="sh -c 'test -e $gate && exec socat STDIO TCP:${addr}'"
   echo "==== power on at $(now)s" >> "$work/console.log"
   qemu-system-aarch64 -M virt -cpu cortex-a57 -smp 1 -m 384 -nographic -monitor none \
     -bios "$vm/u-boot.bin" \
     -drive "if=none,file=$work/disk.img,format=raw,id=d,cache=writeback" -device virtio-blk-device,drive=d \
-    -netdev "user,id=n,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:socat STDIO TCP:${addr}" \
+    -netdev "user,id=n,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:${fwd}" \
     -device virtio-net-device,netdev=n < /dev/null >> "$work/console.log" 2>&1 &
   qemu_pid=$!
 }

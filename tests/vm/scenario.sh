@@ -11,11 +11,14 @@
 #                                      the update with CUTS (default 1) power cuts
 #                                      (kill -9 of QEMU) at moments drawn from SEED
 #   OTA_VM_CUTS_AT="12.5 40.1"         replay: cut at these seconds after the rollout starts
+#   tests/vm/scenario.sh systemd       systemd as PID 1 (build.sh systemd): the unit's
+#                                      Type=notify readiness, WatchdogSec= against a hung
+#                                      main loop, then v1 -> v2 rebooting through systemd
 # Prints one result line "RESULT ..." on stdout.
 set -euo pipefail
 # shellcheck source=tests/vm/lib.sh
 . "$(dirname "$0")/lib.sh"
-scenario=${1:?usage: scenario.sh good|badhealth|noboot|corrupt-env|powercut SEED [CUTS]}
+scenario=${1:?usage: scenario.sh good|badhealth|noboot|corrupt-env|systemd|powercut SEED [CUTS]}
 
 boot_and_enroll() {
   power_on
@@ -116,6 +119,10 @@ powercut)
   slot_b_is "$vm/v2.img" || die "slot B differs from 2.0 (seed $seed, cuts ${moments[*]})"
   [ "$(env_var boot_part)" = b ] && [ "$(env_var upgrade_available)" = 0 ] || die "boot state: $(host_env | tr '\n' ' ') (seed $seed)"
   echo "RESULT powercut seed=$seed cuts=${moments[*]}: survived, committed ${secs}s after rollout start, slot B == 2.0"
+  ;;
+systemd)
+  # shellcheck source=tests/vm/systemd/scenario.sh
+  . "$here/systemd/scenario.sh"
   ;;
 *) die "unknown scenario $scenario" ;;
 esac
