@@ -172,7 +172,7 @@ mkenvimage -r -s 0x20000 -o "$w/env1.img" "$w/env.txt"
 cp "$w/env1.img" "$out.tmp/env-copy.img"
 mkfs.ext4 -q -F -L data "$w/data.img" 16M
 d=$out.tmp/disk.img
-truncate -s $((slot_mb * 2 + 28))M "$d"
+truncate -s $((slot_mb * 2 + 44))M "$d"
 sgdisk -o \
   -n 1:2048:+4M -c 1:boot -A 1:set:2 \
   -n 2:0:+${slot_mb}M -c 2:rootfs-a \

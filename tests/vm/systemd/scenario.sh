@@ -60,7 +60,9 @@ clean | grep -a 'booted slot b version 2.0 .* under systemd' >/dev/null || die "
 clean | grep -a -E 'Reached target reboot.target|systemd-shutdown' >/dev/null || die "the agent's reboot did not go through systemd"
 b_ready=$(clean | sed -n '/booted slot b version 2.0/,$p' | grep -a '^ota-vm-systemd: .*NRestarts=0 .*ActiveState=active SubState=running ' | sed -n 1p)
 [ -n "$b_ready" ] || die "on slot b, systemd never reported ota-agent.service active"
+b_up=$(printf '%.1f' "$(echo "$(echo "$b_ready" | prop ActiveEnterTimestampMonotonic) / 1000000" | bc -l)")
+log "slot b (token held, no hang): ota-agent.service active at guest uptime ${b_up}s"
 sleep 2; power_cut
 slot_b_is "$vm/v2.img" || die "slot B differs from 2.0"
 [ "$(env_var boot_part)" = b ] && [ "$(env_var upgrade_available)" = 0 ] || die "boot state after commit: $(host_env | tr '\n' ' ')"
-echo "RESULT systemd: Type=notify: activating until the agent enrolled, active at guest uptime ${boot_to_ready}s; watchdog: hung main loop killed by systemd (Watchdog timeout), restarted (NRestarts=1) and ready ${wd_secs}s after the hang; then v1 -> v2 through systemctl reboot committed ${secs}s after rollout start, slot B == 2.0"
+echo "RESULT systemd: Type=notify: activating until the agent enrolled, active at guest uptime ${boot_to_ready}s; watchdog: hung main loop killed by systemd (Watchdog timeout), restarted (NRestarts=1) and ready ${wd_secs}s after the hang; then v1 -> v2 through systemctl reboot committed ${secs}s after rollout start, slot B == 2.0; on B the agent was ready at guest uptime ${b_up}s"
