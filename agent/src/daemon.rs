@@ -143,6 +143,9 @@ struct Agent {
     last_status_write: Mutex<Option<Instant>>,
     /// Counters of the current pool, for status and tests.
     pool_stats: Mutex<Arc<PoolStats>>,
+    /// The daemon's stop request (SIGTERM): a reboot command that fails
+    /// after it fired was stopped by the shutdown it started.
+    shutdown: CancellationToken,
 }
 
 /// Loads the trusted keys the configuration names.
@@ -243,6 +246,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
         status: Mutex::new(StatusRecord::default()),
         last_status_write: Mutex::new(None),
         pool_stats: Mutex::new(Arc::new(PoolStats::default())),
+        shutdown: shutdown.clone(),
     });
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let bg = shutdown.child_token();
@@ -599,6 +603,12 @@ async fn run_command(what: &str, cmd: &str, timeout: Duration) -> Result<(), Str
 
 /// Flushes events briefly, then runs the reboot command.
 ///
+/// A command that fails after the daemon was told to stop is the reboot
+/// under way, not a failure: `systemctl reboot` makes systemd stop the
+/// agent's whole cgroup, the `systemctl` it waits for included (SIGTERM).
+/// If no reboot follows after all, the next start re-runs it (the update
+/// record still says rebooting).
+///
 /// # Cancel safety
 /// Not cancelled by the daemon: the decision to reboot is already on disk,
 /// so a restart re-runs it.
@@ -612,6 +622,10 @@ async fn reboot(agent: &Agent) -> Result<Exit, DaemonError> {
     )
     .await
     {
+        if agent.shutdown.is_cancelled() {
+            tracing::info!("the reboot command ended with the system's shutdown ({e}): rebooting");
+            return Ok(Exit::Rebooting);
+        }
         return Err(DaemonError::Setup(e));
     }
     Ok(Exit::Rebooting)

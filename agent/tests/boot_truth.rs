@@ -98,6 +98,42 @@ async fn killed_after_the_switch_and_restarted_without_reboot_does_not_commit() 
     assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
 }
 
+/// Found under systemd in the ARM64 VM (`tests/vm/scenario.sh systemd`):
+/// `systemctl reboot` makes systemd stop the agent's cgroup, the
+/// `systemctl` the agent waits for included, so the reboot command "fails"
+/// (SIGTERM) after the agent itself got SIGTERM. That is the reboot under
+/// way: the agent must stop cleanly (exit 0), not report the reboot command
+/// failed (the unit ended `failed` on every update).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_command_stopped_by_the_shutdown_it_started_is_not_an_error() {
+    let fx = Fixture::noisy(1 << 20, 64 << 10, false);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-reboot-term"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    // As systemd does on `systemctl reboot`: SIGTERM to the agent, then to
+    // the command it is waiting for.
+    set_reboot_command(&dev, "kill -TERM $PPID; sleep 1; kill -TERM $$");
+    let st = run_to_exit(&dev, Duration::from_secs(60)).await;
+    assert!(
+        st.success(),
+        "the agent treated the shutdown its reboot started as a failed reboot: {st}"
+    );
+    let v = dev.boot_vars();
+    assert_eq!(
+        (v["boot_part"].as_str(), v["upgrade_available"].as_str()),
+        ("b", "1"),
+        "the switch happened before the reboot"
+    );
+
+    // Not stopped by a shutdown: a failing reboot command is still an error.
+    set_reboot_command(&dev, "exit 3");
+    let st = run_to_exit(&dev, Duration::from_secs(30)).await;
+    assert!(
+        !st.success(),
+        "a reboot command that failed on its own: {st}"
+    );
+}
+
 /// A power cut that loses the environment write: the device powers on
 /// again on A with an untouched environment. The agent must verify the
 /// slot again, switch again and complete (not report a rollback, not give
