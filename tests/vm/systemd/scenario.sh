@@ -58,6 +58,11 @@ wait_for 600 "the update committed" committed
 secs=$(since_rollout)
 clean | grep -a 'booted slot b version 2.0 .* under systemd' >/dev/null || die "the guest never booted slot b with 2.0 under systemd"
 clean | grep -a -E 'Reached target reboot.target|systemd-shutdown' >/dev/null || die "the agent's reboot did not go through systemd"
+# systemd stops the agent (and the `systemctl reboot` it waits for) on the
+# way down: a clean stop, not a failed unit (agent/tests/boot_truth.rs).
+if clean | grep -a -E "ota-agent.service: Failed with result 'exit-code'|reboot command .* failed" >/dev/null; then
+  die "the agent's stop during its own reboot was a failure: $(clean | grep -a -E "Failed with result 'exit-code'|reboot command .* failed" | sed -n 1p)"
+fi
 b_ready=$(clean | sed -n '/booted slot b version 2.0/,$p' | grep -a '^ota-vm-systemd: .*NRestarts=0 .*ActiveState=active SubState=running ' | sed -n 1p)
 [ -n "$b_ready" ] || die "on slot b, systemd never reported ota-agent.service active"
 b_up=$(printf '%.1f' "$(echo "$(echo "$b_ready" | prop ActiveEnterTimestampMonotonic) / 1000000" | bc -l)")
