@@ -19,7 +19,8 @@
 # libubootenv-tool and the libraries it links (and for `systemd`: systemd,
 # dbus and the libraries they link). Nothing else is downloaded.
 #
-# The systemd flavour lives in target/vm-cache/sd-<hash>/ (same files); its
+# The systemd flavour lives in target/vm-cache/sd-<hash>/ (the same files
+# but the two broken releases); its
 # slots are 112 MiB (systemd and its libraries) and run the real
 # deploy/ota-agent.service with the test drop-in from tests/vm/systemd/.
 # Its agent is a second build with the test-only hang hook: the shipped
@@ -160,8 +161,11 @@ mkslot() { # name version health-check-body [init-override]
 healthy='grep -q "ota.slot=" /proc/cmdline && fw_printenv boot_part >/dev/null'
 mkslot v1 1.0 "$healthy"
 mkslot v2 2.0 "$healthy"
-mkslot v2-badhealth 2.0 'echo "health check: this release is deliberately unhealthy" >&2; exit 1'
-mkslot v2-noboot 2.0 "$healthy" 'echo "ota-vm: this release does not boot: init exits"; exit 1'
+# (the systemd device runs only the good update: no broken releases)
+if [ "$flavor" = busybox ]; then
+  mkslot v2-badhealth 2.0 'echo "health check: this release is deliberately unhealthy" >&2; exit 1'
+  mkslot v2-noboot 2.0 "$healthy" 'echo "ota-vm: this release does not boot: init exits"; exit 1'
+fi
 
 # Boot partition (boot.scr), boot state, data; then the GPT disk.
 mkdir -p "$w/bootp"
