@@ -119,6 +119,8 @@ measure() {
   M_NS=$((t1 - t0))
   M_RSS=$(sed -n 's/^[[:space:]]*Maximum resident set size (kbytes): *//p' "$base.time" 2>/dev/null || true)
   M_RSS=${M_RSS:-0}
+  # CPU seconds (user + system): on a shared machine wall time depends on the others' load.
+  M_CPU=$(awk -F': ' '/User time \(seconds\)|System time \(seconds\)/ { t += $2 } END { printf "%.2f", t }' "$base.time" 2>/dev/null || echo 0)
 }
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : int((v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 secs() { awk -v n="$1" 'BEGIN { printf "%.3f", n / 1e9 }'; }
@@ -148,7 +150,7 @@ run_tool() {
   local old_size new_size patch=$dir/patch out=$dir/new.out
   local -a gen apply
   local status=ok note="" patch_bytes="" payload_bytes="" manifest_bytes="" verified=no
-  local gen_ns="" gen_rss="" apply_ns=() apply_rss=0 i
+  local gen_ns="" gen_rss="" gen_cpu="" apply_ns=() apply_rss=0 i
   old_size=$(stat -c %s "$old")
   new_size=$(stat -c %s "$new")
   rm -rf "$dir"
@@ -186,7 +188,7 @@ run_tool() {
 
   printf '[%s] %-11s generating ... ' "$pair" "$tool"
   measure "$dir/gen" "${gen[@]}"
-  gen_ns=$M_NS gen_rss=$M_RSS
+  gen_ns=$M_NS gen_rss=$M_RSS gen_cpu=$M_CPU
   if [ "$tool" = bsdiff ] && { [ "$M_RC" = 124 ] || [ "$M_RC" = 137 ]; }; then
     status=timeout note="did not finish in $BSDIFF_TIMEOUT s"
     echo "$note"
@@ -236,9 +238,9 @@ run_tool() {
   fi
 
   local IFS=,
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
     "$pair" "$tool" "$status" "$patch_bytes" "$payload_bytes" "$manifest_bytes" \
-    "$gen_ns" "$gen_rss" "${apply_ns[*]}" "$apply_rss" "$verified" "$old_size" "$new_size" "$note" >>"$ROWS"
+    "$gen_ns" "$gen_rss" "${apply_ns[*]}" "$apply_rss" "$verified" "$old_size" "$new_size" "$gen_cpu" "$note" >>"$ROWS"
 }
 
 echo "delta-bench: corpus $CORPUS, results in $OUT"
@@ -284,7 +286,7 @@ if os.path.exists(os.path.join(out, "pystartup.tsv")):
     py_startup = (int(ns) / 1e9, int(kib))
 versions = dict(l.rstrip("\n").split("\t", 1) for l in open(os.path.join(out, "versions.tsv")))
 cols = ["pair", "tool", "status", "patch_bytes", "payload_bytes", "manifest_bytes", "gen_ns",
-        "gen_rss_kib", "apply_ns", "apply_rss_kib", "verified", "old_bytes", "new_bytes", "note"]
+        "gen_rss_kib", "apply_ns", "apply_rss_kib", "verified", "old_bytes", "new_bytes", "gen_cpu_s", "note"]
 rows = []
 for line in open(os.path.join(out, "rows.tsv")):
     r = dict(zip(cols, line.rstrip("\n").split("\t")))
@@ -297,6 +299,7 @@ for line in open(os.path.join(out, "rows.tsv")):
         "old_bytes": num("old_bytes"), "new_bytes": num("new_bytes"),
         "gen_s": num("gen_ns") / 1e9 if r["gen_ns"] else None,
         "gen_peak_rss_kib": num("gen_rss_kib"),
+        "gen_cpu_s": float(r["gen_cpu_s"]) if r["gen_cpu_s"] else None,
         "apply_s_runs": [n / 1e9 for n in apply_ns],
         "apply_s": statistics.median(apply_ns) / 1e9 if apply_ns else None,
         "apply_peak_rss_kib": num("apply_rss_kib") if apply_ns else None,
@@ -314,8 +317,8 @@ for r in rows:
     r["apply_mib_per_s"] = (r["new_bytes"] / 2**20 / r["apply_s"]) if r["apply_s"] else None
 
 f = lambda v, fmt: "—" if v is None else format(v, fmt)
-md = ["| pair | tool | patch bytes | x ours | gen s | gen peak RSS MiB | apply s (median of %d) | apply peak RSS MiB | verified |" % apply_runs,
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+md = ["| pair | tool | patch bytes | x ours | gen s | gen CPU s | gen peak RSS MiB | apply s (median of %d) | apply peak RSS MiB | verified |" % apply_runs,
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 for r in rows:
     if r["status"] == "timeout":
         patch = r["note"]
@@ -327,7 +330,7 @@ for r in rows:
             patch += f" ({r['payload_bytes']:,} payload + {r['manifest_bytes']:,} manifest)"
     gen_rss = None if r["status"] == "timeout" else r["gen_peak_rss_kib"] / 1024 if r["gen_peak_rss_kib"] is not None else None
     verified = "yes" if r["verified"] else ("—" if r["status"] == "timeout" else f"**NO** ({r['status']})")
-    md.append(f"| {r['pair']} | {r['tool']} | {patch} | {f(r['x_ours'], '.2f')} | {f(r['gen_s'], '.2f')} | "
+    md.append(f"| {r['pair']} | {r['tool']} | {patch} | {f(r['x_ours'], '.2f')} | {f(r['gen_s'], '.2f')} | {f(r['gen_cpu_s'], '.2f')} | "
               f"{f(gen_rss, '.1f')} | {f(r['apply_s'], '.3f')} | "
               f"{f(r['apply_peak_rss_kib'] / 1024 if r['apply_peak_rss_kib'] is not None else None, '.1f')} | {verified} |")
 
@@ -350,12 +353,16 @@ for pair in pairs:
         parts.append(f"ours/HDiffPatch best ({best['tool']}) size {s['ours_over_hdiff_best']:.3f}")
         fastest = min(hd, key=lambda r: r["gen_s"])
         s["ours_gen_over_hdiff"] = o["gen_s"] / fastest["gen_s"]
-        parts.append(f"gen time ours/HDiffPatch ({fastest['tool']}) {s['ours_gen_over_hdiff']:.2f}")
+        s["ours_gen_cpu_over_hdiff"] = o["gen_cpu_s"] / fastest["gen_cpu_s"]
+        parts.append(f"gen time ours/HDiffPatch ({fastest['tool']}) {s['ours_gen_over_hdiff']:.2f} wall, "
+                     f"{s['ours_gen_cpu_over_hdiff']:.2f} CPU")
     base = by.get((pair, "ours-base"))
     if ob and base and base["status"] == "ok":
         s["ours_over_base_size"] = ob / base["patch_bytes"]
         s["ours_over_base_gen"] = o["gen_s"] / base["gen_s"]
-        parts.append(f"ours/ours-base size {s['ours_over_base_size']:.4f}, gen time {s['ours_over_base_gen']:.2f}")
+        s["ours_over_base_gen_cpu"] = o["gen_cpu_s"] / base["gen_cpu_s"]
+        parts.append(f"ours/ours-base size {s['ours_over_base_size']:.4f}, gen time {s['ours_over_base_gen']:.2f} wall, "
+                     f"{s['ours_over_base_gen_cpu']:.2f} CPU")
     if o and o["apply_mib_per_s"]:
         s["ours_apply_mib_per_s"] = o["apply_mib_per_s"]
         txt = f"ours apply {o['apply_mib_per_s']:.1f} MiB/s"

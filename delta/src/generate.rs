@@ -17,7 +17,7 @@
 //!
 //! Zero blocks are neither indexed nor diffed: they become `ZERO` runs, and
 //! each bsdiff window is kept to a few MiB, so that the match search (see
-//! [`crate::suffix_diff`]: bsdiff's algorithm over a divsufsort suffix array)
+//! [`crate::suffix_diff`]: bsdiff's algorithm over a libsais suffix array)
 //! never meets the whole-image inputs where plain bsdiff runs for hours.
 //!
 //! # Memory bound

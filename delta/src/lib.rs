@@ -17,7 +17,7 @@
 //!   smallest of `REPLACE` and `BSDIFF` against the source window where its
 //!   content lives.
 //! - [`suffix_diff`] (feature `generate`): bsdiff's match search over a
-//!   divsufsort suffix array, writing the streams `patch_streams` stores.
+//!   libsais suffix array, writing the streams `patch_streams` stores.
 //!
 //! The format itself (manifest, envelope, limits) lives in `ota-format`.
 
