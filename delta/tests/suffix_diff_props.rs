@@ -44,7 +44,9 @@ fn structured(len: usize, seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
     let mut i = seed;
     while out.len() < len {
-        i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        i = i
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         match i >> 61 {
             0 => out.extend(std::iter::repeat_n(0u8, (i >> 20) as usize % 3000)),
             1 | 2 => out.extend_from_slice(&(out.len() as u32).to_le_bytes()),
@@ -149,8 +151,7 @@ fn patches_are_no_bigger_than_the_bsdiff_crates() {
         .unwrap();
         let mut patch = Vec::new();
         bsdiff::diff(&old, &new, &mut patch).unwrap();
-        let theirs =
-            patch_streams::compress(&patch_streams::split(&patch).unwrap(), 9).unwrap();
+        let theirs = patch_streams::compress(&patch_streams::split(&patch).unwrap(), 9).unwrap();
         assert!(
             ours.len() * 100 <= theirs.len() * 101,
             "seed {seed}: {} bytes against the bsdiff crate's {}",
