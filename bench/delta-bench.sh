@@ -4,6 +4,7 @@
 #
 #   bench/delta-bench.sh [--corpus DIR] [--out DIR] [--pairs "libcrypto ..."] [--tools "ours ..."]
 #                        [--bsdiff-timeout SECONDS] [--apply-runs N] [--no-build]
+#                        [--base-server PATH]
 #
 # For each pair and tool: patch size, generation wall time and peak RSS, apply wall time (median of
 # --apply-runs runs) and peak RSS, and a byte-for-byte check of every applied output against `new`.
@@ -13,7 +14,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ALL_PAIRS="libcrypto ruff-arm64 containerd rootfs"
-ALL_TOOLS="ours bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
+ALL_TOOLS="ours ours-base bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
 
 CORPUS=$ROOT/target/corpus
 OUT=$ROOT/target/bench
@@ -22,6 +23,7 @@ TOOLS=$ALL_TOOLS
 BSDIFF_TIMEOUT=1800
 APPLY_RUNS=3
 BUILD=1
+BASE_SERVER=
 
 usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 die() { echo "delta-bench: $*" >&2; exit 2; }
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
     --bsdiff-timeout) BSDIFF_TIMEOUT=${2:?--bsdiff-timeout needs seconds}; shift 2 ;;
     --apply-runs) APPLY_RUNS=${2:?--apply-runs needs a number}; shift 2 ;;
     --no-build) BUILD=0; shift ;;
+    --base-server) BASE_SERVER=${2:?--base-server needs an ota-server binary}; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -49,6 +52,13 @@ read -r -a TOOLS <<<"$TOOLS"
 for p in "${PAIRS[@]}"; do [[ " $ALL_PAIRS " == *" $p "* ]] || die "unknown pair '$p' (known: $ALL_PAIRS)"; done
 for t in "${TOOLS[@]}"; do [[ " $ALL_TOOLS " == *" $t "* ]] || die "unknown tool '$t' (known: $ALL_TOOLS)"; done
 has_tool() { [[ " ${TOOLS[*]} " == *" $1 "* ]]; }
+# ours-base: another build of ota-server (e.g. main's, before a change) generating with the same
+# settings, its payload applied by this tree's agent: before/after figures in one run.
+if has_tool ours-base; then
+  [ -n "$BASE_SERVER" ] || die "tool ours-base needs --base-server PATH (an ota-server binary to compare with)"
+  [ -x "$BASE_SERVER" ] || die "--base-server $BASE_SERVER is not an executable"
+  has_tool ours || die "tool ours-base is compared with ours: select both"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Dependencies: Debian packages, the hdiffpatch Python module, our release binaries, the corpus.
@@ -109,6 +119,8 @@ measure() {
   M_NS=$((t1 - t0))
   M_RSS=$(sed -n 's/^[[:space:]]*Maximum resident set size (kbytes): *//p' "$base.time" 2>/dev/null || true)
   M_RSS=${M_RSS:-0}
+  # CPU seconds (user + system): on a shared machine wall time depends on the others' load.
+  M_CPU=$(awk -F': ' '/User time \(seconds\)|System time \(seconds\)/ { t += $2 } END { printf "%.2f", t }' "$base.time" 2>/dev/null || echo 0)
 }
 median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : int((v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 secs() { awk -v n="$1" 'BEGIN { printf "%.3f", n / 1e9 }'; }
@@ -138,7 +150,7 @@ run_tool() {
   local old_size new_size patch=$dir/patch out=$dir/new.out
   local -a gen apply
   local status=ok note="" patch_bytes="" payload_bytes="" manifest_bytes="" verified=no
-  local gen_ns="" gen_rss="" apply_ns=() apply_rss=0 i
+  local gen_ns="" gen_rss="" gen_cpu="" apply_ns=() apply_rss=0 i
   old_size=$(stat -c %s "$old")
   new_size=$(stat -c %s "$new")
   rm -rf "$dir"
@@ -150,8 +162,10 @@ run_tool() {
   if [ "$old_size" -gt $((64 << 20)) ]; then xd_b=(-B $(((old_size + (1 << 20) - 1) >> 20 << 20))); fi
 
   case $tool in
-    ours)
-      gen=("$SERVER" delta --from "$old" --from-version 1 --to "$new" --to-version 2
+    ours|ours-base)
+      local server=$SERVER
+      if [ "$tool" = ours-base ]; then server=$BASE_SERVER; fi
+      gen=("$server" delta --from "$old" --from-version 1 --to "$new" --to-version 2
            --key "$KEYDIR/ota-signing.key" --out "$dir/update" --no-progress)
       apply=("$AGENT" apply --manifest "$dir/update/manifest.json" --payload "$dir/update/payload.bin"
              --pubkey "$KEYDIR/ota-signing.pub" --source "$old" --out "$out" --no-progress) ;;
@@ -174,7 +188,7 @@ run_tool() {
 
   printf '[%s] %-11s generating ... ' "$pair" "$tool"
   measure "$dir/gen" "${gen[@]}"
-  gen_ns=$M_NS gen_rss=$M_RSS
+  gen_ns=$M_NS gen_rss=$M_RSS gen_cpu=$M_CPU
   if [ "$tool" = bsdiff ] && { [ "$M_RC" = 124 ] || [ "$M_RC" = 137 ]; }; then
     status=timeout note="did not finish in $BSDIFF_TIMEOUT s"
     echo "$note"
@@ -185,7 +199,7 @@ run_tool() {
     show_log "$dir/gen.log"
     FAILED=1
   else
-    if [ "$tool" = ours ]; then
+    if [ "$tool" = ours ] || [ "$tool" = ours-base ]; then
       payload_bytes=$(stat -c %s "$dir/update/payload.bin")
       manifest_bytes=$(stat -c %s "$dir/update/manifest.json")
       patch_bytes=$((payload_bytes + manifest_bytes))
@@ -224,12 +238,13 @@ run_tool() {
   fi
 
   local IFS=,
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
     "$pair" "$tool" "$status" "$patch_bytes" "$payload_bytes" "$manifest_bytes" \
-    "$gen_ns" "$gen_rss" "${apply_ns[*]}" "$apply_rss" "$verified" "$old_size" "$new_size" "$note" >>"$ROWS"
+    "$gen_ns" "$gen_rss" "${apply_ns[*]}" "$apply_rss" "$verified" "$old_size" "$new_size" "$gen_cpu" "$note" >>"$ROWS"
 }
 
 echo "delta-bench: corpus $CORPUS, results in $OUT"
+cut -d' ' -f1-3 /proc/loadavg >"$OUT/load.txt"
 echo "delta-bench: pairs ${PAIRS[*]}; tools ${TOOLS[*]}; bsdiff timeout $BSDIFF_TIMEOUT s; $APPLY_RUNS apply runs"
 for pair in "${PAIRS[@]}"; do
   for tool in "${TOOLS[@]}"; do
@@ -239,6 +254,7 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # Report: OUT/results.md (printed) and OUT/results.json.
+cut -d' ' -f1-3 /proc/loadavg >>"$OUT/load.txt"
 versions() {
   local p
   for p in bsdiff xdelta3 zstd time; do
@@ -270,7 +286,7 @@ if os.path.exists(os.path.join(out, "pystartup.tsv")):
     py_startup = (int(ns) / 1e9, int(kib))
 versions = dict(l.rstrip("\n").split("\t", 1) for l in open(os.path.join(out, "versions.tsv")))
 cols = ["pair", "tool", "status", "patch_bytes", "payload_bytes", "manifest_bytes", "gen_ns",
-        "gen_rss_kib", "apply_ns", "apply_rss_kib", "verified", "old_bytes", "new_bytes", "note"]
+        "gen_rss_kib", "apply_ns", "apply_rss_kib", "verified", "old_bytes", "new_bytes", "gen_cpu_s", "note"]
 rows = []
 for line in open(os.path.join(out, "rows.tsv")):
     r = dict(zip(cols, line.rstrip("\n").split("\t")))
@@ -283,6 +299,7 @@ for line in open(os.path.join(out, "rows.tsv")):
         "old_bytes": num("old_bytes"), "new_bytes": num("new_bytes"),
         "gen_s": num("gen_ns") / 1e9 if r["gen_ns"] else None,
         "gen_peak_rss_kib": num("gen_rss_kib"),
+        "gen_cpu_s": float(r["gen_cpu_s"]) if r["gen_cpu_s"] else None,
         "apply_s_runs": [n / 1e9 for n in apply_ns],
         "apply_s": statistics.median(apply_ns) / 1e9 if apply_ns else None,
         "apply_peak_rss_kib": num("apply_rss_kib") if apply_ns else None,
@@ -300,8 +317,8 @@ for r in rows:
     r["apply_mib_per_s"] = (r["new_bytes"] / 2**20 / r["apply_s"]) if r["apply_s"] else None
 
 f = lambda v, fmt: "—" if v is None else format(v, fmt)
-md = ["| pair | tool | patch bytes | x ours | gen s | gen peak RSS MiB | apply s (median of %d) | apply peak RSS MiB | verified |" % apply_runs,
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+md = ["| pair | tool | patch bytes | x ours | gen s | gen CPU s | gen peak RSS MiB | apply s (median of %d) | apply peak RSS MiB | verified |" % apply_runs,
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
 for r in rows:
     if r["status"] == "timeout":
         patch = r["note"]
@@ -309,11 +326,11 @@ for r in rows:
         patch = "FAILED: " + (r["note"] or r["status"])
     else:
         patch = f"{r['patch_bytes']:,}"
-        if r["tool"] == "ours":
+        if r["tool"] in ("ours", "ours-base"):
             patch += f" ({r['payload_bytes']:,} payload + {r['manifest_bytes']:,} manifest)"
     gen_rss = None if r["status"] == "timeout" else r["gen_peak_rss_kib"] / 1024 if r["gen_peak_rss_kib"] is not None else None
     verified = "yes" if r["verified"] else ("—" if r["status"] == "timeout" else f"**NO** ({r['status']})")
-    md.append(f"| {r['pair']} | {r['tool']} | {patch} | {f(r['x_ours'], '.2f')} | {f(r['gen_s'], '.2f')} | "
+    md.append(f"| {r['pair']} | {r['tool']} | {patch} | {f(r['x_ours'], '.2f')} | {f(r['gen_s'], '.2f')} | {f(r['gen_cpu_s'], '.2f')} | "
               f"{f(gen_rss, '.1f')} | {f(r['apply_s'], '.3f')} | "
               f"{f(r['apply_peak_rss_kib'] / 1024 if r['apply_peak_rss_kib'] is not None else None, '.1f')} | {verified} |")
 
@@ -334,6 +351,18 @@ for pair in pairs:
         s["ours_over_hdiff_best"] = ob / best["patch_bytes"]
         s["hdiff_best_tool"] = best["tool"]
         parts.append(f"ours/HDiffPatch best ({best['tool']}) size {s['ours_over_hdiff_best']:.3f}")
+        fastest = min(hd, key=lambda r: r["gen_s"])
+        s["ours_gen_over_hdiff"] = o["gen_s"] / fastest["gen_s"]
+        s["ours_gen_cpu_over_hdiff"] = o["gen_cpu_s"] / fastest["gen_cpu_s"]
+        parts.append(f"gen time ours/HDiffPatch ({fastest['tool']}) {s['ours_gen_over_hdiff']:.2f} wall, "
+                     f"{s['ours_gen_cpu_over_hdiff']:.2f} CPU")
+    base = by.get((pair, "ours-base"))
+    if ob and base and base["status"] == "ok":
+        s["ours_over_base_size"] = ob / base["patch_bytes"]
+        s["ours_over_base_gen"] = o["gen_s"] / base["gen_s"]
+        s["ours_over_base_gen_cpu"] = o["gen_cpu_s"] / base["gen_cpu_s"]
+        parts.append(f"ours/ours-base size {s['ours_over_base_size']:.4f}, gen time {s['ours_over_base_gen']:.2f} wall, "
+                     f"{s['ours_over_base_gen_cpu']:.2f} CPU")
     if o and o["apply_mib_per_s"]:
         s["ours_apply_mib_per_s"] = o["apply_mib_per_s"]
         txt = f"ours apply {o['apply_mib_per_s']:.1f} MiB/s"
@@ -344,6 +373,8 @@ for pair in pairs:
         parts.append(txt)
     summary[pair] = s
     lines.append(f"- {pair}: " + ("; ".join(parts) if parts else "—"))
+lines += ["", "Load average before / after the run (2-core machine; other work skews times, not sizes): "
+          + open(os.path.join(out, "load.txt")).read().strip().replace("\n", " / ")]
 lines += ["", "Apply times are the median of %d runs (MiB/s = new size / that median). "
           "`ota-agent apply` also checks the signature and SHA-256 of source and output and fsyncs its output; "
           "the others do not." % apply_runs]

@@ -15,19 +15,21 @@
 //!    vote for the source regions it came from. Those regions (not a
 //!    same-offset window) are the `BSDIFF` source extents.
 //!
-//! Zero blocks are neither indexed nor diffed: they become `ZERO` runs. That,
-//! and keeping each bsdiff window to a few MiB, is what keeps bsdiff's suffix
-//! sort away from the degenerate inputs (long zero runs, whole images) where
-//! it takes hours.
+//! Zero blocks are neither indexed nor diffed: they become `ZERO` runs, and
+//! each bsdiff window is kept to a few MiB, so that the match search (see
+//! [`crate::suffix_diff`]: bsdiff's algorithm over a libsais suffix array)
+//! never meets the whole-image inputs where plain bsdiff runs for hours.
 //!
 //! # Memory bound
 //!
 //! `16 B × source_size / 4 KiB` (block index) + at most [`MAX_ANCHORS`] × 16 B
 //! (64 MiB anchor index) + `16 B × target_size / 4 KiB` (block classes) + per
-//! worker thread about `17 × window + chunk` (bsdiff's suffix array) plus a
-//! zstd level-19 context, and one batch of compressed outputs. For a 4 GiB
-//! image pair at the defaults this is about 350 MiB whatever the content;
-//! nothing holds a whole image.
+//! worker thread about `5 × window + 3 × chunk` (the window, its 4-byte
+//! suffix array, the chunk and its diff and extra streams) plus a zstd
+//! level-19 context, and one batch of compressed outputs. For a 4 GiB image
+//! pair at the defaults this is about 300 MiB whatever the content (the
+//! `bsdiff` crate's qsufsort needed `17 × window` per thread: 48 MiB more
+//! per thread at the default 4 MiB window); nothing holds a whole image.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -44,6 +46,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::apply::hash_range;
 use crate::io::ReadAt;
 use crate::patch_streams;
+use crate::suffix_diff;
 
 /// Block size of the block index and of run detection. ext4, and most
 /// filesystems on flash, allocate in 4 KiB blocks.
@@ -796,11 +799,7 @@ fn build_data_op(
                             .map_err(io_err("reading the source image"))?;
                         at += e.length as usize;
                     }
-                    let mut patch = Vec::new();
-                    bsdiff::diff(&old, &chunk, &mut patch).map_err(io_err("running bsdiff"))?;
-                    let streams = patch_streams::split(&patch)
-                        .map_err(io_err("splitting the bsdiff patch"))?;
-                    drop(patch);
+                    let streams = patch_streams::from_streams(suffix_diff::diff(&old, &chunk));
                     let patch = patch_streams::compress(&streams, opts.zstd_level)
                         .map_err(io_err("compressing with zstd"))?;
                     tracing::debug!(

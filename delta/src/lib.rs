@@ -16,6 +16,8 @@
 //!   of zero, moved and changed blocks, and picks for each changed chunk the
 //!   smallest of `REPLACE` and `BSDIFF` against the source window where its
 //!   content lives.
+//! - [`suffix_diff`] (feature `generate`): bsdiff's match search over a
+//!   libsais suffix array, writing the streams `patch_streams` stores.
 //!
 //! The format itself (manifest, envelope, limits) lives in `ota-format`.
 
@@ -24,5 +26,7 @@ pub mod apply;
 pub mod generate;
 pub mod io;
 pub mod patch_streams;
+#[cfg(feature = "generate")]
+pub mod suffix_diff;
 
 pub use apply::{ApplyError, apply_image, apply_operation, verify_operation_output};

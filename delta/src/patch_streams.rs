@@ -14,8 +14,9 @@
 //! in fixed-width fields, so each byte plane is nearly constant and the
 //! control stream compresses about 25 % smaller than entry by entry.
 //!
-//! [`split`] is used by the generator; [`Interleaved`] re-creates the bsdiff
-//! patch stream for `bsdiff::patch` without materialising it.
+//! [`from_streams`] is used by the generator ([`split`] does the same for a
+//! patch of the `bsdiff` crate); [`Interleaved`] re-creates the bsdiff patch
+//! stream for `bsdiff::patch` without materialising it.
 
 use std::io::{self, Read, Write};
 
@@ -37,6 +38,13 @@ pub fn split(patch: &[u8]) -> io::Result<[Vec<u8>; 3]> {
         rest = &rest[copy..];
     }
     Ok([transpose(&ctrl, CTRL_LEN), diff, extra])
+}
+
+/// The streams of a patch made by [`crate::suffix_diff::diff`], laid out as
+/// [`split`] lays out a `bsdiff::diff` patch (control entries transposed).
+#[cfg(feature = "generate")]
+pub fn from_streams(s: crate::suffix_diff::Streams) -> [Vec<u8>; 3] {
+    [transpose(&s.ctrl, CTRL_LEN), s.diff, s.extra]
 }
 
 /// Size of one bsdiff control entry.
