@@ -8,12 +8,19 @@
 //! scale-out deployment then issues the same `issued_at` for the same period,
 //! and a device that talks to two replicas never sees time go backwards
 //! (which it would refuse as a replay).
+//!
+//! Every check-in reads the cache, so the read path takes no lock and
+//! copies nothing: the cache is an [`ArcSwap`] replaced whole on the rare
+//! re-signing, and each entry keeps the envelope's JSON, serialised once,
+//! which the check-in answer embeds as it is ([`Statement::json`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use ota_format::{Envelope, Freshness};
+use serde_json::value::RawValue;
 use tracing::{debug, warn};
 
 use crate::releases::Releases;
@@ -25,20 +32,28 @@ struct Cached {
     window: Duration,
     generation: u64,
     signers: Arc<crate::signing::Signers>,
-    env: Arc<Envelope>,
+    statement: Statement,
+}
+
+/// A signed statement, and its JSON as check-in answers carry it.
+#[derive(Clone, Debug)]
+pub struct Statement {
+    pub envelope: Arc<Envelope>,
+    /// `envelope` serialised (what `serde_json::to_string` gives for it).
+    pub json: Arc<RawValue>,
 }
 
 /// Signs and caches the statements.
 pub struct FreshnessService {
     signers: SignerSlot,
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: ArcSwap<HashMap<String, Cached>>,
 }
 
 impl FreshnessService {
     pub fn new(signers: SignerSlot) -> FreshnessService {
         FreshnessService {
             signers,
-            cache: Mutex::new(HashMap::new()),
+            cache: ArcSwap::from_pointee(HashMap::new()),
         }
     }
 
@@ -55,7 +70,7 @@ impl FreshnessService {
         releases: &Releases,
         device_type: &str,
         window: Duration,
-    ) -> Option<Arc<Envelope>> {
+    ) -> Option<Statement> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -64,13 +79,13 @@ impl FreshnessService {
         let period = now - now % step;
         let generation = releases.generation();
         let signers = self.signers.load_full();
-        if let Some(c) = self.cache.lock().unwrap().get(device_type)
+        if let Some(c) = self.cache.load().get(device_type)
             && c.period == period
             && c.window == window
             && c.generation == generation
             && Arc::ptr_eq(&c.signers, &signers)
         {
-            return Some(c.env.clone());
+            return Some(c.statement.clone());
         }
         let (latest, counter) = releases.latest(device_type);
         let statement = Freshness::new(
@@ -86,19 +101,35 @@ impl FreshnessService {
         };
         match signed {
             Ok(Ok(env)) => {
-                let env = Arc::new(env);
+                let json = match serde_json::value::to_raw_value(&env) {
+                    Ok(j) => Arc::<RawValue>::from(j),
+                    Err(e) => {
+                        warn!(error = %e, "serialising the freshness statement failed");
+                        return None;
+                    }
+                };
+                let statement = Statement {
+                    envelope: Arc::new(env),
+                    json,
+                };
                 debug!(device_type, period, "signed a freshness statement");
-                self.cache.lock().unwrap().insert(
-                    device_type.to_string(),
-                    Cached {
-                        period,
-                        window,
-                        generation,
-                        signers: signers.clone(),
-                        env: env.clone(),
-                    },
-                );
-                Some(env)
+                // Concurrent signers of other device types may replace
+                // the map meanwhile: `rcu` retries on the newest one.
+                self.cache.rcu(|old| {
+                    let mut m = HashMap::clone(old);
+                    m.insert(
+                        device_type.to_string(),
+                        Cached {
+                            period,
+                            window,
+                            generation,
+                            signers: signers.clone(),
+                            statement: statement.clone(),
+                        },
+                    );
+                    m
+                });
+                Some(statement)
             }
             Ok(Err(e)) => {
                 warn!(error = %e, device_type, "signing the freshness statement failed: devices that require one will not act on offers until it works");

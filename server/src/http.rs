@@ -22,8 +22,8 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Router};
 use futures_util::StreamExt;
 use ota_format::api::{
-    self, Action, ApiError, CheckinRequest, CheckinResponse, EnrollRequest, EnrollResponse,
-    EventsRequest, EventsResponse,
+    self, Action, ApiError, CheckinRequest, EnrollRequest, EnrollResponse, EventsRequest,
+    EventsResponse,
 };
 use rand::Rng;
 use serde::Deserialize;
@@ -439,6 +439,19 @@ fn jittered(base: u64, jitter: f64) -> u64 {
     ((base as f64) * f).max(100.0) as u64
 }
 
+/// A check-in answer as it goes on the wire: the same JSON as
+/// [`ota_format::api::CheckinResponse`] (agents parse it as that), but the freshness
+/// statement is the cached, already serialised envelope, neither cloned
+/// nor serialised again for every check-in.
+#[derive(serde::Serialize)]
+struct CheckinAnswer<'a> {
+    next_checkin_ms: u64,
+    #[serde(flatten)]
+    action: &'a Action,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    freshness: Option<&'a serde_json::value::RawValue>,
+}
+
 async fn checkin(
     State(app): State<Arc<App>>,
     ident: Identity,
@@ -509,12 +522,11 @@ async fn checkin(
             &dev.device_type,
             Duration::from_secs(live.freshness_secs),
         )
-        .await
-        .map(|e| (*e).clone());
-    let mut resp = axum::Json(CheckinResponse {
+        .await;
+    let mut resp = axum::Json(CheckinAnswer {
         next_checkin_ms: next,
-        action,
-        freshness,
+        action: &action,
+        freshness: freshness.as_ref().map(|s| &*s.json),
     })
     .into_response();
     if is_wait {
@@ -888,4 +900,48 @@ async fn admin_stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<
     v["replica"] = app.replica_id.clone().into();
     v["bytes_served_since_start"] = app.bytes_served.load(Ordering::Relaxed).into();
     Ok(axum::Json(v).into_response())
+}
+
+#[cfg(test)]
+mod checkin_answer_tests {
+    use super::*;
+    use ota_format::api::CheckinResponse;
+
+    /// The borrowed answer must stay byte-compatible with the
+    /// `CheckinResponse` agents parse, with and without a statement.
+    #[test]
+    fn checkin_answer_is_a_checkin_response_on_the_wire() {
+        let env = ota_format::Envelope {
+            payload_type: "application/vnd.edge-ota.freshness+json".into(),
+            payload: "eyJhIjoxfQ==".into(),
+            signatures: vec![ota_format::envelope::Signature {
+                keyid: "k1".into(),
+                sig: "c2ln".into(),
+            }],
+        };
+        let raw = serde_json::value::to_raw_value(&env).unwrap();
+        for action in [
+            Action::None,
+            Action::Wait {
+                reason: "wave 2 opens after the soak \"quoted\"".into(),
+            },
+        ] {
+            for with in [false, true] {
+                let answer = CheckinAnswer {
+                    next_checkin_ms: 1234,
+                    action: &action,
+                    freshness: with.then_some(&*raw),
+                };
+                let json = serde_json::to_string(&answer).unwrap();
+                let expected = CheckinResponse {
+                    next_checkin_ms: 1234,
+                    action: action.clone(),
+                    freshness: with.then(|| env.clone()),
+                };
+                assert_eq!(json, serde_json::to_string(&expected).unwrap());
+                let parsed: CheckinResponse = serde_json::from_str(&json).unwrap();
+                assert_eq!(parsed, expected);
+            }
+        }
+    }
 }

@@ -435,6 +435,13 @@ impl<A: Acceptor> Connection<A> {
         };
         let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
+        // A token of this connection's own, created once: every wake-up of
+        // the connection polls it, and polling a waiting `cancelled()`
+        // takes its token's lock, which the shared token would make one
+        // lock for every connection of the server.
+        let cancel = self.cancel.child_token();
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
 
         // The watchdog: sleeps until the next deadline that could apply and
         // decides there; the connection itself is polled in between.
@@ -473,7 +480,7 @@ impl<A: Acceptor> Connection<A> {
                     }
                     return;
                 }
-                _ = self.cancel.cancelled(), if !shutting_down => {
+                _ = &mut cancelled, if !shutting_down => {
                     shutting_down = true;
                     conn.as_mut().graceful_shutdown();
                     closing = Some(closing.map_or(now + SHUTDOWN_GRACE, |c| c.min(now + SHUTDOWN_GRACE)));

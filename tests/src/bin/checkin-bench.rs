@@ -12,6 +12,13 @@
 //!   build of `ota-server` (e.g. the commit before a change), so a change's
 //!   cost is measured side by side in one run.
 //!
+//! All setups of a fleet size are up at once and `--rounds N` alternates
+//! between them (A B A B ...). Besides wrk's rate and latency, each run
+//! reports the server's CPU time per check-in (user + system from
+//! `/proc/PID/stat`): on a shared 2-core machine the rate moves with
+//! whatever else runs, the CPU a request costs much less so. With
+//! `--baseline-bin` a last table gives the medians against the baseline.
+//!
 //! Scenarios, each for `--seconds`:
 //! - `idle`: no rollout; every answer is "nothing to do".
 //! - `stampede`: a rollout to every device is active with a concurrency cap
@@ -82,6 +89,9 @@ struct Args {
     /// `sled` in the same run, so the two are compared under the same load.
     #[arg(long)]
     baseline_bin: Option<std::path::PathBuf>,
+    /// Runs of each scenario per setup, alternating between setups.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -196,19 +206,22 @@ struct Row {
     setup: String,
     devices: usize,
     scenario: &'static str,
+    /// Which of `--rounds` runs of this scenario.
+    round: usize,
     checkins_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
     non_2xx: u64,
     socket_errors: u64,
+    /// Server CPU time (user + system, all its processes) per check-in.
+    server_cpu_us_per_checkin: f64,
 }
-fn run_wrk(
-    base: &str,
-    tokens: &Path,
-    lua: &Path,
-    a: &Args,
-) -> Result<(f64, f64, f64, f64, u64, u64)> {
+
+/// wrk's figures: rate, p50, p99, max (ms), non-2xx, socket errors, requests.
+type WrkResult = (f64, f64, f64, f64, u64, u64, f64);
+
+fn run_wrk(base: &str, tokens: &Path, lua: &Path, a: &Args) -> Result<WrkResult> {
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -240,11 +253,23 @@ fn run_wrk(
         v[4] / 1000.0,
         v[5] as u64,
         v[6] as u64,
+        v[0],
     ))
 }
 
-/// One setup, one fleet size: enroll, releases, both scenarios.
-async fn measure(setup: Setup, n: usize, a: &Args, rows: &mut Vec<Row>) -> Result<()> {
+/// One setup with its fleet enrolled and its releases built.
+struct Prepared {
+    setup: Setup,
+    cluster: Cluster,
+    base: String,
+    tokens: std::path::PathBuf,
+    lua: std::path::PathBuf,
+    admin: ota_server::client::AdminClient,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a setup, enrolls `n` devices and adds two releases.
+async fn prepare(setup: Setup, n: usize, a: &Args) -> Result<Prepared> {
     let dir = tempfile::tempdir()?;
     let cluster = start(setup, a).await?;
     let base = cluster.lb_url();
@@ -270,33 +295,66 @@ async fn measure(setup: Setup, n: usize, a: &Args, rows: &mut Vec<Row>) -> Resul
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for scenario in ["idle", "stampede"] {
-        if scenario == "stampede" {
-            let mut s: ota_server::rollout::RolloutSpec =
-                serde_json::from_value(serde_json::json!({
-                    "release": "2.0", "device_type": "bench", "max_concurrent": 500,
-                    "max_starts_per_min": 6000.0, "waves": [10, 100], "min_sample": 1000000
-                }))?;
-            s.soak_ms = 3_600_000;
-            admin.rollout_create(&s).await?;
-        }
-        let (rps, p50, p99, max, non2xx, sock) = run_wrk(&base, &tokens, &lua, a)?;
-        let row = Row {
-            setup: setup.name(),
-            devices: n,
-            scenario,
-            checkins_per_sec: rps,
-            p50_ms: p50,
-            p99_ms: p99,
-            max_ms: max,
-            non_2xx: non2xx,
-            socket_errors: sock,
-        };
-        eprintln!("{row:?}");
-        rows.push(row);
+    Ok(Prepared {
+        setup,
+        cluster,
+        base,
+        tokens,
+        lua,
+        admin,
+        _dir: dir,
+    })
+}
+
+/// CPU time (user + system) the server processes have used so far, in
+/// seconds: the cost of a check-in as CPU per request is far less
+/// sensitive to other load on the machine than the request rate is.
+fn server_cpu_secs(c: &Cluster) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    c.pids()
+        .into_iter()
+        .flatten()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the parenthesised command name: state is the
+            // 3rd field, utime the 14th and stime the 15th.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / hz)
+        })
+        .sum()
+}
+
+/// One wrk run against a prepared setup.
+fn measure(p: &Prepared, n: usize, scenario: &'static str, round: usize, a: &Args) -> Result<Row> {
+    let cpu0 = server_cpu_secs(&p.cluster);
+    let (rps, p50, p99, max, non2xx, sock, requests) = run_wrk(&p.base, &p.tokens, &p.lua, a)?;
+    let cpu = server_cpu_secs(&p.cluster) - cpu0;
+    let row = Row {
+        setup: p.setup.name(),
+        devices: n,
+        scenario,
+        round,
+        checkins_per_sec: rps,
+        p50_ms: p50,
+        p99_ms: p99,
+        max_ms: max,
+        non_2xx: non2xx,
+        socket_errors: sock,
+        server_cpu_us_per_checkin: cpu * 1e6 / requests.max(1.0),
+    };
+    eprintln!("{row:?}");
+    Ok(row)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    drop(cluster);
-    Ok(())
 }
 
 #[tokio::main]
@@ -330,29 +388,93 @@ async fn main() -> Result<()> {
     }
     let mut rows = Vec::new();
     for &n in &a.devices {
+        // Every setup is up at once and the rounds alternate between them
+        // (A B A B ...), so slow drifts in the machine's load hit all alike.
+        let mut prepared = Vec::new();
         for &setup in &setups {
-            measure(setup, n, &a, &mut rows)
-                .await
-                .with_context(|| format!("{} with {n} devices", setup.name()))?;
+            prepared.push(
+                prepare(setup, n, &a)
+                    .await
+                    .with_context(|| format!("{} with {n} devices", setup.name()))?,
+            );
         }
+        for scenario in ["idle", "stampede"] {
+            if scenario == "stampede" {
+                let mut s: ota_server::rollout::RolloutSpec =
+                    serde_json::from_value(serde_json::json!({
+                        "release": "2.0", "device_type": "bench", "max_concurrent": 500,
+                        "max_starts_per_min": 6000.0, "waves": [10, 100], "min_sample": 1000000
+                    }))?;
+                s.soak_ms = 3_600_000;
+                for p in &prepared {
+                    p.admin.rollout_create(&s).await?;
+                }
+            }
+            for round in 1..=a.rounds.max(1) {
+                for p in &prepared {
+                    let row = measure(p, n, scenario, round, &a)
+                        .with_context(|| format!("{} with {n} devices", p.setup.name()))?;
+                    rows.push(row);
+                }
+            }
+        }
+        drop(prepared);
     }
     println!(
-        "| setup | devices | scenario | check-ins/s | p50 ms | p99 ms | max ms | non-2xx | socket errors |"
+        "| setup | devices | scenario | round | check-ins/s | p50 ms | p99 ms | max ms | non-2xx | socket errors | server CPU µs/check-in |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.1} |",
             r.setup,
             r.devices,
             r.scenario,
+            r.round,
             r.checkins_per_sec,
             r.p50_ms,
             r.p99_ms,
             r.max_ms,
             r.non_2xx,
-            r.socket_errors
+            r.socket_errors,
+            r.server_cpu_us_per_checkin
         );
+    }
+    if a.baseline_bin.is_some() {
+        // The change's cost: medians over the rounds, this build against
+        // the baseline, as rate and as CPU per check-in.
+        println!();
+        println!(
+            "| devices | scenario | check-ins/s (median) vs baseline | CPU µs/check-in (median) vs baseline |"
+        );
+        println!("|---:|---|---|---|");
+        for &n in &a.devices {
+            for scenario in ["idle", "stampede"] {
+                let pick = |setup: &str, f: fn(&Row) -> f64| {
+                    median(
+                        rows.iter()
+                            .filter(|r| {
+                                r.devices == n && r.scenario == scenario && r.setup == setup
+                            })
+                            .map(f)
+                            .collect(),
+                    )
+                };
+                let (rate, rate0) = (
+                    pick("sled", |r| r.checkins_per_sec),
+                    pick("sled (baseline)", |r| r.checkins_per_sec),
+                );
+                let (cpu, cpu0) = (
+                    pick("sled", |r| r.server_cpu_us_per_checkin),
+                    pick("sled (baseline)", |r| r.server_cpu_us_per_checkin),
+                );
+                println!(
+                    "| {n} | {scenario} | {rate:.0} vs {rate0:.0} ({:+.1} %) | {cpu:.1} vs {cpu0:.1} ({:+.1} %) |",
+                    (rate / rate0 - 1.0) * 100.0,
+                    (cpu / cpu0 - 1.0) * 100.0
+                );
+            }
+        }
     }
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_vec_pretty(&rows)?)?;
