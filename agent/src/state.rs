@@ -167,11 +167,30 @@ impl State {
 
     /// Makes every change so far durable.
     ///
+    /// sled's own `flush_async` is not used: in sled 0.34 futures of
+    /// several near-simultaneous `flush_async` calls can stay pending
+    /// forever (spacejam/sled#1241, #1308), and this agent flushes from its
+    /// main path and its event loop at once. It hung a restarted agent
+    /// after a reboot, silently, before its commit (the kill -9 test, under
+    /// load). The blocking flush runs on tokio's blocking pool instead.
+    ///
     /// # Cancel safety
-    /// Cancelling may leave the flush incomplete; sled recovers to an earlier
+    /// Cancelling stops the wait, not the flush, which completes on its
+    /// blocking thread; a crash meanwhile makes sled recover to an earlier
     /// consistent point, which only loses hints (re-derived on restart).
     pub async fn flush(&self) -> Result<(), StateError> {
-        self.db.flush_async().await.map_err(self.err())?;
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(r) => {
+                r.map_err(self.err())?;
+            }
+            Err(e) => {
+                return Err(StateError::Io {
+                    path: self.dir.clone(),
+                    source: std::io::Error::other(format!("the flush task failed: {e}")),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -413,6 +432,56 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sled 0.34's `flush_async` futures can stay pending forever when
+    /// several are polled at once (spacejam/sled#1241): an agent hung
+    /// silently before its commit. Many tasks marking operations done and
+    /// flushing at once, as the chunk pool and the event loop do, must all
+    /// finish.
+    #[test]
+    fn concurrent_flushes_all_complete() {
+        let d = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(State::open(d.path()).unwrap());
+        // The work runs on a runtime of its own, on a thread of its own: a
+        // lock-up may block that runtime's workers, and this thread still
+        // notices and fails instead of hanging the test run.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(4)
+                .enable_all()
+                .build()
+                .unwrap();
+            let r = rt.block_on(async move {
+                let digest = |i: u8| Digest::of(&[i]);
+                let mut tasks = Vec::new();
+                for t in 0..16u8 {
+                    let s = s.clone();
+                    tasks.push(tokio::spawn(async move {
+                        for i in 0..40usize {
+                            s.mark_done(&digest(t), &[i]).await?;
+                            s.flush().await?;
+                        }
+                        Ok::<_, StateError>(())
+                    }));
+                }
+                for t in futures_util::future::join_all(tasks).await {
+                    t.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(())
+            });
+            let _ = tx.send(r);
+            // A runtime with stuck tasks is leaked, not dropped (dropping
+            // would wait for them).
+            std::mem::forget(rt);
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(r) => r.unwrap(),
+            Err(_) => {
+                panic!("concurrent state flushes never completed (sled flush_async lock-up)")
+            }
+        }
+    }
 
     #[tokio::test]
     async fn seq_survives_reopen_and_progress_coalesces() {

@@ -138,7 +138,13 @@ impl Store {
             if upto <= *self.flush.done.borrow() {
                 continue;
             }
-            if let Err(e) = self.db.flush_async().await {
+            // Not sled's `flush_async`: its futures can stay pending
+            // forever (spacejam/sled#1241); the blocking flush cannot.
+            let db = self.db.clone();
+            let flushed = tokio::task::spawn_blocking(move || db.flush())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e).into()));
+            if let Err(e) = flushed {
                 tracing::error!(error = %e, "state database flush failed; acknowledged writes may be lost on a crash");
                 continue;
             }
