@@ -40,7 +40,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -413,6 +413,9 @@ impl<A: Acceptor> Connection<A> {
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
                 let guard = InFlight(activity.clone());
                 let (mut parts, body) = req.into_parts();
+                let http1 = parts.version < http::Version::HTTP_2;
+                let body = TimedBody::new(body, body_limits.clone());
+                let body_done = body.done.clone();
                 if let Some(tls) = &info.tls {
                     // Read by handlers as `Extension<ClientIdentity>`.
                     parts.extensions.insert(tls.identity.clone());
@@ -421,14 +424,27 @@ impl<A: Acceptor> Connection<A> {
                 parts
                     .extensions
                     .insert(axum::extract::ConnectInfo(info.remote));
-                let req = http::Request::from_parts(
-                    parts,
-                    Body::new(TimedBody::new(body, body_limits.clone())),
-                );
+                let req = http::Request::from_parts(parts, Body::new(body));
                 let mut router = router.clone();
                 async move {
-                    let r = tower_service::Service::call(&mut router, req).await;
+                    let mut r = tower_service::Service::call(&mut router, req).await;
                     drop(guard);
+                    // Answered before the request body was read to its end
+                    // (a 413, or a 401 before a large body): hyper will not
+                    // read the rest and closes the connection after the
+                    // answer. Saying so in the answer keeps an HTTP/1.1
+                    // client from putting the connection back in its pool
+                    // and sending its next request into a closing socket
+                    // (reqwest: "IncompleteMessage"). HTTP/2 resets only
+                    // the stream, and forbids the header.
+                    if http1 && !body_done.load(Ordering::Acquire) {
+                        if let Ok(resp) = &mut r {
+                            resp.headers_mut().insert(
+                                http::header::CONNECTION,
+                                http::HeaderValue::from_static("close"),
+                            );
+                        }
+                    }
                     r
                 }
             })
@@ -599,11 +615,14 @@ struct TimedBody {
     last: tokio::time::Instant,
     received: u64,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set once the body has been read to its end (or had none).
+    done: Arc<AtomicBool>,
 }
 
 impl TimedBody {
     fn new(inner: Incoming, limits: Arc<BodyLimits>) -> TimedBody {
         let now = tokio::time::Instant::now();
+        let done = Arc::new(AtomicBool::new(inner.is_end_stream()));
         TimedBody {
             inner,
             limits,
@@ -611,6 +630,7 @@ impl TimedBody {
             last: now,
             received: 0,
             sleep: None,
+            done,
         }
     }
 
@@ -641,9 +661,16 @@ impl HttpBody for TimedBody {
                         s.as_mut().reset(deadline);
                     }
                 }
+                if this.inner.is_end_stream() {
+                    this.done.store(true, Ordering::Release);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Ready(None) => {
+                this.done.store(true, Ordering::Release);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Pending => {
                 let deadline = this.deadline();
                 let sleep = this

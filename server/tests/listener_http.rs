@@ -461,3 +461,64 @@ async fn swapped_limits_apply_to_new_connections() {
     );
     healthz_keep_alive(&mut first).await;
 }
+
+/// Regression (CI, `rollout_pg`): a `413` answered before the body was
+/// read left the connection looking reusable, and the client's next
+/// request on it failed with "IncompleteMessage" when hyper closed it. An
+/// answer given before the request body was read must say
+/// `connection: close`; one given after must not.
+#[tokio::test]
+async fn an_answer_before_the_body_was_read_says_connection_close() {
+    let ts = TestServer::start(&limits("")).await;
+    let a = addr(&ts);
+    let body = format!(
+        "{{\"events\": [], \"pad\": \"{}\"}}",
+        "x".repeat(2 * ota_format::api::MAX_REQUEST_BYTES)
+    );
+    let mut s = TcpStream::connect(a).await.unwrap();
+    let head = format!(
+        "POST /api/v1/devices/enroll HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = w.write_all(head.as_bytes()).await;
+        let _ = w.write_all(body.as_bytes()).await;
+        w
+    });
+    let mut answer = Vec::new();
+    // A 413 is decided after reading the limit's worth, so half the body
+    // is never read: hyper closes the connection after the answer.
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed after the answer")
+        .ok();
+    writer.abort();
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 413"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
+
+    // A request whose body was read keeps its connection.
+    s = TcpStream::connect(a).await.unwrap();
+    let body = r#"{"enrollment_key": "wrong-key-0123456789", "device_id": "x", "device_type": "t"}"#;
+    s.write_all(
+        format!(
+            "POST /api/v1/devices/enroll HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 403"), "{text}");
+    assert!(!text.contains("connection: close"), "{text}");
+    healthz_keep_alive(&mut s).await;
+}
