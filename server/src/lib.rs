@@ -37,7 +37,8 @@
 //!   release delete) with the checks that keep them safe.
 //! - [`listener`]: the accept loop (plain and TLS) with connection hygiene:
 //!   header, idle and body timeouts, global and per-address connection
-//!   caps, HTTP/2 limits, and a [`listener::ConnInfo`] on every request.
+//!   caps, HTTP/2 limits; a TLS client's certificate verdict on each of
+//!   its requests.
 //! - [`metrics`]: the Prometheus exposition (text 0.0.4 or OpenMetrics,
 //!   by `Accept`), per-rollout state and alerting figures.
 //! - [`reload`]: `SIGHUP` / admin reload of `server.toml`, validated first

@@ -31,9 +31,11 @@
 //! ([`Listener::limits`]).
 //!
 //! The loop is generic over how a TCP connection becomes a byte stream
-//! ([`Acceptor`]: plain TCP or rustls), and every request carries a
-//! [`ConnInfo`] extension (peer address, and for TLS the peer's certificate
-//! chain, ALPN and SNI), so handlers can learn who is on the other end.
+//! ([`Acceptor`]: plain TCP or rustls), which also says who is on the other
+//! end ([`ConnInfo`]: peer address, and for TLS the peer's certificate
+//! chain, ALPN and SNI). Requests over TLS carry the client certificate's
+//! verdict as an `Extension<ClientIdentity>`; nothing else is added per
+//! request, since every extension is an allocation on the check-in path.
 
 use std::future::Future;
 use std::io;
@@ -309,23 +311,66 @@ impl Drop for AddressSlot {
 }
 
 /// What a connection's watchdog reads: requests started and in flight, and
-/// when a byte last moved.
+/// when a byte last moved; and what its request bodies share.
+///
+/// Everything a request touches here is an atomic in one allocation per
+/// connection: a check-in is a few microseconds of server CPU, and each
+/// allocation or fine clock read per request is a measurable share of it
+/// (see `checkin-bench`).
 struct Activity {
     start: Instant,
-    /// Milliseconds after `start` when a byte was last read or written.
+    /// [`coarse_ms`] at `start`.
+    start_coarse_ms: u64,
+    /// [`coarse_ms`] (relative to `start_coarse_ms`) when a byte was last
+    /// read or written.
     last_ms: AtomicU64,
     requests: AtomicU64,
     in_flight: AtomicUsize,
+    /// HTTP/1.1: the current request's body has not been read to its end.
+    /// (HTTP/1.1 has one request at a time per connection; HTTP/2 does not
+    /// use it.)
+    body_pending: AtomicBool,
+    body: BodyLimits,
 }
 
 impl Activity {
+    fn new(body: BodyLimits) -> Activity {
+        Activity {
+            start: Instant::now(),
+            start_coarse_ms: coarse_ms(),
+            last_ms: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            body_pending: AtomicBool::new(false),
+            body,
+        }
+    }
     fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(
+            coarse_ms().saturating_sub(self.start_coarse_ms),
+            Ordering::Relaxed,
+        );
     }
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
+}
+
+/// Milliseconds on the coarse monotonic clock: the same clock as
+/// `Instant` (CLOCK_MONOTONIC), read at the kernel tick's resolution
+/// (1–10 ms) for a fraction of the cost. Every read and write of every
+/// connection records the time, so the fine clock showed in profiles; idle
+/// timeouts are seconds.
+fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE
+    // exists on every Linux since 2.6.32 (and cannot fail with a valid
+    // pointer).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 /// Decrements the in-flight count when a request's response is ready (or
@@ -375,12 +420,11 @@ impl<A: Acceptor> Connection<A> {
                 return;
             }
         };
-        let activity = Arc::new(Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-        });
+        let activity = Arc::new(Activity::new(BodyLimits {
+            idle: Duration::from_millis(l.body_read_timeout_ms),
+            min_rate: l.body_min_bytes_per_sec,
+            metrics: self.metrics.clone(),
+        }));
         let io = TokioIo::new(Tracked {
             inner: io,
             activity: activity.clone(),
@@ -399,11 +443,6 @@ impl<A: Acceptor> Connection<A> {
             .max_concurrent_streams(l.h2_max_concurrent_streams)
             .max_header_list_size(l.max_header_bytes as u32);
 
-        let body_limits = Arc::new(BodyLimits {
-            idle: Duration::from_millis(l.body_read_timeout_ms),
-            min_rate: l.body_min_bytes_per_sec,
-            metrics: self.metrics.clone(),
-        });
         let svc = {
             let activity = activity.clone();
             let router = self.router.clone();
@@ -414,17 +453,18 @@ impl<A: Acceptor> Connection<A> {
                 let guard = InFlight(activity.clone());
                 let (mut parts, body) = req.into_parts();
                 let http1 = parts.version < http::Version::HTTP_2;
-                let body = TimedBody::new(body, body_limits.clone());
-                let body_done = body.done.clone();
+                if http1 {
+                    activity
+                        .body_pending
+                        .store(!body.is_end_stream(), Ordering::Relaxed);
+                }
+                let body = TimedBody::new(body, activity.clone());
                 if let Some(tls) = &info.tls {
                     // Read by handlers as `Extension<ClientIdentity>`.
                     parts.extensions.insert(tls.identity.clone());
                 }
-                parts.extensions.insert(info.clone());
-                parts
-                    .extensions
-                    .insert(axum::extract::ConnectInfo(info.remote));
                 let req = http::Request::from_parts(parts, Body::new(body));
+                let activity = activity.clone();
                 let mut router = router.clone();
                 async move {
                     let mut r = tower_service::Service::call(&mut router, req).await;
@@ -437,7 +477,7 @@ impl<A: Acceptor> Connection<A> {
                     // and sending its next request into a closing socket
                     // (reqwest: "IncompleteMessage"). HTTP/2 resets only
                     // the stream, and forbids the header.
-                    if http1 && !body_done.load(Ordering::Acquire) {
+                    if http1 && activity.body_pending.load(Ordering::Relaxed) {
                         if let Ok(resp) = &mut r {
                             resp.headers_mut().insert(
                                 http::header::CONNECTION,
@@ -610,35 +650,39 @@ pub struct BodyTimeout {
 /// small body usually arrives with its head and costs no timer at all.
 struct TimedBody {
     inner: Incoming,
-    limits: Arc<BodyLimits>,
+    /// The connection's: its body limits, and where the end of an HTTP/1.1
+    /// body is recorded.
+    conn: Arc<Activity>,
     start: tokio::time::Instant,
     last: tokio::time::Instant,
     received: u64,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Set once the body has been read to its end (or had none).
-    done: Arc<AtomicBool>,
 }
 
 impl TimedBody {
-    fn new(inner: Incoming, limits: Arc<BodyLimits>) -> TimedBody {
+    fn new(inner: Incoming, conn: Arc<Activity>) -> TimedBody {
         let now = tokio::time::Instant::now();
-        let done = Arc::new(AtomicBool::new(inner.is_end_stream()));
         TimedBody {
             inner,
-            limits,
+            conn,
             start: now,
             last: now,
             received: 0,
             sleep: None,
-            done,
         }
     }
 
     fn deadline(&self) -> tokio::time::Instant {
+        let limits = &self.conn.body;
         let by_rate = self.start
-            + self.limits.idle
-            + Duration::from_secs_f64(self.received as f64 / self.limits.min_rate.max(1) as f64);
-        (self.last + self.limits.idle).min(by_rate)
+            + limits.idle
+            + Duration::from_secs_f64(self.received as f64 / limits.min_rate.max(1) as f64);
+        (self.last + limits.idle).min(by_rate)
+    }
+
+    /// Read to its end: an answer now leaves the connection reusable.
+    fn finished(&self) {
+        self.conn.body_pending.store(false, Ordering::Relaxed);
     }
 }
 
@@ -662,12 +706,12 @@ impl HttpBody for TimedBody {
                     }
                 }
                 if this.inner.is_end_stream() {
-                    this.done.store(true, Ordering::Release);
+                    this.finished();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                this.done.store(true, Ordering::Release);
+                this.finished();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
@@ -677,7 +721,7 @@ impl HttpBody for TimedBody {
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 ready!(sleep.as_mut().poll(cx));
-                this.limits.metrics.closed("body_timeout");
+                this.conn.body.metrics.closed("body_timeout");
                 Poll::Ready(Some(Err(Box::new(BodyTimeout {
                     received: this.received,
                     elapsed: this.start.elapsed(),
