@@ -34,6 +34,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST, MAX_SRC_EXTENTS};
@@ -128,11 +129,120 @@ pub enum GenerateError {
     Io { context: String, source: io::Error },
     #[error("the generated manifest is invalid (a generator bug; please report it): {0}")]
     Internal(#[from] ota_format::ManifestError),
+    #[error("generation cancelled")]
+    Cancelled,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> GenerateError {
     let context = context.into();
     move |source| GenerateError::Io { context, source }
+}
+
+/// What a running generation is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    /// Hashing and indexing the source image (deltas only).
+    IndexingSource,
+    /// Hashing the target and finding its blocks in the source.
+    MatchingBlocks,
+    /// Diffing changed chunks against the source (deltas).
+    Diffing,
+    /// Compressing the target's chunks (full images).
+    Compressing,
+    /// The payload is written and the manifest built.
+    Done,
+}
+
+impl Phase {
+    /// Lower-case words, as the server's release list shows them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::IndexingSource => "indexing source",
+            Phase::MatchingBlocks => "matching blocks",
+            Phase::Diffing => "diffing",
+            Phase::Compressing => "compressing",
+            Phase::Done => "done",
+        }
+    }
+
+    fn from_u8(v: u8) -> Phase {
+        [
+            Phase::Starting,
+            Phase::IndexingSource,
+            Phase::MatchingBlocks,
+            Phase::Diffing,
+            Phase::Compressing,
+            Phase::Done,
+        ]
+        .get(v as usize)
+        .copied()
+        .unwrap_or(Phase::Starting)
+    }
+}
+
+/// Where a running [`generate_with_progress`] is, readable from any thread
+/// while it runs (the server shows it in `release list`). Work is counted in
+/// image bytes processed: the source once (indexing), the target twice
+/// (matching, then diffing or compressing), so `done` reaches `total` at the
+/// end and moves at a fairly even pace in between.
+///
+/// It also carries a stop request: after [`Progress::cancel`] the generation
+/// returns [`GenerateError::Cancelled`] within one read or batch of work.
+#[derive(Debug, Default)]
+pub struct Progress {
+    phase: AtomicU8,
+    done: AtomicU64,
+    total: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl Progress {
+    /// Asks the running generation to stop (it returns
+    /// [`GenerateError::Cancelled`], having written part of the payload).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// (phase, bytes done, bytes in total; 0 until the sizes are known).
+    pub fn snapshot(&self) -> (Phase, u64, u64) {
+        (
+            Phase::from_u8(self.phase.load(Ordering::Relaxed)),
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The terminal progress bar and the caller's [`Progress`], moved together.
+struct Meter<'a> {
+    bar: ProgressBar,
+    sink: Option<&'a Progress>,
+}
+
+impl Meter<'_> {
+    fn phase(&self, p: Phase) {
+        self.bar.set_message(p.name());
+        if let Some(s) = self.sink {
+            s.phase.store(p as u8, Ordering::Relaxed);
+        }
+    }
+
+    /// `Err(Cancelled)` once the caller asked to stop.
+    fn check(&self) -> Result<(), GenerateError> {
+        match self.sink {
+            Some(s) if s.cancelled.load(Ordering::Relaxed) => Err(GenerateError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        if let Some(s) = self.sink {
+            s.done.fetch_add(n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Builds a delta (or, without a source, a full image) from `target`, writing
@@ -143,6 +253,23 @@ pub fn generate<W: Write + Send>(
     target: &File,
     payload_out: W,
     opts: &GenerateOptions,
+) -> Result<Manifest, GenerateError> {
+    generate_with_progress(spec, source, target, payload_out, opts, None)
+}
+
+/// [`generate`], reporting its phase and bytes processed to `progress`.
+///
+/// The worker threads are created by the calling thread, so they inherit its
+/// scheduling priority (Linux: nice value, policy): a caller that lowered its
+/// own priority gets a generation that uses idle cores without competing
+/// with more urgent work (the server's builds, see `ota-server`'s releases).
+pub fn generate_with_progress<W: Write + Send>(
+    spec: &DeltaSpec,
+    source: Option<&File>,
+    target: &File,
+    payload_out: W,
+    opts: &GenerateOptions,
+    progress: Option<&Progress>,
 ) -> Result<Manifest, GenerateError> {
     if opts.chunk_size == 0 || opts.chunk_size % BLOCK != 0 || opts.chunk_size > MAX_BUFFERED_DST {
         return Err(GenerateError::Options(format!(
@@ -159,7 +286,7 @@ pub fn generate<W: Write + Send>(
         .num_threads(opts.threads)
         .build()
         .map_err(|e| GenerateError::Options(e.to_string()))?;
-    pool.install(|| generate_inner(spec, source, target, payload_out, opts))
+    pool.install(|| generate_inner(spec, source, target, payload_out, opts, progress))
 }
 
 fn generate_inner<W: Write>(
@@ -168,6 +295,7 @@ fn generate_inner<W: Write>(
     target: &File,
     payload_out: W,
     opts: &GenerateOptions,
+    progress: Option<&Progress>,
 ) -> Result<Manifest, GenerateError> {
     let _span =
         tracing::info_span!("generate", to = %spec.to_version, from = ?spec.from_version).entered();
@@ -182,20 +310,33 @@ fn generate_inner<W: Write>(
             .len(),
         None => 0,
     };
-    let bar = progress_bar(opts.progress, source_len + target_len * 2);
+    let bar = Meter {
+        bar: progress_bar(opts.progress, source_len + target_len * 2),
+        sink: progress,
+    };
+    if let Some(p) = progress {
+        p.total.store(source_len + target_len * 2, Ordering::Relaxed);
+        p.done.store(0, Ordering::Relaxed);
+    }
 
-    bar.set_message("indexing source");
     let index = match source {
-        Some(s) => Some(SourceIndex::build(s, source_len, &bar)?),
+        Some(s) => {
+            bar.phase(Phase::IndexingSource);
+            Some(SourceIndex::build(s, source_len, &bar)?)
+        }
         None => None,
     };
-    bar.set_message("matching blocks");
+    bar.phase(Phase::MatchingBlocks);
     let (classes, target_sha) = classify_target(target, target_len, index.as_ref(), source, &bar)?;
     let plan = plan_operations(&classes, target_len, opts.chunk_size);
     drop(classes);
     tracing::info!(operations = plan.len(), "planned");
 
-    bar.set_message("diffing");
+    bar.phase(if index.is_some() {
+        Phase::Diffing
+    } else {
+        Phase::Compressing
+    });
     let mut out = HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, payload_out),
         hash: Sha256::new(),
@@ -210,6 +351,7 @@ fn generate_inner<W: Write>(
         // in-order payload writer.
         let mut end = i;
         let mut diffs = 0;
+        bar.check()?;
         while end < plan.len() && diffs < batch {
             diffs += matches!(plan[end], Plan::Diff(..)) as usize;
             end += 1;
@@ -245,7 +387,8 @@ fn generate_inner<W: Write>(
         i = end;
     }
     out.inner.flush().map_err(io_err("writing the payload"))?;
-    bar.finish_and_clear();
+    bar.bar.finish_and_clear();
+    bar.phase(Phase::Done);
 
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -364,7 +507,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl SourceIndex {
-    fn build(src: &File, len: u64, bar: &ProgressBar) -> Result<Self, GenerateError> {
+    fn build(src: &File, len: u64, bar: &Meter) -> Result<Self, GenerateError> {
         let _span = tracing::info_span!("index_source", len).entered();
         // Sample about one position in 2^bits, so that at most MAX_ANCHORS
         // anchors are kept whatever the source size (and at least one per 32
@@ -392,6 +535,7 @@ impl SourceIndex {
             });
             pos += seg as u64;
             bar.inc(seg as u64);
+            bar.check()?;
         }
         blocks.par_sort_unstable();
         anchors.par_sort_unstable();
@@ -457,7 +601,7 @@ fn classify_target(
     len: u64,
     index: Option<&SourceIndex>,
     source: Option<&File>,
-    bar: &ProgressBar,
+    bar: &Meter,
 ) -> Result<(Vec<Class>, Digest), GenerateError> {
     let _span = tracing::info_span!("classify_target", len).entered();
     let nblocks = len.div_ceil(BLOCK);
@@ -551,6 +695,7 @@ fn classify_target(
         }
         pos += seg as u64;
         bar.inc(seg as u64);
+        bar.check()?;
     }
     Ok((classes, sha.into()))
 }

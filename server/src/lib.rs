@@ -23,6 +23,8 @@
 //! - [`releases`]: the release catalogue and the background delta builder.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
 //!   optional egress cap.
+//! - [`ingest`]: an upload streamed to disk and hashed on a thread of its
+//!   own (`release add`), then moved into `images/`.
 //! - [`rollout`]: waves, failure thresholds and per-device progress;
 //!   [`rollout::throttle`] holds the concurrency cap, download leases, the
 //!   start-rate limiter and the fair waiting queue;
@@ -57,6 +59,7 @@ pub mod config;
 pub mod fleet;
 pub mod freshness;
 pub mod http;
+pub mod ingest;
 pub mod inventory;
 pub mod listener;
 pub mod metrics;
