@@ -315,7 +315,8 @@ fn generate_inner<W: Write>(
         sink: progress,
     };
     if let Some(p) = progress {
-        p.total.store(source_len + target_len * 2, Ordering::Relaxed);
+        p.total
+            .store(source_len + target_len * 2, Ordering::Relaxed);
         p.done.store(0, Ordering::Relaxed);
     }
 

@@ -533,7 +533,9 @@ impl ServerConfig {
             return bad("full_zstd_level must be 1..=22".into());
         }
         if !(0..=19).contains(&self.build_nice) {
-            return bad("build_nice must be 0..=19 (higher: builds yield more to check-ins)".into());
+            return bad(
+                "build_nice must be 0..=19 (higher: builds yield more to check-ins)".into(),
+            );
         }
         if self.build_threads > 1024 {
             return bad("build_threads must be 0 (one per core) or a thread count".into());

@@ -1146,3 +1146,46 @@ fn build_lock_key(job: &Job) -> i64 {
     }
     i64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::run_low_priority;
+
+    /// The nice value of the calling thread, as the kernel reports it
+    /// (`/proc/thread-self/stat`, field 19).
+    fn own_nice() -> i32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command name, which may contain spaces.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    }
+
+    /// Regression (issue 18): builds ran on one thread of tokio's blocking
+    /// pool at normal priority, and `app.rs` gave them half the cores so
+    /// check-ins kept theirs: on 2 cores one build thread, the other core
+    /// idle. A build now runs on a thread of its own at a low priority, and
+    /// the generator's worker pool, which that thread creates, inherits it.
+    #[tokio::test]
+    async fn build_threads_run_at_low_priority_and_the_generator_pool_inherits_it() {
+        let before = own_nice();
+        let (build, workers, name) = run_low_priority(19, || {
+            // As `ota_delta::generate` builds its pool: from the build thread.
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap();
+            let workers = pool.broadcast(|_| own_nice());
+            (
+                own_nice(),
+                workers,
+                std::thread::current().name().map(String::from),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(build, 19, "the build thread's nice value");
+        assert_eq!(workers, vec![19; 3], "the generator workers' nice values");
+        assert_eq!(name.as_deref(), Some("ota-build"));
+        assert_eq!(own_nice(), before, "the caller's priority is unchanged");
+    }
+}

@@ -247,7 +247,10 @@ pub fn failure_reasons(s: &RolloutStatus) -> String {
 /// `diffing 2.1 GiB / 6.0 GiB (35 %), 1m 3s`.
 pub fn build_progress(p: &crate::releases::BuildProgress) -> String {
     let pct = if p.total_bytes > 0 {
-        format!(" ({:.0} %)", 100.0 * p.done_bytes as f64 / p.total_bytes as f64)
+        format!(
+            " ({:.0} %)",
+            100.0 * p.done_bytes as f64 / p.total_bytes as f64
+        )
     } else {
         String::new()
     };
@@ -287,4 +290,3 @@ mod tests {
         assert!(rollout_list(&[]).contains("no rollouts yet"));
     }
 }
-
