@@ -1,10 +1,18 @@
 //! Releases and the delta pipeline.
 //!
-//! `release add` streams an image into `images/` (content-addressed). The
-//! server then builds, in the background and one at a time, the full payload
-//! and a delta from each of the previous `delta_history` releases of the same
-//! device type, signs each manifest with the server key and stores payload
-//! and envelope as content-addressed artifacts.
+//! `release add` streams an image into `images/` (content-addressed; see
+//! [`crate::ingest`]). The server then builds, in the background and one at
+//! a time, the full payload and a delta from each of the previous
+//! `delta_history` releases of the same device type, signs each manifest
+//! with the server key and stores payload and envelope as content-addressed
+//! artifacts.
+//!
+//! Each build uses every core, on threads at a low priority
+//! ([`run_low_priority`], nice `build_nice`): request threads preempt them
+//! whenever they need a core, so builds take only the CPU time check-ins
+//! leave idle. A running build's phase and bytes processed are kept in
+//! memory ([`BuildProgress`]) and shown by `release list`; a shutdown stops
+//! it through the generator's cancel flag.
 //!
 //! Builds are recorded in sled as `pending` → `building` → `ready` (or
 //! `failed`, with the reason). A build interrupted by a crash is found in
@@ -887,8 +895,14 @@ impl Releases {
         Ok(())
     }
 
-    /// Runs the build queue until `cancel`. One build at a time: building is
-    /// CPU-heavy and check-ins must keep their latency.
+    /// Runs the build queue until `cancel`. One build at a time, each on
+    /// every core at a low priority (see the module documentation).
+    ///
+    /// # Cancel safety
+    /// On `cancel` the running build is asked to stop and awaited (within
+    /// one batch of chunks); its record stays `building`, so the next start
+    /// runs it again. Dropping the future instead leaves the build thread
+    /// running to its end, its result unrecorded.
     pub async fn run_builder(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<Job>,
