@@ -1109,6 +1109,66 @@ fn ranked<T: Ord + Copy>(values: &mut [T]) -> Vec<(usize, T)> {
 mod tests {
     use super::*;
 
+    fn file_of(data: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(data).unwrap();
+        f
+    }
+
+    fn spec(from: Option<&str>) -> DeltaSpec {
+        DeltaSpec {
+            device_type: "t".into(),
+            from_version: from.map(String::from),
+            to_version: "2.0.0".into(),
+            security_counter: 0,
+            expires_at: Manifest::expiry_in(1),
+        }
+    }
+
+    /// The server shows this progress in `release list`: it must end at its
+    /// total, in phase `Done`, and a cancel must stop the generation.
+    #[test]
+    fn progress_counts_to_its_total_and_cancel_stops_the_generation() {
+        let old: Vec<u8> = (0..(4u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut new = old.clone();
+        new[1 << 20..(1 << 20) + 5000].fill(9);
+        let (src, dst) = (file_of(&old), file_of(&new));
+        let opts = GenerateOptions {
+            progress: false,
+            threads: 2,
+            ..Default::default()
+        };
+        let p = Progress::default();
+        let m = generate_with_progress(
+            &spec(Some("1.0.0")),
+            Some(src.as_file()),
+            dst.as_file(),
+            io::sink(),
+            &opts,
+            Some(&p),
+        )
+        .unwrap();
+        assert!(m.operations.len() > 1);
+        let (phase, done, total) = p.snapshot();
+        assert_eq!(phase, Phase::Done);
+        assert_eq!(total, old.len() as u64 + 2 * new.len() as u64);
+        assert_eq!(done, total);
+
+        let p = Progress::default();
+        p.cancel();
+        let r = generate_with_progress(
+            &spec(None),
+            None,
+            dst.as_file(),
+            io::sink(),
+            &opts,
+            Some(&p),
+        );
+        assert!(matches!(r, Err(GenerateError::Cancelled)), "{r:?}");
+    }
+
     #[test]
     fn anchors_are_found_at_the_same_content_whatever_the_offset() {
         let data: Vec<u8> = (0..200_000u32)

@@ -235,7 +235,14 @@ async fn a_build_interrupted_by_kill_9_reruns_after_restart() {
 /// Text-like data zstd compresses slowly at level 19 (noise is faster).
 fn slow_image(bytes: usize) -> Vec<u8> {
     let words: [&[u8]; 8] = [
-        b"kernel ", b"module ", b"library ", b"0x7f3a ", b"config\n", b"usr/lib/", b"= ", b"42 ",
+        b"kernel ",
+        b"module ",
+        b"library ",
+        b"0x7f3a ",
+        b"config\n",
+        b"usr/lib/",
+        b"= ",
+        b"42 ",
     ];
     let mut x: u32 = 7;
     let mut img = Vec::with_capacity(bytes + 16);
@@ -257,7 +264,10 @@ async fn shutdown_interrupts_a_running_build_which_the_next_start_finishes() {
     let mut ts = TestServer::start_in(tempfile::tempdir().unwrap(), CFG).await;
     let p = ts.dir.path().join("big.img");
     std::fs::write(&p, slow_image(96 << 20)).unwrap();
-    ts.admin.release_add("t", "1.0", 0, &p, false).await.unwrap();
+    ts.admin
+        .release_add("t", "1.0", 0, &p, false)
+        .await
+        .unwrap();
     let t = std::time::Instant::now();
     loop {
         let b = ts.admin.releases().await.unwrap()[0].builds[0].clone();
