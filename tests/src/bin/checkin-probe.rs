@@ -63,7 +63,7 @@ async fn main() -> Result<()> {
     if a.seconds == 0 && a.stop_file.is_none() {
         bail!("give --seconds or --stop-file, or the probe never stops");
     }
-    if !(a.rate > 0.0) {
+    if a.rate.is_nan() || a.rate <= 0.0 {
         bail!("--rate must be positive");
     }
     let http = reqwest::Client::builder()
