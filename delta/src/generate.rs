@@ -34,7 +34,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST, MAX_SRC_EXTENTS};
@@ -47,6 +47,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::apply::hash_range;
 use crate::io::ReadAt;
 use crate::patch_streams;
+pub use crate::progress::{Phase, Progress};
 use crate::suffix_diff;
 
 /// Block size of the block index and of run detection. ext4, and most
@@ -136,83 +137,6 @@ pub enum GenerateError {
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> GenerateError {
     let context = context.into();
     move |source| GenerateError::Io { context, source }
-}
-
-/// What a running generation is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Starting,
-    /// Hashing and indexing the source image (deltas only).
-    IndexingSource,
-    /// Hashing the target and finding its blocks in the source.
-    MatchingBlocks,
-    /// Diffing changed chunks against the source (deltas).
-    Diffing,
-    /// Compressing the target's chunks (full images).
-    Compressing,
-    /// The payload is written and the manifest built.
-    Done,
-}
-
-impl Phase {
-    /// Lower-case words, as the server's release list shows them.
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Starting => "starting",
-            Phase::IndexingSource => "indexing source",
-            Phase::MatchingBlocks => "matching blocks",
-            Phase::Diffing => "diffing",
-            Phase::Compressing => "compressing",
-            Phase::Done => "done",
-        }
-    }
-
-    fn from_u8(v: u8) -> Phase {
-        [
-            Phase::Starting,
-            Phase::IndexingSource,
-            Phase::MatchingBlocks,
-            Phase::Diffing,
-            Phase::Compressing,
-            Phase::Done,
-        ]
-        .get(v as usize)
-        .copied()
-        .unwrap_or(Phase::Starting)
-    }
-}
-
-/// Where a running [`generate_with_progress`] is, readable from any thread
-/// while it runs (the server shows it in `release list`). Work is counted in
-/// image bytes processed: the source once (indexing), the target twice
-/// (matching, then diffing or compressing), so `done` reaches `total` at the
-/// end and moves at a fairly even pace in between.
-///
-/// It also carries a stop request: after [`Progress::cancel`] the generation
-/// returns [`GenerateError::Cancelled`] within one read or batch of work.
-#[derive(Debug, Default)]
-pub struct Progress {
-    phase: AtomicU8,
-    done: AtomicU64,
-    total: AtomicU64,
-    cancelled: AtomicBool,
-}
-
-impl Progress {
-    /// Asks the running generation to stop (it returns
-    /// [`GenerateError::Cancelled`], having written part of the payload).
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    /// (phase, bytes done, bytes in total; 0 until the sizes are known).
-    pub fn snapshot(&self) -> (Phase, u64, u64) {
-        (
-            Phase::from_u8(self.phase.load(Ordering::Relaxed)),
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        )
-    }
 }
 
 /// The terminal progress bar and the caller's [`Progress`], moved together.

@@ -20,7 +20,9 @@
 //! - [`tls`]: the HTTPS listener's rustls configuration (optional client
 //!   certificates) and the acceptor that hands the peer certificate to the
 //!   handlers.
-//! - [`releases`]: the release catalogue and the background delta builder.
+//! - [`releases`]: the release catalogue and the background delta builder;
+//!   [`builder`] runs one build on a low-priority thread of its own and
+//!   keeps its live progress.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
 //!   optional egress cap.
 //! - [`ingest`]: an upload streamed to disk and hashed on a thread of its
@@ -53,6 +55,7 @@ pub mod admin;
 pub mod app;
 pub mod artifacts;
 pub mod backend;
+pub mod builder;
 pub mod certs;
 pub mod client;
 pub mod config;
