@@ -34,6 +34,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::sync::atomic::Ordering;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST, MAX_SRC_EXTENTS};
@@ -46,6 +47,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::apply::hash_range;
 use crate::io::ReadAt;
 use crate::patch_streams;
+pub use crate::progress::{Phase, Progress};
 use crate::suffix_diff;
 
 /// Block size of the block index and of run detection. ext4, and most
@@ -128,11 +130,43 @@ pub enum GenerateError {
     Io { context: String, source: io::Error },
     #[error("the generated manifest is invalid (a generator bug; please report it): {0}")]
     Internal(#[from] ota_format::ManifestError),
+    #[error("generation cancelled")]
+    Cancelled,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> GenerateError {
     let context = context.into();
     move |source| GenerateError::Io { context, source }
+}
+
+/// The terminal progress bar and the caller's [`Progress`], moved together.
+struct Meter<'a> {
+    bar: ProgressBar,
+    sink: Option<&'a Progress>,
+}
+
+impl Meter<'_> {
+    fn phase(&self, p: Phase) {
+        self.bar.set_message(p.name());
+        if let Some(s) = self.sink {
+            s.phase.store(p as u8, Ordering::Relaxed);
+        }
+    }
+
+    /// `Err(Cancelled)` once the caller asked to stop.
+    fn check(&self) -> Result<(), GenerateError> {
+        match self.sink {
+            Some(s) if s.cancelled.load(Ordering::Relaxed) => Err(GenerateError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        if let Some(s) = self.sink {
+            s.done.fetch_add(n, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Builds a delta (or, without a source, a full image) from `target`, writing
@@ -143,6 +177,23 @@ pub fn generate<W: Write + Send>(
     target: &File,
     payload_out: W,
     opts: &GenerateOptions,
+) -> Result<Manifest, GenerateError> {
+    generate_with_progress(spec, source, target, payload_out, opts, None)
+}
+
+/// [`generate`], reporting its phase and bytes processed to `progress`.
+///
+/// The worker threads are created by the calling thread, so they inherit its
+/// scheduling priority (Linux: nice value, policy): a caller that lowered its
+/// own priority gets a generation that uses idle cores without competing
+/// with more urgent work (the server's builds, see `ota-server`'s releases).
+pub fn generate_with_progress<W: Write + Send>(
+    spec: &DeltaSpec,
+    source: Option<&File>,
+    target: &File,
+    payload_out: W,
+    opts: &GenerateOptions,
+    progress: Option<&Progress>,
 ) -> Result<Manifest, GenerateError> {
     if opts.chunk_size == 0 || opts.chunk_size % BLOCK != 0 || opts.chunk_size > MAX_BUFFERED_DST {
         return Err(GenerateError::Options(format!(
@@ -159,7 +210,7 @@ pub fn generate<W: Write + Send>(
         .num_threads(opts.threads)
         .build()
         .map_err(|e| GenerateError::Options(e.to_string()))?;
-    pool.install(|| generate_inner(spec, source, target, payload_out, opts))
+    pool.install(|| generate_inner(spec, source, target, payload_out, opts, progress))
 }
 
 fn generate_inner<W: Write>(
@@ -168,6 +219,7 @@ fn generate_inner<W: Write>(
     target: &File,
     payload_out: W,
     opts: &GenerateOptions,
+    progress: Option<&Progress>,
 ) -> Result<Manifest, GenerateError> {
     let _span =
         tracing::info_span!("generate", to = %spec.to_version, from = ?spec.from_version).entered();
@@ -182,20 +234,34 @@ fn generate_inner<W: Write>(
             .len(),
         None => 0,
     };
-    let bar = progress_bar(opts.progress, source_len + target_len * 2);
+    let bar = Meter {
+        bar: progress_bar(opts.progress, source_len + target_len * 2),
+        sink: progress,
+    };
+    if let Some(p) = progress {
+        p.total
+            .store(source_len + target_len * 2, Ordering::Relaxed);
+        p.done.store(0, Ordering::Relaxed);
+    }
 
-    bar.set_message("indexing source");
     let index = match source {
-        Some(s) => Some(SourceIndex::build(s, source_len, &bar)?),
+        Some(s) => {
+            bar.phase(Phase::IndexingSource);
+            Some(SourceIndex::build(s, source_len, &bar)?)
+        }
         None => None,
     };
-    bar.set_message("matching blocks");
+    bar.phase(Phase::MatchingBlocks);
     let (classes, target_sha) = classify_target(target, target_len, index.as_ref(), source, &bar)?;
     let plan = plan_operations(&classes, target_len, opts.chunk_size);
     drop(classes);
     tracing::info!(operations = plan.len(), "planned");
 
-    bar.set_message("diffing");
+    bar.phase(if index.is_some() {
+        Phase::Diffing
+    } else {
+        Phase::Compressing
+    });
     let mut out = HashingWriter {
         inner: BufWriter::with_capacity(1 << 20, payload_out),
         hash: Sha256::new(),
@@ -210,6 +276,7 @@ fn generate_inner<W: Write>(
         // in-order payload writer.
         let mut end = i;
         let mut diffs = 0;
+        bar.check()?;
         while end < plan.len() && diffs < batch {
             diffs += matches!(plan[end], Plan::Diff(..)) as usize;
             end += 1;
@@ -245,7 +312,8 @@ fn generate_inner<W: Write>(
         i = end;
     }
     out.inner.flush().map_err(io_err("writing the payload"))?;
-    bar.finish_and_clear();
+    bar.bar.finish_and_clear();
+    bar.phase(Phase::Done);
 
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -364,7 +432,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl SourceIndex {
-    fn build(src: &File, len: u64, bar: &ProgressBar) -> Result<Self, GenerateError> {
+    fn build(src: &File, len: u64, bar: &Meter) -> Result<Self, GenerateError> {
         let _span = tracing::info_span!("index_source", len).entered();
         // Sample about one position in 2^bits, so that at most MAX_ANCHORS
         // anchors are kept whatever the source size (and at least one per 32
@@ -392,6 +460,7 @@ impl SourceIndex {
             });
             pos += seg as u64;
             bar.inc(seg as u64);
+            bar.check()?;
         }
         blocks.par_sort_unstable();
         anchors.par_sort_unstable();
@@ -457,7 +526,7 @@ fn classify_target(
     len: u64,
     index: Option<&SourceIndex>,
     source: Option<&File>,
-    bar: &ProgressBar,
+    bar: &Meter,
 ) -> Result<(Vec<Class>, Digest), GenerateError> {
     let _span = tracing::info_span!("classify_target", len).entered();
     let nblocks = len.div_ceil(BLOCK);
@@ -551,6 +620,7 @@ fn classify_target(
         }
         pos += seg as u64;
         bar.inc(seg as u64);
+        bar.check()?;
     }
     Ok((classes, sha.into()))
 }
@@ -962,6 +1032,66 @@ fn ranked<T: Ord + Copy>(values: &mut [T]) -> Vec<(usize, T)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file_of(data: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(data).unwrap();
+        f
+    }
+
+    fn spec(from: Option<&str>) -> DeltaSpec {
+        DeltaSpec {
+            device_type: "t".into(),
+            from_version: from.map(String::from),
+            to_version: "2.0.0".into(),
+            security_counter: 0,
+            expires_at: Manifest::expiry_in(1),
+        }
+    }
+
+    /// The server shows this progress in `release list`: it must end at its
+    /// total, in phase `Done`, and a cancel must stop the generation.
+    #[test]
+    fn progress_counts_to_its_total_and_cancel_stops_the_generation() {
+        let old: Vec<u8> = (0..(4u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut new = old.clone();
+        new[1 << 20..(1 << 20) + 5000].fill(9);
+        let (src, dst) = (file_of(&old), file_of(&new));
+        let opts = GenerateOptions {
+            progress: false,
+            threads: 2,
+            ..Default::default()
+        };
+        let p = Progress::default();
+        let m = generate_with_progress(
+            &spec(Some("1.0.0")),
+            Some(src.as_file()),
+            dst.as_file(),
+            io::sink(),
+            &opts,
+            Some(&p),
+        )
+        .unwrap();
+        assert!(m.operations.len() > 1);
+        let (phase, done, total) = p.snapshot();
+        assert_eq!(phase, Phase::Done);
+        assert_eq!(total, old.len() as u64 + 2 * new.len() as u64);
+        assert_eq!(done, total);
+
+        let p = Progress::default();
+        p.cancel();
+        let r = generate_with_progress(
+            &spec(None),
+            None,
+            dst.as_file(),
+            io::sink(),
+            &opts,
+            Some(&p),
+        );
+        assert!(matches!(r, Err(GenerateError::Cancelled)), "{r:?}");
+    }
 
     #[test]
     fn anchors_are_found_at_the_same_content_whatever_the_offset() {

@@ -16,6 +16,8 @@
 //!   of zero, moved and changed blocks, and picks for each changed chunk the
 //!   smallest of `REPLACE` and `BSDIFF` against the source window where its
 //!   content lives.
+//! - [`progress`] (feature `generate`): a running generation's phase and
+//!   bytes processed, readable from other threads, and its cancel flag.
 //! - [`suffix_diff`] (feature `generate`): bsdiff's match search over a
 //!   libsais suffix array, writing the streams `patch_streams` stores.
 //!
@@ -26,6 +28,8 @@ pub mod apply;
 pub mod generate;
 pub mod io;
 pub mod patch_streams;
+#[cfg(feature = "generate")]
+pub mod progress;
 #[cfg(feature = "generate")]
 pub mod suffix_diff;
 

@@ -209,7 +209,6 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     ));
     let images = ArtifactStore::open(data.join("images")).context("opening images/")?;
     let artifacts = ArtifactStore::open(data.join("artifacts")).context("opening artifacts/")?;
-    let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1);
     let (store, pool) = match config.storage.backend {
         StorageBackend::Sled => {
             std::fs::create_dir_all(data.join("db"))?;
@@ -237,8 +236,12 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             delta_history: config.delta_history,
             chunk_size: config.chunk_size,
             zstd_level: config.zstd_level,
+            full_zstd_level: config.full_zstd_level,
             expiry_days: config.manifest_expiry_days,
-            threads,
+            // Every core, at a low priority: check-ins take what they need
+            // and builds the rest (half the cores left one idle on 2).
+            threads: config.build_threads,
+            nice: config.build_nice,
         },
         signers.clone(),
     )

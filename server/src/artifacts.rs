@@ -67,7 +67,10 @@ pub enum StoreError {
     Task(String),
 }
 
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + use<> {
+pub(crate) fn io_err(
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> StoreError + use<> {
     let path = path.to_path_buf();
     move |source| StoreError::Io { op, path, source }
 }
@@ -152,6 +155,49 @@ impl ArtifactStore {
         tokio::task::spawn_blocking(move || span.in_scope(|| put_blocking(&dir, &src)))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+impl ArtifactStore {
+    /// Moves the finished file `src`, whose SHA-256 the caller computed over
+    /// the very bytes it wrote and fsynced (a streamed upload, a build's
+    /// payload), into the store under `digest`: a `rename(2)` and a
+    /// directory fsync instead of [`put_file`](Self::put_file)'s copy, which
+    /// at 2 GiB costs as much as the upload itself. When `src` is on another
+    /// filesystem it falls back to `put_file` (which hashes what it copies)
+    /// and leaves `src` to the caller.
+    ///
+    /// # Cancel safety
+    /// Runs on a blocking thread that finishes even if the future is
+    /// dropped; the file is then under its name or still at `src`.
+    pub async fn adopt_file(
+        &self,
+        src: &Path,
+        digest: &Digest,
+    ) -> Result<(Digest, u64), StoreError> {
+        let dir = self.dir.clone();
+        let src = src.to_path_buf();
+        let dest = self.path_of(digest);
+        let digest = *digest;
+        let span = tracing::info_span!("artifact_adopt", src = %src.display(), sha256 = %digest);
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| {
+                let len = std::fs::metadata(&src).map_err(io_err("stat", &src))?.len();
+                match std::fs::rename(&src, &dest) {
+                    Ok(()) => {
+                        File::open(&dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(io_err("fsync directory", &dir))?;
+                        debug!(sha256 = %digest, len, "artifact moved in");
+                        Ok((digest, len))
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => put_blocking(&dir, &src),
+                    Err(e) => Err(io_err("move into the store", &src)(e)),
+                }
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 }
 

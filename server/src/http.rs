@@ -28,7 +28,6 @@ use ota_format::api::{
 use rand::Rng;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
 use crate::app::App;
@@ -827,21 +826,21 @@ async fn admin_release_add(
         .map_err(internal)?;
     let (std_file, path) = tmp.keep().map_err(internal)?;
     let _cleanup = RemoveOnDrop(path.clone());
-    let mut f = tokio::fs::File::from_std(std_file);
+    let disk_err = |e: crate::artifacts::StoreError| {
+        internal(format!(
+            "writing the upload (is the data directory's disk full?): {e}"
+        ))
+    };
+    let mut ingest = crate::ingest::Ingest::start(std_file, path.clone());
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             let msg = format!("upload interrupted: {e}");
             body_error(e).unwrap_or_else(|| bad_request(msg))
         })?;
-        f.write_all(&chunk).await.map_err(|e| {
-            internal(format!(
-                "writing the upload (is the data directory's disk full?): {e}"
-            ))
-        })?;
+        ingest.write(chunk).await.map_err(disk_err)?;
     }
-    f.sync_all().await.map_err(internal)?;
-    drop(f);
+    let (sha, _) = ingest.finish().await.map_err(disk_err)?;
     let rec = app
         .releases
         .add(
@@ -850,6 +849,7 @@ async fn admin_release_add(
             q.security_counter,
             q.allow_downgrade,
             &path,
+            &sha,
         )
         .await
         .map_err(release_err)?;

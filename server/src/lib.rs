@@ -20,9 +20,13 @@
 //! - [`tls`]: the HTTPS listener's rustls configuration (optional client
 //!   certificates) and the acceptor that hands the peer certificate to the
 //!   handlers.
-//! - [`releases`]: the release catalogue and the background delta builder.
+//! - [`releases`]: the release catalogue and the background delta builder;
+//!   [`builder`] runs one build on a low-priority thread of its own and
+//!   keeps its live progress.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
 //!   optional egress cap.
+//! - [`ingest`]: an upload streamed to disk and hashed on a thread of its
+//!   own (`release add`), then moved into `images/`.
 //! - [`rollout`]: waves, failure thresholds and per-device progress;
 //!   [`rollout::throttle`] holds the concurrency cap, download leases, the
 //!   start-rate limiter and the fair waiting queue;
@@ -52,12 +56,14 @@ pub mod admin;
 pub mod app;
 pub mod artifacts;
 pub mod backend;
+pub mod builder;
 pub mod certs;
 pub mod client;
 pub mod config;
 pub mod fleet;
 pub mod freshness;
 pub mod http;
+pub mod ingest;
 pub mod inventory;
 pub mod listener;
 pub mod metrics;

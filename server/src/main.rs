@@ -827,7 +827,12 @@ fn print_release(r: &ota_server::releases::ReleaseRecord) {
             .map(|a| format!("{} bytes payload", a.payload_size))
             .unwrap_or_default();
         let err = b.error.as_deref().unwrap_or("");
-        println!("  from {from:<16} {:?} {size} {err}", b.status);
+        let progress = b
+            .progress
+            .as_ref()
+            .map(ota_server::render::build_progress)
+            .unwrap_or_default();
+        println!("  from {from:<16} {:?} {size}{progress} {err}", b.status);
     }
 }
 

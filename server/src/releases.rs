@@ -1,10 +1,18 @@
 //! Releases and the delta pipeline.
 //!
-//! `release add` streams an image into `images/` (content-addressed). The
-//! server then builds, in the background and one at a time, the full payload
-//! and a delta from each of the previous `delta_history` releases of the same
-//! device type, signs each manifest with the server key and stores payload
-//! and envelope as content-addressed artifacts.
+//! `release add` streams an image into `images/` (content-addressed; see
+//! [`crate::ingest`]). The server then builds, in the background and one at
+//! a time, the full payload and a delta from each of the previous
+//! `delta_history` releases of the same device type, signs each manifest
+//! with the server key and stores payload and envelope as content-addressed
+//! artifacts.
+//!
+//! Each build uses every core, on threads at a low priority
+//! ([`crate::builder::run_low_priority`], nice `build_nice`): request threads preempt them
+//! whenever they need a core, so builds take only the CPU time check-ins
+//! leave idle. A running build's phase and bytes processed are kept in
+//! memory ([`BuildProgress`]) and shown by `release list`; a shutdown stops
+//! it through the generator's cancel flag.
 //!
 //! Builds are recorded in sled as `pending` → `building` → `ready` (or
 //! `failed`, with the reason). A build interrupted by a crash is found in
@@ -16,7 +24,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
+use ota_delta::generate::{
+    DeltaSpec, GenerateError, GenerateOptions, Progress, generate_with_progress,
+};
+
+use crate::builder::{LiveBuild, run_low_priority};
 use ota_format::{Digest, Envelope, Manifest};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -58,6 +70,25 @@ pub struct Build {
     pub error: Option<String>,
     #[serde(default)]
     pub seconds: Option<f64>,
+    /// Where a build in state `building` is, from the builder itself. Live
+    /// only: never stored, and with PostgreSQL shown only by the replica
+    /// running the build (others show the state alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<BuildProgress>,
+}
+
+/// What a running build is doing, as `release list` and `--wait` show it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct BuildProgress {
+    /// `indexing source`, `matching blocks`, `diffing` (deltas),
+    /// `compressing` (full images), then `signing` and `storing`.
+    pub phase: String,
+    /// Image bytes processed: the source once, the target twice (see
+    /// [`ota_delta::generate::Progress`]).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Since this replica started the build.
+    pub elapsed_secs: f64,
 }
 
 /// A release as stored.
@@ -108,9 +139,15 @@ pub enum ReleaseError {
 pub struct BuildSettings {
     pub delta_history: usize,
     pub chunk_size: u64,
+    /// zstd level of deltas.
     pub zstd_level: i32,
+    /// zstd level of full images.
+    pub full_zstd_level: i32,
     pub expiry_days: u64,
+    /// Generator threads; 0 = one per core.
     pub threads: usize,
+    /// Nice value of the build thread and of the generator's workers.
+    pub nice: i32,
 }
 
 type Job = (String, String, Option<String>);
@@ -303,6 +340,8 @@ pub struct Releases {
     /// `add` and the builder.
     map: RwLock<HashMap<(String, String), ReleaseRecord>>,
     jobs: mpsc::Sender<Job>,
+    /// Builds running on this replica, for their progress.
+    live: Mutex<HashMap<Job, Arc<LiveBuild>>>,
     settings: BuildSettings,
     signers: crate::signing::SignerSlot,
     /// Bumped at every change of `map`, so readers can cache what they
@@ -337,6 +376,7 @@ impl Releases {
                 tmp,
                 map: RwLock::new(map),
                 jobs: tx,
+                live: Mutex::new(HashMap::new()),
                 settings,
                 signers,
                 generation: Default::default(),
@@ -495,10 +535,28 @@ impl Releases {
         (newest, mine.map(|r| r.security_counter).max().unwrap_or(0))
     }
 
-    /// Every release, newest last per device type.
+    /// Every release, newest last per device type, with the progress of the
+    /// builds this replica is running.
     pub fn list(&self) -> Vec<ReleaseRecord> {
         let mut v: Vec<_> = self.map.read().unwrap().values().cloned().collect();
         v.sort_by(|a, b| (&a.device_type, a.seq).cmp(&(&b.device_type, b.seq)));
+        let live = self.live.lock().unwrap();
+        if !live.is_empty() {
+            for r in &mut v {
+                for b in &mut r.builds {
+                    let job = (
+                        r.device_type.clone(),
+                        r.version.clone(),
+                        b.from_version.clone(),
+                    );
+                    if b.status == BuildStatus::Building
+                        && let Some(l) = live.get(&job)
+                    {
+                        b.progress = Some(l.view());
+                    }
+                }
+            }
+        }
         v
     }
 
@@ -538,8 +596,10 @@ impl Releases {
     }
 
     /// Registers a release whose image was streamed to `image_tmp` (hashed
-    /// as it arrived) and queues its builds; refuses a version that would
-    /// not move devices forward ([`check_order`]).
+    /// as it arrived: `image_sha256`, see [`crate::ingest::Ingest`]) and
+    /// queues its builds; refuses a version that would not move devices
+    /// forward ([`check_order`]). The image is moved into `images/`, not
+    /// copied.
     ///
     /// # Cancel safety
     /// Not cancel safe between the image move and the record write: a
@@ -552,6 +612,7 @@ impl Releases {
         security_counter: u64,
         allow_downgrade: bool,
         image_tmp: &Path,
+        image_sha256: &Digest,
     ) -> Result<ReleaseRecord, ReleaseError> {
         ota_format::api::check_name("device type", device_type).map_err(ReleaseError::Invalid)?;
         ota_format::api::check_name("version", version).map_err(ReleaseError::Invalid)?;
@@ -564,7 +625,7 @@ impl Releases {
                 "the image is {size} bytes; images must be a non-empty multiple of 4096 bytes (a block device or filesystem image)"
             )));
         }
-        let (sha, size) = self.images.put_file(image_tmp).await?;
+        let (sha, size) = self.images.adopt_file(image_tmp, image_sha256).await?;
         // Other replicas may have added releases of this type.
         self.refresh().await?;
         let rec = {
@@ -597,6 +658,7 @@ impl Releases {
                 artifacts: None,
                 error: None,
                 seconds: None,
+                progress: None,
             }];
             for e in earlier.iter().take(self.settings.delta_history) {
                 builds.push(Build {
@@ -605,6 +667,7 @@ impl Releases {
                     artifacts: None,
                     error: None,
                     seconds: None,
+                    progress: None,
                 });
             }
             ReleaseRecord {
@@ -754,8 +817,14 @@ impl Releases {
         Ok(())
     }
 
-    /// Runs the build queue until `cancel`. One build at a time: building is
-    /// CPU-heavy and check-ins must keep their latency.
+    /// Runs the build queue until `cancel`. One build at a time, each on
+    /// every core at a low priority (see the module documentation).
+    ///
+    /// # Cancel safety
+    /// On `cancel` the running build is asked to stop and awaited (within
+    /// one batch of chunks); its record stays `building`, so the next start
+    /// runs it again. Dropping the future instead leaves the build thread
+    /// running to its end, its result unrecorded.
     pub async fn run_builder(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<Job>,
@@ -798,18 +867,46 @@ impl Releases {
                     error!(error = %e, "recording build start");
                 }
                 let started = std::time::Instant::now();
+                let job = (t.clone(), v.clone(), from.clone());
+                let live = Arc::new(LiveBuild {
+                    gen_progress: Progress::default(),
+                    step: Default::default(),
+                    started,
+                });
+                this.live.lock().unwrap().insert(job.clone(), live.clone());
                 let this2 = this.clone();
+                let live2 = live.clone();
                 let (t2, v2, f2) = (t.clone(), v.clone(), from.clone());
-                let res = tokio::task::spawn_blocking(move || this2.build_blocking(&t2, &v2, &f2))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("build task panicked: {e}")));
-                let res = match res {
-                    Ok((mpath, ppath)) => this.store_artifacts(&from, &mpath, &ppath).await,
-                    Err(e) => Err(e),
+                let built = run_low_priority(this.settings.nice, move || {
+                    this2.build_blocking(&t2, &v2, &f2, &live2)
+                });
+                tokio::pin!(built);
+                // On shutdown the generator is asked to stop; the build
+                // stays `building` and runs again at the next start.
+                let res = tokio::select! {
+                    r = &mut built => Some(r),
+                    _ = cancel.cancelled() => {
+                        live.gen_progress.cancel();
+                        let _ = built.await;
+                        info!("build interrupted by shutdown; it runs again at the next start");
+                        None
+                    }
                 };
+                let res = match res {
+                    Some(Ok(Ok((mpath, ppath, payload_sha)))) => {
+                        live.step.store(2, std::sync::atomic::Ordering::Relaxed);
+                        Some(
+                            this.store_artifacts(&from, &mpath, &ppath, &payload_sha)
+                                .await,
+                        )
+                    }
+                    Some(Ok(Err(e)) | Err(e)) => Some(Err(e)),
+                    None => None,
+                };
+                this.live.lock().unwrap().remove(&job);
                 let secs = started.elapsed().as_secs_f64();
                 let r = match res {
-                    Ok(a) => {
+                    Some(Ok(a)) => {
                         info!(payload = a.payload_size, secs, "build ready");
                         this.set_build(&t, &v, &from, |b| {
                             b.status = BuildStatus::Ready;
@@ -818,7 +915,7 @@ impl Releases {
                         })
                         .await
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         error!(error = %e, "build failed");
                         this.set_build(&t, &v, &from, |b| {
                             b.status = BuildStatus::Failed;
@@ -826,6 +923,7 @@ impl Releases {
                         })
                         .await
                     }
+                    None => Ok(()),
                 };
                 if let Err(e) = r {
                     error!(error = %e, "recording build result");
@@ -848,11 +946,14 @@ impl Releases {
         from: &Option<String>,
         manifest: &Path,
         payload: &Path,
+        payload_sha: &Digest,
     ) -> Result<Artifacts, String> {
         let stored = async {
+            // The generator hashed the payload as it wrote it: moved in,
+            // not copied (a full image's payload can be a GiB).
             let (ps, pn) = self
                 .artifacts
-                .put_file(payload)
+                .adopt_file(payload, payload_sha)
                 .await
                 .map_err(|e| format!("storing payload: {e}"))?;
             let (ms, mn) = self
@@ -863,7 +964,7 @@ impl Releases {
             Ok::<_, String>((ps, pn, ms, mn))
         }
         .await;
-        // put_file copies; the build outputs in tmp/ are ours to remove.
+        // Whatever was not moved in is ours to remove.
         let _ = std::fs::remove_file(payload);
         let _ = std::fs::remove_file(manifest);
         let (ps, pn, ms, mn) = stored?;
@@ -876,13 +977,15 @@ impl Releases {
         })
     }
 
-    /// Generates and signs one update into `tmp/`; returns (manifest, payload) paths.
+    /// Generates and signs one update into `tmp/`; returns the manifest's
+    /// and the payload's paths and the payload's digest.
     fn build_blocking(
         &self,
         t: &str,
         v: &str,
         from: &Option<String>,
-    ) -> Result<(PathBuf, PathBuf), String> {
+        live: &LiveBuild,
+    ) -> Result<(PathBuf, PathBuf, Digest), String> {
         let (target_sha, counter, source_sha) = {
             let map = self.map.read().unwrap();
             let r = map
@@ -916,7 +1019,11 @@ impl Releases {
         };
         let opts = GenerateOptions {
             chunk_size: self.settings.chunk_size,
-            zstd_level: self.settings.zstd_level,
+            zstd_level: if from.is_some() {
+                self.settings.zstd_level
+            } else {
+                self.settings.full_zstd_level
+            },
             threads: self.settings.threads,
             progress: false,
         };
@@ -924,14 +1031,19 @@ impl Releases {
             .prefix("payload-")
             .tempfile_in(&self.tmp)
             .map_err(|e| format!("creating a temporary file in {}: {e}", self.tmp.display()))?;
-        let manifest = generate(
+        let manifest = generate_with_progress(
             &spec,
             source.as_ref(),
             &target,
             payload.as_file_mut(),
             &opts,
+            Some(&live.gen_progress),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            GenerateError::Cancelled => "cancelled".to_string(),
+            e => e.to_string(),
+        })?;
+        live.step.store(1, std::sync::atomic::Ordering::Relaxed);
         payload.as_file().sync_all().map_err(|e| e.to_string())?;
         let signers = self.signers.load();
         let env = Envelope::sign_compressed_with(&manifest.to_json(), &signers.refs())
@@ -945,7 +1057,7 @@ impl Releases {
         mf.as_file().sync_all().map_err(|e| e.to_string())?;
         let (_, ppath) = payload.keep().map_err(|e| e.to_string())?;
         let (_, mpath) = mf.keep().map_err(|e| e.to_string())?;
-        Ok((mpath, ppath))
+        Ok((mpath, ppath, manifest.payload.sha256))
     }
 }
 

@@ -326,6 +326,21 @@ impl Live {
 }
 
 /// Refuses a reload that changes a setting only a restart applies.
+/// The settings the builder took at start-up, as one comparable string.
+fn build_settings(c: &ServerConfig) -> String {
+    format!(
+        "{} {} {} {} {} {} {} {}",
+        c.delta_history,
+        c.chunk_size,
+        c.zstd_level,
+        c.full_zstd_level,
+        c.build_threads,
+        c.build_nice,
+        c.manifest_expiry_days,
+        c.egress_bytes_per_sec
+    )
+}
+
 fn fixed_settings_unchanged(old: &ServerConfig, new: &ServerConfig) -> Result<(), ReloadError> {
     let same = |a: String, b: String, what| {
         if a == b {
@@ -361,23 +376,9 @@ fn fixed_settings_unchanged(old: &ServerConfig, new: &ServerConfig) -> Result<()
         "enrollment_key",
     )?;
     same(
-        format!(
-            "{} {} {} {} {}",
-            old.delta_history,
-            old.chunk_size,
-            old.zstd_level,
-            old.manifest_expiry_days,
-            old.egress_bytes_per_sec
-        ),
-        format!(
-            "{} {} {} {} {}",
-            new.delta_history,
-            new.chunk_size,
-            new.zstd_level,
-            new.manifest_expiry_days,
-            new.egress_bytes_per_sec
-        ),
-        "a build setting (delta_history, chunk_size, zstd_level, manifest_expiry_days) or egress_bytes_per_sec",
+        build_settings(old),
+        build_settings(new),
+        "a build setting (delta_history, chunk_size, zstd_level, full_zstd_level, build_threads, build_nice, manifest_expiry_days) or egress_bytes_per_sec",
     )?;
     same(
         old.tls.is_some().to_string(),

@@ -1,4 +1,5 @@
-//! Human output of the CLI: the device table, one device, rollout lists.
+//! Human output of the CLI: the device table, one device, rollout lists,
+//! build progress.
 //!
 //! Times are shown as RFC 3339 (UTC) and as an age ("12 s ago"), never as
 //! epoch milliseconds; wave numbers count from 1 as in `rollout status`.
@@ -239,6 +240,27 @@ pub fn failure_reasons(s: &RolloutStatus) -> String {
         let _ = writeln!(o, "  {:>8}  {}", r.devices, r.reason);
     }
     o
+}
+
+/// A running build's progress from the server: phase, bytes processed of
+/// the total, and time since it started, e.g.
+/// `diffing 2.1 GiB / 6.0 GiB (35 %), 1m 3s`.
+pub fn build_progress(p: &crate::releases::BuildProgress) -> String {
+    let pct = if p.total_bytes > 0 {
+        format!(
+            " ({:.0} %)",
+            100.0 * p.done_bytes as f64 / p.total_bytes as f64
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} {} / {}{pct}, {}",
+        p.phase,
+        indicatif::HumanBytes(p.done_bytes),
+        indicatif::HumanBytes(p.total_bytes),
+        humantime::format_duration(std::time::Duration::from_secs(p.elapsed_secs as u64))
+    )
 }
 
 #[cfg(test)]

@@ -231,3 +231,79 @@ async fn a_build_interrupted_by_kill_9_reruns_after_restart() {
         assert_eq!(ota_format::Digest::of(&body), sha);
     }
 }
+
+/// Text-like data zstd compresses slowly at level 19 (noise is faster).
+fn slow_image(bytes: usize) -> Vec<u8> {
+    let words: [&[u8]; 8] = [
+        b"kernel ",
+        b"module ",
+        b"library ",
+        b"0x7f3a ",
+        b"config\n",
+        b"usr/lib/",
+        b"= ",
+        b"42 ",
+    ];
+    let mut x: u32 = 7;
+    let mut img = Vec::with_capacity(bytes + 16);
+    while img.len() < bytes {
+        x = x.wrapping_mul(1103515245).wrapping_add(12345);
+        img.extend_from_slice(words[(x >> 16) as usize % 8]);
+        img.push((x >> 8) as u8);
+    }
+    img.truncate(bytes);
+    img
+}
+
+/// Regression (issue 18): a shutdown waited for the running build to end,
+/// minutes for a 2 GiB image. It now stops the generator within one batch
+/// of chunks; the build stays `building` and runs again at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_interrupts_a_running_build_which_the_next_start_finishes() {
+    const CFG: &str = "full_zstd_level = 19\n";
+    let mut ts = TestServer::start_in(tempfile::tempdir().unwrap(), CFG).await;
+    let p = ts.dir.path().join("big.img");
+    std::fs::write(&p, slow_image(96 << 20)).unwrap();
+    ts.admin
+        .release_add("t", "1.0", 0, &p, false)
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let b = ts.admin.releases().await.unwrap()[0].builds[0].clone();
+        assert_ne!(
+            b.status,
+            ota_server::releases::BuildStatus::Ready,
+            "the build finished before the shutdown; make the image bigger"
+        );
+        if b.progress.is_some_and(|p| p.phase == "compressing") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "no build started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = std::time::Instant::now();
+    ts.stop().await;
+    let took = t.elapsed();
+    eprintln!("shutdown took {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "shutdown took {took:?}: it waited for the build"
+    );
+    let TestServer { dir, .. } = ts;
+    let ts = TestServer::start_in(dir, CFG).await;
+    let t = std::time::Instant::now();
+    loop {
+        let b = ts.admin.releases().await.unwrap()[0].builds[0].clone();
+        match b.status {
+            ota_server::releases::BuildStatus::Ready => break,
+            ota_server::releases::BuildStatus::Failed => panic!("{b:?}"),
+            _ => {}
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "the interrupted build never finished after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -640,3 +640,84 @@ async fn the_start_rate_ramps_with_commits() {
         "two commits double the rate"
     );
 }
+
+/// Issue 18: `release list` and `release add --wait` show each running
+/// build's phase and bytes done of its total, from the builder itself. A
+/// full image of 24 MiB of text-like data at zstd level 19 keeps the build
+/// busy for a few seconds, long enough to be seen through the admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_build_shows_its_phase_and_bytes_in_the_release_list() {
+    let ts = TestServer::start("full_zstd_level = 19\n").await;
+    let mut x: u32 = 7;
+    let words: [&[u8]; 8] = [
+        b"kernel ",
+        b"module ",
+        b"library ",
+        b"0x7f3a ",
+        b"config\n",
+        b"usr/lib/",
+        b"= ",
+        b"42 ",
+    ];
+    let mut img = Vec::with_capacity(24 << 20);
+    while img.len() < 24 << 20 {
+        x = x.wrapping_mul(1103515245).wrapping_add(12345);
+        img.extend_from_slice(words[(x >> 16) as usize % 8]);
+        img.push((x >> 8) as u8);
+    }
+    img.truncate(24 << 20);
+    let p = ts.dir.path().join("big.img");
+    std::fs::write(&p, &img).unwrap();
+    ts.admin
+        .release_add("t", "1.0", 0, &p, false)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let t = std::time::Instant::now();
+    loop {
+        let all = ts.admin.releases().await.unwrap();
+        let b = all[0].builds[0].clone();
+        match b.status {
+            ota_server::releases::BuildStatus::Ready => {
+                assert!(b.progress.is_none(), "a finished build shows no progress");
+                break;
+            }
+            ota_server::releases::BuildStatus::Failed => panic!("build failed: {b:?}"),
+            _ => {
+                if let Some(p) = b.progress {
+                    seen.push(p);
+                }
+            }
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(300));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        !seen.is_empty(),
+        "no progress was ever shown while building"
+    );
+    for w in seen.windows(2) {
+        assert!(w[1].done_bytes >= w[0].done_bytes, "{seen:?}");
+    }
+    for p in &seen {
+        assert!(
+            [
+                "starting",
+                "matching blocks",
+                "compressing",
+                "done",
+                "signing",
+                "storing"
+            ]
+            .contains(&p.phase.as_str()),
+            "{p:?}"
+        );
+        assert!(p.done_bytes <= p.total_bytes, "{p:?}");
+        assert!(p.total_bytes == 0 || p.total_bytes == 2 * img.len() as u64);
+    }
+    assert!(
+        seen.iter()
+            .any(|p| p.phase == "compressing" && p.done_bytes > img.len() as u64),
+        "the compression phase and its bytes were seen: {seen:?}"
+    );
+}
