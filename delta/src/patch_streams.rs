@@ -78,40 +78,164 @@ fn untranspose(planes: &[u8], width: usize) -> Vec<u8> {
 const BZIP2_MAGIC: &[u8] = b"BZh";
 
 /// Decompresses the three streams of a `BSDIFF` operation's data, refusing any
-/// stream larger than `cap` bytes.
+/// stream larger than `cap` bytes. For inspection and tests; the apply engine
+/// uses [`decode_bounded`], whose memory the manifest bounds.
 pub fn decompress(data: &[u8], cap: usize) -> io::Result<[Vec<u8>; 3]> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut rest = data;
     let mut out: [Vec<u8>; 3] = Default::default();
     for (i, stream) in out.iter_mut().enumerate() {
-        if rest.starts_with(BZIP2_MAGIC) {
-            let mut dec = bzip2::read::BzDecoder::new(rest);
-            (&mut dec).take(cap as u64 + 1).read_to_end(stream)?;
-            if stream.len() > cap {
-                return Err(bad(&format!("stream {i} decompresses past {cap} bytes")));
-            }
-            let used = dec.total_in() as usize;
-            rest = &rest[used.min(rest.len())..];
-            continue;
-        }
-        let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|_| {
-            bad(&format!(
-                "stream {i} is neither a zstd frame nor a bzip2 stream"
-            ))
-        })?;
-        let mut dec = zstd::bulk::Decompressor::new()?;
-        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(23))?;
-        *stream = dec.decompress(&rest[..n], cap)?;
-        rest = &rest[n..];
+        *stream = decode_stream(&mut rest, cap, i)?;
     }
     if !rest.is_empty() {
-        return Err(bad("trailing bytes after the three streams"));
+        return Err(invalid("trailing bytes after the three streams"));
     }
     if out[0].len() % CTRL_LEN != 0 {
-        return Err(bad("control stream is not a whole number of entries"));
+        return Err(invalid("control stream is not a whole number of entries"));
     }
     out[0] = untranspose(&out[0], CTRL_LEN);
     Ok(out)
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// bzip2 decoders alive at once in this process. A bzip2 decoder holds
+/// about 3.6 MiB (4 bytes per byte of its 900 kB block) whatever the size
+/// of the stream, so it is not part of any operation's accounted memory
+/// ([`crate::apply::op_work`]): the process holds at most this many, a
+/// constant of the agent's memory bound ([`BZIP2_DECODER_BYTES`]).
+pub const BZIP2_DECODERS: usize = 1;
+
+/// Memory of one bzip2 decoder at the largest block size (900 kB): the
+/// 4-byte-per-byte `tt` array and its bookkeeping, rounded up.
+pub const BZIP2_DECODER_BYTES: u64 = 3800 << 10;
+
+/// Bound on the working memory of a zstd decoding context besides the
+/// window of a streaming decode: the context (`ZSTD_estimateDCtxSize`,
+/// about 96 KiB) and a streaming decode's input and block buffers
+/// (128 KiB each), rounded up.
+pub const ZSTD_DCTX_BYTES: u64 = 512 << 10;
+
+/// Counts the bzip2 decoders alive (see [`BZIP2_DECODERS`]).
+static BZIP2_SLOTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static BZIP2_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A slot for one bzip2 decoder, released on drop.
+struct Bzip2Slot;
+
+impl Bzip2Slot {
+    fn acquire() -> Bzip2Slot {
+        let mut n = BZIP2_SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= BZIP2_DECODERS {
+            n = BZIP2_FREED.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Bzip2Slot
+    }
+}
+
+impl Drop for Bzip2Slot {
+    fn drop(&mut self) {
+        *BZIP2_SLOTS.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        BZIP2_FREED.notify_one();
+    }
+}
+
+/// Decodes the next stream of `rest` (a zstd frame or a bzip2 stream) into
+/// a vector of at most `cap` bytes, advancing `rest` past it.
+///
+/// Allocates no more than the stream needs: a zstd frame's declared content
+/// size (checked against `cap` before anything is allocated), or for bzip2
+/// (whose size is only known once decoded) `cap` bytes, shrunk to the
+/// stream's size afterwards.
+fn decode_stream(rest: &mut &[u8], cap: usize, i: usize) -> io::Result<Vec<u8>> {
+    let too_big = || invalid(&format!("stream {i} decompresses past {cap} bytes"));
+    if rest.starts_with(BZIP2_MAGIC) {
+        let _slot = Bzip2Slot::acquire();
+        let mut out = Vec::with_capacity(cap);
+        let mut dec = bzip2::read::BzDecoder::new(*rest);
+        (&mut dec).take(cap as u64 + 1).read_to_end(&mut out)?;
+        if out.len() > cap {
+            return Err(too_big());
+        }
+        let used = dec.total_in() as usize;
+        drop(dec);
+        out.shrink_to_fit();
+        *rest = &rest[used.min(rest.len())..];
+        return Ok(out);
+    }
+    let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|_| {
+        invalid(&format!(
+            "stream {i} is neither a zstd frame nor a bzip2 stream"
+        ))
+    })?;
+    let frame = &rest[..n];
+    // The generator's frames declare their size; a frame that does not is
+    // given the whole cap.
+    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(s)) if s > cap as u64 => return Err(too_big()),
+        Ok(Some(s)) => s as usize,
+        Ok(None) => cap,
+        Err(_) => return Err(invalid(&format!("stream {i}: bad zstd frame header"))),
+    };
+    let mut out = Vec::with_capacity(size);
+    let mut dec = zstd::bulk::Decompressor::new()?;
+    dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(23))?;
+    dec.decompress_to_buffer(frame, &mut out)?;
+    *rest = &rest[n..];
+    Ok(out)
+}
+
+/// The decoded streams of one `BSDIFF` operation (see [`decode_bounded`]).
+pub struct Decoded {
+    /// Control entries as stored: transposed into byte planes.
+    ctrl_planes: Vec<u8>,
+    diff: Vec<u8>,
+    extra: Vec<u8>,
+}
+
+impl Decoded {
+    /// The interleaved bsdiff patch these streams make, for `bsdiff::patch`.
+    pub fn patch(&self) -> Interleaved<'_> {
+        Interleaved::from_planes(&self.ctrl_planes, &self.diff, &self.extra)
+    }
+
+    /// Bytes held.
+    pub fn capacity(&self) -> usize {
+        self.ctrl_planes.capacity() + self.diff.capacity() + self.extra.capacity()
+    }
+}
+
+/// Decodes the data of a `BSDIFF` operation whose output is `dst_len` bytes
+/// in memory the manifest bounds: at most `2 × dst_len` bytes of streams,
+/// whatever the data claims.
+///
+/// - diff and extra together hold at most `dst_len` bytes: bspatch emits
+///   exactly one output byte per diff or extra byte, so a valid patch never
+///   has more (the generator's have exactly `dst_len`);
+/// - the control stream holds at most `dst_len` bytes (24 per entry; on the
+///   2 GiB benchmark pair the largest was 0.52 × its output, the median
+///   0.0006 ×) and is read transposed, as stored, without a second copy;
+/// - each zstd frame is allocated at its declared size, each bzip2 stream
+///   shrunk to its size once decoded, and at most [`BZIP2_DECODERS`] bzip2
+///   decoders exist at once in the process.
+pub fn decode_bounded(data: &[u8], dst_len: usize) -> io::Result<Decoded> {
+    let mut rest = data;
+    let ctrl_planes = decode_stream(&mut rest, dst_len, 0)?;
+    if ctrl_planes.len() % CTRL_LEN != 0 {
+        return Err(invalid("control stream is not a whole number of entries"));
+    }
+    let diff = decode_stream(&mut rest, dst_len, 1)?;
+    let extra = decode_stream(&mut rest, dst_len - diff.len(), 2)?;
+    if !rest.is_empty() {
+        return Err(invalid("trailing bytes after the three streams"));
+    }
+    Ok(Decoded {
+        ctrl_planes,
+        diff,
+        extra,
+    })
 }
 
 /// Compresses the three streams of a split patch into an operation's data:
@@ -134,6 +258,11 @@ pub fn compress(streams: &[Vec<u8>; 3], level: i32) -> io::Result<Vec<u8>> {
 /// Reads the three streams back as one interleaved bsdiff patch.
 pub struct Interleaved<'a> {
     ctrl: &'a [u8],
+    /// `Some(rows)`: `ctrl` holds the entries transposed (byte planes of
+    /// `rows` bytes each), as stored in the data.
+    planes: Option<usize>,
+    /// Next control entry (transposed control only).
+    row: usize,
     diff: &'a [u8],
     extra: &'a [u8],
     hdr: [u8; 24],
@@ -144,9 +273,12 @@ pub struct Interleaved<'a> {
 }
 
 impl<'a> Interleaved<'a> {
+    /// Over control entries one after another (as [`decompress`] returns them).
     pub fn new([ctrl, diff, extra]: &'a [Vec<u8>; 3]) -> Self {
         Interleaved {
             ctrl,
+            planes: None,
+            row: 0,
             diff,
             extra,
             hdr: [0; 24],
@@ -154,6 +286,49 @@ impl<'a> Interleaved<'a> {
             mix_left: 0,
             copy_left: 0,
         }
+    }
+
+    /// Over transposed control entries, read in place.
+    fn from_planes(ctrl: &'a [u8], diff: &'a [u8], extra: &'a [u8]) -> Self {
+        Interleaved {
+            ctrl,
+            planes: Some(ctrl.len() / CTRL_LEN),
+            row: 0,
+            diff,
+            extra,
+            hdr: [0; 24],
+            hdr_pos: 24,
+            mix_left: 0,
+            copy_left: 0,
+        }
+    }
+
+    /// The next control entry, or `None` at the end.
+    fn next_entry(&mut self) -> io::Result<Option<[u8; CTRL_LEN]>> {
+        let mut hdr = [0u8; CTRL_LEN];
+        match self.planes {
+            Some(rows) => {
+                if self.row >= rows {
+                    return Ok(None);
+                }
+                for (b, h) in hdr.iter_mut().enumerate() {
+                    *h = self.ctrl[b * rows + self.row];
+                }
+                self.row += 1;
+            }
+            None => {
+                if self.ctrl.is_empty() {
+                    return Ok(None);
+                }
+                let h = self
+                    .ctrl
+                    .get(..CTRL_LEN)
+                    .ok_or(io::ErrorKind::InvalidData)?;
+                hdr.copy_from_slice(h);
+                self.ctrl = &self.ctrl[CTRL_LEN..];
+            }
+        }
+        Ok(Some(hdr))
     }
 }
 
@@ -189,12 +364,10 @@ impl Read for Interleaved<'_> {
             if self.copy_left > 0 {
                 return take(&mut self.extra, &mut self.copy_left, buf);
             }
-            if self.ctrl.is_empty() {
+            let Some(hdr) = self.next_entry()? else {
                 return Ok(0);
-            }
-            let hdr = self.ctrl.get(..24).ok_or(io::ErrorKind::InvalidData)?;
-            self.hdr.copy_from_slice(hdr);
-            self.ctrl = &self.ctrl[24..];
+            };
+            self.hdr = hdr;
             self.mix_left = u64::from_le_bytes(self.hdr[0..8].try_into().expect("8 bytes"));
             self.copy_left = u64::from_le_bytes(self.hdr[8..16].try_into().expect("8 bytes"));
             self.hdr_pos = 0;
