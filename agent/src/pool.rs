@@ -86,7 +86,7 @@ impl Default for PoolConfig {
         PoolConfig {
             parallel: 4,
             range_size: 1 << 20,
-            memory_budget: 20 << 20,
+            memory_budget: ota_delta::apply::APPLY_MEMORY_BUDGET,
             stall_timeout: Duration::from_secs(15),
             attempts: 8,
             bandwidth_limit: 0,

@@ -120,6 +120,13 @@ pub const ZSTD_DCTX_BYTES: u64 = 512 << 10;
 /// Counts the bzip2 decoders alive (see [`BZIP2_DECODERS`]).
 static BZIP2_SLOTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
 static BZIP2_FREED: std::sync::Condvar = std::sync::Condvar::new();
+static BZIP2_DECODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// bzip2 streams decoded by this process so far (for memory accounting in
+/// tests: an operation that decoded one may also have held a decoder).
+pub fn bzip2_decodes() -> u64 {
+    BZIP2_DECODES.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// A slot for one bzip2 decoder, released on drop.
 struct Bzip2Slot;
@@ -131,6 +138,7 @@ impl Bzip2Slot {
             n = BZIP2_FREED.wait(n).unwrap_or_else(|e| e.into_inner());
         }
         *n += 1;
+        BZIP2_DECODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Bzip2Slot
     }
 }
