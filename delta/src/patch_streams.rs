@@ -283,24 +283,18 @@ pub struct Interleaved<'a> {
 impl<'a> Interleaved<'a> {
     /// Over control entries one after another (as [`decompress`] returns them).
     pub fn new([ctrl, diff, extra]: &'a [Vec<u8>; 3]) -> Self {
-        Interleaved {
-            ctrl,
-            planes: None,
-            row: 0,
-            diff,
-            extra,
-            hdr: [0; 24],
-            hdr_pos: 24,
-            mix_left: 0,
-            copy_left: 0,
-        }
+        Self::over(ctrl, None, diff, extra)
     }
 
     /// Over transposed control entries, read in place.
     fn from_planes(ctrl: &'a [u8], diff: &'a [u8], extra: &'a [u8]) -> Self {
+        Self::over(ctrl, Some(ctrl.len() / CTRL_LEN), diff, extra)
+    }
+
+    fn over(ctrl: &'a [u8], planes: Option<usize>, diff: &'a [u8], extra: &'a [u8]) -> Self {
         Interleaved {
             ctrl,
-            planes: Some(ctrl.len() / CTRL_LEN),
+            planes,
             row: 0,
             diff,
             extra,
@@ -424,6 +418,26 @@ mod tests {
             decompress(&data, 100).is_err(),
             "cap must hold for bzip2 streams too"
         );
+    }
+
+    #[test]
+    fn decode_bounded_holds_streams_within_the_output() {
+        let old: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let mut new = old.clone();
+        new[100..200].fill(7);
+        let mut patch = Vec::new();
+        bsdiff::diff(&old, &new, &mut patch).unwrap();
+        let data = compress(&split(&patch).unwrap(), 3).unwrap();
+        let d = decode_bounded(&data, new.len()).unwrap();
+        assert!(d.capacity() <= 2 * new.len(), "{}", d.capacity());
+        let mut joined = Vec::new();
+        d.patch().read_to_end(&mut joined).unwrap();
+        assert_eq!(joined, patch, "transposed control read in place");
+        // diff + extra are one byte per output byte: a shorter output is refused.
+        assert!(decode_bounded(&data, new.len() - 1).is_err());
+        // A control stream larger than the output is refused.
+        let big_ctrl = compress(&[vec![0u8; 48_000], vec![1u8; 10], vec![]], 3).unwrap();
+        assert!(decode_bounded(&big_ctrl, 1000).is_err());
     }
 
     #[test]

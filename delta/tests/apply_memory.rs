@@ -17,8 +17,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ota_delta::apply::{ApplyOptions, apply_image, apply_operation, op_memory, op_work};
-use ota_delta::io::ReadAt;
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
+use ota_delta::io::ReadAt;
 use ota_delta::patch_streams::{BZIP2_DECODER_BYTES, BZIP2_DECODERS, bzip2_decodes};
 use ota_format::{Manifest, OpKind};
 
@@ -191,7 +191,10 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
     )
     .unwrap();
     let held = PEAK.load(Ordering::Relaxed) - before;
-    eprintln!("held {held} largest {largest} bsdiff {bsdiff} ops {}", manifest.operations.len());
+    eprintln!(
+        "held {held} largest {largest} bsdiff {bsdiff} ops {}",
+        manifest.operations.len()
+    );
     // What is not an operation's: at most one bzip2 decoder, the final
     // read-back hash's 1 MiB buffer, and per thread a few KiB (hashers,
     // error strings, thread bookkeeping).
