@@ -137,12 +137,17 @@ fn log_reloader<S: 'static>(
 /// for the debug build, and 10 % faster, since the kernel hands out zeroed
 /// pages cheaper than the allocator searched its heaps). musl, the static
 /// ARM64 agent's libc, maps large blocks this way by design.
+///
+/// glibc's own `MALLOC_MMAP_THRESHOLD_`, when set, wins (it fixes the
+/// threshold the same way).
 fn bound_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a parameter of the allocator; it is called
-    // first thing in main, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets a parameter of the allocator; it is
+        // called first thing in main, before any other thread exists.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+        }
     }
 }
 

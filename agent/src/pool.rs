@@ -21,7 +21,8 @@
 //! `parallel` tasks). Every operation's data is buffered whole, checked
 //! against its sha256, and only then applied at its destination extent: no
 //! byte that failed a check is written, and nothing is staged on disk. A
-//! byte budget (like the offline `apply_image`'s) bounds the memory of the
+//! byte budget counted with the engine's `op_work` (as the offline
+//! `apply_image` counts it) bounds the memory of the
 //! operations being buffered and applied at once.
 //!
 //! # Faults
