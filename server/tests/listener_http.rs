@@ -500,7 +500,8 @@ async fn an_answer_before_the_body_was_read_says_connection_close() {
 
     // A request whose body was read keeps its connection.
     s = TcpStream::connect(a).await.unwrap();
-    let body = r#"{"enrollment_key": "wrong-key-0123456789", "device_id": "x", "device_type": "t"}"#;
+    let body =
+        r#"{"enrollment_key": "wrong-key-0123456789", "device_id": "x", "device_type": "t"}"#;
     s.write_all(
         format!(
             "POST /api/v1/devices/enroll HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
