@@ -500,7 +500,8 @@ pub const APPLY_MEMORY_BUDGET: u64 = 16 << 20;
 /// - `REPLACE`: the streaming buffer, the zstd decoder's window (at most
 ///   the frame's content, which must fit the destination) and its context;
 /// - `BSDIFF`: the source window, the output, the decoded streams (at most
-///   2 × the output, [`patch_streams::decode_bounded`]) and a zstd context.
+///   2 × the output and [`patch_streams::CTRL_SLACK`],
+///   [`patch_streams::decode_bounded`]) and a zstd context.
 ///   A bzip2 stream's decoder is not counted here: the process holds at most
 ///   [`patch_streams::BZIP2_DECODERS`] of them, a constant of the bound.
 ///
@@ -509,7 +510,9 @@ pub const APPLY_MEMORY_BUDGET: u64 = 16 << 20;
 pub fn op_work(op: &Operation) -> u64 {
     let zstd = patch_streams::ZSTD_DCTX_BYTES;
     match op.kind {
-        OpKind::Bsdiff => op.src_len() + 3 * op.dst.length + zstd,
+        OpKind::Bsdiff => {
+            op.src_len() + 3 * op.dst.length + patch_streams::CTRL_SLACK as u64 + zstd
+        }
         OpKind::Replace => STREAM_BUF as u64 + op.dst.length + zstd,
         OpKind::Copy | OpKind::Zero => STREAM_BUF as u64,
     }
