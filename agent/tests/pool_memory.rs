@@ -5,84 +5,23 @@
 //! `parallel` connections) — the bound `ota-agent run` is sized by
 //! (README, "Agent memory on a 2 GiB delta").
 //!
-//! This test binary has its own global allocator (a counter around the
-//! system's) and a single test. The test server runs on its own runtime
-//! whose threads are not counted; the pool's runtime and the blocking
-//! threads it applies on are.
+//! This test binary has its own global allocator
+//! (`ota_tests::counting_alloc`) and a single test. The test server runs on
+//! its own runtime whose threads are not counted; the pool's runtime and the
+//! blocking threads it applies on are.
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use ota_agent::client::{Client, Timeouts};
 use ota_agent::pool::{self, PoolConfig, PoolStats};
 use ota_delta::apply::{hash_range, op_memory};
 use ota_delta::patch_streams::{BZIP2_DECODER_BYTES, BZIP2_DECODERS};
 use ota_format::OpKind;
+use ota_tests::counting_alloc::{self, Counting};
 use tokio_util::sync::CancellationToken;
-
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// Set on the test server's threads: their memory is not the agent's.
-    static IGNORED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn counted() -> bool {
-    !IGNORED.try_with(Cell::get).unwrap_or(true)
-}
-
-fn note_alloc(n: usize) {
-    if counted() {
-        let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-        PEAK.fetch_max(now, Ordering::Relaxed);
-    }
-}
-
-fn note_free(n: usize) {
-    if counted() {
-        LIVE.fetch_sub(n, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged; the
-// counters are only arithmetic on the sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            note_alloc(l.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            note_alloc(l.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        note_free(l.size());
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            note_alloc(new);
-            note_free(l.size());
-        }
-        q
-    }
-}
 
 #[global_allocator]
 static A: Counting = Counting;
@@ -103,7 +42,7 @@ fn pool_holds_at_most_its_budget_plus_the_documented_constants() {
 
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .on_thread_start(|| IGNORED.with(|c| c.set(true)))
+        .on_thread_start(counting_alloc::ignore_this_thread)
         .enable_all()
         .build()
         .unwrap();
@@ -134,21 +73,12 @@ fn pool_holds_at_most_its_budget_plus_the_documented_constants() {
         .enable_all()
         .build()
         .unwrap();
-    let client = Client::new(
-        &server.url,
-        Timeouts {
-            request: Duration::from_secs(10),
-            read: cfg.stall_timeout,
-        },
-    )
-    .unwrap()
-    .with_token("tok-test");
+    let client = server.pool_client(cfg.stall_timeout);
     let offer = fx.offer("u");
     let manifest = Arc::new(fx.manifest.clone());
     let todo: Vec<usize> = (0..ops.len()).collect();
 
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
+    let before = counting_alloc::start();
     let result = agent_rt.block_on(async {
         let (tx, mut rx) = tokio::sync::mpsc::channel(256);
         let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
@@ -168,7 +98,7 @@ fn pool_holds_at_most_its_budget_plus_the_documented_constants() {
         drain.await.unwrap();
         r
     });
-    let held = PEAK.load(Ordering::Relaxed) - before;
+    let held = counting_alloc::held_since(before);
     result.unwrap();
     assert_eq!(
         hash_range(&*dest, 0, fx.new.len() as u64).unwrap(),

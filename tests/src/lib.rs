@@ -12,6 +12,7 @@
 //! - [`pki`]: CAs, server and device certificates, CRLs made by `openssl`.
 
 pub mod cluster;
+pub mod counting_alloc;
 pub mod loadtest;
 pub mod pki;
 pub mod services;

@@ -5,64 +5,21 @@
 //! — `op_work` is an upper bound of what each operation allocates, not an
 //! estimate.
 //!
-//! This test binary has its own global allocator (a counter around the
-//! system's) and a single test, so nothing else allocates while it counts.
+//! This test binary has its own global allocator
+//! (`ota_tests::counting_alloc`) and a single test, so nothing else
+//! allocates while it counts.
 //! Regression test for the 2 GiB delta apply that held 61–63 MiB: the
 //! decoded streams were allocated at their cap (output + 1 MiB each, three
 //! of them), the control stream was copied to be untransposed, bzip2
 //! decoders (3.6 MiB each) were not counted, so the budget undercounted
 //! each operation by 4–8 MiB.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use ota_delta::apply::{ApplyOptions, apply_image, apply_operation, op_memory, op_work};
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_delta::io::ReadAt;
 use ota_delta::patch_streams::{BZIP2_DECODER_BYTES, BZIP2_DECODERS, bzip2_decodes};
 use ota_format::{Manifest, OpKind};
-
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn note_alloc(n: usize) {
-    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged; the
-// counters are only arithmetic on the sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            note_alloc(l.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            note_alloc(l.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            // Both blocks may exist during the copy: count the new one first.
-            note_alloc(new);
-            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-        }
-        q
-    }
-}
+use ota_tests::counting_alloc::{self, Counting};
 
 #[global_allocator]
 static A: Counting = Counting;
@@ -151,10 +108,9 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
             payload.read_exact_at(&mut data, d.offset).unwrap();
         }
         let bz = bzip2_decodes();
-        let before = LIVE.load(Ordering::Relaxed);
-        PEAK.store(before, Ordering::Relaxed);
+        let before = counting_alloc::start();
         apply_operation(i, op, &data, Some(&source), &out).unwrap();
-        let held = PEAK.load(Ordering::Relaxed) - before;
+        let held = counting_alloc::held_since(before);
         let decoder = if bzip2_decodes() > bz {
             bzip2_ops += 1;
             BZIP2_DECODER_BYTES
@@ -174,8 +130,7 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
 
     // The whole apply, several operations at once: within the budget plus
     // the constants.
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
+    let before = counting_alloc::start();
     apply_image(
         &manifest,
         &payload,
@@ -190,7 +145,7 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
         |_| {},
     )
     .unwrap();
-    let held = PEAK.load(Ordering::Relaxed) - before;
+    let held = counting_alloc::held_since(before);
     eprintln!(
         "held {held} largest {largest} bsdiff {bsdiff} ops {}",
         manifest.operations.len()
