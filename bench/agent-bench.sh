@@ -8,16 +8,45 @@
 #  3. payload bytes re-downloaded after kill -9 at 50 % of the full image.
 #
 #   bench/agent-bench.sh [SIZE_MIB]
+#
+# Pair mode (issue 18, agent memory on big deltas): the delta of a given image
+# pair (e.g. bench/make-big-pair.sh's 2 GiB pair), applied RUNS times by
+# `ota-agent apply` and by `ota-agent run` through the bench server, each with
+# /usr/bin/time -v (peak RSS, wall time, target MiB/s) and the result compared
+# byte for byte with NEW. With --base-agent, that binary (e.g. built from main
+# before a change) runs too, alternating with this tree's agent in the same run.
+# The delta is generated once into DELTA_DIR (default target/bench-agent-pair)
+# and reused while DELTA_DIR/PARAMS matches. The images are read in place (slot
+# a of the device IS the old image: the agent never opens its booted slot for
+# writing); slot b, the only 2 GiB written, lives in a temporary directory.
+#
+#   bench/agent-bench.sh --pair OLD NEW [--runs N] [--base-agent PATH]
+#       [--delta-dir DIR] [--zstd-level L] [--no-build]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-size=${1:-1024}
+size=1024 pair_old= pair_new= runs=2 base_agent= delta_dir= zstd_level=9 build=1
+while [ $# -gt 0 ]; do
+  case $1 in
+    --pair) pair_old=$(realpath "$2"); pair_new=$(realpath "$3"); shift 3 ;;
+    --runs) runs=$2; shift 2 ;;
+    --base-agent) base_agent=$(realpath "$2"); shift 2 ;;
+    --delta-dir) delta_dir=$2; shift 2 ;;
+    --zstd-level) zstd_level=$2; shift 2 ;;
+    --no-build) build=; shift ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    [0-9]*) size=$1; shift ;;
+    *) echo "agent-bench: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 command -v aria2c >/dev/null || apt-get install -y aria2 >/dev/null
 command -v /usr/bin/time >/dev/null || apt-get install -y time >/dev/null
 command -v mkfs.ext4 >/dev/null || apt-get install -y e2fsprogs >/dev/null
-cargo build -q --release -p ota-agent -p ota-server
-cargo build -q --release -p ota-agent --example bench_server
+if [ -n "$build" ]; then
+  cargo build -q --release -p ota-agent -p ota-server
+  cargo build -q --release -p ota-agent --example bench_server
+fi
 bin=$CARGO_TARGET_DIR/release
 # As deploy/ota-agent.service runs it.
 export MALLOC_ARENA_MAX=2
@@ -70,6 +99,53 @@ TOML
 }
 rss_of() { awk '/Maximum resident set size/ {printf "%.1f", $6 / 1024}' "$1"; }
 wall_of() { awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$1"; }
+secs_of() { wall_of "$1" | awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 60 + $i; print s }'; }
+
+if [ -n "$pair_old" ]; then
+  delta_dir=${delta_dir:-$CARGO_TARGET_DIR/bench-agent-pair}
+  params="old=$pair_old:$(stat -c %s:%Y "$pair_old") new=$pair_new:$(stat -c %s:%Y "$pair_new") zstd=$zstd_level"
+  if [ "$(cat "$delta_dir/PARAMS" 2>/dev/null)" != "$params" ]; then
+    echo "== generating the delta into $delta_dir (once; minutes for a 2 GiB pair)"
+    rm -rf "$delta_dir"; mkdir -p "$delta_dir"
+    "$bin/ota-server" keygen --out "$delta_dir/keys" >/dev/null
+    /usr/bin/time -v "$bin/ota-server" delta --from "$pair_old" --from-version 1.0.0 --to "$pair_new" \
+      --to-version 2.0.0 --key "$delta_dir/keys/ota-signing.key" --out "$delta_dir/update" --device-type bench \
+      --zstd-level "$zstd_level" --no-progress > "$delta_dir/generate.log" 2>&1
+    echo "$params" > "$delta_dir/PARAMS"
+  fi
+  mkdir -p "$work/keys"; cp "$delta_dir/keys/ota-signing.pub" "$work/keys/"
+  target_size=$(stat -c %s "$pair_new")
+  serve "$delta_dir/update" u-pair
+  agents=("$bin/ota-agent"); names=(this)
+  [ -n "$base_agent" ] && { agents=("$base_agent" "$bin/ota-agent"); names=(base this); }
+  rows=()
+  for r in $(seq 1 "$runs"); do
+    for k in "${!agents[@]}"; do
+      a=${agents[$k]} n=${names[$k]}
+      /usr/bin/time -v "$a" apply --manifest "$delta_dir/update/manifest.json" --payload "$delta_dir/update/payload.bin" \
+        --pubkey "$work/keys/ota-signing.pub" --source "$pair_old" --out "$work/apply.img" --no-progress \
+        > /dev/null 2> "$work/apply.time"
+      cmp "$pair_new" "$work/apply.img" || { echo "apply by $n: wrong image" >&2; exit 1; }
+      rm -f "$work/apply.img"
+      rows+=("| $r | $n | apply | $(rss_of "$work/apply.time") | $(secs_of "$work/apply.time") | $(awk -v b="$target_size" -v s="$(secs_of "$work/apply.time")" 'BEGIN { printf "%.0f", b / s / 1048576 }') |")
+      d=$work/dev-pair-$r-$n; mkdir -p "$d"
+      device "$d" /dev/null
+      sed -i "s|^a = .*|a = \"$pair_old\"|" "$d/agent.toml"
+      rm -f "$d/a.img"
+      curl -s -X POST "$url/reset" >/dev/null
+      /usr/bin/time -v "$a" run --config "$d/agent.toml" 2> "$work/run.time" >/dev/null
+      cmp -n "$target_size" "$pair_new" "$d/b.img" || { echo "run by $n: wrong slot b" >&2; tail "$work/run.time"; exit 1; }
+      rm -rf "$d"
+      rows+=("| $r | $n | run | $(rss_of "$work/run.time") | $(secs_of "$work/run.time") | $(awk -v b="$target_size" -v s="$(secs_of "$work/run.time")" 'BEGIN { printf "%.0f", b / s / 1048576 }') |")
+    done
+  done
+  echo
+  echo "delta ($delta_dir/generate.log):"; sed -n 1,6p "$delta_dir/generate.log"
+  echo "| run | agent | command | peak RSS MiB | wall s | target MiB/s |"
+  echo "|---|---|---|---:|---:|---:|"
+  printf '%s\n' "${rows[@]}"
+  exit 0
+fi
 
 echo "== preparing images in $work"
 "$bin/ota-server" keygen --out "$work/keys" >/dev/null

@@ -115,8 +115,11 @@ pub struct Config {
     /// 1 MiB (1048576).
     #[serde(default = "default_range_size")]
     pub range_size: u64,
-    /// Memory that operations being fetched and applied may hold together.
-    /// Default: 20 MiB (20971520). One larger operation still runs, alone.
+    /// Memory that operations being fetched and applied may hold together,
+    /// as `ota_delta::apply::op_memory` bounds each. Default: 16 MiB
+    /// (16777216), which keeps the agent under 32 MiB resident on any
+    /// update (README, "Agent memory"). One larger operation still runs,
+    /// alone.
     #[serde(default = "default_memory_budget")]
     pub memory_budget: u64,
     /// Download bandwidth cap in bytes per second, 0 for none. Default: 0.
@@ -245,7 +248,7 @@ fn default_range_size() -> u64 {
     1 << 20
 }
 fn default_memory_budget() -> u64 {
-    20 << 20
+    ota_delta::apply::APPLY_MEMORY_BUDGET
 }
 fn default_stall() -> Duration {
     Duration::from_secs(15)

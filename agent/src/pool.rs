@@ -21,7 +21,8 @@
 //! `parallel` tasks). Every operation's data is buffered whole, checked
 //! against its sha256, and only then applied at its destination extent: no
 //! byte that failed a check is written, and nothing is staged on disk. A
-//! byte budget (like the offline `apply_image`'s) bounds the memory of the
+//! byte budget counted with the engine's `op_work` (as the offline
+//! `apply_image` counts it) bounds the memory of the
 //! operations being buffered and applied at once.
 //!
 //! # Faults
@@ -50,9 +51,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ota_delta::apply::{ApplyError, apply_operation};
+use ota_delta::apply::{ApplyError, apply_operation, op_work};
 use ota_delta::io::{ReadAt, WriteAt};
-use ota_format::{Manifest, OpKind, Operation};
+use ota_format::Manifest;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +87,7 @@ impl Default for PoolConfig {
         PoolConfig {
             parallel: 4,
             range_size: 1 << 20,
-            memory_budget: 20 << 20,
+            memory_budget: ota_delta::apply::APPLY_MEMORY_BUDGET,
             stall_timeout: Duration::from_secs(15),
             attempts: 8,
             bandwidth_limit: 0,
@@ -227,15 +228,6 @@ fn plan(manifest: &Manifest, todo: &[usize], range_size: u64) -> Vec<Unit> {
     }
     out.extend(local);
     out
-}
-
-/// Memory an operation holds while it is applied, besides its data: the
-/// same accounting as the offline engine.
-fn op_work(op: &Operation) -> u64 {
-    match op.kind {
-        OpKind::Bsdiff => op.src_len() + 3 * op.dst.length,
-        _ => 256 << 10,
-    }
 }
 
 /// A shared token bucket for the bandwidth cap. The lock is never held
@@ -668,7 +660,9 @@ where
         while !rest.is_empty() {
             let g = &groups[st.next_group];
             if st.permit.is_none() {
-                // Memory for this operation's data and its apply work.
+                // Memory for this operation's data and its apply work, as
+                // the engine bounds it (`op_work`): the group's operations
+                // are applied one after another.
                 let work = g
                     .ops
                     .iter()
@@ -749,7 +743,7 @@ fn discard<D: ?Sized, S: ?Sized>(sh: &Shared<D, S>, st: &mut FetchState) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ota_format::{DataRange, Digest, Extent, ImageRef, PayloadInfo};
+    use ota_format::{DataRange, Digest, Extent, ImageRef, OpKind, Operation, PayloadInfo};
 
     fn op(dst: u64, data: Option<(u64, u64)>) -> Operation {
         Operation {

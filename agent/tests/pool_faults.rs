@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ota_agent::client::{Client, Timeouts};
 use ota_agent::pool::{self, PoolConfig, PoolError, PoolStats};
 use ota_delta::apply::{hash_range, verify_operation_output};
 use tokio_util::sync::CancellationToken;
@@ -57,15 +56,7 @@ async fn run_pool(
             .unwrap(),
     );
     let source = Arc::new(File::open(&src_path).unwrap());
-    let client = Client::new(
-        &server.url,
-        Timeouts {
-            request: Duration::from_secs(5),
-            read: cfg.stall_timeout,
-        },
-    )
-    .unwrap()
-    .with_token("tok-test");
+    let client = server.pool_client(cfg.stall_timeout);
     let offer = fx.offer("u");
     let manifest = Arc::new(fx.manifest.clone());
     let todo: Vec<usize> = (0..manifest.operations.len()).collect();
@@ -216,15 +207,7 @@ async fn every_fault_ends_in_the_right_image_or_a_clear_error() {
     // A 404 is not retried.
     let mut bad = fx.offer("u");
     bad.payload_url = "/api/v1/artifacts/00".into();
-    let client = Client::new(
-        &server.url,
-        Timeouts {
-            request: Duration::from_secs(5),
-            read: Duration::from_secs(1),
-        },
-    )
-    .unwrap()
-    .with_token("tok-test");
+    let client = server.pool_client(Duration::from_secs(1));
     let dir = tempfile::tempdir().unwrap();
     let dest = Arc::new(File::create(dir.path().join("d")).unwrap());
     let (tx, _rx) = tokio::sync::mpsc::channel(1024);

@@ -1,9 +1,14 @@
 //! The apply engine.
 //!
 //! Memory is bounded by the format's limits, not by image size: `COPY`,
-//! `ZERO` and `REPLACE` stream through a fixed buffer; `BSDIFF` holds its
-//! source window (≤ [`MAX_BSDIFF_WINDOW`]) and its output
-//! (≤ [`MAX_BUFFERED_DST`]) because bspatch reads the old data at random.
+//! `ZERO` and `REPLACE` stream through a fixed buffer (`REPLACE` also holds
+//! its zstd window, at most its destination); `BSDIFF` holds its source
+//! window (≤ [`MAX_BSDIFF_WINDOW`]), its decoded streams (≤ 2 × its
+//! output) and its output (≤ [`MAX_BUFFERED_DST`]) because bspatch reads the
+//! old data at random and the output is verified before it is written.
+//! [`op_work`] is that bound per operation; [`apply_image`] and the agent's
+//! download pool admit operations within a budget of it, so the memory of a
+//! whole apply is the budget plus constants, whatever the image size.
 //!
 //! Every operation checks, in order: its data hash (before the data is
 //! used), its source window hash (`BSDIFF`), the exact output length, and its
@@ -230,7 +235,7 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                     reason: format!("dst {} > {MAX_BUFFERED_DST}", dst.length),
                 });
             }
-            let mut dec = decoder(index, kind, data)?;
+            let mut dec = decoder(index, kind, data, dst.length)?;
             let mut buf = vec![0u8; STREAM_BUF.min(dst.length as usize + 1)];
             let mut done = 0u64;
             loop {
@@ -300,24 +305,23 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                     actual,
                 });
             }
-            // bspatch emits one output byte per diff or extra byte it reads,
-            // so capping the streams caps the output.
-            let cap = dst.length as usize + (1 << 20);
-            let streams = patch_streams::decompress(data, cap).map_err(|e| ApplyError::Decode {
-                op: index,
-                kind,
-                reason: e.to_string(),
-            })?;
+            // At most 2 × the output, whatever the data says (see
+            // `decode_bounded`); accounted in `op_work`.
+            let streams =
+                patch_streams::decode_bounded(data, dst.length as usize).map_err(|e| {
+                    ApplyError::Decode {
+                        op: index,
+                        kind,
+                        reason: e.to_string(),
+                    }
+                })?;
             let mut out = Vec::with_capacity(dst.length as usize);
-            bsdiff::patch(
-                &window,
-                &mut patch_streams::Interleaved::new(&streams),
-                &mut out,
-            )
-            .map_err(|e| ApplyError::Decode {
-                op: index,
-                kind,
-                reason: e.to_string(),
+            bsdiff::patch(&window, &mut streams.patch(), &mut out).map_err(|e| {
+                ApplyError::Decode {
+                    op: index,
+                    kind,
+                    reason: e.to_string(),
+                }
             })?;
             drop(streams);
             drop(window);
@@ -338,19 +342,41 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     }
 }
 
+/// A streaming decoder for a `REPLACE` frame of a `dst_len`-byte
+/// destination, whose window (the memory it allocates) is at most the
+/// destination: a frame that declares more content is refused before
+/// decoding, and one that declares none may use a window of at most the
+/// destination rounded up to a power of two (the generator's frames declare
+/// their size, and their window is then their content).
 fn decoder<'a>(
     index: usize,
     kind: &'static str,
     data: &'a [u8],
+    dst_len: u64,
 ) -> Result<zstd::stream::read::Decoder<'a, &'a [u8]>, ApplyError> {
-    let mut dec = zstd::stream::read::Decoder::with_buffer(data)
-        .map_err(io_err("creating a zstd decoder"))?;
-    // Never let a frame header make the decoder allocate more than the format allows.
-    dec.window_log_max(23).map_err(|e| ApplyError::Decode {
+    let refuse = |reason: String| ApplyError::Decode {
         op: index,
         kind,
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let window_log = match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(n)) if n > dst_len => {
+            return Err(refuse(format!(
+                "the frame declares {n} bytes, destination is {dst_len}"
+            )));
+        }
+        // Never let a frame header make the decoder allocate more than the format allows.
+        Ok(Some(_)) => 23,
+        _ => dst_len
+            .max(1 << 10)
+            .next_power_of_two()
+            .trailing_zeros()
+            .min(23),
+    };
+    let mut dec = zstd::stream::read::Decoder::with_buffer(data)
+        .map_err(io_err("creating a zstd decoder"))?;
+    dec.window_log_max(window_log)
+        .map_err(|e| refuse(e.to_string()))?;
     Ok(dec)
 }
 
@@ -432,6 +458,9 @@ pub struct ApplyOptions {
     pub source_verified: bool,
     /// Operations applied at once by [`apply_image`] (0 or 1: one at a time).
     pub threads: usize,
+    /// Memory the operations applied at once by [`apply_image`] may hold
+    /// together, as [`op_memory`] counts it (0: [`APPLY_MEMORY_BUDGET`]).
+    pub memory_budget: u64,
 }
 
 /// Checks the payload's size and sha256 against the manifest. Per-operation
@@ -458,23 +487,45 @@ pub fn check_payload<P: ReadAt + ?Sized>(
     Ok(())
 }
 
-/// Memory the operations applied at once may hold together. One operation
-/// larger than this still runs, alone; the format's limits bound that case.
-const APPLY_MEMORY_BUDGET: u64 = 20 << 20;
+/// Memory the operations applied at once may hold together, by default
+/// ([`ApplyOptions::memory_budget`] 0). One operation larger than this still
+/// runs, alone; the format's limits bound that case.
+pub const APPLY_MEMORY_BUDGET: u64 = 16 << 20;
 
-/// Memory an operation holds while it is applied: its data, and for `BSDIFF`
-/// its window, its three decompressed streams and its output.
-fn op_memory(op: &Operation) -> u64 {
-    let data = op.data.map_or(0, |d| d.length);
-    let work = match op.kind {
-        OpKind::Bsdiff => op.src_len() + 3 * op.dst.length,
-        _ => STREAM_BUF as u64,
-    };
-    data + work
+/// Memory an operation holds while it is applied, besides its data: an
+/// upper bound the engine keeps (each allocation is sized within it), so a
+/// budget of these bounds the memory of operations in flight by design.
+///
+/// - `COPY`, `ZERO`: one streaming buffer;
+/// - `REPLACE`: the streaming buffer, the zstd decoder's window (at most
+///   the frame's content, which must fit the destination) and its context;
+/// - `BSDIFF`: the source window, the output, the decoded streams (at most
+///   2 × the output and [`patch_streams::CTRL_SLACK`],
+///   [`patch_streams::decode_bounded`]) and a zstd context.
+///   A bzip2 stream's decoder is not counted here: the process holds at most
+///   [`patch_streams::BZIP2_DECODERS`] of them, a constant of the bound.
+///
+/// The pool of the agent (`ota-agent run`) and [`apply_image`]
+/// (`ota-agent apply`) both account with this.
+pub fn op_work(op: &Operation) -> u64 {
+    let zstd = patch_streams::ZSTD_DCTX_BYTES;
+    match op.kind {
+        OpKind::Bsdiff => {
+            op.src_len() + 3 * op.dst.length + patch_streams::CTRL_SLACK as u64 + zstd
+        }
+        OpKind::Replace => STREAM_BUF as u64 + op.dst.length + zstd,
+        OpKind::Copy | OpKind::Zero => STREAM_BUF as u64,
+    }
+}
+
+/// Memory an operation holds while it is applied: its data and [`op_work`].
+pub fn op_memory(op: &Operation) -> u64 {
+    op.data.map_or(0, |d| d.length) + op_work(op)
 }
 
 /// A byte budget shared by the apply workers.
 struct Budget {
+    limit: u64,
     used: Mutex<u64>,
     freed: Condvar,
 }
@@ -482,7 +533,7 @@ struct Budget {
 impl Budget {
     fn acquire(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + n > APPLY_MEMORY_BUDGET {
+        while *used > 0 && *used + n > self.limit {
             used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
         *used += n;
@@ -498,8 +549,8 @@ impl Budget {
 /// digest.
 ///
 /// Operations are independent, so up to `opts.threads` of them are applied
-/// at once, within a memory budget of 20 MiB (a single larger operation runs
-/// alone). The first failure stops the others; the error reported is the
+/// at once, within `opts.memory_budget` as [`op_memory`] counts it (a single
+/// larger operation runs alone). The first failure stops the others; the error reported is the
 /// failing operation with the lowest index.
 ///
 /// The caller has verified the manifest's envelope and checked the payload
@@ -523,6 +574,10 @@ pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt +
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<(usize, ApplyError)>> = Mutex::new(None);
     let budget = Budget {
+        limit: match opts.memory_budget {
+            0 => APPLY_MEMORY_BUDGET,
+            n => n,
+        },
         used: Mutex::new(0),
         freed: Condvar::new(),
     };

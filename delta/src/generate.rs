@@ -870,15 +870,20 @@ fn build_data_op(
                         at += e.length as usize;
                     }
                     let streams = patch_streams::from_streams(suffix_diff::diff(&old, &chunk));
-                    let patch = patch_streams::compress(&streams, opts.zstd_level)
-                        .map_err(io_err("compressing with zstd"))?;
-                    tracing::debug!(
-                        window = total,
-                        extents = window.len(),
-                        bsdiff = patch.len(),
-                        "candidates"
-                    );
-                    best = (OpKind::Bsdiff, patch, window, Some(Digest::of(&old)));
+                    // Appliers hold the control stream in at most about the
+                    // chunk's size (`patch_streams::decode_bounded`); a
+                    // patch with more entries than that is REPLACE's anyway.
+                    if streams[0].len() <= patch_streams::max_ctrl_len(chunk.len()) {
+                        let patch = patch_streams::compress(&streams, opts.zstd_level)
+                            .map_err(io_err("compressing with zstd"))?;
+                        tracing::debug!(
+                            window = total,
+                            extents = window.len(),
+                            bsdiff = patch.len(),
+                            "candidates"
+                        );
+                        best = (OpKind::Bsdiff, patch, window, Some(Digest::of(&old)));
+                    }
                 }
             }
             // REPLACE at the full level costs as much as the diff; a fast

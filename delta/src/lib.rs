@@ -8,9 +8,12 @@
 //!   load test's in-memory slots.
 //! - [`apply`]: the apply engine. [`apply::apply_operation`] is the unit the
 //!   agent's chunk pool calls for each verified operation;
-//!   [`apply::apply_image`] streams a whole payload (the offline CLI).
+//!   [`apply::apply_image`] streams a whole payload (the offline CLI);
+//!   [`apply::op_work`] bounds what one operation allocates, the unit of
+//!   both appliers' memory budgets.
 //! - [`patch_streams`]: the layout of `BSDIFF` data (a bsdiff patch as three
-//!   zstd frames) shared by generator and apply engine.
+//!   zstd or bzip2 streams) shared by generator and apply engine, and its
+//!   bounded decoding ([`patch_streams::decode_bounded`]).
 //! - [`generate`] (feature `generate`): the generator. Indexes the source by
 //!   block hash and by content-defined anchors, splits the target into runs
 //!   of zero, moved and changed blocks, and picks for each changed chunk the

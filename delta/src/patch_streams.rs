@@ -78,40 +78,182 @@ fn untranspose(planes: &[u8], width: usize) -> Vec<u8> {
 const BZIP2_MAGIC: &[u8] = b"BZh";
 
 /// Decompresses the three streams of a `BSDIFF` operation's data, refusing any
-/// stream larger than `cap` bytes.
+/// stream larger than `cap` bytes. For inspection and tests; the apply engine
+/// uses [`decode_bounded`], whose memory the manifest bounds.
 pub fn decompress(data: &[u8], cap: usize) -> io::Result<[Vec<u8>; 3]> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     let mut rest = data;
     let mut out: [Vec<u8>; 3] = Default::default();
     for (i, stream) in out.iter_mut().enumerate() {
-        if rest.starts_with(BZIP2_MAGIC) {
-            let mut dec = bzip2::read::BzDecoder::new(rest);
-            (&mut dec).take(cap as u64 + 1).read_to_end(stream)?;
-            if stream.len() > cap {
-                return Err(bad(&format!("stream {i} decompresses past {cap} bytes")));
-            }
-            let used = dec.total_in() as usize;
-            rest = &rest[used.min(rest.len())..];
-            continue;
-        }
-        let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|_| {
-            bad(&format!(
-                "stream {i} is neither a zstd frame nor a bzip2 stream"
-            ))
-        })?;
-        let mut dec = zstd::bulk::Decompressor::new()?;
-        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(23))?;
-        *stream = dec.decompress(&rest[..n], cap)?;
-        rest = &rest[n..];
+        *stream = decode_stream(&mut rest, cap, i)?;
     }
     if !rest.is_empty() {
-        return Err(bad("trailing bytes after the three streams"));
+        return Err(invalid("trailing bytes after the three streams"));
     }
     if out[0].len() % CTRL_LEN != 0 {
-        return Err(bad("control stream is not a whole number of entries"));
+        return Err(invalid("control stream is not a whole number of entries"));
     }
     out[0] = untranspose(&out[0], CTRL_LEN);
     Ok(out)
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+/// bzip2 decoders alive at once in this process. A bzip2 decoder holds
+/// about 3.6 MiB (4 bytes per byte of its 900 kB block) whatever the size
+/// of the stream, so it is not part of any operation's accounted memory
+/// ([`crate::apply::op_work`]): the process holds at most this many, a
+/// constant of the agent's memory bound ([`BZIP2_DECODER_BYTES`]).
+pub const BZIP2_DECODERS: usize = 1;
+
+/// Memory of one bzip2 decoder at the largest block size (900 kB): the
+/// 4-byte-per-byte `tt` array and its bookkeeping, rounded up.
+pub const BZIP2_DECODER_BYTES: u64 = 3800 << 10;
+
+/// Bound on the working memory of a zstd decoding context besides the
+/// window of a streaming decode: the context (`ZSTD_estimateDCtxSize`,
+/// about 96 KiB) and a streaming decode's input and block buffers
+/// (128 KiB each), rounded up.
+pub const ZSTD_DCTX_BYTES: u64 = 512 << 10;
+
+/// Counts the bzip2 decoders alive (see [`BZIP2_DECODERS`]).
+static BZIP2_SLOTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static BZIP2_FREED: std::sync::Condvar = std::sync::Condvar::new();
+static BZIP2_DECODES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// bzip2 streams decoded by this process so far (for memory accounting in
+/// tests: an operation that decoded one may also have held a decoder).
+pub fn bzip2_decodes() -> u64 {
+    BZIP2_DECODES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A slot for one bzip2 decoder, released on drop.
+struct Bzip2Slot;
+
+impl Bzip2Slot {
+    fn acquire() -> Bzip2Slot {
+        let mut n = BZIP2_SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= BZIP2_DECODERS {
+            n = BZIP2_FREED.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        BZIP2_DECODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Bzip2Slot
+    }
+}
+
+impl Drop for Bzip2Slot {
+    fn drop(&mut self) {
+        *BZIP2_SLOTS.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        BZIP2_FREED.notify_one();
+    }
+}
+
+/// Decodes the next stream of `rest` (a zstd frame or a bzip2 stream) into
+/// a vector of at most `cap` bytes, advancing `rest` past it.
+///
+/// Allocates no more than the stream needs: a zstd frame's declared content
+/// size (checked against `cap` before anything is allocated), or for bzip2
+/// (whose size is only known once decoded) `cap` bytes, shrunk to the
+/// stream's size afterwards.
+fn decode_stream(rest: &mut &[u8], cap: usize, i: usize) -> io::Result<Vec<u8>> {
+    let too_big = || invalid(&format!("stream {i} decompresses past {cap} bytes"));
+    if rest.starts_with(BZIP2_MAGIC) {
+        let _slot = Bzip2Slot::acquire();
+        let mut out = Vec::with_capacity(cap);
+        let mut dec = bzip2::read::BzDecoder::new(*rest);
+        (&mut dec).take(cap as u64 + 1).read_to_end(&mut out)?;
+        if out.len() > cap {
+            return Err(too_big());
+        }
+        let used = dec.total_in() as usize;
+        drop(dec);
+        out.shrink_to_fit();
+        *rest = &rest[used.min(rest.len())..];
+        return Ok(out);
+    }
+    let n = zstd::zstd_safe::find_frame_compressed_size(rest).map_err(|_| {
+        invalid(&format!(
+            "stream {i} is neither a zstd frame nor a bzip2 stream"
+        ))
+    })?;
+    let frame = &rest[..n];
+    // The generator's frames declare their size; a frame that does not is
+    // given the whole cap.
+    let size = match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(s)) if s > cap as u64 => return Err(too_big()),
+        Ok(Some(s)) => s as usize,
+        Ok(None) => cap,
+        Err(_) => return Err(invalid(&format!("stream {i}: bad zstd frame header"))),
+    };
+    let mut out = Vec::with_capacity(size);
+    let mut dec = zstd::bulk::Decompressor::new()?;
+    dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(23))?;
+    dec.decompress_to_buffer(frame, &mut out)?;
+    *rest = &rest[n..];
+    Ok(out)
+}
+
+/// Slack of the control stream's bound over the output: a tiny output may
+/// take a few entries more than its size in bytes (2,730 entries).
+pub const CTRL_SLACK: usize = 64 << 10;
+
+/// Largest control stream [`decode_bounded`] accepts for an output of
+/// `dst_len` bytes (the generator emits `REPLACE` rather than exceed it).
+pub fn max_ctrl_len(dst_len: usize) -> usize {
+    dst_len + CTRL_SLACK
+}
+
+/// The decoded streams of one `BSDIFF` operation (see [`decode_bounded`]).
+pub struct Decoded {
+    /// Control entries as stored: transposed into byte planes.
+    ctrl_planes: Vec<u8>,
+    diff: Vec<u8>,
+    extra: Vec<u8>,
+}
+
+impl Decoded {
+    /// The interleaved bsdiff patch these streams make, for `bsdiff::patch`.
+    pub fn patch(&self) -> Interleaved<'_> {
+        Interleaved::from_planes(&self.ctrl_planes, &self.diff, &self.extra)
+    }
+
+    /// Bytes held.
+    pub fn capacity(&self) -> usize {
+        self.ctrl_planes.capacity() + self.diff.capacity() + self.extra.capacity()
+    }
+}
+
+/// Decodes the data of a `BSDIFF` operation whose output is `dst_len` bytes
+/// in memory the manifest bounds: at most `2 × dst_len` bytes of streams
+/// (plus [`CTRL_SLACK`]), whatever the data claims.
+///
+/// - diff and extra together hold at most `dst_len` bytes: bspatch emits
+///   exactly one output byte per diff or extra byte, so a valid patch never
+///   has more (the generator's have exactly `dst_len`);
+/// - the control stream holds at most [`max_ctrl_len`] bytes (24 per entry; on the
+///   2 GiB benchmark pair the largest was 0.52 × its output, the median
+///   0.0006 ×) and is read transposed, as stored, without a second copy;
+/// - each zstd frame is allocated at its declared size, each bzip2 stream
+///   shrunk to its size once decoded, and at most [`BZIP2_DECODERS`] bzip2
+///   decoders exist at once in the process.
+pub fn decode_bounded(data: &[u8], dst_len: usize) -> io::Result<Decoded> {
+    let mut rest = data;
+    let ctrl_planes = decode_stream(&mut rest, max_ctrl_len(dst_len), 0)?;
+    if ctrl_planes.len() % CTRL_LEN != 0 {
+        return Err(invalid("control stream is not a whole number of entries"));
+    }
+    let diff = decode_stream(&mut rest, dst_len, 1)?;
+    let extra = decode_stream(&mut rest, dst_len - diff.len(), 2)?;
+    if !rest.is_empty() {
+        return Err(invalid("trailing bytes after the three streams"));
+    }
+    Ok(Decoded {
+        ctrl_planes,
+        diff,
+        extra,
+    })
 }
 
 /// Compresses the three streams of a split patch into an operation's data:
@@ -134,6 +276,11 @@ pub fn compress(streams: &[Vec<u8>; 3], level: i32) -> io::Result<Vec<u8>> {
 /// Reads the three streams back as one interleaved bsdiff patch.
 pub struct Interleaved<'a> {
     ctrl: &'a [u8],
+    /// `Some(rows)`: `ctrl` holds the entries transposed (byte planes of
+    /// `rows` bytes each), as stored in the data.
+    planes: Option<usize>,
+    /// Next control entry (transposed control only).
+    row: usize,
     diff: &'a [u8],
     extra: &'a [u8],
     hdr: [u8; 24],
@@ -144,9 +291,21 @@ pub struct Interleaved<'a> {
 }
 
 impl<'a> Interleaved<'a> {
+    /// Over control entries one after another (as [`decompress`] returns them).
     pub fn new([ctrl, diff, extra]: &'a [Vec<u8>; 3]) -> Self {
+        Self::over(ctrl, None, diff, extra)
+    }
+
+    /// Over transposed control entries, read in place.
+    fn from_planes(ctrl: &'a [u8], diff: &'a [u8], extra: &'a [u8]) -> Self {
+        Self::over(ctrl, Some(ctrl.len() / CTRL_LEN), diff, extra)
+    }
+
+    fn over(ctrl: &'a [u8], planes: Option<usize>, diff: &'a [u8], extra: &'a [u8]) -> Self {
         Interleaved {
             ctrl,
+            planes,
+            row: 0,
             diff,
             extra,
             hdr: [0; 24],
@@ -154,6 +313,34 @@ impl<'a> Interleaved<'a> {
             mix_left: 0,
             copy_left: 0,
         }
+    }
+
+    /// The next control entry, or `None` at the end.
+    fn next_entry(&mut self) -> io::Result<Option<[u8; CTRL_LEN]>> {
+        let mut hdr = [0u8; CTRL_LEN];
+        match self.planes {
+            Some(rows) => {
+                if self.row >= rows {
+                    return Ok(None);
+                }
+                for (b, h) in hdr.iter_mut().enumerate() {
+                    *h = self.ctrl[b * rows + self.row];
+                }
+                self.row += 1;
+            }
+            None => {
+                if self.ctrl.is_empty() {
+                    return Ok(None);
+                }
+                let h = self
+                    .ctrl
+                    .get(..CTRL_LEN)
+                    .ok_or(io::ErrorKind::InvalidData)?;
+                hdr.copy_from_slice(h);
+                self.ctrl = &self.ctrl[CTRL_LEN..];
+            }
+        }
+        Ok(Some(hdr))
     }
 }
 
@@ -189,12 +376,10 @@ impl Read for Interleaved<'_> {
             if self.copy_left > 0 {
                 return take(&mut self.extra, &mut self.copy_left, buf);
             }
-            if self.ctrl.is_empty() {
+            let Some(hdr) = self.next_entry()? else {
                 return Ok(0);
-            }
-            let hdr = self.ctrl.get(..24).ok_or(io::ErrorKind::InvalidData)?;
-            self.hdr.copy_from_slice(hdr);
-            self.ctrl = &self.ctrl[24..];
+            };
+            self.hdr = hdr;
             self.mix_left = u64::from_le_bytes(self.hdr[0..8].try_into().expect("8 bytes"));
             self.copy_left = u64::from_le_bytes(self.hdr[8..16].try_into().expect("8 bytes"));
             self.hdr_pos = 0;
@@ -243,6 +428,30 @@ mod tests {
             decompress(&data, 100).is_err(),
             "cap must hold for bzip2 streams too"
         );
+    }
+
+    #[test]
+    fn decode_bounded_holds_streams_within_the_output() {
+        let old: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+        let mut new = old.clone();
+        new[100..200].fill(7);
+        let mut patch = Vec::new();
+        bsdiff::diff(&old, &new, &mut patch).unwrap();
+        let data = compress(&split(&patch).unwrap(), 3).unwrap();
+        let d = decode_bounded(&data, new.len()).unwrap();
+        assert!(
+            d.capacity() <= 2 * new.len() + CTRL_SLACK,
+            "{}",
+            d.capacity()
+        );
+        let mut joined = Vec::new();
+        d.patch().read_to_end(&mut joined).unwrap();
+        assert_eq!(joined, patch, "transposed control read in place");
+        // diff + extra are one byte per output byte: a shorter output is refused.
+        assert!(decode_bounded(&data, new.len() - 1).is_err());
+        // A control stream larger than the output is refused.
+        let big_ctrl = compress(&[vec![0u8; 72_000], vec![1u8; 10], vec![]], 3).unwrap();
+        assert!(decode_bounded(&big_ctrl, 1000).is_err());
     }
 
     #[test]

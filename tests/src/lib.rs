@@ -10,8 +10,11 @@
 //! - [`services`]: the test PostgreSQL and Redis (`scripts/services.sh`).
 //! - [`cluster`]: N `ota-server` replicas behind a real nginx.
 //! - [`pki`]: CAs, server and device certificates, CRLs made by `openssl`.
+//! - [`counting_alloc`]: a counting global allocator for the memory-bound
+//!   tests (`tests/apply_memory.rs`, `agent/tests/pool_memory.rs`).
 
 pub mod cluster;
+pub mod counting_alloc;
 pub mod loadtest;
 pub mod pki;
 pub mod services;

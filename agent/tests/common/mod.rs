@@ -185,6 +185,20 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// A device API client of this server, as the pool tests use it:
+    /// authorised, requests time out after 5 s, reads after `read`.
+    pub fn pool_client(&self, read: Duration) -> ota_agent::client::Client {
+        ota_agent::client::Client::new(
+            &self.url,
+            ota_agent::client::Timeouts {
+                request: Duration::from_secs(5),
+                read,
+            },
+        )
+        .unwrap()
+        .with_token("tok-test")
+    }
+
     pub async fn start(fixtures: &[&Fixture]) -> Server {
         let mut artifacts = HashMap::new();
         for f in fixtures {

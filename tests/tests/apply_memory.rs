@@ -1,0 +1,161 @@
+//! The apply engine's memory bound, counted: on a synthetic delta of many
+//! `BSDIFF` operations (1 MiB outputs, 4 MiB source windows, zstd and bzip2
+//! streams), applied on several threads, the heap the apply holds at its
+//! peak stays within the budget it was given plus the documented constants
+//! — `op_work` is an upper bound of what each operation allocates, not an
+//! estimate.
+//!
+//! This test binary has its own global allocator
+//! (`ota_tests::counting_alloc`) and a single test, so nothing else
+//! allocates while it counts.
+//! Regression test for the 2 GiB delta apply that held 61–63 MiB: the
+//! decoded streams were allocated at their cap (output + 1 MiB each, three
+//! of them), the control stream was copied to be untransposed, bzip2
+//! decoders (3.6 MiB each) were not counted, so the budget undercounted
+//! each operation by 4–8 MiB.
+
+use ota_delta::apply::{ApplyOptions, apply_image, apply_operation, op_memory, op_work};
+use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
+use ota_delta::io::ReadAt;
+use ota_delta::patch_streams::{BZIP2_DECODER_BYTES, BZIP2_DECODERS, bzip2_decodes};
+use ota_format::{Manifest, OpKind};
+use ota_tests::counting_alloc::{self, Counting};
+
+#[global_allocator]
+static A: Counting = Counting;
+
+/// Old: varied, partly compressible bytes; new: the same with a byte changed
+/// every ~4 KiB (relocated pointers), so every 1 MiB chunk is a `BSDIFF`
+/// against a window of several MiB.
+fn pair(len: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut old = Vec::with_capacity(len);
+    while old.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 3 == 0 {
+            old.extend_from_slice(&x.to_le_bytes());
+        } else {
+            old.extend_from_slice(b"\x7fELF relocation table entry ");
+        }
+    }
+    old.truncate(len);
+    let mut new = old.clone();
+    for i in (0..len).step_by(4093) {
+        new[i] = new[i].wrapping_add((i >> 12) as u8 | 1);
+    }
+    (old, new)
+}
+
+#[test]
+fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
+    let len = 24 << 20;
+    let (old, new) = pair(len);
+    let dir = tempfile::tempdir().unwrap();
+    let (op, np) = (dir.path().join("old"), dir.path().join("new"));
+    std::fs::write(&op, &old).unwrap();
+    std::fs::write(&np, &new).unwrap();
+    drop(new);
+    let spec = DeltaSpec {
+        device_type: "t".into(),
+        from_version: Some("1".into()),
+        to_version: "2".into(),
+        security_counter: 0,
+        expires_at: Manifest::expiry_in(1),
+    };
+    let mut payload = Vec::new();
+    let manifest = generate(
+        &spec,
+        Some(&std::fs::File::open(&op).unwrap()),
+        &std::fs::File::open(&np).unwrap(),
+        &mut payload,
+        &GenerateOptions {
+            chunk_size: 1 << 20,
+            zstd_level: 3,
+            threads: 2,
+            progress: false,
+        },
+    )
+    .unwrap();
+    let bsdiff = manifest
+        .operations
+        .iter()
+        .filter(|o| o.kind == OpKind::Bsdiff)
+        .count();
+    assert!(bsdiff >= 16, "the fixture must exercise BSDIFF: {bsdiff}");
+    let largest = manifest.operations.iter().map(op_memory).max().unwrap();
+    let budget = ota_delta::apply::APPLY_MEMORY_BUDGET;
+    assert!(
+        largest * 2 <= budget,
+        "the budget must admit two operations at a time ({largest})"
+    );
+    let payload_path = dir.path().join("payload");
+    std::fs::write(&payload_path, &payload).unwrap();
+    drop(payload);
+    let payload = std::fs::File::open(&payload_path).unwrap();
+    let source = std::fs::File::open(&op).unwrap();
+    let out = tempfile::tempfile_in(dir.path()).unwrap();
+    out.set_len(len as u64).unwrap();
+
+    // Each operation alone: what it allocates is within `op_work` (plus a
+    // bzip2 decoder if it decoded a bzip2 stream, and a few KiB of hasher
+    // and bookkeeping).
+    let mut bzip2_ops = 0;
+    for (i, op) in manifest.operations.iter().enumerate() {
+        let mut data = vec![0u8; op.data.map_or(0, |d| d.length as usize)];
+        if let Some(d) = op.data {
+            payload.read_exact_at(&mut data, d.offset).unwrap();
+        }
+        let bz = bzip2_decodes();
+        let before = counting_alloc::start();
+        apply_operation(i, op, &data, Some(&source), &out).unwrap();
+        let held = counting_alloc::held_since(before);
+        let decoder = if bzip2_decodes() > bz {
+            bzip2_ops += 1;
+            BZIP2_DECODER_BYTES
+        } else {
+            0
+        };
+        let bound = op_work(op) + decoder + (64 << 10);
+        assert!(
+            held as u64 <= bound,
+            "operation {i} ({}, window {}, dst {}) held {held} bytes, over its bound of {bound}",
+            op.kind.name(),
+            op.src_len(),
+            op.dst.length
+        );
+    }
+    eprintln!("{bzip2_ops} operations decoded bzip2 streams");
+
+    // The whole apply, several operations at once: within the budget plus
+    // the constants.
+    let before = counting_alloc::start();
+    apply_image(
+        &manifest,
+        &payload,
+        Some(&source),
+        &out,
+        ApplyOptions {
+            dest_is_zeroed: true,
+            source_verified: false,
+            threads: 4,
+            memory_budget: budget,
+        },
+        |_| {},
+    )
+    .unwrap();
+    let held = counting_alloc::held_since(before);
+    eprintln!(
+        "held {held} largest {largest} bsdiff {bsdiff} ops {}",
+        manifest.operations.len()
+    );
+    // What is not an operation's: at most one bzip2 decoder, the final
+    // read-back hash's 1 MiB buffer, and per thread a few KiB (hashers,
+    // error strings, thread bookkeeping).
+    let bound = budget as usize + BZIP2_DECODERS * BZIP2_DECODER_BYTES as usize + (2 << 20);
+    assert!(
+        held <= bound,
+        "apply held {held} bytes at its peak, over its bound of {bound} (budget {budget})"
+    );
+}
