@@ -42,20 +42,11 @@ async fn run_pool(
     cfg: &PoolConfig,
     cancel: &CancellationToken,
 ) -> Outcome {
-    let dir = tempfile::tempdir().unwrap();
-    let src_path = dir.path().join("old");
-    std::fs::write(&src_path, &fx.old).unwrap();
-    let dest_path = dir.path().join("new");
-    // Stale bytes, as in a real inactive slot.
-    std::fs::write(&dest_path, vec![0x5au8; fx.new.len()]).unwrap();
-    let dest = Arc::new(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dest_path)
-            .unwrap(),
-    );
-    let source = Arc::new(File::open(&src_path).unwrap());
+    let Slots {
+        dir: _dir,
+        source,
+        dest,
+    } = fx.slots();
     let client = server.pool_client(cfg.stall_timeout);
     let offer = fx.offer("u");
     let manifest = Arc::new(fx.manifest.clone());

@@ -47,18 +47,11 @@ fn pool_holds_at_most_its_budget_plus_the_documented_constants() {
         .build()
         .unwrap();
     let server = server_rt.block_on(Server::start(&[&fx]));
-    let dir = tempfile::tempdir().unwrap();
-    let (src_path, dest_path) = (dir.path().join("old"), dir.path().join("new"));
-    std::fs::write(&src_path, &fx.old).unwrap();
-    std::fs::write(&dest_path, vec![0x5au8; fx.new.len()]).unwrap();
-    let dest = Arc::new(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dest_path)
-            .unwrap(),
-    );
-    let source = Arc::new(std::fs::File::open(&src_path).unwrap());
+    let Slots {
+        dir: _dir,
+        source,
+        dest,
+    } = fx.slots();
     let cfg = PoolConfig {
         parallel: 4,
         // Each operation's data (100-800 bytes of patch) about its own

@@ -232,29 +232,6 @@ async fn a_build_interrupted_by_kill_9_reruns_after_restart() {
     }
 }
 
-/// Text-like data zstd compresses slowly at level 19 (noise is faster).
-fn slow_image(bytes: usize) -> Vec<u8> {
-    let words: [&[u8]; 8] = [
-        b"kernel ",
-        b"module ",
-        b"library ",
-        b"0x7f3a ",
-        b"config\n",
-        b"usr/lib/",
-        b"= ",
-        b"42 ",
-    ];
-    let mut x: u32 = 7;
-    let mut img = Vec::with_capacity(bytes + 16);
-    while img.len() < bytes {
-        x = x.wrapping_mul(1103515245).wrapping_add(12345);
-        img.extend_from_slice(words[(x >> 16) as usize % 8]);
-        img.push((x >> 8) as u8);
-    }
-    img.truncate(bytes);
-    img
-}
-
 /// Regression (issue 18): a shutdown waited for the running build to end,
 /// minutes for a 2 GiB image. It now stops the generator within one batch
 /// of chunks; the build stays `building` and runs again at the next start.

@@ -648,24 +648,7 @@ async fn the_start_rate_ramps_with_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_build_shows_its_phase_and_bytes_in_the_release_list() {
     let ts = TestServer::start("full_zstd_level = 19\n").await;
-    let mut x: u32 = 7;
-    let words: [&[u8]; 8] = [
-        b"kernel ",
-        b"module ",
-        b"library ",
-        b"0x7f3a ",
-        b"config\n",
-        b"usr/lib/",
-        b"= ",
-        b"42 ",
-    ];
-    let mut img = Vec::with_capacity(24 << 20);
-    while img.len() < 24 << 20 {
-        x = x.wrapping_mul(1103515245).wrapping_add(12345);
-        img.extend_from_slice(words[(x >> 16) as usize % 8]);
-        img.push((x >> 8) as u8);
-    }
-    img.truncate(24 << 20);
+    let img = slow_image(24 << 20);
     let p = ts.dir.path().join("big.img");
     std::fs::write(&p, &img).unwrap();
     ts.admin

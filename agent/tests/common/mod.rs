@@ -35,7 +35,36 @@ pub struct Fixture {
     pub key: SigningKeyPair,
 }
 
+/// An update's two slots on disk, in a directory of their own: the old
+/// image as the source, and a destination of the new image's size holding
+/// stale bytes, as a real inactive slot does.
+pub struct Slots {
+    /// Keeps the files' directory for as long as the slots are used.
+    pub dir: tempfile::TempDir,
+    pub source: std::sync::Arc<std::fs::File>,
+    pub dest: std::sync::Arc<std::fs::File>,
+}
+
 impl Fixture {
+    /// This update's [`Slots`].
+    pub fn slots(&self) -> Slots {
+        let dir = tempfile::tempdir().unwrap();
+        let (src_path, dest_path) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::write(&src_path, &self.old).unwrap();
+        std::fs::write(&dest_path, vec![0x5au8; self.new.len()]).unwrap();
+        let dest = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dest_path)
+            .unwrap();
+        let source = std::fs::File::open(&src_path).unwrap();
+        Slots {
+            dir,
+            source: std::sync::Arc::new(source),
+            dest: std::sync::Arc::new(dest),
+        }
+    }
+
     /// A delta `1.0.0` → `2.0.0` (or a full image when `full`), images of
     /// `len` bytes, operations of `chunk` bytes.
     pub fn new(len: usize, chunk: u64, full: bool) -> Fixture {

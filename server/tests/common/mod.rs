@@ -391,3 +391,27 @@ pub fn self_signed_cert(dir: &Path, cn: &str) {
         .expect("openssl (apt-get install openssl)");
     assert!(ok.success(), "openssl req -x509 failed");
 }
+
+/// `bytes` of text-like data that zstd compresses slowly at level 19
+/// (noise is faster): keeps a build busy long enough to be watched.
+pub fn slow_image(bytes: usize) -> Vec<u8> {
+    let words: [&[u8]; 8] = [
+        b"kernel ",
+        b"module ",
+        b"library ",
+        b"0x7f3a ",
+        b"config\n",
+        b"usr/lib/",
+        b"= ",
+        b"42 ",
+    ];
+    let mut x: u32 = 7;
+    let mut img = Vec::with_capacity(bytes + 16);
+    while img.len() < bytes {
+        x = x.wrapping_mul(1103515245).wrapping_add(12345);
+        img.extend_from_slice(words[(x >> 16) as usize % 8]);
+        img.push((x >> 8) as u8);
+    }
+    img.truncate(bytes);
+    img
+}
