@@ -11,9 +11,13 @@
 //!   (TLS handshake and HTTP/2 preface included) is closed — this catches
 //!   silent connections, which hyper's own timer never sees because protocol
 //!   detection reads before it starts;
-//! - hyper's **HTTP/1.1 header-read timeout** (with `TokioTimer`), measured
-//!   from the moment a connection waits for a request head, so it also bounds
-//!   how long a kept-alive connection may sit between requests;
+//! - an **HTTP/1.1 header-read timeout**, measured from the moment a
+//!   connection waits for a request head (its previous answer was sent), so
+//!   it also bounds how long a kept-alive connection may sit between
+//!   requests. The connection's watchdog enforces it, not hyper's own
+//!   header-read timer: hyper arms that timer (a boxed sleep in the shared
+//!   timer wheel) for every request, which cost a tenth of a check-in's CPU;
+//!   the watchdog looks once per `header_read_timeout` at most;
 //! - an **idle timeout**: no request in flight and no byte moving in either
 //!   direction for `idle_timeout` closes the connection (HTTP/2 has no
 //!   header-read timer, and a client that stops reading a response stalls
@@ -42,7 +46,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -330,6 +334,17 @@ struct Activity {
     /// (HTTP/1.1 has one request at a time per connection; HTTP/2 does not
     /// use it.)
     body_pending: AtomicBool,
+    /// The connection waits for a request head: from the start until the
+    /// first request, and (HTTP/1.1) from each answer's end to the next
+    /// request. Set after `head_wait_ms` (release/acquire pair).
+    awaiting_head: AtomicBool,
+    /// [`coarse_ms`] (relative to `start_coarse_ms`) when the connection
+    /// began to wait for the current request head.
+    head_wait_ms: AtomicU64,
+    /// [`RUN`], [`GRACEFUL`] or [`CLOSE`], set by the watchdog, which then
+    /// wakes the connection's task through `waker`.
+    signal: AtomicU8,
+    waker: futures_util::task::AtomicWaker,
     body: BodyLimits,
 }
 
@@ -342,14 +357,31 @@ impl Activity {
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             body_pending: AtomicBool::new(false),
+            awaiting_head: AtomicBool::new(true),
+            head_wait_ms: AtomicU64::new(0),
+            signal: AtomicU8::new(RUN),
+            waker: futures_util::task::AtomicWaker::new(),
             body,
         }
     }
+    fn now_ms(&self) -> u64 {
+        coarse_ms().saturating_sub(self.start_coarse_ms)
+    }
     fn touch(&self) {
-        self.last_ms.store(
-            coarse_ms().saturating_sub(self.start_coarse_ms),
-            Ordering::Relaxed,
-        );
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    /// An HTTP/1.1 answer was sent (or abandoned): the header-read clock
+    /// for the next request starts.
+    fn answered(&self) {
+        self.head_wait_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.awaiting_head.store(true, Ordering::Release);
+    }
+    /// When the request head the connection waits for is due, if it waits
+    /// for one.
+    fn head_due(&self, timeout: Duration) -> Option<Instant> {
+        self.awaiting_head.load(Ordering::Acquire).then(|| {
+            self.start + Duration::from_millis(self.head_wait_ms.load(Ordering::Relaxed)) + timeout
+        })
     }
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
@@ -375,11 +407,59 @@ fn coarse_ms() -> u64 {
 
 /// Decrements the in-flight count when a request's response is ready (or
 /// its handler is dropped).
-struct InFlight(Arc<Activity>);
+struct InFlight(Option<Arc<Activity>>);
+
+impl InFlight {
+    /// The handler answered: no longer in flight; the connection's activity
+    /// is handed on (to the answer's [`AnswerBody`]).
+    fn done(mut self) -> Arc<Activity> {
+        let a = self.0.take().expect("InFlight is done once");
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+        a
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(a) = &self.0 {
+            a.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An answer's body that, on HTTP/1.1, starts the header-read clock for the
+/// next request once it has been sent (hyper drops it then) or abandoned.
+/// Streaming a large artifact therefore never counts as waiting for a head
+/// (the idle timeout covers a client that stops reading).
+struct AnswerBody {
+    inner: Body,
+    /// `None` on HTTP/2, where streams have no header-read clock.
+    conn: Option<Arc<Activity>>,
+}
+
+impl Drop for AnswerBody {
+    fn drop(&mut self) {
+        if let Some(c) = &self.conn {
+            c.answered();
+        }
+    }
+}
+
+impl HttpBody for AnswerBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -431,10 +511,11 @@ impl<A: Acceptor> Connection<A> {
         });
 
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // No timer for HTTP/1.1: the watchdog below enforces the
+        // header-read timeout (see the module docs).
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
+            .header_read_timeout(None)
             .max_buf_size(l.max_header_bytes.max(8192))
             .keep_alive(true);
         builder
@@ -450,7 +531,8 @@ impl<A: Acceptor> Connection<A> {
             hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 activity.requests.fetch_add(1, Ordering::Relaxed);
                 activity.in_flight.fetch_add(1, Ordering::Relaxed);
-                let guard = InFlight(activity.clone());
+                activity.awaiting_head.store(false, Ordering::Relaxed);
+                let guard = InFlight(Some(activity.clone()));
                 let (mut parts, body) = req.into_parts();
                 let http1 = parts.version < http::Version::HTTP_2;
                 if http1 {
@@ -464,11 +546,10 @@ impl<A: Acceptor> Connection<A> {
                     parts.extensions.insert(tls.identity.clone());
                 }
                 let req = http::Request::from_parts(parts, Body::new(body));
-                let activity = activity.clone();
                 let mut router = router.clone();
                 async move {
                     let mut r = tower_service::Service::call(&mut router, req).await;
-                    drop(guard);
+                    let activity = guard.done();
                     // Answered before the request body was read to its end
                     // (a 413, or a 401 before a large body): hyper will not
                     // read the rest and closes the connection after the
@@ -485,22 +566,101 @@ impl<A: Acceptor> Connection<A> {
                             );
                         }
                     }
-                    r
+                    let conn = http1.then_some(activity);
+                    r.map(|resp| resp.map(|inner| AnswerBody { inner, conn }))
                 }
             })
         };
         let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
-        // A token of this connection's own, created once: every wake-up of
-        // the connection polls it, and polling a waiting `cancelled()`
-        // takes its token's lock, which the shared token would make one
-        // lock for every connection of the server.
-        let cancel = self.cancel.child_token();
-        let cancelled = cancel.cancelled();
-        tokio::pin!(cancelled);
 
-        // The watchdog: sleeps until the next deadline that could apply and
-        // decides there; the connection itself is polled in between.
+        // The deadlines are watched by a task of their own, which sleeps
+        // until the next one that could apply. This task only polls the
+        // connection (and reads one atomic): a `select!` here would poll a
+        // timer and the shutdown token on every wake-up of every
+        // connection, which showed in the check-in's profile.
+        let watchdog = tokio::spawn(
+            Watchdog {
+                activity: activity.clone(),
+                metrics: self.metrics.clone(),
+                cancel: self.cancel.clone(),
+                remote,
+                first_deadline,
+                header_timeout,
+                idle_timeout,
+            }
+            .run(),
+        );
+        let _stop_watchdog = AbortOnDrop(watchdog);
+        let mut graceful = false;
+        let mut registered: Option<std::task::Waker> = None;
+        let ended = std::future::poll_fn(|cx| {
+            if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                activity.waker.register(cx.waker());
+                registered = Some(cx.waker().clone());
+            }
+            match activity.signal.load(Ordering::Acquire) {
+                CLOSE => return Poll::Ready(None),
+                GRACEFUL if !graceful => {
+                    graceful = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ => {}
+            }
+            conn.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        if let Some(Err(e)) = ended {
+            debug!(%remote, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// What a connection's watchdog asks of it ([`Activity::signal`]).
+const RUN: u8 = 0;
+/// Finish the request in flight, then close (HTTP/2: `GOAWAY`).
+const GRACEFUL: u8 = 1;
+/// Close now.
+const CLOSE: u8 = 2;
+
+/// Aborts a task when dropped: a connection's watchdog ends with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The deadlines of one connection, enforced from a task of their own.
+struct Watchdog {
+    activity: Arc<Activity>,
+    metrics: Arc<ConnMetrics>,
+    cancel: CancellationToken,
+    remote: SocketAddr,
+    /// The first request head is due by then (measured from the accept,
+    /// so the TLS handshake counts).
+    first_deadline: tokio::time::Instant,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Watchdog {
+    fn signal(&self, what: u8) {
+        self.activity.signal.store(what, Ordering::Release);
+        self.activity.waker.wake();
+    }
+
+    /// Sleeps until the next deadline that could apply and decides there;
+    /// asks the connection to close gracefully on shutdown or when idle,
+    /// at once when a request head is overdue.
+    ///
+    /// # Cancel safety
+    /// Aborted when its connection ends; holds nothing but counters.
+    async fn run(self) {
+        let activity = &self.activity;
+        let remote = self.remote;
+        let (header_timeout, idle_timeout) = (self.header_timeout, self.idle_timeout);
         let mut closing: Option<tokio::time::Instant> = None;
         let mut shutting_down = false;
         loop {
@@ -516,49 +676,53 @@ impl<A: Acceptor> Connection<A> {
                     tokio::time::Instant::from_std(activity.last()) + idle_timeout
                 };
                 if activity.requests.load(Ordering::Relaxed) == 0 {
-                    first_deadline.min(idle_at)
+                    self.first_deadline.min(idle_at)
+                } else if let Some(due) = activity.head_due(header_timeout) {
+                    tokio::time::Instant::from_std(due).min(idle_at)
                 } else {
-                    idle_at
+                    // Answering: a wait for the next head can only begin
+                    // after now, so it cannot be due before `now +
+                    // header_timeout`; looking again then keeps the
+                    // deadline exact without a timer per request.
+                    (now + header_timeout).min(idle_at)
                 }
             };
             tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        let timeout = e
-                            .downcast_ref::<hyper::Error>()
-                            .is_some_and(hyper::Error::is_timeout);
-                        if timeout {
-                            self.metrics.closed("header_timeout");
-                            debug!(%remote, "request head not received within connections.header_read_timeout_ms");
-                        } else {
-                            debug!(%remote, error = %e, "connection ended with an error");
-                        }
-                    }
-                    return;
-                }
-                _ = &mut cancelled, if !shutting_down => {
+                _ = self.cancel.cancelled(), if !shutting_down => {
                     shutting_down = true;
-                    conn.as_mut().graceful_shutdown();
+                    self.signal(GRACEFUL);
                     closing = Some(closing.map_or(now + SHUTDOWN_GRACE, |c| c.min(now + SHUTDOWN_GRACE)));
                 }
                 _ = tokio::time::sleep_until(next) => {
                     let now = tokio::time::Instant::now();
                     if closing.is_some_and(|c| now >= c) {
+                        self.signal(CLOSE);
                         return;
                     }
                     if closing.is_some() {
                         continue;
                     }
-                    if activity.requests.load(Ordering::Relaxed) == 0 && now >= first_deadline {
-                        self.metrics.closed("first_request_timeout");
-                        debug!(%remote, "no request within connections.header_read_timeout_ms");
+                    if activity.requests.load(Ordering::Relaxed) == 0 {
+                        if now >= self.first_deadline {
+                            self.metrics.closed("first_request_timeout");
+                            debug!(%remote, "no request within connections.header_read_timeout_ms");
+                            self.signal(CLOSE);
+                            return;
+                        }
+                    } else if activity
+                        .head_due(header_timeout)
+                        .is_some_and(|due| now.into_std() >= due)
+                    {
+                        self.metrics.closed("header_timeout");
+                        debug!(%remote, "request head not received within connections.header_read_timeout_ms");
+                        self.signal(CLOSE);
                         return;
                     }
                     let idle_for = now.into_std().saturating_duration_since(activity.last());
                     if activity.in_flight.load(Ordering::Relaxed) == 0 && idle_for >= idle_timeout {
                         self.metrics.closed("idle_timeout");
                         debug!(%remote, "idle for connections.idle_timeout_ms");
-                        conn.as_mut().graceful_shutdown();
+                        self.signal(GRACEFUL);
                         closing = Some(now + CLOSE_GRACE);
                     }
                 }
@@ -646,38 +810,42 @@ pub struct BodyTimeout {
 /// `idle` of the previous one, and by `start + idle + received / min_rate`,
 /// so a body that trickles a byte a second fails as surely as one that stops.
 ///
-/// The timer is only armed when the body is not already there: a check-in's
-/// small body usually arrives with its head and costs no timer at all.
+/// The clock starts the first time the body is not already there, and the
+/// timer is only armed then: a check-in's small body usually arrives with
+/// its head and costs neither a clock read nor a timer.
 struct TimedBody {
     inner: Incoming,
     /// The connection's: its body limits, and where the end of an HTTP/1.1
     /// body is recorded.
     conn: Arc<Activity>,
-    start: tokio::time::Instant,
-    last: tokio::time::Instant,
+    /// When the body first had to be waited for, and when a piece of it
+    /// last arrived since; `None` while it never had to be.
+    clock: Option<(tokio::time::Instant, tokio::time::Instant)>,
     received: u64,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl TimedBody {
     fn new(inner: Incoming, conn: Arc<Activity>) -> TimedBody {
-        let now = tokio::time::Instant::now();
         TimedBody {
             inner,
             conn,
-            start: now,
-            last: now,
+            clock: None,
             received: 0,
             sleep: None,
         }
     }
 
-    fn deadline(&self) -> tokio::time::Instant {
+    fn deadline(
+        &self,
+        start: tokio::time::Instant,
+        last: tokio::time::Instant,
+    ) -> tokio::time::Instant {
         let limits = &self.conn.body;
-        let by_rate = self.start
+        let by_rate = start
             + limits.idle
             + Duration::from_secs_f64(self.received as f64 / limits.min_rate.max(1) as f64);
-        (self.last + limits.idle).min(by_rate)
+        (last + limits.idle).min(by_rate)
     }
 
     /// Read to its end: an answer now leaves the connection reusable.
@@ -699,10 +867,13 @@ impl HttpBody for TimedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.received += d.len() as u64;
-                    this.last = tokio::time::Instant::now();
-                    let deadline = this.deadline();
-                    if let Some(s) = &mut this.sleep {
-                        s.as_mut().reset(deadline);
+                    if let Some((start, last)) = &mut this.clock {
+                        *last = tokio::time::Instant::now();
+                        let (start, last) = (*start, *last);
+                        let deadline = this.deadline(start, last);
+                        if let Some(s) = &mut this.sleep {
+                            s.as_mut().reset(deadline);
+                        }
                     }
                 }
                 if this.inner.is_end_stream() {
@@ -716,7 +887,11 @@ impl HttpBody for TimedBody {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Pending => {
-                let deadline = this.deadline();
+                let (start, last) = *this.clock.get_or_insert_with(|| {
+                    let now = tokio::time::Instant::now();
+                    (now, now)
+                });
+                let deadline = this.deadline(start, last);
                 let sleep = this
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -724,7 +899,7 @@ impl HttpBody for TimedBody {
                 this.conn.body.metrics.closed("body_timeout");
                 Poll::Ready(Some(Err(Box::new(BodyTimeout {
                     received: this.received,
-                    elapsed: this.start.elapsed(),
+                    elapsed: start.elapsed(),
                 }))))
             }
         }

@@ -523,3 +523,123 @@ async fn an_answer_before_the_body_was_read_says_connection_close() {
     assert!(!text.contains("connection: close"), "{text}");
     healthz_keep_alive(&mut s).await;
 }
+
+/// Reads one HTTP/1.1 answer with a `content-length` from `s` (a kept-alive
+/// connection), `chunk` bytes at a time with `pause` between reads; returns
+/// the status line and the body's length.
+async fn read_answer(s: &mut TcpStream, chunk: usize, pause: Duration) -> (String, usize) {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; chunk];
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the answer's head");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = got.len() - head_end;
+    while body < len {
+        tokio::time::sleep(pause).await;
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed after {body} of {len} body bytes");
+        body += n;
+    }
+    (head.lines().next().unwrap().to_string(), body)
+}
+
+/// The header-read clock of a kept-alive connection starts when an answer
+/// has been sent, not when the handler returned: a download that streams
+/// for several times `header_read_timeout_ms` (the server's egress cap makes
+/// it slow) is not cut, and the connection serves the next request.
+#[tokio::test]
+async fn a_long_download_on_a_kept_alive_connection_is_not_cut_by_the_header_timeout() {
+    let ts = TestServer::start(
+        "egress_bytes_per_sec = 1048576\n[connections]\nmax_connections_per_address = 0\nheader_read_timeout_ms = 400\nidle_timeout_ms = 60000\n",
+    )
+    .await;
+    // Noise: the full payload stays about as big as the image.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let img: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    ts.release("t", "1.0", &img).await;
+    let rel = ts.admin.releases().await.unwrap();
+    let art = rel[0].builds[0].artifacts.clone().unwrap();
+    assert!(art.payload_size > 2 << 20);
+    let sim = Sim::enroll(&ts.base, "d1", "t", &http()).await;
+
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(64 << 10).unwrap();
+    let mut s = sock.connect(addr(&ts)).await.unwrap();
+    let t = Instant::now();
+    s.write_all(
+        format!(
+            "GET /api/v1/artifacts/{} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
+            art.payload_sha256, sim.token
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, n) = read_answer(&mut s, 64 << 10, Duration::from_millis(1)).await;
+    assert!(status.starts_with("http/1.1 200"), "{status}");
+    assert_eq!(n as u64, art.payload_size);
+    let took = t.elapsed();
+    assert!(
+        took > Duration::from_millis(1500),
+        "the download took {took:?}: too fast to prove anything"
+    );
+    // Still open and serving (the admin client's idle pooled connections
+    // met the header timeout meanwhile; this one did not).
+    healthz_keep_alive(&mut s).await;
+}
+
+/// A kept-alive connection that, after an answered request, sends its next
+/// request head a byte at a time (slowloris after a first good request) is
+/// closed `header_read_timeout_ms` after the answer, whatever trickles in.
+#[tokio::test]
+async fn a_kept_alive_connection_trickling_its_next_head_is_closed() {
+    let ts = TestServer::start(&limits(
+        "header_read_timeout_ms = 1000\nidle_timeout_ms = 60000",
+    ))
+    .await;
+    let mut s = TcpStream::connect(addr(&ts)).await.unwrap();
+    healthz_keep_alive(&mut s).await;
+    let t = Instant::now();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        while w.write_all(b"a").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut buf = [0u8; 256];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+    writer.abort();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "closed after {took:?} (configured 1 s)"
+    );
+    assert_eq!(closed(&ts, "header_timeout"), 1);
+}
