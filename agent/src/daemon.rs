@@ -898,6 +898,7 @@ async fn main_loop(
                         update_id: d.update_id.clone(),
                         progress: agent.live.snapshot(),
                     }),
+                    freshness_held: agent.freshness.held(&agent.live_settings.trusted()),
                 };
                 let sent = LeaseInstant::now();
                 let checkin = agent.client.checkin(&req);

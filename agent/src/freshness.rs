@@ -56,9 +56,25 @@ impl FreshnessGuard {
         self.floor().now(clock)
     }
 
+    /// The digest of the statement held, verified under `trusted`, to echo
+    /// in a check-in (`CheckinRequest::freshness_held`): a server whose
+    /// current statement it is leaves it out of the answer.
+    pub fn held(&self, trusted: &Arc<TrustedKeys>) -> Option<ota_format::Digest> {
+        self.last
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(_, _, t)| Arc::ptr_eq(t, trusted))
+            .map(|(e, _, _)| e.payload_digest())
+    }
+
     /// Checks the statement of a check-in answer and, when it moves the
     /// floor, persists the new floor before returning. `Ok` means the
     /// answer may be acted on.
+    ///
+    /// An answer without a statement stands on the statement held (see
+    /// [`FreshnessGuard::held`]), checked again against the clock and the
+    /// floor, so it expires as it would have had the server repeated it.
     pub fn accept(
         &self,
         statement: Option<&Envelope>,
@@ -69,6 +85,17 @@ impl FreshnessGuard {
     ) -> Result<(), GuardError> {
         let current = self.floor();
         let Some(env) = statement else {
+            let held = self
+                .last
+                .lock()
+                .unwrap()
+                .as_ref()
+                .filter(|(_, _, t)| Arc::ptr_eq(t, trusted))
+                .map(|(_, f, _)| f.clone());
+            if let Some(f) = held {
+                current.check(&f, device_type, clock)?;
+                return Ok(());
+            }
             if self.required || current.seen {
                 return Err(FreshnessError::Missing.into());
             }
@@ -162,6 +189,44 @@ mod tests {
             .unwrap();
         g.accept(Some(&later), &trusted, "rpi4", at(1_800_004_501), &state)
             .unwrap_err();
+    }
+
+    /// A server leaves out the statement the device echoed: the answer
+    /// stands on the held one, which expires all the same; a key reload
+    /// (another trusted set) drops it, so it is neither echoed nor used.
+    #[test]
+    fn an_answer_without_the_held_statement_stands_on_it_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKeyPair::generate().unwrap();
+        let trusted = Arc::new(TrustedKeys::try_new([key.verifying_key()], 1).unwrap());
+        let hour = Duration::from_secs(3600);
+        let s = Freshness::new("rpi4", None, 1, at(1_800_000_000), hour)
+            .sign(&[&key])
+            .unwrap();
+        let state = State::open(dir.path()).unwrap();
+        let g = FreshnessGuard::load(&state, true).unwrap();
+        assert_eq!(g.held(&trusted), None, "nothing held yet");
+        g.accept(Some(&s), &trusted, "rpi4", at(1_800_000_010), &state)
+            .unwrap();
+        assert_eq!(g.held(&trusted), Some(s.payload_digest()));
+        g.accept(None, &trusted, "rpi4", at(1_800_001_000), &state)
+            .unwrap();
+        let e = g
+            .accept(None, &trusted, "rpi4", at(1_800_003_601), &state)
+            .unwrap_err();
+        assert!(
+            matches!(e, GuardError::Refused(FreshnessError::Expired { .. })),
+            "{e}"
+        );
+        let reloaded = Arc::new(TrustedKeys::try_new([key.verifying_key()], 1).unwrap());
+        assert_eq!(g.held(&reloaded), None);
+        let e = g
+            .accept(None, &reloaded, "rpi4", at(1_800_001_000), &state)
+            .unwrap_err();
+        assert!(
+            matches!(e, GuardError::Refused(FreshnessError::Missing)),
+            "{e}"
+        );
     }
 
     #[test]

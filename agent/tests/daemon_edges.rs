@@ -457,11 +457,14 @@ async fn a_refused_token_is_reread_from_the_token_file_and_reported() {
 
 /// Issue 17 item 6 through the real daemon: an answer whose freshness
 /// statement is older than one already seen (a replay, though validly signed
-/// and not expired) is not acted on — its offer starts no download — and
-/// once statements were seen, an answer without one is refused too; the
-/// current statement is acted on.
+/// and not expired) is not acted on — its offer starts no download. An
+/// answer without a statement stands on the one the agent holds (and echoed
+/// in its check-in, as a server leaves out a statement the device already
+/// has): while that is unexpired its offer is acted on, exactly as if the
+/// server had repeated it (the expiry of a held statement is unit-tested in
+/// `agent/src/freshness.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replayed_or_stripped_freshness_statement_is_not_acted_on() {
+async fn replayed_freshness_statement_is_not_acted_on_and_the_held_one_is_echoed() {
     use ota_format::Freshness;
     use std::time::SystemTime;
     let fx = Fixture::new(1 << 20, 256 << 10, false);
@@ -491,9 +494,24 @@ async fn replayed_or_stripped_freshness_statement_is_not_acted_on() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The replayed statement, and then none at all, with an offer: no
-    // download starts.
-    for answer in [Some(replayed), None] {
+    // The agent echoes the statement it holds.
+    let digest = current.payload_digest();
+    server
+        .wait_for(
+            "a check-in echoing the held statement",
+            Duration::from_secs(20),
+            |s| {
+                s.srv
+                    .checkins
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c.freshness_held == Some(digest))
+            },
+        )
+        .await;
+    // The replayed statement, with an offer: no download starts.
+    for answer in [Some(replayed)] {
         *server.srv.freshness.lock().unwrap() = answer;
         *server.srv.offer.lock().unwrap() = Some(fx.offer("u-fresh"));
         let before = server.srv.checkins.lock().unwrap().len();
@@ -513,8 +531,9 @@ async fn replayed_or_stripped_freshness_statement_is_not_acted_on() {
             server.event_kinds()
         );
     }
-    // The current statement again: the offer is taken.
-    *server.srv.freshness.lock().unwrap() = Some(current);
+    // No statement (the server leaves out the one the agent holds): the
+    // offer is taken.
+    *server.srv.freshness.lock().unwrap() = None;
     server
         .wait_for("the download", Duration::from_secs(30), |s| {
             s.srv.range_requests.load(Ordering::SeqCst) > 0

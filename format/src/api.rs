@@ -117,6 +117,15 @@ pub struct CheckinRequest {
     pub state: AgentState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateInHand>,
+    /// [`crate::Envelope::payload_digest`] of the freshness statement the
+    /// device holds, verified. When it is the server's current one, the
+    /// answer leaves the statement out (about 420 of a check-in answer's
+    /// ~500 bytes, on every check-in of every device) and the device keeps
+    /// using the one it holds — which is all a man in the middle who strips
+    /// statements can make it do: replaying the held statement was always
+    /// possible, and it still expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness_held: Option<crate::Digest>,
 }
 
 /// The server's answer to a check-in. Every variant carries the time until the

@@ -229,6 +229,13 @@ impl TrustedKeys {
 }
 
 impl Envelope {
+    /// SHA-256 of the payload as carried (its base64 text): names what was
+    /// signed, whoever signed it. A device echoes it for the freshness
+    /// statement it holds (`CheckinRequest::freshness_held`).
+    pub fn payload_digest(&self) -> Digest {
+        Digest::of(self.payload.as_bytes())
+    }
+
     /// Signs the exact `manifest_bytes` with every key given.
     pub fn sign(manifest_bytes: &[u8], keys: &[&SigningKeyPair]) -> Envelope {
         Self::sign_as(PAYLOAD_TYPE, manifest_bytes, keys)

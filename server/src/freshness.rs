@@ -41,6 +41,9 @@ pub struct Statement {
     pub envelope: Arc<Envelope>,
     /// `envelope` serialised (what `serde_json::to_string` gives for it).
     pub json: Arc<RawValue>,
+    /// [`Envelope::payload_digest`] of `envelope`: a device that echoes it
+    /// holds this statement already.
+    pub payload_sha256: ota_format::Digest,
 }
 
 /// Signs and caches the statements.
@@ -109,6 +112,7 @@ impl FreshnessService {
                     }
                 };
                 let statement = Statement {
+                    payload_sha256: env.payload_digest(),
                     envelope: Arc::new(env),
                     json,
                 };

@@ -540,7 +540,9 @@ async fn checkin(
             &dev.device_type,
             Duration::from_secs(live.freshness_secs),
         )
-        .await;
+        .await
+        // The device holds it (it echoed its digest): left out.
+        .filter(|s| req.freshness_held != Some(s.payload_sha256));
     let answer = CheckinAnswer {
         next_checkin_ms: next,
         action: &action,

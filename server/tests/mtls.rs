@@ -117,6 +117,7 @@ impl Fixture {
                 booted_slot: Slot::A,
                 state: AgentState::Idle,
                 update: None,
+                freshness_held: None,
             });
         if let Some(t) = token {
             rb = rb.bearer_auth(t);

@@ -295,6 +295,7 @@ impl Sim {
                     update_id: u.into(),
                     progress: Progress::default(),
                 }),
+                freshness_held: None,
             })
             .send()
             .await

@@ -691,6 +691,7 @@ async fn report_in(
                 booted_slot: Slot::B,
                 state: AgentState::Idle,
                 update: None,
+                freshness_held: None,
             };
             let id = sim::device_id(i);
             let mut last = String::new();
