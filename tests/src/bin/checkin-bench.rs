@@ -62,6 +62,10 @@ struct Args {
     devices: Vec<usize>,
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Devices do not name the freshness statement they hold (as agents
+    /// before `freshness_held` did): every answer carries it.
+    #[arg(long)]
+    no_echo: bool,
     /// wrk connections.
     #[arg(long, default_value_t = 128)]
     connections: usize,
@@ -184,7 +188,7 @@ async fn enroll_all(base: &str, n: usize, out: &Path) -> Result<f64> {
 
 const LUA: &str = r#"
 local tokens = {}
-local body = '{"current_version":"1.0","booted_slot":"a","state":"idle"}'
+local body = 'BODY'
 function init(args)
   for line in io.lines(args[1]) do tokens[#tokens + 1] = line end
   math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
@@ -257,6 +261,34 @@ fn run_wrk(base: &str, tokens: &Path, lua: &Path, a: &Args) -> Result<WrkResult>
     ))
 }
 
+/// Writes the wrk script with the check-in body devices of `p` send now:
+/// like the agent, it names the freshness statement the device holds (the
+/// one a check-in just got), unless `--no-echo`; a server that knows the
+/// field then leaves the statement out of its answers, an older one
+/// ignores it.
+async fn write_lua(p: &Prepared, a: &Args) -> Result<()> {
+    let mut body =
+        serde_json::json!({"current_version": "1.0", "booted_slot": "a", "state": "idle"});
+    if !a.no_echo {
+        let token = std::fs::read_to_string(&p.tokens)?;
+        let token = token.lines().next().context("no device enrolled")?;
+        let r: ota_format::api::CheckinResponse = reqwest::Client::new()
+            .post(format!("{}/api/v1/devices/checkin", p.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if let Some(f) = r.freshness {
+            body["freshness_held"] = serde_json::json!(f.payload_digest());
+        }
+    }
+    std::fs::write(&p.lua, LUA.replace("BODY", &body.to_string()))?;
+    Ok(())
+}
+
 /// One setup with its fleet enrolled and its releases built.
 struct Prepared {
     setup: Setup,
@@ -277,7 +309,6 @@ async fn prepare(setup: Setup, n: usize, a: &Args) -> Result<Prepared> {
     let rate = enroll_all(&base, n, &tokens).await?;
     eprintln!("[{}] {n} devices enrolled at {rate:.0}/s", setup.name());
     let lua = dir.path().join("checkin.lua");
-    std::fs::write(&lua, LUA)?;
     let admin = ota_server::client::AdminClient::new(&base, ADMIN)?;
     for (v, seed) in [("1.0", 1u64), ("2.0", 2)] {
         let p = dir.path().join(format!("{v}.img"));
@@ -412,6 +443,7 @@ async fn main() -> Result<()> {
             }
             for round in 1..=a.rounds.max(1) {
                 for p in &prepared {
+                    write_lua(p, &a).await?;
                     let row = measure(p, n, scenario, round, &a)
                         .with_context(|| format!("{} with {n} devices", p.setup.name()))?;
                     rows.push(row);
