@@ -289,7 +289,7 @@ if has_tool hdiff-zstd || has_tool hdiff-lzma2; then
 fi
 
 python3 - "$OUT" "$BSDIFF_TIMEOUT" "$APPLY_RUNS" <<'PY'
-import json, os, statistics, sys, time
+import base64, json, os, statistics, subprocess, sys, time
 
 out, bsdiff_timeout, apply_runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 py_startup = None
@@ -346,6 +346,28 @@ for r in rows:
               f"{f(gen_rss, '.1f')} | {f(r['apply_s'], '.3f')} | "
               f"{f(r['apply_peak_rss_kib'] / 1024 if r['apply_peak_rss_kib'] is not None else None, '.1f')} | {verified} |")
 
+def op_breakdown(pair):
+    """Our manifest's operations per kind: count, bytes of the new image they write, payload bytes
+    they carry (where ours loses size, this says whether it is new data (REPLACE) or patches). An
+    operation may reuse an earlier one's data range, so the data bytes can add up to more than the
+    payload."""
+    path = os.path.join(out, pair, "ours", "update", "manifest.json")
+    try:
+        env = json.load(open(path))
+        raw = base64.b64decode(env["payload"])
+        if env["payloadType"].endswith("+zstd"):
+            raw = subprocess.run(["zstd", "-dc"], input=raw, capture_output=True, check=True).stdout
+        ops = {}
+        for op in json.loads(raw)["operations"]:
+            k = ops.setdefault(op["kind"], {"count": 0, "dst_bytes": 0, "data_bytes": 0})
+            k["count"] += 1
+            k["dst_bytes"] += op["dst"][1]
+            k["data_bytes"] += op["data"]["length"] if op.get("data") else 0
+        return ops
+    except (OSError, KeyError, ValueError, subprocess.CalledProcessError) as e:
+        print(f"delta-bench: cannot read the operations of {path}: {e}", file=sys.stderr)
+        return None
+
 summary, lines = {}, ["", "Per pair (a size ratio below 1: ours is smaller; an apply-speed factor above 1: ours applies faster):", ""]
 for pair in pairs:
     s, ob, o = {}, ours_bytes(pair), by.get((pair, "ours"))
@@ -383,6 +405,12 @@ for pair in pairs:
             s["ours_apply_speed_over_bspatch"] = o["apply_mib_per_s"] / bs["apply_mib_per_s"]
             txt += f" vs bspatch {bs['apply_mib_per_s']:.1f} MiB/s (x{s['ours_apply_speed_over_bspatch']:.2f})"
         parts.append(txt)
+    ops = op_breakdown(pair) if ob else None
+    if ops:
+        s["ours_ops"] = ops
+        parts.append("ours ops: " + ", ".join(
+            f"{k} {v['count']} ({v['dst_bytes'] / 2**20:.1f} MiB" + (f" -> {v['data_bytes']:,} B" if v["data_bytes"] else "") + ")"
+            for k, v in ops.items()))
     summary[pair] = s
     lines.append(f"- {pair}: " + ("; ".join(parts) if parts else "—"))
 lines += ["", "Load average before / after the run (2-core machine; other work skews times, not sizes): "

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # upgrade-large: a minor-version upgrade of a larger root filesystem, 768 MiB ext4 images of the small
-# set plus a kernel with its modules, git, Node.js, Python 3, nginx, rsync and GnuPG (~200 arm64
-# packages with their dependencies, ~570 MiB of files), old with bookworm's versions (the current
+# set plus a kernel with its modules, git, Node.js, Python 3, nginx, rsync and GnuPG (176 arm64
+# packages with their dependencies, 620 MiB of files), old with bookworm's versions (the current
 # point release), new with the highest of bookworm, bookworm-updates and bookworm-security, as a device
 # that skipped a few months of updates gets them: the kernel moves to a new ABI (6.1.176 -> 6.1.192:
-# every module is a changed file at a new path), Node.js, git and Python get security rebuilds, and the
-# small set's updates. (PostgreSQL, which pulls in LLVM, and OpenJDK would double the image.)
+# every module is a changed file at a new path), rsync moves 3.2.7 -> 3.5.0, Node.js, Python and nginx
+# get security updates, and the small set's updates (31 packages differ). (PostgreSQL, which pulls in LLVM, and OpenJDK would double the image.)
 #   usage: bench/pairs/upgrade-large.sh OUTDIR   -> OUTDIR/upgrade-large/{old,new,VERSIONS.txt}
 source "$(dirname "$0")/lib.sh"
 pair_begin upgrade-large "${1:-}"
