@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Delta benchmark: edge-ota's own delta ("ours") against bsdiff, xdelta3, zstd --patch-from and
-# HDiffPatch (zstd and lzma2) on the real old/new pairs of ../shared/corpus. See bench/README.md.
+# HDiffPatch (zstd and lzma2) on the real old/new pairs of ../shared/corpus and the held-out pairs that
+# bench/pairs/ builds from Debian arm64 packages. See bench/README.md.
 #
-#   bench/delta-bench.sh [--corpus DIR] [--out DIR] [--pairs "libcrypto ..."] [--tools "ours ..."]
+#   bench/delta-bench.sh [--corpus DIR] [--out DIR] [--pairs "libcrypto ... | corpus | held-out"] [--tools "ours ..."]
 #                        [--bsdiff-timeout SECONDS] [--apply-runs N] [--no-build]
 #                        [--base-server PATH]
 #
@@ -13,19 +14,22 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-ALL_PAIRS="libcrypto ruff-arm64 containerd rootfs"
+CORPUS_PAIRS="libcrypto ruff-arm64 containerd rootfs"
+# Built by bench/pairs/<pair>.sh (issue 18, item 1): pairs the engine was not tuned on.
+HELD_OUT_PAIRS="exe-large sec-small moved realloc compressed upgrade-large"
+ALL_PAIRS="$CORPUS_PAIRS $HELD_OUT_PAIRS"
 ALL_TOOLS="ours ours-base bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
 
 CORPUS=$ROOT/target/corpus
 OUT=$ROOT/target/bench
-PAIRS=$ALL_PAIRS
+PAIRS=$CORPUS_PAIRS
 TOOLS=$ALL_TOOLS
 BSDIFF_TIMEOUT=1800
 APPLY_RUNS=3
 BUILD=1
 BASE_SERVER=
 
-usage() { sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 die() { echo "delta-bench: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
@@ -45,6 +49,8 @@ done
 
 [[ $BSDIFF_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--bsdiff-timeout must be a positive number of seconds"
 [[ $APPLY_RUNS =~ ^[1-9][0-9]*$ ]] || die "--apply-runs must be a positive number"
+PAIRS=${PAIRS//held-out/$HELD_OUT_PAIRS}
+PAIRS=${PAIRS//corpus/$CORPUS_PAIRS}
 read -r -a PAIRS <<<"$PAIRS"
 read -r -a TOOLS <<<"$TOOLS"
 [ ${#PAIRS[@]} -gt 0 ] || die "--pairs is empty"
@@ -93,7 +99,13 @@ fi
 
 need_prepare=0
 for p in "${PAIRS[@]}"; do
-  [ -f "$CORPUS/$p/old" ] && [ -f "$CORPUS/$p/new" ] || need_prepare=1
+  [ -f "$CORPUS/$p/old" ] && [ -f "$CORPUS/$p/new" ] && continue
+  if [[ " $HELD_OUT_PAIRS " == *" $p "* ]]; then
+    echo "delta-bench: building the pair $p in $CORPUS (bench/pairs/$p.sh)" >&2
+    "$ROOT/bench/pairs/$p.sh" "$CORPUS"
+  else
+    need_prepare=1
+  fi
 done
 if [ "$need_prepare" = 1 ]; then
   echo "delta-bench: preparing the corpus in $CORPUS" >&2
@@ -277,7 +289,7 @@ if has_tool hdiff-zstd || has_tool hdiff-lzma2; then
 fi
 
 python3 - "$OUT" "$BSDIFF_TIMEOUT" "$APPLY_RUNS" <<'PY'
-import json, os, statistics, sys, time
+import base64, json, os, statistics, subprocess, sys, time
 
 out, bsdiff_timeout, apply_runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 py_startup = None
@@ -334,6 +346,28 @@ for r in rows:
               f"{f(gen_rss, '.1f')} | {f(r['apply_s'], '.3f')} | "
               f"{f(r['apply_peak_rss_kib'] / 1024 if r['apply_peak_rss_kib'] is not None else None, '.1f')} | {verified} |")
 
+def op_breakdown(pair):
+    """Our manifest's operations per kind: count, bytes of the new image they write, payload bytes
+    they carry (where ours loses size, this says whether it is new data (REPLACE) or patches). An
+    operation may reuse an earlier one's data range, so the data bytes can add up to more than the
+    payload."""
+    path = os.path.join(out, pair, "ours", "update", "manifest.json")
+    try:
+        env = json.load(open(path))
+        raw = base64.b64decode(env["payload"])
+        if env["payloadType"].endswith("+zstd"):
+            raw = subprocess.run(["zstd", "-dc"], input=raw, capture_output=True, check=True).stdout
+        ops = {}
+        for op in json.loads(raw)["operations"]:
+            k = ops.setdefault(op["kind"], {"count": 0, "dst_bytes": 0, "data_bytes": 0})
+            k["count"] += 1
+            k["dst_bytes"] += op["dst"][1]
+            k["data_bytes"] += op["data"]["length"] if op.get("data") else 0
+        return ops
+    except (OSError, KeyError, ValueError, subprocess.CalledProcessError) as e:
+        print(f"delta-bench: cannot read the operations of {path}: {e}", file=sys.stderr)
+        return None
+
 summary, lines = {}, ["", "Per pair (a size ratio below 1: ours is smaller; an apply-speed factor above 1: ours applies faster):", ""]
 for pair in pairs:
     s, ob, o = {}, ours_bytes(pair), by.get((pair, "ours"))
@@ -371,6 +405,12 @@ for pair in pairs:
             s["ours_apply_speed_over_bspatch"] = o["apply_mib_per_s"] / bs["apply_mib_per_s"]
             txt += f" vs bspatch {bs['apply_mib_per_s']:.1f} MiB/s (x{s['ours_apply_speed_over_bspatch']:.2f})"
         parts.append(txt)
+    ops = op_breakdown(pair) if ob else None
+    if ops:
+        s["ours_ops"] = ops
+        parts.append("ours ops: " + ", ".join(
+            f"{k} {v['count']} ({v['dst_bytes'] / 2**20:.1f} MiB" + (f" -> {v['data_bytes']:,} B" if v["data_bytes"] else "") + ")"
+            for k, v in ops.items()))
     summary[pair] = s
     lines.append(f"- {pair}: " + ("; ".join(parts) if parts else "—"))
 lines += ["", "Load average before / after the run (2-core machine; other work skews times, not sizes): "
