@@ -898,6 +898,7 @@ async fn main_loop(
                         update_id: d.update_id.clone(),
                         progress: agent.live.snapshot(),
                     }),
+                    delta_codecs: ota_format::manifest::codecs(),
                 };
                 let sent = LeaseInstant::now();
                 let checkin = agent.client.checkin(&req);

@@ -117,6 +117,12 @@ pub struct CheckinRequest {
     pub state: AgentState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdateInHand>,
+    /// Payload codecs beyond zstd and bzip2 this agent decodes
+    /// ([`crate::manifest::CODECS`]); empty from agents older than the
+    /// field, which the server then offers only payloads without such
+    /// codecs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delta_codecs: Vec<String>,
 }
 
 /// The server's answer to a check-in. Every variant carries the time until the

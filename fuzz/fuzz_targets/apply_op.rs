@@ -314,6 +314,7 @@ fn wrap(op: &Operation, from_size: u64) -> Manifest {
             size: op.data.map_or(0, |d| d.length),
             sha256: Digest::default(),
         },
+        codecs: vec![],
         operations,
     }
 }

@@ -298,6 +298,7 @@ async fn retiring_a_device_revokes_its_token_but_not_mid_update() {
             booted_slot: Slot::A,
             state: AgentState::Idle,
             update: None,
+            delta_codecs: ota_format::manifest::codecs(),
         })
         .send()
         .await

@@ -117,6 +117,7 @@ impl Fixture {
                 booted_slot: Slot::A,
                 state: AgentState::Idle,
                 update: None,
+                delta_codecs: ota_format::manifest::codecs(),
             });
         if let Some(t) = token {
             rb = rb.bearer_auth(t);

@@ -126,6 +126,7 @@ async fn device_add_on_an_existing_id_needs_rotate() {
             booted_slot: Slot::A,
             state: AgentState::Idle,
             update: None,
+            delta_codecs: ota_format::manifest::codecs(),
         })
         .send()
         .await

@@ -173,6 +173,7 @@ async fn a_revoked_token_stops_working_on_every_replica() {
                 booted_slot: Slot::A,
                 state: AgentState::Idle,
                 update: None,
+                delta_codecs: ota_format::manifest::codecs(),
             })
             .send()
             .await

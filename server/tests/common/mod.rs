@@ -295,6 +295,7 @@ impl Sim {
                     update_id: u.into(),
                     progress: Progress::default(),
                 }),
+                delta_codecs: ota_format::manifest::codecs(),
             })
             .send()
             .await

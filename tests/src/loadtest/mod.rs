@@ -691,6 +691,7 @@ async fn report_in(
                 booted_slot: Slot::B,
                 state: AgentState::Idle,
                 update: None,
+                delta_codecs: ota_format::manifest::codecs(),
             };
             let id = sim::device_id(i);
             let mut last = String::new();

@@ -378,6 +378,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
                 update_id: h.offer.update_id.clone(),
                 progress: Progress::default(),
             }),
+            delta_codecs: ota_format::manifest::codecs(),
         };
         let sent = tokio::time::Instant::now();
         let Some(resp) = dev.checkin(&req).await else {
@@ -740,6 +741,7 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                         booted_slot: Slot::A,
                         state: AgentState::Downloading,
                         update: Some(UpdateInHand { update_id: update_id.clone(), progress: Progress { ops_done: done.len() as u64, ..Default::default() } }),
+                        delta_codecs: ota_format::manifest::codecs(),
                     };
                     // A check-in that hangs must not keep a lost lease
                     // downloading.
