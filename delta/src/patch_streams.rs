@@ -101,6 +101,7 @@ const XZ_MAGIC: &[u8] = &[0xFD, b'7', b'z', b'X', b'Z', 0x00];
 /// stream and block decoders), as part of its liblzma memlimit. At most
 /// [`ZSTD_DCTX_BYTES`]: an xz decoder takes the place of a zstd context.
 pub const XZ_DCTX_BYTES: u64 = 256 << 10;
+const _: () = assert!(XZ_DCTX_BYTES <= ZSTD_DCTX_BYTES);
 
 /// Smallest LZMA2 dictionary.
 const XZ_MIN_DICT: usize = 4096;
@@ -378,6 +379,10 @@ pub fn decode_bounded(data: &[u8], dst_len: usize) -> io::Result<Decoded> {
 /// (new bytes) stream about 5–10 % smaller than zstd-19, which is most of
 /// what HDiffPatch's lzma2 mode gains.
 ///
+/// Every codec is tried on every stream: skipping zstd-19 on streams over
+/// 64 KiB when xz is tried saved about 5 % of generation CPU on ruff-arm64
+/// but made libcrypto's delta 0.6 % larger.
+///
 /// Returns the data and whether any stream is xz (the manifest must then
 /// list the `xz` codec).
 pub fn compress(
@@ -387,24 +392,37 @@ pub fn compress(
 ) -> io::Result<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     let mut used_xz = false;
-    for s in streams {
-        let mut best = zstd::bulk::compress(s, level)?;
+    for (i, s) in streams.iter().enumerate() {
         let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
         bz.write_all(s)?;
-        let b = bz.finish()?;
-        if b.len() < best.len() {
-            best = b;
+        let mut best = bz.finish()?;
+        let bzip2_len = best.len();
+        let z = zstd::bulk::compress(s, level)?;
+        let zstd_len = z.len();
+        // On a tie zstd, the fastest to decode.
+        if z.len() <= best.len() {
+            best = z;
         }
         let mut is_xz = false;
+        let mut xz_len = 0;
         // An xz stream costs about 60 bytes of container: not worth trying
         // on streams that compress to little.
         if let Some(dst_len) = xz_dst_len.filter(|_| best.len() > 128) {
             let x = xz_compress(s, xz_dict_size(s.len(), dst_len))?;
+            xz_len = x.len();
             if x.len() < best.len() {
                 best = x;
                 is_xz = true;
             }
         }
+        tracing::trace!(
+            stream = i,
+            len = s.len(),
+            zstd = zstd_len,
+            bzip2 = bzip2_len,
+            xz = xz_len,
+            "stream codecs"
+        );
         used_xz |= is_xz;
         out.extend_from_slice(&best);
     }
