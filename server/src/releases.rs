@@ -154,6 +154,8 @@ pub struct BuildSettings {
     pub zstd_level: i32,
     /// zstd level of full images.
     pub full_zstd_level: i32,
+    /// Deltas may use xz ([`GenerateOptions::xz`]).
+    pub delta_xz: bool,
     pub expiry_days: u64,
     /// Generator threads; 0 = one per core.
     pub threads: usize,
@@ -1058,7 +1060,7 @@ impl Releases {
             },
             // A full image has no bsdiff streams: it never needs xz, and
             // is what agents that cannot decode xz get instead of a delta.
-            xz: from.is_some(),
+            xz: from.is_some() && self.settings.delta_xz,
             threads: self.settings.threads,
             progress: false,
         };
