@@ -899,6 +899,7 @@ async fn main_loop(
                         progress: agent.live.snapshot(),
                     }),
                     freshness_held: agent.freshness.held(&agent.live_settings.trusted()),
+                    delta_codecs: ota_format::manifest::codecs(),
                 };
                 let sent = LeaseInstant::now();
                 let checkin = agent.client.checkin(&req);

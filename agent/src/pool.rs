@@ -778,6 +778,7 @@ mod tests {
             security_counter: 0,
             expires_at: "2099-01-01T00:00:00Z".into(),
             payload: PayloadInfo { size: 0, sha256: d },
+            codecs: vec![],
             operations: ops,
         }
     }

@@ -204,6 +204,7 @@ mod tests {
             &GenerateOptions {
                 chunk_size: 4096,
                 zstd_level: 1,
+                xz: true,
                 threads: 1,
                 progress: false,
             },

@@ -502,6 +502,10 @@ pub const APPLY_MEMORY_BUDGET: u64 = 16 << 20;
 /// - `BSDIFF`: the source window, the output, the decoded streams (at most
 ///   2 × the output and [`patch_streams::CTRL_SLACK`],
 ///   [`patch_streams::decode_bounded`]) and a zstd context.
+///   An xz stream's dictionary (at most the output) and decoder state (at
+///   most [`patch_streams::XZ_DCTX_BYTES`]) exist only while the streams
+///   are decoded, before the output is allocated: they fit the output's and
+///   the zstd context's shares.
 ///   A bzip2 stream's decoder is not counted here: the process holds at most
 ///   [`patch_streams::BZIP2_DECODERS`] of them, a constant of the bound.
 ///

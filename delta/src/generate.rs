@@ -92,6 +92,11 @@ pub struct GenerateOptions {
     pub chunk_size: u64,
     /// zstd level for `REPLACE` data and bsdiff patches.
     pub zstd_level: i32,
+    /// Also try xz (LZMA2) for each stream of a bsdiff patch, keeping it
+    /// where smaller. The manifest then lists the `xz` codec, which agents
+    /// older than it cannot apply: the server builds a payload without it
+    /// for them (the full image is built without xz).
+    pub xz: bool,
     /// Worker threads; 0 uses every core.
     pub threads: usize,
     /// Show a progress bar on stderr when it is a terminal.
@@ -103,6 +108,7 @@ impl Default for GenerateOptions {
         GenerateOptions {
             chunk_size: 1 << 20,
             zstd_level: 19,
+            xz: true,
             threads: 0,
             progress: true,
         }
@@ -268,6 +274,7 @@ fn generate_inner<W: Write>(
         len: 0,
     };
     let mut operations: Vec<Operation> = Vec::with_capacity(plan.len());
+    let used_xz = std::sync::atomic::AtomicBool::new(false);
     let batch = rayon::current_num_threads() * 4;
     let mut i = 0;
     while i < plan.len() {
@@ -284,7 +291,7 @@ fn generate_inner<W: Write>(
         let done: Vec<Result<Option<Built>, GenerateError>> = plan[i..end]
             .par_iter()
             .map(|p| {
-                let r = build_op(p, source, target, index.as_ref(), opts);
+                let r = build_op(p, source, target, index.as_ref(), opts, &used_xz);
                 bar.inc(p.dst().length);
                 r
             })
@@ -336,6 +343,11 @@ fn generate_inner<W: Write>(
         payload: PayloadInfo {
             size: out.len,
             sha256: out.hash.into(),
+        },
+        codecs: if used_xz.load(Ordering::Relaxed) {
+            vec![ota_format::manifest::CODEC_XZ.to_string()]
+        } else {
+            vec![]
         },
         operations,
     };
@@ -808,12 +820,13 @@ fn build_op(
     target: &File,
     index: Option<&SourceIndex>,
     opts: &GenerateOptions,
+    used_xz: &std::sync::atomic::AtomicBool,
 ) -> Result<Option<Built>, GenerateError> {
     if let Plan::Mirror(..) = plan {
         // Filled in from the first occurrence by the in-order writer.
         return Ok(None);
     }
-    build_data_op(plan, source, target, index, opts).map(Some)
+    build_data_op(plan, source, target, index, opts, used_xz).map(Some)
 }
 
 fn build_data_op(
@@ -822,6 +835,7 @@ fn build_data_op(
     target: &File,
     index: Option<&SourceIndex>,
     opts: &GenerateOptions,
+    used_xz: &std::sync::atomic::AtomicBool,
 ) -> Result<(Operation, Vec<u8>), GenerateError> {
     let dst = plan.dst();
     let op = |kind, src: Vec<Extent>, dst_sha256| Operation {
@@ -858,6 +872,7 @@ fn build_data_op(
             // candidate so far.
             let mut best: (OpKind, Vec<u8>, Vec<Extent>, Option<Digest>) =
                 (OpKind::Replace, Vec::new(), Vec::new(), None);
+            let mut best_xz = false;
             if let (Some(ix), Some(src)) = (index, source) {
                 let window = choose_window(&chunk, dst.offset, known, ix);
                 if !window.is_empty() {
@@ -874,8 +889,10 @@ fn build_data_op(
                     // chunk's size (`patch_streams::decode_bounded`); a
                     // patch with more entries than that is REPLACE's anyway.
                     if streams[0].len() <= patch_streams::max_ctrl_len(chunk.len()) {
-                        let patch = patch_streams::compress(&streams, opts.zstd_level)
-                            .map_err(io_err("compressing with zstd"))?;
+                        let xz_dst = opts.xz.then_some(chunk.len());
+                        let (patch, xz) =
+                            patch_streams::compress(&streams, opts.zstd_level, xz_dst)
+                                .map_err(io_err("compressing a bsdiff patch"))?;
                         tracing::debug!(
                             window = total,
                             extents = window.len(),
@@ -883,6 +900,7 @@ fn build_data_op(
                             "candidates"
                         );
                         best = (OpKind::Bsdiff, patch, window, Some(Digest::of(&old)));
+                        best_xz = xz;
                     }
                 }
             }
@@ -898,7 +916,11 @@ fn build_data_op(
                 let replace = compress(&chunk)?;
                 if best.1.is_empty() || replace.len() < best.1.len() {
                     best = (OpKind::Replace, replace, Vec::new(), None);
+                    best_xz = false;
                 }
+            }
+            if best_xz {
+                used_xz.store(true, Ordering::Relaxed);
             }
             let (kind, data, src, src_sha256) = best;
             let range = DataRange {

@@ -12,7 +12,7 @@
 //!   [`apply::op_work`] bounds what one operation allocates, the unit of
 //!   both appliers' memory budgets.
 //! - [`patch_streams`]: the layout of `BSDIFF` data (a bsdiff patch as three
-//!   zstd or bzip2 streams) shared by generator and apply engine, and its
+//!   zstd, bzip2 or xz streams) shared by generator and apply engine, and its
 //!   bounded decoding ([`patch_streams::decode_bounded`]).
 //! - [`generate`] (feature `generate`): the generator. Indexes the source by
 //!   block hash and by content-defined anchors, splits the target into runs

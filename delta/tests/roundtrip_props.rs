@@ -170,6 +170,7 @@ fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
     let opts = GenerateOptions {
         chunk_size,
         zstd_level: 3,
+        xz: true,
         threads: 2,
         progress: false,
     };
@@ -250,6 +251,7 @@ fn new_content_written_twice_is_carried_once() {
     let opts = GenerateOptions {
         chunk_size: 1 << 20,
         zstd_level: 3,
+        xz: true,
         threads: 2,
         progress: false,
     };

@@ -12,7 +12,9 @@ use proptest::prelude::*;
 
 /// Applies streams the way `apply.rs` applies a `BSDIFF` operation.
 fn apply(old: &[u8], s: suffix_diff::Streams, new_len: usize) -> Vec<u8> {
-    let data = patch_streams::compress(&patch_streams::from_streams(s), 3).unwrap();
+    // xz where smaller: property tests cover all three codecs.
+    let (data, _) =
+        patch_streams::compress(&patch_streams::from_streams(s), 3, Some(new_len)).unwrap();
     let streams = patch_streams::decompress(&data, new_len + (1 << 20)).unwrap();
     let mut out = Vec::new();
     bsdiff::patch(old, &mut Interleaved::new(&streams), &mut out).unwrap();
@@ -147,11 +149,15 @@ fn patches_are_no_bigger_than_the_bsdiff_crates() {
         let ours = patch_streams::compress(
             &patch_streams::from_streams(suffix_diff::diff(&old, &new)),
             9,
+            None,
         )
-        .unwrap();
+        .unwrap()
+        .0;
         let mut patch = Vec::new();
         bsdiff::diff(&old, &new, &mut patch).unwrap();
-        let theirs = patch_streams::compress(&patch_streams::split(&patch).unwrap(), 9).unwrap();
+        let theirs = patch_streams::compress(&patch_streams::split(&patch).unwrap(), 9, None)
+            .unwrap()
+            .0;
         assert!(
             ours.len() * 100 <= theirs.len() * 101,
             "seed {seed}: {} bytes against the bsdiff crate's {}",

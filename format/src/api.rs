@@ -126,6 +126,12 @@ pub struct CheckinRequest {
     /// possible, and it still expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freshness_held: Option<crate::Digest>,
+    /// Payload codecs beyond zstd and bzip2 this agent decodes
+    /// ([`crate::manifest::CODECS`]); empty from agents older than the
+    /// field, which the server then offers only payloads without such
+    /// codecs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delta_codecs: Vec<String>,
 }
 
 /// The server's answer to a check-in. Every variant carries the time until the

@@ -17,6 +17,20 @@ use crate::limits::*;
 /// versions it does not know rather than guessing.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The codec name of xz (LZMA2) streams in `BSDIFF` data.
+pub const CODEC_XZ: &str = "xz";
+
+/// Codecs beyond format version 1's zstd and bzip2 that this build decodes.
+/// An agent advertises them in its check-in
+/// ([`crate::api::CheckinRequest::delta_codecs`]) and refuses a manifest
+/// that lists any other ([`Manifest::codecs`]).
+pub const CODECS: &[&str] = &[CODEC_XZ];
+
+/// [`CODECS`] as a check-in carries them.
+pub fn codecs() -> Vec<String> {
+    CODECS.iter().map(|c| c.to_string()).collect()
+}
+
 /// The operation kinds. See `docs/format.md` for the exact data each carries.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -238,6 +252,12 @@ pub struct Manifest {
     /// captured manifest can be replayed (freeze attacks).
     pub expires_at: String,
     pub payload: PayloadInfo,
+    /// Codecs beyond zstd and bzip2 that the payload's data uses (see
+    /// [`CODECS`]); absent when none. An agent that does not know one
+    /// refuses the manifest before fetching anything: agents older than
+    /// this field refuse it as an unknown field, newer ones by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codecs: Vec<String>,
     pub operations: Vec<Operation>,
 }
 
@@ -252,6 +272,10 @@ pub enum ManifestError {
         "manifest format version {found} is not supported (this build reads {FORMAT_VERSION}); upgrade the agent"
     )]
     UnsupportedVersion { found: u32 },
+    #[error(
+        "manifest needs codec {0:?}, which this agent cannot decode: upgrade the agent (the server offers agents that do not advertise a codec a payload without it)"
+    )]
+    UnsupportedCodec(String),
     #[error("manifest is invalid: {0}")]
     Invalid(String),
     #[error("manifest operation {op} is invalid: {reason}")]
@@ -320,6 +344,9 @@ impl Manifest {
             return Err(ManifestError::UnsupportedVersion {
                 found: self.format_version,
             });
+        }
+        if let Some(c) = self.codecs.iter().find(|c| !CODECS.contains(&c.as_str())) {
+            return Err(ManifestError::UnsupportedCodec(c.clone()));
         }
         for (what, s) in [
             ("device_type", &self.device_type),
@@ -459,6 +486,7 @@ mod tests {
             security_counter: 1,
             expires_at: "2099-01-01T00:00:00Z".into(),
             payload: PayloadInfo { size: 5, sha256: d },
+            codecs: vec![],
             operations: vec![
                 Operation {
                     kind: OpKind::Copy,
@@ -578,5 +606,35 @@ mod tests {
         fn parsing_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = Manifest::from_json(&bytes);
         }
+    }
+
+    #[test]
+    fn a_manifest_naming_an_unknown_codec_is_refused_by_name() {
+        let mut m = sample();
+        m.codecs = vec!["brotli".into()];
+        let e = Manifest::from_json(&m.to_json()).unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::UnsupportedCodec(c) if c == "brotli"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("upgrade the agent"), "{e}");
+        m.codecs = vec![CODEC_XZ.into()];
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn a_manifest_without_codecs_is_byte_identical_to_format_one() {
+        // Agents older than the field refuse unknown fields: a payload that
+        // needs no new codec must not carry it.
+        let m = sample();
+        let json = String::from_utf8(m.to_json()).unwrap();
+        assert!(!json.contains("codecs"), "{json}");
+        let mut xz = m.clone();
+        xz.codecs = codecs();
+        assert!(
+            String::from_utf8(xz.to_json())
+                .unwrap()
+                .contains(r#""codecs":["xz"]"#)
+        );
     }
 }

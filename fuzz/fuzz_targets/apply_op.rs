@@ -11,7 +11,11 @@
 //!   `REPLACE`: a multi-frame zstd stream),
 //! - a real bsdiff patch from the source window to arbitrary new bytes, in the
 //!   layout the engine reads (for `REPLACE`: just the new bytes, compressed),
-//!   so the success path, including `BSDIFF`'s final write, is reached too.
+//!   so the success path, including `BSDIFF`'s final write, is reached too;
+//! - three xz streams of arbitrary bytes with an arbitrary dictionary size
+//!   (4 KiB to 8 MiB: the engine must refuse one larger than the output), or
+//!   a real bsdiff patch with each stream xz-coded as the generator does
+//!   (which the engine must accept).
 //!
 //! About half the inputs carry digests computed from the data, the source
 //! window and (when known) the expected output, so the hash checks pass and
@@ -80,6 +84,29 @@ enum DataSpec {
     /// BSDIFF: a real patch from the window to `new`, encoded in the layout
     /// the engine accepts (see [`bsdiff_layout`]); REPLACE: data = zstd(new).
     Diff { level: u8, new: Vec<u8> },
+    /// Three xz streams with a dictionary of `4 KiB << (dict_log % 12)`.
+    Xz3 {
+        dict_log: u8,
+        ctrl: Vec<u8>,
+        diff: Vec<u8>,
+        extra: Vec<u8>,
+    },
+    /// BSDIFF: a real patch from the window to `new`, each stream xz-coded
+    /// with the generator's dictionary (`patch_streams::xz_dict_size`).
+    XzDiff { new: Vec<u8> },
+}
+
+fn xz(data: &[u8], dict: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut opts = xz2::stream::LzmaOptions::new_preset(1).expect("xz preset");
+    opts.dict_size(dict as u32);
+    let mut filters = xz2::stream::Filters::new();
+    filters.lzma2(&opts);
+    let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::None)
+        .expect("xz encoder");
+    let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
+    enc.write_all(data).expect("xz into a Vec");
+    enc.finish().expect("xz into a Vec")
 }
 
 /// How `BSDIFF` data is laid out. It has changed quickly: one zstd frame
@@ -314,6 +341,7 @@ fn wrap(op: &Operation, from_size: u64) -> Manifest {
             size: op.data.map_or(0, |d| d.length),
             sha256: Digest::default(),
         },
+        codecs: vec![],
         operations,
     }
 }
@@ -400,6 +428,37 @@ fuzz_target!(|input: Input| {
                     .flat_map(|s| zstd(s, level(l)))
                     .collect();
                 (data, None, false)
+            }
+            (
+                _,
+                DataSpec::Xz3 {
+                    dict_log,
+                    ctrl,
+                    diff,
+                    extra,
+                },
+            ) => {
+                let dict = 4096usize << (dict_log % 12);
+                let data = [&ctrl, &diff, &extra]
+                    .iter()
+                    .flat_map(|s| xz(s, dict))
+                    .collect();
+                (data, None, false)
+            }
+            (Kind::Replace, DataSpec::XzDiff { new }) => (xz(&new, 4096), None, false),
+            (Kind::Bsdiff, DataSpec::XzDiff { new }) => {
+                let old = window.clone().unwrap_or_default();
+                let mut patch = Vec::new();
+                bsdiff::diff(&old, &new, &mut patch).expect("bsdiff into a Vec");
+                let streams = ota_delta::patch_streams::split(&patch).expect("a bsdiff patch");
+                let data = streams
+                    .iter()
+                    .flat_map(|s| {
+                        xz(s, ota_delta::patch_streams::xz_dict_size(s.len(), new.len()))
+                    })
+                    .collect();
+                let canonical = bsdiff_layout() == Layout::ThreeStreamsTransposedControl;
+                (data, window.is_some().then_some(new), canonical)
             }
             (Kind::Bsdiff, DataSpec::Diff { level: l, new }) => {
                 let old = window.clone().unwrap_or_default();

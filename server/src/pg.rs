@@ -1026,10 +1026,12 @@ impl StateBackend for PgState {
         if let Some(wait) = held_back(&rec.id, rec.state, wave, rec.wave) {
             return Ok(wait);
         }
-        let Some(artifacts) =
-            self.releases
-                .pick(&dev.device_type, &rec.spec.release, &req.current_version)
-        else {
+        let Some(artifacts) = self.releases.pick(
+            &dev.device_type,
+            &rec.spec.release,
+            &req.current_version,
+            &req.delta_codecs,
+        ) else {
             return Ok(Decision::Wait {
                 reason: format!("release {} is still being built", rec.spec.release),
                 class: "building",

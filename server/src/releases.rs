@@ -47,6 +47,17 @@ pub struct Artifacts {
     pub manifest_size: u64,
     pub payload_sha256: Digest,
     pub payload_size: u64,
+    /// Codecs the payload needs beyond zstd and bzip2 (its manifest's
+    /// `codecs`): only devices that advertise all of them are offered it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codecs: Vec<String>,
+}
+
+impl Artifacts {
+    /// Bytes a device fetches for this update: manifest and payload.
+    pub fn fetch_bytes(&self) -> u64 {
+        self.manifest_size + self.payload_size
+    }
 }
 
 /// Where a build is.
@@ -143,6 +154,8 @@ pub struct BuildSettings {
     pub zstd_level: i32,
     /// zstd level of full images.
     pub full_zstd_level: i32,
+    /// Deltas may use xz ([`GenerateOptions::xz`]).
+    pub delta_xz: bool,
     pub expiry_days: u64,
     /// Generator threads; 0 = one per core.
     pub threads: usize,
@@ -560,19 +573,38 @@ impl Releases {
         v
     }
 
-    /// The artifacts a device on `from` gets for `version`: the delta from
-    /// its version when built, else the full image; `None` while neither is
-    /// ready.
-    pub fn pick(&self, device_type: &str, version: &str, from: &str) -> Option<Artifacts> {
+    /// The artifacts a device on `from` that decodes `codecs` (its
+    /// check-in's `delta_codecs`) gets for `version`: of the delta from its
+    /// version and the full image, those built and needing no codec the
+    /// device lacks, the one with fewer bytes to fetch (manifest + payload;
+    /// the delta on a tie); `None` while neither is ready.
+    ///
+    /// An agent older than the xz codec advertises none and so gets the full
+    /// image while the delta needs xz; a delta larger than the image (an
+    /// image rebuilt from scratch) loses to the image.
+    pub fn pick(
+        &self,
+        device_type: &str,
+        version: &str,
+        from: &str,
+        codecs: &[String],
+    ) -> Option<Artifacts> {
         let map = self.map.read().unwrap();
         let r = map.get(&(device_type.to_string(), version.to_string()))?;
         let ready = |f: Option<&str>| {
             r.builds
                 .iter()
                 .find(|b| b.status == BuildStatus::Ready && b.from_version.as_deref() == f)
-                .and_then(|b| b.artifacts.clone())
+                .and_then(|b| b.artifacts.as_ref())
         };
-        ready(Some(from)).or_else(|| ready(None))
+        let picked = choose(ready(Some(from)), ready(None), codecs);
+        tracing::debug!(
+            from,
+            delta = picked.is_some_and(|a| a.from_version.is_some()),
+            bytes = picked.map(Artifacts::fetch_bytes),
+            "picked artifacts"
+        );
+        picked.cloned()
     }
 
     /// Checks `version` against the releases of `device_type` before an
@@ -893,10 +925,10 @@ impl Releases {
                     }
                 };
                 let res = match res {
-                    Some(Ok(Ok((mpath, ppath, payload_sha)))) => {
+                    Some(Ok(Ok((mpath, ppath, payload_sha, codecs)))) => {
                         live.step.store(2, std::sync::atomic::Ordering::Relaxed);
                         Some(
-                            this.store_artifacts(&from, &mpath, &ppath, &payload_sha)
+                            this.store_artifacts(&from, &mpath, &ppath, &payload_sha, codecs)
                                 .await,
                         )
                     }
@@ -947,6 +979,7 @@ impl Releases {
         manifest: &Path,
         payload: &Path,
         payload_sha: &Digest,
+        codecs: Vec<String>,
     ) -> Result<Artifacts, String> {
         let stored = async {
             // The generator hashed the payload as it wrote it: moved in,
@@ -974,6 +1007,7 @@ impl Releases {
             manifest_size: mn,
             payload_sha256: ps,
             payload_size: pn,
+            codecs,
         })
     }
 
@@ -985,7 +1019,7 @@ impl Releases {
         v: &str,
         from: &Option<String>,
         live: &LiveBuild,
-    ) -> Result<(PathBuf, PathBuf, Digest), String> {
+    ) -> Result<(PathBuf, PathBuf, Digest, Vec<String>), String> {
         let (target_sha, counter, source_sha) = {
             let map = self.map.read().unwrap();
             let r = map
@@ -1024,6 +1058,9 @@ impl Releases {
             } else {
                 self.settings.full_zstd_level
             },
+            // A full image has no bsdiff streams: it never needs xz, and
+            // is what agents that cannot decode xz get instead of a delta.
+            xz: from.is_some() && self.settings.delta_xz,
             threads: self.settings.threads,
             progress: false,
         };
@@ -1057,13 +1094,29 @@ impl Releases {
         mf.as_file().sync_all().map_err(|e| e.to_string())?;
         let (_, ppath) = payload.keep().map_err(|e| e.to_string())?;
         let (_, mpath) = mf.keep().map_err(|e| e.to_string())?;
-        Ok((mpath, ppath, manifest.payload.sha256))
+        Ok((mpath, ppath, manifest.payload.sha256, manifest.codecs))
     }
 }
 
 impl From<sled::Error> for ReleaseError {
     fn from(e: sled::Error) -> Self {
         ReleaseError::Store(e.into())
+    }
+}
+
+/// [`Releases::pick`]'s choice between a ready delta and a ready full
+/// image: of those whose codecs the device decodes, the one with fewer bytes
+/// to fetch, the delta on a tie.
+fn choose<'a>(
+    delta: Option<&'a Artifacts>,
+    full: Option<&'a Artifacts>,
+    codecs: &[String],
+) -> Option<&'a Artifacts> {
+    let usable = |a: &&Artifacts| a.codecs.iter().all(|c| codecs.contains(c));
+    match (delta.filter(usable), full.filter(usable)) {
+        (Some(d), Some(f)) if f.fetch_bytes() < d.fetch_bytes() => Some(f),
+        (Some(d), _) => Some(d),
+        (None, f) => f,
     }
 }
 
@@ -1081,4 +1134,55 @@ fn build_lock_key(job: &Job) -> i64 {
         h.update(f.as_bytes());
     }
     i64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn art(from: Option<&str>, manifest: u64, payload: u64, codecs: &[&str]) -> Artifacts {
+        Artifacts {
+            from_version: from.map(str::to_string),
+            manifest_sha256: Digest::of(b"m"),
+            manifest_size: manifest,
+            payload_sha256: Digest::of(b"p"),
+            payload_size: payload,
+            codecs: codecs.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn pick_offers_the_smaller_of_delta_and_full_counting_the_manifest() {
+        let all = ota_format::manifest::codecs();
+        let full = art(None, 1_000, 100_000, &[]);
+        // A delta smaller than the image wins.
+        let small = art(Some("1"), 5_000, 20_000, &["xz"]);
+        assert_eq!(choose(Some(&small), Some(&full), &all), Some(&small));
+        // A delta larger than the image (a rebuilt image) loses to it, and
+        // its manifest counts: payload alone is smaller, payload + manifest
+        // is not.
+        let big = art(Some("1"), 5_000, 98_000, &[]);
+        assert_eq!(choose(Some(&big), Some(&full), &all), Some(&full));
+        // A tie goes to the delta (less to write on the device: COPY ops).
+        let tie = art(Some("1"), 1_000, 100_000, &[]);
+        assert_eq!(choose(Some(&tie), Some(&full), &all), Some(&tie));
+        // Only one built: that one, whatever its size.
+        assert_eq!(choose(Some(&big), None, &all), Some(&big));
+        assert_eq!(choose(None, Some(&full), &all), Some(&full));
+        assert_eq!(choose(None, None, &all), None);
+    }
+
+    #[test]
+    fn pick_never_offers_a_payload_whose_codec_the_device_lacks() {
+        let full = art(None, 1_000, 100_000, &[]);
+        let xz = art(Some("1"), 5_000, 20_000, &["xz"]);
+        // An agent older than the xz codec advertises none: the full image.
+        assert_eq!(choose(Some(&xz), Some(&full), &[]), Some(&full));
+        // And nothing while only the xz delta is ready.
+        assert_eq!(choose(Some(&xz), None, &[]), None);
+        assert_eq!(
+            choose(Some(&xz), Some(&full), &["xz".to_string()]),
+            Some(&xz)
+        );
+    }
 }

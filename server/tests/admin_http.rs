@@ -299,6 +299,7 @@ async fn retiring_a_device_revokes_its_token_but_not_mid_update() {
             state: AgentState::Idle,
             update: None,
             freshness_held: None,
+            delta_codecs: ota_format::manifest::codecs(),
         })
         .send()
         .await
@@ -431,6 +432,7 @@ async fn a_freshness_statement_the_device_holds_is_left_out_of_the_answer() {
                     state: AgentState::Idle,
                     update: None,
                     freshness_held: echo,
+                    delta_codecs: Vec::new(),
                 })
                 .send()
                 .await

@@ -118,6 +118,7 @@ impl Fixture {
                 state: AgentState::Idle,
                 update: None,
                 freshness_held: None,
+                delta_codecs: ota_format::manifest::codecs(),
             });
         if let Some(t) = token {
             rb = rb.bearer_auth(t);

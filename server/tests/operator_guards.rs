@@ -127,6 +127,7 @@ async fn device_add_on_an_existing_id_needs_rotate() {
             state: AgentState::Idle,
             update: None,
             freshness_held: None,
+            delta_codecs: ota_format::manifest::codecs(),
         })
         .send()
         .await

@@ -174,6 +174,7 @@ async fn a_revoked_token_stops_working_on_every_replica() {
                 state: AgentState::Idle,
                 update: None,
                 freshness_held: None,
+                delta_codecs: ota_format::manifest::codecs(),
             })
             .send()
             .await

@@ -113,6 +113,7 @@ impl Fixture {
             &GenerateOptions {
                 chunk_size: chunk,
                 zstd_level: 3,
+                xz: true,
                 threads: 2,
                 progress: false,
             },

@@ -977,10 +977,12 @@ impl Rollouts {
         if let Some(wait) = held_back(&r.id, state, wave, r.open_wave()) {
             return Ok(wait);
         }
-        let Some(artifacts) =
-            self.releases
-                .pick(device_type, &r.spec.release, &req.current_version)
-        else {
+        let Some(artifacts) = self.releases.pick(
+            device_type,
+            &r.spec.release,
+            &req.current_version,
+            &req.delta_codecs,
+        ) else {
             return Ok(Decision::Wait {
                 reason: format!("release {} is still being built", r.spec.release),
                 class: "building",

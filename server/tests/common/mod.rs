@@ -296,6 +296,7 @@ impl Sim {
                     progress: Progress::default(),
                 }),
                 freshness_held: None,
+                delta_codecs: ota_format::manifest::codecs(),
             })
             .send()
             .await

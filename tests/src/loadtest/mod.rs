@@ -692,6 +692,7 @@ async fn report_in(
                 state: AgentState::Idle,
                 update: None,
                 freshness_held: None,
+                delta_codecs: ota_format::manifest::codecs(),
             };
             let id = sim::device_id(i);
             let mut last = String::new();

@@ -379,6 +379,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
                 progress: Progress::default(),
             }),
             freshness_held: None,
+            delta_codecs: ota_format::manifest::codecs(),
         };
         let sent = tokio::time::Instant::now();
         let Some(resp) = dev.checkin(&req).await else {
@@ -742,6 +743,7 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                         state: AgentState::Downloading,
                         update: Some(UpdateInHand { update_id: update_id.clone(), progress: Progress { ops_done: done.len() as u64, ..Default::default() } }),
                         freshness_held: None,
+                        delta_codecs: ota_format::manifest::codecs(),
                     };
                     // A check-in that hangs must not keep a lost lease
                     // downloading.

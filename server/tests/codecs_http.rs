@@ -1,0 +1,108 @@
+//! Payload codecs over real HTTP on 127.0.0.1: a delta whose bsdiff streams
+//! use xz is offered only to agents that advertise xz in their check-in;
+//! agents older than the codec (no `delta_codecs`) get the full image.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use common::*;
+use ota_format::api::*;
+use ota_format::{Envelope, Manifest};
+use ota_server::releases::BuildStatus;
+
+/// Two 256 KiB releases of machine code (this test binary's), the second
+/// with 24 KiB of other code inserted in the middle: the delta is a bsdiff
+/// patch whose extra stream is code, where xz beats zstd and bzip2.
+fn code_images() -> (Vec<u8>, Vec<u8>) {
+    const LEN: usize = 256 << 10;
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let at = exe.len() / 4;
+    let v1 = exe[at..at + LEN].to_vec();
+    let mut v2 = v1[..LEN / 2].to_vec();
+    v2.extend_from_slice(&exe[at + 2 * LEN..at + 2 * LEN + (24 << 10)]);
+    v2.extend_from_slice(&v1[LEN / 2..]);
+    v2.truncate(LEN);
+    (v1, v2)
+}
+
+async fn manifest_of(ts: &TestServer, d: &Sim, o: &UpdateOffer) -> Manifest {
+    let body = d
+        .http
+        .get(format!("{}{}", ts.base, o.manifest_url))
+        .bearer_auth(&d.token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let json = Envelope::from_json(&body)
+        .unwrap()
+        .manifest_json_unverified()
+        .unwrap();
+    Manifest::from_json(&json).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta() {
+    let ts = TestServer::start(&format!("delta_xz = true\n{}", fast_checkin(5000))).await;
+    let (v1, v2) = code_images();
+    ts.release("t", "1.0", &v1).await;
+    ts.release("t", "2.0", &v2).await;
+    // The precondition: the delta needs xz, the full image does not.
+    let rel = ts.admin.releases().await.unwrap();
+    let r = rel.iter().find(|r| r.version == "2.0").unwrap();
+    for b in &r.builds {
+        assert_eq!(b.status, BuildStatus::Ready);
+        let codecs = &b.artifacts.as_ref().unwrap().codecs;
+        match b.from_version {
+            Some(_) => assert_eq!(codecs, &["xz"], "the delta should use xz"),
+            None => assert!(codecs.is_empty(), "the full image never needs xz"),
+        }
+    }
+
+    let http = http();
+    let new = Sim::enroll(&ts.base, "new-agent", "t", &http).await;
+    let old = Sim::enroll(&ts.base, "old-agent", "t", &http).await;
+    ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
+
+    let Action::Update(delta) = new.checkin("1.0", AgentState::Idle, None).await.action else {
+        panic!("the current agent should be offered the update")
+    };
+    assert_eq!(delta.from_version.as_deref(), Some("1.0"));
+    assert_eq!(manifest_of(&ts, &new, &delta).await.codecs, ["xz"]);
+
+    // An agent from before `delta_codecs` sends exactly this JSON.
+    let req = CheckinRequest {
+        current_version: "1.0".into(),
+        booted_slot: Slot::A,
+        state: AgentState::Idle,
+        update: None,
+        freshness_held: None,
+        delta_codecs: vec![],
+    };
+    let body = serde_json::to_string(&req).unwrap();
+    assert!(!body.contains("delta_codecs"), "{body}");
+    let resp: CheckinResponse = http
+        .post(format!("{}/api/v1/devices/checkin", ts.base))
+        .bearer_auth(&old.token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let Action::Update(full) = resp.action else {
+        panic!("the old agent should be offered the full image: {resp:?}")
+    };
+    assert_eq!(
+        full.from_version, None,
+        "no xz delta for an agent without xz"
+    );
+    assert!(manifest_of(&ts, &old, &full).await.codecs.is_empty());
+    assert!(delta.payload_size < full.payload_size);
+}
