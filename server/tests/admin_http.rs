@@ -421,24 +421,17 @@ async fn a_freshness_statement_the_device_holds_is_left_out_of_the_answer() {
         .freshness
         .expect("a statement");
     let checkin = |echo: Option<ota_format::Digest>| {
-        let (http, base, token) = (d.http.clone(), ts.base.clone(), d.token.clone());
+        let req = CheckinRequest {
+            current_version: "1.0".into(),
+            booted_slot: Slot::A,
+            state: AgentState::Idle,
+            update: None,
+            freshness_held: echo,
+            delta_codecs: Vec::new(),
+        };
+        let d = &d;
         async move {
-            let r = http
-                .post(format!("{base}/api/v1/devices/checkin"))
-                .bearer_auth(&token)
-                .json(&CheckinRequest {
-                    current_version: "1.0".into(),
-                    booted_slot: Slot::A,
-                    state: AgentState::Idle,
-                    update: None,
-                    freshness_held: echo,
-                    delta_codecs: Vec::new(),
-                })
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let body = r.bytes().await.unwrap();
+            let body = d.checkin_raw(&req).await;
             let resp: CheckinResponse = serde_json::from_slice(&body).unwrap();
             (resp, body.len())
         }

@@ -83,19 +83,7 @@ async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta
     };
     let body = serde_json::to_string(&req).unwrap();
     assert!(!body.contains("delta_codecs"), "{body}");
-    let resp: CheckinResponse = http
-        .post(format!("{}/api/v1/devices/checkin", ts.base))
-        .bearer_auth(&old.token)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let resp: CheckinResponse = serde_json::from_slice(&old.checkin_raw(&req).await).unwrap();
     let Action::Update(full) = resp.action else {
         panic!("the old agent should be offered the full image: {resp:?}")
     };

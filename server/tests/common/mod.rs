@@ -283,11 +283,8 @@ impl Sim {
         state: AgentState,
         update: Option<&str>,
     ) -> CheckinResponse {
-        let r = self
-            .http
-            .post(format!("{}/api/v1/devices/checkin", self.base))
-            .bearer_auth(&self.token)
-            .json(&CheckinRequest {
+        let body = self
+            .checkin_raw(&CheckinRequest {
                 current_version: version.into(),
                 booted_slot: Slot::A,
                 state,
@@ -298,11 +295,23 @@ impl Sim {
                 freshness_held: None,
                 delta_codecs: ota_format::manifest::codecs(),
             })
+            .await;
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Sends `req` as this device's check-in; the answer's exact bytes
+    /// (for tests about what is, or is not, in it).
+    pub async fn checkin_raw(&self, req: &CheckinRequest) -> Vec<u8> {
+        let r = self
+            .http
+            .post(format!("{}/api/v1/devices/checkin", self.base))
+            .bearer_auth(&self.token)
+            .json(req)
             .send()
             .await
             .unwrap();
         assert!(r.status().is_success(), "checkin: {}", r.status());
-        r.json().await.unwrap()
+        r.bytes().await.unwrap().to_vec()
     }
 
     pub async fn event(&self, update_id: &str, kind: EventKind) -> EventsResponse {
