@@ -130,8 +130,8 @@ pub struct CheckinRequest {
     /// ([`crate::manifest::CODECS`]); empty from agents older than the
     /// field, which the server then offers only payloads without such
     /// codecs.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub delta_codecs: Vec<String>,
+    #[serde(default, skip_serializing_if = "crate::manifest::Codecs::is_empty")]
+    pub delta_codecs: crate::manifest::Codecs,
 }
 
 /// The server's answer to a check-in. Every variant carries the time until the

@@ -26,9 +26,104 @@ pub const CODEC_XZ: &str = "xz";
 /// that lists any other ([`Manifest::codecs`]).
 pub const CODECS: &[&str] = &[CODEC_XZ];
 
-/// [`CODECS`] as a check-in carries them.
-pub fn codecs() -> Vec<String> {
-    CODECS.iter().map(|c| c.to_string()).collect()
+/// Every codec this build decodes ([`CODECS`]), as a check-in carries them.
+pub fn codecs() -> Codecs {
+    Codecs((1u8 << CODECS.len()) - 1)
+}
+
+/// A set of codecs of [`CODECS`]: what a check-in says its agent decodes
+/// ([`crate::api::CheckinRequest::delta_codecs`]). In JSON a list of names.
+/// Names this build does not know are ignored when parsing (a newer agent
+/// lists codecs an older server cannot produce: of no use to it); a
+/// manifest, by contrast, refuses them ([`Manifest::validate`]).
+///
+/// A bit set rather than a `Vec<String>`: every check-in of every agent
+/// carries it, and the server parses it without allocating.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Codecs(u8);
+
+const _: () = assert!(CODECS.len() <= 8, "Codecs holds one bit per codec");
+
+impl Codecs {
+    /// No codec beyond zstd and bzip2 (what agents older than the field
+    /// decode).
+    pub const NONE: Codecs = Codecs(0);
+
+    /// Whether the set holds the codec named `name`.
+    pub fn contains(self, name: &str) -> bool {
+        CODECS
+            .iter()
+            .position(|c| *c == name)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// The names in the set, in [`CODECS`]' order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        CODECS
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, c)| *c)
+    }
+}
+
+impl std::fmt::Debug for Codecs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
+}
+
+impl Serialize for Codecs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.names())
+    }
+}
+
+impl<'de> Deserialize<'de> for Codecs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, SeqAccess, Visitor};
+        /// One name: its bit in the set (0 for a name this build does not
+        /// know), read without allocating.
+        struct Name(u8);
+        impl<'de> Deserialize<'de> for Name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = Name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a codec name")
+                    }
+                    fn visit_str<E: de::Error>(self, s: &str) -> Result<Name, E> {
+                        Ok(Name(
+                            CODECS.iter().position(|c| *c == s).map_or(0, |i| 1 << i),
+                        ))
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+        struct Set;
+        impl<'de> Visitor<'de> for Set {
+            type Value = Codecs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of codec names")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Codecs, A::Error> {
+                let mut bits = 0;
+                // Bounded by the request's size limit, like every list in it.
+                while let Some(Name(b)) = seq.next_element()? {
+                    bits |= b;
+                }
+                Ok(Codecs(bits))
+            }
+        }
+        d.deserialize_seq(Set)
+    }
 }
 
 /// The operation kinds. See `docs/format.md` for the exact data each carries.
@@ -623,6 +718,19 @@ mod tests {
     }
 
     #[test]
+    fn a_check_ins_codecs_parse_without_the_names_this_build_does_not_know() {
+        let c: Codecs = serde_json::from_str(r#"["brotli","xz","xz","\u0078z"]"#).unwrap();
+        assert_eq!(c, codecs());
+        assert!(c.contains(CODEC_XZ) && !c.contains("brotli") && !c.is_empty());
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#"["xz"]"#);
+        let none: Codecs = serde_json::from_str(r#"["brotli"]"#).unwrap();
+        assert!(none.is_empty() && none == Codecs::NONE && !none.contains(CODEC_XZ));
+        assert_eq!(serde_json::to_string(&none).unwrap(), "[]");
+        assert!(serde_json::from_str::<Codecs>(r#""xz""#).is_err());
+        assert!(serde_json::from_str::<Codecs>(r#"[1]"#).is_err());
+    }
+
+    #[test]
     fn a_manifest_without_codecs_is_byte_identical_to_format_one() {
         // Agents older than the field refuse unknown fields: a payload that
         // needs no new codec must not carry it.
@@ -630,7 +738,7 @@ mod tests {
         let json = String::from_utf8(m.to_json()).unwrap();
         assert!(!json.contains("codecs"), "{json}");
         let mut xz = m.clone();
-        xz.codecs = codecs();
+        xz.codecs = codecs().names().map(String::from).collect();
         assert!(
             String::from_utf8(xz.to_json())
                 .unwrap()

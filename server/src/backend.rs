@@ -44,6 +44,10 @@ pub struct AuthedDevice {
     pub last_seen_ms: u64,
     /// SHA-256 of the token it presented (a cache key).
     pub token_sha256: [u8; 32],
+    /// The sled backend's in-memory device, found while authenticating: the
+    /// check-in records into it without looking it up again. `None` from
+    /// PostgreSQL.
+    pub(crate) local: Option<Arc<crate::fleet::Device>>,
 }
 
 /// What a verified client certificate speaks for.
@@ -188,7 +192,7 @@ impl StateBackend for LocalState {
         let token_sha256 = crate::fleet::hash_token(token);
         Ok(self
             .fleet
-            .authenticate(token)
+            .authenticate(&token_sha256)
             .map(|dev| authed(&dev, token_sha256)))
     }
 
@@ -219,7 +223,7 @@ impl StateBackend for LocalState {
         dev: &AuthedDevice,
         req: &CheckinRequest,
     ) -> Result<Decision, StoreError> {
-        if let Some(d) = self.fleet.get(&dev.id) {
+        if let Some(d) = dev.local.clone().or_else(|| self.fleet.get(&dev.id)) {
             self.fleet
                 .record_checkin(&d, &req.current_version, req.booted_slot, req.state)?;
         }
@@ -417,7 +421,7 @@ impl LocalState {
     }
 }
 
-fn authed(dev: &crate::fleet::Device, token_sha256: [u8; 32]) -> AuthedDevice {
+fn authed(dev: &Arc<crate::fleet::Device>, token_sha256: [u8; 32]) -> AuthedDevice {
     let r = dev.record.lock().unwrap();
     AuthedDevice {
         id: r.id.clone(),
@@ -428,6 +432,7 @@ fn authed(dev: &crate::fleet::Device, token_sha256: [u8; 32]) -> AuthedDevice {
         state: None,
         last_seen_ms: 0,
         token_sha256,
+        local: Some(dev.clone()),
     }
 }
 

@@ -59,6 +59,7 @@ pub struct LiveStatus {
 }
 
 /// One device in memory.
+#[derive(Debug)]
 pub struct Device {
     pub record: Mutex<DeviceRecord>,
     pub live: Mutex<LiveStatus>,
@@ -68,7 +69,10 @@ pub struct Device {
 pub struct Fleet {
     store: Store,
     devices: DashMap<String, Arc<Device>>,
-    tokens: DashMap<TokenHash, String>,
+    /// Token hash to its device: the same `Arc` as in `devices` (a device
+    /// keeps its `Arc` across re-enrollment), so a check-in authenticates
+    /// with one lookup and no copy of the id.
+    tokens: DashMap<TokenHash, Arc<Device>>,
     /// Issued and revoked client certificates.
     pub certs: crate::certs::CertList,
 }
@@ -89,11 +93,9 @@ impl Fleet {
     }
 
     fn insert_mem(&self, rec: DeviceRecord) -> Arc<Device> {
-        if let Ok(h) = hex::decode(&rec.token_sha256)
-            && let Ok(h) = TokenHash::try_from(h.as_slice())
-        {
-            self.tokens.insert(h, rec.id.clone());
-        }
+        let token = hex::decode(&rec.token_sha256)
+            .ok()
+            .and_then(|h| TokenHash::try_from(h.as_slice()).ok());
         let dev = Arc::new(Device {
             live: Mutex::new(LiveStatus {
                 version: rec.version.clone(),
@@ -103,6 +105,9 @@ impl Fleet {
             }),
             record: Mutex::new(rec.clone()),
         });
+        if let Some(h) = token {
+            self.tokens.insert(h, dev.clone());
+        }
         self.devices.insert(rec.id, dev.clone());
         dev
     }
@@ -145,7 +150,7 @@ impl Fleet {
         match self.devices.get(id).map(|d| d.clone()) {
             Some(dev) => {
                 *dev.record.lock().unwrap() = rec;
-                self.tokens.insert(hash, id.to_string());
+                self.tokens.insert(hash, dev);
             }
             None => {
                 self.insert_mem(rec);
@@ -176,10 +181,10 @@ impl Fleet {
         Ok(true)
     }
 
-    /// The device a token belongs to.
-    pub fn authenticate(&self, token: &str) -> Option<Arc<Device>> {
-        let id = self.tokens.get(&hash_token(token))?.clone();
-        self.devices.get(&id).map(|d| d.clone())
+    /// The device a token belongs to, by the token's [`hash_token`] (which
+    /// the caller keeps as the device's cache key: one hash per request).
+    pub fn authenticate(&self, token_sha256: &TokenHash) -> Option<Arc<Device>> {
+        self.tokens.get(token_sha256).map(|d| d.clone())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Device>> {

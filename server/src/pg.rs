@@ -804,6 +804,7 @@ impl StateBackend for PgState {
             state: parse_text(r.get(5)),
             last_seen_ms: r.get::<_, i64>(6).max(0) as u64,
             token_sha256: hash,
+            local: None,
         };
         self.auth.insert(hash, (dev.clone(), now + AUTH_CACHE_MS));
         Ok(Some(dev))
@@ -844,6 +845,7 @@ impl StateBackend for PgState {
             state: parse_text(r.get(5)),
             last_seen_ms: r.get::<_, i64>(6).max(0) as u64,
             token_sha256: key,
+            local: None,
         };
         self.auth.insert(key, (dev.clone(), now + AUTH_CACHE_MS));
         Ok(CertAuth::Device(dev))
@@ -1030,7 +1032,7 @@ impl StateBackend for PgState {
             &dev.device_type,
             &rec.spec.release,
             &req.current_version,
-            &req.delta_codecs,
+            req.delta_codecs,
         ) else {
             return Ok(Decision::Wait {
                 reason: format!("release {} is still being built", rec.spec.release),

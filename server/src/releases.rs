@@ -29,6 +29,7 @@ use ota_delta::generate::{
 };
 
 use crate::builder::{LiveBuild, run_low_priority};
+use ota_format::manifest::Codecs;
 use ota_format::{Digest, Envelope, Manifest};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -587,7 +588,7 @@ impl Releases {
         device_type: &str,
         version: &str,
         from: &str,
-        codecs: &[String],
+        codecs: Codecs,
     ) -> Option<Artifacts> {
         let map = self.map.read().unwrap();
         let r = map.get(&(device_type.to_string(), version.to_string()))?;
@@ -1110,7 +1111,7 @@ impl From<sled::Error> for ReleaseError {
 fn choose<'a>(
     delta: Option<&'a Artifacts>,
     full: Option<&'a Artifacts>,
-    codecs: &[String],
+    codecs: Codecs,
 ) -> Option<&'a Artifacts> {
     let usable = |a: &&Artifacts| a.codecs.iter().all(|c| codecs.contains(c));
     match (delta.filter(usable), full.filter(usable)) {
@@ -1157,19 +1158,19 @@ mod tests {
         let full = art(None, 1_000, 100_000, &[]);
         // A delta smaller than the image wins.
         let small = art(Some("1"), 5_000, 20_000, &["xz"]);
-        assert_eq!(choose(Some(&small), Some(&full), &all), Some(&small));
+        assert_eq!(choose(Some(&small), Some(&full), all), Some(&small));
         // A delta larger than the image (a rebuilt image) loses to it, and
         // its manifest counts: payload alone is smaller, payload + manifest
         // is not.
         let big = art(Some("1"), 5_000, 98_000, &[]);
-        assert_eq!(choose(Some(&big), Some(&full), &all), Some(&full));
+        assert_eq!(choose(Some(&big), Some(&full), all), Some(&full));
         // A tie goes to the delta (less to write on the device: COPY ops).
         let tie = art(Some("1"), 1_000, 100_000, &[]);
-        assert_eq!(choose(Some(&tie), Some(&full), &all), Some(&tie));
+        assert_eq!(choose(Some(&tie), Some(&full), all), Some(&tie));
         // Only one built: that one, whatever its size.
-        assert_eq!(choose(Some(&big), None, &all), Some(&big));
-        assert_eq!(choose(None, Some(&full), &all), Some(&full));
-        assert_eq!(choose(None, None, &all), None);
+        assert_eq!(choose(Some(&big), None, all), Some(&big));
+        assert_eq!(choose(None, Some(&full), all), Some(&full));
+        assert_eq!(choose(None, None, all), None);
     }
 
     #[test]
@@ -1177,11 +1178,11 @@ mod tests {
         let full = art(None, 1_000, 100_000, &[]);
         let xz = art(Some("1"), 5_000, 20_000, &["xz"]);
         // An agent older than the xz codec advertises none: the full image.
-        assert_eq!(choose(Some(&xz), Some(&full), &[]), Some(&full));
+        assert_eq!(choose(Some(&xz), Some(&full), Codecs::NONE), Some(&full));
         // And nothing while only the xz delta is ready.
-        assert_eq!(choose(Some(&xz), None, &[]), None);
+        assert_eq!(choose(Some(&xz), None, Codecs::NONE), None);
         assert_eq!(
-            choose(Some(&xz), Some(&full), &["xz".to_string()]),
+            choose(Some(&xz), Some(&full), ota_format::manifest::codecs()),
             Some(&xz)
         );
     }

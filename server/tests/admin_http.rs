@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use common::*;
 use ota_format::api::*;
+use ota_format::manifest::Codecs;
 use ota_server::inventory::{DevicePage, DeviceQuery};
 use ota_server::render::DeviceView;
 
@@ -427,7 +428,7 @@ async fn a_freshness_statement_the_device_holds_is_left_out_of_the_answer() {
             state: AgentState::Idle,
             update: None,
             freshness_held: echo,
-            delta_codecs: Vec::new(),
+            delta_codecs: Codecs::NONE,
         };
         let d = &d;
         async move {

@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use ota_format::api::*;
+use ota_format::manifest::Codecs;
 use ota_format::{Envelope, Manifest};
 use ota_server::releases::BuildStatus;
 
@@ -79,7 +80,7 @@ async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta
         state: AgentState::Idle,
         update: None,
         freshness_held: None,
-        delta_codecs: vec![],
+        delta_codecs: Codecs::NONE,
     };
     let body = serde_json::to_string(&req).unwrap();
     assert!(!body.contains("delta_codecs"), "{body}");

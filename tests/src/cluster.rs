@@ -113,7 +113,20 @@ impl ServerProc {
 
     fn spawn(&mut self) -> Result<()> {
         self.write_config()?;
-        let mut child = Command::new(&self.bin)
+        // OTA_SERVER_WRAP: words to run the server under (e.g. `valgrind
+        // --tool=callgrind ...` for checkin-bench's instruction counts).
+        let wrap: Vec<String> = std::env::var("OTA_SERVER_WRAP")
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let mut child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&self.cfg)

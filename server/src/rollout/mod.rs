@@ -981,7 +981,7 @@ impl Rollouts {
             device_type,
             &r.spec.release,
             &req.current_version,
-            &req.delta_codecs,
+            req.delta_codecs,
         ) else {
             return Ok(Decision::Wait {
                 reason: format!("release {} is still being built", r.spec.release),

@@ -99,6 +99,14 @@ struct Args {
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Run the sled servers under valgrind's callgrind (instrumented only
+    /// while wrk runs) and report instructions per check-in: a count that
+    /// does not move with the machine's load, unlike the rate and CPU time
+    /// (this VM has no hardware counters for `perf stat`). Slow (~50x):
+    /// use few devices and connections, e.g. `--devices 2000
+    /// --connections 8`. Needs valgrind.
+    #[arg(long)]
+    callgrind: bool,
 }
 
 const ADMIN: &str = "62eb41a3c1ea2bd3880bc41fe0f1c45d";
@@ -220,6 +228,9 @@ struct Row {
     socket_errors: u64,
     /// Server CPU time (user + system, all its processes) per check-in.
     server_cpu_us_per_checkin: f64,
+    /// `--callgrind`: instructions the server executed per check-in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_instructions_per_checkin: Option<f64>,
 }
 
 /// wrk's figures: rate, p50, p99, max (ms), non-2xx, socket errors, requests.
@@ -261,14 +272,21 @@ fn run_wrk(base: &str, tokens: &Path, lua: &Path, a: &Args) -> Result<WrkResult>
     ))
 }
 
-/// Writes the wrk script with the check-in body devices of `p` send now:
-/// like the agent, it names the freshness statement the device holds (the
-/// one a check-in just got), unless `--no-echo`; a server that knows the
-/// field then leaves the statement out of its answers, an older one
-/// ignores it.
+/// Writes the wrk script with the check-in body devices of `p` send now,
+/// the agent's own request type as an idle agent fills it: the codecs it
+/// decodes and, unless `--no-echo`, the freshness statement it holds (the
+/// one a check-in just got); a server that knows the fields leaves the
+/// statement out of its answers, an older one ignores them.
 async fn write_lua(p: &Prepared, a: &Args) -> Result<()> {
-    let mut body =
-        serde_json::json!({"current_version": "1.0", "booted_slot": "a", "state": "idle"});
+    use ota_format::api::{AgentState, CheckinRequest, Slot};
+    let mut body = CheckinRequest {
+        current_version: "1.0".into(),
+        booted_slot: Slot::A,
+        state: AgentState::Idle,
+        update: None,
+        freshness_held: None,
+        delta_codecs: ota_format::manifest::codecs(),
+    };
     if !a.no_echo {
         let token = std::fs::read_to_string(&p.tokens)?;
         let token = token.lines().next().context("no device enrolled")?;
@@ -282,10 +300,11 @@ async fn write_lua(p: &Prepared, a: &Args) -> Result<()> {
             .json()
             .await?;
         if let Some(f) = r.freshness {
-            body["freshness_held"] = serde_json::json!(f.payload_digest());
+            body.freshness_held = Some(f.payload_digest());
         }
     }
-    std::fs::write(&p.lua, LUA.replace("BODY", &body.to_string()))?;
+    let body = serde_json::to_string(&body)?;
+    std::fs::write(&p.lua, LUA.replace("BODY", &body))?;
     Ok(())
 }
 
@@ -359,9 +378,21 @@ fn server_cpu_secs(c: &Cluster) -> f64 {
 
 /// One wrk run against a prepared setup.
 fn measure(p: &Prepared, n: usize, scenario: &'static str, round: usize, a: &Args) -> Result<Row> {
+    let pid = p.cluster.pids().into_iter().flatten().next();
+    if a.callgrind {
+        callgrind_control(pid, &["--zero"])?;
+        callgrind_control(pid, &["--instr=on"])?;
+    }
     let cpu0 = server_cpu_secs(&p.cluster);
     let (rps, p50, p99, max, non2xx, sock, requests) = run_wrk(&p.base, &p.tokens, &p.lua, a)?;
     let cpu = server_cpu_secs(&p.cluster) - cpu0;
+    let instructions = if a.callgrind {
+        let ir = callgrind_dump(pid, &cg_dir())?;
+        callgrind_control(pid, &["--instr=off"])?;
+        Some(ir / requests.max(1.0))
+    } else {
+        None
+    };
     let row = Row {
         setup: p.setup.name(),
         devices: n,
@@ -374,9 +405,66 @@ fn measure(p: &Prepared, n: usize, scenario: &'static str, round: usize, a: &Arg
         non_2xx: non2xx,
         socket_errors: sock,
         server_cpu_us_per_checkin: cpu * 1e6 / requests.max(1.0),
+        server_instructions_per_checkin: instructions,
     };
     eprintln!("{row:?}");
     Ok(row)
+}
+
+/// Where `--callgrind` servers write their dumps (`callgrind.PID.N`).
+fn cg_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("checkin-bench-callgrind.{}", std::process::id()))
+}
+
+/// Runs `callgrind_control ARGS PID` against the server.
+fn callgrind_control(pid: Option<u32>, args: &[&str]) -> Result<()> {
+    let pid = pid.context("the server has no pid")?;
+    let out = Command::new("callgrind_control")
+        .args(args)
+        .arg(pid.to_string())
+        .output()
+        .context("running callgrind_control (apt-get install valgrind)")?;
+    if !out.status.success() {
+        bail!(
+            "callgrind_control {args:?} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Dumps the server's counts since the last `--zero` and returns the
+/// instructions executed (the dump's `totals:` line).
+fn callgrind_dump(pid: Option<u32>, dir: &Path) -> Result<f64> {
+    let prefix = format!("callgrind.{}.", pid.unwrap_or_default());
+    let newest = || -> Option<(std::time::SystemTime, std::path::PathBuf)> {
+        std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .max()
+    };
+    let before = newest();
+    callgrind_control(pid, &["--dump"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(n) = newest()
+            && Some(&n) != before.as_ref()
+            && let Ok(text) = std::fs::read_to_string(&n.1)
+            && let Some(t) = text.lines().find_map(|l| l.strip_prefix("totals:"))
+        {
+            return t
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse().ok())
+                .with_context(|| format!("bad totals line in {}", n.1.display()));
+        }
+        if Instant::now() > deadline {
+            bail!("callgrind wrote no dump into {}", dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -394,6 +482,27 @@ async fn main() -> Result<()> {
     match Command::new("wrk").arg("-v").output() {
         Ok(_) => {}
         Err(e) => bail!("wrk not found ({e}): apt-get install wrk\n\n{NEEDS}"),
+    }
+    if a.callgrind {
+        if a.sled_behind_nginx || !a.replicas.is_empty() {
+            bail!(
+                "--callgrind measures the sled setups only (drop --sled-behind-nginx and --replicas)"
+            );
+        }
+        Command::new("callgrind_control")
+            .arg("--version")
+            .output()
+            .context("--callgrind needs valgrind (apt-get install valgrind)")?;
+        std::fs::create_dir_all(cg_dir())?;
+        let wrap = format!(
+            "valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={}/callgrind.%p",
+            cg_dir().display()
+        );
+        // SAFETY: no other thread of this process reads or writes the
+        // environment: the runtime's workers are idle until the first
+        // `.await` below, and ota_tests reads OTA_SERVER_WRAP only when it
+        // starts a server.
+        unsafe { std::env::set_var("OTA_SERVER_WRAP", wrap) };
     }
     let mut setups = vec![Setup::Sled];
     if a.baseline_bin.is_some() {
@@ -453,12 +562,12 @@ async fn main() -> Result<()> {
         drop(prepared);
     }
     println!(
-        "| setup | devices | scenario | round | check-ins/s | p50 ms | p99 ms | max ms | non-2xx | socket errors | server CPU µs/check-in |"
+        "| setup | devices | scenario | round | check-ins/s | p50 ms | p99 ms | max ms | non-2xx | socket errors | server CPU µs/check-in | instructions/check-in |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.1} | {} |",
             r.setup,
             r.devices,
             r.scenario,
@@ -469,7 +578,9 @@ async fn main() -> Result<()> {
             r.max_ms,
             r.non_2xx,
             r.socket_errors,
-            r.server_cpu_us_per_checkin
+            r.server_cpu_us_per_checkin,
+            r.server_instructions_per_checkin
+                .map_or_else(|| "-".into(), |i| format!("{i:.0}"))
         );
     }
     if a.baseline_bin.is_some() {
@@ -477,9 +588,9 @@ async fn main() -> Result<()> {
         // the baseline, as rate and as CPU per check-in.
         println!();
         println!(
-            "| devices | scenario | check-ins/s (median) vs baseline | CPU µs/check-in (median) vs baseline |"
+            "| devices | scenario | check-ins/s (median) vs baseline | CPU µs/check-in (median) vs baseline | instructions/check-in (median) vs baseline |"
         );
-        println!("|---:|---|---|---|");
+        println!("|---:|---|---|---|---|");
         for &n in &a.devices {
             for scenario in ["idle", "stampede"] {
                 let pick = |setup: &str, f: fn(&Row) -> f64| {
@@ -500,8 +611,21 @@ async fn main() -> Result<()> {
                     pick("sled", |r| r.server_cpu_us_per_checkin),
                     pick("sled (baseline)", |r| r.server_cpu_us_per_checkin),
                 );
+                let ir = if a.callgrind {
+                    let (ir, ir0) = (
+                        pick("sled", |r| {
+                            r.server_instructions_per_checkin.unwrap_or(f64::NAN)
+                        }),
+                        pick("sled (baseline)", |r| {
+                            r.server_instructions_per_checkin.unwrap_or(f64::NAN)
+                        }),
+                    );
+                    format!("{ir:.0} vs {ir0:.0} ({:+.1} %)", (ir / ir0 - 1.0) * 100.0)
+                } else {
+                    "-".into()
+                };
                 println!(
-                    "| {n} | {scenario} | {rate:.0} vs {rate0:.0} ({:+.1} %) | {cpu:.1} vs {cpu0:.1} ({:+.1} %) |",
+                    "| {n} | {scenario} | {rate:.0} vs {rate0:.0} ({:+.1} %) | {cpu:.1} vs {cpu0:.1} ({:+.1} %) | {ir} |",
                     (rate / rate0 - 1.0) * 100.0,
                     (cpu / cpu0 - 1.0) * 100.0
                 );
