@@ -786,6 +786,16 @@ struct ReleaseQuery {
     /// A lower version on purpose (needs a higher security counter).
     #[serde(default)]
     allow_downgrade: bool,
+    /// `swu`, `raucb` or `file`: an opaque release (the body is the
+    /// client's bundle, stored as is; see [`crate::releases::bundle`]).
+    #[serde(default)]
+    format: Option<String>,
+    /// The bundle's file name as DDI clients see it.
+    #[serde(default)]
+    filename: Option<String>,
+    /// The DDI software-module type (default `os`).
+    #[serde(default)]
+    module_type: Option<String>,
 }
 
 fn release_err(e: crate::releases::ReleaseError) -> ApiErr {
@@ -811,6 +821,19 @@ async fn admin_release_add(
     admin_auth(&app, &headers)?;
     api::check_name("device type", &device_type).map_err(bad_request)?;
     api::check_name("version", &version).map_err(bad_request)?;
+    let bundle = match &q.format {
+        None => None,
+        Some(f) => Some(crate::releases::bundle::BundleSpec {
+            format: crate::releases::bundle::BundleFormat::parse(f).map_err(bad_request)?,
+            filename: q.filename.clone(),
+            module_type: q.module_type.clone(),
+        }),
+    };
+    if bundle.is_none() && (q.filename.is_some() || q.module_type.is_some()) {
+        return Err(bad_request(
+            "filename and module_type describe a bundle: give format=swu|raucb|file too",
+        ));
+    }
     // Refuse a version devices would refuse before the upload, not after.
     app.releases
         .precheck(
@@ -843,6 +866,22 @@ async fn admin_release_add(
         ingest.write(chunk).await.map_err(disk_err)?;
     }
     let (sha, _) = ingest.finish().await.map_err(disk_err)?;
+    if let Some(spec) = &bundle {
+        let rec = app
+            .releases
+            .add_bundle(
+                &device_type,
+                &version,
+                q.security_counter,
+                q.allow_downgrade,
+                &path,
+                &sha,
+                spec,
+            )
+            .await
+            .map_err(release_err)?;
+        return Ok((StatusCode::CREATED, axum::Json(rec)).into_response());
+    }
     let rec = app
         .releases
         .add(

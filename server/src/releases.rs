@@ -20,6 +20,8 @@
 //! half-written output lives only in `tmp/`, which start-up empties, and an
 //! artifact becomes visible only by an atomic rename once complete.
 
+pub mod bundle;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -114,6 +116,10 @@ pub struct ReleaseRecord {
     pub seq: u64,
     pub security_counter: u64,
     pub builds: Vec<Build>,
+    /// Set for an opaque release ([`bundle`]): the client's own bundle,
+    /// served to DDI targets as is; no deltas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<bundle::Bundle>,
 }
 
 /// Errors of release handling, mapped to 4xx/5xx by the API.
@@ -692,7 +698,12 @@ impl Releases {
                 seconds: None,
                 progress: None,
             }];
-            for e in earlier.iter().take(self.settings.delta_history) {
+            // No delta from an opaque release: its bundle is no block image.
+            for e in earlier
+                .iter()
+                .filter(|e| e.bundle.is_none())
+                .take(self.settings.delta_history)
+            {
                 builds.push(Build {
                     from_version: Some(e.version.clone()),
                     status: BuildStatus::Pending,
@@ -711,6 +722,7 @@ impl Releases {
                 seq,
                 security_counter,
                 builds,
+                bundle: None,
             }
         };
         if let Some(old) = self.db.insert_new(&rec).await? {
