@@ -118,6 +118,22 @@ pub trait StateBackend: Send + Sync + 'static {
     /// memberships and its last [`DEVICE_HISTORY`] events.
     async fn device_view(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError>;
 
+    /// Device `id` with no credential of its own: the DDI gateway token
+    /// ([`crate::ddi`]) vouches for it. Looked up as a certificate whose
+    /// "serial" can be on no revocation list (serials are hex), keyed per
+    /// device so the PostgreSQL backend's auth cache keeps one entry each.
+    async fn device_by_id(&self, id: &str) -> Result<Option<AuthedDevice>, StoreError> {
+        Ok(
+            match self
+                .authenticate_cert(id, &format!("ddi-gateway:{id}"))
+                .await?
+            {
+                CertAuth::Device(d) => Some(d),
+                CertAuth::Revoked | CertAuth::UnknownDevice => None,
+            },
+        )
+    }
+
     async fn device_count(&self) -> Result<u64, StoreError>;
 
     /// Retires a device: its record and token are deleted (the token stops

@@ -130,7 +130,7 @@ fn body_error(e: axum::Error) -> Option<ApiErr> {
 }
 
 /// Reads a JSON body of at most `MAX_REQUEST_BYTES`.
-async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiErr> {
+pub(crate) async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiErr> {
     let bytes = axum::body::to_bytes(body, api::MAX_REQUEST_BYTES)
         .await
         .map_err(|e| {
@@ -305,6 +305,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/admin/rollouts/{id}/{verb}",
             post(admin_rollout_action),
         )
+        .merge(crate::ddi::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,
@@ -433,7 +434,7 @@ fn check_device_fields(id: &str, t: &str, tags: &BTreeMap<String, String>) -> Re
 }
 
 /// `base` milliseconds with ± `jitter` relative jitter.
-fn jittered(base: u64, jitter: f64) -> u64 {
+pub(crate) fn jittered(base: u64, jitter: f64) -> u64 {
     let f = 1.0 + rand::rng().random_range(-jitter..=jitter);
     ((base as f64) * f).max(100.0) as u64
 }

@@ -208,7 +208,12 @@ enum ReleaseCmd {
         #[arg(long, value_name = "T")]
         device_type: String,
         /// The complete root filesystem image; deltas from every earlier release are built from it.
-        #[arg(long, value_name = "PATH", required_unless_present = "artifact", conflicts_with = "artifact")]
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "artifact",
+            conflicts_with = "artifact"
+        )]
         image: Option<PathBuf>,
         /// A DDI client's own bundle (with --format), stored as is for
         /// hawkBit DDI targets (SWUpdate, RAUC); no deltas are built.
@@ -795,10 +800,20 @@ async fn release_cmd(conn: Conn, cmd: ReleaseCmd) -> Result<()> {
                         std::io::IsTerminal::is_terminal(&std::io::stderr()),
                     )
                     .await?;
-                let b = r.bundle.as_ref().context("the server answered without the bundle")?;
+                let b = r
+                    .bundle
+                    .as_ref()
+                    .context("the server answered without the bundle")?;
                 println!(
                     "release {} of {} added: {} ({} bytes, sha256 {}, sha1 {}, md5 {}), module type {}; served to DDI targets as is",
-                    r.version, r.device_type, b.filename, b.size, b.sha256, b.sha1, b.md5, b.module_type
+                    r.version,
+                    r.device_type,
+                    b.filename,
+                    b.size,
+                    b.sha256,
+                    b.sha1,
+                    b.md5,
+                    b.module_type
                 );
                 return Ok(());
             }

@@ -165,9 +165,10 @@ impl Releases {
         ota_format::api::check_name("device type", device_type).map_err(ReleaseError::Invalid)?;
         ota_format::api::check_name("version", version).map_err(ReleaseError::Invalid)?;
         ota_format::Version::parse(version).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
-        let filename = spec.filename.clone().unwrap_or_else(|| {
-            format!("{device_type}-{version}.{}", spec.format.extension())
-        });
+        let filename = spec
+            .filename
+            .clone()
+            .unwrap_or_else(|| format!("{device_type}-{version}.{}", spec.format.extension()));
         check_filename(&filename).map_err(ReleaseError::Invalid)?;
         if spec.format == BundleFormat::Swu && !filename.ends_with(".swu") {
             return Err(ReleaseError::Invalid(format!(
