@@ -1,0 +1,308 @@
+//! Debian's real SWUpdate (suricatta, hawkBit server module) against our
+//! DDI API: a client nobody here wrote. Each target is a `swupdate`
+//! process with its own socket directory (`TMPDIR`), installing a signed
+//! `.swu` whose `raw` handler writes into a file standing for a partition.
+//!
+//! Needs `swupdate`, `openssl` and `cpio` (`apt-get install swupdate
+//! openssl cpio`); skipped with a note when missing, a failure under
+//! `CI=true`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ota_server::rollout::RolloutState;
+
+fn tools_present() -> bool {
+    require_tool("swupdate", "swupdate")
+        & require_tool("openssl", "openssl")
+        & require_tool("cpio", "cpio")
+}
+
+/// A signing certificate SWUpdate accepts (`-k cert.pem`): Debian builds
+/// it for signed images only, with purpose emailProtection by default.
+fn make_signer(dir: &Path) {
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=edge-ota-test",
+            "-addext",
+            "extendedKeyUsage=emailProtection",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(ok.success(), "openssl req failed");
+}
+
+/// A signed `.swu` (cpio `crc`: `sw-description`, its CMS signature, the
+/// image) whose `raw` handler writes `payload` into `device`. With
+/// `corrupt`, the description names a wrong sha256: SWUpdate refuses the
+/// image during the install, a failure it reports as `closed/failure`.
+fn make_swu(dir: &Path, version: &str, payload: &[u8], device: &Path, corrupt: bool) -> Vec<u8> {
+    use sha2::Digest as _;
+    let work = dir.join(format!("swu-{version}-{corrupt}"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("rootfs.img"), payload).unwrap();
+    let mut sha = hex::encode(sha2::Sha256::digest(payload));
+    if corrupt {
+        sha = "0".repeat(64);
+    }
+    std::fs::write(
+        work.join("sw-description"),
+        format!(
+            "software = {{\n  version = \"{version}\";\n  hardware-compatibility: [ \"1.0\" ];\n  \
+             images: ( {{\n    filename = \"rootfs.img\";\n    device = \"{}\";\n    \
+             type = \"raw\";\n    sha256 = \"{sha}\";\n  }} );\n}}\n",
+            device.display()
+        ),
+    )
+    .unwrap();
+    let ok = Command::new("openssl")
+        .args([
+            "cms",
+            "-sign",
+            "-in",
+            "sw-description",
+            "-out",
+            "sw-description.sig",
+            "-signer",
+        ])
+        .arg(dir.join("cert.pem"))
+        .arg("-inkey")
+        .arg(dir.join("key.pem"))
+        .args(["-outform", "DER", "-nosmimecap", "-binary"])
+        .current_dir(&work)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "openssl cms -sign failed");
+    let mut cpio = Command::new("cpio")
+        .args(["-o", "-H", "crc", "--quiet"])
+        .current_dir(&work)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    cpio.stdin
+        .take()
+        .unwrap()
+        .write_all(b"sw-description\nsw-description.sig\nrootfs.img\n")
+        .unwrap();
+    let out = cpio.wait_with_output().unwrap();
+    assert!(out.status.success(), "cpio failed");
+    out.stdout
+}
+
+/// A running `swupdate -u ...` (suricatta) for one target; killed on drop.
+struct Swupdate {
+    child: Child,
+    log: PathBuf,
+    pub partition: PathBuf,
+}
+
+impl Swupdate {
+    fn start(dir: &Path, server: &str, t: &Ddi, confirm: Option<u8>) -> Swupdate {
+        let home = dir.join(&t.id);
+        std::fs::create_dir_all(&home).unwrap();
+        let partition = home.join("partition.img");
+        if !partition.exists() {
+            std::fs::write(&partition, b"").unwrap();
+        }
+        let log = home.join(format!("swupdate-{}.log", confirm.unwrap_or(0)));
+        let mut args = format!(
+            "-t DEFAULT -u {server} -i {} -k {} -p 1 -r 2 -w 1",
+            t.id, t.token
+        );
+        if let Some(c) = confirm {
+            args.push_str(&format!(" -c {c}"));
+        }
+        let child = Command::new("swupdate")
+            .args(["-v", "-H", "test:1.0", "-k"])
+            .arg(dir.join("cert.pem"))
+            .arg("-u")
+            .arg(&args)
+            .env("TMPDIR", &home)
+            .current_dir(&home)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::create(home.join("stderr.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("starting swupdate");
+        Swupdate {
+            child,
+            log,
+            partition,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Swupdate {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn payload(seed: u8) -> Vec<u8> {
+    image(8, seed)
+}
+
+/// Waits up to `secs` for `done` on the rollout's status; the failure
+/// message carries the status and SWUpdate's log.
+async fn wait_for(
+    ts: &TestServer,
+    id: &str,
+    secs: u64,
+    sw: &[&Swupdate],
+    what: &str,
+    done: impl Fn(&ota_server::rollout::RolloutStatus) -> bool,
+) -> ota_server::rollout::RolloutStatus {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = ts.status(id).await;
+        if done(&s) {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = sw
+                .iter()
+                .map(|w| {
+                    let l = w.log();
+                    let tail: Vec<&str> = l.lines().rev().take(40).collect();
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                })
+                .collect();
+            panic!(
+                "{what}: not within {secs} s; rollout {s:?}\nswupdate logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until SWUpdate says it installed and waits for a restart (it
+/// reports `closed/success` only after the reboot into the update, which
+/// a restart with `-c 2` stands for).
+async fn wait_installed(sw: &Swupdate, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !sw.log().contains("Please restart SWUpdate") {
+        assert!(
+            Instant::now() < deadline,
+            "SWUpdate did not install within {secs} s:\n{}",
+            sw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn swupdate_target_installs_through_a_rollout_and_reaches_committed() {
+    if !tools_present() {
+        return;
+    }
+    let ts = TestServer::start(&fast_checkin(20_000)).await;
+    let dir = ts.dir.path().to_path_buf();
+    make_signer(&dir);
+    let h = http();
+    let t = Ddi::enroll(&ts.base, "swu-1", "swt", &h).await;
+    let part = dir.join("swu-1").join("partition.img");
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    let img = payload(2);
+    let swu = make_swu(&dir, "2.0.0", &img, &part, false);
+    bundle_release(&ts, "swt", "2.0.0", "fw-2.0.0.swu", &swu).await;
+    let st = ts
+        .admin
+        .rollout_create(&spec("2.0.0", "swt"))
+        .await
+        .unwrap();
+
+    let mut sw = Swupdate::start(&dir, &ts.base, &t, None);
+    wait_installed(&sw, 60).await;
+    assert_eq!(
+        std::fs::read(&sw.partition).unwrap(),
+        img,
+        "the partition holds the image"
+    );
+    let s = ts.status(&st.id).await;
+    assert_eq!(
+        (s.waves[0].downloading, s.waves[0].committed),
+        (1, 0),
+        "installed but not confirmed: still holding its slot"
+    );
+    assert_eq!(s.waves[0].bytes_served, swu.len() as u64);
+    sw.stop();
+    // "After the reboot": SWUpdate confirms success (-c 2), as its
+    // bootloader state would make it do on a device.
+    let sw2 = Swupdate::start(&dir, &ts.base, &t, Some(2));
+    let s = wait_for(&ts, &st.id, 60, &[&sw2], "commit", |s| {
+        s.waves[0].committed == 1
+    })
+    .await;
+    assert_eq!(s.waves[0].installed, 1);
+    assert_eq!(s.active_leases, 0);
+    let view = ts.admin.device_get("swu-1").await.unwrap();
+    assert_eq!(view["version"], "2.0.0");
+}
+
+#[tokio::test]
+async fn swupdate_install_failure_is_closed_failure_and_pauses_the_rollout() {
+    if !tools_present() {
+        return;
+    }
+    let ts = TestServer::start(&fast_checkin(20_000)).await;
+    let dir = ts.dir.path().to_path_buf();
+    make_signer(&dir);
+    let h = http();
+    let t = Ddi::enroll(&ts.base, "swu-bad", "swt", &h).await;
+    let part = dir.join("swu-bad").join("partition.img");
+    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+    let swu = make_swu(&dir, "2.0.0", &payload(3), &part, true);
+    bundle_release(&ts, "swt", "2.0.0", "fw-2.0.0.swu", &swu).await;
+    let mut sp = spec("2.0.0", "swt");
+    sp.min_sample = 1;
+    sp.failure_threshold = 0.5;
+    let st = ts.admin.rollout_create(&sp).await.unwrap();
+    let sw = Swupdate::start(&dir, &ts.base, &t, None);
+    let s = wait_for(&ts, &st.id, 60, &[&sw], "closed/failure", |s| {
+        s.state == RolloutState::Paused
+    })
+    .await;
+    assert_eq!(s.waves[0].failed, 1);
+    assert_eq!(s.active_leases, 0);
+    assert!(
+        !s.failure_reasons.is_empty(),
+        "SWUpdate's details are the reason"
+    );
+    assert!(
+        s.reason.contains("failure"),
+        "paused by the threshold: {}",
+        s.reason
+    );
+}
