@@ -51,10 +51,11 @@ fn make_signer(dir: &Path) {
 }
 
 /// A signed `.swu` (cpio `crc`: `sw-description`, its CMS signature, the
-/// image) whose `raw` handler writes `payload` into `device`. With
+/// image) whose `raw` handler writes `payload` into `partition.img` in
+/// SWUpdate's working directory (each target has its own). With
 /// `corrupt`, the description names a wrong sha256: SWUpdate refuses the
 /// image during the install, a failure it reports as `closed/failure`.
-fn make_swu(dir: &Path, version: &str, payload: &[u8], device: &Path, corrupt: bool) -> Vec<u8> {
+fn make_swu(dir: &Path, version: &str, payload: &[u8], corrupt: bool) -> Vec<u8> {
     use sha2::Digest as _;
     let work = dir.join(format!("swu-{version}-{corrupt}"));
     std::fs::create_dir_all(&work).unwrap();
@@ -67,9 +68,8 @@ fn make_swu(dir: &Path, version: &str, payload: &[u8], device: &Path, corrupt: b
         work.join("sw-description"),
         format!(
             "software = {{\n  version = \"{version}\";\n  hardware-compatibility: [ \"1.0\" ];\n  \
-             images: ( {{\n    filename = \"rootfs.img\";\n    device = \"{}\";\n    \
-             type = \"raw\";\n    sha256 = \"{sha}\";\n  }} );\n}}\n",
-            device.display()
+             images: ( {{\n    filename = \"rootfs.img\";\n    device = \"partition.img\";\n    \
+             type = \"raw\";\n    sha256 = \"{sha}\";\n  }} );\n}}\n"
         ),
     )
     .unwrap();
@@ -232,10 +232,8 @@ async fn swupdate_target_installs_through_a_rollout_and_reaches_committed() {
     make_signer(&dir);
     let h = http();
     let t = Ddi::enroll(&ts.base, "swu-1", "swt", &h).await;
-    let part = dir.join("swu-1").join("partition.img");
-    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
     let img = payload(2);
-    let swu = make_swu(&dir, "2.0.0", &img, &part, false);
+    let swu = make_swu(&dir, "2.0.0", &img, false);
     bundle_release(&ts, "swt", "2.0.0", "fw-2.0.0.swu", &swu).await;
     let st = ts
         .admin
@@ -281,9 +279,7 @@ async fn swupdate_install_failure_is_closed_failure_and_pauses_the_rollout() {
     make_signer(&dir);
     let h = http();
     let t = Ddi::enroll(&ts.base, "swu-bad", "swt", &h).await;
-    let part = dir.join("swu-bad").join("partition.img");
-    std::fs::create_dir_all(part.parent().unwrap()).unwrap();
-    let swu = make_swu(&dir, "2.0.0", &payload(3), &part, true);
+    let swu = make_swu(&dir, "2.0.0", &payload(3), true);
     bundle_release(&ts, "swt", "2.0.0", "fw-2.0.0.swu", &swu).await;
     let mut sp = spec("2.0.0", "swt");
     sp.min_sample = 1;
@@ -305,4 +301,126 @@ async fn swupdate_install_failure_is_closed_failure_and_pauses_the_rollout() {
         "paused by the threshold: {}",
         s.reason
     );
+}
+
+/// The issue's load proof with the real client: 20 SWUpdate targets under
+/// a rollout capped at 5 concurrent downloads. A sampler reads the
+/// rollout's leases and downloading members every 20 ms; the maximum seen
+/// must never exceed the cap, and every target must commit.
+///
+/// SWUpdate binds its notifier to an abstract socket `NotifyServer`,
+/// `NotifyServer1` … `NotifyServer9` and exits when all are taken, so at
+/// most ten instances run per network namespace (on a device there is
+/// one). The test therefore keeps ten targets live at a time — twice the
+/// cap, so the throttle always has more contenders than slots — and starts
+/// the next target whenever one has committed.
+#[tokio::test]
+async fn twenty_swupdate_targets_under_cap_five_never_exceed_five_and_all_commit() {
+    if !tools_present() {
+        return;
+    }
+    const N: usize = 20;
+    const LIVE: usize = 10;
+    const CAP: u64 = 5;
+    let ts = TestServer::start(&fast_checkin(20_000)).await;
+    let dir = ts.dir.path().to_path_buf();
+    make_signer(&dir);
+    let h = http();
+    let mut targets = Vec::new();
+    for i in 0..N {
+        targets.push(Ddi::enroll(&ts.base, &format!("swu-{i:02}"), "swt", &h).await);
+    }
+    let img = payload(4);
+    let swu = make_swu(&dir, "2.0.0", &img, false);
+    bundle_release(&ts, "swt", "2.0.0", "fw-2.0.0.swu", &swu).await;
+    let mut sp = spec("2.0.0", "swt");
+    sp.max_concurrent = CAP;
+    let st = ts.admin.rollout_create(&sp).await.unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let admin = ota_server::client::AdminClient::new(&ts.base, ADMIN).unwrap();
+        let id = st.id.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut leases, mut downloading) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = admin.rollout(&id).await.unwrap();
+                leases = leases.max(s.active_leases);
+                downloading = downloading.max(s.waves[0].downloading);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (leases, downloading)
+        })
+    };
+    // (target index, process, confirming restart done)
+    let mut live: Vec<(usize, Swupdate, bool)> = Vec::new();
+    let mut next = 0;
+    let mut committed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while committed.len() < N {
+        while live.len() < LIVE && next < N {
+            live.push((
+                next,
+                Swupdate::start(&dir, &ts.base, &targets[next], None),
+                false,
+            ));
+            next += 1;
+        }
+        let mut i = 0;
+        while i < live.len() {
+            let (t, sw, confirmed) = &mut live[i];
+            if !*confirmed && sw.log().contains("Please restart SWUpdate") {
+                // Installed: "reboot" and confirm.
+                assert_eq!(std::fs::read(&sw.partition).unwrap(), img);
+                sw.stop();
+                *sw = Swupdate::start(&dir, &ts.base, &targets[*t], Some(2));
+                *confirmed = true;
+            } else if *confirmed
+                && ts.admin.device_get(&targets[*t].id).await.unwrap()["version"] == "2.0.0"
+            {
+                committed.push(*t);
+                live.swap_remove(i);
+                continue;
+            }
+            i += 1;
+        }
+        if Instant::now() > deadline {
+            let s = ts.status(&st.id).await;
+            let stuck: Vec<String> = live
+                .iter()
+                .take(2)
+                .map(|(_, sw, _)| {
+                    let l = sw.log();
+                    let tail: Vec<&str> = l.lines().rev().take(30).collect();
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                })
+                .collect();
+            panic!(
+                "{} of {N} committed within 180 s: {s:?}\nlogs of live targets:\n{}",
+                committed.len(),
+                stuck.join("\n----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (max_leases, max_downloading) = sampler.await.unwrap();
+    eprintln!("observed maxima: {max_leases} leases, {max_downloading} downloading (cap {CAP})");
+    assert!(
+        max_leases <= CAP,
+        "{max_leases} leases at once under cap {CAP}"
+    );
+    assert!(
+        max_downloading <= CAP,
+        "{max_downloading} downloading at once under cap {CAP}"
+    );
+    assert!(
+        max_leases >= 2,
+        "the targets did run in parallel ({max_leases})"
+    );
+    let s = ts.status(&st.id).await;
+    assert_eq!(s.waves[0].committed, N as u64);
+    assert_eq!(s.leases_granted, N as u64, "one admission each, no retries");
+    assert_eq!(s.active_leases, 0);
 }
