@@ -66,7 +66,10 @@ pub fn on_postgres() -> bool {
         .ok()
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
         .is_some_and(|f| {
-            f.starts_with("rollout_pg") || f.starts_with("metrics_pg") || f.starts_with("mtls_pg")
+            f.starts_with("rollout_pg")
+                || f.starts_with("metrics_pg")
+                || f.starts_with("mtls_pg")
+                || f.starts_with("ddi_pg")
         })
 }
 
