@@ -303,6 +303,60 @@ async fn swupdate_install_failure_is_closed_failure_and_pauses_the_rollout() {
     );
 }
 
+/// A rollout aborted while SWUpdate downloads: its next poll (SWUpdate
+/// polls during a download) finds `cancelAction`, it stops and
+/// acknowledges, and the image never completes. The download is slowed by
+/// the server's egress cap so the abort lands mid-download.
+#[tokio::test]
+async fn aborted_rollout_cancels_a_downloading_swupdate_target() {
+    if !tools_present() {
+        return;
+    }
+    let ts = TestServer::start(&format!(
+        "egress_bytes_per_sec = 65536\n{}",
+        fast_checkin(20_000)
+    ))
+    .await;
+    let dir = ts.dir.path().to_path_buf();
+    make_signer(&dir);
+    let h = http();
+    let t = Ddi::enroll(&ts.base, "swu-c", "swt", &h).await;
+    let img = image(128, 5); // 512 KiB: about 8 s at 64 KiB/s
+    let swu = make_swu(&dir, "2.0.0", &img, false);
+    bundle_release(&ts, "swt", "2.0.0", "fw-2.0.0.swu", &swu).await;
+    let st = ts
+        .admin
+        .rollout_create(&spec("2.0.0", "swt"))
+        .await
+        .unwrap();
+    let sw = Swupdate::start(&dir, &ts.base, &t, None);
+    wait_for(&ts, &st.id, 30, &[&sw], "download start", |s| {
+        s.waves[0].bytes_served > 0
+    })
+    .await;
+    ts.admin.rollout_action(&st.id, "abort").await.unwrap();
+    let s = wait_for(&ts, &st.id, 30, &[&sw], "cancel", |s| {
+        s.waves[0].cancelled == 1
+    })
+    .await;
+    assert_eq!(s.active_leases, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sw.log().contains("Acknowledging cancelled update") {
+        assert!(
+            Instant::now() < deadline,
+            "SWUpdate did not acknowledge the cancel:\n{}",
+            sw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(
+        std::fs::read(&sw.partition).unwrap(),
+        img,
+        "the cancelled download never completed the image"
+    );
+    assert_eq!(ts.status(&st.id).await.waves[0].committed, 0);
+}
+
 /// The load proof with the real client: 20 SWUpdate targets under
 /// a rollout capped at 5 concurrent downloads. A sampler reads the
 /// rollout's leases and downloading members every 20 ms; the maximum seen
