@@ -118,6 +118,10 @@ pub trait StateBackend: Send + Sync + 'static {
     /// memberships and its last [`DEVICE_HISTORY`] events.
     async fn device_view(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError>;
 
+    /// Replaces the tags of device `id` (its token stays); `false` if there
+    /// is none. Rollout selectors see them from the device's next request.
+    async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError>;
+
     /// Device `id` with no credential of its own: the DDI gateway token
     /// ([`crate::ddi`]) vouches for it. Looked up as a certificate whose
     /// "serial" can be on no revocation list (serials are hex), keyed per
@@ -301,6 +305,10 @@ impl StateBackend for LocalState {
 
     async fn device_count(&self) -> Result<u64, StoreError> {
         Ok(self.fleet.len() as u64)
+    }
+
+    async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {
+        self.fleet.set_tags(id, tags).await
     }
 
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {

@@ -19,6 +19,11 @@ async fn server_with_bundle(lease_ms: u64) -> TestServer {
     ts
 }
 
+/// Whether a base poll offers no action (it may still ask for configData).
+fn no_action(p: &serde_json::Value) -> bool {
+    p["_links"]["deploymentBase"].is_null() && p["_links"]["cancelAction"].is_null()
+}
+
 fn sha1_hex(bytes: &[u8]) -> String {
     use sha1::Digest as _;
     hex::encode(sha1::Sha1::digest(bytes))
@@ -41,7 +46,7 @@ async fn ddi_target_is_admitted_downloads_verified_bytes_with_range_and_commits_
     let t = Ddi::enroll(&ts.base, "swu-1", "swt", &h).await;
     // Before any rollout: nothing to do, a paced sleep, no links.
     let p = t.poll().await;
-    assert!(p.get("_links").is_none(), "{p}");
+    assert!(no_action(&p), "{p}");
     let sleep = p["config"]["polling"]["sleep"].as_str().unwrap();
     assert!(
         sleep.len() == 8 && sleep.as_bytes()[2] == b':',
@@ -126,7 +131,7 @@ async fn ddi_target_is_admitted_downloads_verified_bytes_with_range_and_commits_
     let view = ts.admin.device_get("swu-1").await.unwrap();
     assert_eq!(view["version"], "2.0.0", "{view}");
     // Done: no more action, and the closed action takes no more feedback.
-    assert!(t.poll().await.get("_links").is_none());
+    assert!(no_action(&t.poll().await));
     assert_eq!(
         t.feedback(&action, "closed", "failure", &["late"]).await,
         410
@@ -242,7 +247,7 @@ async fn throttled_ddi_target_gets_no_deployment_and_cannot_download_and_closed_
     let a1 = t1.action("deploymentBase").await.expect("t1 admitted");
     // The cap is taken: t2 is told nothing to do, and sooner than idle.
     let p2 = t2.poll().await;
-    assert!(p2.get("_links").is_none(), "throttled: {p2}");
+    assert!(no_action(&p2), "throttled: {p2}");
     // t2 cannot fetch the bundle by guessing the link either.
     let db: serde_json::Value = t1
         .get(&format!("/deploymentBase/{a1}"))
@@ -287,7 +292,7 @@ async fn throttled_ddi_target_gets_no_deployment_and_cannot_download_and_closed_
         s.failure_reasons
     );
     // Paused: t2 still gets nothing.
-    assert!(t2.poll().await.get("_links").is_none());
+    assert!(no_action(&t2.poll().await));
 }
 
 #[tokio::test]
@@ -344,4 +349,74 @@ async fn agents_are_never_offered_a_ddi_bundle() {
         "an agent must not get a .swu as its payload: {:?}",
         r.action
     );
+}
+
+#[tokio::test]
+async fn config_data_becomes_ddi_tags_that_rollout_selectors_match() {
+    let ts = server_with_bundle(10_000).await;
+    let h = http();
+    let mut tags = std::collections::BTreeMap::new();
+    tags.insert("site".to_string(), "lab".to_string());
+    let a = Sim::enroll_tagged(&ts.base, "swu-a", "swt", tags.clone(), &h).await;
+    let b = Sim::enroll_tagged(&ts.base, "swu-b", "swt", tags, &h).await;
+    let ta = Ddi {
+        id: a.id,
+        token: a.token,
+        base: ts.base.clone(),
+        http: h.clone(),
+    };
+    let tb = Ddi {
+        id: b.id,
+        token: b.token,
+        base: ts.base.clone(),
+        http: h.clone(),
+    };
+    // No attributes yet: the poll asks for them, as hawkBit's does.
+    let p = ta.poll().await;
+    let cd = p["_links"]["configData"]["href"]
+        .as_str()
+        .expect("configData link")
+        .to_string();
+    let put = |t: &Ddi, url: String, body: serde_json::Value| {
+        let r = t
+            .http
+            .put(url)
+            .header("Authorization", format!("TargetToken {}", t.token));
+        async move { r.json(&body).send().await.unwrap().status().as_u16() }
+    };
+    let body =
+        serde_json::json!({"data": {"hwRevision": "2", "serial": "has spaces"}, "mode": "merge"});
+    assert_eq!(put(&ta, cd.clone(), body).await, 200);
+    let view = ts.admin.device_get("swu-a").await.unwrap();
+    assert_eq!(view["tags"]["ddi.hwRevision"], "2", "{view}");
+    assert_eq!(view["tags"]["site"], "lab", "operator tags stay");
+    assert!(
+        view["tags"].get("ddi.serial").is_none(),
+        "a value no tag can hold is skipped"
+    );
+    // Stored: the poll no longer asks.
+    assert!(ta.poll().await["_links"]["configData"].is_null());
+    // replace drops the target's other attributes, never the operator's.
+    let body = serde_json::json!({"data": {"board": "x1"}, "mode": "replace"});
+    assert_eq!(put(&ta, cd.clone(), body).await, 200);
+    let view = ts.admin.device_get("swu-a").await.unwrap();
+    assert!(view["tags"].get("ddi.hwRevision").is_none(), "{view}");
+    assert_eq!(
+        (
+            view["tags"]["ddi.board"].as_str(),
+            view["tags"]["site"].as_str()
+        ),
+        (Some("x1"), Some("lab"))
+    );
+    let bad = serde_json::json!({"data": {}, "mode": "upsert"});
+    assert_eq!(put(&ta, cd.clone(), bad).await, 400);
+    // A rollout selecting on the attribute admits only the target that has it.
+    let mut sp = spec("2.0.0", "swt");
+    sp.selector.insert("ddi.board".into(), "x1".into());
+    ts.admin.rollout_create(&sp).await.unwrap();
+    assert!(
+        ta.action("deploymentBase").await.is_some(),
+        "selected by its attribute"
+    );
+    assert!(no_action(&tb.poll().await), "not selected");
 }

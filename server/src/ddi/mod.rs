@@ -18,7 +18,9 @@
 //! - throttled → no link ("nothing to do") and a sleep of the wait
 //!   interval, a quarter of it near the head of the queue;
 //! - the attempt ended by the server (rollout aborted, lease expired) →
-//!   `cancelAction/{actionId}`; its `deploymentBase` says `skip`.
+//!   `cancelAction/{actionId}`; its `deploymentBase` says `skip`;
+//! - `configData` attributes become the device's tags `ddi.<key>`, which
+//!   rollout selectors match like any tag.
 //!
 //! A target downloads its bundle only while it holds a lease: the artifact
 //! route refuses anyone else, so the cap is enforced where the bytes go,
@@ -278,6 +280,10 @@ async fn poll(
     let sleep = crate::http::jittered(base, c.jitter);
     let prefix = format!("{}/{tenant}/controller/v1/{cid}", origin(&app, &headers));
     let mut links = std::collections::BTreeMap::new();
+    // As hawkBit: ask for attributes while none are stored.
+    if !dev.tags.keys().any(|k| k.starts_with(ATTR_PREFIX)) {
+        links.insert("configData".into(), link(format!("{prefix}/configData")));
+    }
     let label = match &action {
         Action::Update(o) => {
             if durable {
@@ -565,8 +571,17 @@ async fn cancel_feedback(
     Ok(StatusCode::OK.into_response())
 }
 
-/// `PUT .../configData`: checked and logged, not stored yet (see
-/// `docs/ddi.md`: device tags change only through enrollment today).
+/// Tag-key prefix of DDI attributes (`configData`): kept apart from the
+/// operator's tags, which a target can neither change nor remove, and
+/// usable in rollout selectors (`ddi.hwRevision=2`).
+pub const ATTR_PREFIX: &str = "ddi.";
+
+/// `PUT .../configData`: the target's attributes, stored as its tags
+/// `ddi.<key>` (`mode` `merge`, the default, `replace` — all `ddi.` tags —
+/// or `remove`). An attribute that cannot be a tag (tags are 1–128 bytes of
+/// `[A-Za-z0-9._:+-]`) is skipped with a warning rather than refused: a
+/// client whose configData is refused sends it again before anything else
+/// (SWUpdate does) and would never install.
 async fn config_data(
     State(app): State<Arc<App>>,
     Path((tenant, cid)): Path<(String, String)>,
@@ -582,18 +597,62 @@ async fn config_data(
             "malformed configData: {e}; expected {{\"data\": {{\"key\": \"value\"}}, \"mode\": \"merge\"}}"
         ))
     })?;
-    if c.data.len() > 32 {
-        return Err(bad("at most 32 configData attributes"));
+    let tags = merge_attributes(&dev.tags, &c).map_err(bad)?;
+    let skipped: Vec<&String> = c
+        .data
+        .keys()
+        .filter(|k| !tags.contains_key(&format!("{ATTR_PREFIX}{k}")))
+        .collect();
+    if !skipped.is_empty() && c.mode.as_deref() != Some("remove") {
+        tracing::warn!(target = %dev.id, ?skipped,
+            "DDI configData attributes skipped: keys and values must be 1-128 bytes of [A-Za-z0-9._:+-]");
     }
-    if let Some(mode) = c.mode.as_deref()
-        && !matches!(mode, "merge" | "replace" | "remove")
-    {
-        return Err(bad(format!(
-            "unknown configData mode {mode:?}; use merge, replace or remove"
-        )));
+    if tags != dev.tags {
+        app.state.set_tags(&dev.id, tags).await?;
     }
-    info!(target = %dev.id, attributes = c.data.len(), "DDI configData received (not stored)");
+    info!(target = %dev.id, attributes = c.data.len(), mode = c.mode.as_deref().unwrap_or("merge"),
+        "DDI configData stored as ddi.* tags");
     Ok(StatusCode::OK.into_response())
+}
+
+/// The target's tags after `c` (see [`config_data`]); an error for a bad
+/// mode or too many tags.
+pub fn merge_attributes(
+    tags: &std::collections::BTreeMap<String, String>,
+    c: &wire::ConfigData,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = tags.clone();
+    let valid = |k: &str, v: &str| {
+        api::check_name("attribute", &format!("{ATTR_PREFIX}{k}")).is_ok()
+            && api::check_name("attribute value", v).is_ok()
+    };
+    match c.mode.as_deref().unwrap_or("merge") {
+        "merge" => {}
+        "replace" => out.retain(|k, _| !k.starts_with(ATTR_PREFIX)),
+        "remove" => {
+            for k in c.data.keys() {
+                out.remove(&format!("{ATTR_PREFIX}{k}"));
+            }
+            return Ok(out);
+        }
+        m => {
+            return Err(format!(
+                "unknown configData mode {m:?}; use merge, replace or remove"
+            ));
+        }
+    }
+    for (k, v) in &c.data {
+        if valid(k, v) {
+            out.insert(format!("{ATTR_PREFIX}{k}"), v.clone());
+        }
+    }
+    if out.len() > 32 {
+        return Err(format!(
+            "a device has at most 32 tags; these attributes would make {}",
+            out.len()
+        ));
+    }
+    Ok(out)
 }
 
 /// `GET|HEAD .../softwaremodules/{module}/artifacts/{filename}`: the bundle,
