@@ -420,3 +420,81 @@ async fn config_data_becomes_ddi_tags_that_rollout_selectors_match() {
     );
     assert!(no_action(&tb.poll().await), "not selected");
 }
+
+#[tokio::test]
+async fn closed_failure_within_retries_gets_a_new_action_on_the_next_poll() {
+    let ts = server_with_bundle(10_000).await;
+    let t = Ddi::enroll(&ts.base, "swu-r", "swt", &http()).await;
+    let mut sp = spec("2.0.0", "swt");
+    sp.max_retries = 1;
+    let st = ts.admin.rollout_create(&sp).await.unwrap();
+    let first = t.action("deploymentBase").await.expect("admitted");
+    assert_eq!(
+        t.feedback(&first, "closed", "failure", &["flash error"])
+            .await,
+        200
+    );
+    let second = t.action("deploymentBase").await.expect("retried");
+    assert_ne!(first, second, "a retry is a new action");
+    assert_eq!(t.feedback(&second, "closed", "success", &[]).await, 200);
+    let s = ts.status(&st.id).await;
+    assert_eq!((s.waves[0].committed, s.waves[0].failed), (1, 0));
+    assert_eq!(s.leases_granted, 2);
+}
+
+#[tokio::test]
+async fn a_quiet_ddi_target_loses_its_lease_to_the_next_in_line() {
+    // 1 s leases: the shortest the config allows.
+    let ts = server_with_bundle(1_000).await;
+    let h = http();
+    let quiet = Ddi::enroll(&ts.base, "swu-q", "swt", &h).await;
+    let next = Ddi::enroll(&ts.base, "swu-n", "swt", &h).await;
+    let mut sp = spec("2.0.0", "swt");
+    sp.max_concurrent = 1;
+    sp.max_retries = 0;
+    let st = ts.admin.rollout_create(&sp).await.unwrap();
+    let a = quiet.action("deploymentBase").await.expect("admitted");
+    let db: serde_json::Value = quiet
+        .get(&format!("/deploymentBase/{a}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let dl = db["deployment"]["chunks"][0]["artifacts"][0]["_links"]["download-http"]["href"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(no_action(&next.poll().await), "the cap is taken");
+    // The quiet target sends nothing; the other keeps polling.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if next.action("deploymentBase").await.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never moved: {:?}",
+            ts.status(&st.id).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The expiry is counted (PostgreSQL: by the periodic reaper, so a
+    // moment after the slot moved).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ts.status(&st.id).await.leases_expired != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expiry not counted: {:?}",
+            ts.status(&st.id).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The quiet one no longer gets bytes.
+    let r = h
+        .get(&dl)
+        .header("Authorization", format!("TargetToken {}", quiet.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}
