@@ -42,7 +42,7 @@ pub struct ApiErr(pub StatusCode, pub &'static str, pub String);
 /// could not be reached. [`count_unavailable`] counts and logs these: the
 /// conversion from [`StoreError`] has no access to the replica's metrics.
 #[derive(Clone)]
-struct BackendUnavailable(String);
+pub(crate) struct BackendUnavailable(pub(crate) String);
 
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {

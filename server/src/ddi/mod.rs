@@ -101,9 +101,18 @@ impl IntoResponse for DdiErr {
             "message": self.2,
         });
         let mut r = (self.0, axum::Json(body)).into_response();
+        if self.1 == "unavailable" {
+            // Counted and logged like the agent API's (`count_unavailable`).
+            r.extensions_mut()
+                .insert(crate::http::BackendUnavailable(self.2.clone()));
+        }
         if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            // Jittered, as the agent API's: a fleet turned away together
+            // does not return together.
+            use rand::Rng as _;
+            let secs = rand::rng().random_range(1..=5u32);
             r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         r
     }
