@@ -122,6 +122,11 @@ pub trait StateBackend: Send + Sync + 'static {
     /// is none. Rollout selectors see them from the device's next request.
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError>;
 
+    /// The release rollout `id` offers, without the status counts
+    /// [`StateBackend::rollout_status`] computes (a scan of its members):
+    /// DDI asks it on every deploymentBase, feedback and download request.
+    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError>;
+
     /// Device `id` with no credential of its own: the DDI gateway token
     /// ([`crate::ddi`]) vouches for it. Looked up as a certificate whose
     /// "serial" can be on no revocation list (serials are hex), keyed per
@@ -305,6 +310,10 @@ impl StateBackend for LocalState {
 
     async fn device_count(&self) -> Result<u64, StoreError> {
         Ok(self.fleet.len() as u64)
+    }
+
+    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.rollouts.get(id).map(|r| r.record().spec.release))
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {

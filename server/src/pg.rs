@@ -1353,6 +1353,15 @@ impl StateBackend for PgState {
         Ok(n == 1)
     }
 
+    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
+        if let Some(r) = self.cached(id) {
+            return Ok(Some(r.rec.spec.release.clone()));
+        }
+        // Created on another replica since the last refresh.
+        self.refresh().await?;
+        Ok(self.cached(id).map(|r| r.rec.spec.release.clone()))
+    }
+
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
         let c = conn(&self.pool).await?;
         let n = c

@@ -354,9 +354,17 @@ async fn find_action(app: &App, dev: &AuthedDevice, id: &str) -> Result<(Member,
                 dev.id
             ))
         })?;
-    let rollout = m.update_id.split('.').next().unwrap_or("");
-    let release = app.state.rollout_status(rollout).await?.spec.release;
+    let release = release_of(app, &m).await?;
     Ok((m, release))
+}
+
+/// The release the rollout of attempt `m` offers.
+async fn release_of(app: &App, m: &Member) -> Result<String, DdiErr> {
+    let rollout = m.update_id.split('.').next().unwrap_or("");
+    app.state
+        .rollout_release(rollout)
+        .await?
+        .ok_or_else(|| not_found(format!("rollout {rollout} was deleted")))
 }
 
 /// The bundle of `release` for `dev`'s type, or why there is none.
@@ -686,8 +694,7 @@ async fn download(
         serde_json::from_value(view["rollouts"].clone()).map_err(crate::http::internal)?;
     let mut found = None;
     for m in members.into_iter().filter(|m| !m.update_id.is_empty()) {
-        let rollout = m.update_id.split('.').next().unwrap_or("");
-        let release = app.state.rollout_status(rollout).await?.spec.release;
+        let release = release_of(&app, &m).await?;
         if module_id(&dev.device_type, &release) == module {
             found = Some((m, release));
             break;
