@@ -498,3 +498,42 @@ async fn a_quiet_ddi_target_loses_its_lease_to_the_next_in_line() {
         .unwrap();
     assert_eq!(r.status(), 409);
 }
+
+/// `config.polling.sleep` as seconds.
+fn sleep_secs(p: &serde_json::Value) -> u64 {
+    let s = p["config"]["polling"]["sleep"].as_str().unwrap();
+    let v: Vec<u64> = s.split(':').map(|x| x.parse().unwrap()).collect();
+    v[0] * 3600 + v[1] * 60 + v[2]
+}
+
+#[tokio::test]
+async fn a_throttled_target_near_the_head_of_the_queue_polls_sooner_than_a_held_back_one() {
+    // A 40 s wait interval (±20 % jitter); near the head: a quarter.
+    let ts = TestServer::start(
+        "[checkin]\nidle_interval_ms = 60000\nwait_interval_ms = 40000\nlease_ms = 30000\njitter = 0.2\n",
+    )
+    .await;
+    bundle_release(&ts, "swt", "2.0.0", IMG_SWU, &bundle_bytes()).await;
+    let h = http();
+    let holder = Ddi::enroll(&ts.base, "swu-h", "swt", &h).await;
+    let queued = Ddi::enroll(&ts.base, "swu-q", "swt", &h).await;
+    let mut sp = spec("2.0.0", "swt");
+    sp.max_concurrent = 1;
+    let st = ts.admin.rollout_create(&sp).await.unwrap();
+    let p = holder.poll().await;
+    assert!(!p["_links"]["deploymentBase"].is_null());
+    let lease_renewal = sleep_secs(&p);
+    assert!(
+        lease_renewal <= 12,
+        "a lease holder polls within lease/3 (+ jitter): {lease_renewal}"
+    );
+    let p = queued.poll().await;
+    assert!(no_action(&p));
+    let near = sleep_secs(&p);
+    assert!((8..=12).contains(&near), "near the head: ~10 s, got {near}");
+    ts.admin.rollout_action(&st.id, "pause").await.unwrap();
+    let p = queued.poll().await;
+    assert!(no_action(&p));
+    let held = sleep_secs(&p);
+    assert!((32..=48).contains(&held), "paused: ~40 s, got {held}");
+}
