@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use ota_server::rollout::RolloutState;
 
+/// SWUpdate allows ten instances per network namespace (see the 20-target
+/// test), so the tests of this binary, which cargo runs in parallel, take
+/// turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn tools_present() -> bool {
     require_tool("swupdate", "swupdate")
         & require_tool("openssl", "openssl")
@@ -157,6 +162,18 @@ impl Swupdate {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Panics if the process has exited (SWUpdate runs until stopped),
+    /// with its stderr: an instance that could not start says why.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            let err = self.log.with_file_name("stderr.log");
+            panic!(
+                "swupdate exited ({status}): {}",
+                std::fs::read_to_string(err).unwrap_or_default()
+            );
+        }
+    }
+
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -227,6 +244,7 @@ async fn swupdate_target_installs_through_a_rollout_and_reaches_committed() {
     if !tools_present() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().await;
     let ts = TestServer::start(&fast_checkin(20_000)).await;
     let dir = ts.dir.path().to_path_buf();
     make_signer(&dir);
@@ -274,6 +292,7 @@ async fn swupdate_install_failure_is_closed_failure_and_pauses_the_rollout() {
     if !tools_present() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().await;
     let ts = TestServer::start(&fast_checkin(20_000)).await;
     let dir = ts.dir.path().to_path_buf();
     make_signer(&dir);
@@ -312,6 +331,7 @@ async fn aborted_rollout_cancels_a_downloading_swupdate_target() {
     if !tools_present() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().await;
     let ts = TestServer::start(&format!(
         "egress_bytes_per_sec = 65536\n{}",
         fast_checkin(20_000)
@@ -373,6 +393,7 @@ async fn twenty_swupdate_targets_under_cap_five_never_exceed_five_and_all_commit
     if !tools_present() {
         return;
     }
+    let _turn = ONE_AT_A_TIME.lock().await;
     const N: usize = 20;
     const LIVE: usize = 10;
     const CAP: u64 = 5;
@@ -424,6 +445,7 @@ async fn twenty_swupdate_targets_under_cap_five_never_exceed_five_and_all_commit
         let mut i = 0;
         while i < live.len() {
             let (t, sw, confirmed) = &mut live[i];
+            sw.assert_running();
             if !*confirmed && sw.log().contains("Please restart SWUpdate") {
                 // Installed: "reboot" and confirm.
                 assert_eq!(std::fs::read(&sw.partition).unwrap(), img);
