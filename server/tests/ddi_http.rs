@@ -537,3 +537,25 @@ async fn a_throttled_target_near_the_head_of_the_queue_polls_sooner_than_a_held_
     let held = sleep_secs(&p);
     assert!((32..=48).contains(&held), "paused: ~40 s, got {held}");
 }
+
+#[tokio::test]
+async fn ddi_targets_are_held_to_the_start_rate() {
+    let ts = server_with_bundle(10_000).await;
+    let h = http();
+    let mut targets = Vec::new();
+    for i in 0..3 {
+        targets.push(Ddi::enroll(&ts.base, &format!("swu-{i}"), "swt", &h).await);
+    }
+    let mut sp = spec("2.0.0", "swt");
+    sp.max_concurrent = 10;
+    sp.max_starts_per_min = 6.0; // a burst of one, then one per 10 s
+    let st = ts.admin.rollout_create(&sp).await.unwrap();
+    let mut admitted = 0;
+    for t in &targets {
+        if t.action("deploymentBase").await.is_some() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 1, "the cap has room, the start rate has not");
+    assert_eq!(ts.status(&st.id).await.active_leases, 1);
+}
