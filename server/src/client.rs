@@ -193,7 +193,8 @@ impl AdminClient {
 
     /// Uploads a client's own bundle as an opaque release for DDI targets
     /// (`release add --format swu|raucb|file --artifact FILE`): stored as
-    /// is, no deltas (see [`crate::releases::bundle`]).
+    /// is, no deltas (see [`crate::releases::bundle`]). With `attach`, the
+    /// bundle joins the existing image release of that version instead.
     #[allow(clippy::too_many_arguments)]
     pub async fn release_add_bundle(
         &self,
@@ -203,16 +204,19 @@ impl AdminClient {
         format: crate::releases::bundle::BundleFormat,
         filename: Option<&str>,
         module_type: Option<&str>,
+        attach: bool,
         artifact: &Path,
         progress: bool,
     ) -> Result<ReleaseRecord> {
-        crate::releases::check_new_release(
-            &self.releases().await?,
-            device_type,
-            version,
-            security_counter,
-            false,
-        )?;
+        if !attach {
+            crate::releases::check_new_release(
+                &self.releases().await?,
+                device_type,
+                version,
+                security_counter,
+                false,
+            )?;
+        }
         let mut url = reqwest::Url::parse(&format!(
             "{}/api/v1/admin/releases/{device_type}/{version}",
             self.base
@@ -227,6 +231,9 @@ impl AdminClient {
             }
             if let Some(m) = module_type {
                 q.append_pair("module_type", m);
+            }
+            if attach {
+                q.append_pair("attach", "true");
             }
         }
         self.put_release(url.as_str(), artifact, progress).await

@@ -797,6 +797,10 @@ struct ReleaseQuery {
     /// The DDI software-module type (default `os`).
     #[serde(default)]
     module_type: Option<String>,
+    /// Attach the bundle to the existing image release of this version
+    /// (one rollout for agents and DDI targets of one device type).
+    #[serde(default)]
+    attach: bool,
 }
 
 fn release_err(e: crate::releases::ReleaseError) -> ApiErr {
@@ -830,21 +834,35 @@ async fn admin_release_add(
             module_type: q.module_type.clone(),
         }),
     };
-    if bundle.is_none() && (q.filename.is_some() || q.module_type.is_some()) {
+    if bundle.is_none() && (q.filename.is_some() || q.module_type.is_some() || q.attach) {
         return Err(bad_request(
-            "filename and module_type describe a bundle: give format=swu|raucb|file too",
+            "filename, module_type and attach describe a bundle: give format=swu|raucb|file too",
         ));
     }
-    // Refuse a version devices would refuse before the upload, not after.
-    app.releases
-        .precheck(
-            &device_type,
-            &version,
-            q.security_counter,
-            q.allow_downgrade,
-        )
-        .await
-        .map_err(release_err)?;
+    if q.attach {
+        // The release must exist: refused before the upload.
+        app.releases.refresh().await?;
+        if !app.releases.exists(&device_type, &version) {
+            return Err(ApiErr(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no release {version} of {device_type} to attach a bundle to; add the image release first (or leave out attach for a bundle-only release)"
+                ),
+            ));
+        }
+    } else {
+        // Refuse a version devices would refuse before the upload, not after.
+        app.releases
+            .precheck(
+                &device_type,
+                &version,
+                q.security_counter,
+                q.allow_downgrade,
+            )
+            .await
+            .map_err(release_err)?;
+    }
     // Stream the image to a temporary file; never hold it in memory.
     let tmp = tempfile::Builder::new()
         .prefix("upload-")
@@ -867,6 +885,16 @@ async fn admin_release_add(
         ingest.write(chunk).await.map_err(disk_err)?;
     }
     let (sha, _) = ingest.finish().await.map_err(disk_err)?;
+    if let Some(spec) = &bundle
+        && q.attach
+    {
+        let rec = app
+            .releases
+            .attach_bundle(&device_type, &version, &path, &sha, spec)
+            .await
+            .map_err(release_err)?;
+        return Ok((StatusCode::OK, axum::Json(rec)).into_response());
+    }
     if let Some(spec) = &bundle {
         let rec = app
             .releases

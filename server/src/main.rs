@@ -228,6 +228,10 @@ enum ReleaseCmd {
         /// The DDI software-module type (default os; file: application).
         #[arg(long, requires = "artifact")]
         module_type: Option<String>,
+        /// Attach the bundle to the existing image release of --version, so
+        /// one rollout serves agents and DDI targets of the device type.
+        #[arg(long, requires = "artifact")]
+        attach: bool,
         /// Anti-rollback counter for this release's manifests.
         #[arg(long, default_value_t = 0)]
         security_counter: u64,
@@ -778,6 +782,7 @@ async fn release_cmd(conn: Conn, cmd: ReleaseCmd) -> Result<()> {
             format,
             filename,
             module_type,
+            attach,
             security_counter,
             allow_downgrade,
             wait,
@@ -796,6 +801,7 @@ async fn release_cmd(conn: Conn, cmd: ReleaseCmd) -> Result<()> {
                         format,
                         filename.as_deref(),
                         module_type.as_deref(),
+                        attach,
                         &artifact,
                         std::io::IsTerminal::is_terminal(&std::io::stderr()),
                     )

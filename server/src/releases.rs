@@ -597,9 +597,26 @@ impl Releases {
     ) -> Option<Artifacts> {
         let map = self.map.read().unwrap();
         let r = map.get(&(device_type.to_string(), version.to_string()))?;
+        // A DDI target (it advertises bundle codecs) gets the release's
+        // bundle and nothing else; an agent never gets a bundle (see
+        // [`bundle`]): one release can carry both, for a mixed fleet.
+        if codecs.iter().any(|c| bundle::is_bundle_codec(c)) {
+            return r
+                .builds
+                .iter()
+                .filter(|b| b.status == BuildStatus::Ready)
+                .filter_map(|b| b.artifacts.as_ref())
+                .find(|a| bundle::is_bundle_build(a) && a.codecs.iter().all(|c| codecs.contains(c)))
+                .cloned();
+        }
         let ready = |f: Option<&str>| {
             r.builds
                 .iter()
+                .filter(|b| {
+                    b.artifacts
+                        .as_ref()
+                        .is_none_or(|a| !bundle::is_bundle_build(a))
+                })
                 .find(|b| b.status == BuildStatus::Ready && b.from_version.as_deref() == f)
                 .and_then(|b| b.artifacts.as_ref())
         };

@@ -559,3 +559,72 @@ async fn ddi_targets_are_held_to_the_start_rate() {
     assert_eq!(admitted, 1, "the cap has room, the start rate has not");
     assert_eq!(ts.status(&st.id).await.active_leases, 1);
 }
+
+/// Issue 16 item 4: one release carries the agents' image (full and delta
+/// builds) and a `.swu` attached to it; one rollout then serves both kinds
+/// of device of one type, under one cap.
+#[tokio::test]
+async fn one_rollout_serves_agents_their_delta_and_ddi_targets_the_attached_bundle_under_one_cap() {
+    let ts = TestServer::with_two_releases(10_000).await; // type "t": 1.0, 2.0
+    let p = ts.dir.path().join("t-2.0.swu");
+    let swu = bundle_bytes();
+    std::fs::write(&p, &swu).unwrap();
+    let rec = ts
+        .admin
+        .release_add_bundle(
+            "t",
+            "2.0",
+            0,
+            ota_server::releases::bundle::BundleFormat::Swu,
+            Some("t-2.0.swu"),
+            None,
+            true,
+            &p,
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(rec.bundle.is_some());
+    assert!(
+        rec.builds.len() >= 3,
+        "image full + delta + bundle: {:?}",
+        rec.builds
+    );
+    let h = http();
+    let agent = Sim::enroll(&ts.base, "agent-1", "t", &h).await;
+    let target = Ddi::enroll(&ts.base, "swu-1", "t", &h).await;
+    let mut sp = spec("2.0", "t");
+    sp.max_concurrent = 1;
+    let st = ts.admin.rollout_create(&sp).await.unwrap();
+
+    let r = agent.checkin("1.0", AgentState::Idle, None).await;
+    let Action::Update(offer) = r.action else {
+        panic!("agent not admitted: {:?}", r.action)
+    };
+    assert_eq!(
+        offer.from_version.as_deref(),
+        Some("1.0"),
+        "the agent gets its delta"
+    );
+    assert_ne!(offer.payload_sha256.to_string(), sha256_hex(&swu));
+    // One cap for both kinds: the DDI target waits for the agent's slot.
+    assert!(no_action(&target.poll().await));
+    agent
+        .event(&offer.update_id, ota_format::api::EventKind::Committed)
+        .await;
+    let a = target
+        .action("deploymentBase")
+        .await
+        .expect("the slot moved to the target");
+    let db: serde_json::Value = target
+        .get(&format!("/deploymentBase/{a}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let art = &db["deployment"]["chunks"][0]["artifacts"][0];
+    assert_eq!(art["hashes"]["sha256"], sha256_hex(&swu));
+    assert_eq!(art["filename"], "t-2.0.swu");
+    let s = ts.status(&st.id).await;
+    assert_eq!((s.leases_granted, s.active_leases), (2, 1));
+}

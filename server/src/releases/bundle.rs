@@ -23,7 +23,10 @@ use ota_format::Digest;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use super::{Artifacts, Build, BuildStatus, ReleaseError, ReleaseRecord, Releases, check_order};
+use super::{
+    Artifacts, Build, BuildStatus, ReleaseDb, ReleaseError, ReleaseRecord, Releases, check_order,
+};
+use crate::store::{encode, key2};
 
 /// The client format of a bundle.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +82,16 @@ impl BundleFormat {
 
 /// Every bundle codec: what a DDI target advertises in its check-ins.
 pub const BUNDLE_CODECS: [&str; 3] = ["bundle:swu", "bundle:raucb", "bundle:file"];
+
+/// Whether `codec` names a bundle format.
+pub fn is_bundle_codec(codec: &str) -> bool {
+    codec.starts_with("bundle:")
+}
+
+/// Whether a build's artifacts are a bundle (not an edge-ota payload).
+pub fn is_bundle_build(a: &Artifacts) -> bool {
+    a.codecs.iter().any(|c| is_bundle_codec(c))
+}
 
 /// What DDI needs to describe an opaque release's artifact.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -165,44 +178,12 @@ impl Releases {
         ota_format::api::check_name("device type", device_type).map_err(ReleaseError::Invalid)?;
         ota_format::api::check_name("version", version).map_err(ReleaseError::Invalid)?;
         ota_format::Version::parse(version).map_err(|e| ReleaseError::Invalid(e.to_string()))?;
-        let filename = spec
-            .filename
-            .clone()
-            .unwrap_or_else(|| format!("{device_type}-{version}.{}", spec.format.extension()));
-        check_filename(&filename).map_err(ReleaseError::Invalid)?;
-        if spec.format == BundleFormat::Swu && !filename.ends_with(".swu") {
-            return Err(ReleaseError::Invalid(format!(
-                "artifact name {filename:?} must end in .swu: SWUpdate ignores any other file"
-            )));
-        }
-        let module_type = spec
-            .module_type
-            .clone()
-            .unwrap_or_else(|| spec.format.default_module_type().into());
-        ota_format::api::check_name("software module type", &module_type)
-            .map_err(ReleaseError::Invalid)?;
-        let p = tmp.to_path_buf();
-        let (sha1, md5) = tokio::task::spawn_blocking(move || sha1_md5(&p))
-            .await
-            .map_err(|e| ReleaseError::Invalid(format!("hashing the upload: {e}")))?
-            .map_err(|e| ReleaseError::Invalid(format!("reading the upload: {e}")))?;
-        let size = std::fs::metadata(tmp)
-            .map_err(|e| ReleaseError::Invalid(format!("reading the upload: {e}")))?
-            .len();
-        if size == 0 {
-            return Err(ReleaseError::Invalid("the bundle is empty".into()));
-        }
-        let (sha, size) = self.artifacts.adopt_file(tmp, sha256).await?;
+        let bundle = self
+            .ingest_bundle(device_type, version, tmp, sha256, spec)
+            .await?;
+        let sha = bundle.sha256;
+        let size = bundle.size;
         self.refresh().await?;
-        let bundle = Bundle {
-            format: spec.format,
-            filename,
-            size,
-            sha256: sha,
-            sha1,
-            md5,
-            module_type,
-        };
         let rec = {
             let map = self.map.read().unwrap();
             let k = (device_type.to_string(), version.to_string());
@@ -234,24 +215,7 @@ impl Releases {
                 created_at_ms: crate::now_ms(),
                 seq,
                 security_counter,
-                builds: vec![Build {
-                    from_version: None,
-                    status: BuildStatus::Ready,
-                    // The bundle is both "manifest" and payload: nothing of
-                    // edge-ota's format is involved, and the codec keeps
-                    // agents from being offered it.
-                    artifacts: Some(Artifacts {
-                        from_version: None,
-                        manifest_sha256: sha,
-                        manifest_size: 0,
-                        payload_sha256: sha,
-                        payload_size: size,
-                        codecs: vec![spec.format.codec().into()],
-                    }),
-                    error: None,
-                    seconds: Some(0.0),
-                    progress: None,
-                }],
+                builds: vec![bundle_build(&bundle)],
                 bundle: Some(bundle),
             }
         };
@@ -274,6 +238,153 @@ impl Releases {
         Ok(rec)
     }
 
+    /// Checks a bundle upload's description, hashes it (sha1, md5) and
+    /// moves it into the artifact store.
+    async fn ingest_bundle(
+        &self,
+        device_type: &str,
+        version: &str,
+        tmp: &Path,
+        sha256: &Digest,
+        spec: &BundleSpec,
+    ) -> Result<Bundle, ReleaseError> {
+        let filename = spec
+            .filename
+            .clone()
+            .unwrap_or_else(|| format!("{device_type}-{version}.{}", spec.format.extension()));
+        check_filename(&filename).map_err(ReleaseError::Invalid)?;
+        if spec.format == BundleFormat::Swu && !filename.ends_with(".swu") {
+            return Err(ReleaseError::Invalid(format!(
+                "artifact name {filename:?} must end in .swu: SWUpdate ignores any other file"
+            )));
+        }
+        let module_type = spec
+            .module_type
+            .clone()
+            .unwrap_or_else(|| spec.format.default_module_type().into());
+        ota_format::api::check_name("software module type", &module_type)
+            .map_err(ReleaseError::Invalid)?;
+        let p = tmp.to_path_buf();
+        let (sha1, md5) = tokio::task::spawn_blocking(move || sha1_md5(&p))
+            .await
+            .map_err(|e| ReleaseError::Invalid(format!("hashing the upload: {e}")))?
+            .map_err(|e| ReleaseError::Invalid(format!("reading the upload: {e}")))?;
+        let size = std::fs::metadata(tmp)
+            .map_err(|e| ReleaseError::Invalid(format!("reading the upload: {e}")))?
+            .len();
+        if size == 0 {
+            return Err(ReleaseError::Invalid("the bundle is empty".into()));
+        }
+        let (sha, size) = self.artifacts.adopt_file(tmp, sha256).await?;
+        Ok(Bundle {
+            format: spec.format,
+            filename,
+            size,
+            sha256: sha,
+            sha1,
+            md5,
+            module_type,
+        })
+    }
+
+    /// Attaches a bundle to an existing image release, so that one release
+    /// — and so one rollout, under one cap — serves agents its edge-ota
+    /// payloads and DDI targets the bundle (a mixed fleet of one device
+    /// type). The same bundle again is a no-op; another one is refused
+    /// (releases are immutable).
+    ///
+    /// # Cancel safety
+    /// The record changes in one write (sled: under the catalogue's lock,
+    /// then made durable; PostgreSQL: one transaction); cancelled before,
+    /// an unreferenced artifact may stay.
+    pub async fn attach_bundle(
+        &self,
+        device_type: &str,
+        version: &str,
+        tmp: &Path,
+        sha256: &Digest,
+        spec: &BundleSpec,
+    ) -> Result<ReleaseRecord, ReleaseError> {
+        self.refresh().await?;
+        let k = (device_type.to_string(), version.to_string());
+        let not_found = || ReleaseError::NotFound {
+            device_type: device_type.into(),
+            version: version.into(),
+        };
+        let existing = self
+            .map
+            .read()
+            .unwrap()
+            .get(&k)
+            .cloned()
+            .ok_or_else(not_found)?;
+        if let Some(b) = &existing.bundle {
+            if b.sha256 == *sha256 {
+                return Ok(existing);
+            }
+            return Err(ReleaseError::Invalid(format!(
+                "release {version} of {device_type} already carries a bundle ({}); releases are immutable, add a new version",
+                b.filename
+            )));
+        }
+        let bundle = self
+            .ingest_bundle(device_type, version, tmp, sha256, spec)
+            .await?;
+        let attach = |r: &mut ReleaseRecord| {
+            if r.bundle.is_none() {
+                r.builds.push(bundle_build(&bundle));
+                r.bundle = Some(bundle.clone());
+            }
+        };
+        let rec = match &self.db {
+            ReleaseDb::Sled(store) => {
+                let rec = {
+                    // Under the lock the builder also takes (`set_build`),
+                    // so neither write loses the other's change.
+                    let mut map = self.map.write().unwrap();
+                    let r = map.get_mut(&k).ok_or_else(not_found)?;
+                    attach(r);
+                    store
+                        .releases
+                        .insert(key2(device_type, version), encode(&*r))?;
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Release);
+                    r.clone()
+                };
+                store.durable().await?;
+                rec
+            }
+            ReleaseDb::Postgres(pool) => {
+                let mut c = crate::pg::conn(pool).await?;
+                let tx = c.transaction().await.map_err(crate::pg::err)?;
+                let row = tx
+                    .query_opt(
+                        "SELECT record FROM releases WHERE device_type = $1 AND version = $2 FOR UPDATE",
+                        &[&device_type, &version],
+                    )
+                    .await
+                    .map_err(crate::pg::err)?
+                    .ok_or_else(not_found)?;
+                let mut rec: tokio_postgres::types::Json<ReleaseRecord> = row.get(0);
+                attach(&mut rec.0);
+                tx.execute(
+                    "UPDATE releases SET record = $3 WHERE device_type = $1 AND version = $2",
+                    &[&device_type, &version, &rec],
+                )
+                .await
+                .map_err(crate::pg::err)?;
+                tx.commit().await.map_err(crate::pg::err)?;
+                let mut map = self.map.write().unwrap();
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                map.insert(k, rec.0.clone());
+                rec.0
+            }
+        };
+        info!(device_type, version, "bundle attached to the release");
+        Ok(rec)
+    }
+
     /// The bundle of release `version` of `device_type`, if it is opaque.
     pub fn bundle(&self, device_type: &str, version: &str) -> Option<Bundle> {
         self.map
@@ -281,6 +392,27 @@ impl Releases {
             .unwrap()
             .get(&(device_type.to_string(), version.to_string()))
             .and_then(|r| r.bundle.clone())
+    }
+}
+
+/// The one build of a bundle: ready at once, the bundle both "manifest"
+/// and payload (nothing of edge-ota's format is involved), its codec
+/// keeping agents from being offered it.
+fn bundle_build(b: &Bundle) -> Build {
+    Build {
+        from_version: None,
+        status: BuildStatus::Ready,
+        artifacts: Some(Artifacts {
+            from_version: None,
+            manifest_sha256: b.sha256,
+            manifest_size: 0,
+            payload_sha256: b.sha256,
+            payload_size: b.size,
+            codecs: vec![b.format.codec().into()],
+        }),
+        error: None,
+        seconds: Some(0.0),
+        progress: None,
     }
 }
 

@@ -449,6 +449,7 @@ pub async fn bundle_release(
             ota_server::releases::bundle::BundleFormat::Swu,
             Some(filename),
             None,
+            false,
             &p,
             false,
         )
