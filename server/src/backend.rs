@@ -122,6 +122,31 @@ pub trait StateBackend: Send + Sync + 'static {
     /// memberships and its last [`DEVICE_HISTORY`] events.
     async fn device_view(&self, id: &str) -> Result<Option<serde_json::Value>, StoreError>;
 
+    /// Replaces the tags of device `id` (its token stays); `false` if there
+    /// is none. Rollout selectors see them from the device's next request.
+    async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError>;
+
+    /// The release rollout `id` offers, without the status counts
+    /// [`StateBackend::rollout_status`] computes (a scan of its members):
+    /// DDI asks it on every deploymentBase, feedback and download request.
+    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError>;
+
+    /// Device `id` with no credential of its own: the DDI gateway token
+    /// ([`crate::ddi`]) vouches for it. Looked up as a certificate whose
+    /// "serial" can be on no revocation list (serials are hex), keyed per
+    /// device so the PostgreSQL backend's auth cache keeps one entry each.
+    async fn device_by_id(&self, id: &str) -> Result<Option<AuthedDevice>, StoreError> {
+        Ok(
+            match self
+                .authenticate_cert(id, &format!("ddi-gateway:{id}"))
+                .await?
+            {
+                CertAuth::Device(d) => Some(d),
+                CertAuth::Revoked | CertAuth::UnknownDevice => None,
+            },
+        )
+    }
+
     async fn device_count(&self) -> Result<u64, StoreError>;
 
     /// Retires a device: its record and token are deleted (the token stops
@@ -289,6 +314,14 @@ impl StateBackend for LocalState {
 
     async fn device_count(&self) -> Result<u64, StoreError> {
         Ok(self.fleet.len() as u64)
+    }
+
+    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.rollouts.get(id).map(|r| r.record().spec.release))
+    }
+
+    async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {
+        self.fleet.set_tags(id, tags).await
     }
 
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {

@@ -184,6 +184,63 @@ impl AdminClient {
             security_counter,
             allow_downgrade,
         )?;
+        let url = format!(
+            "{}/api/v1/admin/releases/{device_type}/{version}?security_counter={security_counter}&allow_downgrade={allow_downgrade}",
+            self.base
+        );
+        self.put_release(&url, image, progress).await
+    }
+
+    /// Uploads a client's own bundle as an opaque release for DDI targets
+    /// (`release add --format swu|raucb|file --artifact FILE`): stored as
+    /// is, no deltas (see [`crate::releases::bundle`]). With `attach`, the
+    /// bundle joins the existing image release of that version instead.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn release_add_bundle(
+        &self,
+        device_type: &str,
+        version: &str,
+        security_counter: u64,
+        format: crate::releases::bundle::BundleFormat,
+        filename: Option<&str>,
+        module_type: Option<&str>,
+        attach: bool,
+        artifact: &Path,
+        progress: bool,
+    ) -> Result<ReleaseRecord> {
+        if !attach {
+            crate::releases::check_new_release(
+                &self.releases().await?,
+                device_type,
+                version,
+                security_counter,
+                false,
+            )?;
+        }
+        let mut url = reqwest::Url::parse(&format!(
+            "{}/api/v1/admin/releases/{device_type}/{version}",
+            self.base
+        ))
+        .context("building the release URL")?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("security_counter", &security_counter.to_string());
+            q.append_pair("format", format.codec().trim_start_matches("bundle:"));
+            if let Some(f) = filename {
+                q.append_pair("filename", f);
+            }
+            if let Some(m) = module_type {
+                q.append_pair("module_type", m);
+            }
+            if attach {
+                q.append_pair("attach", "true");
+            }
+        }
+        self.put_release(url.as_str(), artifact, progress).await
+    }
+
+    /// Streams `image` to `url` (a release PUT) with an optional progress bar.
+    async fn put_release(&self, url: &str, image: &Path, progress: bool) -> Result<ReleaseRecord> {
         let f = tokio::fs::File::open(image)
             .await
             .with_context(|| format!("opening {}", image.display()))?;
@@ -210,13 +267,9 @@ impl AdminClient {
                 }
             },
         );
-        let url = format!(
-            "{}/api/v1/admin/releases/{device_type}/{version}?security_counter={security_counter}&allow_downgrade={allow_downgrade}",
-            self.base
-        );
         let resp = self
             .http
-            .put(&url)
+            .put(url)
             .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_LENGTH, len)
             .body(reqwest::Body::wrap_stream(stream))

@@ -114,6 +114,39 @@ pub struct ServerConfig {
     /// Connection hygiene of the listener (timeouts and caps).
     #[serde(default)]
     pub connections: ConnectionsConfig,
+    /// `[ddi]`: the hawkBit DDI device API (`docs/ddi.md`).
+    #[serde(default)]
+    pub ddi: DdiConfig,
+}
+
+/// `[ddi]`: hawkBit Direct Device Integration for SWUpdate, RAUC and other
+/// hawkBit clients ([`crate::ddi`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdiConfig {
+    /// The tenant in `/{tenant}/controller/v1/...`, compared without case
+    /// (hawkBit's default is `DEFAULT`). Other tenants get 404.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// A gateway token: `Authorization: GatewayToken <t>` acts for any
+    /// provisioned target. Empty (the default) turns gateway tokens off;
+    /// otherwise at least 16 characters. Anonymous DDI access is never
+    /// allowed.
+    #[serde(default)]
+    pub gateway_token: String,
+}
+
+fn default_tenant() -> String {
+    "DEFAULT".into()
+}
+
+impl Default for DdiConfig {
+    fn default() -> Self {
+        DdiConfig {
+            tenant: default_tenant(),
+            gateway_token: String::new(),
+        }
+    }
 }
 
 /// `[storage]`: the durable state backend.
@@ -487,6 +520,22 @@ impl ServerConfig {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.admin_token.len() < 16 {
             return bad("admin_token must be at least 16 characters".into());
+        }
+        if !self.ddi.gateway_token.is_empty() && self.ddi.gateway_token.len() < 16 {
+            return bad(
+                "ddi.gateway_token must be empty (gateway tokens off) or at least 16 characters"
+                    .into(),
+            );
+        }
+        if self.ddi.tenant.is_empty()
+            || self.ddi.tenant.len() > 64
+            || !self
+                .ddi
+                .tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return bad("ddi.tenant must be 1-64 characters of A-Z a-z 0-9 _ -".into());
         }
         if !self.enrollment_key.is_empty() && self.enrollment_key.len() < 16 {
             return bad(

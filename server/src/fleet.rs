@@ -159,6 +159,34 @@ impl Fleet {
         Ok(token)
     }
 
+    /// Replaces a device's tags (its token stays), once durable; `false` if
+    /// there is no such device. DDI `configData` lands here
+    /// ([`crate::ddi`]). Two concurrent updates of one device: the later
+    /// write wins.
+    ///
+    /// # Cancel safety
+    /// Memory follows only a durable write; cancelled before, the tags may
+    /// or may not have changed after a crash, and the target sends its
+    /// attributes again when asked.
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<bool, StoreError> {
+        let Some(dev) = self.get(id) else {
+            return Ok(false);
+        };
+        let rec = {
+            let mut r = dev.record.lock().unwrap().clone();
+            r.tags = tags;
+            r
+        };
+        self.store.devices.insert(id.as_bytes(), encode(&rec))?;
+        self.store.durable().await?;
+        dev.record.lock().unwrap().tags = rec.tags;
+        Ok(true)
+    }
+
     /// Deletes a device and revokes its token, once the deletion is durable;
     /// `false` if there was none.
     ///

@@ -42,7 +42,7 @@ pub struct ApiErr(pub StatusCode, pub &'static str, pub String);
 /// could not be reached. [`count_unavailable`] counts and logs these: the
 /// conversion from [`StoreError`] has no access to the replica's metrics.
 #[derive(Clone)]
-struct BackendUnavailable(String);
+pub(crate) struct BackendUnavailable(pub(crate) String);
 
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
@@ -130,7 +130,7 @@ fn body_error(e: axum::Error) -> Option<ApiErr> {
 }
 
 /// Reads a JSON body of at most `MAX_REQUEST_BYTES`.
-async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiErr> {
+pub(crate) async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiErr> {
     let bytes = axum::body::to_bytes(body, api::MAX_REQUEST_BYTES)
         .await
         .map_err(|e| {
@@ -305,6 +305,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/admin/rollouts/{id}/{verb}",
             post(admin_rollout_action),
         )
+        .merge(crate::ddi::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,
@@ -433,7 +434,7 @@ fn check_device_fields(id: &str, t: &str, tags: &BTreeMap<String, String>) -> Re
 }
 
 /// `base` milliseconds with ± `jitter` relative jitter.
-fn jittered(base: u64, jitter: f64) -> u64 {
+pub(crate) fn jittered(base: u64, jitter: f64) -> u64 {
     let f = 1.0 + rand::rng().random_range(-jitter..=jitter);
     ((base as f64) * f).max(100.0) as u64
 }
@@ -786,6 +787,20 @@ struct ReleaseQuery {
     /// A lower version on purpose (needs a higher security counter).
     #[serde(default)]
     allow_downgrade: bool,
+    /// `swu`, `raucb` or `file`: an opaque release (the body is the
+    /// client's bundle, stored as is; see [`crate::releases::bundle`]).
+    #[serde(default)]
+    format: Option<String>,
+    /// The bundle's file name as DDI clients see it.
+    #[serde(default)]
+    filename: Option<String>,
+    /// The DDI software-module type (default `os`).
+    #[serde(default)]
+    module_type: Option<String>,
+    /// Attach the bundle to the existing image release of this version
+    /// (one rollout for agents and DDI targets of one device type).
+    #[serde(default)]
+    attach: bool,
 }
 
 fn release_err(e: crate::releases::ReleaseError) -> ApiErr {
@@ -811,16 +826,43 @@ async fn admin_release_add(
     admin_auth(&app, &headers)?;
     api::check_name("device type", &device_type).map_err(bad_request)?;
     api::check_name("version", &version).map_err(bad_request)?;
-    // Refuse a version devices would refuse before the upload, not after.
-    app.releases
-        .precheck(
-            &device_type,
-            &version,
-            q.security_counter,
-            q.allow_downgrade,
-        )
-        .await
-        .map_err(release_err)?;
+    let bundle = match &q.format {
+        None => None,
+        Some(f) => Some(crate::releases::bundle::BundleSpec {
+            format: crate::releases::bundle::BundleFormat::parse(f).map_err(bad_request)?,
+            filename: q.filename.clone(),
+            module_type: q.module_type.clone(),
+        }),
+    };
+    if bundle.is_none() && (q.filename.is_some() || q.module_type.is_some() || q.attach) {
+        return Err(bad_request(
+            "filename, module_type and attach describe a bundle: give format=swu|raucb|file too",
+        ));
+    }
+    if q.attach {
+        // The release must exist: refused before the upload.
+        app.releases.refresh().await?;
+        if !app.releases.exists(&device_type, &version) {
+            return Err(ApiErr(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no release {version} of {device_type} to attach a bundle to; add the image release first (or leave out attach for a bundle-only release)"
+                ),
+            ));
+        }
+    } else {
+        // Refuse a version devices would refuse before the upload, not after.
+        app.releases
+            .precheck(
+                &device_type,
+                &version,
+                q.security_counter,
+                q.allow_downgrade,
+            )
+            .await
+            .map_err(release_err)?;
+    }
     // Stream the image to a temporary file; never hold it in memory.
     let tmp = tempfile::Builder::new()
         .prefix("upload-")
@@ -843,6 +885,32 @@ async fn admin_release_add(
         ingest.write(chunk).await.map_err(disk_err)?;
     }
     let (sha, _) = ingest.finish().await.map_err(disk_err)?;
+    if let Some(spec) = &bundle
+        && q.attach
+    {
+        let rec = app
+            .releases
+            .attach_bundle(&device_type, &version, &path, &sha, spec)
+            .await
+            .map_err(release_err)?;
+        return Ok((StatusCode::OK, axum::Json(rec)).into_response());
+    }
+    if let Some(spec) = &bundle {
+        let rec = app
+            .releases
+            .add_bundle(
+                &device_type,
+                &version,
+                q.security_counter,
+                q.allow_downgrade,
+                &path,
+                &sha,
+                spec,
+            )
+            .await
+            .map_err(release_err)?;
+        return Ok((StatusCode::CREATED, axum::Json(rec)).into_response());
+    }
     let rec = app
         .releases
         .add(

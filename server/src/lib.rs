@@ -21,6 +21,8 @@
 //!   certificates) and the acceptor that hands the peer certificate to the
 //!   handlers.
 //! - [`releases`]: the release catalogue and the background delta builder;
+//!   [`releases::bundle`] opaque releases (a DDI client's own bundle,
+//!   stored as is, no deltas);
 //!   [`builder`] runs one build on a low-priority thread of its own and
 //!   keeps its live progress.
 //! - [`artifacts`]: content-addressed files served with HTTP Range and an
@@ -36,6 +38,10 @@
 //!   or both during a rotation.
 //! - [`freshness`]: the signed, short-lived statement of the latest release
 //!   per device type that every check-in answer carries.
+//! - [`ddi`]: hawkBit's DDI device API (SWUpdate, RAUC and other hawkBit
+//!   clients) translated onto the same check-in decisions and events as
+//!   the agents', so they share rollouts and the throttle; [`ddi::wire`]
+//!   its JSON and the feedback-to-event mapping.
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`admin`] the inventory list and the deletions (device retire,
 //!   release delete) with the checks that keep them safe.
@@ -60,6 +66,7 @@ pub mod builder;
 pub mod certs;
 pub mod client;
 pub mod config;
+pub mod ddi;
 pub mod fleet;
 pub mod freshness;
 pub mod http;

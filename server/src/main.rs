@@ -208,8 +208,30 @@ enum ReleaseCmd {
         #[arg(long, value_name = "T")]
         device_type: String,
         /// The complete root filesystem image; deltas from every earlier release are built from it.
-        #[arg(long, value_name = "PATH")]
-        image: PathBuf,
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "artifact",
+            conflicts_with = "artifact"
+        )]
+        image: Option<PathBuf>,
+        /// A DDI client's own bundle (with --format), stored as is for
+        /// hawkBit DDI targets (SWUpdate, RAUC); no deltas are built.
+        #[arg(long, value_name = "FILE", requires = "format")]
+        artifact: Option<PathBuf>,
+        /// The bundle's format: swu (SWUpdate), raucb (RAUC) or file.
+        #[arg(long, value_parser = ["swu", "raucb", "file"], requires = "artifact")]
+        format: Option<String>,
+        /// The artifact's file name DDI clients see (default TYPE-VERSION.EXT).
+        #[arg(long, requires = "artifact")]
+        filename: Option<String>,
+        /// The DDI software-module type (default os; file: application).
+        #[arg(long, requires = "artifact")]
+        module_type: Option<String>,
+        /// Attach the bundle to the existing image release of --version, so
+        /// one rollout serves agents and DDI targets of the device type.
+        #[arg(long, requires = "artifact")]
+        attach: bool,
         /// Anti-rollback counter for this release's manifests.
         #[arg(long, default_value_t = 0)]
         security_counter: u64,
@@ -756,10 +778,52 @@ async fn release_cmd(conn: Conn, cmd: ReleaseCmd) -> Result<()> {
             version,
             device_type,
             image,
+            artifact,
+            format,
+            filename,
+            module_type,
+            attach,
             security_counter,
             allow_downgrade,
             wait,
         } => {
+            if let (Some(artifact), Some(format)) = (artifact, format) {
+                if allow_downgrade {
+                    bail!("--allow-downgrade applies to image releases only");
+                }
+                let format = ota_server::releases::bundle::BundleFormat::parse(&format)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let r = c
+                    .release_add_bundle(
+                        &device_type,
+                        &version,
+                        security_counter,
+                        format,
+                        filename.as_deref(),
+                        module_type.as_deref(),
+                        attach,
+                        &artifact,
+                        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                    )
+                    .await?;
+                let b = r
+                    .bundle
+                    .as_ref()
+                    .context("the server answered without the bundle")?;
+                println!(
+                    "release {} of {} added: {} ({} bytes, sha256 {}, sha1 {}, md5 {}), module type {}; served to DDI targets as is",
+                    r.version,
+                    r.device_type,
+                    b.filename,
+                    b.size,
+                    b.sha256,
+                    b.sha1,
+                    b.md5,
+                    b.module_type
+                );
+                return Ok(());
+            }
+            let image = image.context("give --image, or --artifact with --format")?;
             let r = c
                 .release_add_opts(
                     &device_type,

@@ -1341,6 +1341,29 @@ impl StateBackend for PgState {
         Ok(n as u64)
     }
 
+    async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {
+        let c = conn(&self.pool).await?;
+        let n = c
+            .execute(
+                "UPDATE devices SET tags = $2 WHERE id = $1",
+                &[&id, &Json(&tags)],
+            )
+            .await
+            .map_err(err)?;
+        // This replica sees the new tags at once; others within AUTH_CACHE_MS.
+        self.auth.retain(|_, (d, _)| d.id != id);
+        Ok(n == 1)
+    }
+
+    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
+        if let Some(r) = self.cached(id) {
+            return Ok(Some(r.rec.spec.release.clone()));
+        }
+        // Created on another replica since the last refresh.
+        self.refresh().await?;
+        Ok(self.cached(id).map(|r| r.rec.spec.release.clone()))
+    }
+
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
         let c = conn(&self.pool).await?;
         let n = c

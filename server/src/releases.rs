@@ -20,6 +20,8 @@
 //! half-written output lives only in `tmp/`, which start-up empties, and an
 //! artifact becomes visible only by an atomic rename once complete.
 
+pub mod bundle;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -115,6 +117,10 @@ pub struct ReleaseRecord {
     pub seq: u64,
     pub security_counter: u64,
     pub builds: Vec<Build>,
+    /// Set for an opaque release ([`bundle`]): the client's own bundle,
+    /// served to DDI targets as is; no deltas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<bundle::Bundle>,
 }
 
 /// Errors of release handling, mapped to 4xx/5xx by the API.
@@ -592,9 +598,26 @@ impl Releases {
     ) -> Option<Artifacts> {
         let map = self.map.read().unwrap();
         let r = map.get(&(device_type.to_string(), version.to_string()))?;
+        // A DDI target (it advertises bundle codecs) gets the release's
+        // bundle and nothing else; an agent never gets a bundle (see
+        // [`bundle`]): one release can carry both, for a mixed fleet.
+        if codecs.iter().any(|c| bundle::is_bundle_codec(c)) {
+            return r
+                .builds
+                .iter()
+                .filter(|b| b.status == BuildStatus::Ready)
+                .filter_map(|b| b.artifacts.as_ref())
+                .find(|a| bundle::is_bundle_build(a) && a.codecs.iter().all(|c| codecs.contains(c)))
+                .cloned();
+        }
         let ready = |f: Option<&str>| {
             r.builds
                 .iter()
+                .filter(|b| {
+                    b.artifacts
+                        .as_ref()
+                        .is_none_or(|a| !bundle::is_bundle_build(a))
+                })
                 .find(|b| b.status == BuildStatus::Ready && b.from_version.as_deref() == f)
                 .and_then(|b| b.artifacts.as_ref())
         };
@@ -693,7 +716,12 @@ impl Releases {
                 seconds: None,
                 progress: None,
             }];
-            for e in earlier.iter().take(self.settings.delta_history) {
+            // No delta from an opaque release: its bundle is no block image.
+            for e in earlier
+                .iter()
+                .filter(|e| e.bundle.is_none())
+                .take(self.settings.delta_history)
+            {
                 builds.push(Build {
                     from_version: Some(e.version.clone()),
                     status: BuildStatus::Pending,
@@ -712,6 +740,7 @@ impl Releases {
                 seq,
                 security_counter,
                 builds,
+                bundle: None,
             }
         };
         if let Some(old) = self.db.insert_new(&rec).await? {

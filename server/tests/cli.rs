@@ -233,3 +233,59 @@ async fn admin_commands_speak_human_with_json_on_request() {
     let (out, _) = admin(&ts, &["device", "list"]);
     assert!(!out.contains("dev-2"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn release_add_format_swu_stores_the_bundle_as_is_with_its_hashes() {
+    let ts = TestServer::start("").await;
+    let p = ts.dir.path().join("fw.swu");
+    // Not a multiple of 4096: an image release would refuse it.
+    std::fs::write(&p, b"070701 not really a cpio, stored as is").unwrap();
+    let path = p.to_str().unwrap();
+    let args = [
+        "release",
+        "add",
+        "--device-type",
+        "swt",
+        "--version",
+        "2.0.0",
+        "--format",
+        "swu",
+        "--artifact",
+        path,
+        "--filename",
+        "fw-2.0.0.swu",
+    ];
+    let (out, _) = admin(&ts, &args);
+    // sha1 of the bytes above, computed independently.
+    use sha1::Digest as _;
+    let sha1 = hex::encode(sha1::Sha1::digest(std::fs::read(&p).unwrap()));
+    assert!(out.contains("fw-2.0.0.swu") && out.contains(&sha1), "{out}");
+    let r = ts.admin.releases().await.unwrap();
+    let b = r[0].bundle.as_ref().expect("an opaque release");
+    assert_eq!((b.size, b.sha1.as_str()), (38, sha1.as_str()));
+    assert_eq!(r[0].builds.len(), 1, "no deltas");
+    // A bundle with --image is refused by the CLI before any upload.
+    let o = ota(
+        &[
+            "release",
+            "add",
+            "--device-type",
+            "swt",
+            "--version",
+            "2.0.1",
+            "--image",
+            path,
+            "--artifact",
+            path,
+            "--format",
+            "swu",
+        ],
+        &[("OTA_SERVER", &ts.base), ("OTA_ADMIN_TOKEN", ADMIN)],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("cannot be used with"),
+        "{}",
+        text(&o.stderr)
+    );
+}

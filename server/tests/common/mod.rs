@@ -66,7 +66,10 @@ pub fn on_postgres() -> bool {
         .ok()
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
         .is_some_and(|f| {
-            f.starts_with("rollout_pg") || f.starts_with("metrics_pg") || f.starts_with("mtls_pg")
+            f.starts_with("rollout_pg")
+                || f.starts_with("metrics_pg")
+                || f.starts_with("mtls_pg")
+                || f.starts_with("ddi_pg")
         })
 }
 
@@ -425,4 +428,106 @@ pub fn slow_image(bytes: usize) -> Vec<u8> {
     }
     img.truncate(bytes);
     img
+}
+
+/// Adds an opaque release (a DDI client's bundle, `release add --format`)
+/// of `bytes`, stored as `filename`.
+pub async fn bundle_release(
+    ts: &TestServer,
+    device_type: &str,
+    version: &str,
+    filename: &str,
+    bytes: &[u8],
+) -> ota_server::releases::ReleaseRecord {
+    let p = ts.dir.path().join(filename);
+    std::fs::write(&p, bytes).unwrap();
+    ts.admin
+        .release_add_bundle(
+            device_type,
+            version,
+            0,
+            ota_server::releases::bundle::BundleFormat::Swu,
+            Some(filename),
+            None,
+            false,
+            &p,
+            false,
+        )
+        .await
+        .unwrap()
+}
+
+/// A hawkBit DDI target speaking plain HTTP (as SWUpdate or RAUC would),
+/// authenticated with its device token as `TargetToken`.
+#[derive(Clone)]
+pub struct Ddi {
+    pub id: String,
+    pub token: String,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Ddi {
+    pub async fn enroll(base: &str, id: &str, device_type: &str, http: &reqwest::Client) -> Ddi {
+        let s = Sim::enroll(base, id, device_type, http).await;
+        Ddi {
+            id: s.id,
+            token: s.token,
+            base: s.base,
+            http: http.clone(),
+        }
+    }
+
+    /// `path` under this target's controller resource (`""` is the base).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/DEFAULT/controller/v1/{}{path}", self.base, self.id)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .header("Authorization", format!("TargetToken {}", self.token))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The base poll's JSON (asserting 200).
+    pub async fn poll(&self) -> serde_json::Value {
+        let r = self.get("").await;
+        assert_eq!(r.status(), 200, "poll of {}", self.id);
+        r.json().await.unwrap()
+    }
+
+    /// The action id the poll links under `rel` (`deploymentBase`,
+    /// `cancelAction`), if any.
+    pub async fn action(&self, rel: &str) -> Option<String> {
+        let p = self.poll().await;
+        p["_links"][rel]["href"]
+            .as_str()
+            .map(|h| h.rsplit('/').next().unwrap().to_string())
+    }
+
+    /// Posts deployment feedback; returns the status code.
+    pub async fn feedback(
+        &self,
+        action: &str,
+        execution: &str,
+        finished: &str,
+        details: &[&str],
+    ) -> u16 {
+        self.http
+            .post(self.url(&format!("/deploymentBase/{action}/feedback")))
+            .header("Authorization", format!("TargetToken {}", self.token))
+            .json(&serde_json::json!({
+                "id": action,
+                "time": "20261202T120000",
+                "status": {"execution": execution, "result": {"finished": finished}, "details": details}
+            }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
 }
