@@ -26,6 +26,16 @@ pub const CODEC_XZ: &str = "xz";
 /// that lists any other ([`Manifest::codecs`]).
 pub const CODECS: &[&str] = &[CODEC_XZ];
 
+/// The bundle formats of clients that fetch a bundle of their own rather
+/// than an edge-ota payload (hawkBit DDI targets: SWUpdate, RAUC), as the
+/// server's DDI API names them in the check-ins it makes for those targets.
+/// An `ota-agent` never lists them.
+pub const BUNDLE_CODECS: &[&str] = &["bundle:swu", "bundle:raucb", "bundle:file"];
+
+/// Every name a [`Codecs`] set can hold: [`CODECS`], then
+/// [`BUNDLE_CODECS`] (one bit each, in this order).
+const KNOWN_CODECS: &[&str] = &[CODEC_XZ, "bundle:swu", "bundle:raucb", "bundle:file"];
+
 /// Every codec this build decodes ([`CODECS`]), as a check-in carries them.
 pub fn codecs() -> Codecs {
     Codecs((1u8 << CODECS.len()) - 1)
@@ -42,16 +52,22 @@ pub fn codecs() -> Codecs {
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct Codecs(u8);
 
-const _: () = assert!(CODECS.len() <= 8, "Codecs holds one bit per codec");
+const _: () = assert!(KNOWN_CODECS.len() <= 8, "Codecs holds one bit per codec");
 
 impl Codecs {
     /// No codec beyond zstd and bzip2 (what agents older than the field
     /// decode).
     pub const NONE: Codecs = Codecs(0);
 
+    /// Every bundle format ([`BUNDLE_CODECS`]): what the DDI API's
+    /// check-ins for a DDI target carry.
+    pub fn bundles() -> Codecs {
+        Codecs(((1u8 << BUNDLE_CODECS.len()) - 1) << CODECS.len())
+    }
+
     /// Whether the set holds the codec named `name`.
     pub fn contains(self, name: &str) -> bool {
-        CODECS
+        KNOWN_CODECS
             .iter()
             .position(|c| *c == name)
             .is_some_and(|i| self.0 & (1 << i) != 0)
@@ -62,9 +78,9 @@ impl Codecs {
         self.0 == 0
     }
 
-    /// The names in the set, in [`CODECS`]' order.
+    /// The names in the set, [`CODECS`] first, then [`BUNDLE_CODECS`].
     pub fn names(self) -> impl Iterator<Item = &'static str> {
-        CODECS
+        KNOWN_CODECS
             .iter()
             .enumerate()
             .filter(move |(i, _)| self.0 & (1 << i) != 0)
@@ -100,7 +116,10 @@ impl<'de> Deserialize<'de> for Codecs {
                     }
                     fn visit_str<E: de::Error>(self, s: &str) -> Result<Name, E> {
                         Ok(Name(
-                            CODECS.iter().position(|c| *c == s).map_or(0, |i| 1 << i),
+                            KNOWN_CODECS
+                                .iter()
+                                .position(|c| *c == s)
+                                .map_or(0, |i| 1 << i),
                         ))
                     }
                 }
@@ -728,6 +747,13 @@ mod tests {
         assert_eq!(serde_json::to_string(&none).unwrap(), "[]");
         assert!(serde_json::from_str::<Codecs>(r#""xz""#).is_err());
         assert!(serde_json::from_str::<Codecs>(r#"[1]"#).is_err());
+        // The bundle formats are a set of their own, after the codecs.
+        assert_eq!(KNOWN_CODECS, [CODECS, BUNDLE_CODECS].concat());
+        let b = Codecs::bundles();
+        assert!(BUNDLE_CODECS.iter().all(|n| b.contains(n)) && !b.contains(CODEC_XZ));
+        assert!(!codecs().names().any(|n| BUNDLE_CODECS.contains(&n)));
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(serde_json::from_str::<Codecs>(&json).unwrap(), b);
     }
 
     #[test]

@@ -601,7 +601,7 @@ impl Releases {
         // A DDI target (it advertises bundle codecs) gets the release's
         // bundle and nothing else; an agent never gets a bundle (see
         // [`bundle`]): one release can carry both, for a mixed fleet.
-        if codecs.iter().any(|c| bundle::is_bundle_codec(c)) {
+        if codecs.names().any(bundle::is_bundle_codec) {
             return r
                 .builds
                 .iter()

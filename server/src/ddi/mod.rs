@@ -46,7 +46,7 @@ use crate::app::App;
 use crate::backend::AuthedDevice;
 use crate::http::ApiErr;
 use crate::metrics::{ActionLabel, KindLabel, ReasonLabel};
-use crate::releases::bundle::{BUNDLE_CODECS, Bundle};
+use crate::releases::bundle::Bundle;
 use crate::rollout::{Decision, Member, Phase, RolloutError};
 use crate::store::StoreError;
 use wire::{
@@ -215,7 +215,7 @@ fn idle_request(dev: &AuthedDevice, version: Option<&str>) -> CheckinRequest {
         state: AgentState::Idle,
         update: None,
         freshness_held: None,
-        delta_codecs: BUNDLE_CODECS.iter().map(|c| c.to_string()).collect(),
+        delta_codecs: ota_format::manifest::Codecs::bundles(),
     }
 }
 

@@ -80,9 +80,6 @@ impl BundleFormat {
     }
 }
 
-/// Every bundle codec: what a DDI target advertises in its check-ins.
-pub const BUNDLE_CODECS: [&str; 3] = ["bundle:swu", "bundle:raucb", "bundle:file"];
-
 /// Whether `codec` names a bundle format.
 pub fn is_bundle_codec(codec: &str) -> bool {
     codec.starts_with("bundle:")
@@ -419,6 +416,18 @@ fn bundle_build(b: &Bundle) -> Build {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_bundle_format_is_a_codec_a_ddi_check_in_carries() {
+        let ddi = ota_format::manifest::Codecs::bundles();
+        for f in [BundleFormat::Swu, BundleFormat::Raucb, BundleFormat::File] {
+            assert!(
+                is_bundle_codec(f.codec()) && ddi.contains(f.codec()),
+                "{f:?}"
+            );
+        }
+        assert!(!ota_format::manifest::codecs().names().any(is_bundle_codec));
+    }
 
     #[test]
     fn sha1_and_md5_match_known_digests() {
