@@ -1,5 +1,7 @@
 //! The fleet load test in a small configuration, faults on: the throttle
-//! holds, no event is lost, no device ends on a wrong image.
+//! holds, no event is lost, no device ends on a wrong image. A fifth of the
+//! fleet are hawkBit DDI targets in the same rollout (a mixed fleet under
+//! one cap and start rate, through the server's kill -9).
 
 use std::process::Command;
 
@@ -45,6 +47,8 @@ fn a_small_faulty_fleet_updates_within_every_limit() {
             "0.02",
             "--real-slot-rate",
             "0.05",
+            "--ddi-share",
+            "0.2",
             "--server-restart-at",
             "6s",
             "--deadline",
@@ -78,5 +82,9 @@ fn a_small_faulty_fleet_updates_within_every_limit() {
         300,
         "{stdout}"
     );
+    // The DDI targets were counted under the same cap above; nearly all of
+    // them (the silent ones excepted) committed through the DDI API.
+    assert!(n("ddi_targets") >= 30, "{stdout}");
+    assert!(n("ddi_committed") + 5 >= n("ddi_targets"), "{stdout}");
     assert!(out.path().join("chart.svg").exists());
 }

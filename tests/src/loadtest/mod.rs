@@ -32,6 +32,7 @@
 //! Every loop is bounded: devices stop at the run's deadline, the harness
 //! kills the servers (and nginx) it started, and the run ends by itself.
 
+pub mod ddi;
 pub mod faults;
 pub mod proxy;
 pub mod report;
@@ -110,6 +111,13 @@ pub struct Args {
     /// Devices that go silent after admission (leases must expire).
     #[arg(long, default_value_t = 0.0)]
     pub silent_rate: f64,
+    /// Devices that are hawkBit DDI targets instead of agents (as SWUpdate
+    /// or RAUC would be): they poll the DDI API and fetch a bundle attached
+    /// to the same release, in the same rollout, under the same cap and
+    /// start rate (`loadtest::ddi`). Of the faults only --silent-rate
+    /// applies to them.
+    #[arg(long, default_value_t = 0.0)]
+    pub ddi_share: f64,
     /// Devices on slow links.
     #[arg(long, default_value_t = 0.0)]
     pub slow_rate: f64,
@@ -400,6 +408,27 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         std::fs::write(&p, img)?;
         admin.release_add("sim", v, 0, &p, false).await?;
     }
+    if !(0.0..=1.0).contains(&args.ddi_share) {
+        bail!("--ddi-share is a fraction of the fleet (0..1)");
+    }
+    if args.ddi_share > 0.0 {
+        // DDI targets get a bundle of their own format attached to the same
+        // release (here the new image itself, as a `file` bundle).
+        admin
+            .release_add_bundle(
+                "sim",
+                "2.0",
+                0,
+                ota_server::releases::bundle::BundleFormat::File,
+                Some("sim-2.0.img"),
+                None,
+                true,
+                &dir.path().join("2.0.img"),
+                false,
+            )
+            .await
+            .context("attaching the DDI targets' bundle to release 2.0")?;
+    }
     let t = Instant::now();
     loop {
         let r = admin.releases().await?;
@@ -474,6 +503,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         trusted,
         cancel: CancellationToken::new(),
         stats: sim::FleetStats::new(args.devices),
+        is_ddi: ddi_targets(&args, seed),
         args: args.clone(),
         started: Instant::now(),
         slots_dir,
@@ -484,8 +514,31 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let run_started = shared.started;
     let mut tasks = tokio::task::JoinSet::new();
     let plan = sim::assign_faults(&args, seed);
+    let is_ddi = shared.is_ddi.clone();
     let all_tokens = tokens.clone();
     for (i, (token, faults)) in tokens.into_iter().zip(plan).enumerate() {
+        if is_ddi[i] {
+            let dev = sim::Device {
+                index: i,
+                id: sim::device_id(i),
+                client: Client::from_reqwest(direct[i % direct.len()].clone(), &base, t),
+                faults: sim::Faults {
+                    silent: faults.silent,
+                    ..Default::default()
+                },
+                wave: rollout.wave_of(&sim::device_id(i)),
+            };
+            tasks.spawn(ddi::run_target(
+                ddi::Target {
+                    device: dev,
+                    http: direct[i % direct.len()].clone(),
+                    base: base.clone(),
+                    token,
+                },
+                shared.clone(),
+            ));
+            continue;
+        }
         let (pool, url) = if faults.via_proxy {
             (&via_proxy, &proxy_base)
         } else {
@@ -607,7 +660,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
             shared.stats.state[i].load(Ordering::Relaxed) == sim::DevState::Committed as u8
         })
         .collect();
-    let report_in = report_in(&direct, &base, t, &admin, &all_tokens, &committed).await;
+    let report_in = report_in(&direct, &base, t, &admin, &all_tokens, &committed, &is_ddi).await;
     let stats = admin_retry("admin stats", || admin.stats()).await?;
     let events_stored = stats["events_stored"]
         .as_u64()
@@ -669,8 +722,18 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     Ok((r, ok))
 }
 
-/// Checks in every device of `committed` on version 2.0 (booted from slot
-/// B) and asks the server, through the balancer, which version each runs.
+/// Which devices are DDI targets (`--ddi-share`), reproducibly from `seed`.
+fn ddi_targets(a: &Args, seed: u64) -> Vec<bool> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xdd1);
+    (0..a.devices)
+        .map(|_| rng.random::<f64>() < a.ddi_share)
+        .collect()
+}
+
+/// Checks in every agent of `committed` on version 2.0 (booted from slot
+/// B) and asks the server, through the balancer, which version each runs
+/// (DDI targets are only asked).
 /// Returns how many it knows on 2.0 and a few of the others, with why.
 async fn report_in(
     http: &[reqwest::Client],
@@ -679,6 +742,7 @@ async fn report_in(
     admin: &ota_server::client::AdminClient,
     tokens: &[String],
     committed: &[usize],
+    is_ddi: &[bool],
 ) -> (u64, Vec<String>) {
     use futures_util::StreamExt;
     use ota_format::api::{AgentState, CheckinRequest, Slot};
@@ -700,7 +764,11 @@ async fn report_in(
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
                 }
-                if let Err(e) = c.checkin(&req).await {
+                // A DDI target reported `closed/success`: the server must
+                // know its version from that alone.
+                if !is_ddi[i]
+                    && let Err(e) = c.checkin(&req).await
+                {
                     last = format!("{id}: check-in on 2.0: {e}");
                     continue;
                 }

@@ -118,6 +118,10 @@ pub struct Report {
     pub real_slots_verified: u64,
     pub operations_verified: u64,
     pub committed: u64,
+    /// Of the devices, hawkBit DDI targets (`--ddi-share`), and how many
+    /// of those committed (included in `committed`).
+    pub ddi_targets: u64,
+    pub ddi_committed: u64,
     /// Devices the rollout counts committed (fleet-wide, all replicas). A
     /// device whose lease expired (say, during an outage) before it
     /// reported may have committed without being counted here.
@@ -238,6 +242,15 @@ pub fn build(i: Inputs<'_>) -> Report {
         real_slots_verified: st.real_slots_verified.load(Ordering::Relaxed),
         operations_verified: st.ops_verified.load(Ordering::Relaxed),
         committed: c[4],
+        ddi_targets: i.shared.is_ddi.iter().filter(|d| **d).count() as u64,
+        ddi_committed: st
+            .state
+            .iter()
+            .zip(&i.shared.is_ddi)
+            .filter(|(s, d)| {
+                **d && s.load(Ordering::Relaxed) == super::sim::DevState::Committed as u8
+            })
+            .count() as u64,
         server_committed: i.status.totals().committed,
         server_on_new_version: i.server_on_new_version,
         not_on_new_version: i.not_on_new_version,
@@ -354,8 +367,16 @@ impl Report {
             (
                 "outcome",
                 format!(
-                    "{} committed ({} counted by the rollout, {} known on 2.0 by the server), {} rolled back, {} failed, {} silent, {} unfinished",
+                    "{} committed{} ({} counted by the rollout, {} known on 2.0 by the server), {} rolled back, {} failed, {} silent, {} unfinished",
                     self.committed,
+                    if self.ddi_targets > 0 {
+                        format!(
+                            " ({} of {} hawkBit DDI targets)",
+                            self.ddi_committed, self.ddi_targets
+                        )
+                    } else {
+                        String::new()
+                    },
                     self.server_committed,
                     self.server_on_new_version,
                     self.rolled_back,

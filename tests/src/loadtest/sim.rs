@@ -131,11 +131,11 @@ impl FleetStats {
         }
     }
 
-    fn set(&self, i: usize, s: DevState) {
+    pub(super) fn set(&self, i: usize, s: DevState) {
         self.state[i].store(s as u8, Ordering::Relaxed);
     }
 
-    fn record_latency(&self, i: usize, d: Duration) {
+    pub(super) fn record_latency(&self, i: usize, d: Duration) {
         let us = d.as_micros().clamp(1, 120_000_000) as u64;
         let _ = self.latency[i % 16].lock().unwrap().record(us);
     }
@@ -186,6 +186,8 @@ pub struct Shared {
     pub trusted: TrustedKeys,
     pub cancel: CancellationToken,
     pub stats: FleetStats,
+    /// Which devices are hawkBit DDI targets (`--ddi-share`).
+    pub is_ddi: Vec<bool>,
     pub args: Args,
     pub started: Instant,
     pub slots_dir: PathBuf,
@@ -248,7 +250,7 @@ pub async fn enroll_all(clients: &[Client], n: usize, key: &str) -> Result<Vec<S
 }
 
 /// Sleeps unless the run is cancelled; false when cancelled.
-async fn nap(sh: &Shared, d: Duration) -> bool {
+pub(super) async fn nap(sh: &Shared, d: Duration) -> bool {
     tokio::select! {
         _ = sh.cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
@@ -546,10 +548,10 @@ fn sh_len(f: &std::fs::File) -> u64 {
 /// device that holds an update but is between attempts (killed, waiting
 /// for a check-in to renew its lease) downloads nothing and is not
 /// counted, as the server does not count a lease that ran out.
-struct Transferring<'a>(&'a FleetStats);
+pub(super) struct Transferring<'a>(&'a FleetStats);
 
 impl<'a> Transferring<'a> {
-    fn start(sh: &'a Shared) -> Transferring<'a> {
+    pub(super) fn start(sh: &'a Shared) -> Transferring<'a> {
         let st = &sh.stats;
         let now = st.downloading.fetch_add(1, Ordering::SeqCst) + 1;
         if st.max_downloading.fetch_max(now, Ordering::SeqCst) < now {

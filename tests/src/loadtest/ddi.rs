@@ -1,0 +1,286 @@
+//! Simulated hawkBit DDI targets (`--ddi-share`): devices that speak the DDI
+//! device API as SWUpdate's suricatta or RAUC's updater do, in the same
+//! rollout as the agents, under the same cap and start rate.
+//!
+//! A target polls `/{tenant}/controller/v1/{id}` with its `TargetToken`,
+//! sleeps what `config.polling.sleep` says, and when the poll links a
+//! `deploymentBase` it reads the deployment, reports `proceeding`, fetches
+//! the artifact from its `download-http` link while hashing it, checks the
+//! size and SHA-256 the deployment named, and reports `closed` with
+//! `success` (or `failure` with the reason). It parses the JSON itself
+//! (`serde_json::Value`), not through the server's types, as an independent
+//! client would. Of the fleet's faults only `silent` applies: a silent
+//! target stops after reading its deployment, and the server must expire
+//! its lease.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+
+use super::sim::{DevState, Device, Shared, Transferring, nap};
+
+/// hawkBit's default tenant, which `ota-server` serves unless `ddi.tenant`
+/// says otherwise.
+const TENANT: &str = "DEFAULT";
+
+/// One DDI target: its device (id, wave, faults) and its token.
+pub struct Target {
+    pub device: Device,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+}
+
+/// Why one attempt ended.
+enum Attempt {
+    /// Nothing to do yet: poll again after this long.
+    Sleep(Duration),
+    /// Installed and reported `closed/success`.
+    Committed,
+    /// Went quiet on purpose (the `silent` fault).
+    Silent,
+    /// The artifact was not what the deployment named; reported
+    /// `closed/failure`. A wrong image is final, as for an agent.
+    WrongArtifact,
+}
+
+/// Runs one target until it committed, went silent or the run is over.
+pub async fn run_target(t: Target, sh: Arc<Shared>) {
+    let st = &sh.stats;
+    let i = t.device.index;
+    st.wave[i].store(t.device.wave as u8, Ordering::Relaxed);
+    st.set(i, DevState::Idle);
+    let mut errors = 0u32;
+    loop {
+        if sh.cancel.is_cancelled() {
+            st.set(i, DevState::TimedOut);
+            return;
+        }
+        match attempt(&t, &sh).await {
+            Ok(Attempt::Sleep(d)) => {
+                errors = 0;
+                if !nap(&sh, d).await {
+                    st.set(i, DevState::TimedOut);
+                    return;
+                }
+            }
+            Ok(Attempt::Committed) => {
+                st.set(i, DevState::Committed);
+                return;
+            }
+            Ok(Attempt::Silent) => {
+                st.set(i, DevState::Silent);
+                return;
+            }
+            Ok(Attempt::WrongArtifact) => {
+                st.set(i, DevState::Failed);
+                return;
+            }
+            Err(e) => {
+                errors += 1;
+                st.checkin_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target = %t.device.id, error = %e, "DDI poll failed");
+                let wait = ota_agent::pool::backoff(
+                    Duration::from_millis(200),
+                    Duration::from_secs(5),
+                    errors,
+                );
+                if !nap(&sh, wait).await {
+                    st.set(i, DevState::TimedOut);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// `HH:MM:SS` of `config.polling.sleep`.
+fn parse_sleep(s: &str) -> Option<Duration> {
+    let mut secs = 0u64;
+    let mut parts = 0;
+    for p in s.split(':') {
+        secs = secs * 60 + p.parse::<u64>().ok()?;
+        parts += 1;
+    }
+    (parts == 3).then(|| Duration::from_secs(secs))
+}
+
+async fn get_json(t: &Target, sh: &Shared, url: &str) -> Result<serde_json::Value, String> {
+    let _slot = sh.in_flight.acquire().await.map_err(|e| e.to_string())?;
+    let sent = tokio::time::Instant::now();
+    let r = t
+        .http
+        .get(url)
+        .header("Authorization", format!("TargetToken {}", t.token))
+        .header("Accept", "application/hal+json")
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = r.status();
+    let body = r.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+    sh.stats.record_latency(t.device.index, sent.elapsed());
+    if !status.is_success() {
+        return Err(format!("GET {url}: {status}: {body}"));
+    }
+    serde_json::from_str(&body).map_err(|e| format!("GET {url}: not JSON ({e}): {body}"))
+}
+
+async fn feedback(
+    t: &Target,
+    sh: &Shared,
+    action: &str,
+    execution: &str,
+    finished: &str,
+    details: &[String],
+) -> Result<(), String> {
+    let url = format!(
+        "{}/{TENANT}/controller/v1/{}/deploymentBase/{action}/feedback",
+        t.base, t.device.id
+    );
+    let body = serde_json::json!({
+        "id": action,
+        "status": {
+            "execution": execution,
+            "result": {"finished": finished},
+            "details": details,
+        }
+    });
+    let _slot = sh.in_flight.acquire().await.map_err(|e| e.to_string())?;
+    let r = t
+        .http
+        .post(&url)
+        .header("Authorization", format!("TargetToken {}", t.token))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    if !r.status().is_success() {
+        let s = r.status();
+        return Err(format!(
+            "POST {url}: {s}: {}",
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    // The server stores `installed` + `committed` for `closed/success` and
+    // one event for every other feedback (docs/ddi.md's mapping): the load
+    // test's accounting of events sent against events stored counts those.
+    let events = if (execution, finished) == ("closed", "success") {
+        2
+    } else {
+        1
+    };
+    sh.stats.events_acked.fetch_add(events, Ordering::Relaxed);
+    Ok(())
+}
+
+/// One poll, and the deployment if the poll offers one.
+async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
+    let st = &sh.stats;
+    let i = t.device.index;
+    let base = format!("{}/{TENANT}/controller/v1/{}", t.base, t.device.id);
+    let poll = get_json(t, sh, &base).await?;
+    st.checkins.fetch_add(1, Ordering::Relaxed);
+    let sleep = poll["config"]["polling"]["sleep"]
+        .as_str()
+        .and_then(parse_sleep)
+        .ok_or_else(|| format!("the poll has no config.polling.sleep: {poll}"))?
+        // The load test compresses time: the server's paced interval is in
+        // whole seconds here, and a target polls at least once a second.
+        .clamp(Duration::from_millis(200), Duration::from_secs(1));
+    let Some(href) = poll["_links"]["deploymentBase"]["href"].as_str() else {
+        // Not admitted (yet): its wave is closed or it is throttled; DDI
+        // does not say which.
+        st.set(i, DevState::Waiting);
+        return Ok(Attempt::Sleep(sleep));
+    };
+    let dep = get_json(t, sh, href).await?;
+    let action = match &dep["id"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        other => return Err(format!("deploymentBase has no id: {other}")),
+    };
+    if t.device.faults.silent {
+        return Ok(Attempt::Silent);
+    }
+    let art = &dep["deployment"]["chunks"][0]["artifacts"][0];
+    let url = art["_links"]["download-http"]["href"]
+        .as_str()
+        .or_else(|| art["_links"]["download"]["href"].as_str())
+        .ok_or_else(|| format!("the deployment names no artifact link: {dep}"))?;
+    let size = art["size"].as_u64().ok_or("the artifact has no size")?;
+    let want = art["hashes"]["sha256"]
+        .as_str()
+        .ok_or("the artifact has no sha256")?
+        .to_string();
+    feedback(t, sh, &action, "proceeding", "none", &[]).await?;
+    st.starts
+        .lock()
+        .unwrap()
+        .push(sh.started.elapsed().as_millis() as u64);
+    st.set(i, DevState::Downloading);
+    let got = {
+        let _transferring = Transferring::start(sh);
+        download(t, sh, url).await
+    };
+    match got {
+        Ok((n, sha)) if n == size && sha == want => {
+            feedback(t, sh, &action, "closed", "success", &[]).await?;
+            Ok(Attempt::Committed)
+        }
+        Ok((n, sha)) => {
+            st.wrong_images.fetch_add(1, Ordering::Relaxed);
+            let why =
+                format!("artifact is {n} bytes, sha256 {sha}; the deployment said {size}, {want}");
+            tracing::warn!(target = %t.device.id, %why, "wrong artifact");
+            feedback(t, sh, &action, "closed", "failure", &[why]).await?;
+            Ok(Attempt::WrongArtifact)
+        }
+        Err(e) => {
+            st.download_failures.fetch_add(1, Ordering::Relaxed);
+            feedback(t, sh, &action, "closed", "failure", std::slice::from_ref(&e)).await?;
+            st.set(i, DevState::Waiting);
+            Err(e)
+        }
+    }
+}
+
+/// Fetches the artifact, hashing as it streams: its length and SHA-256.
+async fn download(t: &Target, sh: &Shared, url: &str) -> Result<(u64, String), String> {
+    let _slot = sh.in_flight.acquire().await.map_err(|e| e.to_string())?;
+    let r = t
+        .http
+        .get(url)
+        .header("Authorization", format!("TargetToken {}", t.token))
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !r.status().is_success() {
+        return Err(format!("GET {url}: {}", r.status()));
+    }
+    let mut r = r;
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    while let Some(chunk) = r.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+        n += chunk.len() as u64;
+        sh.stats
+            .bytes_received
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        h.update(&chunk);
+    }
+    Ok((n, ota_format::Digest::from(h).to_hex()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polling_sleep_is_hours_minutes_seconds() {
+        assert_eq!(parse_sleep("00:00:05"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_sleep("01:02:03"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_sleep("5"), None);
+        assert_eq!(parse_sleep("00:x:05"), None);
+    }
+}
