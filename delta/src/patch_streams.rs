@@ -443,8 +443,8 @@ pub fn decode_bounded(data: &[u8], dst_len: usize) -> io::Result<Decoded> {
     })
 }
 
-/// Streams this long or longer are not tried with zstd when xz is (see
-/// [`compress`]).
+/// Diff streams this long or longer are tried with zstd at level 1 only when
+/// xz is tried (see [`compress`]).
 pub const ZSTD_BESIDE_XZ_MAX: usize = 16 << 10;
 
 /// xz is not tried on a stream that another codec already shrank to this
@@ -460,18 +460,23 @@ const XZ_MIN_GAIN: usize = 128;
 /// (new bytes) stream about 5–10 % smaller than zstd-19, which is most of
 /// what HDiffPatch's lzma2 mode gains.
 ///
-/// When xz is tried, zstd is tried only on streams shorter than
-/// [`ZSTD_BESIDE_XZ_MAX`] or that bzip2 shrinks to almost nothing (≤ 128
-/// bytes: xz is not tried on those). zstd-19 took as much CPU as xz (perf on
-/// ruff-arm64: 30 % of the generation, xz 27 %), nearly all of it on the
-/// ~1 MiB diff streams, and there it rarely won: of the corpus binaries'
-/// 111 streams of 16 KiB or more, zstd was the smallest in 7 — three of
-/// libcrypto's diff streams by 1–2 % over xz at preset 9 (xz with
-/// [`XZ_DIFF_NICE_LEN`] is 1.7–3.2 % smaller than zstd there), and four diff
-/// streams that are almost all zeros (25–258 bytes: the bzip2 rule keeps
-/// zstd for three, the fourth is 25 bytes larger as bzip2). An earlier
-/// attempt (zstd skipped above 64 KiB, xz at preset 9 on every stream) made
-/// libcrypto's delta 0.6 % larger.
+/// When xz is tried, diff streams of [`ZSTD_BESIDE_XZ_MAX`] or more are
+/// tried with zstd at level 1 rather than `level`, unless bzip2 shrinks
+/// them to almost nothing (≤ 128 bytes: xz is not tried on those, zstd gets
+/// `level`). zstd-19 took as much CPU as xz (perf on ruff-arm64: 30 % of the
+/// generation, xz 27 %), nearly all of it on the ~1 MiB diff streams, and
+/// there it rarely won: of the corpus binaries' 111 streams of 16 KiB or
+/// more, zstd was the smallest in 7, all diff streams — three of
+/// libcrypto's by 1–2 % over xz at preset 9 (xz with [`XZ_DIFF_NICE_LEN`] is
+/// 1.7–3.2 % smaller than zstd there), and four that are almost all zeros
+/// (25–258 bytes: the bzip2 rule keeps zstd-19 for three, the fourth is 25
+/// bytes larger as bzip2). Level 1 costs about 1 % of level 19 and is still
+/// the smallest where nothing compresses (diff bytes of changed compressed
+/// data, as in the `compressed` held-out pair: zstd's raw blocks cost less
+/// than xz's or bzip2's framing), which keeps such payloads free of xz.
+/// Control and extra streams are tried with zstd at `level`: it costs little
+/// there. An earlier attempt (zstd skipped on every stream above 64 KiB, xz
+/// at preset 9 on every stream) made libcrypto's delta 0.6 % larger.
 ///
 /// Returns the data and whether any stream is xz (the manifest must then
 /// list the `xz` codec).
@@ -487,20 +492,21 @@ pub fn compress(
         bz.write_all(s)?;
         let mut best = bz.finish()?;
         let bzip2_len = best.len();
-        let mut zstd_len = 0;
-        if xz_dst_len.is_none() || s.len() < ZSTD_BESIDE_XZ_MAX || bzip2_len <= XZ_MIN_GAIN {
-            let z = zstd::bulk::compress(s, level)?;
-            zstd_len = z.len();
-            // On a tie zstd, the fastest to decode.
-            if z.len() <= best.len() {
-                best = z;
-            }
+        let kind = StreamKind::of(i);
+        let full_zstd = xz_dst_len.is_none()
+            || kind != StreamKind::Diff
+            || s.len() < ZSTD_BESIDE_XZ_MAX
+            || bzip2_len <= XZ_MIN_GAIN;
+        let z = zstd::bulk::compress(s, if full_zstd { level } else { 1 })?;
+        let zstd_len = z.len();
+        // On a tie zstd, the fastest to decode.
+        if z.len() <= best.len() {
+            best = z;
         }
         let mut is_xz = false;
         let mut xz_len = 0;
         if let Some(dst_len) = xz_dst_len.filter(|_| best.len() > XZ_MIN_GAIN) {
             let dict = xz_dict_size(s.len(), dst_len);
-            let kind = StreamKind::of(i);
             if kind == StreamKind::Diff && s.len() >= ZSTD_BESIDE_XZ_MAX {
                 let probe = xz_probe(s, dict)?.len();
                 if probe * XZ_PROBE_DEN >= best.len() * XZ_PROBE_NUM {
@@ -904,6 +910,31 @@ mod tests {
         let mut rest = &data[..];
         decode_stream(&mut rest, 1 << 20, 1 << 20, 0).unwrap();
         assert!(rest.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]), "zstd magic");
+    }
+
+    #[test]
+    fn incompressible_long_diff_streams_stay_zstd_and_need_no_xz() {
+        // Diff bytes between changed compressed blocks are noise: zstd's raw
+        // blocks (level 1 beside xz) are smaller than xz's and bzip2's
+        // framing, so the payload does not need the xz codec.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let diff: Vec<u8> = (0..200_000)
+            .map(|_| {
+                // splitmix64
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) as u8
+            })
+            .collect();
+        let streams = [transpose(&[0u8; 24], CTRL_LEN), diff, vec![]];
+        let (data, used_xz) = compress(&streams, 19, Some(200_000)).unwrap();
+        assert!(!used_xz, "noise should not need xz");
+        let mut rest = &data[..];
+        decode_stream(&mut rest, 1 << 20, 1 << 20, 0).unwrap();
+        assert!(rest.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]), "zstd magic");
+        assert_eq!(decompress(&data, 1 << 20).unwrap()[1], streams[1]);
     }
 
     #[test]
