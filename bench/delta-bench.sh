@@ -19,11 +19,13 @@ CORPUS_PAIRS="libcrypto ruff-arm64 containerd rootfs"
 HELD_OUT_PAIRS="exe-large sec-small moved realloc compressed upgrade-large"
 ALL_PAIRS="$CORPUS_PAIRS $HELD_OUT_PAIRS"
 ALL_TOOLS="ours ours-noxz ours-base bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
+# ours-noxz and ours-base are comparisons asked for by name (ours-base needs --base-server).
+DEFAULT_TOOLS="ours bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
 
 CORPUS=$ROOT/target/corpus
 OUT=$ROOT/target/bench
 PAIRS=$CORPUS_PAIRS
-TOOLS=$ALL_TOOLS
+TOOLS=$DEFAULT_TOOLS
 BSDIFF_TIMEOUT=1800
 APPLY_RUNS=3
 BUILD=1
