@@ -18,12 +18,14 @@ CORPUS_PAIRS="libcrypto ruff-arm64 containerd rootfs"
 # Built by bench/pairs/<pair>.sh (issue 18, item 1): pairs the engine was not tuned on.
 HELD_OUT_PAIRS="exe-large sec-small moved realloc compressed upgrade-large"
 ALL_PAIRS="$CORPUS_PAIRS $HELD_OUT_PAIRS"
-ALL_TOOLS="ours ours-base bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
+ALL_TOOLS="ours ours-noxz ours-base bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
+# ours-noxz and ours-base are comparisons asked for by name (ours-base needs --base-server).
+DEFAULT_TOOLS="ours bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
 
 CORPUS=$ROOT/target/corpus
 OUT=$ROOT/target/bench
 PAIRS=$CORPUS_PAIRS
-TOOLS=$ALL_TOOLS
+TOOLS=$DEFAULT_TOOLS
 BSDIFF_TIMEOUT=1800
 APPLY_RUNS=3
 BUILD=1
@@ -58,6 +60,8 @@ read -r -a TOOLS <<<"$TOOLS"
 for p in "${PAIRS[@]}"; do [[ " $ALL_PAIRS " == *" $p "* ]] || die "unknown pair '$p' (known: $ALL_PAIRS)"; done
 for t in "${TOOLS[@]}"; do [[ " $ALL_TOOLS " == *" $t "* ]] || die "unknown tool '$t' (known: $ALL_TOOLS)"; done
 has_tool() { [[ " ${TOOLS[*]} " == *" $1 "* ]]; }
+# ours-noxz: this tree's ota-server with --no-xz (the payload agents older than the xz codec get,
+# and what the server builds with delta_xz off, its default): the size xz buys and its cost.
 # ours-base: another build of ota-server (e.g. main's, before a change) generating with the same
 # settings, its payload applied by this tree's agent: before/after figures in one run.
 if has_tool ours-base; then
@@ -65,6 +69,7 @@ if has_tool ours-base; then
   [ -x "$BASE_SERVER" ] || die "--base-server $BASE_SERVER is not an executable"
   has_tool ours || die "tool ours-base is compared with ours: select both"
 fi
+if has_tool ours-noxz; then has_tool ours || die "tool ours-noxz is compared with ours: select both"; fi
 
 # ---------------------------------------------------------------------------------------------
 # Dependencies: Debian packages, the hdiffpatch Python module, our release binaries, the corpus.
@@ -174,11 +179,13 @@ run_tool() {
   if [ "$old_size" -gt $((64 << 20)) ]; then xd_b=(-B $(((old_size + (1 << 20) - 1) >> 20 << 20))); fi
 
   case $tool in
-    ours|ours-base)
+    ours|ours-noxz|ours-base)
       local server=$SERVER
+      local -a noxz=()
       if [ "$tool" = ours-base ]; then server=$BASE_SERVER; fi
+      if [ "$tool" = ours-noxz ]; then noxz=(--no-xz); fi
       gen=("$server" delta --from "$old" --from-version 1 --to "$new" --to-version 2
-           --key "$KEYDIR/ota-signing.key" --out "$dir/update" --no-progress)
+           --key "$KEYDIR/ota-signing.key" --out "$dir/update" --no-progress "${noxz[@]}")
       apply=("$AGENT" apply --manifest "$dir/update/manifest.json" --payload "$dir/update/payload.bin"
              --pubkey "$KEYDIR/ota-signing.pub" --source "$old" --out "$out" --no-progress) ;;
     bsdiff)
@@ -211,7 +218,7 @@ run_tool() {
     show_log "$dir/gen.log"
     FAILED=1
   else
-    if [ "$tool" = ours ] || [ "$tool" = ours-base ]; then
+    if [[ $tool == ours* ]]; then
       payload_bytes=$(stat -c %s "$dir/update/payload.bin")
       manifest_bytes=$(stat -c %s "$dir/update/manifest.json")
       patch_bytes=$((payload_bytes + manifest_bytes))
@@ -338,7 +345,7 @@ for r in rows:
         patch = "FAILED: " + (r["note"] or r["status"])
     else:
         patch = f"{r['patch_bytes']:,}"
-        if r["tool"] in ("ours", "ours-base"):
+        if r["tool"] in ("ours", "ours-noxz", "ours-base"):
             patch += f" ({r['payload_bytes']:,} payload + {r['manifest_bytes']:,} manifest)"
     gen_rss = None if r["status"] == "timeout" else r["gen_peak_rss_kib"] / 1024 if r["gen_peak_rss_kib"] is not None else None
     verified = "yes" if r["verified"] else ("—" if r["status"] == "timeout" else f"**NO** ({r['status']})")
@@ -390,6 +397,11 @@ for pair in pairs:
         s["ours_gen_cpu_over_hdiff"] = o["gen_cpu_s"] / fastest["gen_cpu_s"]
         parts.append(f"gen time ours/HDiffPatch ({fastest['tool']}) {s['ours_gen_over_hdiff']:.2f} wall, "
                      f"{s['ours_gen_cpu_over_hdiff']:.2f} CPU")
+    noxz = by.get((pair, "ours-noxz"))
+    if ob and noxz and noxz["status"] == "ok":
+        s["ours_over_noxz_size"] = ob / noxz["patch_bytes"]
+        s["ours_over_noxz_gen_cpu"] = o["gen_cpu_s"] / noxz["gen_cpu_s"]
+        parts.append(f"ours/ours-noxz size {s['ours_over_noxz_size']:.4f}, gen CPU {s['ours_over_noxz_gen_cpu']:.2f}")
     base = by.get((pair, "ours-base"))
     if ob and base and base["status"] == "ok":
         s["ours_over_base_size"] = ob / base["patch_bytes"]

@@ -126,12 +126,85 @@ pub fn xz_dict_size(len: usize, dst_len: usize) -> usize {
     xz_dict_round(len, true).min(xz_dict_round(dst_len, false))
 }
 
+/// Which of a bsdiff patch's three streams (they differ in what LZMA2
+/// settings pay off, see [`xz_compress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    Ctrl,
+    Diff,
+    Extra,
+}
+
+impl StreamKind {
+    fn of(i: usize) -> StreamKind {
+        match i {
+            0 => StreamKind::Ctrl,
+            1 => StreamKind::Diff,
+            _ => StreamKind::Extra,
+        }
+    }
+}
+
+/// LZMA2 match finder settings of diff streams: a match of up to 128 bytes
+/// is taken without looking further (`nice_len`, preset 9: 64), and at most
+/// 16 binary-tree nodes are visited per position (`depth`, preset 9: 48).
+///
+/// Why (measured with liblzma 5.4 on the corpus' streams, CPU seconds of the
+/// xz calls alone, total of the best codec per stream): a diff stream is
+/// mostly zero bytes (old and new agree) between short runs of small
+/// differences, the same few patterns (relocated pointers) again and again:
+/// long matches pay, deep searches barely do. On libcrypto's diff streams
+/// 201,392 bytes in 0.95 s against preset 9's 207,140 bytes in 0.79 s (nice
+/// 273 at preset 9's depth: 193,392 bytes, at about twice preset 9's CPU);
+/// on ruff-arm64's (20 MB) 1,301,844 bytes in 4.41 s against 1,332,056 in
+/// 4.10 s. The control and extra streams lose or gain nothing from it,
+/// so they keep preset 9.
+const XZ_DIFF_NICE_LEN: u32 = 128;
+/// See [`XZ_DIFF_NICE_LEN`].
+const XZ_DIFF_DEPTH: u32 = 16;
+
+/// A diff stream is compressed with xz's full settings only if xz at
+/// preset 1 ([`xz_probe`]) times `XZ_PROBE_NUM / XZ_PROBE_DEN` is smaller
+/// than the best stream so far (bzip2's, or zstd's).
+///
+/// Why: on the sparse diff streams of Go programs (relocated pointer tables)
+/// bzip2 is 25–70 % smaller than xz, and xz's full search was thrown away:
+/// containerd's delta spent 47 % of its CPU in liblzma for one xz stream
+/// out of 47. Preset 1 (hash chains, fast mode) costs 5–11 % of the full
+/// settings, and the full settings were never less than 0.67 × its size on
+/// the corpus binaries' diff streams of 16 KiB or more: at 3/4 the probe
+/// skipped 35 of containerd's 36 full xz runs on them (4.87 of 4.92 CPU s)
+/// and lost no byte on containerd, ruff-arm64 or libcrypto.
+const XZ_PROBE_NUM: usize = 4;
+/// See [`XZ_PROBE_NUM`].
+const XZ_PROBE_DEN: usize = 3;
+
+/// `s` as xz at preset 1 with a dictionary of `dict` bytes: a cheap estimate
+/// of what [`xz_compress`] can reach (see [`XZ_PROBE_NUM`]).
+fn xz_probe(s: &[u8], dict: usize) -> io::Result<Vec<u8>> {
+    xz_encode(s, {
+        let mut opts = xz2::stream::LzmaOptions::new_preset(1).map_err(io::Error::other)?;
+        opts.dict_size(dict as u32);
+        opts
+    })
+}
+
 /// Compresses `s` as one xz stream (LZMA2, no integrity check: every
 /// operation's data and output are SHA-256 verified) with a dictionary of
-/// `dict` bytes.
-fn xz_compress(s: &[u8], dict: usize) -> io::Result<Vec<u8>> {
+/// `dict` bytes, at preset 9 or, for diff streams, preset 9 with
+/// [`XZ_DIFF_NICE_LEN`] and [`XZ_DIFF_DEPTH`]. The settings change only the
+/// encoder's search: the decoder's memory depends on `dict` alone.
+fn xz_compress(s: &[u8], dict: usize, kind: StreamKind) -> io::Result<Vec<u8>> {
     let mut opts = xz2::stream::LzmaOptions::new_preset(9).map_err(io::Error::other)?;
     opts.dict_size(dict as u32);
+    if kind == StreamKind::Diff {
+        opts.nice_len(XZ_DIFF_NICE_LEN).depth(XZ_DIFF_DEPTH);
+    }
+    xz_encode(s, opts)
+}
+
+/// `s` as one xz stream of LZMA2 with `opts`, without an integrity check.
+fn xz_encode(s: &[u8], opts: xz2::stream::LzmaOptions) -> io::Result<Vec<u8>> {
     let mut filters = xz2::stream::Filters::new();
     filters.lzma2(&opts);
     let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::None)
@@ -370,6 +443,14 @@ pub fn decode_bounded(data: &[u8], dst_len: usize) -> io::Result<Decoded> {
     })
 }
 
+/// Diff streams this long or longer are tried with zstd at level 1 only when
+/// xz is tried (see [`compress`]).
+pub const ZSTD_BESIDE_XZ_MAX: usize = 16 << 10;
+
+/// xz is not tried on a stream that another codec already shrank to this
+/// many bytes or fewer: an xz stream costs about 60 bytes of container.
+const XZ_MIN_GAIN: usize = 128;
+
 /// Compresses the three streams of a split patch into an operation's data:
 /// each stream with zstd, bzip2 or (when `xz_dst_len` gives the operation's
 /// output size) xz, whichever is smallest. zstd-19 is the fastest to decode;
@@ -379,9 +460,23 @@ pub fn decode_bounded(data: &[u8], dst_len: usize) -> io::Result<Decoded> {
 /// (new bytes) stream about 5–10 % smaller than zstd-19, which is most of
 /// what HDiffPatch's lzma2 mode gains.
 ///
-/// Every codec is tried on every stream: skipping zstd-19 on streams over
-/// 64 KiB when xz is tried saved about 5 % of generation CPU on ruff-arm64
-/// but made libcrypto's delta 0.6 % larger.
+/// When xz is tried, diff streams of [`ZSTD_BESIDE_XZ_MAX`] or more are
+/// tried with zstd at level 1 rather than `level`, unless bzip2 shrinks
+/// them to almost nothing (≤ 128 bytes: xz is not tried on those, zstd gets
+/// `level`). zstd-19 took as much CPU as xz (perf on ruff-arm64: 30 % of the
+/// generation, xz 27 %), nearly all of it on the ~1 MiB diff streams, and
+/// there it rarely won: of the corpus binaries' 111 streams of 16 KiB or
+/// more, zstd was the smallest in 7, all diff streams — three of
+/// libcrypto's by 1–2 % over xz at preset 9 (xz with [`XZ_DIFF_NICE_LEN`] is
+/// 1.7–3.2 % smaller than zstd there), and four that are almost all zeros
+/// (25–258 bytes: the bzip2 rule keeps zstd-19 for three, the fourth is 25
+/// bytes larger as bzip2). Level 1 costs about 1 % of level 19 and is still
+/// the smallest where nothing compresses (diff bytes of changed compressed
+/// data, as in the `compressed` held-out pair: zstd's raw blocks cost less
+/// than xz's or bzip2's framing), which keeps such payloads free of xz.
+/// Control and extra streams are tried with zstd at `level`: it costs little
+/// there. An earlier attempt (zstd skipped on every stream above 64 KiB, xz
+/// at preset 9 on every stream) made libcrypto's delta 0.6 % larger.
 ///
 /// Returns the data and whether any stream is xz (the manifest must then
 /// list the `xz` codec).
@@ -397,7 +492,12 @@ pub fn compress(
         bz.write_all(s)?;
         let mut best = bz.finish()?;
         let bzip2_len = best.len();
-        let z = zstd::bulk::compress(s, level)?;
+        let kind = StreamKind::of(i);
+        let full_zstd = xz_dst_len.is_none()
+            || kind != StreamKind::Diff
+            || s.len() < ZSTD_BESIDE_XZ_MAX
+            || bzip2_len <= XZ_MIN_GAIN;
+        let z = zstd::bulk::compress(s, if full_zstd { level } else { 1 })?;
         let zstd_len = z.len();
         // On a tie zstd, the fastest to decode.
         if z.len() <= best.len() {
@@ -405,10 +505,23 @@ pub fn compress(
         }
         let mut is_xz = false;
         let mut xz_len = 0;
-        // An xz stream costs about 60 bytes of container: not worth trying
-        // on streams that compress to little.
-        if let Some(dst_len) = xz_dst_len.filter(|_| best.len() > 128) {
-            let x = xz_compress(s, xz_dict_size(s.len(), dst_len))?;
+        if let Some(dst_len) = xz_dst_len.filter(|_| best.len() > XZ_MIN_GAIN) {
+            let dict = xz_dict_size(s.len(), dst_len);
+            if kind == StreamKind::Diff && s.len() >= ZSTD_BESIDE_XZ_MAX {
+                let probe = xz_probe(s, dict)?.len();
+                if probe * XZ_PROBE_DEN >= best.len() * XZ_PROBE_NUM {
+                    tracing::trace!(
+                        stream = i,
+                        len = s.len(),
+                        bzip2 = bzip2_len,
+                        probe,
+                        "xz probe: kept bzip2"
+                    );
+                    out.extend_from_slice(&best);
+                    continue;
+                }
+            }
+            let x = xz_compress(s, dict, kind)?;
             xz_len = x.len();
             if x.len() < best.len() {
                 best = x;
@@ -684,12 +797,17 @@ mod tests {
         let extra = words(20_000, 3);
         // Made with an 8 MiB dictionary, as a foreign or hostile generator
         // might: the applier of a 1 MiB output refuses it before decoding.
-        let big = xz_compress(&extra, 8 << 20).unwrap();
+        let big = xz_compress(&extra, 8 << 20, StreamKind::Extra).unwrap();
         let mut rest = &big[..];
         let e = decode_stream(&mut rest, 1 << 20, 1 << 20, 2).unwrap_err();
         assert!(e.to_string().contains("decoder memory"), "{e}");
         // The same content with a dictionary within the output decodes.
-        let ok = xz_compress(&extra, xz_dict_size(extra.len(), 1 << 20)).unwrap();
+        let ok = xz_compress(
+            &extra,
+            xz_dict_size(extra.len(), 1 << 20),
+            StreamKind::Extra,
+        )
+        .unwrap();
         let mut rest = &ok[..];
         assert_eq!(
             decode_stream(&mut rest, 1 << 20, 1 << 20, 2).unwrap(),
@@ -701,7 +819,7 @@ mod tests {
     #[test]
     fn xz_stream_past_its_cap_truncated_or_tampered_is_an_error() {
         let extra = words(50_000, 5);
-        let x = xz_compress(&extra, 65_536).unwrap();
+        let x = xz_compress(&extra, 65_536, StreamKind::Extra).unwrap();
         let mut rest = &x[..];
         let e = decode_stream(&mut rest, 49_999, 1 << 20, 2).unwrap_err();
         assert!(e.to_string().contains("past 49999"), "{e}");
@@ -723,6 +841,131 @@ mod tests {
                 assert!(out.len() <= 60_000);
             }
         }
+    }
+
+    /// A bsdiff diff stream as relocations make them: `old` is machine code,
+    /// `new` the same with a pointer-sized field changed by one of a few
+    /// offsets at scattered places, as when a section moves.
+    fn relocated_diff(n: usize) -> Vec<u8> {
+        let old = code(n);
+        let mut new = old.clone();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut at = 0;
+        while at + 8 < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let delta = [0x40u8, 0x80, 0xc0][(x % 3) as usize];
+            new[at + 1] = new[at + 1].wrapping_add(delta);
+            at += 8 + (x >> 8) as usize % 120;
+        }
+        crate::suffix_diff::diff(&old, &new).diff
+    }
+
+    #[test]
+    fn diff_stream_xz_settings_beat_preset_9_on_relocations() {
+        let diff = relocated_diff(1 << 20);
+        let dict = xz_dict_size(diff.len(), diff.len());
+        let tuned = xz_compress(&diff, dict, StreamKind::Diff).unwrap();
+        let preset9 = xz_compress(&diff, dict, StreamKind::Extra).unwrap();
+        assert!(
+            tuned.len() < preset9.len(),
+            "{} !< {}",
+            tuned.len(),
+            preset9.len()
+        );
+        // Only the encoder's search differs: the stream decodes under the
+        // same memory limit.
+        let mut rest = &tuned[..];
+        assert_eq!(
+            decode_stream(&mut rest, diff.len(), diff.len(), 1).unwrap(),
+            diff
+        );
+    }
+
+    #[test]
+    fn near_empty_long_streams_still_get_zstd_beside_xz() {
+        // A diff stream of zeros (old and new agree everywhere, as in some
+        // of containerd's operations): bzip2 and zstd both make a few dozen
+        // bytes (xz is not tried), and zstd is the smaller.
+        let diff = vec![0u8; 520_173];
+        let mut ctrl = [0u8; 24];
+        ctrl[0..8].copy_from_slice(&(diff.len() as u64).to_le_bytes());
+        let streams = [transpose(&ctrl, CTRL_LEN), diff, vec![]];
+        let (data, used_xz) = compress(&streams, 19, Some(1 << 20)).unwrap();
+        assert!(!used_xz);
+        let z = zstd::bulk::compress(&streams[1], 19).unwrap();
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+        bz.write_all(&streams[1]).unwrap();
+        let bz = bz.finish().unwrap();
+        assert!(
+            z.len() < bz.len() && bz.len() <= XZ_MIN_GAIN,
+            "{} {}",
+            z.len(),
+            bz.len()
+        );
+        let back = decompress(&data, 2 << 20).unwrap();
+        assert_eq!(back[1], streams[1]);
+        // The diff stream is the zstd frame.
+        let mut rest = &data[..];
+        decode_stream(&mut rest, 1 << 20, 1 << 20, 0).unwrap();
+        assert!(rest.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]), "zstd magic");
+    }
+
+    #[test]
+    fn incompressible_long_diff_streams_stay_zstd_and_need_no_xz() {
+        // Diff bytes between changed compressed blocks are noise: zstd's raw
+        // blocks (level 1 beside xz) are smaller than xz's and bzip2's
+        // framing, so the payload does not need the xz codec.
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let diff: Vec<u8> = (0..200_000)
+            .map(|_| {
+                // splitmix64
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) as u8
+            })
+            .collect();
+        let streams = [transpose(&[0u8; 24], CTRL_LEN), diff, vec![]];
+        let (data, used_xz) = compress(&streams, 19, Some(200_000)).unwrap();
+        assert!(!used_xz, "noise should not need xz");
+        let mut rest = &data[..];
+        decode_stream(&mut rest, 1 << 20, 1 << 20, 0).unwrap();
+        assert!(rest.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]), "zstd magic");
+        assert_eq!(decompress(&data, 1 << 20).unwrap()[1], streams[1]);
+    }
+
+    #[test]
+    fn diff_streams_where_bzip2_wins_by_far_are_bzip2_and_round_trip() {
+        // Sparse, irregular differences (Go's relocated pointer tables):
+        // bzip2's block sorting beats LZMA2 by far, the probe sees it and
+        // the full xz search is skipped; the stream is bzip2.
+        let mut diff = vec![0u8; 1 << 20];
+        let mut x = 7u64;
+        for at in (0..diff.len()).step_by(24) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            diff[at] = [0x10u8, 0x20, 0x30, 0x40][(x % 4) as usize];
+        }
+        let dict = xz_dict_size(diff.len(), diff.len());
+        let probe = xz_probe(&diff, dict).unwrap().len();
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+        bz.write_all(&diff).unwrap();
+        let bz = bz.finish().unwrap().len();
+        assert!(
+            probe * XZ_PROBE_DEN >= bz * XZ_PROBE_NUM,
+            "probe {probe}, bzip2 {bz}"
+        );
+        let streams = [transpose(&[0u8; 24], CTRL_LEN), diff, vec![]];
+        let (data, used_xz) = compress(&streams, 19, Some(1 << 20)).unwrap();
+        assert!(!used_xz);
+        let mut rest = &data[..];
+        decode_stream(&mut rest, 1 << 20, 1 << 20, 0).unwrap();
+        assert!(rest.starts_with(BZIP2_MAGIC));
+        assert_eq!(decompress(&data, 2 << 20).unwrap()[1], streams[1]);
     }
 
     #[test]
