@@ -471,6 +471,47 @@ fn json_response<T: serde::Serialize>(value: &T, capacity: usize) -> Response {
     }
 }
 
+/// A check-in decision as an answer: the action, whether it promised
+/// something durable (an admission), and the base of the interval until
+/// the next check-in (before jitter). A throttled answer counts in the
+/// metrics by reason, and one near the head of the queue comes back four
+/// times sooner; an update comes back well within its lease, which each
+/// check-in renews. Shared by the agents' check-in and the DDI base poll.
+pub(crate) fn answer_of(
+    app: &App,
+    c: &crate::config::CheckinConfig,
+    decision: Decision,
+) -> (Action, bool, u64) {
+    let (action, durable) = match decision {
+        Decision::Answer(a) => (a, false),
+        Decision::AnswerDurable(a) => (a, true),
+        Decision::Wait {
+            reason,
+            class,
+            near_head,
+        } => {
+            app.metrics
+                .throttled
+                .get_or_create(&ReasonLabel {
+                    reason: class.into(),
+                })
+                .inc();
+            let base = if near_head {
+                c.wait_interval_ms / 4
+            } else {
+                c.wait_interval_ms
+            };
+            return (Action::Wait { reason }, false, base);
+        }
+    };
+    let base = match &action {
+        Action::Update(o) => c.idle_interval_ms.min(o.lease_ms / 3),
+        Action::Cancel { .. } => 1000,
+        _ => c.idle_interval_ms,
+    };
+    (action, durable, base)
+}
+
 async fn checkin(
     State(app): State<Arc<App>>,
     ident: Identity,
@@ -490,33 +531,7 @@ async fn checkin(
     let live = app.live.config();
     let c = &live.checkin;
     let decision = app.state.checkin(&dev, &req).await?;
-    let (action, base, durable) = match decision {
-        Decision::Answer(a) => (a, None, false),
-        Decision::AnswerDurable(a) => (a, None, true),
-        Decision::Wait {
-            reason,
-            class,
-            near_head,
-        } => {
-            app.metrics
-                .throttled
-                .get_or_create(&ReasonLabel {
-                    reason: class.into(),
-                })
-                .inc();
-            let base = if near_head {
-                c.wait_interval_ms / 4
-            } else {
-                c.wait_interval_ms
-            };
-            (Action::Wait { reason }, Some(base), false)
-        }
-    };
-    let base = base.unwrap_or(match &action {
-        Action::Update(o) => c.idle_interval_ms.min(o.lease_ms / 3),
-        Action::Cancel { .. } => 1000,
-        _ => c.idle_interval_ms,
-    });
+    let (action, durable, base) = answer_of(&app, c, decision);
     let next = jittered(base, c.jitter);
     let label = match &action {
         Action::None => "none",

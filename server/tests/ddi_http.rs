@@ -71,12 +71,7 @@ async fn ddi_target_is_admitted_downloads_verified_bytes_with_range_and_commits_
     let id: i64 = action.parse().unwrap();
     assert!(id > 0 && id <= i32::MAX as i64, "a C int: {id}");
 
-    let db: serde_json::Value = t
-        .get(&format!("/deploymentBase/{action}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let db: serde_json::Value = t.deployment(&action).await;
     assert_eq!(db["id"], action);
     assert_eq!(db["deployment"]["download"], "forced");
     assert_eq!(db["deployment"]["update"], "forced");
@@ -249,16 +244,8 @@ async fn throttled_ddi_target_gets_no_deployment_and_cannot_download_and_closed_
     let p2 = t2.poll().await;
     assert!(no_action(&p2), "throttled: {p2}");
     // t2 cannot fetch the bundle by guessing the link either.
-    let db: serde_json::Value = t1
-        .get(&format!("/deploymentBase/{a1}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let dl = db["deployment"]["chunks"][0]["artifacts"][0]["_links"]["download-http"]["href"]
-        .as_str()
-        .unwrap()
-        .replace("/swu-1/", "/swu-2/");
+    let db: serde_json::Value = t1.deployment(&a1).await;
+    let dl = Ddi::download_link(&db).replace("/swu-1/", "/swu-2/");
     let r = h
         .get(&dl)
         .header("Authorization", format!("TargetToken {}", t2.token))
@@ -324,12 +311,7 @@ async fn aborted_rollout_cancels_a_downloading_ddi_target() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let db: serde_json::Value = t
-        .get(&format!("/deploymentBase/{a}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let db: serde_json::Value = t.deployment(&a).await;
     assert_eq!(db["deployment"]["download"], "skip");
     assert_eq!(ts.status(&st.id).await.active_leases, 0);
 }
@@ -454,16 +436,8 @@ async fn a_quiet_ddi_target_loses_its_lease_to_the_next_in_line() {
     sp.max_retries = 0;
     let st = ts.admin.rollout_create(&sp).await.unwrap();
     let a = quiet.action("deploymentBase").await.expect("admitted");
-    let db: serde_json::Value = quiet
-        .get(&format!("/deploymentBase/{a}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let dl = db["deployment"]["chunks"][0]["artifacts"][0]["_links"]["download-http"]["href"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let db: serde_json::Value = quiet.deployment(&a).await;
+    let dl = Ddi::download_link(&db);
     assert!(no_action(&next.poll().await), "the cap is taken");
     // The quiet target sends nothing; the other keeps polling.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -616,12 +590,7 @@ async fn one_rollout_serves_agents_their_delta_and_ddi_targets_the_attached_bund
         .action("deploymentBase")
         .await
         .expect("the slot moved to the target");
-    let db: serde_json::Value = target
-        .get(&format!("/deploymentBase/{a}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let db: serde_json::Value = target.deployment(&a).await;
     let art = &db["deployment"]["chunks"][0]["artifacts"][0];
     assert_eq!(art["hashes"]["sha256"], sha256_hex(&swu));
     assert_eq!(art["filename"], "t-2.0.swu");

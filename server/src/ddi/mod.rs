@@ -45,7 +45,7 @@ use tracing::{Instrument, info, info_span};
 use crate::app::App;
 use crate::backend::AuthedDevice;
 use crate::http::ApiErr;
-use crate::metrics::{ActionLabel, KindLabel, ReasonLabel};
+use crate::metrics::{ActionLabel, KindLabel};
 use crate::releases::bundle::Bundle;
 use crate::rollout::{Decision, Member, Phase, RolloutError};
 use crate::store::StoreError;
@@ -258,34 +258,7 @@ async fn poll(
         .checkin(&dev, &idle_request(&dev, None))
         .instrument(span)
         .await?;
-    let (action, durable, wait_base) = match decision {
-        Decision::Answer(a) => (a, false, None),
-        Decision::AnswerDurable(a) => (a, true, None),
-        Decision::Wait {
-            reason,
-            class,
-            near_head,
-        } => {
-            app.metrics
-                .throttled
-                .get_or_create(&ReasonLabel {
-                    reason: class.into(),
-                })
-                .inc();
-            let base = if near_head {
-                c.wait_interval_ms / 4
-            } else {
-                c.wait_interval_ms
-            };
-            (Action::Wait { reason }, false, Some(base))
-        }
-    };
-    let base = wait_base.unwrap_or(match &action {
-        // Polls renew the lease: come back well within it.
-        Action::Update(o) => c.idle_interval_ms.min(o.lease_ms / 3),
-        Action::Cancel { .. } => 1000,
-        _ => c.idle_interval_ms,
-    });
+    let (action, durable, base) = crate::http::answer_of(&app, c, decision);
     let sleep = crate::http::jittered(base, c.jitter);
     let prefix = format!("{}/{tenant}/controller/v1/{cid}", origin(&app, &headers));
     let mut links = std::collections::BTreeMap::new();
@@ -332,19 +305,24 @@ async fn poll(
     .into_response())
 }
 
+/// The target's rollout memberships (its attempts), as its device view
+/// holds them.
+async fn memberships(app: &App, dev: &AuthedDevice) -> Result<Vec<Member>, DdiErr> {
+    let view = app
+        .state
+        .device_view(&dev.id)
+        .await?
+        .ok_or_else(|| not_found(format!("target {} was retired", dev.id)))?;
+    serde_json::from_value(view["rollouts"].clone()).map_err(|e| crate::http::internal(e).into())
+}
+
 /// The target's attempt (rollout member) whose action id is `id`, and the
 /// release its rollout offers.
 async fn find_action(app: &App, dev: &AuthedDevice, id: &str) -> Result<(Member, String), DdiErr> {
     let n: u32 = id
         .parse()
         .map_err(|_| bad(format!("action id {id:?} is not a number")))?;
-    let view = app
-        .state
-        .device_view(&dev.id)
-        .await?
-        .ok_or_else(|| not_found(format!("target {} was retired", dev.id)))?;
-    let members: Vec<Member> =
-        serde_json::from_value(view["rollouts"].clone()).map_err(crate::http::internal)?;
+    let members = memberships(app, dev).await?;
     let m = members
         .into_iter()
         .find(|m| !m.update_id.is_empty() && action_id(&m.update_id) == n)
@@ -685,13 +663,7 @@ async fn download(
     let module: u32 = module
         .parse()
         .map_err(|_| bad(format!("software module id {module:?} is not a number")))?;
-    let view = app
-        .state
-        .device_view(&dev.id)
-        .await?
-        .ok_or_else(|| not_found(format!("target {} was retired", dev.id)))?;
-    let members: Vec<Member> =
-        serde_json::from_value(view["rollouts"].clone()).map_err(crate::http::internal)?;
+    let members = memberships(&app, &dev).await?;
     let mut found = None;
     for m in members.into_iter().filter(|m| !m.update_id.is_empty()) {
         let release = release_of(&app, &m).await?;

@@ -508,6 +508,23 @@ impl Ddi {
             .map(|h| h.rsplit('/').next().unwrap().to_string())
     }
 
+    /// The deployment of `action` (`deploymentBase/{action}`'s JSON).
+    pub async fn deployment(&self, action: &str) -> serde_json::Value {
+        self.get(&format!("/deploymentBase/{action}"))
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The `download-http` link of a deployment's first artifact.
+    pub fn download_link(deployment: &serde_json::Value) -> String {
+        deployment["deployment"]["chunks"][0]["artifacts"][0]["_links"]["download-http"]["href"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no download-http link in {deployment}"))
+            .to_string()
+    }
+
     /// Posts deployment feedback; returns the status code.
     pub async fn feedback(
         &self,

@@ -239,7 +239,15 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
         }
         Err(e) => {
             st.download_failures.fetch_add(1, Ordering::Relaxed);
-            feedback(t, sh, &action, "closed", "failure", std::slice::from_ref(&e)).await?;
+            feedback(
+                t,
+                sh,
+                &action,
+                "closed",
+                "failure",
+                std::slice::from_ref(&e),
+            )
+            .await?;
             st.set(i, DevState::Waiting);
             Err(e)
         }
