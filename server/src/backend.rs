@@ -207,9 +207,17 @@ impl StateBackend for LocalState {
         device_type: &str,
         tags: BTreeMap<String, String>,
     ) -> Result<(String, bool), StoreError> {
-        let new = self.fleet.get(id).is_none();
+        let old = self.fleet.get(id).map(|d| {
+            let r = d.record.lock().unwrap();
+            (r.device_type.clone(), r.tags.clone())
+        });
+        let new = old.is_none();
         let token = self.fleet.enroll(id, device_type, tags.clone()).await?;
         self.rollouts.on_enroll(id, device_type, &tags, new);
+        if let Some((t, old_tags)) = old {
+            self.rollouts
+                .on_tags_changed(id, (&t, &old_tags), (device_type, &tags));
+        }
         Ok((token, new))
     }
 
@@ -321,7 +329,18 @@ impl StateBackend for LocalState {
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {
-        self.fleet.set_tags(id, tags).await
+        let Some(old) = self.fleet.get(id).map(|d| {
+            let r = d.record.lock().unwrap();
+            (r.device_type.clone(), r.tags.clone())
+        }) else {
+            return Ok(false);
+        };
+        let changed = self.fleet.set_tags(id, tags.clone()).await?;
+        if changed {
+            self.rollouts
+                .on_tags_changed(id, (&old.0, &old.1), (&old.0, &tags));
+        }
+        Ok(changed)
     }
 
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
