@@ -162,6 +162,20 @@ pub trait StateBackend: Send + Sync + 'static {
 
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError>;
 
+    /// Saves `g` (validated by the caller); `false` if the name is taken.
+    /// Durable on return.
+    async fn create_group(&self, g: &crate::groups::Group) -> Result<bool, StoreError>;
+
+    /// Every group, by name.
+    async fn groups(&self) -> Result<Vec<crate::groups::Group>, StoreError>;
+
+    /// Group `name`, if any.
+    async fn group(&self, name: &str) -> Result<Option<crate::groups::Group>, StoreError>;
+
+    /// Deletes group `name` (the caller checked it is not in use); `false`
+    /// if there was none. Durable on return.
+    async fn delete_group(&self, name: &str) -> Result<bool, StoreError>;
+
     /// Operator action: pause, resume or abort.
     async fn set_rollout_state(
         &self,
@@ -376,6 +390,43 @@ impl StateBackend for LocalState {
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {
         let r = self.rollouts.create(spec, &self.fleet).await?;
         Ok(self.rollouts.status(&r))
+    }
+
+    /// # Cancel safety
+    /// Cancelled before durability, the group may or may not exist after a
+    /// crash; the operator, who saw no answer, lists groups.
+    async fn create_group(&self, g: &crate::groups::Group) -> Result<bool, StoreError> {
+        let created = self
+            .store
+            .groups
+            .compare_and_swap(
+                g.name.as_bytes(),
+                None::<&[u8]>,
+                Some(crate::store::encode(g)),
+            )?
+            .is_ok();
+        self.store.durable().await?;
+        Ok(created)
+    }
+
+    async fn groups(&self) -> Result<Vec<crate::groups::Group>, StoreError> {
+        crate::store::load_all(&self.store.groups)
+    }
+
+    async fn group(&self, name: &str) -> Result<Option<crate::groups::Group>, StoreError> {
+        match self.store.groups.get(name.as_bytes())? {
+            Some(v) => Ok(Some(crate::store::decode(name.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// # Cancel safety
+    /// As [`StateBackend::create_group`]: the deletion may or may not
+    /// survive a crash if cancelled before durability.
+    async fn delete_group(&self, name: &str) -> Result<bool, StoreError> {
+        let had = self.store.groups.remove(name.as_bytes())?.is_some();
+        self.store.durable().await?;
+        Ok(had)
     }
 
     async fn set_rollout_state(

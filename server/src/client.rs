@@ -391,6 +391,30 @@ impl AdminClient {
             .await
     }
 
+    pub async fn group_create(&self, g: &crate::groups::Group) -> Result<crate::groups::Group> {
+        self.call(Method::POST, "/api/v1/admin/groups", Some(g))
+            .await
+    }
+
+    pub async fn groups(&self) -> Result<Vec<crate::groups::Group>> {
+        self.call::<(), _>(Method::GET, "/api/v1/admin/groups", None)
+            .await
+    }
+
+    pub async fn group(&self, name: &str) -> Result<crate::groups::Group> {
+        self.call::<(), _>(Method::GET, &format!("/api/v1/admin/groups/{name}"), None)
+            .await
+    }
+
+    pub async fn group_delete(&self, name: &str) -> Result<serde_json::Value> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/api/v1/admin/groups/{name}"),
+            None,
+        )
+        .await
+    }
+
     pub async fn rollouts(&self) -> Result<Vec<RolloutStatus>> {
         self.call::<(), _>(Method::GET, "/api/v1/admin/rollouts", None)
             .await

@@ -1610,6 +1610,53 @@ impl StateBackend for PgState {
         })
     }
 
+    /// # Cancel safety
+    /// One statement: the group exists afterwards or not.
+    async fn create_group(&self, g: &crate::groups::Group) -> Result<bool, StoreError> {
+        let c = conn(&self.pool).await?;
+        let n = c
+            .execute(
+                "INSERT INTO groups (name, record) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&g.name, &Json(g)],
+            )
+            .await
+            .map_err(err)?;
+        Ok(n == 1)
+    }
+
+    async fn groups(&self) -> Result<Vec<crate::groups::Group>, StoreError> {
+        let c = conn(&self.pool).await?;
+        let rows = c
+            .query("SELECT record FROM groups ORDER BY name", &[])
+            .await
+            .map_err(err)?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, Json<crate::groups::Group>>(0).0)
+            .collect())
+    }
+
+    async fn group(&self, name: &str) -> Result<Option<crate::groups::Group>, StoreError> {
+        let c = conn(&self.pool).await?;
+        Ok(
+            c.query_opt("SELECT record FROM groups WHERE name = $1", &[&name])
+                .await
+                .map_err(err)?
+                .map(|r| r.get::<_, Json<crate::groups::Group>>(0).0),
+        )
+    }
+
+    /// # Cancel safety
+    /// One statement: the group is gone afterwards or not.
+    async fn delete_group(&self, name: &str) -> Result<bool, StoreError> {
+        let c = conn(&self.pool).await?;
+        let n = c
+            .execute("DELETE FROM groups WHERE name = $1", &[&name])
+            .await
+            .map_err(err)?;
+        Ok(n == 1)
+    }
+
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {
         spec.validate().map_err(RolloutError::Invalid)?;
         self.releases.refresh().await?;

@@ -11,6 +11,10 @@ mod suite;
 #[path = "dynamic_membership.rs"]
 mod membership;
 
+// Issue 15: groups.
+#[path = "groups_http.rs"]
+mod groups;
+
 #[path = "operator_guards.rs"]
 mod guards;
 // The admin API suite too: inventory, device show, failure reasons,

@@ -69,7 +69,13 @@ pub enum RolloutState {
 #[serde(deny_unknown_fields)]
 pub struct RolloutSpec {
     pub release: String,
+    /// Filled from the group when `group` is given.
+    #[serde(default)]
     pub device_type: String,
+    /// The [`crate::groups::Group`] targeted (`rollout create --group`): its
+    /// device type and tags were copied here at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Every tag here must match the device's.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
