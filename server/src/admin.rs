@@ -4,7 +4,8 @@
 //! /api/v1/admin/releases/{device_type}/{version}`.
 //!
 //! Deletions refuse what would strand a device or a rollout, and say what to
-//! do instead: a release a live (active or paused) rollout offers, a release
+//! do instead: a release a live rollout offers (active, paused, or
+//! completed and not superseded: it still takes newcomers), a release
 //! devices still run (it is the base of their deltas: without it they could
 //! only get full images of later releases), a device in the middle of an
 //! update. The checks read the state just before the deletion; a rollout
@@ -97,10 +98,14 @@ pub async fn release_delete(
     Path((device_type, version)): Path<(String, String)>,
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
-    if let Some(r) = app.state.rollout_statuses().await?.into_iter().find(|s| {
-        matches!(s.state, RolloutState::Active | RolloutState::Paused)
-            && s.spec.device_type == device_type
+    // A completed rollout still offers its release to newcomers
+    // (rollout::membership) until superseded or aborted.
+    let all = app.state.rollout_statuses().await?;
+    if let Some(r) = all.iter().enumerate().find_map(|(i, s)| {
+        (s.spec.device_type == device_type
             && s.spec.release == version
+            && crate::rollout::membership::still_updates(&all, i))
+        .then_some(s)
     }) {
         return Err(conflict(format!(
             "rollout {} ({:?}) offers release {version} of {device_type}; abort it first (`ota-server rollout abort {}`)",

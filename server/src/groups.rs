@@ -105,18 +105,8 @@ pub fn apply(spec: &mut RolloutSpec, g: &Group) -> Result<(), GroupError> {
 /// (a completed rollout still takes newcomers).
 pub fn in_use_by<'a>(name: &str, all: &'a [RolloutStatus]) -> Option<&'a RolloutStatus> {
     all.iter().enumerate().find_map(|(i, r)| {
-        if r.spec.group.as_deref() != Some(name) {
-            return None;
-        }
-        let superseded = all[i + 1..]
-            .iter()
-            .any(|n| n.spec.device_type == r.spec.device_type);
-        let live = match r.state {
-            RolloutState::Active | RolloutState::Paused => true,
-            RolloutState::Completed => !superseded,
-            RolloutState::Aborted => false,
-        };
-        live.then_some(r)
+        (r.spec.group.as_deref() == Some(name) && crate::rollout::membership::still_updates(all, i))
+            .then_some(r)
     })
 }
 

@@ -226,3 +226,24 @@ async fn a_completed_rollout_stops_taking_devices_when_aborted_or_superseded() {
         Action::None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_rollout_keeps_the_release_it_still_offers_from_deletion() {
+    let ts = TestServer::with_two_releases(5000).await;
+    let d = Sim::enroll(&ts.base, "d-1", "t", &http()).await;
+    let r = ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
+    let o = admitted(&d).await;
+    commit(&d, &o).await;
+    wait_status(&ts, &r.id, completed).await;
+    // No device runs 2.0 any more, but a newcomer would still be offered it.
+    ts.admin.device_retire("d-1").await.unwrap();
+    let e = ts
+        .admin
+        .release_delete("t", "2.0")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("rollout {}", r.id)), "{e}");
+    ts.admin.rollout_action(&r.id, "abort").await.unwrap();
+    ts.admin.release_delete("t", "2.0").await.unwrap();
+}

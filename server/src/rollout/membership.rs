@@ -105,6 +105,21 @@ pub fn takes_devices(state: RolloutState, superseded: bool) -> bool {
     }
 }
 
+/// Whether rollout `all[i]` (of `all`, in creation order) can still
+/// update devices: active, paused, or completed and not superseded by a
+/// newer rollout of its device type. What it offers must stay available.
+pub fn still_updates(all: &[super::RolloutStatus], i: usize) -> bool {
+    let r = &all[i];
+    let superseded = all[i + 1..]
+        .iter()
+        .any(|n| n.spec.device_type == r.spec.device_type);
+    match r.state {
+        RolloutState::Active | RolloutState::Paused => true,
+        RolloutState::Completed => !superseded,
+        RolloutState::Aborted => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
