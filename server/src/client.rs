@@ -462,8 +462,17 @@ pub fn render_status(s: &RolloutStatus) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "rollout {} of {} to {}: {:?} — {}",
-        s.id, s.spec.device_type, s.spec.release, s.state, s.reason
+        "rollout {} of {}{} to {}: {:?} — {}",
+        s.id,
+        s.spec.device_type,
+        s.spec
+            .group
+            .as_ref()
+            .map(|g| format!(" (group {g})"))
+            .unwrap_or_default(),
+        s.spec.release,
+        s.state,
+        s.reason
     );
     let _ = writeln!(
         o,

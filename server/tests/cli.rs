@@ -349,6 +349,8 @@ async fn group_commands_save_a_selector_a_rollout_can_target() {
         st.spec.selector.get("site").map(String::as_str),
         Some("lab")
     );
+    let (out, _) = admin(&ts, &["rollout", "status", id]);
+    assert!(out.contains("of t (group kiosks) to 2.0"), "{out}");
 
     let o = ota(
         &["group", "delete", "kiosks"],
