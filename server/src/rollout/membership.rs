@@ -124,6 +124,67 @@ pub fn still_updates(all: &[super::RolloutStatus], i: usize) -> bool {
 mod tests {
     use super::*;
 
+    fn rec(waves: Vec<u8>, wave: usize) -> RolloutRecord {
+        let spec: RolloutSpec = serde_json::from_value(serde_json::json!({
+            "release": "2.0", "device_type": "t", "waves": waves,
+            "max_concurrent": 5, "max_starts_per_min": 60.0, "success_threshold": 0.9
+        }))
+        .unwrap();
+        RolloutRecord {
+            id: "r1".into(),
+            spec,
+            created_at_ms: 0,
+            state: RolloutState::Active,
+            reason: String::new(),
+            wave,
+            wave_opened_at_ms: 0,
+            baseline: (0, 0),
+            wave_bounds: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_rollout_with_absent_devices_completes_only_when_nothing_is_in_flight() {
+        // 10 eligible, 9 committed, 1 never checked in.
+        let waves = [(10, 9, 0)];
+        let mut r = rec(vec![100], 0);
+        let spec = r.spec.clone();
+        assert!(needs_in_flight(&spec, &r, &waves, 1));
+        assert!(!super::super::advance_record(
+            &spec,
+            &mut r,
+            &waves,
+            1,
+            Some(1)
+        ));
+        assert!(!super::super::advance_record(
+            &spec, &mut r, &waves, 1, None
+        ));
+        assert_eq!(r.state, RolloutState::Active);
+        assert!(super::super::advance_record(
+            &spec,
+            &mut r,
+            &waves,
+            1,
+            Some(0)
+        ));
+        assert_eq!(r.state, RolloutState::Completed);
+        assert!(r.reason.starts_with(AWAITING), "{}", r.reason);
+        // Below the success threshold it stays open.
+        let mut r = rec(vec![100], 0);
+        assert!(!needs_in_flight(&spec, &r, &[(10, 8, 0)], 1));
+        assert!(!super::super::advance_record(
+            &spec,
+            &mut r,
+            &[(10, 8, 0)],
+            1,
+            Some(0)
+        ));
+        // Not on the last wave: the wave rule, not completion.
+        let r = rec(vec![50, 100], 0);
+        assert!(!needs_in_flight(&r.spec, &r, &[(5, 5, 0), (5, 0, 0)], 1));
+    }
+
     #[test]
     fn a_superseded_completed_rollout_takes_no_devices() {
         assert!(takes_devices(RolloutState::Completed, false));
