@@ -4,7 +4,8 @@
 //! /api/v1/admin/releases/{device_type}/{version}`.
 //!
 //! Deletions refuse what would strand a device or a rollout, and say what to
-//! do instead: a release a live (active or paused) rollout offers, a release
+//! do instead: a release a live rollout offers (active, paused, or
+//! completed and not superseded: it still takes newcomers), a release
 //! devices still run (it is the base of their deltas: without it they could
 //! only get full images of later releases), a device in the middle of an
 //! update. The checks read the state just before the deletion; a rollout
@@ -21,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use tracing::info;
 
 use crate::app::App;
+use crate::groups::{Group, GroupError};
 use crate::http::{ApiErr, admin_auth, bad_request, internal};
 use crate::inventory::{DeviceFilter, DeviceQuery};
 use crate::releases::ReleaseError;
@@ -96,10 +98,14 @@ pub async fn release_delete(
     Path((device_type, version)): Path<(String, String)>,
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
-    if let Some(r) = app.state.rollout_statuses().await?.into_iter().find(|s| {
-        matches!(s.state, RolloutState::Active | RolloutState::Paused)
-            && s.spec.device_type == device_type
+    // A completed rollout still offers its release to newcomers
+    // (rollout::membership) until superseded or aborted.
+    let all = app.state.rollout_statuses().await?;
+    if let Some(r) = all.iter().enumerate().find_map(|(i, s)| {
+        (s.spec.device_type == device_type
             && s.spec.release == version
+            && crate::rollout::membership::still_updates(&all, i))
+        .then_some(s)
     }) {
         return Err(conflict(format!(
             "rollout {} ({:?}) offers release {version} of {device_type}; abort it first (`ota-server rollout abort {}`)",
@@ -141,4 +147,81 @@ pub async fn release_delete(
             e => internal(e),
         })?;
     Ok(axum::Json(rec).into_response())
+}
+
+impl From<GroupError> for ApiErr {
+    fn from(e: GroupError) -> Self {
+        let m = e.to_string();
+        match e {
+            GroupError::Invalid(_) => bad_request(m),
+            GroupError::Exists(_) => ApiErr(StatusCode::CONFLICT, "group_exists", m),
+            GroupError::InUse { .. } => ApiErr(StatusCode::CONFLICT, "group_in_use", m),
+            GroupError::NotFound(_) => ApiErr(StatusCode::NOT_FOUND, "not_found", m),
+        }
+    }
+}
+
+/// `POST /api/v1/admin/groups`: a [`Group`] → `201` with the stored group.
+pub async fn group_create(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let mut g: Group = crate::http::read_json(body).await?;
+    g.validate().map_err(GroupError::Invalid)?;
+    g.created_at_ms = crate::now_ms();
+    if !app.state.create_group(&g).await? {
+        return Err(GroupError::Exists(g.name).into());
+    }
+    info!(group = %g.name, device_type = %g.device_type, "group created");
+    Ok((StatusCode::CREATED, axum::Json(g)).into_response())
+}
+
+/// `GET /api/v1/admin/groups`.
+pub async fn group_list(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    Ok(axum::Json(app.state.groups().await?).into_response())
+}
+
+/// `GET /api/v1/admin/groups/{name}`.
+pub async fn group_get(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let g = app
+        .state
+        .group(&name)
+        .await?
+        .ok_or(GroupError::NotFound(name))?;
+    Ok(axum::Json(g).into_response())
+}
+
+/// `DELETE /api/v1/admin/groups/{name}`: refused while a rollout that can
+/// still update devices targets it ([`crate::groups::in_use_by`]).
+pub async fn group_delete(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiErr> {
+    admin_auth(&app, &headers)?;
+    let all = app.state.rollout_statuses().await?;
+    if let Some(r) = crate::groups::in_use_by(&name, &all) {
+        return Err(GroupError::InUse {
+            group: name,
+            rollout: r.id.clone(),
+            state: r.state,
+        }
+        .into());
+    }
+    if !app.state.delete_group(&name).await? {
+        return Err(GroupError::NotFound(name).into());
+    }
+    info!(group = %name, "group deleted");
+    Ok(axum::Json(serde_json::json!({ "deleted": name })).into_response())
 }

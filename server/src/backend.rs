@@ -162,6 +162,20 @@ pub trait StateBackend: Send + Sync + 'static {
 
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError>;
 
+    /// Saves `g` (validated by the caller); `false` if the name is taken.
+    /// Durable on return.
+    async fn create_group(&self, g: &crate::groups::Group) -> Result<bool, StoreError>;
+
+    /// Every group, by name.
+    async fn groups(&self) -> Result<Vec<crate::groups::Group>, StoreError>;
+
+    /// Group `name`, if any.
+    async fn group(&self, name: &str) -> Result<Option<crate::groups::Group>, StoreError>;
+
+    /// Deletes group `name` (the caller checked it is not in use); `false`
+    /// if there was none. Durable on return.
+    async fn delete_group(&self, name: &str) -> Result<bool, StoreError>;
+
     /// Operator action: pause, resume or abort.
     async fn set_rollout_state(
         &self,
@@ -207,9 +221,17 @@ impl StateBackend for LocalState {
         device_type: &str,
         tags: BTreeMap<String, String>,
     ) -> Result<(String, bool), StoreError> {
-        let new = self.fleet.get(id).is_none();
+        let old = self.fleet.get(id).map(|d| {
+            let r = d.record.lock().unwrap();
+            (r.device_type.clone(), r.tags.clone())
+        });
+        let new = old.is_none();
         let token = self.fleet.enroll(id, device_type, tags.clone()).await?;
         self.rollouts.on_enroll(id, device_type, &tags, new);
+        if let Some((t, old_tags)) = old {
+            self.rollouts
+                .on_tags_changed(id, (&t, &old_tags), (device_type, &tags));
+        }
         Ok((token, new))
     }
 
@@ -321,7 +343,18 @@ impl StateBackend for LocalState {
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {
-        self.fleet.set_tags(id, tags).await
+        let Some(old) = self.fleet.get(id).map(|d| {
+            let r = d.record.lock().unwrap();
+            (r.device_type.clone(), r.tags.clone())
+        }) else {
+            return Ok(false);
+        };
+        let changed = self.fleet.set_tags(id, tags.clone()).await?;
+        if changed {
+            self.rollouts
+                .on_tags_changed(id, (&old.0, &old.1), (&old.0, &tags));
+        }
+        Ok(changed)
     }
 
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
@@ -357,6 +390,43 @@ impl StateBackend for LocalState {
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {
         let r = self.rollouts.create(spec, &self.fleet).await?;
         Ok(self.rollouts.status(&r))
+    }
+
+    /// # Cancel safety
+    /// Cancelled before durability, the group may or may not exist after a
+    /// crash; the operator, who saw no answer, lists groups.
+    async fn create_group(&self, g: &crate::groups::Group) -> Result<bool, StoreError> {
+        let created = self
+            .store
+            .groups
+            .compare_and_swap(
+                g.name.as_bytes(),
+                None::<&[u8]>,
+                Some(crate::store::encode(g)),
+            )?
+            .is_ok();
+        self.store.durable().await?;
+        Ok(created)
+    }
+
+    async fn groups(&self) -> Result<Vec<crate::groups::Group>, StoreError> {
+        crate::store::load_all(&self.store.groups)
+    }
+
+    async fn group(&self, name: &str) -> Result<Option<crate::groups::Group>, StoreError> {
+        match self.store.groups.get(name.as_bytes())? {
+            Some(v) => Ok(Some(crate::store::decode(name.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// # Cancel safety
+    /// As [`StateBackend::create_group`]: the deletion may or may not
+    /// survive a crash if cancelled before durability.
+    async fn delete_group(&self, name: &str) -> Result<bool, StoreError> {
+        let had = self.store.groups.remove(name.as_bytes())?.is_some();
+        self.store.durable().await?;
+        Ok(had)
     }
 
     async fn set_rollout_state(

@@ -391,6 +391,30 @@ impl AdminClient {
             .await
     }
 
+    pub async fn group_create(&self, g: &crate::groups::Group) -> Result<crate::groups::Group> {
+        self.call(Method::POST, "/api/v1/admin/groups", Some(g))
+            .await
+    }
+
+    pub async fn groups(&self) -> Result<Vec<crate::groups::Group>> {
+        self.call::<(), _>(Method::GET, "/api/v1/admin/groups", None)
+            .await
+    }
+
+    pub async fn group(&self, name: &str) -> Result<crate::groups::Group> {
+        self.call::<(), _>(Method::GET, &format!("/api/v1/admin/groups/{name}"), None)
+            .await
+    }
+
+    pub async fn group_delete(&self, name: &str) -> Result<serde_json::Value> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/api/v1/admin/groups/{name}"),
+            None,
+        )
+        .await
+    }
+
     pub async fn rollouts(&self) -> Result<Vec<RolloutStatus>> {
         self.call::<(), _>(Method::GET, "/api/v1/admin/rollouts", None)
             .await
@@ -438,8 +462,17 @@ pub fn render_status(s: &RolloutStatus) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "rollout {} of {} to {}: {:?} — {}",
-        s.id, s.spec.device_type, s.spec.release, s.state, s.reason
+        "rollout {} of {}{} to {}: {:?} — {}",
+        s.id,
+        s.spec.device_type,
+        s.spec
+            .group
+            .as_ref()
+            .map(|g| format!(" (group {g})"))
+            .unwrap_or_default(),
+        s.spec.release,
+        s.state,
+        s.reason
     );
     let _ = writeln!(
         o,

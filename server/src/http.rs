@@ -302,6 +302,14 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/v1/admin/rollouts/{id}", get(admin_rollout_get))
         .route(
+            "/api/v1/admin/groups",
+            post(crate::admin::group_create).get(crate::admin::group_list),
+        )
+        .route(
+            "/api/v1/admin/groups/{name}",
+            get(crate::admin::group_get).delete(crate::admin::group_delete),
+        )
+        .route(
             "/api/v1/admin/rollouts/{id}/{verb}",
             post(admin_rollout_action),
         )
@@ -954,7 +962,15 @@ async fn admin_rollout_create(
     body: Body,
 ) -> Result<Response, ApiErr> {
     admin_auth(&app, &headers)?;
-    let spec: RolloutSpec = read_json(body).await?;
+    let mut spec: RolloutSpec = read_json(body).await?;
+    if let Some(name) = spec.group.clone() {
+        let g = app
+            .state
+            .group(&name)
+            .await?
+            .ok_or(crate::groups::GroupError::NotFound(name))?;
+        crate::groups::apply(&mut spec, &g)?;
+    }
     let st = app.state.create_rollout(spec).await?;
     Ok((StatusCode::CREATED, axum::Json(st)).into_response())
 }

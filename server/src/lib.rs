@@ -29,7 +29,11 @@
 //!   optional egress cap.
 //! - [`ingest`]: an upload streamed to disk and hashed on a thread of its
 //!   own (`release add`), then moved into `images/`.
+//! - [`groups`]: named, saved selectors a rollout can target, and the
+//!   rule that keeps one in use from being deleted.
 //! - [`rollout`]: waves, failure thresholds and per-device progress;
+//!   [`rollout::membership`] which devices join after creation and when a
+//!   rollout counts as done ("complete, awaiting new devices");
 //!   [`rollout::throttle`] holds the concurrency cap, download leases, the
 //!   start-rate limiter and the fair waiting queue;
 //!   [`rollout::shared`] the fleet-wide throttle trait (local or
@@ -69,6 +73,7 @@ pub mod config;
 pub mod ddi;
 pub mod fleet;
 pub mod freshness;
+pub mod groups;
 pub mod http;
 pub mod ingest;
 pub mod inventory;

@@ -93,6 +93,40 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RolloutCmd,
     },
+    /// Manage groups: named, saved device selectors (admin API).
+    Group {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Save a selector under a name (`rollout create --group NAME`).
+    Create {
+        /// The group's name.
+        name: String,
+        /// Device type the group selects.
+        #[arg(long, value_name = "T")]
+        device_type: String,
+        /// Only devices with this tag, repeatable.
+        #[arg(long = "selector", value_name = "TAG=VALUE", value_parser = parse_kv)]
+        selector: Vec<(String, String)>,
+    },
+    /// Every group.
+    List,
+    /// One group.
+    Show {
+        /// The group's name.
+        name: String,
+    },
+    /// Delete a group (refused while a live rollout targets it).
+    Delete {
+        /// The group's name.
+        name: String,
+    },
 }
 
 /// Where the admin API is.
@@ -292,9 +326,12 @@ struct RolloutArgs {
     /// Version of the release to roll out (from `release add`).
     #[arg(long, value_name = "VERSION")]
     release: String,
-    /// Device type to update.
-    #[arg(long, value_name = "T")]
-    device_type: String,
+    /// Device type to update (not needed with --group).
+    #[arg(long, value_name = "T", required_unless_present = "group")]
+    device_type: Option<String>,
+    /// Target a saved group (`group create`): its device type and tags.
+    #[arg(long, value_name = "NAME", conflicts_with = "selector")]
+    group: Option<String>,
     /// Only devices with this tag, repeatable.
     #[arg(long = "selector", value_name = "TAG=VALUE", value_parser = parse_kv)]
     selector: Vec<(String, String)>,
@@ -456,6 +493,7 @@ fn main() {
         Cmd::Device { conn, cmd } => runtime().and_then(|rt| rt.block_on(device_cmd(conn, cmd))),
         Cmd::Release { conn, cmd } => runtime().and_then(|rt| rt.block_on(release_cmd(conn, cmd))),
         Cmd::Rollout { conn, cmd } => runtime().and_then(|rt| rt.block_on(rollout_cmd(conn, cmd))),
+        Cmd::Group { conn, cmd } => runtime().and_then(|rt| rt.block_on(group_cmd(conn, cmd))),
     };
     if let Err(e) = r {
         eprintln!(
@@ -905,13 +943,51 @@ fn print_release(r: &ota_server::releases::ReleaseRecord) {
     }
 }
 
+async fn group_cmd(conn: Conn, cmd: GroupCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    let show = |g: &ota_server::groups::Group| {
+        let tags: Vec<String> = g.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{:<24} {:<16} {}", g.name, g.device_type, tags.join(","));
+    };
+    match cmd {
+        GroupCmd::Create {
+            name,
+            device_type,
+            selector,
+        } => {
+            let g = c
+                .group_create(&ota_server::groups::Group {
+                    name,
+                    device_type,
+                    selector: selector.into_iter().collect(),
+                    created_at_ms: 0,
+                })
+                .await?;
+            show(&g);
+        }
+        GroupCmd::List => {
+            println!("{:<24} {:<16} SELECTOR", "NAME", "DEVICE TYPE");
+            for g in c.groups().await? {
+                show(&g);
+            }
+        }
+        GroupCmd::Show { name } => show(&c.group(&name).await?),
+        GroupCmd::Delete { name } => {
+            c.group_delete(&name).await?;
+            println!("deleted group {name}");
+        }
+    }
+    Ok(())
+}
+
 async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
     let c = AdminClient::new(&conn.server, &conn.admin_token)?;
     match cmd {
         RolloutCmd::Create(a) => {
             let spec = RolloutSpec {
                 release: a.release,
-                device_type: a.device_type,
+                device_type: a.device_type.unwrap_or_default(),
+                group: a.group,
                 selector: a.selector.into_iter().collect(),
                 waves: a.waves,
                 soak_ms: a.soak.as_millis() as u64,

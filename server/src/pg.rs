@@ -46,8 +46,8 @@ use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
     Decision, Effect, FailureReason, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
     RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
-    cancel_ended_attempt, failure_verdict, held_back, lease_expired, nothing_to_offer, offer_for,
-    past_download, ramped_rate, rank_key, spec_matches, transition_for, wave_bounds,
+    cancel_ended_attempt, failure_verdict, held_back, lease_expired, membership, nothing_to_offer,
+    offer_for, past_download, ramped_rate, rank_key, spec_matches, transition_for, wave_bounds,
 };
 use crate::store::StoreError;
 
@@ -341,18 +341,86 @@ impl PgState {
     }
 
     fn active_for(&self, device_type: &str, tags: &BTreeMap<String, String>) -> Option<Cached> {
-        self.rollouts
-            .read()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|r| {
-                matches!(
-                    r.rec.state,
-                    RolloutState::Active | RolloutState::Paused | RolloutState::Aborted
-                ) && spec_matches(&r.rec.spec, device_type, tags)
-            })
-            .cloned()
+        let all = self.rollouts.read().unwrap();
+        let mut superseded = false;
+        for r in all.iter().rev() {
+            if r.rec.spec.device_type != device_type {
+                continue;
+            }
+            if membership::takes_devices(r.rec.state, superseded)
+                && spec_matches(&r.rec.spec, device_type, tags)
+            {
+                return Some(r.clone());
+            }
+            superseded = true;
+        }
+        None
+    }
+
+    /// A completed rollout reopened by `device`, a newcomer that needs its
+    /// release ([`membership`]); returns the state now.
+    ///
+    /// # Cancel safety
+    /// One transaction: cancelled, the rollout is reopened or not, and the
+    /// device's next check-in does it again.
+    async fn reopen(&self, id: &str, device: &str) -> Result<RolloutState, StoreError> {
+        let mut c = conn(&self.pool).await?;
+        let tx = c.transaction().await.map_err(err)?;
+        let Some(row) = tx
+            .query_opt(
+                "SELECT record FROM rollouts WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(err)?
+        else {
+            return Ok(RolloutState::Aborted);
+        };
+        let mut rec: RolloutRecord = row.get::<_, Json<RolloutRecord>>(0).0;
+        if rec.state != RolloutState::Completed {
+            return Ok(rec.state);
+        }
+        rec.state = RolloutState::Active;
+        rec.reason = membership::reopened_reason(device);
+        write_rollout(&tx, &rec).await?;
+        tx.commit().await.map_err(err)?;
+        info!(rollout = %id, device, "completed rollout reopened by a new device");
+        self.refresh().await?;
+        Ok(RolloutState::Active)
+    }
+
+    /// A device's type or tags changed from `old` to `new` in `tx`: the
+    /// eligible counts of the rollouts it left or joined follow
+    /// ([`membership`]).
+    async fn tags_changed(
+        &self,
+        tx: &impl GenericClient,
+        device: &str,
+        old: (&str, &BTreeMap<String, String>),
+        new: (&str, &BTreeMap<String, String>),
+    ) -> Result<(), StoreError> {
+        let live: Vec<Cached> = self.rollouts.read().unwrap().clone();
+        for r in live {
+            let spec = &r.rec.spec;
+            let delta = match (
+                spec_matches(spec, old.0, old.1),
+                spec_matches(spec, new.0, new.1),
+            ) {
+                (false, true) => 1,
+                (true, false) => -1,
+                _ => continue,
+            };
+            bump(
+                tx,
+                &r.rec.id,
+                r.rec.wave_of(device),
+                device,
+                Col::Eligible,
+                delta,
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Recreates the throttle's state of `rollout` from the members in
@@ -569,7 +637,22 @@ impl PgState {
             .map(|w| (w[0], w[4] + w[1], w[5] + w[6]))
             .collect();
         let spec = rec.spec.clone();
-        if !advance_record(&spec, &mut rec, &waves, crate::now_ms()) {
+        let now = crate::now_ms();
+        let in_flight = if membership::needs_in_flight(&spec, &rec, &waves, now) {
+            let n: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM members WHERE rollout = $1 \
+                     AND phase IN ('waiting', 'downloading', 'downloaded', 'installed', 'rebooting')",
+                    &[&id],
+                )
+                .await
+                .map_err(err)?
+                .get(0);
+            Some(n as u64)
+        } else {
+            None
+        };
+        if !advance_record(&spec, &mut rec, &waves, now, in_flight) {
             return Ok(());
         }
         info!(rollout = %id, state = ?rec.state, wave = rec.wave + 1, reason = %rec.reason, "rollout advanced");
@@ -724,14 +807,15 @@ impl StateBackend for PgState {
         let tx = c.transaction().await.map_err(err)?;
         // The token being revoked: this replica forgets it at once (others
         // within AUTH_CACHE_MS).
-        let old: Option<Vec<u8>> = tx
+        let before: Option<(Vec<u8>, String, Json<BTreeMap<String, String>>)> = tx
             .query_opt(
-                "SELECT token_sha256 FROM devices WHERE id = $1 FOR UPDATE",
+                "SELECT token_sha256, device_type, tags FROM devices WHERE id = $1 FOR UPDATE",
                 &[&id],
             )
             .await
             .map_err(err)?
-            .map(|r| r.get(0));
+            .map(|r| (r.get(0), r.get(1), r.get(2)));
+        let old = before.as_ref().map(|b| b.0.clone());
         let new: bool = tx
             .query_one(
                 "INSERT INTO devices (id, device_type, tags, token_sha256, enrolled_at_ms) \
@@ -758,7 +842,7 @@ impl StateBackend for PgState {
                 .unwrap()
                 .iter()
                 .filter(|r| {
-                    matches!(r.rec.state, RolloutState::Active | RolloutState::Paused)
+                    r.rec.state != RolloutState::Aborted
                         && spec_matches(&r.rec.spec, device_type, &tags)
                 })
                 .cloned()
@@ -767,6 +851,9 @@ impl StateBackend for PgState {
                 let w = r.rec.wave_of(id);
                 bump(&tx, &r.rec.id, w, id, Col::Eligible, 1).await?;
             }
+        } else if let Some((_, t, Json(old_tags))) = &before {
+            self.tags_changed(&tx, id, (t, old_tags), (device_type, &tags))
+                .await?;
         }
         tx.commit().await.map_err(err)?;
         if let Some(old) = old.and_then(|o| <[u8; 32]>::try_from(o.as_slice()).ok()) {
@@ -1024,8 +1111,16 @@ impl StateBackend for PgState {
         if nothing_to_offer(&rec.spec.release, rec.state, req) {
             return Ok(Decision::Answer(Action::None));
         }
+        let state = if rec.state == RolloutState::Completed {
+            self.reopen(&rec.id, device).await?
+        } else {
+            rec.state
+        };
+        if state == RolloutState::Aborted {
+            return Ok(Decision::Answer(Action::None));
+        }
         let wave = rec.wave_of(device);
-        if let Some(wait) = held_back(&rec.id, rec.state, wave, rec.wave) {
+        if let Some(wait) = held_back(&rec.id, state, wave, rec.wave) {
             return Ok(wait);
         }
         let Some(artifacts) = self.releases.pick(
@@ -1342,14 +1437,31 @@ impl StateBackend for PgState {
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {
-        let c = conn(&self.pool).await?;
-        let n = c
+        self.refresh().await?;
+        let mut c = conn(&self.pool).await?;
+        let tx = c.transaction().await.map_err(err)?;
+        let Some(before) = tx
+            .query_opt(
+                "SELECT device_type, tags FROM devices WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(err)?
+        else {
+            return Ok(false);
+        };
+        let (t, Json(old_tags)): (String, Json<BTreeMap<String, String>>) =
+            (before.get(0), before.get(1));
+        let n = tx
             .execute(
                 "UPDATE devices SET tags = $2 WHERE id = $1",
                 &[&id, &Json(&tags)],
             )
             .await
             .map_err(err)?;
+        self.tags_changed(&tx, id, (&t, &old_tags), (&t, &tags))
+            .await?;
+        tx.commit().await.map_err(err)?;
         // This replica sees the new tags at once; others within AUTH_CACHE_MS.
         self.auth.retain(|_, (d, _)| d.id != id);
         Ok(n == 1)
@@ -1498,6 +1610,53 @@ impl StateBackend for PgState {
         })
     }
 
+    /// # Cancel safety
+    /// One statement: the group exists afterwards or not.
+    async fn create_group(&self, g: &crate::groups::Group) -> Result<bool, StoreError> {
+        let c = conn(&self.pool).await?;
+        let n = c
+            .execute(
+                "INSERT INTO groups (name, record) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&g.name, &Json(g)],
+            )
+            .await
+            .map_err(err)?;
+        Ok(n == 1)
+    }
+
+    async fn groups(&self) -> Result<Vec<crate::groups::Group>, StoreError> {
+        let c = conn(&self.pool).await?;
+        let rows = c
+            .query("SELECT record FROM groups ORDER BY name", &[])
+            .await
+            .map_err(err)?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, Json<crate::groups::Group>>(0).0)
+            .collect())
+    }
+
+    async fn group(&self, name: &str) -> Result<Option<crate::groups::Group>, StoreError> {
+        let c = conn(&self.pool).await?;
+        Ok(
+            c.query_opt("SELECT record FROM groups WHERE name = $1", &[&name])
+                .await
+                .map_err(err)?
+                .map(|r| r.get::<_, Json<crate::groups::Group>>(0).0),
+        )
+    }
+
+    /// # Cancel safety
+    /// One statement: the group is gone afterwards or not.
+    async fn delete_group(&self, name: &str) -> Result<bool, StoreError> {
+        let c = conn(&self.pool).await?;
+        let n = c
+            .execute("DELETE FROM groups WHERE name = $1", &[&name])
+            .await
+            .map_err(err)?;
+        Ok(n == 1)
+    }
+
     async fn create_rollout(&self, spec: RolloutSpec) -> Result<RolloutStatus, RolloutError> {
         spec.validate().map_err(RolloutError::Invalid)?;
         self.releases.refresh().await?;
@@ -1623,13 +1782,14 @@ impl StateBackend for PgState {
             .ok_or_else(|| RolloutError::NotFound(id.into()))?;
         let mut rec: RolloutRecord = row.get::<_, Json<RolloutRecord>>(0).0;
         match (rec.state, to) {
-            (RolloutState::Aborted | RolloutState::Completed, _) => {
+            (RolloutState::Aborted, _) => {
                 return Err(RolloutError::Conflict(format!(
                     "rollout {id} is {:?}; it cannot change any more",
                     rec.state
                 )));
             }
-            (RolloutState::Active, RolloutState::Active) => {
+            // A completed rollout still takes newcomers ([`membership`]).
+            (RolloutState::Active | RolloutState::Completed, RolloutState::Active) => {
                 drop(tx);
                 return Ok(self.status_of(&rec).await?);
             }

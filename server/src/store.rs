@@ -62,6 +62,8 @@ pub struct Store {
     pub members: sled::Tree,
     pub events: sled::Tree,
     pub meta: sled::Tree,
+    /// Saved selectors ([`crate::groups`]), by name.
+    pub groups: sled::Tree,
     /// An exclusive lock on `ota-server.lock` in the directory, held while
     /// any clone lives (released by the OS if the process dies).
     _lock: Arc<std::fs::File>,
@@ -115,6 +117,7 @@ impl Store {
             members: db.open_tree("members")?,
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
+            groups: db.open_tree("groups")?,
             certs: db.open_tree("device_certs")?,
             db,
             _lock: Arc::new(lock),

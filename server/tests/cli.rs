@@ -53,6 +53,10 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["rollout", "create"],
     &["rollout", "status"],
     &["rollout", "pause"],
+    &["group", "create"],
+    &["group", "list"],
+    &["group", "show"],
+    &["group", "delete"],
 ];
 
 #[test]
@@ -288,4 +292,77 @@ async fn release_add_format_swu_stores_the_bundle_as_is_with_its_hashes() {
         "{}",
         text(&o.stderr)
     );
+}
+
+/// Issue 15: `group create|list|show|delete` and `rollout create --group`
+/// through the real binary.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_commands_save_a_selector_a_rollout_can_target() {
+    let ts = TestServer::with_two_releases(5000).await;
+    let (out, _) = admin(
+        &ts,
+        &[
+            "group",
+            "create",
+            "kiosks",
+            "--device-type",
+            "t",
+            "--selector",
+            "site=lab",
+        ],
+    );
+    assert!(out.contains("kiosks") && out.contains("site=lab"), "{out}");
+    let (out, _) = admin(&ts, &["group", "list"]);
+    assert!(out.starts_with("NAME") && out.contains("kiosks"), "{out}");
+    let (out, _) = admin(&ts, &["group", "show", "kiosks"]);
+    assert!(out.contains("site=lab"), "{out}");
+    let o = ota(
+        &["group", "create", "kiosks", "--device-type", "t"],
+        &[("OTA_SERVER", &ts.base), ("OTA_ADMIN_TOKEN", ADMIN)],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("exists already"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    let (id, _) = admin(
+        &ts,
+        &[
+            "rollout",
+            "create",
+            "--release",
+            "2.0",
+            "--group",
+            "kiosks",
+            "--max-concurrent",
+            "5",
+            "--max-starts-per-min",
+            "60",
+        ],
+    );
+    let id = id.trim();
+    let st = ts.status(id).await;
+    assert_eq!(st.spec.group.as_deref(), Some("kiosks"));
+    assert_eq!(
+        st.spec.selector.get("site").map(String::as_str),
+        Some("lab")
+    );
+    let (out, _) = admin(&ts, &["rollout", "status", id]);
+    assert!(out.contains("of t (group kiosks) to 2.0"), "{out}");
+
+    let o = ota(
+        &["group", "delete", "kiosks"],
+        &[("OTA_SERVER", &ts.base), ("OTA_ADMIN_TOKEN", ADMIN)],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains(&format!("ota-server rollout abort {id}")),
+        "{}",
+        text(&o.stderr)
+    );
+    admin(&ts, &["rollout", "abort", id]);
+    let (out, _) = admin(&ts, &["group", "delete", "kiosks"]);
+    assert!(out.contains("deleted group kiosks"), "{out}");
 }

@@ -7,6 +7,14 @@
 #[path = "rollout_http.rs"]
 mod suite;
 
+// Issue 15: late enrolment, tag changes, completion awaiting new devices.
+#[path = "dynamic_membership.rs"]
+mod membership;
+
+// Issue 15: groups.
+#[path = "groups_http.rs"]
+mod groups;
+
 #[path = "operator_guards.rs"]
 mod guards;
 // The admin API suite too: inventory, device show, failure reasons,

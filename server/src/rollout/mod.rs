@@ -26,6 +26,7 @@
 //! sled and made durable (group commit) before the answer goes out, so a
 //! kill -9 never forgets an admission, an event or a pause.
 
+pub mod membership;
 pub mod redis_throttle;
 pub mod shared;
 pub mod throttle;
@@ -68,7 +69,13 @@ pub enum RolloutState {
 #[serde(deny_unknown_fields)]
 pub struct RolloutSpec {
     pub release: String,
+    /// Filled from the group when `group` is given.
+    #[serde(default)]
     pub device_type: String,
+    /// The [`crate::groups::Group`] targeted (`rollout create --group`): its
+    /// device type and tags were copied here at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Every tag here must match the device's.
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
@@ -390,13 +397,17 @@ pub fn failure_verdict(
 
 /// The wave rule: opens the next wave when the open one soaked and enough
 /// devices succeeded; completes the rollout when every eligible device
-/// finished. `waves` holds (eligible, ok = committed + already current,
-/// failures) per wave. Changes `rec` and returns whether it changed.
+/// finished, or when it is done with the devices it has ([`membership`]:
+/// `in_flight` members, counted by the caller when
+/// [`membership::needs_in_flight`] says so, else `None`). `waves` holds
+/// (eligible, ok = committed + already current, failures) per wave.
+/// Changes `rec` and returns whether it changed.
 pub fn advance_record(
     spec: &RolloutSpec,
     rec: &mut RolloutRecord,
     waves: &[(u64, u64, u64)],
     now: u64,
+    in_flight: Option<u64>,
 ) -> bool {
     if rec.state != RolloutState::Active {
         return false;
@@ -421,9 +432,11 @@ pub fn advance_record(
             );
             return true;
         }
-    } else if eligible > 0 && finished >= eligible {
+    } else if (eligible > 0 && finished >= eligible)
+        || (in_flight == Some(0) && soaked && succeeded)
+    {
         rec.state = RolloutState::Completed;
-        rec.reason = format!("every eligible device finished: {done} committed of {eligible}");
+        rec.reason = membership::completed_reason(done, finished, eligible);
         return true;
     }
     false
@@ -574,7 +587,8 @@ pub(crate) fn cancel_ended_attempt(
 }
 
 /// Whether a device not holding an update of the rollout has nothing to get
-/// from it: it runs the release already, is busy, or the rollout is over.
+/// from it: it runs the release already, is busy, or the rollout was
+/// aborted. A completed rollout still takes newcomers ([`membership`]).
 pub(crate) fn nothing_to_offer(
     release: &str,
     state: RolloutState,
@@ -582,7 +596,7 @@ pub(crate) fn nothing_to_offer(
 ) -> bool {
     req.current_version == release
         || req.state != AgentState::Idle
-        || matches!(state, RolloutState::Aborted | RolloutState::Completed)
+        || state == RolloutState::Aborted
 }
 
 /// Why an eligible device must wait before admission is even tried (the
@@ -837,6 +851,49 @@ impl Rollouts {
         Ok(r)
     }
 
+    /// A completed rollout reopened by `device`, a newcomer that needs its
+    /// release ([`membership`]); returns the state now (another check-in
+    /// or the operator may have changed it first).
+    fn reopen(&self, r: &Rollout, device: &str) -> Result<RolloutState, StoreError> {
+        let mut rec = r.rec.lock().unwrap();
+        if rec.state == RolloutState::Completed {
+            rec.state = RolloutState::Active;
+            rec.reason = membership::reopened_reason(device);
+            r.publish(&rec);
+            // Durable with the admission that follows (or, if throttled,
+            // redone by the device's next check-in after a crash).
+            self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;
+            info!(rollout = %r.id, device, "completed rollout reopened by a new device");
+        }
+        Ok(rec.state)
+    }
+
+    /// A device's type or tags changed from `old` to `new` (re-enrolment,
+    /// DDI attributes): the eligible counts of the rollouts it left or
+    /// joined follow, so waves and completion see it.
+    pub fn on_tags_changed(
+        &self,
+        device: &str,
+        old: (&str, &BTreeMap<String, String>),
+        new: (&str, &BTreeMap<String, String>),
+    ) {
+        for r in self.list() {
+            let (was, is) = (r.matches(old.0, old.1), r.matches(new.0, new.1));
+            let c = &r.waves[r.wave_of(device)].eligible;
+            match (was, is) {
+                (false, true) => {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                (true, false) => {
+                    let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(1))
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Operator action: pause, resume or abort.
     pub async fn set_state(
         &self,
@@ -850,13 +907,17 @@ impl Rollouts {
         {
             let mut rec = r.rec.lock().unwrap();
             match (rec.state, to) {
-                (RolloutState::Aborted | RolloutState::Completed, _) => {
+                (RolloutState::Aborted, _) => {
                     return Err(RolloutError::Conflict(format!(
                         "rollout {id} is {:?}; it cannot change any more",
                         rec.state
                     )));
                 }
-                (RolloutState::Active, RolloutState::Active) => return Ok(r.clone()),
+                // A completed rollout still takes newcomers: it may be
+                // paused or aborted (to stop that), resuming it is a no-op.
+                (RolloutState::Active | RolloutState::Completed, RolloutState::Active) => {
+                    return Ok(r.clone());
+                }
                 _ => {}
             }
             if to == RolloutState::Active {
@@ -881,15 +942,17 @@ impl Rollouts {
         tags: &BTreeMap<String, String>,
     ) -> Option<Arc<Rollout>> {
         let all = self.all.read().unwrap();
-        all.iter()
-            .rev()
-            .find(|r| {
-                matches!(
-                    r.state(),
-                    RolloutState::Active | RolloutState::Paused | RolloutState::Aborted
-                ) && r.matches(device_type, tags)
-            })
-            .cloned()
+        let mut superseded = false;
+        for r in all.iter().rev() {
+            if r.spec.device_type != device_type {
+                continue;
+            }
+            if membership::takes_devices(r.state(), superseded) && r.matches(device_type, tags) {
+                return Some(r.clone());
+            }
+            superseded = true;
+        }
+        None
     }
 
     /// Decides a check-in. Writes (admissions) are made here; the caller
@@ -957,6 +1020,11 @@ impl Rollouts {
         if nothing_to_offer(&r.spec.release, state, req) {
             return Ok(Decision::Answer(Action::None));
         }
+        let state = if state == RolloutState::Completed {
+            self.reopen(&r, device)?
+        } else {
+            state
+        };
         let wave = r.wave_of(device);
         let mut m = r
             .members
@@ -1191,7 +1259,13 @@ impl Rollouts {
                 (c.eligible.load(Ordering::Relaxed), ok, bad)
             })
             .collect();
-        if advance_record(&r.spec, &mut rec, &waves, now) {
+        let in_flight = membership::needs_in_flight(&r.spec, &rec, &waves, now).then(|| {
+            r.members
+                .iter()
+                .filter(|m| membership::in_flight(m.phase))
+                .count() as u64
+        });
+        if advance_record(&r.spec, &mut rec, &waves, now, in_flight) {
             r.publish(&rec);
             info!(rollout = %r.id, state = ?rec.state, wave = rec.wave + 1, reason = %rec.reason, "rollout advanced");
             self.store.rollouts.insert(r.id.as_bytes(), encode(&*rec))?;

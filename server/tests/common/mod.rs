@@ -217,6 +217,7 @@ pub fn spec(release: &str, device_type: &str) -> RolloutSpec {
     RolloutSpec {
         release: release.into(),
         device_type: device_type.into(),
+        group: None,
         selector: BTreeMap::new(),
         waves: vec![100],
         soak_ms: 0,
