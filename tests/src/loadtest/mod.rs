@@ -26,6 +26,8 @@
 //! - [`faults`]: kill -9 of a replica, Redis and PostgreSQL restarts, and
 //!   what the run looked like around each;
 //! - [`sim`]: one simulated device and its faults;
+//! - [`ddi`]: one simulated hawkBit DDI target (`--ddi-share`), in the same
+//!   rollout and counted under the same cap and start rate;
 //! - [`proxy`]: the fault-injecting TCP proxy (cuts and corrupted bytes);
 //! - [`report`]: samples, the terminal table, JSON and the SVG chart.
 //!
