@@ -66,6 +66,7 @@ async fn main() {
         payload_size: psize,
         max_parallel_ranges: 16,
         lease_ms: 60_000,
+        install_gated: false,
     };
     let srv = Arc::new(Srv {
         files: vec![

@@ -61,7 +61,7 @@ use crate::bootctl::{BootControl, write_atomic};
 use crate::client::{Client, ClientError, Timeouts, TlsSettings};
 use crate::config::Config;
 use crate::pool::{self, PoolConfig, PoolError, PoolStats};
-use crate::state::{Phase, SlotInfo, State, StatusRecord, UpdateRecord};
+use crate::state::{Phase, SlotInfo, State, StatusRecord, UpdateRecord, VerifiedImage};
 use crate::verify::{self, Running};
 
 /// Why the daemon could not start or had to stop.
@@ -84,6 +84,16 @@ pub enum Exit {
     Shutdown,
     /// The reboot command ran: the device is going down.
     Rebooting,
+}
+
+/// How an update task ended well.
+#[derive(Debug)]
+enum Done {
+    /// Boot switched: reboot.
+    Reboot,
+    /// Verified; the switch waits for the maintenance window (the offer was
+    /// gated) or a local install-now.
+    Waiting(Box<UpdateRecord>),
 }
 
 /// Why an update attempt ended without installing.
@@ -650,6 +660,12 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
     async {
         match rec.phase {
             Phase::Downloading | Phase::Installing => Ok(None),
+            // Verified and waiting for its window: the main loop holds it
+            // (the slot is hashed again before any switch).
+            Phase::WaitingForWindow => {
+                agent.set_status("waiting-for-window", Some(&rec), None);
+                Ok(None)
+            }
             // Killed (not rebooted) after deciding to switch: the running
             // slot is still the old one, whatever the environment says next.
             // Finish the switch (idempotent) and reboot; never commit here.
@@ -819,8 +835,11 @@ struct Download {
     lease: LeaseClock,
     /// Stopped because the lease ran out (the task is winding down).
     lease_lost: bool,
+    /// Switching to an update verified while it waited (no download, no
+    /// lease: [`install_task`]).
+    installing: bool,
     cancel: CancellationToken,
-    task: JoinHandle<Result<(), UpdateEnd>>,
+    task: JoinHandle<Result<Done, UpdateEnd>>,
 }
 
 /// The check-in loop, supervising at most one update task.
@@ -834,6 +853,11 @@ async fn main_loop(
     watchdog: &mut Watchdog,
 ) -> Result<Exit, DaemonError> {
     let mut download: Option<Download> = None;
+    // An update verified in the inactive slot, waiting for its window.
+    let mut waiting: Option<UpdateRecord> = agent
+        .state
+        .update()?
+        .filter(|r| r.phase == Phase::WaitingForWindow);
     let mut checkins = 0u64;
     // Resume an update interrupted by a crash or a stop, without waiting
     // for the server.
@@ -872,7 +896,8 @@ async fn main_loop(
             r = async { (&mut download.as_mut().expect("guarded").task).await }, if download.is_some() => {
                 let d = download.take().expect("guarded");
                 match r {
-                    Ok(Ok(())) => return reboot(agent).await,
+                    Ok(Ok(Done::Reboot)) => return reboot(agent).await,
+                    Ok(Ok(Done::Waiting(rec))) => waiting = Some(*rec),
                     Ok(Err(UpdateEnd::Cancelled)) => {
                         tracing::info!(update = %d.update_id, "download stopped");
                         agent.set_status("idle", None, None);
@@ -886,6 +911,19 @@ async fn main_loop(
                 watchdog.ping();
                 pinged = true;
             }
+            // The device's own install-now (a flag file), looked for every
+            // second while an update waits; like the watchdog branch, it
+            // does not move the next check-in.
+            _ = tokio::time::sleep(Duration::from_secs(1)), if waiting.is_some() && download.is_none() => {
+                pinged = true;
+                let w = waiting.as_ref().expect("guarded");
+                if crate::install_now::pending(&agent.cfg.data_dir)
+                    && crate::install_now::take(&agent.cfg.data_dir, &w.offer.update_id)
+                {
+                    let rec = waiting.take().expect("guarded");
+                    download = Some(start_install(agent, rec, shutdown));
+                }
+            }
             _ = tokio::time::sleep_until(next_checkin) => {
                 checkins += 1;
                 test_hook_hang(checkins).await;
@@ -893,11 +931,23 @@ async fn main_loop(
                 let req = CheckinRequest {
                     current_version: running.version.clone(),
                     booted_slot: booted,
-                    state: if download.is_some() { AgentState::Downloading } else { AgentState::Idle },
-                    update: download.as_ref().map(|d| UpdateInHand {
-                        update_id: d.update_id.clone(),
-                        progress: agent.live.snapshot(),
-                    }),
+                    state: match (&download, &waiting) {
+                        (Some(d), _) if d.installing => AgentState::Installing,
+                        (Some(_), _) => AgentState::Downloading,
+                        (None, Some(_)) => AgentState::WaitingForWindow,
+                        (None, None) => AgentState::Idle,
+                    },
+                    update: match (&download, &waiting) {
+                        (Some(d), _) => Some(UpdateInHand {
+                            update_id: d.update_id.clone(),
+                            progress: agent.live.snapshot(),
+                        }),
+                        (None, Some(w)) => Some(UpdateInHand {
+                            update_id: w.offer.update_id.clone(),
+                            progress: Progress::default(),
+                        }),
+                        (None, None) => None,
+                    },
                     freshness_held: agent.freshness.held(&agent.live_settings.trusted()),
                     delta_codecs: ota_format::manifest::codecs(),
                 };
@@ -945,9 +995,26 @@ async fn main_loop(
                                     }
                                 }
                                 Some(d) => tracing::warn!(holding = %d.update_id, offered = %offer.update_id, "ignoring a second offer while one is in hand"),
+                                None if waiting.is_some() => tracing::warn!(offered = %offer.update_id, "ignoring an offer while a verified update waits for its window"),
                                 None if fresh.is_err() => {}
                                 None => download = Some(start_download(agent, offer, shutdown, sent)),
                             },
+                            Action::Install { update_id } => {
+                                match waiting.as_ref() {
+                                    Some(w) if w.offer.update_id == update_id && download.is_none() => {
+                                        tracing::info!(update = %update_id, "the server says install (maintenance window open or operator)");
+                                        let rec = waiting.take().expect("checked");
+                                        download = Some(start_install(agent, rec, shutdown));
+                                    }
+                                    _ => tracing::debug!(update = %update_id, "install answer for no waiting update: ignored"),
+                                }
+                            }
+                            Action::Cancel { update_id, reason } if waiting.as_ref().is_some_and(|w| w.offer.update_id == update_id) => {
+                                tracing::warn!(update = %update_id, "server cancelled the waiting update: {reason}");
+                                waiting = None;
+                                agent.state.set_update(None)?;
+                                agent.set_status("idle", None, Some(format!("cancelled by the server: {reason}")));
+                            }
                             Action::Cancel { update_id, reason } => {
                                 if let Some(d) = download.as_ref().filter(|d| d.update_id == update_id) {
                                     tracing::warn!(update = %update_id, "server cancelled the update: {reason}");
@@ -1064,12 +1131,12 @@ async fn fail_update(agent: &Agent, update_id: &str, reason: String) -> Result<(
     Ok(())
 }
 
-/// When the download in hand must have stopped (none if there is none, or
-/// it is already stopping).
+/// When the download in hand must have stopped (none if there is none, it
+/// is already stopping, or it is an install that holds no lease).
 fn lease_stop_at(download: &Option<Download>) -> Option<LeaseInstant> {
     download
         .as_ref()
-        .filter(|d| !d.lease_lost)
+        .filter(|d| !d.lease_lost && !d.installing)
         .map(|d| d.lease.stop_at())
 }
 
@@ -1105,11 +1172,108 @@ fn start_download(
         update_id: offer.update_id.clone(),
         lease: LeaseClock::granted(Duration::from_millis(offer.lease_ms.max(300)), sent),
         lease_lost: false,
+        installing: false,
         cancel: cancel.clone(),
         task: tokio::spawn(update_task(agent.clone(), offer, cancel).instrument(span)),
     };
     agent.set_status("downloading", None, None);
     d
+}
+
+/// Starts the switch to `rec`, an update verified while it waited for its
+/// window ([`install_task`]). Supervised like a download, without a lease.
+fn start_install(agent: &Arc<Agent>, rec: UpdateRecord, shutdown: &CancellationToken) -> Download {
+    let cancel = shutdown.child_token();
+    let span = tracing::info_span!("install", id = %rec.offer.update_id, version = %rec.to_version);
+    agent.set_status("installing", Some(&rec), None);
+    Download {
+        update_id: rec.offer.update_id.clone(),
+        lease: LeaseClock::granted(Duration::from_secs(86_400), LeaseInstant::now()),
+        lease_lost: false,
+        installing: true,
+        cancel: cancel.clone(),
+        task: tokio::spawn(install_task(agent.clone(), rec, cancel).instrument(span)),
+    }
+}
+
+/// Switches to an update verified while it waited for its window: the
+/// target slot is hashed again first (days may have passed; anything may
+/// have written to it), then boot switches as after a download.
+///
+/// # Cancel safety
+/// Cancel with `cancel`: the hash stops and `update.json` still says
+/// waiting, so a restart waits again (and is told to install again while
+/// the window is open). Once the switch is recorded it is not cancelled.
+async fn install_task(
+    agent: Arc<Agent>,
+    mut rec: UpdateRecord,
+    cancel: CancellationToken,
+) -> Result<Done, UpdateEnd> {
+    let Some(v) = rec.verified else {
+        return Err(UpdateEnd::Failed(
+            "the waiting update's record names no verified image".into(),
+        ));
+    };
+    let (booted, _) = agent
+        .running()
+        .map_err(|e| UpdateEnd::Failed(e.to_string()))?;
+    if booted == rec.target {
+        return Err(UpdateEnd::Failed(format!(
+            "the verified update was in slot {}, which is now running",
+            rec.target.name()
+        )));
+    }
+    let path = agent.cfg.slot_path(rec.target).to_path_buf();
+    let f = std::fs::File::open(&path)
+        .map_err(|e| format!("opening slot {} ({}): {e}", rec.target.name(), path.display()))?;
+    let actual = {
+        let c = cancel.clone();
+        tokio::task::spawn_blocking(move || hash_cancellable(&f, v.size, &c))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading back slot {}: {e}", rec.target.name()))?
+    };
+    let Some(actual) = actual else {
+        return Err(UpdateEnd::Cancelled);
+    };
+    if actual != v.sha256 {
+        agent.state.drop_progress_except(None).await?;
+        return Err(UpdateEnd::Failed(format!(
+            "slot {} changed while the update waited for its window: sha256 {actual}, verified {}",
+            rec.target.name(),
+            v.sha256
+        )));
+    }
+    switch_boot(&agent, &mut rec).await?;
+    Ok(Done::Reboot)
+}
+
+/// Records the decision to switch (with this boot's id), switches boot to
+/// the target slot on trial and reports `installed` and `rebooting`.
+///
+/// # Cancel safety
+/// The decision is recorded before the boot environment changes: after a
+/// crash, [`after_boot`] knows whether the switch may have happened.
+async fn switch_boot(agent: &Agent, rec: &mut UpdateRecord) -> Result<(), UpdateEnd> {
+    rec.phase = Phase::Rebooting;
+    rec.switched_in_boot = Some(agent.boot.boot_id()?);
+    agent.state.set_update(Some(rec))?;
+    agent.boot.switch_to(rec.target)?;
+    agent
+        .event(
+            &rec.offer.update_id,
+            EventKind::Installed,
+            EventDetail {
+                version: Some(rec.to_version.clone()),
+                ..Default::default()
+            },
+        )
+        .await;
+    agent
+        .event(&rec.offer.update_id, EventKind::Rebooting, Default::default())
+        .await;
+    agent.set_status("rebooting", Some(rec), None);
+    Ok(())
 }
 
 /// Opens a slot for reading and writing, without truncating.
@@ -1131,7 +1295,7 @@ async fn update_task(
     agent: Arc<Agent>,
     offer: UpdateOffer,
     cancel: CancellationToken,
-) -> Result<(), UpdateEnd> {
+) -> Result<Done, UpdateEnd> {
     let (booted, running) = agent
         .running()
         .map_err(|e| UpdateEnd::Failed(e.to_string()))?;
@@ -1204,6 +1368,7 @@ async fn update_task(
         to_security_counter: manifest.security_counter,
         reason: None,
         switched_in_boot: None,
+        verified: None,
     };
     if existing.is_none() {
         write_atomic(&manifest_path, &envelope).map_err(|e| format!("saving the manifest: {e}"))?;
@@ -1358,29 +1523,36 @@ async fn update_task(
     }
     dest.sync_all()
         .map_err(|e| format!("syncing slot {}: {e}", target.name()))?;
+    // A gated offer (the rollout has maintenance windows): verified, the
+    // switch waits for the server's `install` or a local install-now. The
+    // download lease is released by the server on `waiting-for-window`.
+    if offer.install_gated && !crate::install_now::take(&agent.cfg.data_dir, &offer.update_id) {
+        rec.phase = Phase::WaitingForWindow;
+        rec.verified = Some(VerifiedImage {
+            sha256: manifest.to.sha256,
+            size: manifest.to.size,
+        });
+        agent.state.set_update(Some(&rec))?;
+        agent
+            .event(
+                &offer.update_id,
+                EventKind::WaitingForWindow,
+                EventDetail {
+                    progress: Some(live.snapshot()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        tracing::info!("verified in slot {}; waiting for the maintenance window to switch", target.name());
+        agent.set_status("waiting-for-window", Some(&rec), None);
+        return Ok(Done::Waiting(Box::new(rec)));
+    }
     // The decision is recorded (with this boot's id) before the boot
     // environment changes: after a crash or power cut, `after_boot` then
     // knows whether the switch may have happened and whether the device has
     // rebooted since, instead of guessing from the environment alone.
-    rec.phase = Phase::Rebooting;
-    rec.switched_in_boot = Some(agent.boot.boot_id()?);
-    agent.state.set_update(Some(&rec))?;
-    agent.boot.switch_to(target)?;
-    agent
-        .event(
-            &offer.update_id,
-            EventKind::Installed,
-            EventDetail {
-                version: Some(manifest.to.version.clone()),
-                ..Default::default()
-            },
-        )
-        .await;
-    agent
-        .event(&offer.update_id, EventKind::Rebooting, Default::default())
-        .await;
-    agent.set_status("rebooting", Some(&rec), None);
-    Ok(())
+    switch_boot(&agent, &mut rec).await?;
+    Ok(Done::Reboot)
 }
 
 /// SHA-256 of `[0, len)`, or `None` if cancelled midway.

@@ -37,6 +37,9 @@
 //! - [`reload`]: `SIGHUP` re-reads `agent.toml` (trusted keys, bandwidth
 //!   cap, log level), validated first and swapped atomically.
 //! - [`status`]: `ota-agent status`.
+//! - [`install_now`]: `ota-agent install-now`, the device's own trigger
+//!   for an update that waits for its maintenance window (a flag file the
+//!   daemon takes).
 
 pub mod bootctl;
 pub mod client;
@@ -44,6 +47,7 @@ pub mod config;
 pub mod daemon;
 pub mod freshness;
 pub mod identity;
+pub mod install_now;
 pub mod lease;
 pub mod pool;
 pub mod reload;

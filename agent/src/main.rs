@@ -47,6 +47,13 @@ enum Cmd {
         #[arg(long, default_value = "/etc/ota-agent/agent.toml")]
         config: PathBuf,
     },
+    /// Install the update that waits for its maintenance window now (or as
+    /// soon as it is verified), and reboot: the device's own trigger.
+    InstallNow {
+        /// The agent configuration (TOML).
+        #[arg(long, default_value = "/etc/ota-agent/agent.toml")]
+        config: PathBuf,
+    },
     /// Apply the bootloader's power-on logic to a `file` boot environment
     /// (count a trial boot, fall back past --bootlimit, record the booted slot).
     SimulateBoot {
@@ -164,6 +171,7 @@ fn main() {
             restart_after_reboot,
         } => run(&config, restart_after_reboot),
         Cmd::Status { config } => status(&config),
+        Cmd::InstallNow { config } => install_now(&config),
         Cmd::SimulateBoot {
             env_file,
             bootlimit,
@@ -246,6 +254,15 @@ fn status(config: &Path) -> Result<()> {
     print!(
         "{}",
         ota_agent::status::report(&cfg).map_err(anyhow::Error::msg)?
+    );
+    Ok(())
+}
+
+fn install_now(config: &Path) -> Result<()> {
+    let cfg = ota_agent::config::Config::load(config)?;
+    println!(
+        "{}",
+        ota_agent::install_now::request(&cfg).map_err(anyhow::Error::msg)?
     );
     Ok(())
 }

@@ -48,6 +48,11 @@ pub enum Phase {
     Downloading,
     /// All operations applied; verifying the image, about to switch.
     Installing,
+    /// The whole image verified in the target slot; the switch waits for
+    /// the server's `install` (a maintenance window) or a local
+    /// `ota-agent install-now`. Survives restarts and reboots; the slot is
+    /// hashed again before the switch.
+    WaitingForWindow,
     /// Boot switched to the target slot (on trial); reboot pending or done.
     Rebooting,
     /// Health check failed: boot switched back to the old slot, reboot pending.
@@ -73,6 +78,17 @@ pub struct UpdateRecord {
     /// id after a restart means no reboot happened since.
     #[serde(default)]
     pub switched_in_boot: Option<String>,
+    /// The verified image (phase `waiting-for-window`): what the target
+    /// slot must hash to when the switch finally comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifiedImage>,
+}
+
+/// A whole image verified in the target slot.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct VerifiedImage {
+    pub sha256: Digest,
+    pub size: u64,
 }
 
 /// What each slot holds, as far as the agent knows.

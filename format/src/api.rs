@@ -89,6 +89,11 @@ pub enum AgentState {
     Rebooting,
     /// Booted into the new slot, health check not yet passed.
     Testing,
+    /// The update in hand is downloaded and verified in the inactive slot;
+    /// the agent holds it until an [`Action::Install`] (its rollout's
+    /// maintenance window opened, or an operator said install now). Holds
+    /// no download lease.
+    WaitingForWindow,
 }
 
 /// Progress of the update the agent has in hand.
@@ -167,6 +172,10 @@ pub enum Action {
     /// Stop the update `update_id`: its rollout was aborted, or the device's
     /// lease expired and its slot was given away. Discard progress.
     Cancel { update_id: String, reason: String },
+    /// Switch to the update `update_id`, downloaded and verified while
+    /// waiting ([`AgentState::WaitingForWindow`]), and reboot: its
+    /// maintenance window is open, or an operator said install now.
+    Install { update_id: String },
 }
 
 /// An admitted update.
@@ -191,6 +200,13 @@ pub struct UpdateOffer {
     /// Lease lifetime: without a check-in or progress event within this many
     /// milliseconds, the server gives the download slot away.
     pub lease_ms: u64,
+    /// Download and verify, then do not switch: report
+    /// [`EventKind::WaitingForWindow`], check in as
+    /// [`AgentState::WaitingForWindow`] and switch only on an
+    /// [`Action::Install`] (the rollout has maintenance windows). Absent
+    /// (false): install as soon as verified.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub install_gated: bool,
 }
 
 /// Event kinds reported by the agent.
@@ -202,6 +218,9 @@ pub enum EventKind {
     Progress,
     /// Every operation verified and applied.
     Downloaded,
+    /// The whole image verified in the inactive slot; the agent waits for
+    /// its install permission (maintenance window) and holds no lease.
+    WaitingForWindow,
     /// Whole image verified, boot switched.
     Installed,
     Rebooting,

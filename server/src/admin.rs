@@ -75,7 +75,11 @@ pub async fn device_retire(
         if live.iter().any(|r| r == rollout)
             && matches!(
                 m.phase,
-                Phase::Downloading | Phase::Downloaded | Phase::Installed | Phase::Rebooting
+                Phase::Downloading
+                    | Phase::Downloaded
+                    | Phase::WaitingForWindow
+                    | Phase::Installed
+                    | Phase::Rebooting
             )
         {
             return Err(conflict(format!(

@@ -186,6 +186,15 @@ pub trait StateBackend: Send + Sync + 'static {
 
     async fn rollout_statuses(&self) -> Result<Vec<RolloutStatus>, RolloutError>;
 
+    /// Operator action (`rollout install-now`): devices of rollout `id`
+    /// switch once verified, whatever its maintenance windows say (all
+    /// admitted devices not yet installed when `devices` is empty). Returns
+    /// the devices marked; durable on return.
+    async fn install_now(&self, id: &str, devices: &[String]) -> Result<Vec<String>, RolloutError>;
+
+    /// The clock maintenance windows are judged by (tests move it).
+    fn window_clock(&self) -> &crate::rollout::window::WindowClock;
+
     async fn rollout_status(&self, id: &str) -> Result<RolloutStatus, RolloutError>;
 
     /// Periodic work: lease expiry, waves, completion. Returns leases
@@ -437,6 +446,14 @@ impl StateBackend for LocalState {
     ) -> Result<RolloutStatus, RolloutError> {
         let r = self.rollouts.set_state(id, to, reason).await?;
         Ok(self.rollouts.status(&r))
+    }
+
+    async fn install_now(&self, id: &str, devices: &[String]) -> Result<Vec<String>, RolloutError> {
+        self.rollouts.install_now(id, devices).await
+    }
+
+    fn window_clock(&self) -> &crate::rollout::window::WindowClock {
+        self.rollouts.window_clock()
     }
 
     async fn rollout_statuses(&self) -> Result<Vec<RolloutStatus>, RolloutError> {

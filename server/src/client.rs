@@ -426,6 +426,22 @@ impl AdminClient {
     }
 
     /// `verb` is pause, resume or abort.
+    /// `rollout install-now`: the devices marked to install.
+    pub async fn rollout_install_now(
+        &self,
+        id: &str,
+        devices: &[String],
+    ) -> Result<crate::windows_http::InstallNowResponse> {
+        self.call(
+            Method::POST,
+            &format!("/api/v1/admin/rollouts/{id}/install-now"),
+            Some(&crate::windows_http::InstallNowRequest {
+                devices: devices.to_vec(),
+            }),
+        )
+        .await
+    }
+
     pub async fn rollout_action(&self, id: &str, verb: &str) -> Result<RolloutStatus> {
         self.call::<(), _>(
             Method::POST,
@@ -501,6 +517,7 @@ pub fn render_status(s: &RolloutStatus) -> String {
         "rolledb",
         "bytes"
     );
+    o.push_str(&crate::render::windows(s));
     for w in s.waves.iter().chain(std::iter::once(&s.totals())) {
         let name = if w.wave == 0 {
             "all".to_string()

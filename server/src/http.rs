@@ -314,6 +314,7 @@ pub fn router(app: Arc<App>) -> Router {
             post(admin_rollout_action),
         )
         .merge(crate::ddi::routes())
+        .merge(crate::windows_http::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,
@@ -551,6 +552,7 @@ async fn checkin(
         }
         Action::Wait { .. } => "wait",
         Action::Cancel { .. } => "cancel",
+        Action::Install { .. } => "install",
     };
     app.metrics
         .checkins

@@ -9,7 +9,9 @@
 //! - [`backend`]: the state layer's trait ([`backend::StateBackend`]) and
 //!   its single-process implementation over [`fleet`], [`rollout`] and
 //!   [`store`].
-//! - [`pg`]: the PostgreSQL implementation, for several replicas.
+//! - [`pg`]: the PostgreSQL implementation, for several replicas;
+//!   [`pg_windows`] its SQL for maintenance windows (install-now, a waiting
+//!   update cancelled).
 //! - [`store`]: sled trees and the group-commit flusher that makes
 //!   acknowledged writes durable without an fsync per request.
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
@@ -36,6 +38,8 @@
 //!   rollout counts as done ("complete, awaiting new devices");
 //!   [`rollout::throttle`] holds the concurrency cap, download leases, the
 //!   start-rate limiter and the fair waiting queue;
+//!   [`rollout::window`] maintenance windows (recurring local times in
+//!   IANA zones) and the clock they are judged by;
 //!   [`rollout::shared`] the fleet-wide throttle trait (local or
 //!   [`rollout::redis_throttle`]) the PostgreSQL backend uses.
 //! - [`signing`]: the signing keys — a key file, keys in a PKCS#11 token,
@@ -47,6 +51,8 @@
 //!   the agents', so they share rollouts and the throttle; [`ddi::wire`]
 //!   its JSON and the feedback-to-event mapping.
 //! - [`http`]: routes and handlers of the device and admin APIs;
+//!   [`windows_http`] the maintenance-window routes (`install-now`, the
+//!   test-build window-clock hook);
 //!   [`admin`] the inventory list and the deletions (device retire,
 //!   release delete) with the checks that keep them safe.
 //! - [`listener`]: the accept loop (plain and TLS) with connection hygiene:
@@ -80,6 +86,7 @@ pub mod inventory;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
+pub mod pg_windows;
 pub mod releases;
 pub mod reload;
 pub mod render;
@@ -88,6 +95,7 @@ pub mod secrets;
 pub mod signing;
 pub mod store;
 pub mod tls;
+pub mod windows_http;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times
 /// are persisted, so they must survive a restart).

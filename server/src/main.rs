@@ -319,6 +319,16 @@ enum RolloutCmd {
         /// The rollout id.
         id: String,
     },
+    /// Let devices switch as soon as their update is verified, whatever
+    /// the rollout's maintenance windows say.
+    InstallNow {
+        /// The rollout id.
+        id: String,
+        /// Only these devices (comma-separated; each must be admitted and
+        /// not yet installed). Default: every such device.
+        #[arg(long, value_delimiter = ',', value_name = "ID,...")]
+        devices: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -368,6 +378,11 @@ struct RolloutArgs {
     /// Extra attempts per device after a failure or a lost lease.
     #[arg(long, default_value_t = 2)]
     max_retries: u32,
+    /// Maintenance window, repeatable: "DAYS HH:MM+DURATION ZONE", e.g.
+    /// "mon-fri 02:00+3h Europe/Berlin" (IANA zone, wall-clock time).
+    /// Devices download at once but switch only inside a window.
+    #[arg(long = "window", value_name = "WINDOW", value_parser = ota_server::rollout::window::Window::parse)]
+    windows: Vec<ota_server::rollout::window::Window>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -1003,6 +1018,7 @@ async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
                     FailureAction::Abort => OnFailure::Abort,
                 },
                 max_retries: a.max_retries,
+                windows: a.windows,
             };
             let s = c.rollout_create(&spec).await?;
             println!("{}", s.id);
@@ -1028,6 +1044,15 @@ async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
         }
         RolloutCmd::Abort { id } => {
             print!("{}", render_status(&c.rollout_action(&id, "abort").await?))
+        }
+        RolloutCmd::InstallNow { id, devices } => {
+            let r = c.rollout_install_now(&id, &devices).await?;
+            println!(
+                "rollout {}: {} device(s) will install as soon as verified: {}",
+                r.rollout,
+                r.devices.len(),
+                r.devices.join(", ")
+            );
         }
     }
     Ok(())

@@ -47,7 +47,7 @@ use crate::rollout::{
     Decision, Effect, FailureReason, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
     RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
     cancel_ended_attempt, failure_verdict, held_back, lease_expired, membership, nothing_to_offer,
-    offer_for, past_download, ramped_rate, rank_key, spec_matches, transition_for, wave_bounds,
+    install_gate, offer_for, past_download, ramped_rate, reports_waiting, rank_key, spec_matches, transition_for, wave_bounds,
 };
 use crate::store::StoreError;
 
@@ -282,6 +282,8 @@ pub struct PgState {
     events_duplicate: AtomicU64,
     /// Token hash → (device, valid until ms); see [`AUTH_CACHE_MS`].
     auth: dashmap::DashMap<[u8; 32], (AuthedDevice, u64)>,
+    /// The clock maintenance windows are judged by.
+    window_clock: crate::rollout::window::WindowClock,
 }
 
 impl PgState {
@@ -303,6 +305,7 @@ impl PgState {
             events_accepted: AtomicU64::new(0),
             events_duplicate: AtomicU64::new(0),
             auth: dashmap::DashMap::new(),
+            window_clock: Default::default(),
         };
         s.refresh().await?;
         Ok(s)
@@ -642,7 +645,7 @@ impl PgState {
             let n: i64 = tx
                 .query_one(
                     "SELECT count(*) FROM members WHERE rollout = $1 \
-                     AND phase IN ('waiting', 'downloading', 'downloaded', 'installed', 'rebooting')",
+                     AND phase IN ('waiting', 'downloading', 'downloaded', 'waiting-for-window', 'installed', 'rebooting')",
                     &[&id],
                 )
                 .await
@@ -704,6 +707,7 @@ impl PgState {
                     failed: c[5],
                     rolled_back: c[6],
                     cancelled: ph("cancelled"),
+                    waiting_for_window: ph("waiting-for-window"),
                     bytes_served: c[7],
                 }
             })
@@ -741,6 +745,10 @@ impl PgState {
             waves,
             wave_bounds: rec.wave_bounds.clone(),
             failure_reasons,
+            next_window: crate::rollout::window::next_opening(
+                &rec.spec.windows,
+                self.window_clock.now(),
+            ),
         })
     }
 
@@ -1042,6 +1050,22 @@ impl StateBackend for PgState {
             )
         });
         if let Some((m, fence)) = &member {
+            if reports_waiting(req, m) {
+                let d = install_gate(&rec.id, &rec.spec, rec.state, m, self.window_clock.now());
+                if let Decision::Answer(Action::Cancel { .. }) = &d {
+                    crate::pg_windows::cancel_waiting(&self.pool, &rec.id, m).await?;
+                    let _ = throttled!(
+                        self,
+                        &rec.id,
+                        self.throttle.release(&rec.id, device, *fence)
+                    )?;
+                    return Ok(Decision::AnswerDurable(Action::Cancel {
+                        update_id: m.update_id.clone(),
+                        reason: format!("rollout {} was aborted", rec.id),
+                    }));
+                }
+                return Ok(d);
+            }
             match m.phase {
                 Phase::Downloading => {
                     if past_download(req, m) {
@@ -1169,6 +1193,8 @@ impl StateBackend for PgState {
                     artifacts: Some(artifacts.clone()),
                     reason: None,
                     bytes_verified: 0,
+                    // An operator's install-now outlives a retry.
+                    install_now: member.as_ref().is_some_and(|(m, _)| m.install_now),
                 };
                 let written = async {
                     let mut c = conn(&self.pool).await?;
@@ -1807,6 +1833,19 @@ impl StateBackend for PgState {
         info!(rollout = %id, state = ?to, "rollout state changed by operator");
         self.refresh().await?;
         Ok(self.status_of(&rec).await?)
+    }
+
+    async fn install_now(&self, id: &str, devices: &[String]) -> Result<Vec<String>, RolloutError> {
+        self.refresh().await?;
+        let rec = self
+            .cached(id)
+            .map(|r| r.rec)
+            .ok_or_else(|| RolloutError::NotFound(id.into()))?;
+        crate::pg_windows::install_now(&self.pool, &rec, devices).await
+    }
+
+    fn window_clock(&self) -> &crate::rollout::window::WindowClock {
+        &self.window_clock
     }
 
     async fn rollout_statuses(&self) -> Result<Vec<RolloutStatus>, RolloutError> {

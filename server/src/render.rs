@@ -226,6 +226,26 @@ pub fn rollout_list(all: &[RolloutStatus]) -> String {
     o
 }
 
+/// The maintenance-window lines of `rollout status` (empty without
+/// windows): the windows, when the next opens, and how many devices hold a
+/// verified update waiting for one.
+pub fn windows(s: &RolloutStatus) -> String {
+    use std::fmt::Write;
+    if s.spec.windows.is_empty() {
+        return String::new();
+    }
+    let mut o = String::new();
+    let list: Vec<String> = s.spec.windows.iter().map(|w| w.to_string()).collect();
+    let _ = writeln!(o, "  install windows: {}", list.join("; "));
+    let _ = writeln!(
+        o,
+        "  next window opens: {}; waiting-for-window: {} (downloaded and verified, no lease)",
+        s.next_window.as_deref().unwrap_or("never"),
+        s.totals().waiting_for_window
+    );
+    o
+}
+
 /// The failure-reason lines of `rollout status` (empty when none failed).
 pub fn failure_reasons(s: &RolloutStatus) -> String {
     let mut o = String::new();

@@ -146,6 +146,7 @@ impl Fixture {
             payload_size: self.payload.len() as u64,
             max_parallel_ranges: 4,
             lease_ms: 30_000,
+            install_gated: false,
         }
     }
 }

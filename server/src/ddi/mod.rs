@@ -289,6 +289,9 @@ async fn poll(
         }
         Action::Wait { .. } => "wait",
         Action::None => "none",
+        // Only for a device that reported waiting-for-window, which DDI
+        // clients never do.
+        Action::Install { .. } => "install",
     };
     app.metrics
         .checkins
@@ -374,6 +377,7 @@ async fn deployment_base(
     let handling = match m.phase {
         Phase::Downloading
         | Phase::Downloaded
+        | Phase::WaitingForWindow
         | Phase::Installed
         | Phase::Rebooting
         | Phase::Committed => Handling::Forced,

@@ -43,6 +43,7 @@ pub fn in_flight(phase: Phase) -> bool {
         Phase::Waiting
             | Phase::Downloading
             | Phase::Downloaded
+            | Phase::WaitingForWindow
             | Phase::Installed
             | Phase::Rebooting
     )

@@ -30,6 +30,7 @@ pub mod membership;
 pub mod redis_throttle;
 pub mod shared;
 pub mod throttle;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,6 +111,11 @@ pub struct RolloutSpec {
     /// Extra attempts after a `failed` report or a lease expiry.
     #[serde(default = "default_retries")]
     pub max_retries: u32,
+    /// Maintenance windows ([`window`]): with any, devices download and
+    /// verify when admitted but switch slots only inside one (or when an
+    /// operator says `rollout install-now`). None: install at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<window::Window>,
 }
 
 fn default_waves() -> Vec<u8> {
@@ -170,6 +176,7 @@ impl RolloutSpec {
         if self.max_retries > 100 {
             return Err("max_retries must be at most 100".into());
         }
+        window::check_windows(&self.windows)?;
         Ok(())
     }
 }
@@ -220,7 +227,14 @@ pub enum Phase {
     RolledBack,
     /// The rollout was aborted while the device downloaded.
     Cancelled,
+    /// Downloaded and verified; holds no lease; waits for a maintenance
+    /// window (or `rollout install-now`) to switch. Not a success: a wave
+    /// whose devices wait does not count them as committed.
+    WaitingForWindow,
 }
+
+/// Phases a status counts (the length of its per-phase table).
+pub const PHASES: usize = 10;
 
 /// A device's record in a rollout.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -236,6 +250,10 @@ pub struct Member {
     pub reason: Option<String>,
     #[serde(default)]
     pub bytes_verified: u64,
+    /// An operator said install now (`rollout install-now`): the device
+    /// switches when its update is verified, window or not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub install_now: bool,
 }
 
 /// Per-wave counters (atomics: updated on the hot path without locks).
@@ -540,6 +558,7 @@ pub(crate) fn offer_for(
         payload_size: a.payload_size,
         max_parallel_ranges: parallel,
         lease_ms,
+        install_gated: !spec.windows.is_empty(),
     }
 }
 
@@ -557,6 +576,69 @@ pub(crate) fn past_download(req: &ota_format::api::CheckinRequest, m: &Member) -
         .update
         .as_ref()
         .is_some_and(|u| u.update_id == m.update_id)
+}
+
+/// Whether the device reports holding member `m`'s update verified and
+/// waiting for its install permission (the member may still show
+/// `downloading`: events travel apart from check-ins).
+pub(crate) fn reports_waiting(req: &ota_format::api::CheckinRequest, m: &Member) -> bool {
+    req.state == AgentState::WaitingForWindow
+        && matches!(
+            m.phase,
+            Phase::Downloading | Phase::Downloaded | Phase::WaitingForWindow
+        )
+        && req
+            .update
+            .as_ref()
+            .is_some_and(|u| u.update_id == m.update_id)
+}
+
+/// The install gate (both engines): the answer to a device holding member
+/// `m`'s update verified ([`reports_waiting`]). Install inside a window or
+/// when an operator said so; wait outside (the answer says when the next
+/// window opens) and while the rollout is paused; an aborted rollout
+/// cancels the update, whose verified slot is then never switched to.
+pub(crate) fn install_gate(
+    id: &str,
+    spec: &RolloutSpec,
+    state: RolloutState,
+    m: &Member,
+    now: jiff::Timestamp,
+) -> Decision {
+    let span = info_span!("install_gate", rollout = %id, device = %m.device);
+    let _g = span.enter();
+    match state {
+        RolloutState::Aborted => {
+            return Decision::Answer(Action::Cancel {
+                update_id: m.update_id.clone(),
+                reason: format!("rollout {id} was aborted"),
+            });
+        }
+        RolloutState::Paused => {
+            return Decision::Wait {
+                reason: format!("rollout {id} is paused; the downloaded update waits for resume"),
+                class: "paused",
+                near_head: false,
+            };
+        }
+        RolloutState::Active | RolloutState::Completed => {}
+    }
+    if m.install_now || window::install_allowed(&spec.windows, now) {
+        info!(update_id = %m.update_id, operator = m.install_now, "install allowed");
+        return Decision::Answer(Action::Install {
+            update_id: m.update_id.clone(),
+        });
+    }
+    Decision::Wait {
+        reason: match window::next_opening(&spec.windows, now) {
+            Some(t) => format!(
+                "outside the maintenance windows of rollout {id}; the next opens at {t}"
+            ),
+            None => format!("outside the maintenance windows of rollout {id}"),
+        },
+        class: "window",
+        near_head: false,
+    }
 }
 
 /// The answer to a device whose download lease is gone.
@@ -656,6 +738,8 @@ pub struct Rollouts {
     /// read side is shared.
     all: RwLock<Vec<Arc<Rollout>>>,
     pacing: SharedPacing,
+    /// The clock maintenance windows are judged by ([`window::WindowClock`]).
+    window_clock: window::WindowClock,
     /// Events counted (first time seen), for metrics and the load test.
     pub events_accepted: AtomicU64,
     pub events_duplicate: AtomicU64,
@@ -728,6 +812,7 @@ impl Rollouts {
             releases,
             all: RwLock::new(all),
             pacing,
+            window_clock: window::WindowClock::default(),
             events_accepted: AtomicU64::new(0),
             events_duplicate: AtomicU64::new(0),
         };
@@ -777,6 +862,11 @@ impl Rollouts {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// The clock maintenance windows are judged by.
+    pub fn window_clock(&self) -> &window::WindowClock {
+        &self.window_clock
     }
 
     pub fn list(&self) -> Vec<Arc<Rollout>> {
@@ -935,6 +1025,62 @@ impl Rollouts {
         Ok(r)
     }
 
+    /// Operator action (`rollout install-now`): members of rollout `id`
+    /// install as soon as their update is verified, window or not. With
+    /// `devices` empty, every member admitted and not yet installed;
+    /// else exactly those, each of which must be such a member (otherwise
+    /// nothing changes and the error names it). Returns the devices
+    /// marked; durable on return.
+    pub async fn install_now(
+        &self,
+        id: &str,
+        devices: &[String],
+    ) -> Result<Vec<String>, RolloutError> {
+        let r = self
+            .get(id)
+            .ok_or_else(|| RolloutError::NotFound(id.into()))?;
+        if r.state() == RolloutState::Aborted {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} is aborted; nothing of it will be installed"
+            )));
+        }
+        let targets: Vec<String> = if devices.is_empty() {
+            r.members
+                .iter()
+                .filter(|m| window::before_install(m.phase))
+                .map(|m| m.device.clone())
+                .collect()
+        } else {
+            for d in devices {
+                match r.members.get(d) {
+                    Some(m) if window::before_install(m.phase) => {}
+                    Some(m) => {
+                        return Err(RolloutError::Conflict(format!(
+                            "device {d} is {:?} in rollout {id}: it has nothing left to install",
+                            m.phase
+                        )));
+                    }
+                    None => {
+                        return Err(RolloutError::Invalid(format!(
+                            "device {d} has not been admitted to rollout {id} yet; \
+                             install-now applies to admitted devices (see `rollout status {id}`)"
+                        )));
+                    }
+                }
+            }
+            devices.to_vec()
+        };
+        for d in &targets {
+            if let Some(mut m) = r.members.get_mut(d) {
+                m.install_now = true;
+                self.store.members.insert(key2(&r.id, d), encode(&*m))?;
+            }
+        }
+        self.store.durable().await?;
+        info!(rollout = %id, devices = targets.len(), "install now, by the operator");
+        Ok(targets)
+    }
+
     /// The newest active or paused rollout for this device.
     fn active_for(
         &self,
@@ -971,6 +1117,18 @@ impl Rollouts {
         let state = r.state();
         let p = **self.pacing.load();
         if let Some(mut m) = r.members.get_mut(device) {
+            if reports_waiting(req, &m) {
+                let d = install_gate(&r.id, &r.spec, state, &m, self.window_clock.now());
+                if let Decision::Answer(Action::Cancel { .. }) = &d {
+                    r.throttle.release(device);
+                    m.phase = Phase::Cancelled;
+                    m.reason = Some("rollout aborted while the update waited to install".into());
+                    self.store
+                        .members
+                        .insert(key2(&r.id, device), encode(&*m))?;
+                }
+                return Ok(d);
+            }
             match m.phase {
                 Phase::Downloading => {
                     if past_download(req, &m) {
@@ -1038,6 +1196,7 @@ impl Rollouts {
                 artifacts: None,
                 reason: None,
                 bytes_verified: 0,
+                install_now: false,
             });
         if m.phase == Phase::Cancelled {
             return Ok(Decision::Answer(Action::None));
@@ -1289,7 +1448,7 @@ impl Rollouts {
     pub fn status(&self, r: &Rollout) -> RolloutStatus {
         let rec = r.record();
         let n = r.waves.len();
-        let mut per_phase = vec![[0u64; 9]; n];
+        let mut per_phase = vec![[0u64; PHASES]; n];
         let mut reasons = FailureTally::default();
         for m in r.members.iter() {
             per_phase[m.wave.min(n - 1)][m.phase as usize] += 1;
@@ -1313,6 +1472,7 @@ impl Rollouts {
                     failed: c.failed.load(Ordering::Relaxed),
                     rolled_back: c.rolled_back.load(Ordering::Relaxed),
                     cancelled: ph[Phase::Cancelled as usize],
+                    waiting_for_window: ph[Phase::WaitingForWindow as usize],
                     bytes_served: c.bytes_served.load(Ordering::Relaxed),
                 }
             })
@@ -1332,6 +1492,7 @@ impl Rollouts {
             waves,
             wave_bounds: r.bounds.clone(),
             failure_reasons: reasons.top(),
+            next_window: window::next_opening(&r.spec.windows, self.window_clock.now()),
         }
     }
 
@@ -1379,7 +1540,17 @@ pub(crate) fn transition_for(max_retries: u32, m: &Member, ev: &Event) -> Option
             }
             Effect::ReleaseLease
         }
-        (Phase::Downloading | Phase::Downloaded, EventKind::Installed) => {
+        (Phase::Downloading | Phase::Downloaded, EventKind::WaitingForWindow) => {
+            n.phase = Phase::WaitingForWindow;
+            if let Some(p) = &ev.detail.progress {
+                n.bytes_verified = p.bytes_verified;
+            }
+            Effect::ReleaseLease
+        }
+        (
+            Phase::Downloading | Phase::Downloaded | Phase::WaitingForWindow,
+            EventKind::Installed,
+        ) => {
             n.phase = Phase::Installed;
             Effect::Installed
         }
@@ -1388,21 +1559,32 @@ pub(crate) fn transition_for(max_retries: u32, m: &Member, ev: &Event) -> Option
             Effect::None
         }
         (
-            Phase::Downloading | Phase::Downloaded | Phase::Installed | Phase::Rebooting,
+            Phase::Downloading
+            | Phase::Downloaded
+            | Phase::WaitingForWindow
+            | Phase::Installed
+            | Phase::Rebooting,
             EventKind::Committed,
         ) => {
             n.phase = Phase::Committed;
             Effect::Committed
         }
         (
-            Phase::Downloading | Phase::Downloaded | Phase::Installed | Phase::Rebooting,
+            Phase::Downloading
+            | Phase::Downloaded
+            | Phase::WaitingForWindow
+            | Phase::Installed
+            | Phase::Rebooting,
             EventKind::RolledBack,
         ) => {
             n.phase = Phase::RolledBack;
             n.reason = ev.detail.reason.clone();
             Effect::RolledBack
         }
-        (Phase::Downloading | Phase::Downloaded, EventKind::Failed) => {
+        (
+            Phase::Downloading | Phase::Downloaded | Phase::WaitingForWindow,
+            EventKind::Failed,
+        ) => {
             n.reason = ev.detail.reason.clone();
             if m.attempt <= max_retries {
                 n.phase = Phase::Waiting;
@@ -1433,6 +1615,9 @@ pub struct WaveStatus {
     pub failed: u64,
     pub rolled_back: u64,
     pub cancelled: u64,
+    /// Downloaded, verified, waiting for a maintenance window (no lease).
+    #[serde(default)]
+    pub waiting_for_window: u64,
     pub bytes_served: u64,
 }
 
@@ -1459,6 +1644,10 @@ pub struct RolloutStatus {
     /// an operator needs when a rollout pauses on its failure rate.
     #[serde(default)]
     pub failure_reasons: Vec<FailureReason>,
+    /// When the earliest maintenance window next opens, by the server's
+    /// window clock (now, if one is open); absent without windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<String>,
 }
 
 /// One failure reason and how many devices gave it.
@@ -1518,6 +1707,7 @@ impl RolloutStatus {
             failed: 0,
             rolled_back: 0,
             cancelled: 0,
+            waiting_for_window: 0,
             bytes_served: 0,
         };
         for w in &self.waves {
@@ -1531,6 +1721,7 @@ impl RolloutStatus {
             t.failed += w.failed;
             t.rolled_back += w.rolled_back;
             t.cancelled += w.cancelled;
+            t.waiting_for_window += w.waiting_for_window;
             t.bytes_served += w.bytes_served;
         }
         t
