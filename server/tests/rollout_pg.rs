@@ -15,6 +15,10 @@ mod membership;
 #[path = "groups_http.rs"]
 mod groups;
 
+// Issue 15: maintenance windows, download now / install later.
+#[path = "windows_http.rs"]
+mod windows;
+
 #[path = "operator_guards.rs"]
 mod guards;
 // The admin API suite too: inventory, device show, failure reasons,

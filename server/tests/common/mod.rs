@@ -230,6 +230,7 @@ pub fn spec(release: &str, device_type: &str) -> RolloutSpec {
         min_sample: 5,
         on_failure: OnFailure::Pause,
         max_retries: 0,
+        windows: Vec::new(),
     }
 }
 
