@@ -1224,8 +1224,13 @@ async fn install_task(
         )));
     }
     let path = agent.cfg.slot_path(rec.target).to_path_buf();
-    let f = std::fs::File::open(&path)
-        .map_err(|e| format!("opening slot {} ({}): {e}", rec.target.name(), path.display()))?;
+    let f = std::fs::File::open(&path).map_err(|e| {
+        format!(
+            "opening slot {} ({}): {e}",
+            rec.target.name(),
+            path.display()
+        )
+    })?;
     let actual = {
         let c = cancel.clone();
         tokio::task::spawn_blocking(move || hash_cancellable(&f, v.size, &c))
@@ -1270,7 +1275,11 @@ async fn switch_boot(agent: &Agent, rec: &mut UpdateRecord) -> Result<(), Update
         )
         .await;
     agent
-        .event(&rec.offer.update_id, EventKind::Rebooting, Default::default())
+        .event(
+            &rec.offer.update_id,
+            EventKind::Rebooting,
+            Default::default(),
+        )
         .await;
     agent.set_status("rebooting", Some(rec), None);
     Ok(())
@@ -1543,7 +1552,10 @@ async fn update_task(
                 },
             )
             .await;
-        tracing::info!("verified in slot {}; waiting for the maintenance window to switch", target.name());
+        tracing::info!(
+            "verified in slot {}; waiting for the maintenance window to switch",
+            target.name()
+        );
         agent.set_status("waiting-for-window", Some(&rec), None);
         return Ok(Done::Waiting(Box::new(rec)));
     }

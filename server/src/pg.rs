@@ -46,8 +46,9 @@ use crate::rollout::throttle::{Admission, Limits};
 use crate::rollout::{
     Decision, Effect, FailureReason, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
     RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
-    cancel_ended_attempt, failure_verdict, held_back, lease_expired, membership, nothing_to_offer,
-    install_gate, offer_for, past_download, ramped_rate, reports_waiting, rank_key, spec_matches, transition_for, wave_bounds,
+    cancel_ended_attempt, failure_verdict, held_back, install_gate, lease_expired, membership,
+    nothing_to_offer, offer_for, past_download, ramped_rate, rank_key, reports_waiting,
+    spec_matches, transition_for, wave_bounds,
 };
 use crate::store::StoreError;
 

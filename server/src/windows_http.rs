@@ -92,6 +92,9 @@ async fn set_window_clock(
     admin_auth(&app, &headers)?;
     let req: WindowClockRequest = read_json(body).await?;
     app.state.window_clock().set_offset_ms(req.offset_ms);
-    tracing::warn!(offset_ms = req.offset_ms, "test hook: the window clock moved");
+    tracing::warn!(
+        offset_ms = req.offset_ms,
+        "test hook: the window clock moved"
+    );
     Ok(axum::Json(serde_json::json!({"offset_ms": req.offset_ms})).into_response())
 }

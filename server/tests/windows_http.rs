@@ -24,12 +24,7 @@ fn window_from_now(hours_ahead: f64) -> Window {
         .checked_add(jiff::SignedDuration::from_secs_f64(hours_ahead * 3600.0))
         .unwrap()
         .to_zoned(jiff::tz::TimeZone::UTC);
-    Window::parse(&format!(
-        "daily {:02}:{:02}+1h UTC",
-        at.hour(),
-        at.minute()
-    ))
-    .unwrap()
+    Window::parse(&format!("daily {:02}:{:02}+1h UTC", at.hour(), at.minute())).unwrap()
 }
 
 fn windowed(w: Window) -> RolloutSpec {
@@ -157,10 +152,7 @@ async fn a_window_that_closes_mid_download_leaves_the_device_verified_and_waitin
     assert_eq!(st.active_leases, 0);
     assert_eq!(st.totals().waiting_for_window, 1);
     // Back inside (tomorrow's window, by the clock): install.
-    ts.app()
-        .state
-        .window_clock()
-        .set_offset_ms(24 * HOUR_MS);
+    ts.app().state.window_clock().set_offset_ms(24 * HOUR_MS);
     assert_eq!(waiting_checkin(&d, &o).await, install_of(&o));
 }
 

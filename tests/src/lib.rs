@@ -7,6 +7,8 @@
 //! - [`images`]: deterministic image pairs with the edits real updates make.
 //! - [`Update`]: keygen + delta through the real `ota-server` CLI, and a
 //!   way to run `ota-agent apply` on the result.
+//! - [`fleet_e2e`]: the real server and agent daemons with file-slot
+//!   devices, for end-to-end tests.
 //! - [`services`]: the test PostgreSQL and Redis (`scripts/services.sh`).
 //! - [`cluster`]: N `ota-server` replicas behind a real nginx.
 //! - [`pki`]: CAs, server and device certificates, CRLs made by `openssl`.
@@ -15,6 +17,7 @@
 
 pub mod cluster;
 pub mod counting_alloc;
+pub mod fleet_e2e;
 pub mod loadtest;
 pub mod pki;
 pub mod services;

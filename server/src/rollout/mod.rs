@@ -631,9 +631,9 @@ pub(crate) fn install_gate(
     }
     Decision::Wait {
         reason: match window::next_opening(&spec.windows, now) {
-            Some(t) => format!(
-                "outside the maintenance windows of rollout {id}; the next opens at {t}"
-            ),
+            Some(t) => {
+                format!("outside the maintenance windows of rollout {id}; the next opens at {t}")
+            }
             None => format!("outside the maintenance windows of rollout {id}"),
         },
         class: "window",
@@ -1581,10 +1581,7 @@ pub(crate) fn transition_for(max_retries: u32, m: &Member, ev: &Event) -> Option
             n.reason = ev.detail.reason.clone();
             Effect::RolledBack
         }
-        (
-            Phase::Downloading | Phase::Downloaded | Phase::WaitingForWindow,
-            EventKind::Failed,
-        ) => {
+        (Phase::Downloading | Phase::Downloaded | Phase::WaitingForWindow, EventKind::Failed) => {
             n.reason = ev.detail.reason.clone();
             if m.attempt <= max_retries {
                 n.phase = Phase::Waiting;

@@ -66,8 +66,13 @@ pub struct Window {
 // Two windows are equal when they read the same (the zone is its name).
 impl PartialEq for Window {
     fn eq(&self, o: &Self) -> bool {
-        (self.days, self.hour, self.minute, self.duration_min, &self.zone)
-            == (o.days, o.hour, o.minute, o.duration_min, &o.zone)
+        (
+            self.days,
+            self.hour,
+            self.minute,
+            self.duration_min,
+            &self.zone,
+        ) == (o.days, o.hour, o.minute, o.duration_min, &o.zone)
     }
 }
 
@@ -108,9 +113,8 @@ fn parse_days(s: &str) -> Result<u8, String> {
 }
 
 fn parse_duration(s: &str) -> Result<u32, String> {
-    let d = humantime::parse_duration(s).map_err(|e| {
-        format!("window duration {s:?}: {e}; write it like 3h, 90m or 1h30m")
-    })?;
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("window duration {s:?}: {e}; write it like 3h, 90m or 1h30m"))?;
     if d.as_secs() % 60 != 0 || d.subsec_nanos() != 0 {
         return Err(format!("window duration {s:?} must be whole minutes"));
     }
@@ -214,7 +218,13 @@ impl Window {
     pub fn next_open(&self, now: Timestamp) -> Option<Zoned> {
         self.occurrences_around(now)
             .filter(|(_, c)| c.timestamp() > now)
-            .map(|(o, _)| if o.timestamp() < now { now.to_zoned(self.tz.clone()) } else { o })
+            .map(|(o, _)| {
+                if o.timestamp() < now {
+                    now.to_zoned(self.tz.clone())
+                } else {
+                    o
+                }
+            })
             .min_by_key(|z| z.timestamp())
     }
 }

@@ -407,7 +407,9 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
             }
             // Only for a device that reported waiting-for-window: the
             // simulated devices' rollouts have no maintenance windows.
-            Action::Install { .. } => nap(&sh, next).await,
+            Action::Install { .. } => {
+                nap(&sh, next).await;
+            }
             Action::Cancel { .. } => {
                 st.cancels.fetch_add(1, Ordering::Relaxed);
                 hand = None;
