@@ -284,7 +284,7 @@ impl Metrics {
             "Requests answered 503 because PostgreSQL or Redis could not be reached",
             m.backend_unavailable.clone(),
         );
-        registry.register("rollout", "Per-rollout, per-wave figures (what = eligible, admitted, downloading, installed, committed, failed, rolled_back, waiting, bytes_served)", m.rollout.clone());
+        registry.register("rollout", "Per-rollout, per-wave figures (what = eligible, admitted, downloading, installed, committed, failed, rolled_back, waiting, waiting_for_window, bytes_served)", m.rollout.clone());
         registry.register("devices", "Enrolled devices", m.devices.clone());
         registry.register(
             "connections_open",
@@ -427,6 +427,7 @@ impl Metrics {
                 ("failed", w.failed),
                 ("rolled_back", w.rolled_back),
                 ("waiting", w.waiting),
+                ("waiting_for_window", w.waiting_for_window),
                 ("bytes_served", w.bytes_served),
             ] {
                 self.rollout

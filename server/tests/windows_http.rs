@@ -100,6 +100,27 @@ async fn outside_a_window_devices_download_wait_without_a_lease_and_install_when
     assert_told_to_wait_for_window(&downloaded_and_waiting(&b, &ob).await);
     let st = ts.status(&r.id).await;
     assert_eq!((st.active_leases, st.totals().waiting_for_window), (0, 2));
+    // The same figure in the metrics (refreshed every few ticks).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = http
+            .get(format!("{}/metrics", ts.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.lines().any(|l| {
+            l.contains("what=\"waiting_for_window\"")
+                && l.contains(&format!("rollout=\"{}\"", r.id))
+                && l.ends_with(" 2")
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Waiting is not success: the rollout does not complete.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let st = ts.status(&r.id).await;
