@@ -35,6 +35,10 @@ pub struct Group {
     /// Set by the server.
     #[serde(default)]
     pub created_at_ms: u64,
+    /// Default maintenance windows of rollouts that target the group and
+    /// give none of their own ([`apply`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<crate::rollout::window::Window>,
 }
 
 /// At most this many tags in a group's selector (a device has at most 32).
@@ -54,7 +58,7 @@ impl Group {
             ota_format::api::check_name("selector key", k)?;
             ota_format::api::check_name("selector value", v)?;
         }
-        Ok(())
+        crate::rollout::window::check_windows(&self.windows)
     }
 }
 
@@ -81,6 +85,8 @@ pub enum GroupError {
 
 /// `spec` targeting group `g`: its device type and tags come from the
 /// group. Giving either as well is refused rather than silently merged.
+/// The group's maintenance windows are a default: a rollout that gives
+/// windows of its own keeps them (a one-off night for an urgent fix).
 pub fn apply(spec: &mut RolloutSpec, g: &Group) -> Result<(), GroupError> {
     if !spec.device_type.is_empty() && spec.device_type != g.device_type {
         return Err(GroupError::Invalid(format!(
@@ -96,6 +102,9 @@ pub fn apply(spec: &mut RolloutSpec, g: &Group) -> Result<(), GroupError> {
     }
     spec.device_type = g.device_type.clone();
     spec.selector = g.selector.clone();
+    if spec.windows.is_empty() {
+        spec.windows = g.windows.clone();
+    }
     Ok(())
 }
 
@@ -120,7 +129,25 @@ mod tests {
             device_type: "t".into(),
             selector: [("site".to_string(), "lab".to_string())].into(),
             created_at_ms: 0,
+            windows: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_group_window_is_a_default_a_rollout_may_override() {
+        use crate::rollout::window::Window;
+        let mut grp = g();
+        grp.windows = vec![Window::parse("mon-fri 02:00+3h Europe/Berlin").unwrap()];
+        let mut spec: RolloutSpec = serde_json::from_value(serde_json::json!({
+            "release": "2.0", "max_concurrent": 1, "max_starts_per_min": 1.0
+        }))
+        .unwrap();
+        let mut own = spec.clone();
+        apply(&mut spec, &grp).unwrap();
+        assert_eq!(spec.windows, grp.windows);
+        own.windows = vec![Window::parse("sun 01:00+1h UTC").unwrap()];
+        apply(&mut own, &grp).unwrap();
+        assert_eq!(own.windows[0].to_string(), "sun 01:00+1h UTC");
     }
 
     #[test]

@@ -114,6 +114,10 @@ enum GroupCmd {
         /// Only devices with this tag, repeatable.
         #[arg(long = "selector", value_name = "TAG=VALUE", value_parser = parse_kv)]
         selector: Vec<(String, String)>,
+        /// Default maintenance window of the group's rollouts (those that
+        /// give no --window of their own), repeatable: "DAYS HH:MM+DURATION ZONE".
+        #[arg(long = "window", value_name = "WINDOW", value_parser = ota_server::rollout::window::Window::parse)]
+        windows: Vec<ota_server::rollout::window::Window>,
     },
     /// Every group.
     List,
@@ -962,13 +966,25 @@ async fn group_cmd(conn: Conn, cmd: GroupCmd) -> Result<()> {
     let c = AdminClient::new(&conn.server, &conn.admin_token)?;
     let show = |g: &ota_server::groups::Group| {
         let tags: Vec<String> = g.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("{:<24} {:<16} {}", g.name, g.device_type, tags.join(","));
+        let windows = if g.windows.is_empty() {
+            String::new()
+        } else {
+            let w: Vec<String> = g.windows.iter().map(|w| w.to_string()).collect();
+            format!("  windows: {}", w.join("; "))
+        };
+        println!(
+            "{:<24} {:<16} {}{windows}",
+            g.name,
+            g.device_type,
+            tags.join(",")
+        );
     };
     match cmd {
         GroupCmd::Create {
             name,
             device_type,
             selector,
+            windows,
         } => {
             let g = c
                 .group_create(&ota_server::groups::Group {
@@ -976,6 +992,7 @@ async fn group_cmd(conn: Conn, cmd: GroupCmd) -> Result<()> {
                     device_type,
                     selector: selector.into_iter().collect(),
                     created_at_ms: 0,
+                    windows,
                 })
                 .await?;
             show(&g);

@@ -24,6 +24,7 @@ fn group(name: &str, device_type: &str, site: &str) -> Group {
         device_type: device_type.into(),
         selector: tags(site),
         created_at_ms: 0,
+        windows: Vec::new(),
     }
 }
 

@@ -298,3 +298,35 @@ async fn a_bad_window_is_refused_naming_the_field_and_nothing_is_created() {
     assert!(r.text().await.unwrap().contains("window zone"));
     assert!(ts.admin.rollouts().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_default_window_gates_its_rollouts_unless_they_give_their_own() {
+    let ts = TestServer::with_two_releases(5000).await;
+    let d = Sim::enroll(&ts.base, "dev-1", "t", &http()).await;
+    let night = window_from_now(6.0);
+    ts.admin
+        .group_create(&ota_server::groups::Group {
+            name: "night-shift".into(),
+            device_type: "t".into(),
+            selector: Default::default(),
+            created_at_ms: 0,
+            windows: vec![night.clone()],
+        })
+        .await
+        .unwrap();
+    let mut s = spec("2.0", "");
+    s.device_type = String::new();
+    s.group = Some("night-shift".into());
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+    assert_eq!(r.spec.windows, vec![night]);
+    let o = admitted(&d).await;
+    assert!(o.install_gated);
+    assert_told_to_wait_for_window(&downloaded_and_waiting(&d, &o).await);
+    // Aborted, a new rollout of the group with a window of its own, open
+    // now: that one applies.
+    ts.admin.rollout_action(&r.id, "abort").await.unwrap();
+    let own = window_from_now(-0.5);
+    s.windows = vec![own.clone()];
+    let r2 = ts.admin.rollout_create(&s).await.unwrap();
+    assert_eq!(r2.spec.windows, vec![own]);
+}
