@@ -17,7 +17,13 @@
 //!    the slot is never re-granted while this device still downloads.
 //! 4. **Install**: hash the whole target slot against `to.sha256`, switch
 //!    boot to it on trial, record phase `rebooting`, report `installed` and
-//!    `rebooting`, run the reboot command and exit.
+//!    `rebooting`, run the reboot command and exit. A **gated** offer (the
+//!    rollout has maintenance windows) stops before the switch: phase
+//!    `waiting-for-window` recorded, event `waiting-for-window` (the server
+//!    frees the download lease), check-ins as `waiting-for-window` until the
+//!    answer is `install` or a local `ota-agent install-now`
+//!    ([`crate::install_now`]); then the slot is hashed again and the switch
+//!    follows ([`install_task`]). The wait survives restarts and reboots.
 //! 5. **After boot** (next start): booted into the new slot → health check →
 //!    commit and report `committed`; unhealthy → switch back, reboot, then
 //!    report `rolled-back`; booted into the old slot although the switch was
@@ -859,6 +865,9 @@ async fn main_loop(
         .update()?
         .filter(|r| r.phase == Phase::WaitingForWindow);
     let mut checkins = 0u64;
+    // When to look for a local install-now next (a deadline, so check-ins
+    // more frequent than it cannot starve it).
+    let mut flag_check = tokio::time::Instant::now();
     // Resume an update interrupted by a crash or a stop, without waiting
     // for the server.
     if let Some(rec) = agent.state.update()?
@@ -914,8 +923,9 @@ async fn main_loop(
             // The device's own install-now (a flag file), looked for every
             // second while an update waits; like the watchdog branch, it
             // does not move the next check-in.
-            _ = tokio::time::sleep(Duration::from_secs(1)), if waiting.is_some() && download.is_none() => {
+            _ = tokio::time::sleep_until(flag_check), if waiting.is_some() && download.is_none() => {
                 pinged = true;
+                flag_check = tokio::time::Instant::now() + Duration::from_secs(1);
                 let w = waiting.as_ref().expect("guarded");
                 if crate::install_now::pending(&agent.cfg.data_dir)
                     && crate::install_now::take(&agent.cfg.data_dir, &w.offer.update_id)

@@ -197,6 +197,9 @@ pub struct Srv {
     pub checkin_down: std::sync::atomic::AtomicBool,
     /// Hold every check-in this long before answering (a server that hangs).
     pub checkin_hang_ms: AtomicU64,
+    /// A device waiting for its maintenance window is told `install`
+    /// (true) or `wait` (false).
+    pub install: std::sync::atomic::AtomicBool,
     pub enroll_key: String,
     /// The freshness statement check-in answers carry.
     pub freshness: Mutex<Option<Envelope>>,
@@ -258,6 +261,7 @@ impl Server {
             next_checkin_ms: AtomicU64::new(200),
             checkin_down: Default::default(),
             checkin_hang_ms: AtomicU64::new(0),
+            install: Default::default(),
             enroll_key: "fleet-key".into(),
             freshness: Mutex::new(None),
         });
@@ -389,6 +393,23 @@ async fn checkin(State(s): State<Arc<Srv>>, h: HeaderMap, body: Bytes) -> Respon
     }
     let offer = s.offer.lock().unwrap().clone();
     let action = match offer {
+        Some(o)
+            if req.state == AgentState::WaitingForWindow
+                && req
+                    .update
+                    .as_ref()
+                    .is_some_and(|u| u.update_id == o.update_id) =>
+        {
+            if s.install.load(Ordering::SeqCst) {
+                Action::Install {
+                    update_id: o.update_id,
+                }
+            } else {
+                Action::Wait {
+                    reason: "outside the maintenance windows".into(),
+                }
+            }
+        }
         Some(o)
             if req.current_version != o.version
                 && !s.events.lock().unwrap().iter().any(|e| {
