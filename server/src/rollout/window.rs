@@ -445,7 +445,7 @@ mod tests {
     }
 
     #[test]
-    fn dst_in_another_hemisphere_and_zone() {
+    fn dst_in_new_york_follows_its_own_rule_and_date() {
         // America/New_York, Sunday 2026-03-08: 02:00 EST jumps to 03:00 EDT.
         let w = Window::parse("sun 01:30+2h America/New_York").unwrap();
         // Opens 01:30 EST = 06:30 UTC; closes 03:30 EDT = 07:30 UTC.
