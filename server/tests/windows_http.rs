@@ -330,3 +330,42 @@ async fn a_group_default_window_gates_its_rollouts_unless_they_give_their_own() 
     let r2 = ts.admin.rollout_create(&s).await.unwrap();
     assert_eq!(r2.spec.windows, vec![own]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_device_survives_a_server_restart_without_a_lease() {
+    let extra = if on_postgres() {
+        format!("{}\n{}", fast_checkin(5000), postgres_sections().await)
+    } else {
+        fast_checkin(5000)
+    };
+    let mut ts = TestServer::start_in(tempfile::tempdir().unwrap(), &extra).await;
+    ts.release("t", "1.0", &image(16, 1)).await;
+    ts.release("t", "2.0", &image(16, 2)).await;
+    let d = Sim::enroll(&ts.base, "dev-1", "t", &http()).await;
+    let r = ts
+        .admin
+        .rollout_create(&windowed(window_from_now(6.0)))
+        .await
+        .unwrap();
+    let o = admitted(&d).await;
+    assert_told_to_wait_for_window(&downloaded_and_waiting(&d, &o).await);
+    ts.stop().await;
+    let TestServer { dir, .. } = ts;
+    let ts = TestServer::start_in(dir, &extra).await;
+    let d = Sim {
+        base: ts.base.clone(),
+        ..d
+    };
+    let st = ts.status(&r.id).await;
+    assert_eq!(
+        st.active_leases, 0,
+        "no lease restored for a waiting device"
+    );
+    assert_eq!(st.totals().waiting_for_window, 1);
+    assert_told_to_wait_for_window(&waiting_checkin(&d, &o).await);
+    ts.app()
+        .state
+        .window_clock()
+        .set_offset_ms(6 * HOUR_MS + 60_000);
+    assert_eq!(waiting_checkin(&d, &o).await, install_of(&o));
+}
