@@ -1547,6 +1547,16 @@ pub(crate) fn transition_for(max_retries: u32, m: &Member, ev: &Event) -> Option
             }
             Effect::ReleaseLease
         }
+        // The lease of this attempt expired (the member went back to
+        // waiting for a retry) before the device's report arrived: the
+        // device holds the attempt verified all the same, and waits for its
+        // window; without this it would wait for ever, the server offering
+        // nothing to a device that is not idle.
+        (Phase::Waiting, EventKind::WaitingForWindow) => {
+            n.phase = Phase::WaitingForWindow;
+            n.reason = None;
+            Effect::None
+        }
         (
             Phase::Downloading | Phase::Downloaded | Phase::WaitingForWindow,
             EventKind::Installed,

@@ -471,6 +471,40 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_report_after_the_lease_expired_still_parks_the_member() {
+        use super::super::{Effect, Member, Phase, transition_for};
+        use ota_format::api::{Event, EventKind};
+        let m = Member {
+            device: "d".into(),
+            wave: 0,
+            phase: Phase::Waiting,
+            attempt: 1,
+            update_id: "r1.1".into(),
+            artifacts: None,
+            reason: Some("lease expired; will retry".into()),
+            bytes_verified: 0,
+            install_now: false,
+        };
+        let ev = Event {
+            seq: 1,
+            update_id: "r1.1".into(),
+            kind: EventKind::WaitingForWindow,
+            at: String::new(),
+            detail: Default::default(),
+        };
+        let (n, e) = transition_for(2, &m, &ev).unwrap();
+        assert_eq!((n.phase, e), (Phase::WaitingForWindow, Effect::None));
+        assert_eq!(n.reason, None);
+        // And from there, the usual end.
+        let inst = Event {
+            kind: EventKind::Installed,
+            ..ev
+        };
+        let (n, e) = transition_for(2, &n, &inst).unwrap();
+        assert_eq!((n.phase, e), (Phase::Installed, Effect::Installed));
+    }
+
+    #[test]
     fn the_clock_moves_by_its_offset() {
         let c = WindowClock::default();
         let a = c.now();
