@@ -73,6 +73,13 @@ pub struct UpdateRecord {
     /// id after a restart means no reboot happened since.
     #[serde(default)]
     pub switched_in_boot: Option<String>,
+    /// How many times a switch to `target` was found lost after a reboot
+    /// (the old slot came up with an untouched environment) and redone.
+    /// A power cut in the instant of the environment write explains one;
+    /// the same thing every time means a boot script that resets the count
+    /// when it falls back, and redoing it forever would loop.
+    #[serde(default)]
+    pub redone_switches: u32,
 }
 
 /// What each slot holds, as far as the agent knows.
