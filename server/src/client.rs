@@ -524,6 +524,9 @@ pub fn render_status(s: &RolloutStatus) -> String {
             w.bytes_served
         );
     }
+    if let Some(next) = &s.next_wave {
+        let _ = writeln!(o, "  next: {next}");
+    }
     o.push_str(&crate::render::failure_reasons(s));
     o
 }

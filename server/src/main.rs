@@ -293,7 +293,7 @@ enum ReleaseCmd {
 #[derive(Subcommand)]
 enum RolloutCmd {
     /// Start a waved, throttled rollout.
-    Create(RolloutArgs),
+    Create(Box<RolloutArgs>),
     /// One rollout's status per wave.
     Status {
         /// The rollout id (from `rollout create` or `rollout list`).
@@ -353,6 +353,18 @@ struct RolloutArgs {
     /// Commits per ramp step (default: --min-sample).
     #[arg(long, default_value_t = 0)]
     ramp_every: u64,
+    /// The ramp's ceiling in starts per minute (default: 1000 × --max-starts-per-min).
+    #[arg(long, value_name = "PER_MIN")]
+    ramp_max: Option<f64>,
+    /// Start admitting devices at this time: RFC 3339 with its offset
+    /// (2026-12-03T02:00:00+01:00) or a delay from now (+2h, +30m).
+    #[arg(long, value_name = "TIME", value_parser = parse_start_at)]
+    start_at: Option<u64>,
+    /// Earliest opening of each wave after the start, one per wave, the
+    /// first 0 (e.g. 0s,6h,1d): a wave still needs the previous one soaked
+    /// and successful.
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
+    wave_offsets: Vec<std::time::Duration>,
     /// Failure rate that pauses or aborts the rollout (e.g. 5%).
     #[arg(long, default_value = "5%", value_parser = parse_fraction)]
     failure_threshold: f64,
@@ -380,6 +392,11 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// `--start-at` ([`schedule::parse_start_at`]).
+fn parse_start_at(s: &str) -> Result<u64, String> {
+    ota_server::rollout::schedule::parse_start_at(s, ota_server::now_ms())
 }
 
 /// "5%" or "0.05".
@@ -995,6 +1012,13 @@ async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
                 max_starts_per_min: a.max_starts_per_min,
                 ramp_factor: a.ramp_factor,
                 ramp_every: a.ramp_every,
+                ramp_max_per_min: a.ramp_max,
+                start_at_ms: a.start_at,
+                wave_offsets_ms: a
+                    .wave_offsets
+                    .iter()
+                    .map(|d| d.as_millis() as u64)
+                    .collect(),
                 failure_threshold: a.failure_threshold,
                 success_threshold: a.success_threshold,
                 min_sample: a.min_sample,

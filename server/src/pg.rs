@@ -47,7 +47,8 @@ use crate::rollout::{
     Decision, Effect, FailureReason, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
     RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
     cancel_ended_attempt, failure_verdict, held_back, lease_expired, membership, nothing_to_offer,
-    offer_for, past_download, ramped_rate, rank_key, spec_matches, transition_for, wave_bounds,
+    offer_for, past_download, ramped_rate, rank_key, schedule, spec_matches, transition_for,
+    wave_bounds,
 };
 use crate::store::StoreError;
 
@@ -726,7 +727,12 @@ impl PgState {
                 devices: r.get::<_, i64>(1) as u64,
             })
             .collect();
+        let outcomes: Vec<(u64, u64, u64)> = cs
+            .iter()
+            .map(|w| (w[0], w[4] + w[1], w[5] + w[6]))
+            .collect();
         Ok(RolloutStatus {
+            next_wave: schedule::next_wave_wait(&rec.spec, rec, &outcomes, crate::now_ms()),
             id: rec.id.clone(),
             state: rec.state,
             reason: rec.reason.clone(),
@@ -1120,7 +1126,8 @@ impl StateBackend for PgState {
             return Ok(Decision::Answer(Action::None));
         }
         let wave = rec.wave_of(device);
-        if let Some(wait) = held_back(&rec.id, state, wave, rec.wave) {
+        let starts_at = schedule::start_ms(&rec.spec, rec.created_at_ms);
+        if let Some(wait) = held_back(&rec.id, starts_at, state, wave, rec.wave, crate::now_ms()) {
             return Ok(wait);
         }
         let Some(artifacts) = self.releases.pick(
@@ -1703,17 +1710,7 @@ impl StateBackend for PgState {
                 .map(|(dev, _)| rank_key(dev, &id))
                 .collect(),
         );
-        let rec = RolloutRecord {
-            id,
-            spec,
-            created_at_ms: now,
-            state: RolloutState::Active,
-            reason: "created".into(),
-            wave: 0,
-            wave_opened_at_ms: now,
-            baseline: (0, 0),
-            wave_bounds,
-        };
+        let rec = RolloutRecord::new(id, spec, now, wave_bounds);
         let ins = tx
             .execute(
                 "INSERT INTO rollouts (id, device_type, state, created_at_ms, record) \

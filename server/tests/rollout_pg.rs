@@ -21,3 +21,7 @@ mod guards;
 // deletions.
 #[path = "admin_http.rs"]
 mod admin;
+
+// Issue 15: scheduled start, wave time offsets, the ramp's ceiling.
+#[path = "schedule_http.rs"]
+mod schedule;
