@@ -131,6 +131,17 @@ pub trait StateBackend: Send + Sync + 'static {
     /// DDI asks it on every deploymentBase, feedback and download request.
     async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError>;
 
+    /// The attempt (update id) through which `device` installed `release`:
+    /// its newest committed membership in a rollout of that release. DDI
+    /// links it as the target's `installedBase`. One indexed query on
+    /// PostgreSQL, in-memory lookups on sled; asked on DDI base polls only,
+    /// never on the agents' check-in.
+    async fn installed_update(
+        &self,
+        device: &str,
+        release: &str,
+    ) -> Result<Option<String>, StoreError>;
+
     /// Device `id` with no credential of its own: the DDI gateway token
     /// ([`crate::ddi`]) vouches for it. Looked up as a certificate whose
     /// "serial" can be on no revocation list (serials are hex), keyed per
@@ -340,6 +351,14 @@ impl StateBackend for LocalState {
 
     async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.rollouts.get(id).map(|r| r.record().spec.release))
+    }
+
+    async fn installed_update(
+        &self,
+        device: &str,
+        release: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self.rollouts.installed_update(device, release))
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {

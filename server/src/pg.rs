@@ -1483,6 +1483,25 @@ impl StateBackend for PgState {
         Ok(self.cached(id).map(|r| r.rec.spec.release.clone()))
     }
 
+    async fn installed_update(
+        &self,
+        device: &str,
+        release: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let c = conn(&self.pool).await?;
+        let row = c
+            .query_opt(
+                "SELECT m.member->>'update_id' FROM members m JOIN rollouts r ON r.id = m.rollout \
+                 WHERE m.device = $1 AND m.phase = 'committed' \
+                 AND r.record->'spec'->>'release' = $2 \
+                 ORDER BY r.created_at_ms DESC LIMIT 1",
+                &[&device, &release],
+            )
+            .await
+            .map_err(err)?;
+        Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+    }
+
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
         let c = conn(&self.pool).await?;
         let n = c

@@ -1389,6 +1389,21 @@ impl Rollouts {
         }
     }
 
+    /// [`crate::backend::StateBackend::installed_update`]: newest rollout
+    /// first.
+    pub fn installed_update(&self, device: &str, release: &str) -> Option<String> {
+        let all = self.all.read().unwrap();
+        all.iter()
+            .rev()
+            .filter(|r| r.spec.release == release)
+            .find_map(|r| {
+                r.members
+                    .get(device)
+                    .filter(|m| m.phase == Phase::Committed)
+                    .map(|m| m.update_id.clone())
+            })
+    }
+
     /// One member (admin views and tests).
     pub fn member(&self, rollout: &str, device: &str) -> Option<Member> {
         self.get(rollout)?.members.get(device).map(|m| m.clone())
