@@ -9,7 +9,8 @@
 //! - [`backend`]: the state layer's trait ([`backend::StateBackend`]) and
 //!   its single-process implementation over [`fleet`], [`rollout`] and
 //!   [`store`].
-//! - [`pg`]: the PostgreSQL implementation, for several replicas.
+//! - [`pg`]: the PostgreSQL implementation, for several replicas;
+//!   [`pg_audit`] its audit log, admin users and device history queries.
 //! - [`store`]: sled trees and the group-commit flusher that makes
 //!   acknowledged writes durable without an fsync per request.
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
@@ -46,6 +47,9 @@
 //!   clients) translated onto the same check-in decisions and events as
 //!   the agents', so they share rollouts and the throttle; [`ddi::wire`]
 //!   its JSON and the feedback-to-event mapping.
+//! - [`audit`]: admin identities with roles (viewer, operator, admin), the
+//!   one table of which request needs which role, and the audit log every
+//!   changing admin request is written to, enforced by one router layer.
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`admin`] the inventory list and the deletions (device retire,
 //!   release delete) with the checks that keep them safe.
@@ -65,6 +69,7 @@
 pub mod admin;
 pub mod app;
 pub mod artifacts;
+pub mod audit;
 pub mod backend;
 pub mod builder;
 pub mod certs;
@@ -80,6 +85,7 @@ pub mod inventory;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
+pub mod pg_audit;
 pub mod releases;
 pub mod reload;
 pub mod render;

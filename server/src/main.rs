@@ -100,6 +100,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: GroupCmd,
     },
+    /// Manage admin users and their roles (admin API).
+    User {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Read the audit log of admin actions (admin API).
+    Audit {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -180,6 +194,23 @@ enum DeviceCmd {
         /// The device id.
         id: String,
         /// Print the API's raw JSON instead of the human form.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A device's update attempts and its stored events, newest first.
+    History {
+        /// The device id.
+        id: String,
+        /// Events to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only events with a sequence number below this (paging).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Include download progress events.
+        #[arg(long)]
+        progress: bool,
+        /// Print the API's raw JSON.
         #[arg(long)]
         json: bool,
     },
@@ -308,16 +339,60 @@ enum RolloutCmd {
     Pause {
         /// The rollout id.
         id: String,
+        /// Why (shown in `rollout status`, kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Resume admitting devices.
     Resume {
         /// The rollout id.
         id: String,
+        /// Why (shown in `rollout status`, kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Stop the rollout: downloading devices are told to cancel.
     Abort {
         /// The rollout id.
         id: String,
+        /// Why (shown in `rollout status`, kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a named admin identity and print its token (shown once).
+    Add {
+        /// The user's name (what the audit log shows).
+        name: String,
+        /// viewer (reads), operator (also groups and rollouts) or admin (everything).
+        #[arg(long, value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<ota_server::audit::Role>()))]
+        role: ota_server::audit::Role,
+    },
+    /// Every user and its role (tokens are never shown again).
+    List,
+    /// Delete a user: its token stops working at once.
+    Delete {
+        /// The user's name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// The audit log, newest first: who changed what, when, from where.
+    List {
+        /// Entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only entries older than this sequence number (paging).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Print the API's raw JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -511,6 +586,8 @@ fn main() {
         Cmd::Release { conn, cmd } => runtime().and_then(|rt| rt.block_on(release_cmd(conn, cmd))),
         Cmd::Rollout { conn, cmd } => runtime().and_then(|rt| rt.block_on(rollout_cmd(conn, cmd))),
         Cmd::Group { conn, cmd } => runtime().and_then(|rt| rt.block_on(group_cmd(conn, cmd))),
+        Cmd::User { conn, cmd } => runtime().and_then(|rt| rt.block_on(user_cmd(conn, cmd))),
+        Cmd::Audit { conn, cmd } => runtime().and_then(|rt| rt.block_on(audit_cmd(conn, cmd))),
     };
     if let Err(e) = r {
         eprintln!(
@@ -748,6 +825,20 @@ async fn device_cmd(conn: Conn, cmd: DeviceCmd) -> Result<()> {
                 );
             }
         }
+        DeviceCmd::History {
+            id,
+            limit,
+            before,
+            progress,
+            json,
+        } => {
+            let v = c.device_history(&id, before, limit, progress).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", ota_server::render::device_history(&v));
+            }
+        }
         DeviceCmd::Show { id, json } => {
             let v = c.device_get(&id).await?;
             if json {
@@ -960,6 +1051,62 @@ fn print_release(r: &ota_server::releases::ReleaseRecord) {
     }
 }
 
+async fn user_cmd(conn: Conn, cmd: UserCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    match cmd {
+        UserCmd::Add { name, role } => {
+            let u = c.user_create(&name, role).await?;
+            println!("{}", u["token"].as_str().unwrap_or_default());
+            eprintln!(
+                "user {name} ({}) created; the token above is shown once: give it to them as their --admin-token",
+                role.name()
+            );
+        }
+        UserCmd::List => {
+            let users = c.users().await?;
+            if users.is_empty() {
+                println!(
+                    "no users yet (the bootstrap admin_token always works): ota-server user add NAME --role operator"
+                );
+            } else {
+                println!("{:<24} {:<9} CREATED", "NAME", "ROLE");
+                for u in users {
+                    println!(
+                        "{:<24} {:<9} {}",
+                        u["name"].as_str().unwrap_or(""),
+                        u["role"].as_str().unwrap_or(""),
+                        ota_server::render::when(
+                            ota_server::now_ms(),
+                            u["created_at_ms"].as_u64().unwrap_or(0)
+                        )
+                    );
+                }
+            }
+        }
+        UserCmd::Delete { name } => {
+            c.user_delete(&name).await?;
+            println!("deleted user {name}; its token no longer works");
+        }
+    }
+    Ok(())
+}
+
+async fn audit_cmd(conn: Conn, cmd: AuditCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    let AuditCmd::List {
+        limit,
+        before,
+        json,
+    } = cmd;
+    let page = c.audit(before, limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&page)?);
+    } else {
+        print!("{}", ota_server::render::audit(&page));
+    }
+    Ok(())
+}
+
 async fn group_cmd(conn: Conn, cmd: GroupCmd) -> Result<()> {
     let c = AdminClient::new(&conn.server, &conn.admin_token)?;
     let show = |g: &ota_server::groups::Group| {
@@ -1044,15 +1191,27 @@ async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         },
         RolloutCmd::List => print!("{}", ota_server::render::rollout_list(&c.rollouts().await?)),
-        RolloutCmd::Pause { id } => {
-            print!("{}", render_status(&c.rollout_action(&id, "pause").await?))
-        }
-        RolloutCmd::Resume { id } => {
-            print!("{}", render_status(&c.rollout_action(&id, "resume").await?))
-        }
-        RolloutCmd::Abort { id } => {
-            print!("{}", render_status(&c.rollout_action(&id, "abort").await?))
-        }
+        RolloutCmd::Pause { id, reason } => print!(
+            "{}",
+            render_status(
+                &c.rollout_action_why(&id, "pause", reason.as_deref())
+                    .await?
+            )
+        ),
+        RolloutCmd::Resume { id, reason } => print!(
+            "{}",
+            render_status(
+                &c.rollout_action_why(&id, "resume", reason.as_deref())
+                    .await?
+            )
+        ),
+        RolloutCmd::Abort { id, reason } => print!(
+            "{}",
+            render_status(
+                &c.rollout_action_why(&id, "abort", reason.as_deref())
+                    .await?
+            )
+        ),
     }
     Ok(())
 }

@@ -1483,6 +1483,44 @@ impl StateBackend for PgState {
         Ok(self.cached(id).map(|r| r.rec.spec.release.clone()))
     }
 
+    async fn audit_append(&self, rec: crate::audit::AuditRecord) -> Result<u64, StoreError> {
+        crate::pg_audit::append(&self.pool, rec).await
+    }
+
+    async fn audit_list(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<crate::audit::AuditPage, StoreError> {
+        crate::pg_audit::list(&self.pool, before, limit).await
+    }
+
+    async fn user_create(&self, u: &crate::audit::User) -> Result<bool, StoreError> {
+        crate::pg_audit::user_create(&self.pool, u).await
+    }
+
+    async fn users(&self) -> Result<Vec<crate::audit::User>, StoreError> {
+        crate::pg_audit::users(&self.pool).await
+    }
+
+    async fn user_delete(&self, name: &str) -> Result<bool, StoreError> {
+        crate::pg_audit::user_delete(&self.pool, name).await
+    }
+
+    async fn user_by_token(&self, sha256: &str) -> Result<Option<crate::audit::User>, StoreError> {
+        crate::pg_audit::user_by_token(&self.pool, sha256).await
+    }
+
+    async fn device_events(
+        &self,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+        progress: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        crate::pg_audit::device_events(&self.pool, id, before, limit, progress).await
+    }
+
     async fn installed_update(
         &self,
         device: &str,

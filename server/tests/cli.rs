@@ -57,6 +57,11 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["group", "list"],
     &["group", "show"],
     &["group", "delete"],
+    &["device", "history"],
+    &["user", "add"],
+    &["user", "list"],
+    &["user", "delete"],
+    &["audit", "list"],
 ];
 
 #[test]

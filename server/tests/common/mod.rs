@@ -160,6 +160,19 @@ impl TestServer {
         &self.running.as_ref().unwrap().app
     }
 
+    /// Stops the server and starts it again on the same directory and
+    /// configuration (a clean restart; state must come back from storage).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let cfg = self.dir.path().join("server.toml");
+        let running = start(ServerConfig::load(&cfg).unwrap(), CancellationToken::new())
+            .await
+            .unwrap();
+        self.base = format!("http://{}", running.addr);
+        self.admin = AdminClient::new(&self.base, ADMIN).unwrap();
+        self.running = Some(running);
+    }
+
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
