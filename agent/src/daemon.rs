@@ -754,6 +754,30 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
                 Ok(None)
             }
             Phase::Rebooting
+                if rec.switched_in_boot.is_some()
+                    && bs.bootcount == 0
+                    && !bs.upgrade_available
+                    && rec.redone_switches >= MAX_REDONE_SWITCHES =>
+            {
+                // "Lost" every time: no power cut does that. Either the
+                // environment write never reaches what the bootloader reads,
+                // or the boot script resets the count when it falls back, so
+                // a fallback looks like a lost switch. Redoing it again would
+                // boot the broken slot forever: give up on this update.
+                let reason = format!(
+                    "the switch to slot {} was lost {} times in a row after a reboot (slot {} came \
+                     up with bootcount 0 and no trial): the boot script must leave bootcount above \
+                     zero when it falls back (see deploy/uboot/boot.cmd, deploy/grub/ota-ab.cfg) \
+                     and the agent's boot environment must be the one the bootloader reads",
+                    rec.target.name(),
+                    rec.redone_switches + 1,
+                    bs.booted.name()
+                );
+                finish_rollback(agent, &rec, reason).await?;
+                agent.boot.commit(bs.booted)?;
+                Ok(None)
+            }
+            Phase::Rebooting
                 if rec.switched_in_boot.is_some() && bs.bootcount == 0 && !bs.upgrade_available =>
             {
                 // Rebooted on the old slot with an untouched environment: the
@@ -767,6 +791,7 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
                 );
                 rec.phase = Phase::Installing;
                 rec.switched_in_boot = None;
+                rec.redone_switches += 1;
                 agent.state.set_update(Some(&rec))?;
                 Ok(None)
             }
@@ -797,6 +822,12 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
     .instrument(span)
     .await
 }
+
+/// How many switches found lost after a reboot are redone for one update
+/// before the agent gives up on it (`UpdateRecord::redone_switches`). One
+/// power cut in the instant of the environment write is plausible, three
+/// in a row for the same update are not.
+const MAX_REDONE_SWITCHES: u32 = 3;
 
 /// Whether the device is still in the boot in which the agent decided to
 /// switch (`update.json` names it): then nothing has rebooted since, and the
@@ -1388,6 +1419,7 @@ async fn update_task(
         reason: None,
         switched_in_boot: None,
         verified: None,
+        redone_switches: existing.as_ref().map_or(0, |r| r.redone_switches),
     };
     if existing.is_none() {
         write_atomic(&manifest_path, &envelope).map_err(|e| format!("saving the manifest: {e}"))?;

@@ -78,6 +78,13 @@ pub struct UpdateRecord {
     /// id after a restart means no reboot happened since.
     #[serde(default)]
     pub switched_in_boot: Option<String>,
+    /// How many times a switch to `target` was found lost after a reboot
+    /// (the old slot came up with an untouched environment) and redone.
+    /// A power cut in the instant of the environment write explains one;
+    /// the same thing every time means a boot script that resets the count
+    /// when it falls back, and redoing it forever would loop.
+    #[serde(default)]
+    pub redone_switches: u32,
     /// The verified image (phase `waiting-for-window`): what the target
     /// slot must hash to when the switch finally comes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -220,3 +220,62 @@ async fn an_unknown_running_slot_is_refused_with_a_reason() {
     assert!(server.event_kinds().is_empty());
     assert!(!server.has_event(EventKind::Committed));
 }
+
+/// A boot script that resets `bootcount` when it falls back (against the
+/// contract of deploy/uboot/boot.cmd and deploy/grub/ota-ab.cfg) makes every
+/// fallback look like a switch lost to a power cut. Before the cap the agent
+/// verified the broken slot and switched to it again after every fallback,
+/// forever; now it redoes a lost switch at most three times for one update,
+/// then reports a rollback that names the boot script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_script_that_resets_the_count_on_fallback_does_not_loop_forever() {
+    let fx = Fixture::noisy(256 << 10, 64 << 10, false);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-reset-count"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    // The first switch and three redone ones: each time the new slot never
+    // comes up, the bootloader falls back after bootlimit (3) failed boots and
+    // the non-conforming script clears the count.
+    for round in 0..4 {
+        let st = run_to_exit(&dev, Duration::from_secs(60)).await;
+        assert!(st.success(), "round {round}: {st}");
+        let v = dev.boot_vars();
+        assert_eq!(
+            (v["boot_part"].as_str(), v["upgrade_available"].as_str()),
+            ("b", "1"),
+            "round {round}: the agent switched to b"
+        );
+        for _ in 0..4 {
+            ota_agent::bootctl::simulate_boot(&dev.boot_env, 3).unwrap();
+        }
+        assert_eq!(dev.boot_vars()["booted"], "a", "round {round}: fell back");
+        dev.set_boot_var("bootcount", "0");
+        assert!(
+            !server.has_event(EventKind::RolledBack),
+            "round {round}: gave up too early: {:?}",
+            server.event_kinds()
+        );
+    }
+    let mut agent = dev.spawn();
+    server
+        .wait_for("the rollback", Duration::from_secs(30), |s| {
+            s.has_event(EventKind::RolledBack)
+        })
+        .await;
+    sigterm(&agent);
+    wait_exit(&mut agent, Duration::from_secs(5)).await;
+    let ev = server.srv.events.lock().unwrap().clone();
+    let rb = ev.iter().find(|e| e.kind == EventKind::RolledBack).unwrap();
+    let reason = rb.detail.reason.as_deref().unwrap_or("");
+    assert!(
+        reason.contains("lost 4 times") && reason.contains("bootcount above zero"),
+        "{rb:?}"
+    );
+    assert!(!server.has_event(EventKind::Committed));
+    let v = dev.boot_vars();
+    assert_eq!(
+        (v["booted"].as_str(), v["boot_part"].as_str()),
+        ("a", "a"),
+        "{v:?}"
+    );
+}

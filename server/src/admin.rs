@@ -17,13 +17,13 @@ use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tracing::info;
 
 use crate::app::App;
 use crate::groups::{Group, GroupError};
-use crate::http::{ApiErr, admin_auth, bad_request, internal};
+use crate::http::{ApiErr, bad_request, internal};
 use crate::inventory::{DeviceFilter, DeviceQuery};
 use crate::releases::ReleaseError;
 use crate::render::DeviceView;
@@ -36,10 +36,8 @@ fn conflict(m: String) -> ApiErr {
 /// `GET /api/v1/admin/devices?device_type=&version=&tags=&rollout=&state=&seen_within_s=&silent_for_s=&after=&limit=`
 pub async fn device_list(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     q: Result<Query<DeviceQuery>, QueryRejection>,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
     let filter = q.parse(crate::now_ms()).map_err(bad_request)?;
     let page = app.state.device_list(&filter).await?;
@@ -49,10 +47,8 @@ pub async fn device_list(
 /// `DELETE /api/v1/admin/devices/{id}`: refused while the device is mid-update.
 pub async fn device_retire(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     let not_found = || {
         ApiErr(
             StatusCode::NOT_FOUND,
@@ -98,10 +94,8 @@ pub async fn device_retire(
 /// `DELETE /api/v1/admin/releases/{device_type}/{version}`.
 pub async fn release_delete(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path((device_type, version)): Path<(String, String)>,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     // A completed rollout still offers its release to newcomers
     // (rollout::membership) until superseded or aborted.
     let all = app.state.rollout_statuses().await?;
@@ -168,10 +162,8 @@ impl From<GroupError> for ApiErr {
 /// `POST /api/v1/admin/groups`: a [`Group`] → `201` with the stored group.
 pub async fn group_create(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     let mut g: Group = crate::http::read_json(body).await?;
     g.validate().map_err(GroupError::Invalid)?;
     g.created_at_ms = crate::now_ms();
@@ -183,21 +175,15 @@ pub async fn group_create(
 }
 
 /// `GET /api/v1/admin/groups`.
-pub async fn group_list(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
+pub async fn group_list(State(app): State<Arc<App>>) -> Result<Response, ApiErr> {
     Ok(axum::Json(app.state.groups().await?).into_response())
 }
 
 /// `GET /api/v1/admin/groups/{name}`.
 pub async fn group_get(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     let g = app
         .state
         .group(&name)
@@ -210,10 +196,8 @@ pub async fn group_get(
 /// still update devices targets it ([`crate::groups::in_use_by`]).
 pub async fn group_delete(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     let all = app.state.rollout_statuses().await?;
     if let Some(r) = crate::groups::in_use_by(&name, &all) {
         return Err(GroupError::InUse {
@@ -227,5 +211,142 @@ pub async fn group_delete(
         return Err(GroupError::NotFound(name).into());
     }
     info!(group = %name, "group deleted");
+    Ok(axum::Json(serde_json::json!({ "deleted": name })).into_response())
+}
+
+/// `GET /api/v1/admin/audit?before=SEQ&limit=N`: the audit log, newest
+/// first ([`crate::audit`]).
+pub async fn audit_list(
+    State(app): State<Arc<App>>,
+    q: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Response, ApiErr> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let limit = q.limit()?;
+    Ok(axum::Json(app.state.audit_list(q.before, limit).await?).into_response())
+}
+
+/// `before` / `limit` of a page that runs newest first.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    pub before: Option<u64>,
+    pub limit: Option<usize>,
+    /// Device history: include `progress` events.
+    #[serde(default)]
+    pub progress: bool,
+}
+
+impl PageQuery {
+    fn limit(&self) -> Result<usize, ApiErr> {
+        match self.limit.unwrap_or(100) {
+            n @ 1..=crate::audit::MAX_PAGE => Ok(n),
+            n => Err(bad_request(format!(
+                "limit {n} is out of range: 1 to {}",
+                crate::audit::MAX_PAGE
+            ))),
+        }
+    }
+}
+
+/// `GET /api/v1/admin/devices/{id}/history?before=SEQ&limit=N&progress=true`:
+/// the device's stored events newest first, and its update attempts
+/// (rollout memberships), which `device show` only samples.
+pub async fn device_history(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    q: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Response, ApiErr> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let limit = q.limit()?;
+    let view = app.state.device_view(&id).await?.ok_or_else(|| {
+        ApiErr(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device {id}; `ota-server device list` shows them"),
+        )
+    })?;
+    let events = app
+        .state
+        .device_events(&id, q.before, limit, q.progress)
+        .await?;
+    let next_before = (events.len() == limit)
+        .then(|| events.last().map(|e| e.seq))
+        .flatten();
+    Ok(axum::Json(serde_json::json!({
+        "id": id,
+        "version": view["version"],
+        "attempts": view["rollouts"],
+        "events": events,
+        "next_before": next_before,
+    }))
+    .into_response())
+}
+
+/// `POST /api/v1/admin/users` `{"name", "role"}` → `201` with the user and
+/// its token (shown this once; the server keeps its SHA-256).
+pub async fn user_create(
+    State(app): State<Arc<App>>,
+    body: axum::body::Body,
+) -> Result<Response, ApiErr> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewUser {
+        name: String,
+        role: crate::audit::Role,
+    }
+    let n: NewUser = crate::http::read_json(body).await?;
+    crate::audit::check_user_name(&n.name).map_err(bad_request)?;
+    let (token, token_sha256) = crate::audit::new_token();
+    let u = crate::audit::User {
+        name: n.name,
+        role: n.role,
+        token_sha256,
+        created_at_ms: crate::now_ms(),
+    };
+    if !app.state.user_create(&u).await? {
+        return Err(ApiErr(
+            StatusCode::CONFLICT,
+            "user_exists",
+            format!(
+                "user {} exists already; delete it first (`ota-server user delete {}`) to issue a new token",
+                u.name, u.name
+            ),
+        ));
+    }
+    info!(user = %u.name, role = u.role.name(), "admin user created");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({
+            "name": u.name, "role": u.role, "created_at_ms": u.created_at_ms, "token": token
+        })),
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/admin/users`: names, roles, creation times (no tokens).
+pub async fn user_list(State(app): State<Arc<App>>) -> Result<Response, ApiErr> {
+    let users: Vec<serde_json::Value> = app
+        .state
+        .users()
+        .await?
+        .into_iter()
+        .map(|u| serde_json::json!({"name": u.name, "role": u.role, "created_at_ms": u.created_at_ms}))
+        .collect();
+    Ok(axum::Json(users).into_response())
+}
+
+/// `DELETE /api/v1/admin/users/{name}`: its token stops working at once.
+pub async fn user_delete(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiErr> {
+    if !app.state.user_delete(&name).await? {
+        return Err(ApiErr(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no user {name}; `ota-server user list` shows them"),
+        ));
+    }
+    info!(user = %name, "admin user deleted");
     Ok(axum::Json(serde_json::json!({ "deleted": name })).into_response())
 }

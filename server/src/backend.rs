@@ -131,6 +131,17 @@ pub trait StateBackend: Send + Sync + 'static {
     /// DDI asks it on every deploymentBase, feedback and download request.
     async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError>;
 
+    /// The attempt (update id) through which `device` installed `release`:
+    /// its newest committed membership in a rollout of that release. DDI
+    /// links it as the target's `installedBase`. One indexed query on
+    /// PostgreSQL, in-memory lookups on sled; asked on DDI base polls only,
+    /// never on the agents' check-in.
+    async fn installed_update(
+        &self,
+        device: &str,
+        release: &str,
+    ) -> Result<Option<String>, StoreError>;
+
     /// Device `id` with no credential of its own: the DDI gateway token
     /// ([`crate::ddi`]) vouches for it. Looked up as a certificate whose
     /// "serial" can be on no revocation list (serials are hex), keyed per
@@ -148,6 +159,48 @@ pub trait StateBackend: Send + Sync + 'static {
     }
 
     async fn device_count(&self) -> Result<u64, StoreError>;
+
+    /// Appends to the admin audit log ([`crate::audit`]); returns the
+    /// entry's sequence number.
+    ///
+    /// # Cancel safety
+    /// One write: the entry is in the log afterwards or not.
+    async fn audit_append(&self, rec: crate::audit::AuditRecord) -> Result<u64, StoreError>;
+
+    /// The audit log, newest first: up to `limit` entries older than
+    /// `before` (a `seq`), or the newest.
+    async fn audit_list(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<crate::audit::AuditPage, StoreError>;
+
+    /// Stores a new admin user; `false` if the name is taken.
+    ///
+    /// # Cancel safety
+    /// One write, made durable before the answer.
+    async fn user_create(&self, u: &crate::audit::User) -> Result<bool, StoreError>;
+
+    async fn users(&self) -> Result<Vec<crate::audit::User>, StoreError>;
+
+    /// Deletes a user (its token stops at once); `false` if unknown.
+    ///
+    /// # Cancel safety
+    /// One write, made durable before the answer.
+    async fn user_delete(&self, name: &str) -> Result<bool, StoreError>;
+
+    /// The user whose token has this hex SHA-256 (admin requests only).
+    async fn user_by_token(&self, sha256: &str) -> Result<Option<crate::audit::User>, StoreError>;
+
+    /// A device's stored events, newest first: up to `limit` with a `seq`
+    /// below `before`; `progress` events only when asked for.
+    async fn device_events(
+        &self,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+        progress: bool,
+    ) -> Result<Vec<Event>, StoreError>;
 
     /// Retires a device: its record and token are deleted (the token stops
     /// working; PostgreSQL replicas forget it within their auth cache's few
@@ -347,8 +400,104 @@ impl StateBackend for LocalState {
         Ok(self.fleet.len() as u64)
     }
 
+    async fn audit_append(&self, mut rec: crate::audit::AuditRecord) -> Result<u64, StoreError> {
+        rec.seq = self.store.db.generate_id()? + 1;
+        self.store
+            .audit
+            .insert(rec.seq.to_be_bytes(), crate::store::encode(&rec))?;
+        self.store.durable().await?;
+        Ok(rec.seq)
+    }
+
+    async fn audit_list(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<crate::audit::AuditPage, StoreError> {
+        let end = before.unwrap_or(u64::MAX).to_be_bytes();
+        let mut entries = Vec::new();
+        for kv in self.store.audit.range(..end).rev().take(limit) {
+            let (k, v) = kv?;
+            entries.push(crate::store::decode::<crate::audit::AuditRecord>(&k, &v)?);
+        }
+        let next_before = (entries.len() == limit)
+            .then(|| entries.last().map(|e| e.seq))
+            .flatten();
+        Ok(crate::audit::AuditPage {
+            entries,
+            next_before,
+        })
+    }
+
+    async fn user_create(&self, u: &crate::audit::User) -> Result<bool, StoreError> {
+        let created = self
+            .store
+            .users
+            .compare_and_swap(
+                u.name.as_bytes(),
+                None::<&[u8]>,
+                Some(crate::store::encode(u)),
+            )?
+            .is_ok();
+        self.store.durable().await?;
+        Ok(created)
+    }
+
+    async fn users(&self) -> Result<Vec<crate::audit::User>, StoreError> {
+        crate::store::load_all(&self.store.users)
+    }
+
+    async fn user_delete(&self, name: &str) -> Result<bool, StoreError> {
+        let had = self.store.users.remove(name.as_bytes())?.is_some();
+        self.store.durable().await?;
+        Ok(had)
+    }
+
+    async fn user_by_token(&self, sha256: &str) -> Result<Option<crate::audit::User>, StoreError> {
+        // Users are few (people and tools, not devices): a scan.
+        Ok(
+            crate::store::load_all::<crate::audit::User>(&self.store.users)?
+                .into_iter()
+                .find(|u| crate::app::ct_eq(u.token_sha256.as_bytes(), sha256.as_bytes())),
+        )
+    }
+
+    async fn device_events(
+        &self,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+        progress: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        // Keyed device NUL seq (big-endian), as in `device_view`.
+        let mut lo = id.as_bytes().to_vec();
+        lo.push(0);
+        let mut hi = lo.clone();
+        hi.extend_from_slice(&before.unwrap_or(u64::MAX).to_be_bytes());
+        let mut out = Vec::new();
+        for kv in self.store.events.range(lo..hi).rev() {
+            let (k, v) = kv?;
+            let e: Event = crate::store::decode(&k, &v)?;
+            if progress || e.kind != ota_format::api::EventKind::Progress {
+                out.push(e);
+            }
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
         Ok(self.rollouts.get(id).map(|r| r.record().spec.release))
+    }
+
+    async fn installed_update(
+        &self,
+        device: &str,
+        release: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self.rollouts.installed_update(device, release))
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError> {

@@ -443,12 +443,80 @@ impl AdminClient {
     }
 
     pub async fn rollout_action(&self, id: &str, verb: &str) -> Result<RolloutStatus> {
-        self.call::<(), _>(
+        self.rollout_action_why(id, verb, None).await
+    }
+
+    /// A rollout action with the operator's reason (kept in the status and
+    /// the audit log).
+    pub async fn rollout_action_why(
+        &self,
+        id: &str,
+        verb: &str,
+        reason: Option<&str>,
+    ) -> Result<RolloutStatus> {
+        let path = format!("/api/v1/admin/rollouts/{id}/{verb}");
+        match reason {
+            Some(r) => {
+                self.call(
+                    Method::POST,
+                    &path,
+                    Some(&serde_json::json!({ "reason": r })),
+                )
+                .await
+            }
+            None => self.call::<(), _>(Method::POST, &path, None).await,
+        }
+    }
+
+    /// `{"name", "role", "created_at_ms", "token"}`: the token is shown once.
+    pub async fn user_create(
+        &self,
+        name: &str,
+        role: crate::audit::Role,
+    ) -> Result<serde_json::Value> {
+        self.call(
             Method::POST,
-            &format!("/api/v1/admin/rollouts/{id}/{verb}"),
-            None,
+            "/api/v1/admin/users",
+            Some(&serde_json::json!({ "name": name, "role": role })),
         )
         .await
+    }
+
+    pub async fn users(&self) -> Result<Vec<serde_json::Value>> {
+        self.call::<(), _>(Method::GET, "/api/v1/admin/users", None)
+            .await
+    }
+
+    pub async fn user_delete(&self, name: &str) -> Result<serde_json::Value> {
+        self.call::<(), _>(Method::DELETE, &format!("/api/v1/admin/users/{name}"), None)
+            .await
+    }
+
+    pub async fn audit(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<crate::audit::AuditPage> {
+        let mut path = format!("/api/v1/admin/audit?limit={limit}");
+        if let Some(b) = before {
+            path.push_str(&format!("&before={b}"));
+        }
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
+    pub async fn device_history(
+        &self,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+        progress: bool,
+    ) -> Result<serde_json::Value> {
+        let mut path =
+            format!("/api/v1/admin/devices/{id}/history?limit={limit}&progress={progress}");
+        if let Some(b) = before {
+            path.push_str(&format!("&before={b}"));
+        }
+        self.call::<(), _>(Method::GET, &path, None).await
     }
 }
 
@@ -464,7 +532,7 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response, what: &str) -> Res
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
         if status == StatusCode::UNAUTHORIZED {
             bail!(
-                "{what}: {status}: the server refused the admin token; use `admin_token` from its server.toml (--admin-token or OTA_ADMIN_TOKEN)"
+                "{what}: {status}: the server refused the admin token; use `admin_token` from its server.toml or a token from `ota-server user add` (--admin-token or OTA_ADMIN_TOKEN)"
             );
         }
         bail!("{what}: {status}: {msg}");
@@ -540,6 +608,9 @@ pub fn render_status(s: &RolloutStatus) -> String {
             w.rolled_back,
             w.bytes_served
         );
+    }
+    if let Some(next) = &s.next_wave {
+        let _ = writeln!(o, "  next: {next}");
     }
     o.push_str(&crate::render::failure_reasons(s));
     o

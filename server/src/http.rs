@@ -167,11 +167,11 @@ fn unauthorized() -> ApiErr {
 }
 
 /// The admin API's 401: about the admin token, not about devices.
-fn admin_unauthorized() -> ApiErr {
+pub(crate) fn admin_unauthorized() -> ApiErr {
     ApiErr(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
-        "missing or wrong admin token; use `admin_token` from server.toml (--admin-token or OTA_ADMIN_TOKEN)"
+        "missing or wrong admin token; use `admin_token` from server.toml or a token from `ota-server user add` (--admin-token or OTA_ADMIN_TOKEN)"
             .into(),
     )
 }
@@ -261,22 +261,12 @@ async fn cert_device(app: &App, cert: &PeerCert) -> Result<AuthedDevice, ApiErr>
     }
 }
 
-pub(crate) fn admin_auth(app: &App, headers: &HeaderMap) -> Result<(), ApiErr> {
-    match bearer(headers) {
-        Some(t) if app.is_admin(t) => Ok(()),
-        _ => Err(admin_unauthorized()),
-    }
-}
-
 /// The router.
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/devices/enroll", post(enroll))
-        .route("/api/v1/devices/checkin", post(checkin))
-        .route("/api/v1/devices/events", post(events))
-        .route("/api/v1/artifacts/{sha256}", get(artifact))
+    // The admin API, behind one gate: authentication, the role each
+    // request needs, and the audit log (crate::audit). A route layer, so
+    // the device API's requests never pass through it.
+    let admin = Router::new()
         .route(
             "/api/v1/admin/devices",
             post(admin_device_add).get(crate::admin::device_list),
@@ -313,8 +303,33 @@ pub fn router(app: Arc<App>) -> Router {
             "/api/v1/admin/rollouts/{id}/{verb}",
             post(admin_rollout_action),
         )
-        .merge(crate::ddi::routes())
+        .route("/api/v1/admin/audit", get(crate::admin::audit_list))
+        .route(
+            "/api/v1/admin/users",
+            post(crate::admin::user_create).get(crate::admin::user_list),
+        )
+        .route(
+            "/api/v1/admin/users/{name}",
+            axum::routing::delete(crate::admin::user_delete),
+        )
+        .route(
+            "/api/v1/admin/devices/{id}/history",
+            get(crate::admin::device_history),
+        )
         .merge(crate::windows_http::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::audit::layer,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/devices/enroll", post(enroll))
+        .route("/api/v1/devices/checkin", post(checkin))
+        .route("/api/v1/devices/events", post(events))
+        .route("/api/v1/artifacts/{sha256}", get(artifact))
+        .merge(admin)
+        .merge(crate::ddi::routes())
         .fallback(|| async {
             ApiErr(
                 StatusCode::NOT_FOUND,
@@ -689,12 +704,7 @@ struct DeviceAdd {
     rotate: bool,
 }
 
-async fn admin_device_add(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
+async fn admin_device_add(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiErr> {
     let req: DeviceAdd = read_json(body).await?;
     check_device_fields(&req.id, &req.device_type, &req.tags)?;
     // Provisioning an id that exists would revoke the token its device
@@ -725,10 +735,8 @@ async fn admin_device_add(
 
 async fn admin_device_get(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     let view = app.state.device_view(&id).await?.ok_or_else(|| {
         ApiErr(
             StatusCode::NOT_FOUND,
@@ -741,8 +749,7 @@ async fn admin_device_get(
 
 /// `POST /api/v1/admin/reload`: re-reads `server.toml` (as `SIGHUP` does).
 /// 200 with what changed, or 422 with why nothing did.
-async fn admin_reload(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
+async fn admin_reload(State(app): State<Arc<App>>) -> Result<Response, ApiErr> {
     match app.live.reload().await {
         Ok(changed) => Ok(
             axum::Json(serde_json::json!({ "reloaded": true, "changed": changed })).into_response(),
@@ -768,11 +775,9 @@ struct RevokeCert {
 /// device; answers `{"device", "revoked": [serials]}`.
 async fn admin_device_revoke_cert(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     body: Body,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     api::check_name("device id", &id).map_err(bad_request)?;
     let req: RevokeCert = read_json(body).await?;
     let serial = req
@@ -795,11 +800,7 @@ async fn admin_device_revoke_cert(
     Ok(axum::Json(serde_json::json!({ "device": id, "revoked": revoked })).into_response())
 }
 
-async fn admin_releases(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
+async fn admin_releases(State(app): State<Arc<App>>) -> Result<Response, ApiErr> {
     // Other replicas add releases and finish builds: read the database.
     app.releases.refresh().await?;
     Ok(axum::Json(app.releases.list()).into_response())
@@ -843,12 +844,10 @@ fn release_err(e: crate::releases::ReleaseError) -> ApiErr {
 
 async fn admin_release_add(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path((device_type, version)): Path<(String, String)>,
     Query(q): Query<ReleaseQuery>,
     body: Body,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     api::check_name("device type", &device_type).map_err(bad_request)?;
     api::check_name("version", &version).map_err(bad_request)?;
     let bundle = match &q.format {
@@ -958,12 +957,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-async fn admin_rollout_create(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
+async fn admin_rollout_create(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiErr> {
     let mut spec: RolloutSpec = read_json(body).await?;
     if let Some(name) = spec.group.clone() {
         let g = app
@@ -977,34 +971,46 @@ async fn admin_rollout_create(
     Ok((StatusCode::CREATED, axum::Json(st)).into_response())
 }
 
-async fn admin_rollouts(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
+async fn admin_rollouts(State(app): State<Arc<App>>) -> Result<Response, ApiErr> {
     let all = app.state.rollout_statuses().await?;
     Ok(axum::Json(all).into_response())
 }
 
 async fn admin_rollout_get(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
     Ok(axum::Json(app.state.rollout_status(&id).await?).into_response())
 }
 
 async fn admin_rollout_action(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path((id, verb)): Path<(String, String)>,
+    axum::Extension(actor): axum::Extension<crate::audit::Actor>,
+    body: axum::body::Body,
 ) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
-    let (to, reason) = match verb.as_str() {
-        "pause" => (RolloutState::Paused, "paused by the operator"),
-        "resume" => (RolloutState::Active, "resumed by the operator"),
-        "abort" => (RolloutState::Aborted, "aborted by the operator"),
+    /// Optional body: why (shown in the status and kept in the audit log).
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Why {
+        reason: Option<String>,
+    }
+    let bytes = axum::body::to_bytes(body, 4096)
+        .await
+        .map_err(|_| bad_request("a rollout action body is at most 4 KiB"))?;
+    let why: Why = if bytes.is_empty() {
+        Why::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| {
+            bad_request(format!(
+                "malformed JSON: {e}; expected {{\"reason\": \"...\"}}"
+            ))
+        })?
+    };
+    let (to, done) = match verb.as_str() {
+        "pause" => (RolloutState::Paused, "paused"),
+        "resume" => (RolloutState::Active, "resumed"),
+        "abort" => (RolloutState::Aborted, "aborted"),
         _ => {
             return Err(ApiErr(
                 StatusCode::NOT_FOUND,
@@ -1013,14 +1019,30 @@ async fn admin_rollout_action(
             ));
         }
     };
-    let st = app.state.set_rollout_state(&id, to, reason.into()).await?;
+    let who = if actor.name == crate::audit::BOOTSTRAP {
+        "the operator".to_string()
+    } else {
+        actor.name.clone()
+    };
+    let reason = match why
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+    {
+        Some(r) => format!(
+            "{done} by {who}: {}",
+            r.chars().take(500).collect::<String>()
+        ),
+        None => format!("{done} by {who}"),
+    };
+    let st = app.state.set_rollout_state(&id, to, reason).await?;
     Ok(axum::Json(st).into_response())
 }
 
 /// Fleet-wide figures: devices, events stored (a full count: for reports
 /// and load tests, not for dashboards), this replica's counters.
-async fn admin_stats(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Response, ApiErr> {
-    admin_auth(&app, &headers)?;
+async fn admin_stats(State(app): State<Arc<App>>) -> Result<Response, ApiErr> {
     let mut v = app.state.stats().await?;
     v["replica"] = app.replica_id.clone().into();
     v["bytes_served_since_start"] = app.bytes_served.load(Ordering::Relaxed).into();

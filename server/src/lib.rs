@@ -12,6 +12,7 @@
 //! - [`pg`]: the PostgreSQL implementation, for several replicas;
 //!   [`pg_windows`] its SQL for maintenance windows (install-now, a waiting
 //!   update cancelled).
+//!   [`pg_audit`] its audit log, admin users and device history queries.
 //! - [`store`]: sled trees and the group-commit flusher that makes
 //!   acknowledged writes durable without an fsync per request.
 //! - [`fleet`]: enrolled devices, token hashes, what devices last reported.
@@ -50,6 +51,9 @@
 //!   clients) translated onto the same check-in decisions and events as
 //!   the agents', so they share rollouts and the throttle; [`ddi::wire`]
 //!   its JSON and the feedback-to-event mapping.
+//! - [`audit`]: admin identities with roles (viewer, operator, admin), the
+//!   one table of which request needs which role, and the audit log every
+//!   changing admin request is written to, enforced by one router layer.
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`windows_http`] the maintenance-window routes (`install-now`, the
 //!   test-build window-clock hook);
@@ -71,6 +75,7 @@
 pub mod admin;
 pub mod app;
 pub mod artifacts;
+pub mod audit;
 pub mod backend;
 pub mod builder;
 pub mod certs;
@@ -86,6 +91,7 @@ pub mod inventory;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
+pub mod pg_audit;
 pub mod pg_windows;
 pub mod releases;
 pub mod reload;

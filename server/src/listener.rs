@@ -545,6 +545,11 @@ impl<A: Acceptor> Connection<A> {
                     // Read by handlers as `Extension<ClientIdentity>`.
                     parts.extensions.insert(tls.identity.clone());
                 }
+                if parts.uri.path().starts_with("/api/v1/admin") {
+                    // The audit log's "from where"; device requests go
+                    // without the extension (an allocation per request).
+                    parts.extensions.insert(crate::audit::PeerAddr(info.remote));
+                }
                 let req = http::Request::from_parts(parts, Body::new(body));
                 let mut router = router.clone();
                 async move {

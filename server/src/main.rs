@@ -100,6 +100,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: GroupCmd,
     },
+    /// Manage admin users and their roles (admin API).
+    User {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Read the audit log of admin actions (admin API).
+    Audit {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -184,6 +198,23 @@ enum DeviceCmd {
         /// The device id.
         id: String,
         /// Print the API's raw JSON instead of the human form.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A device's update attempts and its stored events, newest first.
+    History {
+        /// The device id.
+        id: String,
+        /// Events to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only events with a sequence number below this (paging).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Include download progress events.
+        #[arg(long)]
+        progress: bool,
+        /// Print the API's raw JSON.
         #[arg(long)]
         json: bool,
     },
@@ -297,7 +328,7 @@ enum ReleaseCmd {
 #[derive(Subcommand)]
 enum RolloutCmd {
     /// Start a waved, throttled rollout.
-    Create(RolloutArgs),
+    Create(Box<RolloutArgs>),
     /// One rollout's status per wave.
     Status {
         /// The rollout id (from `rollout create` or `rollout list`).
@@ -312,16 +343,25 @@ enum RolloutCmd {
     Pause {
         /// The rollout id.
         id: String,
+        /// Why (shown in `rollout status`, kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Resume admitting devices.
     Resume {
         /// The rollout id.
         id: String,
+        /// Why (shown in `rollout status`, kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Stop the rollout: downloading devices are told to cancel.
     Abort {
         /// The rollout id.
         id: String,
+        /// Why (shown in `rollout status`, kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Let devices switch as soon as their update is verified, whatever
     /// the rollout's maintenance windows say.
@@ -332,6 +372,41 @@ enum RolloutCmd {
         /// not yet installed). Default: every such device.
         #[arg(long, value_delimiter = ',', value_name = "ID,...")]
         devices: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create a named admin identity and print its token (shown once).
+    Add {
+        /// The user's name (what the audit log shows).
+        name: String,
+        /// viewer (reads), operator (also groups and rollouts) or admin (everything).
+        #[arg(long, value_parser = clap::builder::ValueParser::new(|s: &str| s.parse::<ota_server::audit::Role>()))]
+        role: ota_server::audit::Role,
+    },
+    /// Every user and its role (tokens are never shown again).
+    List,
+    /// Delete a user: its token stops working at once.
+    Delete {
+        /// The user's name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// The audit log, newest first: who changed what, when, from where.
+    List {
+        /// Entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only entries older than this sequence number (paging).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Print the API's raw JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -367,6 +442,18 @@ struct RolloutArgs {
     /// Commits per ramp step (default: --min-sample).
     #[arg(long, default_value_t = 0)]
     ramp_every: u64,
+    /// The ramp's ceiling in starts per minute (default: 1000 × --max-starts-per-min).
+    #[arg(long, value_name = "PER_MIN")]
+    ramp_max: Option<f64>,
+    /// Start admitting devices at this time: RFC 3339 with its offset
+    /// (2026-12-03T02:00:00+01:00) or a delay from now (+2h, +30m).
+    #[arg(long, value_name = "TIME", value_parser = parse_start_at)]
+    start_at: Option<u64>,
+    /// Earliest opening of each wave after the start, one per wave, the
+    /// first 0 (e.g. 0s,6h,1d): a wave still needs the previous one soaked
+    /// and successful.
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
+    wave_offsets: Vec<std::time::Duration>,
     /// Failure rate that pauses or aborts the rollout (e.g. 5%).
     #[arg(long, default_value = "5%", value_parser = parse_fraction)]
     failure_threshold: f64,
@@ -399,6 +486,11 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// `--start-at` ([`schedule::parse_start_at`]).
+fn parse_start_at(s: &str) -> Result<u64, String> {
+    ota_server::rollout::schedule::parse_start_at(s, ota_server::now_ms())
 }
 
 /// "5%" or "0.05".
@@ -513,6 +605,8 @@ fn main() {
         Cmd::Release { conn, cmd } => runtime().and_then(|rt| rt.block_on(release_cmd(conn, cmd))),
         Cmd::Rollout { conn, cmd } => runtime().and_then(|rt| rt.block_on(rollout_cmd(conn, cmd))),
         Cmd::Group { conn, cmd } => runtime().and_then(|rt| rt.block_on(group_cmd(conn, cmd))),
+        Cmd::User { conn, cmd } => runtime().and_then(|rt| rt.block_on(user_cmd(conn, cmd))),
+        Cmd::Audit { conn, cmd } => runtime().and_then(|rt| rt.block_on(audit_cmd(conn, cmd))),
     };
     if let Err(e) = r {
         eprintln!(
@@ -750,6 +844,20 @@ async fn device_cmd(conn: Conn, cmd: DeviceCmd) -> Result<()> {
                 );
             }
         }
+        DeviceCmd::History {
+            id,
+            limit,
+            before,
+            progress,
+            json,
+        } => {
+            let v = c.device_history(&id, before, limit, progress).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", ota_server::render::device_history(&v));
+            }
+        }
         DeviceCmd::Show { id, json } => {
             let v = c.device_get(&id).await?;
             if json {
@@ -962,6 +1070,62 @@ fn print_release(r: &ota_server::releases::ReleaseRecord) {
     }
 }
 
+async fn user_cmd(conn: Conn, cmd: UserCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    match cmd {
+        UserCmd::Add { name, role } => {
+            let u = c.user_create(&name, role).await?;
+            println!("{}", u["token"].as_str().unwrap_or_default());
+            eprintln!(
+                "user {name} ({}) created; the token above is shown once: give it to them as their --admin-token",
+                role.name()
+            );
+        }
+        UserCmd::List => {
+            let users = c.users().await?;
+            if users.is_empty() {
+                println!(
+                    "no users yet (the bootstrap admin_token always works): ota-server user add NAME --role operator"
+                );
+            } else {
+                println!("{:<24} {:<9} CREATED", "NAME", "ROLE");
+                for u in users {
+                    println!(
+                        "{:<24} {:<9} {}",
+                        u["name"].as_str().unwrap_or(""),
+                        u["role"].as_str().unwrap_or(""),
+                        ota_server::render::when(
+                            ota_server::now_ms(),
+                            u["created_at_ms"].as_u64().unwrap_or(0)
+                        )
+                    );
+                }
+            }
+        }
+        UserCmd::Delete { name } => {
+            c.user_delete(&name).await?;
+            println!("deleted user {name}; its token no longer works");
+        }
+    }
+    Ok(())
+}
+
+async fn audit_cmd(conn: Conn, cmd: AuditCmd) -> Result<()> {
+    let c = AdminClient::new(&conn.server, &conn.admin_token)?;
+    let AuditCmd::List {
+        limit,
+        before,
+        json,
+    } = cmd;
+    let page = c.audit(before, limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&page)?);
+    } else {
+        print!("{}", ota_server::render::audit(&page));
+    }
+    Ok(())
+}
+
 async fn group_cmd(conn: Conn, cmd: GroupCmd) -> Result<()> {
     let c = AdminClient::new(&conn.server, &conn.admin_token)?;
     let show = |g: &ota_server::groups::Group| {
@@ -1027,6 +1191,13 @@ async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
                 max_starts_per_min: a.max_starts_per_min,
                 ramp_factor: a.ramp_factor,
                 ramp_every: a.ramp_every,
+                ramp_max_per_min: a.ramp_max,
+                start_at_ms: a.start_at,
+                wave_offsets_ms: a
+                    .wave_offsets
+                    .iter()
+                    .map(|d| d.as_millis() as u64)
+                    .collect(),
                 failure_threshold: a.failure_threshold,
                 success_threshold: a.success_threshold,
                 min_sample: a.min_sample,
@@ -1053,15 +1224,27 @@ async fn rollout_cmd(conn: Conn, cmd: RolloutCmd) -> Result<()> {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         },
         RolloutCmd::List => print!("{}", ota_server::render::rollout_list(&c.rollouts().await?)),
-        RolloutCmd::Pause { id } => {
-            print!("{}", render_status(&c.rollout_action(&id, "pause").await?))
-        }
-        RolloutCmd::Resume { id } => {
-            print!("{}", render_status(&c.rollout_action(&id, "resume").await?))
-        }
-        RolloutCmd::Abort { id } => {
-            print!("{}", render_status(&c.rollout_action(&id, "abort").await?))
-        }
+        RolloutCmd::Pause { id, reason } => print!(
+            "{}",
+            render_status(
+                &c.rollout_action_why(&id, "pause", reason.as_deref())
+                    .await?
+            )
+        ),
+        RolloutCmd::Resume { id, reason } => print!(
+            "{}",
+            render_status(
+                &c.rollout_action_why(&id, "resume", reason.as_deref())
+                    .await?
+            )
+        ),
+        RolloutCmd::Abort { id, reason } => print!(
+            "{}",
+            render_status(
+                &c.rollout_action_why(&id, "abort", reason.as_deref())
+                    .await?
+            )
+        ),
         RolloutCmd::InstallNow { id, devices } => {
             let r = c.rollout_install_now(&id, &devices).await?;
             println!(

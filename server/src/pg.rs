@@ -47,7 +47,7 @@ use crate::rollout::{
     Decision, Effect, FailureReason, Member, Phase, RolloutError, RolloutRecord, RolloutSpec,
     RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
     cancel_ended_attempt, failure_verdict, held_back, install_gate, lease_expired, membership,
-    nothing_to_offer, offer_for, past_download, ramped_rate, rank_key, reports_waiting,
+    nothing_to_offer, offer_for, past_download, ramped_rate, rank_key, reports_waiting, schedule,
     spec_matches, transition_for, wave_bounds,
 };
 use crate::store::StoreError;
@@ -731,7 +731,12 @@ impl PgState {
                 devices: r.get::<_, i64>(1) as u64,
             })
             .collect();
+        let outcomes: Vec<(u64, u64, u64)> = cs
+            .iter()
+            .map(|w| (w[0], w[4] + w[1], w[5] + w[6]))
+            .collect();
         Ok(RolloutStatus {
+            next_wave: schedule::next_wave_wait(&rec.spec, rec, &outcomes, crate::now_ms()),
             id: rec.id.clone(),
             state: rec.state,
             reason: rec.reason.clone(),
@@ -1145,7 +1150,8 @@ impl StateBackend for PgState {
             return Ok(Decision::Answer(Action::None));
         }
         let wave = rec.wave_of(device);
-        if let Some(wait) = held_back(&rec.id, state, wave, rec.wave) {
+        let starts_at = schedule::start_ms(&rec.spec, rec.created_at_ms);
+        if let Some(wait) = held_back(&rec.id, starts_at, state, wave, rec.wave, crate::now_ms()) {
             return Ok(wait);
         }
         let Some(artifacts) = self.releases.pick(
@@ -1503,6 +1509,63 @@ impl StateBackend for PgState {
         Ok(self.cached(id).map(|r| r.rec.spec.release.clone()))
     }
 
+    async fn audit_append(&self, rec: crate::audit::AuditRecord) -> Result<u64, StoreError> {
+        crate::pg_audit::append(&self.pool, rec).await
+    }
+
+    async fn audit_list(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<crate::audit::AuditPage, StoreError> {
+        crate::pg_audit::list(&self.pool, before, limit).await
+    }
+
+    async fn user_create(&self, u: &crate::audit::User) -> Result<bool, StoreError> {
+        crate::pg_audit::user_create(&self.pool, u).await
+    }
+
+    async fn users(&self) -> Result<Vec<crate::audit::User>, StoreError> {
+        crate::pg_audit::users(&self.pool).await
+    }
+
+    async fn user_delete(&self, name: &str) -> Result<bool, StoreError> {
+        crate::pg_audit::user_delete(&self.pool, name).await
+    }
+
+    async fn user_by_token(&self, sha256: &str) -> Result<Option<crate::audit::User>, StoreError> {
+        crate::pg_audit::user_by_token(&self.pool, sha256).await
+    }
+
+    async fn device_events(
+        &self,
+        id: &str,
+        before: Option<u64>,
+        limit: usize,
+        progress: bool,
+    ) -> Result<Vec<Event>, StoreError> {
+        crate::pg_audit::device_events(&self.pool, id, before, limit, progress).await
+    }
+
+    async fn installed_update(
+        &self,
+        device: &str,
+        release: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let c = conn(&self.pool).await?;
+        let row = c
+            .query_opt(
+                "SELECT m.member->>'update_id' FROM members m JOIN rollouts r ON r.id = m.rollout \
+                 WHERE m.device = $1 AND m.phase = 'committed' \
+                 AND r.record->'spec'->>'release' = $2 \
+                 ORDER BY r.created_at_ms DESC LIMIT 1",
+                &[&device, &release],
+            )
+            .await
+            .map_err(err)?;
+        Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+    }
+
     async fn retire_device(&self, id: &str) -> Result<bool, StoreError> {
         let c = conn(&self.pool).await?;
         let n = c
@@ -1730,17 +1793,7 @@ impl StateBackend for PgState {
                 .map(|(dev, _)| rank_key(dev, &id))
                 .collect(),
         );
-        let rec = RolloutRecord {
-            id,
-            spec,
-            created_at_ms: now,
-            state: RolloutState::Active,
-            reason: "created".into(),
-            wave: 0,
-            wave_opened_at_ms: now,
-            baseline: (0, 0),
-            wave_bounds,
-        };
+        let rec = RolloutRecord::new(id, spec, now, wave_bounds);
         let ins = tx
             .execute(
                 "INSERT INTO rollouts (id, device_type, state, created_at_ms, record) \

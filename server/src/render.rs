@@ -180,19 +180,95 @@ pub fn device(v: &DeviceView, now_ms: u64) -> String {
     if !v.history.is_empty() {
         let _ = writeln!(o, "  history (device clock, newest last):");
         for e in &v.history {
-            let kind = serde_json::to_value(e.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
-            let mut extra = String::new();
-            if let Some(v) = &e.detail.version {
-                let _ = write!(extra, " version {v}");
-            }
-            if let Some(r) = &e.detail.reason {
-                let _ = write!(extra, " — {r}");
-            }
-            let _ = writeln!(o, "    {}  {:<16} {}{extra}", e.at, kind, e.update_id);
+            let _ = writeln!(o, "    {}", event_line(e));
         }
+    }
+    o
+}
+
+/// One stored event: device time, kind, update id, version and reason.
+fn event_line(e: &Event) -> String {
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let mut extra = String::new();
+    if let Some(v) = &e.detail.version {
+        let _ = write!(extra, " version {v}");
+    }
+    if let Some(r) = &e.detail.reason {
+        let _ = write!(extra, " — {r}");
+    }
+    format!("{}  {:<16} {}{extra}", e.at, kind, e.update_id)
+}
+
+/// `device history`: its update attempts, then its events newest first.
+pub fn device_history(v: &serde_json::Value) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "device {} on {}",
+        v["id"].as_str().unwrap_or("?"),
+        v["version"].as_str().unwrap_or("-")
+    );
+    let attempts: Vec<Member> = serde_json::from_value(v["attempts"].clone()).unwrap_or_default();
+    for m in &attempts {
+        let phase = serde_json::to_value(m.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  attempt {} (wave {}): {phase}{}",
+            m.update_id,
+            m.wave + 1,
+            m.reason
+                .as_deref()
+                .map_or(String::new(), |r| format!(" — {r}"))
+        );
+    }
+    let events: Vec<Event> = serde_json::from_value(v["events"].clone()).unwrap_or_default();
+    if events.is_empty() {
+        let _ = writeln!(o, "  no events stored");
+    } else {
+        let _ = writeln!(o, "  events (device clock, newest first; seq):");
+        for e in &events {
+            let _ = writeln!(o, "    {:>6}  {}", e.seq, event_line(e));
+        }
+    }
+    if let Some(b) = v["next_before"].as_u64() {
+        let _ = writeln!(o, "  older: --before {b}");
+    }
+    o
+}
+
+/// `audit list`: newest first.
+pub fn audit(p: &crate::audit::AuditPage) -> String {
+    let mut o = String::new();
+    if p.entries.is_empty() {
+        return "the audit log is empty\n".into();
+    }
+    for e in &p.entries {
+        let detail = if e.detail.is_null() {
+            String::new()
+        } else {
+            format!(" {}", e.detail)
+        };
+        let _ = writeln!(
+            o,
+            "{:>6} {} {} ({}) from {}: {} {} -> {}{detail}",
+            e.seq,
+            rfc3339(e.at_ms),
+            e.actor,
+            e.role.name(),
+            e.from,
+            e.action,
+            e.path.strip_prefix("/api/v1/admin/").unwrap_or(&e.path),
+            e.status
+        );
+    }
+    if let Some(b) = p.next_before {
+        let _ = writeln!(o, "older: --before {b}");
     }
     o
 }

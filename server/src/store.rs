@@ -68,6 +68,10 @@ pub struct Store {
     /// any clone lives (released by the OS if the process dies).
     _lock: Arc<std::fs::File>,
     pub certs: sled::Tree,
+    /// The admin audit log ([`crate::audit`]), keyed by big-endian sequence.
+    pub audit: sled::Tree,
+    /// Named admin users ([`crate::audit::User`]), by name.
+    pub users: sled::Tree,
     flush: Arc<Flusher>,
 }
 
@@ -119,6 +123,8 @@ impl Store {
             meta: db.open_tree("meta")?,
             groups: db.open_tree("groups")?,
             certs: db.open_tree("device_certs")?,
+            audit: db.open_tree("audit")?,
+            users: db.open_tree("users")?,
             db,
             _lock: Arc::new(lock),
             flush: Arc::new(Flusher {

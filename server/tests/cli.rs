@@ -57,6 +57,11 @@ const SUBCOMMANDS: &[&[&str]] = &[
     &["group", "list"],
     &["group", "show"],
     &["group", "delete"],
+    &["device", "history"],
+    &["user", "add"],
+    &["user", "list"],
+    &["user", "delete"],
+    &["audit", "list"],
 ];
 
 #[test]
@@ -365,4 +370,73 @@ async fn group_commands_save_a_selector_a_rollout_can_target() {
     admin(&ts, &["rollout", "abort", id]);
     let (out, _) = admin(&ts, &["group", "delete", "kiosks"]);
     assert!(out.contains("deleted group kiosks"), "{out}");
+}
+
+/// Issue 15: `--start-at` (with its offset, or `+DURATION`), `--wave-offsets`
+/// and `--ramp-max` reach the spec, and `rollout status` says on its `next:`
+/// line what the rollout waits for; a time without an offset is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn rollout_create_schedules_a_start_and_wave_offsets() {
+    let ts = TestServer::with_two_releases(5000).await;
+    let create = |extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "create",
+            "--release",
+            "2.0",
+            "--device-type",
+            "t",
+            "--waves",
+            "10,100",
+            "--max-concurrent",
+            "5",
+            "--max-starts-per-min",
+            "60",
+        ];
+        args.extend_from_slice(extra);
+        ota(
+            &args,
+            &[("OTA_SERVER", &ts.base), ("OTA_ADMIN_TOKEN", ADMIN)],
+        )
+    };
+    let o = create(&["--start-at", "2026-12-03T02:00:00"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("with an offset"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = create(&["--wave-offsets", "0s,6h,1d"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("one per wave"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(ts.admin.rollouts().await.unwrap().is_empty());
+
+    let before = ota_server::now_ms();
+    let o = create(&[
+        "--start-at",
+        "+2h",
+        "--wave-offsets",
+        "0s,1d",
+        "--ramp-factor",
+        "2",
+        "--ramp-max",
+        "500",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let id = text(&o.stdout).trim().to_string();
+    let st = ts.status(&id).await;
+    let at = st.spec.start_at_ms.unwrap();
+    assert!(
+        (before + 7_200_000..before + 7_300_000).contains(&at),
+        "{at}"
+    );
+    assert_eq!(st.spec.wave_offsets_ms, vec![0, 86_400_000]);
+    assert_eq!(st.spec.ramp_max_per_min, Some(500.0));
+    let (out, _) = admin(&ts, &["rollout", "status", &id]);
+    assert!(out.contains("scheduled: starts at "), "{out}");
+    assert!(out.contains("next: the rollout starts at "), "{out}");
 }

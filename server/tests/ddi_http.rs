@@ -597,3 +597,48 @@ async fn one_rollout_serves_agents_their_delta_and_ddi_targets_the_attached_bund
     let s = ts.status(&st.id).await;
     assert_eq!((s.leases_granted, s.active_leases), (2, 1));
 }
+
+/// hawkBit links a target's last successful action as `installedBase`: the
+/// poll names the action that installed what the target runs, and
+/// `installedBase/{actionId}` shows its deployment; no other action.
+#[tokio::test]
+async fn installed_base_links_the_action_that_installed_the_running_version() {
+    let ts = server_with_bundle(10_000).await;
+    let t = Ddi::enroll(&ts.base, "swu-ib", "swt", &http()).await;
+    assert!(
+        t.poll().await["_links"]["installedBase"].is_null(),
+        "nothing installed through us yet"
+    );
+    ts.admin
+        .rollout_create(&spec("2.0.0", "swt"))
+        .await
+        .unwrap();
+    let action = t.action("deploymentBase").await.expect("admitted");
+    assert!(
+        t.poll().await["_links"]["installedBase"].is_null(),
+        "still downloading"
+    );
+    assert_eq!(
+        t.feedback(&action, "closed", "success", &["done"]).await,
+        200
+    );
+    let p = t.poll().await;
+    let href = p["_links"]["installedBase"]["href"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no installedBase link: {p}"));
+    assert_eq!(href, t.url(&format!("/installedBase/{action}")));
+    let r = t.get(&format!("/installedBase/{action}")).await;
+    assert_eq!(r.status(), 200);
+    let ib: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(ib["id"], action);
+    assert_eq!(ib["deployment"]["chunks"][0]["version"], "2.0.0");
+    assert_eq!(
+        ib["deployment"]["chunks"][0]["artifacts"][0]["filename"],
+        IMG_SWU
+    );
+    let other = (action.parse::<u32>().unwrap() ^ 1).to_string();
+    assert_eq!(
+        t.get(&format!("/installedBase/{other}")).await.status(),
+        404
+    );
+}

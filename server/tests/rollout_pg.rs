@@ -25,3 +25,11 @@ mod guards;
 // deletions.
 #[path = "admin_http.rs"]
 mod admin;
+
+// Issue 15: scheduled start, wave time offsets, the ramp's ceiling.
+#[path = "schedule_http.rs"]
+mod schedule;
+
+// Issue 14: roles, the audit log, device history.
+#[path = "audit_http.rs"]
+mod audit;

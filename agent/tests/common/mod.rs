@@ -720,6 +720,18 @@ bootlimit = 3
             .collect()
     }
 
+    /// Sets one boot environment variable, as a boot script would.
+    pub fn set_boot_var(&self, name: &str, value: &str) {
+        let text = std::fs::read_to_string(&self.boot_env).unwrap_or_default();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.split_once('=').map(|(k, _)| k) != Some(name))
+            .map(str::to_string)
+            .collect();
+        lines.push(format!("{name}={value}"));
+        std::fs::write(&self.boot_env, lines.join("\n") + "\n").unwrap();
+    }
+
     pub fn slot_prefix(&self, path: &Path, len: usize) -> Vec<u8> {
         let mut v = std::fs::read(path).unwrap();
         v.truncate(len);

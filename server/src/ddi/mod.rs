@@ -75,6 +75,10 @@ pub fn routes() -> Router<Arc<App>> {
             post(deployment_feedback),
         )
         .route(
+            &format!("{BASE}/installedBase/{{action}}"),
+            get(installed_base),
+        )
+        .route(
             &format!("{BASE}/cancelAction/{{action}}"),
             get(cancel_action),
         )
@@ -266,6 +270,16 @@ async fn poll(
     if !dev.tags.keys().any(|k| k.starts_with(ATTR_PREFIX)) {
         links.insert("configData".into(), link(format!("{prefix}/configData")));
     }
+    // The attempt that installed what the target runs (hawkBit links its
+    // last successful action as `installedBase`).
+    if let Some(v) = dev.version.as_deref().filter(|v| *v != UNKNOWN_VERSION)
+        && let Some(u) = app.state.installed_update(&dev.id, v).await?
+    {
+        links.insert(
+            "installedBase".into(),
+            link(format!("{prefix}/installedBase/{}", action_id(&u))),
+        );
+    }
     let label = match &action {
         Action::Update(o) => {
             if durable {
@@ -370,7 +384,39 @@ async fn deployment_base(
 ) -> Result<Response, DdiErr> {
     let dev = target(&app, &headers, &tenant, &cid).await?;
     let (m, release) = find_action(&app, &dev, &action).await?;
-    let b = bundle_of(&app, &dev, &release)?;
+    deployment_answer(&app, &headers, &tenant, &dev, &m, &release)
+}
+
+/// `GET .../installedBase/{actionId}`: the deployment of the attempt that
+/// installed the version the target runs (the base poll links it), as
+/// `deploymentBase` shows it; any other action is `404`.
+async fn installed_base(
+    State(app): State<Arc<App>>,
+    Path((tenant, cid, action)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, DdiErr> {
+    let dev = target(&app, &headers, &tenant, &cid).await?;
+    let (m, release) = find_action(&app, &dev, &action).await?;
+    if m.phase != Phase::Committed || dev.version.as_deref() != Some(release.as_str()) {
+        return Err(not_found(format!(
+            "action {action} is not the installed base of {cid} (it runs {}); the base poll links the installed base",
+            dev.version.as_deref().unwrap_or(UNKNOWN_VERSION)
+        )));
+    }
+    deployment_answer(&app, &headers, &tenant, &dev, &m, &release)
+}
+
+/// The `deploymentBase` JSON of attempt `m` (of `release`) for `dev`.
+fn deployment_answer(
+    app: &App,
+    headers: &HeaderMap,
+    tenant: &str,
+    dev: &AuthedDevice,
+    m: &Member,
+    release: &str,
+) -> Result<Response, DdiErr> {
+    let cid = &dev.id;
+    let b = bundle_of(app, dev, release)?;
     // The holder of a lease (or a target past its download) goes ahead; an
     // attempt the server ended is skipped (SWUpdate stops downloading on
     // `skip`).
@@ -383,10 +429,10 @@ async fn deployment_base(
         | Phase::Committed => Handling::Forced,
         Phase::Waiting | Phase::Failed | Phase::RolledBack | Phase::Cancelled => Handling::Skip,
     };
-    let module = module_id(&dev.device_type, &release);
+    let module = module_id(&dev.device_type, release);
     let href = format!(
         "{}/{tenant}/controller/v1/{cid}/softwaremodules/{module}/artifacts/{}",
-        origin(&app, &headers),
+        origin(app, headers),
         b.filename
     );
     let mut links = std::collections::BTreeMap::new();
@@ -403,7 +449,7 @@ async fn deployment_base(
             update: handling,
             chunks: vec![Chunk {
                 part: b.module_type.clone(),
-                version: release.clone(),
+                version: release.to_string(),
                 name: format!("{}-{release}", dev.device_type),
                 artifacts: vec![ArtifactRef {
                     filename: b.filename.clone(),

@@ -28,6 +28,7 @@
 
 pub mod membership;
 pub mod redis_throttle;
+pub mod schedule;
 pub mod shared;
 pub mod throttle;
 pub mod window;
@@ -91,12 +92,27 @@ pub struct RolloutSpec {
     /// Starts per minute (before ramping).
     pub max_starts_per_min: f64,
     /// Each `ramp_every` commits multiply the start rate by this (≥ 1; 1 =
-    /// constant), like AWS IoT Jobs' exponential rollout.
+    /// constant), like AWS IoT Jobs' exponential rollout: the rate is
+    /// `max_starts_per_min × ramp_factor^⌊committed ÷ ramp_every⌋`, at most
+    /// `ramp_max_per_min` ([`ramped_rate`]).
     #[serde(default = "one")]
     pub ramp_factor: f64,
     /// Commits per ramp step; default `min_sample` (at least 1).
     #[serde(default)]
     pub ramp_every: u64,
+    /// The ramp's ceiling in starts per minute (AWS's `maximumPerMinute`);
+    /// default 1000 × `max_starts_per_min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp_max_per_min: Option<f64>,
+    /// When the rollout starts admitting devices (Unix ms); absent or past:
+    /// at once ([`schedule`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at_ms: Option<u64>,
+    /// The earliest opening of each wave, as an offset from the start (one
+    /// per wave, the first 0, non-decreasing); empty: no time floor. A wave
+    /// still needs the previous one soaked and successful.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wave_offsets_ms: Vec<u64>,
     /// Failure rate (0..1) that stops the rollout.
     #[serde(default = "default_threshold")]
     pub failure_threshold: f64,
@@ -167,6 +183,12 @@ impl RolloutSpec {
         if !(self.ramp_factor >= 1.0 && self.ramp_factor <= 100.0) {
             return Err("ramp_factor must be 1 to 100".into());
         }
+        if let Some(m) = self.ramp_max_per_min
+            && !(m.is_finite() && m >= self.max_starts_per_min)
+        {
+            return Err("ramp_max_per_min must be at least max_starts_per_min".into());
+        }
+        schedule::check(self, crate::now_ms())?;
         if !(self.failure_threshold > 0.0 && self.failure_threshold <= 1.0) {
             return Err("failure_threshold must be in (0, 100%]".into());
         }
@@ -206,6 +228,22 @@ pub struct RolloutRecord {
 }
 
 impl RolloutRecord {
+    /// A new rollout's record, created at `now`: a scheduled one says when
+    /// it starts, and its first wave's soak counts from the start.
+    pub fn new(id: String, spec: RolloutSpec, now: u64, wave_bounds: Vec<u64>) -> RolloutRecord {
+        RolloutRecord {
+            id,
+            reason: schedule::created_reason(&spec, now),
+            wave_opened_at_ms: schedule::first_wave_opens(&spec, now),
+            spec,
+            created_at_ms: now,
+            state: RolloutState::Active,
+            wave: 0,
+            baseline: (0, 0),
+            wave_bounds,
+        }
+    }
+
     /// The wave (index) `device` belongs to.
     pub fn wave_of(&self, device: &str) -> usize {
         wave_of(&self.spec, &self.id, &self.wave_bounds, device)
@@ -288,6 +326,8 @@ pub struct Rollout {
     pub waves: Vec<WaveCounters>,
     /// `rec.wave_bounds` (fixed for the rollout's life).
     bounds: Vec<u64>,
+    /// When it starts admitting ([`schedule::start_ms`]; fixed).
+    starts_at: u64,
 }
 
 impl Rollout {
@@ -378,7 +418,8 @@ pub fn ramped_rate(s: &RolloutSpec, committed: u64) -> f64 {
         s.min_sample.max(1)
     };
     let steps = (committed / step).min(64) as i32;
-    (s.max_starts_per_min * s.ramp_factor.powi(steps)).min(s.max_starts_per_min * 1000.0)
+    let ceiling = s.ramp_max_per_min.unwrap_or(s.max_starts_per_min * 1000.0);
+    (s.max_starts_per_min * s.ramp_factor.powi(steps)).min(ceiling)
 }
 
 /// The failure-threshold rule over (ok, bad) outcomes of the opened waves:
@@ -427,7 +468,9 @@ pub fn advance_record(
     now: u64,
     in_flight: Option<u64>,
 ) -> bool {
-    if rec.state != RolloutState::Active {
+    if rec.state != RolloutState::Active
+        || schedule::not_started(spec, rec.created_at_ms, now).is_some()
+    {
         return false;
     }
     let upto = rec.wave;
@@ -440,7 +483,8 @@ pub fn advance_record(
     let soaked = now >= rec.wave_opened_at_ms + spec.soak_ms;
     let succeeded = done as f64 >= spec.success_threshold * eligible as f64;
     if upto + 1 < waves.len() {
-        if soaked && succeeded {
+        let due = now >= schedule::wave_not_before(spec, rec.created_at_ms, upto + 1);
+        if soaked && succeeded && due {
             rec.wave += 1;
             rec.wave_opened_at_ms = now;
             rec.reason = format!(
@@ -471,6 +515,7 @@ impl Rollout {
             state_now: std::sync::atomic::AtomicU8::new(rec.state as u8),
             wave_now: std::sync::atomic::AtomicUsize::new(rec.wave),
             bounds: rec.wave_bounds.clone(),
+            starts_at: schedule::start_ms(&rec.spec, rec.created_at_ms),
             rec: Mutex::new(rec),
             throttle: Throttle::new(),
             members: DashMap::new(),
@@ -519,6 +564,19 @@ impl Rollout {
             bad += c.failed.load(Ordering::Relaxed) + c.rolled_back.load(Ordering::Relaxed);
         }
         (ok, bad)
+    }
+
+    /// (eligible, ok = committed + already current, failures) per wave, as
+    /// [`advance_record`] takes them.
+    fn outcomes_per_wave(&self) -> Vec<(u64, u64, u64)> {
+        self.waves
+            .iter()
+            .map(|c| {
+                let ok = c.committed.load(Ordering::Relaxed) + c.current.load(Ordering::Relaxed);
+                let bad = c.failed.load(Ordering::Relaxed) + c.rolled_back.load(Ordering::Relaxed);
+                (c.eligible.load(Ordering::Relaxed), ok, bad)
+            })
+            .collect()
     }
 
     /// The start rate now, after ramping by commits.
@@ -683,16 +741,27 @@ pub(crate) fn nothing_to_offer(
 
 /// Why an eligible device must wait before admission is even tried (the
 /// rollout is paused, its wave is not open yet), if it must.
+/// `starts_at` is [`schedule::start_ms`] (a scheduled start).
 pub(crate) fn held_back(
     id: &str,
+    starts_at: u64,
     state: RolloutState,
     wave: usize,
     open_wave: usize,
+    now: u64,
 ) -> Option<Decision> {
     if state == RolloutState::Paused {
         return Some(Decision::Wait {
             reason: format!("rollout {id} is paused"),
             class: "paused",
+            near_head: false,
+        });
+    }
+    if now < starts_at {
+        let s = schedule::at_in(starts_at, now);
+        return Some(Decision::Wait {
+            reason: format!("rollout {id} starts {s}"),
+            class: "scheduled",
             near_head: false,
         });
     }
@@ -921,17 +990,7 @@ impl Rollouts {
             }
         });
         let wave_bounds = wave_bounds(&spec, keys);
-        let rec = RolloutRecord {
-            id: id.clone(),
-            spec,
-            created_at_ms: now,
-            state: RolloutState::Active,
-            reason: "created".into(),
-            wave: 0,
-            wave_opened_at_ms: now,
-            baseline: (0, 0),
-            wave_bounds,
-        };
+        let rec = RolloutRecord::new(id.clone(), spec, now, wave_bounds);
         self.store.rollouts.insert(id.as_bytes(), encode(&rec))?;
         self.store.durable().await?;
         let r = Arc::new(Rollout::new(rec));
@@ -1201,7 +1260,7 @@ impl Rollouts {
         if m.phase == Phase::Cancelled {
             return Ok(Decision::Answer(Action::None));
         }
-        if let Some(wait) = held_back(&r.id, state, wave, r.open_wave()) {
+        if let Some(wait) = held_back(&r.id, r.starts_at, state, wave, r.open_wave(), now) {
             return Ok(wait);
         }
         let Some(artifacts) = self.releases.pick(
@@ -1409,15 +1468,7 @@ impl Rollouts {
     /// rollout completed when every eligible device is done.
     fn advance(&self, r: &Rollout, now: u64) -> Result<(), StoreError> {
         let mut rec = r.rec.lock().unwrap();
-        let waves: Vec<(u64, u64, u64)> = r
-            .waves
-            .iter()
-            .map(|c| {
-                let ok = c.committed.load(Ordering::Relaxed) + c.current.load(Ordering::Relaxed);
-                let bad = c.failed.load(Ordering::Relaxed) + c.rolled_back.load(Ordering::Relaxed);
-                (c.eligible.load(Ordering::Relaxed), ok, bad)
-            })
-            .collect();
+        let waves = r.outcomes_per_wave();
         let in_flight = membership::needs_in_flight(&r.spec, &rec, &waves, now).then(|| {
             r.members
                 .iter()
@@ -1477,9 +1528,12 @@ impl Rollouts {
                 }
             })
             .collect();
+        let next_wave =
+            schedule::next_wave_wait(&r.spec, &rec, &r.outcomes_per_wave(), crate::now_ms());
         RolloutStatus {
             id: r.id.clone(),
             state: rec.state,
+            next_wave,
             reason: rec.reason,
             open_wave: rec.wave + 1,
             created_at_ms: rec.created_at_ms,
@@ -1494,6 +1548,21 @@ impl Rollouts {
             failure_reasons: reasons.top(),
             next_window: window::next_opening(&r.spec.windows, self.window_clock.now()),
         }
+    }
+
+    /// [`crate::backend::StateBackend::installed_update`]: newest rollout
+    /// first.
+    pub fn installed_update(&self, device: &str, release: &str) -> Option<String> {
+        let all = self.all.read().unwrap();
+        all.iter()
+            .rev()
+            .filter(|r| r.spec.release == release)
+            .find_map(|r| {
+                r.members
+                    .get(device)
+                    .filter(|m| m.phase == Phase::Committed)
+                    .map(|m| m.update_id.clone())
+            })
     }
 
     /// One member (admin views and tests).
@@ -1655,6 +1724,10 @@ pub struct RolloutStatus {
     /// window clock (now, if one is open); absent without windows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_window: Option<String>,
+    /// In words, what the next wave (or a scheduled start) waits for
+    /// ([`schedule::next_wave_wait`]); absent when nothing is pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_wave: Option<String>,
 }
 
 /// One failure reason and how many devices gave it.

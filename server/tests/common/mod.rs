@@ -160,6 +160,19 @@ impl TestServer {
         &self.running.as_ref().unwrap().app
     }
 
+    /// Stops the server and starts it again on the same directory and
+    /// configuration (a clean restart; state must come back from storage).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let cfg = self.dir.path().join("server.toml");
+        let running = start(ServerConfig::load(&cfg).unwrap(), CancellationToken::new())
+            .await
+            .unwrap();
+        self.base = format!("http://{}", running.addr);
+        self.admin = AdminClient::new(&self.base, ADMIN).unwrap();
+        self.running = Some(running);
+    }
+
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
@@ -225,6 +238,9 @@ pub fn spec(release: &str, device_type: &str) -> RolloutSpec {
         max_starts_per_min: 1e6,
         ramp_factor: 1.0,
         ramp_every: 0,
+        ramp_max_per_min: None,
+        start_at_ms: None,
+        wave_offsets_ms: Vec::new(),
         failure_threshold: 0.5,
         success_threshold: 0.9,
         min_sample: 5,
