@@ -14,6 +14,8 @@
 //! - [`pki`]: CAs, server and device certificates, CRLs made by `openssl`.
 //! - [`counting_alloc`]: a counting global allocator for the memory-bound
 //!   tests (`tests/apply_memory.rs`, `agent/tests/pool_memory.rs`).
+//! - [`vm`]: running the VM scenario scripts (`tests/vm/`): tooling check,
+//!   skip outside CI / fail under `CI=true`, one VM at a time.
 
 pub mod cluster;
 pub mod counting_alloc;
@@ -21,6 +23,7 @@ pub mod fleet_e2e;
 pub mod loadtest;
 pub mod pki;
 pub mod services;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -13,20 +13,9 @@
 //! with `CI=true` they fail instead, so CI can never pass without them.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
-use std::time::Instant;
 
 use ota_tests::bin;
-
-static ONE_VM: Mutex<()> = Mutex::new(());
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use ota_tests::vm::{missing_tools, run_scenario, workspace};
 
 fn arm_agent() -> PathBuf {
     std::env::var_os("ARM_AGENT")
@@ -48,8 +37,7 @@ fn arm_agent_hooks() -> PathBuf {
 /// What is missing to run the VM, if anything (`systemd`: the systemd
 /// device, whose agent is the test-hooks build).
 fn missing_tooling(systemd: bool) -> Vec<String> {
-    let mut missing = Vec::new();
-    for (tool, package) in [
+    let mut missing = missing_tools(&[
         ("qemu-system-aarch64", "qemu-system-arm"),
         ("mkimage", "u-boot-tools"),
         ("mkenvimage", "u-boot-tools"),
@@ -60,15 +48,7 @@ fn missing_tooling(systemd: bool) -> Vec<String> {
         ("depmod", "kmod"),
         ("socat", "socat"),
         ("bc", "bc"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            missing.push(format!("{tool} (apt-get install {package})"));
-        }
-    }
+    ]);
     if !Path::new("/usr/lib/u-boot/qemu_arm64/u-boot.bin").exists() {
         missing.push("/usr/lib/u-boot/qemu_arm64/u-boot.bin (apt-get install u-boot-qemu)".into());
     }
@@ -88,39 +68,17 @@ fn missing_tooling(systemd: bool) -> Vec<String> {
 
 /// Runs one scenario; `None` when skipped (tooling missing outside CI).
 fn scenario(args: &[&str]) -> Option<String> {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let missing = missing_tooling(args.first() == Some(&"systemd"));
-    if !missing.is_empty() {
-        let msg = format!("VM scenario {args:?} needs: {}", missing.join(", "));
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{msg} — CI=true: the VM tests must run in CI");
-        }
-        eprintln!("\n!!!! SKIPPED (not in CI): {msg}\n");
-        return None;
-    }
-    let t0 = Instant::now();
-    let out = Command::new(workspace().join("tests/vm/scenario.sh"))
-        .args(args)
-        .env("OTA_SERVER_BIN", bin("ota-server"))
-        .env("ARM_AGENT", arm_agent())
-        .env("ARM_AGENT_HOOKS", arm_agent_hooks())
-        .output()
-        .expect("running tests/vm/scenario.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stderr}");
-    assert!(
-        out.status.success(),
-        "VM scenario {args:?} failed ({}):\n{stdout}",
-        out.status
-    );
-    let result = stdout
-        .lines()
-        .find(|l| l.starts_with("RESULT"))
-        .unwrap_or_else(|| panic!("no RESULT line from {args:?}: {stdout}"))
-        .to_string();
-    eprintln!("{result} ({:.0} s)", t0.elapsed().as_secs_f64());
-    Some(result)
+    run_scenario(
+        &workspace().join("tests/vm/scenario.sh"),
+        args,
+        &[
+            ("OTA_SERVER_BIN", bin("ota-server")),
+            ("ARM_AGENT", arm_agent()),
+            ("ARM_AGENT_HOOKS", arm_agent_hooks()),
+        ],
+        missing,
+    )
 }
 
 #[test]

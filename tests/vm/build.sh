@@ -194,5 +194,6 @@ touch "$out.tmp/done"
 mv "$out.tmp" "$out"
 # Older builds of this flavour go (only the current one is ever used).
 if [ -n "$prefix" ]; then sel=(-name "${prefix}*"); else sel=(-not -name "sd-*"); fi
-find "$cache" -mindepth 1 -maxdepth 1 -type d -not -name apt -not -name debs -not -name "$key" "${sel[@]}" -exec rm -rf {} +
+# (grub/: the x86-64 GRUB device's own cache, tests/vm/grub/build.sh.)
+find "$cache" -mindepth 1 -maxdepth 1 -type d -not -name apt -not -name debs -not -name grub -not -name "$key" "${sel[@]}" -exec rm -rf {} +
 echo "$out" >&3

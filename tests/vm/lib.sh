@@ -26,8 +26,9 @@ cleanup() {
 # vm_setup VARIANT: a fresh factory disk, a server with 1.0 and 2.0 (= the
 # slot image VARIANT), started. Release data is built once per VM build and
 # copied (sled data dir of a stopped server) for the next scenario.
+# $vm_build is the device's build script (tests/vm/grub/ sets its own).
 vm_setup() {
-  vm=$("$here/build.sh" "${flavor:-busybox}") || die "building the VM failed"
+  vm=$("${vm_build:-$here/build.sh}" "${flavor:-busybox}") || die "building the VM failed"
   work=$(mktemp -d "${TMPDIR:-/tmp}/ota-vm.XXXXXX")
   trap cleanup EXIT
   cp --sparse=always "$vm/disk.img" "$work/disk.img"
@@ -113,7 +114,7 @@ slot_b_is() {
 check_bootable() {
   local part; part=$(env_var boot_part) || part=a
   if [ "$part" = b ]; then
-    slot_b_is "$1" || die "U-Boot would boot slot b, which is not the verified 2.0 image (moment: $2)"
+    slot_b_is "$1" || die "${bootloader:-U-Boot} would boot slot b, which is not the verified 2.0 image (moment: $2)"
   fi
   log "  after the cut: boot_part=$part upgrade_available=$(env_var upgrade_available || echo -) bootcount=$(env_var bootcount || echo -): ok"
 }
@@ -135,3 +136,39 @@ rollout_start() {
 }
 since_rollout() { printf '%.0f' "$(echo "$(date +%s.%N) - $t_rollout" | bc)"; }
 console_has() { grep -q "$1" "$work/console.log"; }
+
+# powercut_scenario SEED CUTS: the update v1 -> v2 with CUTS power cuts
+# (kill -9 of QEMU) at moments drawn from SEED (or $OTA_VM_CUTS_AT); after
+# each, the boot state on the disk must not name an unverified slot; then the
+# update must complete. The scenario script defines boot_and_enroll.
+powercut_scenario() {
+  local seed=$1 cuts=$2 span t i phase secs at moments
+  vm_setup v2
+  RANDOM=$seed
+  # Moments: seconds after the rollout starts, spread over a typical
+  # update (download, apply, fsync, env write, reboot, first boot, commit).
+  span=${OTA_VM_CUT_SPAN:-70}
+  if [ -n "${OTA_VM_CUTS_AT:-}" ]; then read -ra at <<< "$OTA_VM_CUTS_AT"; else
+    at=(); for ((i = 0; i < cuts; i++)); do at+=("$((RANDOM % (span * 10) / 10)).$((RANDOM % 10))"); done
+  fi
+  mapfile -t at < <(printf '%s\n' "${at[@]}" | sort -n)
+  boot_and_enroll
+  rollout_start
+  moments=()
+  for t in "${at[@]}"; do
+    while (( $(echo "$(date +%s.%N) - $t_rollout < $t" | bc) )); do sleep 0.1; done
+    phase=$(sed 's/\x1b\[[0-9;]*m//g' "$work/console.log" | grep -a -E 'ota-vm:|INFO|WARN|ERROR|edge-ota:|Starting kernel' | tail -1 | cut -c1-160)
+    power_cut
+    moments+=("+${t}s")
+    log "cut at +${t}s (seed $seed) during: $phase"
+    check_bootable "$vm/v2.img" "seed $seed, cut at +${t}s"
+    committed && { log "  (already committed)"; }
+    power_on
+  done
+  wait_for 900 "the update completed after the power cuts (seed $seed, cuts ${moments[*]})" committed
+  secs=$(since_rollout)
+  sleep 2; power_cut
+  slot_b_is "$vm/v2.img" || die "slot B differs from 2.0 (seed $seed, cuts ${moments[*]})"
+  [ "$(env_var boot_part)" = b ] && [ "$(env_var upgrade_available)" = 0 ] || die "boot state: $(host_env | tr '\n' ' ') (seed $seed)"
+  echo "RESULT powercut seed=$seed cuts=${moments[*]}: survived, committed ${secs}s after rollout start, slot B == 2.0"
+}

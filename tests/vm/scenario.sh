@@ -90,35 +90,7 @@ corrupt-env)
   echo "RESULT corrupt-env: with either copy of the boot state corrupted, U-Boot used the other and booted"
   ;;
 powercut)
-  seed=${2:?powercut needs a SEED}; cuts=${3:-1}
-  vm_setup v2
-  RANDOM=$seed
-  # Moments: seconds after the rollout starts, spread over a typical
-  # update (download, apply, fsync, env write, reboot, first boot, commit).
-  span=${OTA_VM_CUT_SPAN:-70}
-  if [ -n "${OTA_VM_CUTS_AT:-}" ]; then read -ra at <<< "$OTA_VM_CUTS_AT"; else
-    at=(); for ((i = 0; i < cuts; i++)); do at+=("$((RANDOM % (span * 10) / 10)).$((RANDOM % 10))"); done
-  fi
-  mapfile -t at < <(printf '%s\n' "${at[@]}" | sort -n)
-  boot_and_enroll
-  rollout_start
-  moments=()
-  for t in "${at[@]}"; do
-    while (( $(echo "$(date +%s.%N) - $t_rollout < $t" | bc) )); do sleep 0.1; done
-    phase=$(sed 's/\x1b\[[0-9;]*m//g' "$work/console.log" | grep -a -E 'ota-vm:|INFO|WARN|ERROR|edge-ota:|Starting kernel' | tail -1 | cut -c1-160)
-    power_cut
-    moments+=("+${t}s")
-    log "cut at +${t}s (seed $seed) during: $phase"
-    check_bootable "$vm/v2.img" "seed $seed, cut at +${t}s"
-    committed && { log "  (already committed)"; }
-    power_on
-  done
-  wait_for 900 "the update completed after the power cuts (seed $seed, cuts ${moments[*]})" committed
-  secs=$(since_rollout)
-  sleep 2; power_cut
-  slot_b_is "$vm/v2.img" || die "slot B differs from 2.0 (seed $seed, cuts ${moments[*]})"
-  [ "$(env_var boot_part)" = b ] && [ "$(env_var upgrade_available)" = 0 ] || die "boot state: $(host_env | tr '\n' ' ') (seed $seed)"
-  echo "RESULT powercut seed=$seed cuts=${moments[*]}: survived, committed ${secs}s after rollout start, slot B == 2.0"
+  powercut_scenario "${2:?powercut needs a SEED}" "${3:-1}"
   ;;
 systemd)
   # shellcheck source=tests/vm/systemd/scenario.sh
