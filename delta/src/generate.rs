@@ -24,8 +24,9 @@
 //!
 //! `16 B × source_size / 4 KiB` (block index) + at most [`MAX_ANCHORS`] × 16 B
 //! (64 MiB anchor index) + `16 B × target_size / 4 KiB` (block classes) + per
-//! worker thread about `5 × window + 3 × chunk` (the window, its 4-byte
-//! suffix array, the chunk and its diff and extra streams) plus a zstd
+//! worker thread about `6 × window + 3 × chunk` (the window, its 4-byte
+//! suffix array and 1-byte substring filter, the chunk and its diff and
+//! extra streams) plus a zstd
 //! level-19 context, and one batch of compressed outputs. For a 4 GiB image
 //! pair at the defaults this is about 300 MiB whatever the content (the
 //! `bsdiff` crate's qsufsort needed `17 × window` per thread: 48 MiB more
