@@ -168,12 +168,13 @@ impl Grams {
 ///
 /// The binary search runs within the suffixes sharing `new`'s first two
 /// bytes ([`Buckets`]) when there are any: the longest match is among them.
-/// Only on ties between equally long matches may it pick another position
-/// than a search over the whole array.
 fn search(sa: &[i32], buckets: &Buckets, old: &[u8], new: &[u8]) -> (usize, usize) {
     let at = |k: usize| sa[k] as usize;
+    // The bucket and one neighbour on each side: the search then ends at the
+    // same pair of suffixes around `new` as over the whole array, and so
+    // picks the same match on ties.
     let (mut lo, mut hi) = match buckets.range(new) {
-        Some((a, b)) => (a, b - 1),
+        Some((a, b)) => (a.saturating_sub(1), b.min(sa.len() - 1)),
         None => (0, sa.len() - 1),
     };
     let mut llo = matchlen(&old[at(lo)..], new);
@@ -401,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn bucketed_search_finds_matches_as_long_as_the_full_search() {
+    fn bucketed_search_finds_the_same_match_as_the_full_search() {
         let old: Vec<u8> = (0..50_000u32)
             .map(|i| ((i.wrapping_mul(2654435761) >> 29) as u8) & 0x3)
             .collect();
