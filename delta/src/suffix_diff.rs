@@ -27,7 +27,8 @@
 //!   the source are not searched at all ([`Grams`]): in new content bsdiff
 //!   searches at every byte, and each search was ~22 cache misses. These
 //!   two cut exe-large's generation CPU by 30 % and ruff's by about 18 %,
-//!   with patches within ±0.03 % (README, "Generation time").
+//!   with patches within 0.04 % (README, "Generation time: the match
+//!   search").
 //! - bsdiff's comparison took a suffix that is a proper prefix of the
 //!   searched string for greater than it, and could then miss the longest
 //!   match; here it sorts before, as in the suffix array.
