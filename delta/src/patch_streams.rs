@@ -443,8 +443,8 @@ pub fn decode_bounded(data: &[u8], dst_len: usize) -> io::Result<Decoded> {
     })
 }
 
-/// Diff streams this long or longer are tried with zstd at level 1 only when
-/// xz is tried (see [`compress`]).
+/// Streams this long or longer are tried with zstd at level 1 only when xz
+/// is tried (see [`compress`]).
 pub const ZSTD_BESIDE_XZ_MAX: usize = 16 << 10;
 
 /// xz is not tried on a stream that another codec already shrank to this
@@ -460,7 +460,7 @@ const XZ_MIN_GAIN: usize = 128;
 /// (new bytes) stream about 5–10 % smaller than zstd-19, which is most of
 /// what HDiffPatch's lzma2 mode gains.
 ///
-/// When xz is tried, diff streams of [`ZSTD_BESIDE_XZ_MAX`] or more are
+/// When xz is tried, streams of [`ZSTD_BESIDE_XZ_MAX`] or more are
 /// tried with zstd at level 1 rather than `level`, unless bzip2 shrinks
 /// them to almost nothing (≤ 128 bytes: xz is not tried on those, zstd gets
 /// `level`). zstd-19 took as much CPU as xz (perf on ruff-arm64: 30 % of the
@@ -474,8 +474,11 @@ const XZ_MIN_GAIN: usize = 128;
 /// the smallest where nothing compresses (diff bytes of changed compressed
 /// data, as in the `compressed` held-out pair: zstd's raw blocks cost less
 /// than xz's or bzip2's framing), which keeps such payloads free of xz.
-/// Control and extra streams are tried with zstd at `level`: it costs little
-/// there. An earlier attempt (zstd skipped on every stream above 64 KiB, xz
+/// Control and extra streams were kept at `level` at first, but of the 31
+/// control and extra streams of 16 KiB or more in the deltas of ruff-arm64,
+/// exe-large and libcrypto zstd-19 was the smallest in one (by 47 bytes),
+/// for 2–5 % of the generation's CPU; they now get level `level` only where
+/// xz does not win. An earlier attempt (zstd skipped on every stream above 64 KiB, xz
 /// at preset 9 on every stream) made libcrypto's delta 0.6 % larger.
 ///
 /// Returns the data and whether any stream is xz (the manifest must then
@@ -493,10 +496,8 @@ pub fn compress(
         let mut best = bz.finish()?;
         let bzip2_len = best.len();
         let kind = StreamKind::of(i);
-        let full_zstd = xz_dst_len.is_none()
-            || kind != StreamKind::Diff
-            || s.len() < ZSTD_BESIDE_XZ_MAX
-            || bzip2_len <= XZ_MIN_GAIN;
+        let full_zstd =
+            xz_dst_len.is_none() || s.len() < ZSTD_BESIDE_XZ_MAX || bzip2_len <= XZ_MIN_GAIN;
         let z = zstd::bulk::compress(s, if full_zstd { level } else { 1 })?;
         let zstd_len = z.len();
         // On a tie zstd, the fastest to decode.
@@ -526,6 +527,15 @@ pub fn compress(
             if x.len() < best.len() {
                 best = x;
                 is_xz = true;
+            }
+        }
+        // Where xz lost (incompressible new bytes), a control or extra
+        // stream gets zstd at the full level after all: on the `compressed`
+        // pair level 1 left its extra streams 0.12 % larger.
+        if !full_zstd && !is_xz && kind != StreamKind::Diff {
+            let z = zstd::bulk::compress(s, level)?;
+            if z.len() <= best.len() {
+                best = z;
             }
         }
         tracing::trace!(
