@@ -970,6 +970,7 @@ async fn main_loop(
                 test_hook_hang(checkins).await;
                 let (booted, running) = agent.running()?;
                 let req = CheckinRequest {
+                    install_gate: true,
                     current_version: running.version.clone(),
                     booted_slot: booted,
                     state: match (&download, &waiting) {

@@ -137,6 +137,13 @@ pub struct CheckinRequest {
     /// codecs.
     #[serde(default, skip_serializing_if = "crate::manifest::Codecs::is_empty")]
     pub delta_codecs: crate::manifest::Codecs,
+    /// The client can hold a verified update until it is told to install
+    /// ([`UpdateOffer::install_gated`], [`Action::Install`]). Absent (false)
+    /// from agents older than maintenance windows and from DDI targets: a
+    /// rollout with windows admits such a client only while a window is
+    /// open, since it would install as soon as it had downloaded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub install_gate: bool,
 }
 
 /// The server's answer to a check-in. Every variant carries the time until the

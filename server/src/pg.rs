@@ -48,7 +48,7 @@ use crate::rollout::{
     RolloutState, RolloutStatus, TOP_FAILURE_REASONS, WaveStatus, advance_record,
     cancel_ended_attempt, failure_verdict, held_back, install_gate, lease_expired, membership,
     nothing_to_offer, offer_for, past_download, ramped_rate, rank_key, reports_waiting, schedule,
-    spec_matches, transition_for, wave_bounds,
+    spec_matches, transition_for, ungated_outside_window, wave_bounds,
 };
 use crate::store::StoreError;
 
@@ -1152,6 +1152,10 @@ impl StateBackend for PgState {
         let wave = rec.wave_of(device);
         let starts_at = schedule::start_ms(&rec.spec, rec.created_at_ms);
         if let Some(wait) = held_back(&rec.id, starts_at, state, wave, rec.wave, crate::now_ms()) {
+            return Ok(wait);
+        }
+        if let Some(wait) = ungated_outside_window(&rec.id, &rec.spec, req, self.window_clock.now())
+        {
             return Ok(wait);
         }
         let Some(artifacts) = self.releases.pick(

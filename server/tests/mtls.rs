@@ -113,6 +113,7 @@ impl Fixture {
             .client(Some(cert))
             .post(format!("{}/api/v1/devices/checkin", self.https))
             .json(&CheckinRequest {
+                install_gate: false,
                 current_version: "1.0".into(),
                 booted_slot: Slot::A,
                 state: AgentState::Idle,

@@ -122,6 +122,7 @@ async fn device_add_on_an_existing_id_needs_rotate() {
         .post(format!("{}/api/v1/devices/checkin", ts.base))
         .bearer_auth(&first.token)
         .json(&CheckinRequest {
+            install_gate: false,
             current_version: "1.0".into(),
             booted_slot: Slot::A,
             state: AgentState::Idle,

@@ -169,6 +169,7 @@ async fn a_revoked_token_stops_working_on_every_replica() {
             .post(format!("{}/api/v1/devices/checkin", s.base))
             .bearer_auth(&s.token)
             .json(&CheckinRequest {
+                install_gate: false,
                 current_version: "1.0".into(),
                 booted_slot: Slot::A,
                 state: AgentState::Idle,

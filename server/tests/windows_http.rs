@@ -369,3 +369,52 @@ async fn a_waiting_device_survives_a_server_restart_without_a_lease() {
         .set_offset_ms(6 * HOUR_MS + 60_000);
     assert_eq!(waiting_checkin(&d, &o).await, install_of(&o));
 }
+
+/// A client that cannot hold a verified update (no `install_gate` in its
+/// check-in: an agent older than windows, a DDI target) would install the
+/// moment it downloaded: outside every window it is not admitted (and
+/// takes no lease); inside one it is. Before this it was admitted at once
+/// and rebooted outside the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cannot_wait_is_admitted_only_inside_a_window() {
+    let ts = TestServer::with_two_releases(5000).await;
+    let d = Sim::enroll(&ts.base, "legacy", "t", &http()).await;
+    let r = ts
+        .admin
+        .rollout_create(&windowed(window_from_now(6.0)))
+        .await
+        .unwrap();
+    let legacy = |d: &Sim| {
+        let d = d.clone();
+        async move {
+            let body = d
+                .checkin_raw(&CheckinRequest {
+                    install_gate: false,
+                    current_version: "1.0".into(),
+                    booted_slot: Slot::A,
+                    state: AgentState::Idle,
+                    update: None,
+                    freshness_held: None,
+                    delta_codecs: ota_format::manifest::codecs(),
+                })
+                .await;
+            serde_json::from_slice::<CheckinResponse>(&body).unwrap().action
+        }
+    };
+    match legacy(&d).await {
+        Action::Wait { reason } => assert!(
+            reason.contains("cannot wait with a verified update") && reason.contains("next opens"),
+            "{reason}"
+        ),
+        other => panic!("a client that cannot wait was admitted outside the window: {other:?}"),
+    }
+    assert_eq!(ts.status(&r.id).await.active_leases, 0);
+    ts.app()
+        .state
+        .window_clock()
+        .set_offset_ms(6 * HOUR_MS + 60_000);
+    assert!(
+        matches!(legacy(&d).await, Action::Update(_)),
+        "inside the window it is admitted"
+    );
+}

@@ -211,6 +211,7 @@ async fn target(
 /// installed version, decoding only bundles.
 fn idle_request(dev: &AuthedDevice, version: Option<&str>) -> CheckinRequest {
     CheckinRequest {
+        install_gate: false,
         current_version: version
             .or(dev.version.as_deref())
             .unwrap_or(UNKNOWN_VERSION)

@@ -699,6 +699,34 @@ pub(crate) fn install_gate(
     }
 }
 
+/// A client that cannot hold a verified update until told to install (no
+/// `install_gate` in its check-in: an agent older than maintenance windows,
+/// a DDI target) would install as soon as it downloaded: a rollout with
+/// windows admits it only while a window is open (both engines, before the
+/// throttle, so it takes no lease while it waits).
+pub(crate) fn ungated_outside_window(
+    id: &str,
+    spec: &RolloutSpec,
+    req: &ota_format::api::CheckinRequest,
+    now: jiff::Timestamp,
+) -> Option<Decision> {
+    if spec.windows.is_empty() || req.install_gate || window::install_allowed(&spec.windows, now) {
+        return None;
+    }
+    let next = window::next_opening(&spec.windows, now)
+        .map(|t| format!("; the next opens at {t}"))
+        .unwrap_or_default();
+    Some(Decision::Wait {
+        reason: format!(
+            "outside the maintenance windows of rollout {id}: this client cannot wait with a \
+             verified update (an agent older than windows, or a DDI target), so it is admitted \
+             only inside a window{next}"
+        ),
+        class: "window",
+        near_head: false,
+    })
+}
+
 /// The answer to a device whose download lease is gone.
 pub(crate) fn lease_expired(m: &Member) -> Action {
     Action::Cancel {
@@ -1261,6 +1289,9 @@ impl Rollouts {
             return Ok(Decision::Answer(Action::None));
         }
         if let Some(wait) = held_back(&r.id, r.starts_at, state, wave, r.open_wave(), now) {
+            return Ok(wait);
+        }
+        if let Some(wait) = ungated_outside_window(&r.id, &r.spec, req, self.window_clock.now()) {
             return Ok(wait);
         }
         let Some(artifacts) = self.releases.pick(

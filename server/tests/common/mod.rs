@@ -306,6 +306,7 @@ impl Sim {
     ) -> CheckinResponse {
         let body = self
             .checkin_raw(&CheckinRequest {
+                install_gate: true,
                 current_version: version.into(),
                 booted_slot: Slot::A,
                 state,

@@ -280,6 +280,7 @@ fn run_wrk(base: &str, tokens: &Path, lua: &Path, a: &Args) -> Result<WrkResult>
 async fn write_lua(p: &Prepared, a: &Args) -> Result<()> {
     use ota_format::api::{AgentState, CheckinRequest, Slot};
     let mut body = CheckinRequest {
+        install_gate: false,
         current_version: "1.0".into(),
         booted_slot: Slot::A,
         state: AgentState::Idle,

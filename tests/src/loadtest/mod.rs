@@ -753,6 +753,7 @@ async fn report_in(
             let c = Client::from_reqwest(http[i % http.len()].clone(), base, t)
                 .with_token(tokens[i].clone());
             let req = CheckinRequest {
+                install_gate: false,
                 current_version: "2.0".into(),
                 booted_slot: Slot::B,
                 state: AgentState::Idle,

@@ -369,6 +369,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
             return;
         }
         let req = CheckinRequest {
+            install_gate: false,
             current_version: "1.0".into(),
             booted_slot: Slot::A,
             state: if hand.is_some() {
@@ -745,6 +746,7 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                 _ = keeper.tick() => {
                     let sent = tokio::time::Instant::now();
                     let req = CheckinRequest {
+                        install_gate: false,
                         current_version: "1.0".into(),
                         booted_slot: Slot::A,
                         state: AgentState::Downloading,
