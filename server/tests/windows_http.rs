@@ -398,7 +398,9 @@ async fn a_client_that_cannot_wait_is_admitted_only_inside_a_window() {
                     delta_codecs: ota_format::manifest::codecs(),
                 })
                 .await;
-            serde_json::from_slice::<CheckinResponse>(&body).unwrap().action
+            serde_json::from_slice::<CheckinResponse>(&body)
+                .unwrap()
+                .action
         }
     };
     match legacy(&d).await {
