@@ -430,17 +430,7 @@ impl StateBackend for LocalState {
     }
 
     async fn user_create(&self, u: &crate::audit::User) -> Result<bool, StoreError> {
-        let created = self
-            .store
-            .users
-            .compare_and_swap(
-                u.name.as_bytes(),
-                None::<&[u8]>,
-                Some(crate::store::encode(u)),
-            )?
-            .is_ok();
-        self.store.durable().await?;
-        Ok(created)
+        self.store.insert_new(&self.store.users, &u.name, u).await
     }
 
     async fn users(&self) -> Result<Vec<crate::audit::User>, StoreError> {
@@ -554,17 +544,7 @@ impl StateBackend for LocalState {
     /// Cancelled before durability, the group may or may not exist after a
     /// crash; the operator, who saw no answer, lists groups.
     async fn create_group(&self, g: &crate::groups::Group) -> Result<bool, StoreError> {
-        let created = self
-            .store
-            .groups
-            .compare_and_swap(
-                g.name.as_bytes(),
-                None::<&[u8]>,
-                Some(crate::store::encode(g)),
-            )?
-            .is_ok();
-        self.store.durable().await?;
-        Ok(created)
+        self.store.insert_new(&self.store.groups, &g.name, g).await
     }
 
     async fn groups(&self) -> Result<Vec<crate::groups::Group>, StoreError> {

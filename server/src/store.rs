@@ -170,6 +170,25 @@ impl Store {
 
     /// Waits until every write this task made before the call is on disk.
     ///
+    /// Stores `value` under `key` in `tree` unless the key is taken;
+    /// whether it did. Durable before it returns (groups, users).
+    ///
+    /// # Cancel safety
+    /// Cancelled before durability, the record may or may not exist after
+    /// a crash; the caller, who saw no answer, lists them.
+    pub async fn insert_new<T: Serialize>(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+        value: &T,
+    ) -> Result<bool, StoreError> {
+        let created = tree
+            .compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(encode(value)))?
+            .is_ok();
+        self.durable().await?;
+        Ok(created)
+    }
+
     /// # Cancel safety
     /// Cancel safe: dropping the future only stops waiting; the flush still
     /// happens for other waiters.
