@@ -642,3 +642,73 @@ async fn installed_base_links_the_action_that_installed_the_running_version() {
         404
     );
 }
+
+/// Found by the 127k-device load test with DDI targets: a DDI client
+/// downloads its bundle in one GET and says nothing until it is done, and
+/// the lease was renewed only when the GET started. A transfer longer than
+/// `lease_ms` lost its lease half-way: the slot went to the next target
+/// while this one still downloaded (the cap, in reality, exceeded) and its
+/// success was refused. Now the lease is renewed while the body streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_longer_than_the_lease_keeps_its_lease_while_it_streams() {
+    let ts = TestServer::start(&fast_checkin(2000)).await;
+    let bundle: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    bundle_release(&ts, "swt", "2.0.0", IMG_SWU, &bundle).await;
+    let h = http();
+    let slow = Ddi::enroll(&ts.base, "swu-slow", "swt", &h).await;
+    let next = Ddi::enroll(&ts.base, "swu-next", "swt", &h).await;
+    let mut s = spec("2.0.0", "swt");
+    s.max_concurrent = 1;
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+    let action = slow.action("deploymentBase").await.expect("admitted");
+    let dl = Ddi::download_link(&slow.deployment(&action).await);
+    let mut resp = h
+        .get(&dl)
+        .header("Authorization", format!("TargetToken {}", slow.token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Read at about 2 MiB/s: some 8 s, four lease terms.
+    let started = std::time::Instant::now();
+    let mut got = 0usize;
+    let mut sha = <sha2::Sha256 as sha2::Digest>::new();
+    let mut last_poll = std::time::Instant::now();
+    while let Some(c) = resp.chunk().await.unwrap() {
+        sha2::Digest::update(&mut sha, &c);
+        got += c.len();
+        let due = std::time::Duration::from_secs_f64(got as f64 / (2 << 20) as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        if last_poll.elapsed() > std::time::Duration::from_millis(300) {
+            last_poll = std::time::Instant::now();
+            let p = next.poll().await;
+            if !p["_links"]["deploymentBase"].is_null() {
+                let st = ts.status(&r.id).await;
+                panic!(
+                    "the slot was given away {:?} into a transfer that still runs ({got} bytes read): leases expired {}, failure reasons {:?}",
+                    started.elapsed(),
+                    st.leases_expired,
+                    st.failure_reasons
+                );
+            }
+        }
+    }
+    assert_eq!(got, bundle.len());
+    assert!(started.elapsed() > std::time::Duration::from_secs(6));
+    assert_eq!(
+        hex::encode(sha2::Digest::finalize(sha)),
+        sha256_hex(&bundle)
+    );
+    assert_eq!(
+        slow.feedback(&action, "closed", "success", &["installed"])
+            .await,
+        200
+    );
+    let st = ts.status(&r.id).await;
+    assert_eq!(st.waves[0].committed, 1, "{st:?}");
+    assert_eq!(st.leases_expired, 0);
+}

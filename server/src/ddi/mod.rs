@@ -703,7 +703,8 @@ pub fn merge_attributes(
 
 /// `GET|HEAD .../softwaremodules/{module}/artifacts/{filename}`: the bundle,
 /// with HTTP Range, to a target holding the download lease of an action
-/// for that module. Each request renews the lease.
+/// for that module. Each request renews the lease, and the transfer keeps
+/// renewing it ([`keep_lease_while_streaming`]).
 async fn download(
     State(app): State<Arc<App>>,
     Path((tenant, cid, module, filename)): Path<(String, String, String, String)>,
@@ -772,5 +773,106 @@ async fn download(
     {
         app.state.count_bytes(&dev.id, n);
     }
-    Ok(resp)
+    if method != Method::GET || !resp.status().is_success() {
+        return Ok(resp);
+    }
+    Ok(keep_lease_while_streaming(&app, dev, m.update_id, resp))
 }
+
+/// A DDI client downloads its bundle in one long GET and says nothing
+/// until it is done: without renewals during the transfer, a download
+/// longer than `lease_ms` (a large bundle, a slow link) lost its lease
+/// half-way, the slot went to the next target while this one still
+/// downloaded, and its success was then refused as an expired attempt.
+/// So while the body streams, a keeper renews the lease every third of its
+/// term, as an agent's progress events do. When the server has written the
+/// last byte, the sockets' buffers may still hold seconds (on a slow link,
+/// minutes) of it: the keeper goes on for up to [`AFTER_BODY_TERMS`] lease
+/// terms, until the target's feedback ends the download. A client that
+/// goes away mid-body (the body is dropped) gets one last renewal. A
+/// renewal that finds the lease gone stops the keeper.
+///
+/// # Cancel safety
+/// The keeper is a task owned by the body: dropping the response (client
+/// gone, server shutdown) ends it after at most one more renewal; a
+/// renewal is one check-in decision.
+fn keep_lease_while_streaming(
+    app: &Arc<App>,
+    dev: AuthedDevice,
+    update_id: String,
+    resp: Response,
+) -> Response {
+    use futures_util::StreamExt as _;
+    let lease_ms = app.live.config().checkin.lease_ms;
+    let every = std::time::Duration::from_millis((lease_ms / 3).max(100));
+    // `stop`: the body is gone (done or dropped); `done`: it was written whole.
+    let (stop, done) = (
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let (app2, stopped, written) = (app.clone(), stop.clone(), done.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut grace_until = None;
+        loop {
+            tokio::select! {
+                _ = stopped.cancelled(), if grace_until.is_none() => {
+                    if !written.is_cancelled() {
+                        // Gone mid-body: one last renewal, below.
+                        grace_until = Some(tokio::time::Instant::now());
+                    } else {
+                        grace_until = Some(
+                            tokio::time::Instant::now()
+                                + std::time::Duration::from_millis(lease_ms * AFTER_BODY_TERMS),
+                        );
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            let renewed = match app2.state.checkin(&dev, &idle_request(&dev, None)).await {
+                Ok(
+                    Decision::Answer(Action::Update(o))
+                    | Decision::AnswerDurable(Action::Update(o)),
+                ) => o.update_id == update_id,
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::warn!(target = %dev.id, error = %e, "renewing a DDI download lease");
+                    true
+                }
+            };
+            if !renewed {
+                if grace_until.is_none() {
+                    tracing::warn!(target = %dev.id, %update_id, "the download lease ended during the transfer");
+                }
+                return;
+            }
+            if grace_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                return;
+            }
+        }
+    });
+    let guard = stop.drop_guard();
+    let (parts, body) = resp.into_parts();
+    // hyper stops polling a body once it has sent `Content-Length` bytes
+    // (it may never see the end of the stream): count them.
+    let len = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut sent = 0u64;
+    let body = body.into_data_stream().map(move |chunk| {
+        let _keeper = &guard;
+        if let Ok(c) = &chunk {
+            sent += c.len() as u64;
+            if len.is_none_or(|n| sent >= n) {
+                done.cancel();
+            }
+        }
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
+}
+
+/// Lease terms the keeper renews for after the last byte was written.
+const AFTER_BODY_TERMS: u64 = 4;

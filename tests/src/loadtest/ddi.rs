@@ -222,7 +222,7 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
     st.set(i, DevState::Downloading);
     let got = {
         let _transferring = Transferring::start(sh);
-        download(t, sh, url).await
+        download(t, sh, &action, url).await
     };
     match got {
         Ok((n, sha)) if n == size && sha == want => {
@@ -255,8 +255,22 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
 }
 
 /// Fetches the artifact, hashing as it streams: its length and SHA-256.
-async fn download(t: &Target, sh: &Shared, url: &str) -> Result<(u64, String), String> {
-    let _slot = sh.in_flight.acquire().await.map_err(|e| e.to_string())?;
+/// While it queues for one of the harness's own request slots (a limit of
+/// this process, not of a device) it reports progress each second, as a
+/// real target that had started would keep its lease: found at 127k
+/// devices, where DDI targets queued longer than the lease and lost it.
+async fn download(
+    t: &Target,
+    sh: &Shared,
+    action: &str,
+    url: &str,
+) -> Result<(u64, String), String> {
+    let _slot = loop {
+        match tokio::time::timeout(Duration::from_secs(1), sh.in_flight.acquire()).await {
+            Ok(p) => break p.map_err(|e| e.to_string())?,
+            Err(_) => feedback(t, sh, action, "proceeding", "none", &[]).await?,
+        };
+    };
     let r = t
         .http
         .get(url)
