@@ -160,6 +160,11 @@ pub trait StateBackend: Send + Sync + 'static {
 
     async fn device_count(&self) -> Result<u64, StoreError>;
 
+    /// Renews `device`'s download lease of attempt `update_id` if it holds
+    /// it (still downloading): whether it did. Records nothing else: a DDI
+    /// transfer in progress ([`crate::ddi`]) keeps its lease with it.
+    async fn renew_lease(&self, device: &str, update_id: &str) -> Result<bool, StoreError>;
+
     /// Appends to the admin audit log ([`crate::audit`]); returns the
     /// entry's sequence number.
     ///
@@ -398,6 +403,10 @@ impl StateBackend for LocalState {
 
     async fn device_count(&self) -> Result<u64, StoreError> {
         Ok(self.fleet.len() as u64)
+    }
+
+    async fn renew_lease(&self, device: &str, update_id: &str) -> Result<bool, StoreError> {
+        Ok(self.rollouts.renew_lease(device, update_id))
     }
 
     async fn audit_append(&self, mut rec: crate::audit::AuditRecord) -> Result<u64, StoreError> {

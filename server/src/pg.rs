@@ -1513,6 +1513,32 @@ impl StateBackend for PgState {
         Ok(self.cached(id).map(|r| r.rec.spec.release.clone()))
     }
 
+    async fn renew_lease(&self, device: &str, update_id: &str) -> Result<bool, StoreError> {
+        let rid = update_id.split('.').next().unwrap_or("");
+        let c = conn(&self.pool).await?;
+        let Some(row) = c
+            .query_opt(
+                "SELECT fence FROM members WHERE rollout = $1 AND device = $2 \
+                 AND phase = 'downloading' AND member->>'update_id' = $3",
+                &[&rid, &device, &update_id],
+            )
+            .await
+            .map_err(err)?
+        else {
+            return Ok(false);
+        };
+        let fence: i64 = row.get(0);
+        match self
+            .throttle
+            .renew(rid, device, fence as u64, self.pacing.load().lease_ms)
+            .await
+        {
+            Ok(renewed) => Ok(renewed),
+            Err(ThrottleError::Lost(_)) => Ok(false),
+            Err(e) => Err(throttle_err(e).into()),
+        }
+    }
+
     async fn audit_append(&self, rec: crate::audit::AuditRecord) -> Result<u64, StoreError> {
         crate::pg_audit::append(&self.pool, rec).await
     }

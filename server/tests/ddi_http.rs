@@ -711,4 +711,10 @@ async fn a_download_longer_than_the_lease_keeps_its_lease_while_it_streams() {
     let st = ts.status(&r.id).await;
     assert_eq!(st.waves[0].committed, 1, "{st:?}");
     assert_eq!(st.leases_expired, 0);
+    // The keeper's renewals record nothing about the target: past them the
+    // server still knows the version it installed (a first keeper renewed
+    // by check-ins and put back the version of when the GET started).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let view = ts.admin.device_get("swu-slow").await.unwrap();
+    assert_eq!(view["version"], "2.0.0", "{view}");
 }

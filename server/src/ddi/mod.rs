@@ -789,8 +789,9 @@ async fn download(
 /// last byte, the sockets' buffers may still hold seconds (on a slow link,
 /// minutes) of it: the keeper goes on for up to [`AFTER_BODY_TERMS`] lease
 /// terms, until the target's feedback ends the download. A client that
-/// goes away mid-body (the body is dropped) gets one last renewal. A
-/// renewal that finds the lease gone stops the keeper.
+/// goes away mid-body (the body is dropped) gets one last renewal. The
+/// keeper stops when the lease is no longer held (feedback ended the
+/// download, or it expired).
 ///
 /// # Cancel safety
 /// The keeper is a task owned by the body: dropping the response (client
@@ -829,22 +830,17 @@ fn keep_lease_while_streaming(
                 }
                 _ = tick.tick() => {}
             }
-            let renewed = match app2.state.checkin(&dev, &idle_request(&dev, None)).await {
-                Ok(
-                    Decision::Answer(Action::Update(o))
-                    | Decision::AnswerDurable(Action::Update(o)),
-                ) => o.update_id == update_id,
-                Ok(_) => false,
+            // Only the lease: a check-in would also record the version the
+            // target ran when the GET started (after its `closed` feedback,
+            // undoing the version it installed); an event would be history
+            // the target never sent.
+            match app2.state.renew_lease(&dev.id, &update_id).await {
+                Ok(true) => {}
+                // Done (its feedback came) or expired: nothing to keep.
+                Ok(false) => return,
                 Err(e) => {
-                    tracing::warn!(target = %dev.id, error = %e, "renewing a DDI download lease");
-                    true
+                    tracing::warn!(target = %dev.id, error = %e, "renewing a DDI download lease")
                 }
-            };
-            if !renewed {
-                if grace_until.is_none() {
-                    tracing::warn!(target = %dev.id, %update_id, "the download lease ended during the transfer");
-                }
-                return;
             }
             if grace_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
                 return;

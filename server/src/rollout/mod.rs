@@ -1581,6 +1581,25 @@ impl Rollouts {
         }
     }
 
+    /// [`crate::backend::StateBackend::renew_lease`].
+    pub fn renew_lease(&self, device: &str, update_id: &str) -> bool {
+        let rid = update_id.split('.').next().unwrap_or("");
+        let Some(r) = self.get(rid) else {
+            return false;
+        };
+        let downloading = r
+            .members
+            .get(device)
+            .is_some_and(|m| m.update_id == update_id && m.phase == Phase::Downloading);
+        downloading
+            && r.throttle.renew(
+                device,
+                update_id,
+                crate::now_ms(),
+                self.pacing.load().lease_ms,
+            )
+    }
+
     /// [`crate::backend::StateBackend::installed_update`]: newest rollout
     /// first.
     pub fn installed_update(&self, device: &str, release: &str) -> Option<String> {
