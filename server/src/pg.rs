@@ -1535,7 +1535,7 @@ impl StateBackend for PgState {
         {
             Ok(renewed) => Ok(renewed),
             Err(ThrottleError::Lost(_)) => Ok(false),
-            Err(e) => Err(throttle_err(e).into()),
+            Err(e) => Err(throttle_err(e)),
         }
     }
 
