@@ -59,6 +59,20 @@ pub enum Phase {
     RollingBack,
 }
 
+/// The name `update.json` stores (and `ota-agent status` prints), which is
+/// the phase's name in the device API too (`waiting-for-window`).
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Downloading => "downloading",
+            Phase::Installing => "installing",
+            Phase::WaitingForWindow => "waiting-for-window",
+            Phase::Rebooting => "rebooting",
+            Phase::RollingBack => "rolling-back",
+        })
+    }
+}
+
 /// The update in hand.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct UpdateRecord {
@@ -455,6 +469,21 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ota-agent status` printed `(WaitingForWindow)`, the Rust name; it
+    /// prints the name update.json and the device API use.
+    #[test]
+    fn status_prints_each_phase_by_its_stored_name() {
+        for p in [
+            Phase::Downloading,
+            Phase::Installing,
+            Phase::WaitingForWindow,
+            Phase::Rebooting,
+            Phase::RollingBack,
+        ] {
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+        }
+    }
 
     /// sled 0.34's `flush_async` futures can stay pending forever when
     /// several are polled at once (spacejam/sled#1241): an agent hung

@@ -47,12 +47,18 @@ pub fn report(cfg: &Config) -> Result<String, String> {
         Some(u) => {
             let _ = writeln!(
                 out,
-                "pending:      {} -> version {} into slot {} ({:?})",
+                "pending:      {} -> version {} into slot {} ({})",
                 u.offer.update_id,
                 u.to_version,
                 u.target.name(),
                 u.phase
             );
+            if u.phase == crate::state::Phase::WaitingForWindow {
+                let _ = writeln!(
+                    out,
+                    "              verified; installs when its rollout's maintenance window opens, or now with `ota-agent install-now`"
+                );
+            }
         }
         None => {
             let _ = writeln!(out, "pending:      none");

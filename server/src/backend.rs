@@ -126,10 +126,11 @@ pub trait StateBackend: Send + Sync + 'static {
     /// is none. Rollout selectors see them from the device's next request.
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<bool, StoreError>;
 
-    /// The release rollout `id` offers, without the status counts
-    /// [`StateBackend::rollout_status`] computes (a scan of its members):
-    /// DDI asks it on every deploymentBase, feedback and download request.
-    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError>;
+    /// The spec of rollout `id` (the release it offers, its windows),
+    /// without the status counts [`StateBackend::rollout_status`] computes
+    /// (a scan of its members): DDI asks it on every deploymentBase,
+    /// feedback and download request.
+    async fn rollout_spec(&self, id: &str) -> Result<Option<RolloutSpec>, StoreError>;
 
     /// The attempt (update id) through which `device` installed `release`:
     /// its newest committed membership in a rollout of that release. DDI
@@ -487,8 +488,8 @@ impl StateBackend for LocalState {
         Ok(out)
     }
 
-    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.rollouts.get(id).map(|r| r.record().spec.release))
+    async fn rollout_spec(&self, id: &str) -> Result<Option<RolloutSpec>, StoreError> {
+        Ok(self.rollouts.get(id).map(|r| r.record().spec))
     }
 
     async fn installed_update(

@@ -134,6 +134,18 @@ pub struct DdiConfig {
     /// allowed.
     #[serde(default)]
     pub gateway_token: String,
+    /// Download ahead of maintenance windows, as hawkBit does: a target of
+    /// a rollout with windows is admitted outside them too, its
+    /// `deploymentBase` says `download: forced`, `update: skip`,
+    /// `maintenanceWindow: unavailable`, its `downloaded` feedback frees its
+    /// lease (it waits for the window), and a poll inside the window offers
+    /// the action again with `update: forced`. Off (the default), targets
+    /// of such rollouts are admitted only while a window is open, because
+    /// a client that ignores `update: skip` would install on the spot:
+    /// turn it on only for a fleet whose DDI clients honor
+    /// `maintenanceWindow` (docs/ddi.md).
+    #[serde(default)]
+    pub download_ahead: bool,
 }
 
 fn default_tenant() -> String {
@@ -145,6 +157,7 @@ impl Default for DdiConfig {
         DdiConfig {
             tenant: default_tenant(),
             gateway_token: String::new(),
+            download_ahead: false,
         }
     }
 }

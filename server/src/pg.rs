@@ -1504,13 +1504,13 @@ impl StateBackend for PgState {
         Ok(n == 1)
     }
 
-    async fn rollout_release(&self, id: &str) -> Result<Option<String>, StoreError> {
+    async fn rollout_spec(&self, id: &str) -> Result<Option<RolloutSpec>, StoreError> {
         if let Some(r) = self.cached(id) {
-            return Ok(Some(r.rec.spec.release.clone()));
+            return Ok(Some(r.rec.spec.clone()));
         }
         // Created on another replica since the last refresh.
         self.refresh().await?;
-        Ok(self.cached(id).map(|r| r.rec.spec.release.clone()))
+        Ok(self.cached(id).map(|r| r.rec.spec.clone()))
     }
 
     async fn renew_lease(&self, device: &str, update_id: &str) -> Result<bool, StoreError> {

@@ -718,3 +718,117 @@ async fn a_download_longer_than_the_lease_keeps_its_lease_while_it_streams() {
     let view = ts.admin.device_get("swu-slow").await.unwrap();
     assert_eq!(view["version"], "2.0.0", "{view}");
 }
+
+/// hawkBit's maintenance window toward DDI targets (`ddi.download_ahead`):
+/// outside the window a target is admitted, told `download: forced`,
+/// `update: skip`, `maintenanceWindow: unavailable`; its `downloaded`
+/// feedback frees the lease for the next target (the cap is 1) and leaves
+/// it waiting; polls offer nothing while the window is closed and the same
+/// action with `update: forced`, `maintenanceWindow: available` once it
+/// opens, when the target may fetch the bundle again and installs.
+#[tokio::test]
+async fn with_download_ahead_a_ddi_target_downloads_outside_its_window_and_installs_inside() {
+    let ts = TestServer::start(&format!(
+        "{}\n[ddi]\ndownload_ahead = true\n",
+        fast_checkin(10_000)
+    ))
+    .await;
+    bundle_release(&ts, "swt", "2.0.0", IMG_SWU, &bundle_bytes()).await;
+    let h = http();
+    let a = Ddi::enroll(&ts.base, "mw-a", "swt", &h).await;
+    let b = Ddi::enroll(&ts.base, "mw-b", "swt", &h).await;
+    let mut s = spec("2.0.0", "swt");
+    s.windows = vec![window_from_now(6.0)];
+    s.max_concurrent = 1;
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+
+    let act = a
+        .action("deploymentBase")
+        .await
+        .expect("admitted outside the window");
+    let db = a.deployment(&act).await;
+    assert_eq!(db["deployment"]["download"], "forced", "{db}");
+    assert_eq!(db["deployment"]["update"], "skip", "{db}");
+    assert_eq!(db["deployment"]["maintenanceWindow"], "unavailable", "{db}");
+    let auth = format!("TargetToken {}", a.token);
+    let dl = Ddi::download_link(&db);
+    let got = h
+        .get(&dl)
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().to_vec(), bundle_bytes());
+    assert!(b.action("deploymentBase").await.is_none(), "the cap is 1");
+    assert_eq!(a.feedback(&act, "downloaded", "none", &[]).await, 200);
+    let st = ts.status(&r.id).await;
+    assert_eq!(
+        (st.active_leases, st.totals().waiting_for_window),
+        (0, 1),
+        "waiting for the window, without the lease: {st:?}"
+    );
+    // The freed slot goes to the next target; the waiting one is offered
+    // nothing while the window is closed, and cannot fetch the bundle.
+    assert!(
+        b.action("deploymentBase").await.is_some(),
+        "the slot was freed"
+    );
+    assert!(no_action(&a.poll().await));
+    let r2 = h
+        .get(&dl)
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r2.status(), 409, "no fetching outside the window");
+
+    ts.app()
+        .state
+        .window_clock()
+        .set_offset_ms(6 * HOUR_MS + 60_000);
+    let again = a
+        .action("deploymentBase")
+        .await
+        .expect("offered inside the window");
+    assert_eq!(again, act, "the same action");
+    let db = a.deployment(&act).await;
+    assert_eq!(db["deployment"]["update"], "forced", "{db}");
+    assert_eq!(db["deployment"]["maintenanceWindow"], "available", "{db}");
+    let got = h
+        .get(&dl)
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200, "fetched again to install");
+    assert_eq!(got.bytes().await.unwrap().len(), bundle_bytes().len());
+    assert_eq!(a.feedback(&act, "closed", "success", &[]).await, 200);
+    let st = ts.status(&r.id).await;
+    assert_eq!(st.totals().committed, 1, "{st:?}");
+    assert_eq!(
+        ts.admin.device_get("mw-a").await.unwrap()["version"],
+        "2.0.0"
+    );
+}
+
+/// Without `ddi.download_ahead` a DDI target (which may ignore
+/// `update: skip`) is admitted only inside a window, and its deployment
+/// carries no `maintenanceWindow`.
+#[tokio::test]
+async fn without_download_ahead_a_ddi_target_is_admitted_only_inside_a_window() {
+    let ts = server_with_bundle(10_000).await;
+    let a = Ddi::enroll(&ts.base, "mw-off", "swt", &http()).await;
+    let mut s = spec("2.0.0", "swt");
+    s.windows = vec![window_from_now(6.0)];
+    ts.admin.rollout_create(&s).await.unwrap();
+    assert!(no_action(&a.poll().await), "outside the window");
+    ts.app()
+        .state
+        .window_clock()
+        .set_offset_ms(6 * HOUR_MS + 60_000);
+    let act = a.action("deploymentBase").await.expect("inside the window");
+    let db = a.deployment(&act).await;
+    assert_eq!(db["deployment"]["update"], "forced", "{db}");
+    assert!(db["deployment"]["maintenanceWindow"].is_null(), "{db}");
+}

@@ -15,18 +15,6 @@ use ota_format::api::*;
 use ota_server::rollout::window::Window;
 use ota_server::rollout::{RolloutSpec, RolloutState};
 
-const HOUR_MS: i64 = 3_600_000;
-
-/// A daily one-hour window in UTC opening `hours_ahead` hours from now
-/// (negative: it opened that long ago), to the minute.
-fn window_from_now(hours_ahead: f64) -> Window {
-    let at = jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::from_secs_f64(hours_ahead * 3600.0))
-        .unwrap()
-        .to_zoned(jiff::tz::TimeZone::UTC);
-    Window::parse(&format!("daily {:02}:{:02}+1h UTC", at.hour(), at.minute())).unwrap()
-}
-
 fn windowed(w: Window) -> RolloutSpec {
     let mut s = spec("2.0", "t");
     s.windows = vec![w];

@@ -38,7 +38,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use ota_format::api::{
-    self, Action, AgentState, CheckinRequest, Event, EventDetail, EventKind, Slot,
+    self, Action, AgentState, CheckinRequest, Event, EventDetail, EventKind, Slot, UpdateInHand,
 };
 use tracing::{Instrument, info, info_span};
 
@@ -47,11 +47,11 @@ use crate::backend::AuthedDevice;
 use crate::http::ApiErr;
 use crate::metrics::{ActionLabel, KindLabel};
 use crate::releases::bundle::Bundle;
-use crate::rollout::{Decision, Member, Phase, RolloutError};
+use crate::rollout::{Decision, Member, Phase, RolloutError, RolloutSpec, window};
 use crate::store::StoreError;
 use wire::{
     ArtifactRef, BasePoll, CancelAction, Chunk, Deployment, DeploymentBase, Feedback, Handling,
-    Hashes, Link, PollConfig, Polling, StopId, action_id, module_id, sleep_hms,
+    Hashes, Link, MaintenanceWindow, PollConfig, Polling, StopId, action_id, module_id, sleep_hms,
 };
 
 /// The version a DDI target is taken to run until it has reported an
@@ -224,6 +224,52 @@ fn idle_request(dev: &AuthedDevice, version: Option<&str>) -> CheckinRequest {
     }
 }
 
+/// The check-in a base poll stands for. With `ddi.download_ahead` the
+/// target is taken to honor `maintenanceWindow` (it can hold a downloaded
+/// update): it is admitted outside windows too, and a target whose attempt
+/// waits for its window asks the install gate, as an agent in
+/// `waiting-for-window` does; the poll then links the action again when
+/// the window opens or an operator said install now.
+///
+/// # Cancel safety
+/// Reads only.
+async fn poll_request(app: &App, dev: &AuthedDevice) -> Result<CheckinRequest, DdiErr> {
+    let mut req = idle_request(dev, None);
+    if !app.config.ddi.download_ahead {
+        return Ok(req);
+    }
+    req.install_gate = true;
+    if let Some(m) = memberships(app, dev)
+        .await?
+        .into_iter()
+        .find(|m| m.phase == Phase::WaitingForWindow)
+    {
+        req.state = AgentState::WaitingForWindow;
+        req.update = Some(UpdateInHand {
+            update_id: m.update_id,
+            progress: Default::default(),
+        });
+    }
+    Ok(req)
+}
+
+/// Whether attempt `m` of a rollout with `spec` may install now, when
+/// `ddi.download_ahead` makes maintenance windows visible to DDI targets:
+/// `None` when they are not (the option is off, or the rollout has no
+/// windows).
+fn window_state(app: &App, spec: &RolloutSpec, m: &Member) -> Option<MaintenanceWindow> {
+    if !app.config.ddi.download_ahead || spec.windows.is_empty() {
+        return None;
+    }
+    let open =
+        m.install_now || window::install_allowed(&spec.windows, app.state.window_clock().now());
+    Some(if open {
+        MaintenanceWindow::Available
+    } else {
+        MaintenanceWindow::Unavailable
+    })
+}
+
 /// `scheme://host` for absolute links (DDI clients fetch `href`s as they
 /// are): the request's `Host`, else the listen address.
 fn origin(app: &App, headers: &HeaderMap) -> String {
@@ -258,11 +304,8 @@ async fn poll(
     let span = info_span!("ddi_poll", target = %dev.id);
     let live = app.live.config();
     let c = &live.checkin;
-    let decision = app
-        .state
-        .checkin(&dev, &idle_request(&dev, None))
-        .instrument(span)
-        .await?;
+    let req = poll_request(&app, &dev).await?;
+    let decision = app.state.checkin(&dev, &req).instrument(span).await?;
     let (action, durable, base) = crate::http::answer_of(&app, c, decision);
     let sleep = crate::http::jittered(base, c.jitter);
     let prefix = format!("{}/{tenant}/controller/v1/{cid}", origin(&app, &headers));
@@ -304,9 +347,15 @@ async fn poll(
         }
         Action::Wait { .. } => "wait",
         Action::None => "none",
-        // Only for a device that reported waiting-for-window, which DDI
-        // clients never do.
-        Action::Install { .. } => "install",
+        // A target waiting for its window (`ddi.download_ahead`) may
+        // install now: the action again, now with `update: forced`.
+        Action::Install { update_id } => {
+            links.insert(
+                "deploymentBase".into(),
+                link(format!("{prefix}/deploymentBase/{}", action_id(&update_id))),
+            );
+            "install"
+        }
     };
     app.metrics
         .checkins
@@ -335,8 +384,12 @@ async fn memberships(app: &App, dev: &AuthedDevice) -> Result<Vec<Member>, DdiEr
 }
 
 /// The target's attempt (rollout member) whose action id is `id`, and the
-/// release its rollout offers.
-async fn find_action(app: &App, dev: &AuthedDevice, id: &str) -> Result<(Member, String), DdiErr> {
+/// spec of its rollout.
+async fn find_action(
+    app: &App,
+    dev: &AuthedDevice,
+    id: &str,
+) -> Result<(Member, RolloutSpec), DdiErr> {
     let n: u32 = id
         .parse()
         .map_err(|_| bad(format!("action id {id:?} is not a number")))?;
@@ -350,15 +403,16 @@ async fn find_action(app: &App, dev: &AuthedDevice, id: &str) -> Result<(Member,
                 dev.id
             ))
         })?;
-    let release = release_of(app, &m).await?;
-    Ok((m, release))
+    let spec = spec_of(app, &m).await?;
+    Ok((m, spec))
 }
 
-/// The release the rollout of attempt `m` offers.
-async fn release_of(app: &App, m: &Member) -> Result<String, DdiErr> {
+/// The spec of the rollout of attempt `m` (the release it offers, its
+/// windows).
+async fn spec_of(app: &App, m: &Member) -> Result<RolloutSpec, DdiErr> {
     let rollout = m.update_id.split('.').next().unwrap_or("");
     app.state
-        .rollout_release(rollout)
+        .rollout_spec(rollout)
         .await?
         .ok_or_else(|| not_found(format!("rollout {rollout} was deleted")))
 }
@@ -384,8 +438,8 @@ async fn deployment_base(
     headers: HeaderMap,
 ) -> Result<Response, DdiErr> {
     let dev = target(&app, &headers, &tenant, &cid).await?;
-    let (m, release) = find_action(&app, &dev, &action).await?;
-    deployment_answer(&app, &headers, &tenant, &dev, &m, &release)
+    let (m, spec) = find_action(&app, &dev, &action).await?;
+    deployment_answer(&app, &headers, &tenant, &dev, &m, &spec)
 }
 
 /// `GET .../installedBase/{actionId}`: the deployment of the attempt that
@@ -397,38 +451,48 @@ async fn installed_base(
     headers: HeaderMap,
 ) -> Result<Response, DdiErr> {
     let dev = target(&app, &headers, &tenant, &cid).await?;
-    let (m, release) = find_action(&app, &dev, &action).await?;
-    if m.phase != Phase::Committed || dev.version.as_deref() != Some(release.as_str()) {
+    let (m, spec) = find_action(&app, &dev, &action).await?;
+    if m.phase != Phase::Committed || dev.version.as_deref() != Some(spec.release.as_str()) {
         return Err(not_found(format!(
             "action {action} is not the installed base of {cid} (it runs {}); the base poll links the installed base",
             dev.version.as_deref().unwrap_or(UNKNOWN_VERSION)
         )));
     }
-    deployment_answer(&app, &headers, &tenant, &dev, &m, &release)
+    deployment_answer(&app, &headers, &tenant, &dev, &m, &spec)
 }
 
-/// The `deploymentBase` JSON of attempt `m` (of `release`) for `dev`.
+/// The `deploymentBase` JSON of attempt `m` (of rollout `spec`) for `dev`.
 fn deployment_answer(
     app: &App,
     headers: &HeaderMap,
     tenant: &str,
     dev: &AuthedDevice,
     m: &Member,
-    release: &str,
+    spec: &RolloutSpec,
 ) -> Result<Response, DdiErr> {
     let cid = &dev.id;
+    let release = spec.release.as_str();
     let b = bundle_of(app, dev, release)?;
     // The holder of a lease (or a target past its download) goes ahead; an
     // attempt the server ended is skipped (SWUpdate stops downloading on
-    // `skip`).
-    let handling = match m.phase {
-        Phase::Downloading
-        | Phase::Downloaded
-        | Phase::WaitingForWindow
-        | Phase::Installed
-        | Phase::Rebooting
-        | Phase::Committed => Handling::Forced,
-        Phase::Waiting | Phase::Failed | Phase::RolledBack | Phase::Cancelled => Handling::Skip,
+    // `skip`). Outside its maintenance window (`ddi.download_ahead`) a
+    // target downloads but does not install, as hawkBit says it.
+    let window = window_state(app, spec, m);
+    let (download, update) = match m.phase {
+        Phase::Downloading | Phase::Downloaded | Phase::WaitingForWindow => {
+            let update = if window == Some(MaintenanceWindow::Unavailable) {
+                Handling::Skip
+            } else {
+                Handling::Forced
+            };
+            (Handling::Forced, update)
+        }
+        Phase::Installed | Phase::Rebooting | Phase::Committed => {
+            (Handling::Forced, Handling::Forced)
+        }
+        Phase::Waiting | Phase::Failed | Phase::RolledBack | Phase::Cancelled => {
+            (Handling::Skip, Handling::Skip)
+        }
     };
     let module = module_id(&dev.device_type, release);
     let href = format!(
@@ -446,8 +510,9 @@ fn deployment_answer(
     Ok(axum::Json(DeploymentBase {
         id: action_id(&m.update_id).to_string(),
         deployment: Deployment {
-            download: handling,
-            update: handling,
+            download,
+            update,
+            maintenance_window: window,
             chunks: vec![Chunk {
                 part: b.module_type.clone(),
                 version: release.to_string(),
@@ -524,8 +589,16 @@ async fn deployment_feedback(
 ) -> Result<Response, DdiErr> {
     let dev = target(&app, &headers, &tenant, &cid).await?;
     let f = read_feedback(body).await?;
-    let (m, release) = find_action(&app, &dev, &action).await?;
-    let (kinds, reason) = wire::events_for(&f.status);
+    let (m, spec) = find_action(&app, &dev, &action).await?;
+    let release = spec.release.clone();
+    let (mut kinds, reason) = wire::events_for(&f.status);
+    // Downloaded outside its window (`ddi.download_ahead`): the target waits
+    // with the update, and its lease goes to the next one.
+    if kinds == [EventKind::Downloaded]
+        && window_state(&app, &spec, &m) == Some(MaintenanceWindow::Unavailable)
+    {
+        kinds.push(EventKind::WaitingForWindow);
+    }
     let closed = matches!(
         m.phase,
         Phase::Committed | Phase::Failed | Phase::RolledBack | Phase::Cancelled
@@ -718,17 +791,18 @@ async fn download(
     let members = memberships(&app, &dev).await?;
     let mut found = None;
     for m in members.into_iter().filter(|m| !m.update_id.is_empty()) {
-        let release = release_of(&app, &m).await?;
-        if module_id(&dev.device_type, &release) == module {
-            found = Some((m, release));
+        let spec = spec_of(&app, &m).await?;
+        if module_id(&dev.device_type, &spec.release) == module {
+            found = Some((m, spec));
             break;
         }
     }
-    let Some((m, release)) = found else {
+    let Some((m, spec)) = found else {
         return Err(not_found(format!(
             "target {cid} has no action for software module {module}"
         )));
     };
+    let release = spec.release.clone();
     let b = bundle_of(&app, &dev, &release)?;
     if b.filename != filename {
         return Err(not_found(format!(
@@ -745,14 +819,22 @@ async fn download(
             ),
         )
     };
-    if m.phase != Phase::Downloading {
-        return Err(no_lease());
-    }
-    // The same decision as a poll: renews the lease, or says it is gone.
-    match app.state.checkin(&dev, &idle_request(&dev, None)).await? {
-        Decision::Answer(Action::Update(o)) | Decision::AnswerDurable(Action::Update(o))
-            if o.update_id == m.update_id => {}
-        _ => return Err(no_lease()),
+    // A target that downloaded ahead of its window and may install now
+    // fetches again if it did not keep the bundle (SWUpdate streams it into
+    // the install): its first download was made under the cap, and this
+    // one is part of installing, as a reboot is.
+    let installing = matches!(m.phase, Phase::Downloaded | Phase::WaitingForWindow)
+        && window_state(&app, &spec, &m) == Some(MaintenanceWindow::Available);
+    if !installing {
+        if m.phase != Phase::Downloading {
+            return Err(no_lease());
+        }
+        // The same decision as a poll: renews the lease, or says it is gone.
+        match app.state.checkin(&dev, &idle_request(&dev, None)).await? {
+            Decision::Answer(Action::Update(o)) | Decision::AnswerDurable(Action::Update(o))
+                if o.update_id == m.update_id => {}
+            _ => return Err(no_lease()),
+        }
     }
     let resp = crate::artifacts::serve(
         &app.artifacts,
@@ -774,6 +856,9 @@ async fn download(
         app.state.count_bytes(&dev.id, n);
     }
     if method != Method::GET || !resp.status().is_success() {
+        return Ok(resp);
+    }
+    if installing {
         return Ok(resp);
     }
     Ok(keep_lease_while_streaming(&app, dev, m.update_id, resp))

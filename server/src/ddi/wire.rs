@@ -78,7 +78,24 @@ pub struct DeploymentBase {
 pub struct Deployment {
     pub download: Handling,
     pub update: Handling,
+    /// Whether the rollout's maintenance window is open now; present only
+    /// for a rollout with windows (as hawkBit sends it only for actions
+    /// with a window). `unavailable` comes with `update: skip`.
+    #[serde(
+        default,
+        rename = "maintenanceWindow",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub maintenance_window: Option<MaintenanceWindow>,
     pub chunks: Vec<Chunk>,
+}
+
+/// `deployment.maintenanceWindow`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MaintenanceWindow {
+    Available,
+    Unavailable,
 }
 
 /// One software module.

@@ -226,6 +226,24 @@ pub fn image(blocks: usize, version: u8) -> Vec<u8> {
     v
 }
 
+/// An hour of the window clock (`StateBackend::window_clock`), in ms.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// A daily one-hour maintenance window in UTC opening `hours_ahead` hours
+/// from now (negative: it opened that long ago), to the minute.
+pub fn window_from_now(hours_ahead: f64) -> ota_server::rollout::window::Window {
+    let at = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs_f64(hours_ahead * 3600.0))
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    ota_server::rollout::window::Window::parse(&format!(
+        "daily {:02}:{:02}+1h UTC",
+        at.hour(),
+        at.minute()
+    ))
+    .unwrap()
+}
+
 pub fn spec(release: &str, device_type: &str) -> RolloutSpec {
     RolloutSpec {
         release: release.into(),

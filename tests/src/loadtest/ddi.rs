@@ -222,7 +222,7 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
     st.set(i, DevState::Downloading);
     let got = {
         let _transferring = Transferring::start(sh);
-        download(t, sh, &action, url).await
+        download(t, sh, url).await
     };
     match got {
         Ok((n, sha)) if n == size && sha == want => {
@@ -255,22 +255,21 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
 }
 
 /// Fetches the artifact, hashing as it streams: its length and SHA-256.
-/// While it queues for one of the harness's own request slots (a limit of
-/// this process, not of a device) it reports progress each second, as a
-/// real target that had started would keep its lease: found at 127k
-/// devices, where DDI targets queued longer than the lease and lost it.
-async fn download(
-    t: &Target,
-    sh: &Shared,
-    action: &str,
-    url: &str,
-) -> Result<(u64, String), String> {
-    let _slot = loop {
-        match tokio::time::timeout(Duration::from_secs(1), sh.in_flight.acquire()).await {
-            Ok(p) => break p.map_err(|e| e.to_string())?,
-            Err(_) => feedback(t, sh, action, "proceeding", "none", &[]).await?,
-        };
-    };
+///
+/// The transfer takes none of the harness's request slots (`in_flight`),
+/// as an agent's chunk downloads take none: the server's cap already bounds
+/// how many run at once, and a real target that was admitted starts at
+/// once. Queueing admitted targets behind the fleet's polls was a harness
+/// artefact that cost them their leases at 127k devices; keeping them alive
+/// with `proceeding` feedback while they queued (the first fix) made them
+/// leave and re-join the semaphore's queue every second, and with 2,000
+/// lease holders doing that the run livelocked: leases renewed forever,
+/// nobody reached the front
+/// (`an_admitted_target_downloads_without_a_request_slot`).
+///
+/// # Cancel safety
+/// Dropping the future drops the connection; nothing is written but counters.
+async fn download(t: &Target, sh: &Shared, url: &str) -> Result<(u64, String), String> {
     let r = t
         .http
         .get(url)
@@ -297,6 +296,84 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A `Shared` for one target, with `slots` request slots.
+    fn shared(slots: usize) -> Arc<Shared> {
+        let key = ota_format::SigningKeyPair::generate().unwrap();
+        Arc::new(Shared {
+            source: Arc::new(Vec::new()),
+            source_path: "/nonexistent".into(),
+            target_sha: ota_format::Digest::of(b""),
+            target_len: 0,
+            trusted: ota_format::TrustedKeys::try_new(vec![key.verifying_key()], 1).unwrap(),
+            cancel: tokio_util::sync::CancellationToken::new(),
+            stats: super::super::sim::FleetStats::new(1),
+            is_ddi: vec![true],
+            args: super::super::Args::parse_from(["ota-loadtest"]),
+            started: std::time::Instant::now(),
+            slots_dir: "/nonexistent".into(),
+            in_flight: tokio::sync::Semaphore::new(slots),
+        })
+    }
+
+    /// Serves `body` once over HTTP/1.1 on a loopback port.
+    async fn serve_once(body: Vec<u8>) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req).await.unwrap();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&body).await.unwrap();
+        });
+        format!("http://{addr}")
+    }
+
+    /// At 127k devices the fleet's polls kept every request slot busy; an
+    /// admitted target that waited for one (and, while waiting, sent
+    /// keep-alive feedback that needed one too) never started, and 2,000 of
+    /// them held the cap forever. A download must not wait for a slot.
+    #[tokio::test]
+    async fn an_admitted_target_downloads_without_a_request_slot() {
+        let sh = shared(1);
+        let _every_slot_busy = sh.in_flight.acquire().await.unwrap();
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let want = ota_format::Digest::of(&body).to_hex();
+        let base = serve_once(body).await;
+        let t = Target {
+            device: Device {
+                index: 0,
+                id: "d0".into(),
+                client: ota_agent::client::Client::new(
+                    &base,
+                    ota_agent::client::Timeouts {
+                        request: Duration::from_secs(5),
+                        read: Duration::from_secs(5),
+                    },
+                )
+                .unwrap(),
+                faults: Default::default(),
+                wave: 0,
+            },
+            http: reqwest::Client::new(),
+            base: base.clone(),
+            token: "t".into(),
+        };
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            download(&t, &sh, &format!("{base}/artifact")),
+        )
+        .await
+        .expect("the download waited for a request slot the fleet's polls held");
+        assert_eq!(got.unwrap(), (100_000, want));
+    }
 
     #[test]
     fn polling_sleep_is_hours_minutes_seconds() {
