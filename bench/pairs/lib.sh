@@ -161,6 +161,34 @@ mkfs_image() {
   E2FSPROGS_FAKE_TIME=$EPOCH mkfs.ext4 -q -F -b 4096 -L rootfs -m 0 -U 2f6e6a5c-0000-4000-8000-000000000018 \
     -E hash_seed=2f6e6a5c-0000-4000-8000-000000000019,lazy_itable_init=0,lazy_journal_init=0,nodiscard \
     "$@" -d "$dir" "$img" "$size" >/dev/null || die "mkfs.ext4 of $dir into $size failed (too small an image?)"
+  pin_ctimes "$img"
+}
+
+# pin_ctimes IMAGE: sets the ctime of every used inode of the ext4 IMAGE (the root and the inodes from
+# 11 on) to EPOCH. Why: mkfs.ext4 -d copies each file's ctime from the host tree, and no tool can set
+# a ctime (the kernel stamps the time of the `touch` above; E2FSPROGS_FAKE_TIME covers only the
+# filesystem's own times), so without this every inode of the image held the second its tree was
+# touched: the same files in two builds differed in every inode (4 bytes, and the inode checksum),
+# a pair was not the same bytes twice, and on `moved` HDiffPatch's size went from 21 KB to 67 KB
+# between two builds of the same packages.
+pin_ctimes() {
+  local img=$1 cmds
+  need debugfs e2fsprogs
+  cmds=$(mktemp)
+  dumpe2fs "$img" 2>/dev/null | python3 -c '
+import re, sys
+text = sys.stdin.read()
+count = int(re.search(r"^Inode count:\s+(\d+)", text, re.M).group(1))
+used = set(range(1, count + 1))
+for line in re.findall(r"^\s+Free inodes: (.*)$", text, re.M):
+    for part in filter(None, (p.strip() for p in line.split(","))):
+        a, _, b = part.partition("-")
+        used -= set(range(int(a), int(b or a) + 1))
+for ino in sorted(i for i in used if i == 2 or i >= 11):
+    print(f"sif <{ino}> ctime @'"$EPOCH"'")
+' >"$cmds" || die "cannot list the inodes of $img"
+  E2FSPROGS_FAKE_TIME=$EPOCH debugfs -w -f "$cmds" "$img" >/dev/null 2>&1 || die "debugfs could not pin the ctimes of $img"
+  rm -f "$cmds"
 }
 
 # pair_done: moves WORK/{old,new} and VERSIONS.txt into PAIR_DIR and appends the pair to
@@ -213,9 +241,11 @@ PY
 }
 
 # copy_reordered SRC DST [FROM=TO ...]: copies the tree SRC to DST creating every directory's entries
-# in reverse name order (small ext4 directories list entries in creation order, and mkfs.ext4 -d
-# writes files in that order, so the files land in other blocks) and with the path prefixes FROM
-# renamed to TO (relative paths; symlinks are copied as they are, even where they now dangle).
+# in reverse name order and with the path prefixes FROM renamed to TO (relative paths; symlinks are
+# copied as they are, even where they now dangle). The reverse order does not reach the image:
+# mkfs.ext4 -d (e2fsprogs 1.47) reads directories with scandir + alphasort, whatever the host
+# filesystem lists first (checked with debugfs: /usr/bin/busctl and c_rehash get consecutive inodes
+# in name order in both images of `moved`). The renames are what move files.
 copy_reordered() {
   local src=$1 dst=$2
   shift 2

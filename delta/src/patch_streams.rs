@@ -189,6 +189,37 @@ fn xz_probe(s: &[u8], dict: usize) -> io::Result<Vec<u8>> {
     })
 }
 
+/// `s` as xz in LZMA2's fast mode with the longest match length (273) and
+/// hash chains of depth 16: the candidate for sparse diff streams
+/// ([`compress`] keeps it where it is the smallest).
+///
+/// Why: a diff stream of a filesystem's metadata (inode tables: 256-byte
+/// records whose few changed bytes are checksums and block numbers) is
+/// mostly zero runs of 100–250 bytes between short islands. The normal mode's
+/// search at [`XZ_DIFF_NICE_LEN`] (128) cuts each run in two matches and its
+/// price model does not recover them; the full search at 273 does (20 %
+/// smaller) but took 2.6 s per 630 KB stream. The fast mode at 273 got most
+/// of it at the probe's cost: on the inode table of the `moved` pair 12,628
+/// bytes in 0.025 s against bzip2's 14,489 and the full search's 14,812 in
+/// 0.27 s, and 5,464 against 6,220 on the other half. The decoder is the same
+/// LZMA2 decoder with the same dictionary: nothing changes for agents.
+fn xz_fast(s: &[u8], dict: usize) -> io::Result<Vec<u8>> {
+    xz_encode(s, {
+        let mut opts = xz2::stream::LzmaOptions::new_preset(2).map_err(io::Error::other)?;
+        opts.dict_size(dict as u32)
+            .mode(xz2::stream::Mode::Fast)
+            .match_finder(xz2::stream::MatchFinder::HashChain4)
+            .nice_len(XZ_FAST_NICE_LEN)
+            .depth(XZ_FAST_DEPTH);
+        opts
+    })
+}
+
+/// See [`xz_fast`]: LZMA2's longest match.
+const XZ_FAST_NICE_LEN: u32 = 273;
+/// See [`xz_fast`].
+const XZ_FAST_DEPTH: u32 = 16;
+
 /// Compresses `s` as one xz stream (LZMA2, no integrity check: every
 /// operation's data and output are SHA-256 verified) with a dictionary of
 /// `dict` bytes, at preset 9 or, for diff streams, preset 9 with
@@ -508,18 +539,31 @@ pub fn compress(
         let mut xz_len = 0;
         if let Some(dst_len) = xz_dst_len.filter(|_| best.len() > XZ_MIN_GAIN) {
             let dict = xz_dict_size(s.len(), dst_len);
-            if kind == StreamKind::Diff && s.len() >= ZSTD_BESIDE_XZ_MAX {
-                let probe = xz_probe(s, dict)?.len();
-                if probe * XZ_PROBE_DEN >= best.len() * XZ_PROBE_NUM {
-                    tracing::trace!(
-                        stream = i,
-                        len = s.len(),
-                        bzip2 = bzip2_len,
-                        probe,
-                        "xz probe: kept bzip2"
-                    );
-                    out.extend_from_slice(&best);
-                    continue;
+            if kind == StreamKind::Diff {
+                // The probe decides on the full search against bzip2 and
+                // zstd alone, as it was measured to; the fast candidate may
+                // then win on its own.
+                let others = best.len();
+                let fast = xz_fast(s, dict)?;
+                if fast.len() < best.len() {
+                    best = fast;
+                    is_xz = true;
+                }
+                if s.len() >= ZSTD_BESIDE_XZ_MAX {
+                    let probe = xz_probe(s, dict)?.len();
+                    if probe * XZ_PROBE_DEN >= others * XZ_PROBE_NUM {
+                        tracing::trace!(
+                            stream = i,
+                            len = s.len(),
+                            bzip2 = bzip2_len,
+                            probe,
+                            xz_fast = is_xz,
+                            "xz probe: no full search"
+                        );
+                        used_xz |= is_xz;
+                        out.extend_from_slice(&best);
+                        continue;
+                    }
                 }
             }
             let x = xz_compress(s, dict, kind)?;
@@ -976,6 +1020,48 @@ mod tests {
         decode_stream(&mut rest, 1 << 20, 1 << 20, 0).unwrap();
         assert!(rest.starts_with(BZIP2_MAGIC));
         assert_eq!(decompress(&data, 2 << 20).unwrap()[1], streams[1]);
+    }
+
+    /// The diff stream of an ext4 inode table whose files were renumbered
+    /// (the `moved` pair): per 256-byte inode only the checksum's 4 bytes
+    /// differ, so the stream is zero runs of 120 and 252 bytes between
+    /// random islands. xz's full search at nice length 128 cuts each long
+    /// run in two; the fast mode at 273 does not. Before the fast candidate
+    /// the stream was the full search's (or bzip2's), 7–8 % larger.
+    #[test]
+    fn inode_table_diff_streams_take_the_fast_long_match_xz() {
+        let mut diff = vec![0u8; 630_784];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for rec in diff.chunks_exact_mut(256) {
+            for at in [124, 125, 130, 131] {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                rec[at] = (x >> 24) as u8;
+            }
+        }
+        let dict = xz_dict_size(diff.len(), diff.len());
+        let full = xz_compress(&diff, dict, StreamKind::Diff).unwrap().len();
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+        bz.write_all(&diff).unwrap();
+        let bz = bz.finish().unwrap().len();
+        let z = zstd::bulk::compress(&diff, 19).unwrap().len();
+        let before = full.min(bz).min(z);
+
+        let streams = [transpose(&[0u8; 24], CTRL_LEN), diff, vec![]];
+        let (data, used_xz) = compress(&streams, 19, Some(streams[1].len())).unwrap();
+        assert!(used_xz);
+        let mut rest = &data[..];
+        decode_stream(&mut rest, 1 << 20, 1 << 20, 0).unwrap();
+        assert!(rest.starts_with(XZ_MAGIC), "the diff stream is xz");
+        let at = rest.len();
+        decode_stream(&mut rest, 1 << 20, 1 << 20, 1).unwrap();
+        let chosen = at - rest.len();
+        assert!(
+            chosen * 100 <= before * 95,
+            "diff stream {chosen} bytes, best before {before} (full xz {full}, bzip2 {bz}, zstd {z})"
+        );
+        assert_eq!(decompress(&data, 1 << 20).unwrap()[1], streams[1]);
     }
 
     #[test]
