@@ -284,15 +284,14 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
         assert!(leases.starts_with(&format!("{n} / 4")), "{leases}");
         assert!(n <= 4, "the cap holds on the page too: {leases}");
         leases_seen.insert(n);
-        let wave1 = c
-            .find(Locator::Css(&format!(
-                "{card} .wave[data-wave='1'] .legend"
-            )))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        // Re-found each time: the page redraws the list every poll.
+        let wave1 = wait_text(
+            &c,
+            &format!("{card} .wave[data-wave='1'] .legend"),
+            |_| true,
+            "wave 1's legend",
+        )
+        .await;
         let committed: u64 = wave1
             .split("committed ")
             .nth(1)
@@ -308,13 +307,22 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let segs = c
-        .find_all(Locator::Css(&format!(
-            "{card} .wave[data-wave='1'] .seg.committed"
-        )))
+    // The green segment is drawn, with a width (a `style` attribute would
+    // be refused by the page's CSP and leave the bar grey: it was).
+    let width = c
+        .execute(
+            "const e = document.querySelector(arguments[0]);
+             return e ? e.getBoundingClientRect().width : -1;",
+            vec![serde_json::json!(format!(
+                "{card} .wave[data-wave='1'] .seg.committed"
+            ))],
+        )
         .await
         .unwrap();
-    assert_eq!(segs.len(), 1, "a green segment in wave 1's bar");
+    assert!(
+        width.as_f64().unwrap() > 10.0,
+        "wave 1's bar shows its commits: {width}"
+    );
 
     // Pause with a reason, through the confirmation dialog.
     c.find(Locator::Css(&format!("{card} button.pause")))

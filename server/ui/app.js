@@ -24,7 +24,8 @@ function el(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
     if (k === 'class') e.className = v;
-    else if (k === 'style') e.setAttribute('style', v);
+    // Through the CSSOM: the CSP refuses style attributes in markup.
+    else if (k === 'width') e.style.width = v;
     else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
     else if (k === 'text') e.textContent = v;
     else e.setAttribute(k, v === true ? '' : v);
@@ -196,10 +197,15 @@ function rolloutsPage(page) {
 }
 
 // Segments of a wave's bar, in the order drawn.
+// `installed` and `admitted` are running totals in a status (a committed
+// device was installed and admitted once); `downloading`, `waiting` (to
+// retry) and `cancelled` are devices in that phase now.
 function segments(w) {
   const committed = w.committed + w.already_current;
-  const inProgress = w.downloading + w.installed + w.waiting_for_window;
-  const done = committed + w.failed + w.rolled_back + inProgress + w.cancelled;
+  const finished = committed + w.failed + w.rolled_back + w.cancelled;
+  const inProgress = Math.max(0, Math.min(w.eligible - finished,
+    w.admitted - w.committed - w.failed - w.rolled_back - w.cancelled - w.waiting));
+  const done = finished + inProgress;
   return [
     ['committed', committed],
     ['failed', w.failed],
@@ -214,10 +220,11 @@ function waveBar(w) {
   const total = Math.max(1, w.eligible);
   const bar = el('div', { class: 'bar', title: segs.map(([k, n]) => `${k} ${n}`).join(', ') },
     segs.filter(([, n]) => n > 0).map(([k, n]) =>
-      el('span', { class: `seg ${k}`, style: `width:${(100 * n / total).toFixed(2)}%` })));
+      el('span', { class: `seg ${k}`, width: `${(100 * n / total).toFixed(2)}%` })));
   const legend = segs.map(([k, n]) => el('span', { class: `count ${k}` }, `${k.replace('-', ' ')} ${n}`));
-  return el('div', { class: 'wave', 'data-wave': w.wave + 1 },
-    el('span', { class: 'wave-name' }, `wave ${w.wave + 1} · ${w.percent} %`, w.open ? '' : ' (closed)'),
+  // `wave` counts from 1 in a status (as `rollout status` shows it).
+  return el('div', { class: 'wave', 'data-wave': w.wave },
+    el('span', { class: 'wave-name' }, `wave ${w.wave} · ${w.percent} %`, w.open ? '' : ' (not open)'),
     bar, el('div', { class: 'legend' }, legend, el('span', {}, `of ${w.eligible}`)));
 }
 
