@@ -354,3 +354,19 @@ async fn the_status_says_when_the_soak_ends() {
     ts.admin.rollout_action(&r.id, "pause").await.unwrap();
     assert_eq!(ts.status(&r.id).await.soak_ends_at_ms, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cookie_is_secure_behind_a_tls_proxy() {
+    let ts = TestServer::start("").await;
+    let r = http()
+        .post(format!("{}/ui/login", ts.base))
+        .header("x-forwarded-proto", "https")
+        .json(&serde_json::json!({ "token": ADMIN }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let set = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(set.ends_with("; Secure"), "{set}");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+}
