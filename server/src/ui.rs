@@ -290,6 +290,9 @@ fn no_store(mut r: Response) -> Response {
 }
 
 /// Appends a sign-in or sign-out to the audit log (who, from where).
+///
+/// # Cancel safety
+/// One store write: a dropped future loses at most this entry.
 async fn audit(app: &App, req_from: String, actor: &Actor, action: &str, path: &str) {
     let rec = AuditRecord {
         seq: 0,
@@ -374,6 +377,10 @@ async fn login(State(app): State<Arc<App>>, req: Request) -> Result<Response, Ap
 
 /// `POST /ui/logout` (with the CSRF header): ends the session and clears
 /// the cookie. Without a live session it only clears the cookie.
+///
+/// # Cancel safety
+/// The session is dropped before the audit append; a request dropped in
+/// between has signed out, and its log entry is lost.
 async fn logout(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiErr> {
     let secure = over_tls(&app, req.headers());
     let from = peer(&req);
