@@ -54,6 +54,8 @@ pub struct App {
     pub live: crate::reload::Live,
     /// The fleet CA that signs devices' CSRs (`[tls] client_ca_key`).
     pub device_ca: crate::certs::SharedCa,
+    /// The dashboard's sign-in sessions (in memory: [`crate::ui`]).
+    pub ui_sessions: crate::ui::Sessions,
     admin_hash: [u8; 32],
     tmp: PathBuf,
 }
@@ -313,6 +315,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     }
     let live = crate::reload::Live::new(config.clone(), pacing, cert, signers.clone());
     let app = Arc::new(App {
+        ui_sessions: Default::default(),
         admin_hash: Sha256::digest(config.admin_token.as_bytes()).into(),
         tmp,
         config,

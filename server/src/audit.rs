@@ -243,7 +243,12 @@ pub async fn layer(State(app): State<Arc<App>>, mut req: Request, next: Next) ->
             Ok(a) => a,
             Err(e) => return e.into_response(),
         },
-        None => None,
+        // No bearer token: a dashboard session's cookie, if any (with its
+        // CSRF check for changes: crate::ui).
+        None => match crate::ui::session_actor(&app, req.headers(), &method).await {
+            Ok(a) => a,
+            Err(e) => return e.into_response(),
+        },
     };
     let Some(actor) = actor else {
         warn!(%from, %method, %path, "admin request with a missing or unknown token");

@@ -329,6 +329,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/devices/events", post(events))
         .route("/api/v1/artifacts/{sha256}", get(artifact))
         .merge(admin)
+        .merge(crate::ui::routes())
         .merge(crate::ddi::routes())
         .fallback(|| async {
             ApiErr(

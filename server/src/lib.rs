@@ -101,6 +101,7 @@ pub mod secrets;
 pub mod signing;
 pub mod store;
 pub mod tls;
+pub mod ui;
 pub mod windows_http;
 
 /// Milliseconds since the Unix epoch (wall clock: leases and soak times

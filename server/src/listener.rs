@@ -545,7 +545,9 @@ impl<A: Acceptor> Connection<A> {
                     // Read by handlers as `Extension<ClientIdentity>`.
                     parts.extensions.insert(tls.identity.clone());
                 }
-                if parts.uri.path().starts_with("/api/v1/admin") {
+                if parts.uri.path().starts_with("/api/v1/admin")
+                    || parts.uri.path().starts_with("/ui/log")
+                {
                     // The audit log's "from where"; device requests go
                     // without the extension (an allocation per request).
                     parts.extensions.insert(crate::audit::PeerAddr(info.remote));

@@ -737,6 +737,7 @@ impl PgState {
             .collect();
         Ok(RolloutStatus {
             next_wave: schedule::next_wave_wait(&rec.spec, rec, &outcomes, crate::now_ms()),
+            soak_ends_at_ms: schedule::soak_ends_at(&rec.spec, rec, rec.spec.waves.len()),
             id: rec.id.clone(),
             state: rec.state,
             reason: rec.reason.clone(),

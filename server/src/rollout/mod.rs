@@ -1562,6 +1562,7 @@ impl Rollouts {
         let next_wave =
             schedule::next_wave_wait(&r.spec, &rec, &r.outcomes_per_wave(), crate::now_ms());
         RolloutStatus {
+            soak_ends_at_ms: schedule::soak_ends_at(&r.spec, &rec, r.spec.waves.len()),
             id: r.id.clone(),
             state: rec.state,
             next_wave,
@@ -1778,6 +1779,10 @@ pub struct RolloutStatus {
     /// ([`schedule::next_wave_wait`]); absent when nothing is pending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_wave: Option<String>,
+    /// When the open wave's soak ends (Unix ms), while a next wave is
+    /// pending ([`schedule::soak_ends_at`]): the dashboard counts down to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak_ends_at_ms: Option<u64>,
 }
 
 /// One failure reason and how many devices gave it.

@@ -137,6 +137,13 @@ pub fn next_wave_wait(
     })
 }
 
+/// When the open wave's soak ends (Unix ms), while a next wave is pending
+/// and the rollout active: the dashboard's countdown. `None` otherwise.
+pub fn soak_ends_at(spec: &RolloutSpec, rec: &RolloutRecord, waves: usize) -> Option<u64> {
+    (rec.state == RolloutState::Active && rec.wave + 1 < waves && spec.soak_ms > 0)
+        .then(|| rec.wave_opened_at_ms + spec.soak_ms)
+}
+
 /// A start time as an operator writes it: RFC 3339 with its offset
 /// (`2026-12-03T02:00:00+01:00`, `…Z`) or `+DURATION` from `now` (`+2h`).
 /// Unix ms. A time without an offset is refused: which zone it meant is a
