@@ -352,7 +352,7 @@ async fn poll(
         Action::Install { update_id } => {
             links.insert(
                 "deploymentBase".into(),
-                link(format!("{prefix}/deploymentBase/{}", action_id(&update_id))),
+                link(format!("{prefix}/deploymentBase/{}", action_id(update_id))),
             );
             "install"
         }
