@@ -54,6 +54,9 @@
 //! - [`audit`]: admin identities with roles (viewer, operator, admin), the
 //!   one table of which request needs which role, and the audit log every
 //!   changing admin request is written to, enforced by one router layer.
+//! - [`ui`]: the dashboard at `/ui/` — embedded pages on the admin API,
+//!   sign-in with cookie sessions (in memory, following their user) and
+//!   the CSRF check every change made with a session cookie passes.
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`windows_http`] the maintenance-window routes (`install-now`, the
 //!   test-build window-clock hook);
