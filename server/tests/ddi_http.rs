@@ -750,14 +750,8 @@ async fn with_download_ahead_a_ddi_target_downloads_outside_its_window_and_insta
     assert_eq!(db["deployment"]["download"], "forced", "{db}");
     assert_eq!(db["deployment"]["update"], "skip", "{db}");
     assert_eq!(db["deployment"]["maintenanceWindow"], "unavailable", "{db}");
-    let auth = format!("TargetToken {}", a.token);
     let dl = Ddi::download_link(&db);
-    let got = h
-        .get(&dl)
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let got = a.fetch(&dl).await;
     assert_eq!(got.status(), 200);
     assert_eq!(got.bytes().await.unwrap().to_vec(), bundle_bytes());
     assert!(b.action("deploymentBase").await.is_none(), "the cap is 1");
@@ -775,12 +769,7 @@ async fn with_download_ahead_a_ddi_target_downloads_outside_its_window_and_insta
         "the slot was freed"
     );
     assert!(no_action(&a.poll().await));
-    let r2 = h
-        .get(&dl)
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let r2 = a.fetch(&dl).await;
     assert_eq!(r2.status(), 409, "no fetching outside the window");
 
     ts.app()
@@ -795,12 +784,7 @@ async fn with_download_ahead_a_ddi_target_downloads_outside_its_window_and_insta
     let db = a.deployment(&act).await;
     assert_eq!(db["deployment"]["update"], "forced", "{db}");
     assert_eq!(db["deployment"]["maintenanceWindow"], "available", "{db}");
-    let got = h
-        .get(&dl)
-        .header("Authorization", &auth)
-        .send()
-        .await
-        .unwrap();
+    let got = a.fetch(&dl).await;
     assert_eq!(got.status(), 200, "fetched again to install");
     assert_eq!(got.bytes().await.unwrap().len(), bundle_bytes().len());
     assert_eq!(a.feedback(&act, "closed", "success", &[]).await, 200);

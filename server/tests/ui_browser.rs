@@ -113,20 +113,20 @@ async fn shot(c: &Client, dir: &Path, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
+/// Clicks the element `l` finds.
+async fn click(c: &Client, l: Locator<'_>) {
+    c.find(l).await.unwrap().click().await.unwrap();
+}
+
+/// Types `text` into the element `l` finds.
+async fn type_in(c: &Client, l: Locator<'_>, text: &str) {
+    c.find(l).await.unwrap().send_keys(text).await.unwrap();
+}
+
 async fn sign_in(c: &Client, base: &str, token: &str) {
     c.goto(&format!("{base}/ui/login")).await.unwrap();
-    c.find(Locator::Id("token"))
-        .await
-        .unwrap()
-        .send_keys(token)
-        .await
-        .unwrap();
-    c.find(Locator::Id("sign-in"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_in(c, Locator::Id("token"), token).await;
+    click(c, Locator::Id("sign-in")).await;
     c.wait()
         .at_most(Duration::from_secs(20))
         .for_element(Locator::Id("rollouts"))
@@ -233,12 +233,7 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
     set("c-rate", "600").await;
     set("c-failure", "0.5").await;
     set("c-min-sample", "5").await;
-    c.find(Locator::Id("c-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::Id("c-submit")).await;
     wait_text(
         &c,
         "#create-result",
@@ -253,12 +248,7 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
 
     // The same form, corrected, creates the rollout.
     set("c-waves", "25,100").await;
-    c.find(Locator::Id("c-submit"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::Id("c-submit")).await;
     let created = wait_text(&c, "#create-result", |t| t.ends_with("created"), "created").await;
     let all = ts.admin.rollouts().await.unwrap();
     assert_eq!(all.len(), 1);
@@ -338,18 +328,8 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
         "the dialog",
     )
     .await;
-    c.find(Locator::Id("modal-reason"))
-        .await
-        .unwrap()
-        .send_keys("canary logs look odd")
-        .await
-        .unwrap();
-    c.find(Locator::Id("modal-confirm"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_in(&c, Locator::Id("modal-reason"), "canary logs look odd").await;
+    click(&c, Locator::Id("modal-confirm")).await;
     wait_text(
         &c,
         &format!("{card} .reason"),
@@ -419,12 +399,7 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
     // Sign out; a viewer sees no buttons and the API refuses a forged pause.
     c.goto(&format!("{}/ui/", ts.base)).await.unwrap();
     c.wait().for_element(Locator::Id("rollouts")).await.unwrap();
-    c.find(Locator::Id("sign-out"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, Locator::Id("sign-out")).await;
     c.wait()
         .for_element(Locator::Id("login-form"))
         .await

@@ -529,6 +529,17 @@ impl Ddi {
             .unwrap()
     }
 
+    /// GET of an absolute `url` (an artifact's `download-http` link) as
+    /// this target.
+    pub async fn fetch(&self, url: &str) -> reqwest::Response {
+        self.http
+            .get(url)
+            .header("Authorization", format!("TargetToken {}", self.token))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The base poll's JSON (asserting 200).
     pub async fn poll(&self) -> serde_json::Value {
         let r = self.get("").await;

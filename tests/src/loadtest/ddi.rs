@@ -186,9 +186,12 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
         .as_str()
         .and_then(parse_sleep)
         .ok_or_else(|| format!("the poll has no config.polling.sleep: {poll}"))?
-        // The load test compresses time: the server's paced interval is in
-        // whole seconds here, and a target polls at least once a second.
-        .clamp(Duration::from_millis(200), Duration::from_secs(1));
+        // As SWUpdate does, the target sleeps what the server says: whole
+        // seconds, so a sub-second pace (small test fleets) reads
+        // `00:00:00`, taken as 200 ms. Capping it at 1 s (before) made the
+        // 25,400 DDI targets of a 127k run poll 25,400 times a second, 20 ×
+        // an agent's pace, and starved both processes.
+        .max(Duration::from_millis(200));
     let Some(href) = poll["_links"]["deploymentBase"]["href"].as_str() else {
         // Not admitted (yet): its wave is closed or it is throttled; DDI
         // does not say which.
