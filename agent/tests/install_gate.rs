@@ -67,7 +67,7 @@ async fn a_gated_update_waits_verified_survives_a_restart_and_switches_on_instal
     assert!(!switched(&dev), "no switch while waiting");
     assert_eq!(dev.slot_prefix(&dev.slot_b, fx.new.len()), fx.new);
     assert!(
-        dev.status().contains("WaitingForWindow"),
+        dev.status().contains("(waiting-for-window)"),
         "{}",
         dev.status()
     );

@@ -163,7 +163,7 @@ fn devices_download_outside_the_window_wait_without_leases_and_install_on_each_t
     assert!(st.contains("install windows: daily"), "{st}");
     for d in &devs {
         let s = status(d);
-        assert!(s.contains("WaitingForWindow"), "{s}");
+        assert!(s.contains("(waiting-for-window)"), "{s}");
         assert!(runs(d, "1.0"), "nobody switched outside the window: {s}");
     }
 
@@ -171,7 +171,7 @@ fn devices_download_outside_the_window_wait_without_leases_and_install_on_each_t
     stop(&mut agents[1]);
     agents[1] = run_agent(&devs[1], &restart);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(status(&devs[1]).contains("WaitingForWindow"));
+    assert!(status(&devs[1]).contains("(waiting-for-window)"));
 
     // The device's own trigger.
     let o = Command::new(bin("ota-agent"))
