@@ -31,7 +31,11 @@ use std::sync::OnceLock;
 
 /// Path of a workspace binary (`ota-server`, `ota-agent`) in the same
 /// profile as the running test. `cargo test --workspace` has built them; when
-/// a single package's tests run, they are built here once.
+/// a single package's tests run, they are built here once, unless
+/// `OTA_BINS_BUILT=1` says the caller built them (`scripts/test.sh` runs the
+/// VM suites' test binaries directly, beside a `cargo test` that holds
+/// cargo's artifact-directory lock until it ends: a `cargo build` here would
+/// wait for it).
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     // target/<profile>/deps/<test-binary>
@@ -44,6 +48,9 @@ pub fn bin(name: &str) -> PathBuf {
     }
     let path = profile_dir.join(name);
     BUILT.get_or_init(|| {
+        if std::env::var("OTA_BINS_BUILT").is_ok_and(|v| v == "1") {
+            return;
+        }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
