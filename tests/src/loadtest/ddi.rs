@@ -107,8 +107,39 @@ fn parse_sleep(s: &str) -> Option<Duration> {
     (parts == 3).then(|| Duration::from_secs(secs))
 }
 
-async fn get_json(t: &Target, sh: &Shared, url: &str) -> Result<serde_json::Value, String> {
-    let _slot = sh.in_flight.acquire().await.map_err(|e| e.to_string())?;
+/// Whether a request waits for one of the harness's request slots.
+///
+/// A target's polls do, as agents' check-ins do: they bound the fleet's
+/// connections. The requests of an admitted target (reading its deployment,
+/// its feedback) do not: the server's cap already bounds how many targets
+/// are admitted, and each of them holds a lease that expires while it waits.
+/// At 127k devices with 20 % DDI targets, admitted targets queued behind
+/// 4,096 slots for their `proceeding` and `closed` feedback longer than
+/// their 10 s leases: 10,226 leases expired and the rollout paused at its
+/// failure threshold (`an_admitted_target_reports_without_a_request_slot`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Take,
+    Admitted,
+}
+
+/// A slot when `slot` says so; `None` for an admitted target's request.
+async fn slot(sh: &Shared, slot: Slot) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, String> {
+    match slot {
+        Slot::Take => Ok(Some(
+            sh.in_flight.acquire().await.map_err(|e| e.to_string())?,
+        )),
+        Slot::Admitted => Ok(None),
+    }
+}
+
+async fn get_json(
+    t: &Target,
+    sh: &Shared,
+    url: &str,
+    s: Slot,
+) -> Result<serde_json::Value, String> {
+    let _slot = slot(sh, s).await?;
     let sent = tokio::time::Instant::now();
     let r = t
         .http
@@ -127,6 +158,8 @@ async fn get_json(t: &Target, sh: &Shared, url: &str) -> Result<serde_json::Valu
     serde_json::from_str(&body).map_err(|e| format!("GET {url}: not JSON ({e}): {body}"))
 }
 
+/// Sends one feedback. Only an admitted target sends any: no request slot
+/// ([`Slot`]).
 async fn feedback(
     t: &Target,
     sh: &Shared,
@@ -147,7 +180,7 @@ async fn feedback(
             "details": details,
         }
     });
-    let _slot = sh.in_flight.acquire().await.map_err(|e| e.to_string())?;
+    let _slot = slot(sh, Slot::Admitted).await?;
     let r = t
         .http
         .post(&url)
@@ -180,7 +213,7 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
     let st = &sh.stats;
     let i = t.device.index;
     let base = format!("{}/{TENANT}/controller/v1/{}", t.base, t.device.id);
-    let poll = get_json(t, sh, &base).await?;
+    let poll = get_json(t, sh, &base, Slot::Take).await?;
     st.checkins.fetch_add(1, Ordering::Relaxed);
     let sleep = poll["config"]["polling"]["sleep"]
         .as_str()
@@ -198,7 +231,7 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
         st.set(i, DevState::Waiting);
         return Ok(Attempt::Sleep(sleep));
     };
-    let dep = get_json(t, sh, href).await?;
+    let dep = get_json(t, sh, href, Slot::Admitted).await?;
     let action = match &dep["id"] {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Number(n) => n.to_string(),
@@ -323,20 +356,50 @@ mod tests {
 
     /// Serves `body` once over HTTP/1.1 on a loopback port.
     async fn serve_once(body: Vec<u8>) -> String {
+        serve(1, body).await
+    }
+
+    /// Answers `n` connections (one request each) with `body`.
+    async fn serve(n: usize, body: Vec<u8>) -> String {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut req = [0u8; 4096];
-            let _ = s.read(&mut req).await.unwrap();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            s.write_all(head.as_bytes()).await.unwrap();
-            s.write_all(&body).await.unwrap();
+            for _ in 0..n {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut req = [0u8; 4096];
+                let _ = s.read(&mut req).await.unwrap();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).await.unwrap();
+                s.write_all(&body).await.unwrap();
+            }
         });
         format!("http://{addr}")
+    }
+
+    /// A target named `d0` of the server at `base`.
+    fn target(base: &str) -> Target {
+        Target {
+            device: Device {
+                index: 0,
+                id: "d0".into(),
+                client: ota_agent::client::Client::new(
+                    base,
+                    ota_agent::client::Timeouts {
+                        request: Duration::from_secs(5),
+                        read: Duration::from_secs(5),
+                    },
+                )
+                .unwrap(),
+                faults: Default::default(),
+                wave: 0,
+            },
+            http: reqwest::Client::new(),
+            base: base.to_string(),
+            token: "t".into(),
+        }
     }
 
     /// At 127k devices the fleet's polls kept every request slot busy; an
@@ -350,25 +413,7 @@ mod tests {
         let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let want = ota_format::Digest::of(&body).to_hex();
         let base = serve_once(body).await;
-        let t = Target {
-            device: Device {
-                index: 0,
-                id: "d0".into(),
-                client: ota_agent::client::Client::new(
-                    &base,
-                    ota_agent::client::Timeouts {
-                        request: Duration::from_secs(5),
-                        read: Duration::from_secs(5),
-                    },
-                )
-                .unwrap(),
-                faults: Default::default(),
-                wave: 0,
-            },
-            http: reqwest::Client::new(),
-            base: base.clone(),
-            token: "t".into(),
-        };
+        let t = target(&base);
         let got = tokio::time::timeout(
             Duration::from_secs(10),
             download(&t, &sh, &format!("{base}/artifact")),
@@ -376,6 +421,42 @@ mod tests {
         .await
         .expect("the download waited for a request slot the fleet's polls held");
         assert_eq!(got.unwrap(), (100_000, want));
+    }
+
+    /// At 127k devices with 20 % DDI targets, admitted targets waited
+    /// behind the fleet's polls for a slot to read their deployment and to
+    /// send `proceeding` and `closed`, longer than their leases: 10,226
+    /// leases expired and the rollout paused at its failure threshold. An
+    /// admitted target's requests must not wait for a slot; its polls still
+    /// do.
+    #[tokio::test]
+    async fn an_admitted_target_reports_without_a_request_slot() {
+        let sh = shared(1);
+        let _every_slot_busy = sh.in_flight.acquire().await.unwrap();
+        let base = serve(2, br#"{"id":"7"}"#.to_vec()).await;
+        let t = target(&base);
+        fn within<T>(what: &str, r: Result<T, tokio::time::error::Elapsed>) -> T {
+            r.unwrap_or_else(|_| panic!("{what} waited for a request slot"))
+        }
+        let dep = tokio::time::timeout(
+            Duration::from_secs(10),
+            get_json(&t, &sh, &format!("{base}/deploymentBase/7"), Slot::Admitted),
+        )
+        .await;
+        assert_eq!(within("reading the deployment", dep).unwrap()["id"], "7");
+        let fb = tokio::time::timeout(
+            Duration::from_secs(10),
+            feedback(&t, &sh, "7", "closed", "success", &[]),
+        )
+        .await;
+        within("closed/success feedback", fb).unwrap();
+        // A poll still waits for its slot.
+        let poll = tokio::time::timeout(
+            Duration::from_millis(300),
+            get_json(&t, &sh, &format!("{base}/poll"), Slot::Take),
+        )
+        .await;
+        assert!(poll.is_err(), "a poll must wait for a request slot");
     }
 
     #[test]

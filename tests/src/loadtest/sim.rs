@@ -288,8 +288,12 @@ struct Dev<'a> {
 
 impl Dev<'_> {
     /// Sends one event, retrying until acknowledged or the run ends.
+    ///
+    /// Each try takes a request slot and gives it back before backing off:
+    /// held across the back-off (up to 5 s a try, e.g. across the server's
+    /// kill -9), the fleet's failing events sat on the slots every other
+    /// device needed to renew its lease.
     async fn event(&mut self, update_id: &str, kind: EventKind, detail: EventDetail) {
-        let _permit = self.sh.in_flight.acquire().await.expect("never closed");
         self.seq += 1;
         let ev = Event {
             seq: self.seq,
@@ -300,7 +304,11 @@ impl Dev<'_> {
         };
         let mut n = 0;
         loop {
-            match self.d.client.events(std::slice::from_ref(&ev)).await {
+            let sent = {
+                let _permit = self.sh.in_flight.acquire().await.expect("never closed");
+                self.d.client.events(std::slice::from_ref(&ev)).await
+            };
+            match sent {
                 Ok(_) => {
                     self.sh.stats.events_acked.fetch_add(1, Ordering::Relaxed);
                     return;
