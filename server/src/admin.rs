@@ -1,5 +1,6 @@
-//! Admin API handlers for the inventory and for taking things out of
-//! service: `GET /api/v1/admin/devices` (list), `DELETE
+//! Admin API handlers for the inventory, the rollouts list the dashboard
+//! polls, and for taking things out of service: `GET
+//! /api/v1/admin/devices` (list), `GET /api/v1/admin/rollouts`, `DELETE
 //! /api/v1/admin/devices/{id}` (retire) and `DELETE
 //! /api/v1/admin/releases/{device_type}/{version}`.
 //!
@@ -42,6 +43,75 @@ pub async fn device_list(
     let filter = q.parse(crate::now_ms()).map_err(bad_request)?;
     let page = app.state.device_list(&filter).await?;
     Ok(axum::Json(page).into_response())
+}
+
+/// `GET /api/v1/admin/rollouts?max_age_ms=`: every rollout's status.
+///
+/// Without `max_age_ms` (the CLI, scripts) the answer is computed for the
+/// request. With it (the dashboard asks for 1000), an answer computed at
+/// most that long ago on this replica is served as is: the sled engine's
+/// status walks every member of every rollout, and twenty open rollouts
+/// pages polling every 1.5 s walked a 100,000-member rollout thirteen times
+/// a second, which cost check-ins about 16 % of their throughput
+/// (docs/dashboard.md). However many pages poll, the walks are then at
+/// most about one per `max_age_ms` (pollers arriving while one is computed
+/// compute too: there is no lock across the await).
+pub async fn rollout_list(
+    State(app): State<Arc<App>>,
+    q: Result<Query<RolloutListQuery>, QueryRejection>,
+) -> Result<Response, ApiErr> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let max_age = q
+        .max_age_ms
+        .filter(|ms| *ms > 0)
+        .map(|ms| ms.min(MAX_LIST_AGE_MS));
+    if let Some(max_age) = max_age
+        && let Some(body) = app.rollout_list_cache.fresh(max_age)
+    {
+        return Ok(json_bytes(body));
+    }
+    let all = app.state.rollout_statuses().await?;
+    let body = bytes::Bytes::from(serde_json::to_vec(&all).map_err(internal)?);
+    if max_age.is_some() {
+        app.rollout_list_cache.put(body.clone());
+    }
+    Ok(json_bytes(body))
+}
+
+/// The longest `max_age_ms` honoured: a dashboard is never more than this
+/// stale, whatever it asks.
+const MAX_LIST_AGE_MS: u64 = 5_000;
+
+#[derive(serde::Deserialize)]
+pub struct RolloutListQuery {
+    max_age_ms: Option<u64>,
+}
+
+fn json_bytes(body: bytes::Bytes) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// The last `GET /api/v1/admin/rollouts` answer computed for a caller that
+/// accepts an older one ([`rollout_list`]), and when.
+#[derive(Default)]
+pub struct RolloutListCache(std::sync::Mutex<Option<(std::time::Instant, bytes::Bytes)>>);
+
+impl RolloutListCache {
+    /// The cached answer if it is at most `max_age_ms` old.
+    fn fresh(&self, max_age_ms: u64) -> Option<bytes::Bytes> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref()
+            .filter(|(at, _)| at.elapsed().as_millis() <= u128::from(max_age_ms))
+            .map(|(_, b)| b.clone())
+    }
+
+    fn put(&self, body: bytes::Bytes) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), body));
+    }
 }
 
 /// `DELETE /api/v1/admin/devices/{id}`: refused while the device is mid-update.

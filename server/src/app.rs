@@ -56,6 +56,8 @@ pub struct App {
     pub device_ca: crate::certs::SharedCa,
     /// The dashboard's sign-in sessions (in memory: [`crate::ui`]).
     pub ui_sessions: crate::ui::Sessions,
+    /// The dashboard's shared rollouts list ([`crate::admin::rollout_list`]).
+    pub rollout_list_cache: crate::admin::RolloutListCache,
     admin_hash: [u8; 32],
     tmp: PathBuf,
 }
@@ -316,6 +318,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     let live = crate::reload::Live::new(config.clone(), pacing, cert, signers.clone());
     let app = Arc::new(App {
         ui_sessions: Default::default(),
+        rollout_list_cache: Default::default(),
         admin_hash: Sha256::digest(config.admin_token.as_bytes()).into(),
         tmp,
         config,

@@ -288,7 +288,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/api/v1/admin/rollouts",
-            post(admin_rollout_create).get(admin_rollouts),
+            post(admin_rollout_create).get(crate::admin::rollout_list),
         )
         .route("/api/v1/admin/rollouts/{id}", get(admin_rollout_get))
         .route(
@@ -970,11 +970,6 @@ async fn admin_rollout_create(State(app): State<Arc<App>>, body: Body) -> Result
     }
     let st = app.state.create_rollout(spec).await?;
     Ok((StatusCode::CREATED, axum::Json(st)).into_response())
-}
-
-async fn admin_rollouts(State(app): State<Arc<App>>) -> Result<Response, ApiErr> {
-    let all = app.state.rollout_statuses().await?;
-    Ok(axum::Json(all).into_response())
 }
 
 async fn admin_rollout_get(

@@ -195,7 +195,9 @@ function rolloutsPage(page) {
   page.append(el('h2', {}, 'Rollouts'), list);
   if (may('operator')) page.append(createForm(list));
   poll(async () => {
-    const all = await api('GET', '/api/v1/admin/rollouts');
+    // Up to 1 s old: every open dashboard shares one computation per second
+    // (admin::rollout_list).
+    const all = await api('GET', '/api/v1/admin/rollouts?max_age_ms=1000');
     all.sort((a, b) => b.created_at_ms - a.created_at_ms);
     list.replaceChildren(...(all.length ? all.map(rolloutCard)
       : [el('p', { class: 'empty' }, 'No rollouts yet.' + (may('operator') ? ' Create one below.' : ''))]));
