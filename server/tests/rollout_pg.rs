@@ -33,3 +33,7 @@ mod schedule;
 // Issue 14: roles, the audit log, device history.
 #[path = "audit_http.rs"]
 mod audit;
+
+// Issue 14: the dashboard's sessions, CSRF, soak end and shared rollouts list.
+#[path = "ui_http.rs"]
+mod ui;
