@@ -432,7 +432,12 @@ async fn twenty_swupdate_targets_under_cap_five_never_exceed_five_and_all_commit
     let mut live: Vec<(usize, Swupdate, bool)> = Vec::new();
     let mut next = 0;
     let mut committed = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(180);
+    // Generous: `scripts/test.sh` runs this beside the two VM suites, and on
+    // a loaded 2-core machine the last target started (one per commit) did
+    // not get to its first poll within 180 s. What is asserted is the cap,
+    // not the pace.
+    const DEADLINE_S: u64 = 420;
+    let deadline = Instant::now() + Duration::from_secs(DEADLINE_S);
     while committed.len() < N {
         while live.len() < LIVE && next < N {
             live.push((
@@ -473,7 +478,7 @@ async fn twenty_swupdate_targets_under_cap_five_never_exceed_five_and_all_commit
                 })
                 .collect();
             panic!(
-                "{} of {N} committed within 180 s: {s:?}\nlogs of live targets:\n{}",
+                "{} of {N} committed within {DEADLINE_S} s: {s:?}\nlogs of live targets:\n{}",
                 committed.len(),
                 stuck.join("\n----\n")
             );
