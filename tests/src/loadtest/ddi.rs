@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use super::sim::{DevState, Device, Shared, Transferring, nap};
+use super::sim::{DevState, Device, Kind, Shared, Transferring, nap};
 
 /// hawkBit's default tenant, which `ota-server` serves unless `ddi.tenant`
 /// says otherwise.
@@ -257,7 +257,7 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
         .push(sh.started.elapsed().as_millis() as u64);
     st.set(i, DevState::Downloading);
     let got = {
-        let _transferring = Transferring::start(sh);
+        let _transferring = Transferring::start(sh, Kind::Ddi);
         download(t, sh, url).await
     };
     match got {

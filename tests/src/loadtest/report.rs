@@ -84,6 +84,8 @@ pub struct Report {
     pub max_concurrent_observed_server_leases: u64,
     /// When the device-side maximum was first reached (s into the run).
     pub max_concurrent_observed_devices_at_secs: f64,
+    /// How many of the devices at that maximum were DDI targets.
+    pub max_concurrent_observed_ddi_targets: u64,
     /// Downloads the server stopped (`cancel`), and downloads devices
     /// stopped themselves because their lease could not be renewed in time.
     pub server_cancels: u64,
@@ -212,6 +214,7 @@ pub fn build(i: Inputs<'_>) -> Report {
         max_concurrent_observed_devices_at_secs: st.max_downloading_at_ms.load(Ordering::Relaxed)
             as f64
             / 1000.0,
+        max_concurrent_observed_ddi_targets: st.max_downloading_ddi.load(Ordering::Relaxed),
         server_lease_polls: i.lease_polls,
         server_cancels: st.cancels.load(Ordering::Relaxed),
         lease_stops: st.lease_stops.load(Ordering::Relaxed),
@@ -392,8 +395,10 @@ impl Report {
             (
                 "max concurrent downloads",
                 format!(
-                    "{} devices (fleet-wide, device side) / {} server leases ({} polls), cap {}",
+                    "{} devices (fleet-wide, device side; {} DDI targets, at {:.0} s) / {} server leases ({} polls), cap {}",
                     self.max_concurrent_observed_devices,
+                    self.max_concurrent_observed_ddi_targets,
+                    self.max_concurrent_observed_devices_at_secs,
                     self.max_concurrent_observed_server_leases,
                     self.server_lease_polls,
                     self.max_concurrent_cap

@@ -78,6 +78,10 @@ pub struct FleetStats {
     pub max_downloading: AtomicU64,
     /// When `max_downloading` was first reached, ms since the run began.
     pub max_downloading_at_ms: AtomicU64,
+    /// Of `downloading`, DDI targets; and how many of them were at the
+    /// moment of the maximum (which kind went over, if one did).
+    pub ddi_downloading: AtomicU64,
+    pub max_downloading_ddi: AtomicU64,
     /// Download starts, ms since the run began.
     pub starts: Mutex<Vec<u64>>,
     latency: Vec<Mutex<Histogram<u64>>>,
@@ -108,6 +112,8 @@ impl FleetStats {
             downloading: AtomicU64::new(0),
             max_downloading: AtomicU64::new(0),
             max_downloading_at_ms: AtomicU64::new(0),
+            ddi_downloading: AtomicU64::new(0),
+            max_downloading_ddi: AtomicU64::new(0),
             starts: Mutex::new(Vec::new()),
             latency: (0..16)
                 .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
@@ -562,23 +568,38 @@ fn sh_len(f: &std::fs::File) -> u64 {
 /// device that holds an update but is between attempts (killed, waiting
 /// for a check-in to renew its lease) downloads nothing and is not
 /// counted, as the server does not count a lease that ran out.
-pub(super) struct Transferring<'a>(&'a FleetStats);
+pub(super) struct Transferring<'a>(&'a FleetStats, Kind);
+
+/// Which kind of device a [`Transferring`] counts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Agent,
+    Ddi,
+}
 
 impl<'a> Transferring<'a> {
-    pub(super) fn start(sh: &'a Shared) -> Transferring<'a> {
+    pub(super) fn start(sh: &'a Shared, kind: Kind) -> Transferring<'a> {
         let st = &sh.stats;
+        if kind == Kind::Ddi {
+            st.ddi_downloading.fetch_add(1, Ordering::SeqCst);
+        }
         let now = st.downloading.fetch_add(1, Ordering::SeqCst) + 1;
         if st.max_downloading.fetch_max(now, Ordering::SeqCst) < now {
             st.max_downloading_at_ms
                 .store(sh.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            st.max_downloading_ddi
+                .store(st.ddi_downloading.load(Ordering::SeqCst), Ordering::Relaxed);
         }
-        Transferring(st)
+        Transferring(st, kind)
     }
 }
 
 impl Drop for Transferring<'_> {
     fn drop(&mut self) {
         self.0.downloading.fetch_sub(1, Ordering::SeqCst);
+        if self.1 == Kind::Ddi {
+            self.0.ddi_downloading.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -600,7 +621,7 @@ async fn start_update(
         .unwrap()
         .push(sh.started.elapsed().as_millis() as u64);
     let fetched = {
-        let _t = Transferring::start(sh);
+        let _t = Transferring::start(sh, Kind::Agent);
         tokio::select! {
             r = dev.d.client.fetch_manifest(&offer.manifest_url, &offer.manifest_sha256) => r.map_err(|e| format!("manifest: {e}")),
             _ = lease_runs_out(&lease) => Err("manifest: the lease ran out before it arrived".into()),
@@ -718,7 +739,7 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
     let mut killed = false;
     let mut server_cancel = false;
     let mut lease_lost = false;
-    let _counted = Transferring::start(sh);
+    let _counted = Transferring::start(sh, Kind::Agent);
     let mut applied_now = 0usize;
     let mut lease = h.lease;
     let done = &mut h.done;
