@@ -60,8 +60,9 @@
 //! - [`http`]: routes and handlers of the device and admin APIs;
 //!   [`windows_http`] the maintenance-window routes (`install-now`, the
 //!   test-build window-clock hook);
-//!   [`admin`] the inventory list and the deletions (device retire,
-//!   release delete) with the checks that keep them safe.
+//!   [`admin`] the inventory list, the rollouts list (shared among
+//!   dashboard pollers within `max_age_ms`) and the deletions (device
+//!   retire, release delete) with the checks that keep them safe.
 //! - [`listener`]: the accept loop (plain and TLS) with connection hygiene:
 //!   header, idle and body timeouts, global and per-address connection
 //!   caps, HTTP/2 limits; a TLS client's certificate verdict on each of
