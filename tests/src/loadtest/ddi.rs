@@ -180,7 +180,6 @@ async fn feedback(
             "details": details,
         }
     });
-    let _slot = slot(sh, Slot::Admitted).await?;
     let r = t
         .http
         .post(&url)
