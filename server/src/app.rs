@@ -216,7 +216,13 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     let (store, pool) = match config.storage.backend {
         StorageBackend::Sled => {
             std::fs::create_dir_all(data.join("db"))?;
-            let store = Store::open(&data.join("db")).context("opening the state database")?;
+            // Blocking: sled reads its log, and may wait for the lock of a
+            // database this process closed a moment ago.
+            let dir = data.join("db");
+            let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+                .await
+                .context("opening the state database")?
+                .context("opening the state database")?;
             (Some(store), None)
         }
         StorageBackend::Postgres => {

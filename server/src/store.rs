@@ -86,6 +86,40 @@ struct Flusher {
     flushes: AtomicU64,
 }
 
+/// How long [`Store::open`] waits for the sled lock of a database this
+/// process has just closed.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens sled, waiting up to `wait` while its own lock is still held.
+///
+/// Called with `ota-server.lock` held, so no other process has the
+/// database: a sled lock that is still taken belongs to the background
+/// threads of a `sled::Db` this process dropped a moment ago (a restart
+/// in one process, as the tests and a config reload do). sled 0.34's
+/// `Drop` does not wait for them (spacejam/sled#1234, #1289); its flock is
+/// released when they exit, a few milliseconds later. Any other error, or
+/// a lock still held after `wait`, is returned as is.
+fn open_after_lingering_threads(
+    config: &sled::Config,
+    wait: std::time::Duration,
+) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match config.open() {
+            // sled reports `flock`'s EWOULDBLOCK as `ErrorKind::Other`
+            // with this text (sled 0.34 `config.rs`).
+            Err(sled::Error::Io(e))
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database in `dir`. Refuses, naming the cause,
     /// when another process has it open (sled allows one process; its own
@@ -106,13 +140,13 @@ impl Store {
             }
             Err(e) => return Err(StoreError::Sled(e.into())),
         }
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             // sled's own periodic flush stays on as a backstop; durability
             // of acknowledged writes comes from `durable()`.
             .flush_every_ms(Some(1000))
-            .cache_capacity(64 << 20)
-            .open()?;
+            .cache_capacity(64 << 20);
+        let db = open_after_lingering_threads(&config, SLED_LOCK_WAIT)?;
         let (done, _) = watch::channel(0);
         Ok(Store {
             devices: db.open_tree("devices")?,
@@ -283,6 +317,35 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.devices.len(), 200);
+    }
+
+    /// The CI failure of `audit_http::the_audit_log_and_users_survive_a_restart`:
+    /// a restart in one process found sled's lock still held by the
+    /// background threads of the database it had just dropped.
+    #[test]
+    fn reopening_waits_for_the_lock_of_a_just_dropped_database() {
+        let dir = tempfile::tempdir().unwrap();
+        // Stands in for the lingering threads: sled's lock, without ours.
+        let lingering = sled::Config::new().path(dir.path()).open().unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(lingering);
+        });
+        let s = Store::open(dir.path()).expect("waits for the lock instead of failing");
+        release.join().unwrap();
+        assert_eq!(s.next_id("rollout").unwrap(), 1);
+    }
+
+    #[test]
+    fn a_database_locked_for_longer_than_the_wait_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = sled::Config::new().path(dir.path()).open().unwrap();
+        let config = sled::Config::new().path(dir.path());
+        let t = std::time::Instant::now();
+        let e = open_after_lingering_threads(&config, std::time::Duration::from_millis(200))
+            .expect_err("still locked");
+        assert!(e.to_string().contains("lock"), "{e}");
+        assert!(t.elapsed() >= std::time::Duration::from_millis(200));
     }
 
     #[test]
