@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use super::sim::{DevState, Device, Kind, Shared, Transferring, nap};
+use super::sim::{DevState, Device, Shared, Transferring, nap};
 
 /// hawkBit's default tenant, which `ota-server` serves unless `ddi.tenant`
 /// says otherwise.
@@ -256,7 +256,7 @@ async fn attempt(t: &Target, sh: &Shared) -> Result<Attempt, String> {
         .push(sh.started.elapsed().as_millis() as u64);
     st.set(i, DevState::Downloading);
     let got = {
-        let _transferring = Transferring::start(sh, Kind::Ddi);
+        let _transferring = Transferring::ddi(sh);
         download(t, sh, url).await
     };
     match got {
@@ -456,6 +456,41 @@ mod tests {
         )
         .await;
         assert!(poll.is_err(), "a poll must wait for a request slot");
+    }
+
+    /// Issue 16's 127k run: during a stall ~900 agents whose leases had
+    /// run out were still counted (their tasks had not yet run to stop)
+    /// while the server re-admitted others, and the device-side maximum
+    /// read 2,644 against a cap of 2,000. Lapsed devices are reported
+    /// apart; renewed ones stay live.
+    #[tokio::test]
+    async fn an_agent_whose_lease_ran_out_counts_as_lapsed_not_against_the_cap() {
+        use ota_agent::lease::LeaseClock;
+        let sh = shared(1);
+        let st = &sh.stats;
+        // Real time (this crate's tokio has no paused clock): margins of
+        // 700 ms against a late wake-up.
+        let lease = || LeaseClock::granted(Duration::from_secs(2), tokio::time::Instant::now());
+        let lapsing = Transferring::agent(&sh, &lease());
+        let mut renewed_lease = lease();
+        let mut renewing = Transferring::agent(&sh, &renewed_lease);
+        assert_eq!(st.max_downloading.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        renewed_lease.renewed(tokio::time::Instant::now());
+        renewing.renewed(&renewed_lease);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        // `lapsing` ran out and has not stopped yet; `renewing` is live.
+        let admitted = Transferring::agent(&sh, &lease());
+        assert_eq!(st.downloading.load(Ordering::SeqCst), 3);
+        assert_eq!(st.max_downloading.load(Ordering::SeqCst), 2);
+        assert_eq!(st.max_lapsed.load(Ordering::SeqCst), 1);
+        drop(lapsing);
+        let ddi = Transferring::ddi(&sh);
+        assert_eq!(st.max_downloading.load(Ordering::SeqCst), 3);
+        assert_eq!(st.max_downloading_ddi.load(Ordering::SeqCst), 1);
+        drop((ddi, admitted, renewing));
+        assert_eq!(st.downloading.load(Ordering::SeqCst), 0);
+        assert!(st.lease_ends.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -15,7 +15,11 @@
 //! cap and the start rate held across replicas"). A device counts while it
 //! really fetches (manifest or payload), not while it merely holds an
 //! update between attempts, and it stops by itself when its lease could not
-//! be renewed in time, as the agent does ([`ota_agent::lease`]). The
+//! be renewed in time, as the agent does ([`ota_agent::lease`]). The cap is
+//! judged over devices whose lease is live by their own clock: with the
+//! whole fleet in one process, a lapsed device's stop waits for the
+//! runtime to run its task (seconds, when the machine stalls), and such
+//! devices are reported apart (`max_lapsed_not_yet_stopped`). The
 //! server's active leases
 //! are polled through the balancer, and events acknowledged by devices must
 //! equal events stored.

@@ -78,9 +78,13 @@ pub struct Report {
     pub completion_secs: f64,
     pub enroll_secs: f64,
     pub max_concurrent_cap: u64,
-    /// Most devices fetching at once (manifest or payload), counted by the
-    /// devices themselves.
+    /// Most devices fetching at once (manifest or payload) with a live
+    /// lease by their own clock, counted by the devices themselves.
     pub max_concurrent_observed_devices: u64,
+    /// Most agents still counted at a download start whose lease had run
+    /// out but whose task had not yet run to stop (the simulator's
+    /// scheduling lag; a real device's timer is its own).
+    pub max_lapsed_not_yet_stopped: u64,
     pub max_concurrent_observed_server_leases: u64,
     /// When the device-side maximum was first reached (s into the run).
     pub max_concurrent_observed_devices_at_secs: f64,
@@ -211,6 +215,7 @@ pub fn build(i: Inputs<'_>) -> Report {
         max_concurrent_cap: a.max_concurrent,
         max_concurrent_observed_devices: st.max_downloading.load(Ordering::Relaxed),
         max_concurrent_observed_server_leases: i.max_server_leases,
+        max_lapsed_not_yet_stopped: st.max_lapsed.load(Ordering::Relaxed),
         max_concurrent_observed_devices_at_secs: st.max_downloading_at_ms.load(Ordering::Relaxed)
             as f64
             / 1000.0,
@@ -395,10 +400,11 @@ impl Report {
             (
                 "max concurrent downloads",
                 format!(
-                    "{} devices (fleet-wide, device side; {} DDI targets, at {:.0} s) / {} server leases ({} polls), cap {}",
+                    "{} devices (fleet-wide, device side, live leases; {} DDI targets, at {:.0} s; at most {} more lapsed, not yet stopped) / {} server leases ({} polls), cap {}",
                     self.max_concurrent_observed_devices,
                     self.max_concurrent_observed_ddi_targets,
                     self.max_concurrent_observed_devices_at_secs,
+                    self.max_lapsed_not_yet_stopped,
                     self.max_concurrent_observed_server_leases,
                     self.server_lease_polls,
                     self.max_concurrent_cap

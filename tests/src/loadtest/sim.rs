@@ -1,7 +1,7 @@
 //! One simulated device: the agent's client, manifest checks and chunk pool,
 //! driven through check-in, download, install and commit, with its faults.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,6 +82,16 @@ pub struct FleetStats {
     /// moment of the maximum (which kind went over, if one did).
     pub ddi_downloading: AtomicU64,
     pub max_downloading_ddi: AtomicU64,
+    /// The lease ends (by the device's own clock) of the agents counted in
+    /// `downloading`, as a multiset. An agent whose lease has run out stops
+    /// by its own timer, but with 127k devices in one process that timer
+    /// is served when the runtime gets to it (seconds late when the
+    /// machine stalls), while the server, in its own process, already
+    /// re-admitted others. `max_downloading` counts only devices whose
+    /// lease is live at that instant; `max_lapsed` says how many more were
+    /// still counted, lapsed but not yet stopped.
+    pub(super) lease_ends: Mutex<BTreeMap<tokio::time::Instant, u32>>,
+    pub max_lapsed: AtomicU64,
     /// Download starts, ms since the run began.
     pub starts: Mutex<Vec<u64>>,
     latency: Vec<Mutex<Histogram<u64>>>,
@@ -114,6 +124,8 @@ impl FleetStats {
             max_downloading_at_ms: AtomicU64::new(0),
             ddi_downloading: AtomicU64::new(0),
             max_downloading_ddi: AtomicU64::new(0),
+            lease_ends: Mutex::new(BTreeMap::new()),
+            max_lapsed: AtomicU64::new(0),
             starts: Mutex::new(Vec::new()),
             latency: (0..16)
                 .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
@@ -568,7 +580,16 @@ fn sh_len(f: &std::fs::File) -> u64 {
 /// device that holds an update but is between attempts (killed, waiting
 /// for a check-in to renew its lease) downloads nothing and is not
 /// counted, as the server does not count a lease that ran out.
-pub(super) struct Transferring<'a>(&'a FleetStats, Kind);
+///
+/// An agent is counted with its lease's end ([`Transferring::agent`]), so
+/// the maximum is taken over devices whose lease is live by their own
+/// clock (see `FleetStats::lease_ends`). A DDI target has no lease of its
+/// own: the server renews it while the artifact streams.
+pub(super) struct Transferring<'a> {
+    st: &'a FleetStats,
+    kind: Kind,
+    lease_end: Option<tokio::time::Instant>,
+}
 
 /// Which kind of device a [`Transferring`] counts.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -578,27 +599,82 @@ pub(super) enum Kind {
 }
 
 impl<'a> Transferring<'a> {
-    pub(super) fn start(sh: &'a Shared, kind: Kind) -> Transferring<'a> {
+    /// A DDI target's download.
+    pub(super) fn ddi(sh: &'a Shared) -> Transferring<'a> {
+        Self::start(sh, Kind::Ddi, None)
+    }
+
+    /// An agent's fetch under `lease`; [`Transferring::renewed`] follows
+    /// the lease's renewals.
+    pub(super) fn agent(sh: &'a Shared, lease: &LeaseClock) -> Transferring<'a> {
+        Self::start(sh, Kind::Agent, Some(lease.stop_at()))
+    }
+
+    fn start(
+        sh: &'a Shared,
+        kind: Kind,
+        lease_end: Option<tokio::time::Instant>,
+    ) -> Transferring<'a> {
         let st = &sh.stats;
+        // The book and the counters change together, so a start sees a
+        // consistent pair (starts are a few per second per cap slot).
+        let mut book = st.lease_ends.lock().unwrap();
+        if let Some(end) = lease_end {
+            *book.entry(end).or_default() += 1;
+        }
         if kind == Kind::Ddi {
             st.ddi_downloading.fetch_add(1, Ordering::SeqCst);
         }
-        let now = st.downloading.fetch_add(1, Ordering::SeqCst) + 1;
-        if st.max_downloading.fetch_max(now, Ordering::SeqCst) < now {
+        let counted = st.downloading.fetch_add(1, Ordering::SeqCst) + 1;
+        let lapsed: u64 = book
+            .range(..tokio::time::Instant::now())
+            .map(|(_, n)| u64::from(*n))
+            .sum();
+        drop(book);
+        st.max_lapsed.fetch_max(lapsed, Ordering::SeqCst);
+        let live = counted - lapsed;
+        if st.max_downloading.fetch_max(live, Ordering::SeqCst) < live {
             st.max_downloading_at_ms
                 .store(sh.started.elapsed().as_millis() as u64, Ordering::Relaxed);
             st.max_downloading_ddi
                 .store(st.ddi_downloading.load(Ordering::SeqCst), Ordering::Relaxed);
         }
-        Transferring(st, kind)
+        Transferring {
+            st,
+            kind,
+            lease_end,
+        }
+    }
+
+    /// The agent's lease was renewed: it is live until its new end.
+    pub(super) fn renewed(&mut self, lease: &LeaseClock) {
+        let end = lease.stop_at();
+        let mut book = self.st.lease_ends.lock().unwrap();
+        if let Some(old) = self.lease_end.replace(end) {
+            unbook(&mut book, old);
+        }
+        *book.entry(end).or_default() += 1;
+    }
+}
+
+fn unbook(book: &mut BTreeMap<tokio::time::Instant, u32>, end: tokio::time::Instant) {
+    if let std::collections::btree_map::Entry::Occupied(mut e) = book.entry(end) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
     }
 }
 
 impl Drop for Transferring<'_> {
     fn drop(&mut self) {
-        self.0.downloading.fetch_sub(1, Ordering::SeqCst);
-        if self.1 == Kind::Ddi {
-            self.0.ddi_downloading.fetch_sub(1, Ordering::SeqCst);
+        let mut book = self.st.lease_ends.lock().unwrap();
+        if let Some(end) = self.lease_end {
+            unbook(&mut book, end);
+        }
+        self.st.downloading.fetch_sub(1, Ordering::SeqCst);
+        if self.kind == Kind::Ddi {
+            self.st.ddi_downloading.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -621,7 +697,7 @@ async fn start_update(
         .unwrap()
         .push(sh.started.elapsed().as_millis() as u64);
     let fetched = {
-        let _t = Transferring::start(sh, Kind::Agent);
+        let _t = Transferring::agent(sh, &lease);
         tokio::select! {
             r = dev.d.client.fetch_manifest(&offer.manifest_url, &offer.manifest_sha256) => r.map_err(|e| format!("manifest: {e}")),
             _ = lease_runs_out(&lease) => Err("manifest: the lease ran out before it arrived".into()),
@@ -739,9 +815,9 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
     let mut killed = false;
     let mut server_cancel = false;
     let mut lease_lost = false;
-    let _counted = Transferring::start(sh, Kind::Agent);
     let mut applied_now = 0usize;
     let mut lease = h.lease;
+    let mut counted = Transferring::agent(sh, &lease);
     let done = &mut h.done;
     let result = {
         tokio::pin!(pool_fut);
@@ -800,6 +876,7 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                         }
                         Some(Action::Update(o)) if o.update_id == update_id && !lease_lost => {
                             lease.renewed(sent);
+                            counted.renewed(&lease);
                         }
                         _ => {}
                     }
