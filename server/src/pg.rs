@@ -709,6 +709,11 @@ impl PgState {
                     rolled_back: c[6],
                     cancelled: ph("cancelled"),
                     waiting_for_window: ph("waiting-for-window"),
+                    in_progress: Phase::ALL
+                        .iter()
+                        .filter(|p| p.is_in_progress())
+                        .map(|p| ph(p.name()))
+                        .sum(),
                     bytes_served: c[7],
                 }
             })

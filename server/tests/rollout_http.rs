@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ota_format::api::*;
-use ota_server::rollout::{OnFailure, RolloutState};
+use ota_server::rollout::{OnFailure, RolloutState, RolloutStatus};
 
 async fn fleet(ts: &TestServer, n: usize, device_type: &str) -> Vec<Sim> {
     let http = http();
@@ -434,6 +434,42 @@ async fn a_failed_download_is_retried_up_to_max_retries() {
         Action::None
     );
     assert_eq!(ts.status(&r.id).await.totals().failed, 1);
+}
+
+/// Issue 14's paused screenshot read "leases 3 / 4" beside "in progress
+/// 0": the dashboard derived in progress from `admitted`, which counted
+/// attempts while the server ran but only members not waiting to retry
+/// after a restart. `in_progress` is counted from the members' phases, and
+/// `admitted` counts attempts across a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_progress_counts_members_in_flight_and_admissions_survive_a_restart() {
+    let mut ts = TestServer::with_two_releases(60_000).await;
+    let d = fleet(&ts, 4, "t").await;
+    let mut s = spec("2.0", "t");
+    s.max_retries = 2;
+    s.min_sample = 100;
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+    let mut offers = Vec::new();
+    for dev in &d {
+        let Action::Update(o) = dev.checkin("1.0", AgentState::Idle, None).await.action else {
+            panic!("{} was not admitted", dev.id)
+        };
+        offers.push(o);
+    }
+    // Two fail with retries left: back to waiting, leases released.
+    for (dev, o) in d.iter().zip(&offers).take(2) {
+        dev.event(&o.update_id, EventKind::Failed).await;
+    }
+    let check = |st: &RolloutStatus, when: &str| {
+        let t = st.totals();
+        assert_eq!(st.active_leases, 2, "{when}: leases");
+        assert_eq!(t.in_progress, 2, "{when}: in progress {t:?}");
+        assert_eq!(t.waiting, 2, "{when}: waiting to retry {t:?}");
+        assert_eq!(t.admitted, 4, "{when}: attempts admitted {t:?}");
+    };
+    check(&ts.status(&r.id).await, "running");
+    ts.restart().await;
+    check(&ts.status(&r.id).await, "after a restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -344,6 +344,26 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
             .await
             .is_ok()
     );
+    // Every lease holder is a device in progress, read from one drawing
+    // of the card (the screenshot of an earlier version showed "leases
+    // 3 / 4" beside "in progress 0": it derived it from `admitted`).
+    let drawn = c
+        .execute(
+            "const card = document.querySelector(arguments[0]);
+             const leases = parseInt(card.querySelector('.leases').textContent, 10);
+             let inProgress = 0;
+             for (const e of card.querySelectorAll('.legend .count.in-progress'))
+               inProgress += parseInt(e.textContent.replace('in progress ', ''), 10);
+             return [leases, inProgress];",
+            vec![serde_json::json!(card)],
+        )
+        .await
+        .unwrap();
+    let (leases, in_progress) = (drawn[0].as_u64().unwrap(), drawn[1].as_u64().unwrap());
+    assert!(
+        in_progress >= leases,
+        "{leases} leases held but {in_progress} devices shown in progress"
+    );
     shot(&c, &shots, "rollouts-paused").await;
 
     // A device that committed: its attempts and event history.

@@ -205,14 +205,15 @@ function rolloutsPage(page) {
 }
 
 // Segments of a wave's bar, in the order drawn.
-// `installed` and `admitted` are running totals in a status (a committed
-// device was installed and admitted once); `downloading`, `waiting` (to
-// retry) and `cancelled` are devices in that phase now.
+// `in_progress`, `cancelled` and `waiting` (to retry) are members in those
+// phases now, counted by the server; `committed`, `failed` and
+// `rolled_back` are final. In progress is not derived from `admitted`:
+// that counts attempts while the server runs and members after a restart,
+// and the difference showed "in progress 0" beside leases held.
 function segments(w) {
   const committed = w.committed + w.already_current;
   const finished = committed + w.failed + w.rolled_back + w.cancelled;
-  const inProgress = Math.max(0, Math.min(w.eligible - finished,
-    w.admitted - w.committed - w.failed - w.rolled_back - w.cancelled - w.waiting));
+  const inProgress = Math.max(0, Math.min(w.eligible - finished, w.in_progress));
   const done = finished + inProgress;
   return [
     ['committed', committed],

@@ -274,6 +274,51 @@ pub enum Phase {
 /// Phases a status counts (the length of its per-phase table).
 pub const PHASES: usize = 10;
 
+impl Phase {
+    /// Every phase, in declaration order (`p as usize` indexes it).
+    pub const ALL: [Phase; PHASES] = [
+        Phase::Waiting,
+        Phase::Downloading,
+        Phase::Downloaded,
+        Phase::Installed,
+        Phase::Rebooting,
+        Phase::Committed,
+        Phase::Failed,
+        Phase::RolledBack,
+        Phase::Cancelled,
+        Phase::WaitingForWindow,
+    ];
+
+    /// Admitted and not finished, and not back to waiting for a retry:
+    /// the dashboard's "in progress".
+    pub fn is_in_progress(self) -> bool {
+        matches!(
+            self,
+            Phase::Downloading
+                | Phase::Downloaded
+                | Phase::WaitingForWindow
+                | Phase::Installed
+                | Phase::Rebooting
+        )
+    }
+
+    /// The name stored and shown (`waiting-for-window`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting",
+            Phase::Downloading => "downloading",
+            Phase::Downloaded => "downloaded",
+            Phase::Installed => "installed",
+            Phase::Rebooting => "rebooting",
+            Phase::Committed => "committed",
+            Phase::Failed => "failed",
+            Phase::RolledBack => "rolled-back",
+            Phase::Cancelled => "cancelled",
+            Phase::WaitingForWindow => "waiting-for-window",
+        }
+    }
+}
+
 /// A device's record in a rollout.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Member {
@@ -879,9 +924,10 @@ impl Rollouts {
                 continue;
             };
             let c = &r.waves[m.wave.min(r.waves.len() - 1)];
-            if m.phase != Phase::Waiting {
-                c.admitted.fetch_add(1, Ordering::Relaxed);
-            }
+            // Admissions, as counted while running: one per attempt
+            // started (a member waiting to retry was admitted before).
+            c.admitted
+                .fetch_add(u64::from(m.attempt), Ordering::Relaxed);
             match m.phase {
                 Phase::Downloading => {
                     r.throttle
@@ -1555,6 +1601,11 @@ impl Rollouts {
                     rolled_back: c.rolled_back.load(Ordering::Relaxed),
                     cancelled: ph[Phase::Cancelled as usize],
                     waiting_for_window: ph[Phase::WaitingForWindow as usize],
+                    in_progress: Phase::ALL
+                        .iter()
+                        .filter(|p| p.is_in_progress())
+                        .map(|&p| ph[p as usize])
+                        .sum(),
                     bytes_served: c.bytes_served.load(Ordering::Relaxed),
                 }
             })
@@ -1745,6 +1796,14 @@ pub struct WaveStatus {
     /// Downloaded, verified, waiting for a maintenance window (no lease).
     #[serde(default)]
     pub waiting_for_window: u64,
+    /// Members on their way now: downloading, downloaded, waiting for a
+    /// window, installed or rebooting ([`Phase::is_in_progress`]). Counted
+    /// from the members' phases, unlike `admitted` (attempts while the
+    /// server runs, members after a restart), from which it cannot be
+    /// derived: the dashboard did, and showed "in progress 0" beside
+    /// download leases held.
+    #[serde(default)]
+    pub in_progress: u64,
     pub bytes_served: u64,
 }
 
@@ -1843,6 +1902,7 @@ impl RolloutStatus {
             rolled_back: 0,
             cancelled: 0,
             waiting_for_window: 0,
+            in_progress: 0,
             bytes_served: 0,
         };
         for w in &self.waves {
@@ -1857,6 +1917,7 @@ impl RolloutStatus {
             t.rolled_back += w.rolled_back;
             t.cancelled += w.cancelled;
             t.waiting_for_window += w.waiting_for_window;
+            t.in_progress += w.in_progress;
             t.bytes_served += w.bytes_served;
         }
         t
@@ -1866,5 +1927,21 @@ impl RolloutStatus {
 impl From<sled::Error> for RolloutError {
     fn from(e: sled::Error) -> Self {
         RolloutError::Store(e.into())
+    }
+}
+
+#[cfg(test)]
+mod phase_tests {
+    use super::*;
+
+    #[test]
+    fn phase_names_are_the_stored_names_and_all_is_in_index_order() {
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i);
+            assert_eq!(
+                serde_json::to_value(p).unwrap(),
+                serde_json::Value::from(p.name())
+            );
+        }
     }
 }
