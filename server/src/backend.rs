@@ -653,7 +653,7 @@ impl LocalState {
         rollout: Option<&crate::rollout::Rollout>,
         page: &mut PageBuilder<'_>,
     ) {
-        self.fleet.for_each(|dev| {
+        let mut visit = |dev: &crate::fleet::Device| {
             let rec = dev.record.lock().unwrap();
             let live = dev.live.lock().unwrap();
             let state = (live.last_seen_ms > 0).then_some(live.state);
@@ -676,7 +676,14 @@ impl LocalState {
                 last_seen_ms: live.last_seen_ms,
                 tags: rec.tags.clone(),
             });
-        });
+        };
+        match &filter.ids {
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| self.fleet.get(id))
+                .for_each(|d| visit(&d)),
+            None => self.fleet.for_each(visit),
+        }
     }
 }
 

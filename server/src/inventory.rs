@@ -48,6 +48,12 @@ pub struct DeviceQuery {
     pub after: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// `ID[,ID...]`: only these devices (at most [`MAX_LIMIT`]), looked up
+    /// one by one instead of scanning the fleet; `total` then counts the
+    /// ones that exist and match. What a dashboard refreshes often: the
+    /// rows it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<String>,
 }
 
 /// The state a filter asks for.
@@ -72,6 +78,8 @@ pub struct DeviceFilter {
     pub silent_since_ms: Option<u64>,
     pub after: Option<String>,
     pub limit: usize,
+    /// Only these devices (point lookups, no scan).
+    pub ids: Option<std::collections::BTreeSet<String>>,
 }
 
 impl DeviceQuery {
@@ -106,6 +114,27 @@ impl DeviceQuery {
         if !(1..=MAX_LIMIT).contains(&limit) {
             return Err(format!("limit {limit}: expected 1 to {MAX_LIMIT}"));
         }
+        let ids = match self.ids.as_deref() {
+            None => None,
+            Some(list) => {
+                let ids: std::collections::BTreeSet<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                if ids.is_empty() {
+                    return Err("ids: expected ID[,ID...], got none".into());
+                }
+                if ids.len() > MAX_LIMIT {
+                    return Err(format!(
+                        "ids: {} devices, at most {MAX_LIMIT} per request",
+                        ids.len()
+                    ));
+                }
+                Some(ids)
+            }
+        };
         let ago = |s: u64| now_ms.saturating_sub(s.saturating_mul(1000));
         Ok(DeviceFilter {
             device_type: self.device_type.clone().filter(|s| !s.is_empty()),
@@ -117,6 +146,7 @@ impl DeviceQuery {
             silent_since_ms: self.silent_for_s.map(ago),
             after: self.after.clone().filter(|s| !s.is_empty()),
             limit,
+            ids,
         })
     }
 }

@@ -908,6 +908,7 @@ async fn device_list(c: &AdminClient, a: DeviceListArgs) -> Result<()> {
         silent_for_s: a.silent_for.map(|d| d.as_secs()),
         after: a.after,
         limit: Some(a.limit),
+        ids: None,
     };
     // With --all, the human form is one table over every page.
     let mut all: Option<ota_server::inventory::DevicePage> = None;

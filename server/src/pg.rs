@@ -1673,6 +1673,13 @@ impl StateBackend for PgState {
         if let Some(t) = f.silent_since_ms {
             push(&mut conds, "last_seen_ms < ?", Box::new(t as i64));
         }
+        if let Some(ids) = &f.ids {
+            push(
+                &mut conds,
+                "id = ANY(?)",
+                Box::new(ids.iter().cloned().collect::<Vec<String>>()),
+            );
+        }
         let filtered = conds.len();
         if let Some(a) = &f.after {
             push(&mut conds, "id > ?", Box::new(a.clone()));

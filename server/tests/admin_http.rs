@@ -138,6 +138,33 @@ async fn device_list_filters_and_pages_on_the_server() {
     let (st, e) = get("rollout=r-nope").await;
     assert_eq!(st, 404);
     assert!(e.contains("r-nope"), "{e}");
+
+    // The rows a dashboard shows, refreshed by id: only those, still
+    // filtered, unknown ids left out, `total` counted within them, and as
+    // of the last check-in.
+    sims[0].checkin("1.0", AgentState::Downloading, None).await;
+    let p = ts
+        .admin
+        .device_list(&q(|q| {
+            q.ids = Some("d5,d0,nobody,d2".into());
+            q.tags = Some("site=lab".into());
+        }))
+        .await
+        .unwrap();
+    let got: Vec<&str> = p.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(got, ["d0", "d2"]);
+    assert_eq!((p.total, p.next), (2, None));
+    assert_eq!(p.devices[0].state, Some(AgentState::Downloading));
+    let (st, e) = get("ids=,,").await;
+    assert_eq!(st, 400);
+    assert!(e.contains("ids"), "{e}");
+    let many = (0..1001)
+        .map(|i| format!("x{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let url = format!("{}/api/v1/admin/devices?ids={many}", ts.base);
+    let r = http.get(url).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -387,6 +387,29 @@ async fn the_dashboard_runs_a_rollout_in_a_real_browser() {
     let total = wait_text(&c, "#device-total", |t| t.contains("match"), "device total").await;
     assert!(total.starts_with("20 device(s) match"), "{total}");
     shot(&c, &shots, "devices").await;
+
+    // The rows shown follow their devices live (by id, every 1.5 s), well
+    // before the list itself is recomputed (every 15 s).
+    let watched = Sim::enroll(&ts.base, "watched", "w", &http).await;
+    c.goto(&format!("{}/ui/#/devices?device_type=w", ts.base))
+        .await
+        .unwrap();
+    let state_cell = "#devices tr:nth-child(2) td:nth-child(4)";
+    wait_text(&c, state_cell, |t| t == "never seen", "a new device's row").await;
+    let t0 = Instant::now();
+    watched.checkin("1.0", AgentState::Downloading, None).await;
+    wait_text(
+        &c,
+        state_cell,
+        |t| t == "downloading",
+        "the row's live state",
+    )
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the row took {:?} to follow its device",
+        t0.elapsed()
+    );
     c.goto(&format!("{}/ui/#/device/{dev}", ts.base))
         .await
         .unwrap();
