@@ -54,6 +54,13 @@ pub struct Config {
     /// Labels sent at enrollment, used by rollout selectors. Default: none.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// This device's time zone, an IANA name (`Europe/Berlin`), reported in
+    /// every check-in: a rollout's `local` maintenance windows open on this
+    /// zone's wall clock. Default: the system's (`/etc/timezone`, else the
+    /// zone `/etc/localtime` links to), read at each check-in so a change
+    /// (`timedatectl set-timezone`) is reported; none if neither says.
+    #[serde(default)]
+    pub time_zone: Option<String>,
     /// File holding the fleet enrollment key, used once to obtain a device
     /// token when `token_file` does not exist yet. Default: none (then the
     /// token file must be provisioned).
@@ -480,5 +487,76 @@ env_file = "/tmp/boot.env"
         assert!(Config::from_toml(&bad, Path::new("t")).is_err());
         let bad = format!("no_such_option = 1\n{MIN}");
         assert!(Config::from_toml(&bad, Path::new("t")).is_err());
+    }
+}
+
+/// The time zone this device reports ([`Config::time_zone`]): `configured`
+/// if set, else the system's under `root` (`/` on a device): the first
+/// line of `etc/timezone`, else the zone name `etc/localtime` links to
+/// (`../usr/share/zoneinfo/Europe/Berlin`). `None` when neither gives a
+/// plausible IANA name; the server then judges `local` windows in UTC.
+pub fn device_time_zone(configured: Option<&str>, root: &std::path::Path) -> Option<String> {
+    fn plausible(n: &str) -> Option<String> {
+        let n = n.trim();
+        let ok = !n.is_empty()
+            && n.len() <= 64
+            && !n.starts_with('/')
+            && !n.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+'));
+        ok.then(|| n.to_string())
+    }
+    if let Some(c) = configured {
+        return plausible(c);
+    }
+    if let Ok(t) = std::fs::read_to_string(root.join("etc/timezone"))
+        && let Some(n) = t.lines().next().and_then(plausible)
+    {
+        return Some(n);
+    }
+    let link = std::fs::read_link(root.join("etc/localtime")).ok()?;
+    let link = link.to_str()?;
+    let (_, name) = link.rsplit_once("zoneinfo/")?;
+    plausible(name.trim_start_matches("posix/"))
+}
+
+#[cfg(test)]
+mod time_zone_tests {
+    use super::device_time_zone;
+
+    #[test]
+    fn the_configured_zone_wins_then_etc_timezone_then_the_localtime_link() {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        assert_eq!(device_time_zone(None, root.path()), None);
+        std::os::unix::fs::symlink(
+            "../usr/share/zoneinfo/America/New_York",
+            etc.join("localtime"),
+        )
+        .unwrap();
+        assert_eq!(
+            device_time_zone(None, root.path()).as_deref(),
+            Some("America/New_York")
+        );
+        std::fs::write(etc.join("timezone"), "Asia/Kolkata\n").unwrap();
+        assert_eq!(
+            device_time_zone(None, root.path()).as_deref(),
+            Some("Asia/Kolkata")
+        );
+        assert_eq!(
+            device_time_zone(Some("Asia/Dhaka"), root.path()).as_deref(),
+            Some("Asia/Dhaka")
+        );
+        // Nothing that is not a zone name goes on the wire.
+        assert_eq!(
+            device_time_zone(Some("../../etc/passwd"), root.path()),
+            None
+        );
+        std::fs::write(etc.join("timezone"), "\n").unwrap();
+        assert_eq!(
+            device_time_zone(None, root.path()).as_deref(),
+            Some("America/New_York")
+        );
     }
 }

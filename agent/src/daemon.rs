@@ -971,6 +971,10 @@ async fn main_loop(
                 let (booted, running) = agent.running()?;
                 let req = CheckinRequest {
                     install_gate: true,
+                    time_zone: crate::config::device_time_zone(
+                        agent.cfg.time_zone.as_deref(),
+                        std::path::Path::new("/"),
+                    ),
                     current_version: running.version.clone(),
                     booted_slot: booted,
                     state: match (&download, &waiting) {

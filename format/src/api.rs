@@ -144,6 +144,11 @@ pub struct CheckinRequest {
     /// open, since it would install as soon as it had downloaded.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub install_gate: bool,
+    /// The device's time zone, an IANA name (`Europe/Berlin`): what a
+    /// rollout's `local` maintenance windows are judged in for this device.
+    /// Absent from older agents and DDI targets (then UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
 }
 
 /// The server's answer to a check-in. Every variant carries the time until the

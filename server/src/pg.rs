@@ -757,7 +757,7 @@ impl PgState {
             waves,
             wave_bounds: rec.wave_bounds.clone(),
             failure_reasons,
-            next_window: crate::rollout::window::next_opening(
+            next_window: crate::rollout::window::status_next_opening(
                 &rec.spec.windows,
                 self.window_clock.now(),
             ),
@@ -1063,7 +1063,14 @@ impl StateBackend for PgState {
         });
         if let Some((m, fence)) = &member {
             if reports_waiting(req, m) {
-                let d = install_gate(&rec.id, &rec.spec, rec.state, m, self.window_clock.now());
+                let d = install_gate(
+                    &rec.id,
+                    &rec.spec,
+                    rec.state,
+                    m,
+                    self.window_clock.now(),
+                    &crate::rollout::window::DeviceZone::reported(req.time_zone.as_deref()),
+                );
                 if let Decision::Answer(Action::Cancel { .. }) = &d {
                     crate::pg_windows::cancel_waiting(&self.pool, &rec.id, m).await?;
                     let _ = throttled!(

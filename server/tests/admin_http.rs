@@ -323,6 +323,7 @@ async fn retiring_a_device_revokes_its_token_but_not_mid_update() {
         .bearer_auth(&idle.token)
         .json(&CheckinRequest {
             install_gate: false,
+            time_zone: None,
             current_version: "1.0".into(),
             booted_slot: Slot::A,
             state: AgentState::Idle,
@@ -452,6 +453,7 @@ async fn a_freshness_statement_the_device_holds_is_left_out_of_the_answer() {
     let checkin = |echo: Option<ota_format::Digest>| {
         let req = CheckinRequest {
             install_gate: false,
+            time_zone: None,
             current_version: "1.0".into(),
             booted_slot: Slot::A,
             state: AgentState::Idle,

@@ -76,6 +76,7 @@ async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta
     // An agent from before `delta_codecs` sends exactly this JSON.
     let req = CheckinRequest {
         install_gate: false,
+        time_zone: None,
         current_version: "1.0".into(),
         booted_slot: Slot::A,
         state: AgentState::Idle,

@@ -114,6 +114,7 @@ impl Fixture {
             .post(format!("{}/api/v1/devices/checkin", self.https))
             .json(&CheckinRequest {
                 install_gate: false,
+                time_zone: None,
                 current_version: "1.0".into(),
                 booted_slot: Slot::A,
                 state: AgentState::Idle,

@@ -108,6 +108,7 @@ async fn device_add_on_an_existing_id_needs_rotate() {
         base: ts.base.clone(),
         http: http(),
         seq: Default::default(),
+        time_zone: None,
     };
     dev(&first.token)
         .checkin("1.0", AgentState::Idle, None)
@@ -123,6 +124,7 @@ async fn device_add_on_an_existing_id_needs_rotate() {
         .bearer_auth(&first.token)
         .json(&CheckinRequest {
             install_gate: false,
+            time_zone: None,
             current_version: "1.0".into(),
             booted_slot: Slot::A,
             state: AgentState::Idle,

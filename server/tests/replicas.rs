@@ -170,6 +170,7 @@ async fn a_revoked_token_stops_working_on_every_replica() {
             .bearer_auth(&s.token)
             .json(&CheckinRequest {
                 install_gate: false,
+                time_zone: None,
                 current_version: "1.0".into(),
                 booted_slot: Slot::A,
                 state: AgentState::Idle,

@@ -87,6 +87,7 @@ async fn checkins(ts: &TestServer, secs: u64) -> (f64, Duration, Duration) {
             base: ts.base.clone(),
             http: http.clone(),
             seq: Default::default(),
+            time_zone: None,
         };
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {

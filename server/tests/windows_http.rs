@@ -378,6 +378,7 @@ async fn a_client_that_cannot_wait_is_admitted_only_inside_a_window() {
             let body = d
                 .checkin_raw(&CheckinRequest {
                     install_gate: false,
+                    time_zone: None,
                     current_version: "1.0".into(),
                     booted_slot: Slot::A,
                     state: AgentState::Idle,
@@ -407,4 +408,57 @@ async fn a_client_that_cannot_wait_is_admitted_only_inside_a_window() {
         matches!(legacy(&d).await, Action::Update(_)),
         "inside the window it is admitted"
     );
+}
+
+/// Issue 15, "or device-local time reported by the agent": one rollout
+/// whose window is `local` opens on each device's own wall clock, from the
+/// zone its check-ins report; a device reporting none is judged in UTC,
+/// and told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_window_opens_on_each_devices_reported_zone() {
+    let ts = TestServer::with_two_releases(5000).await;
+    let http = http();
+    let mut dhaka = Sim::enroll(&ts.base, "dev-dhaka", "t", &http).await;
+    dhaka.time_zone = Some("Asia/Dhaka".into()); // UTC+06:00, no DST
+    let mut kolkata = Sim::enroll(&ts.base, "dev-kolkata", "t", &http).await;
+    kolkata.time_zone = Some("Asia/Kolkata".into()); // UTC+05:30, no DST
+    let nowhere = Sim::enroll(&ts.base, "dev-nowhere", "t", &http).await;
+    // Opened 10 minutes ago on Dhaka's wall clock, for 20 minutes: Kolkata's
+    // clock is 30 minutes behind, so its window opens in 20 minutes.
+    let start = jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::from_mins(10))
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::get("Asia/Dhaka").unwrap());
+    let w = Window::parse(&format!(
+        "daily {:02}:{:02}+20m local",
+        start.hour(),
+        start.minute()
+    ))
+    .unwrap();
+    let mut s = spec("2.0", "t");
+    s.windows = vec![w];
+    let r = ts.admin.rollout_create(&s).await.unwrap();
+    assert!(
+        ts.status(&r.id)
+            .await
+            .next_window
+            .unwrap()
+            .contains("each device's own zone")
+    );
+    let (od, ok, on) = (
+        admitted(&dhaka).await,
+        admitted(&kolkata).await,
+        admitted(&nowhere).await,
+    );
+    assert_eq!(downloaded_and_waiting(&dhaka, &od).await, install_of(&od));
+    let wait = downloaded_and_waiting(&kolkata, &ok).await;
+    assert_told_to_wait_for_window(&wait);
+    assert!(format!("{wait:?}").contains("Asia/Kolkata"), "{wait:?}");
+    let wait = downloaded_and_waiting(&nowhere, &on).await;
+    assert_told_to_wait_for_window(&wait);
+    assert!(format!("{wait:?}").contains("UTC"), "{wait:?}");
+    // 25 minutes on: Kolkata's window is open, Dhaka's has closed.
+    ts.app().state.window_clock().set_offset_ms(25 * 60_000);
+    assert_eq!(waiting_checkin(&kolkata, &ok).await, install_of(&ok));
+    assert_told_to_wait_for_window(&waiting_checkin(&nowhere, &on).await);
 }

@@ -5,7 +5,9 @@
 //! and keeps its verified slot; one device installs on its own
 //! `ota-agent install-now`, one on the operator's `rollout install-now
 //! --devices`, the last when the server's window clock (moved through the
-//! test-build hook, not hours of sleep) enters the window.
+//! test-build hook, not hours of sleep) enters the window. The window is
+//! `local`: it opens on the devices' own wall clock, in the zone the agents
+//! report (their `time_zone` setting).
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -15,15 +17,21 @@ use ota_tests::{bin, images};
 
 const HOUR_MS: i64 = 3_600_000;
 
-/// A daily one-hour UTC window opening six hours from now.
-fn window_six_hours_ahead() -> String {
+/// A daily one-hour window in each device's own zone (`local`) opening six
+/// hours from now for the devices here, which say they are in Asia/Dhaka
+/// (UTC+06:00 all year): judged in UTC, as it would be if the agent did not
+/// report its zone, it would open twelve hours from now instead.
+fn local_window_six_hours_ahead() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let at = (now + 6 * 3600) % 86_400;
-    format!("daily {:02}:{:02}+1h UTC", at / 3600, at % 3600 / 60)
+    let at = (now + 6 * 3600 + 6 * 3600) % 86_400;
+    format!("daily {:02}:{:02}+1h local", at / 3600, at % 3600 / 60)
 }
+
+/// The agents' configured zone (`time_zone`), reported in their check-ins.
+const ZONE: &str = "Asia/Dhaka";
 
 fn set_window_clock(base: &str, offset_ms: i64) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -125,9 +133,15 @@ fn devices_download_outside_the_window_wait_without_leases_and_install_on_each_t
     }
     let devs: Vec<Dev> = ["win-a", "win-b", "win-c"]
         .iter()
-        .map(|n| device(root.path(), n, &base, &sdir, &v1, "true"))
+        .map(|n| {
+            let d = device(root.path(), n, &base, &sdir, &v1, "true");
+            let cfg = std::fs::read_to_string(&d.cfg).unwrap();
+            let cfg = cfg.replace("[slots]", &format!("time_zone = \"{ZONE}\"\n[slots]"));
+            std::fs::write(&d.cfg, cfg).unwrap();
+            d
+        })
         .collect();
-    let window = window_six_hours_ahead();
+    let window = local_window_six_hours_ahead();
     // Cap 1: three devices can only all get through if waiting ones give
     // their download slot back.
     let id = cli(

@@ -212,6 +212,7 @@ async fn target(
 fn idle_request(dev: &AuthedDevice, version: Option<&str>) -> CheckinRequest {
     CheckinRequest {
         install_gate: false,
+        time_zone: None,
         current_version: version
             .or(dev.version.as_deref())
             .unwrap_or(UNKNOWN_VERSION)
@@ -261,8 +262,14 @@ fn window_state(app: &App, spec: &RolloutSpec, m: &Member) -> Option<Maintenance
     if !app.config.ddi.download_ahead || spec.windows.is_empty() {
         return None;
     }
-    let open =
-        m.install_now || window::install_allowed(&spec.windows, app.state.window_clock().now());
+    // A DDI target reports no time zone: its `local` windows are UTC
+    // (docs/ddi.md).
+    let open = m.install_now
+        || window::install_allowed(
+            &spec.windows,
+            app.state.window_clock().now(),
+            &window::DeviceZone::utc(),
+        );
     Some(if open {
         MaintenanceWindow::Available
     } else {

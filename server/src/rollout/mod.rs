@@ -707,6 +707,7 @@ pub(crate) fn install_gate(
     state: RolloutState,
     m: &Member,
     now: jiff::Timestamp,
+    zone: &window::DeviceZone,
 ) -> Decision {
     let span = info_span!("install_gate", rollout = %id, device = %m.device);
     let _g = span.enter();
@@ -726,18 +727,25 @@ pub(crate) fn install_gate(
         }
         RolloutState::Active | RolloutState::Completed => {}
     }
-    if m.install_now || window::install_allowed(&spec.windows, now) {
+    if m.install_now || window::install_allowed(&spec.windows, now, zone) {
         info!(update_id = %m.update_id, operator = m.install_now, "install allowed");
         return Decision::Answer(Action::Install {
             update_id: m.update_id.clone(),
         });
     }
     Decision::Wait {
-        reason: match window::next_opening(&spec.windows, now) {
-            Some(t) => {
-                format!("outside the maintenance windows of rollout {id}; the next opens at {t}")
+        reason: {
+            let local = if spec.windows.iter().any(window::Window::is_device_local) {
+                format!(" (`local` windows: {})", zone.describe())
+            } else {
+                String::new()
+            };
+            match window::next_opening(&spec.windows, now, zone) {
+                Some(t) => format!(
+                    "outside the maintenance windows of rollout {id}{local}; the next opens at {t}"
+                ),
+                None => format!("outside the maintenance windows of rollout {id}{local}"),
             }
-            None => format!("outside the maintenance windows of rollout {id}"),
         },
         class: "window",
         near_head: false,
@@ -755,10 +763,14 @@ pub(crate) fn ungated_outside_window(
     req: &ota_format::api::CheckinRequest,
     now: jiff::Timestamp,
 ) -> Option<Decision> {
-    if spec.windows.is_empty() || req.install_gate || window::install_allowed(&spec.windows, now) {
+    if spec.windows.is_empty() || req.install_gate {
         return None;
     }
-    let next = window::next_opening(&spec.windows, now)
+    let zone = window::DeviceZone::reported(req.time_zone.as_deref());
+    if window::install_allowed(&spec.windows, now, &zone) {
+        return None;
+    }
+    let next = window::next_opening(&spec.windows, now, &zone)
         .map(|t| format!("; the next opens at {t}"))
         .unwrap_or_default();
     Some(Decision::Wait {
@@ -1251,7 +1263,14 @@ impl Rollouts {
         let p = **self.pacing.load();
         if let Some(mut m) = r.members.get_mut(device) {
             if reports_waiting(req, &m) {
-                let d = install_gate(&r.id, &r.spec, state, &m, self.window_clock.now());
+                let d = install_gate(
+                    &r.id,
+                    &r.spec,
+                    state,
+                    &m,
+                    self.window_clock.now(),
+                    &window::DeviceZone::reported(req.time_zone.as_deref()),
+                );
                 if let Decision::Answer(Action::Cancel { .. }) = &d {
                     r.throttle.release(device);
                     m.phase = Phase::Cancelled;
@@ -1629,7 +1648,7 @@ impl Rollouts {
             waves,
             wave_bounds: r.bounds.clone(),
             failure_reasons: reasons.top(),
-            next_window: window::next_opening(&r.spec.windows, self.window_clock.now()),
+            next_window: window::status_next_opening(&r.spec.windows, self.window_clock.now()),
         }
     }
 

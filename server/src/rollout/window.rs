@@ -4,11 +4,23 @@
 //! A window is a recurring local time in a named IANA zone, written as an
 //! operator types it: `DAYS HH:MM+DURATION ZONE`, e.g.
 //! `mon-fri 02:00+3h Europe/Berlin`, `sat,sun 22:30+90m America/New_York`,
-//! `daily 01:00+1h30m UTC`. DAYS is `daily` or a comma list of days and
+//! `daily 01:00+1h30m UTC`, or `daily 02:00+3h local` (below). DAYS is
+//! `daily` or a comma list of days and
 //! day ranges (`mon-fri`, `fri-mon` wraps, `mon,wed,fri`). A [`Window`] can
 //! only be made by parsing ([`Window::parse`], also what deserialising
 //! does), so a bad window cannot exist: the error names the part that is
 //! wrong.
+//!
+//! # Device-local windows
+//!
+//! ZONE `local` is each device's own zone, as it reports it in its
+//! check-in (`time_zone`, an IANA name: the agent's `time_zone` setting,
+//! else `/etc/timezone` or the `/etc/localtime` link): one rollout over a
+//! fleet spread across zones then switches every device at 02:00 on its
+//! own wall clock. A device that reports no zone, or one the server's
+//! database does not know, is judged in UTC, and the answer that tells it
+//! to wait says so ([`DeviceZone`]). DDI targets report none: for them a
+//! `local` window is a UTC window.
 //!
 //! # Time zones and DST
 //!
@@ -60,7 +72,47 @@ pub struct Window {
     minute: i8,
     duration_min: u32,
     zone: String,
+    /// `None`: the device's own zone (`local`).
+    tz: Option<TimeZone>,
+}
+
+/// The zone a device's `local` windows are judged in: the one it reported,
+/// else UTC.
+#[derive(Clone, Debug)]
+pub struct DeviceZone {
     tz: TimeZone,
+    /// The IANA name the device reported, if the database knows it.
+    name: Option<String>,
+}
+
+impl DeviceZone {
+    /// The zone of a device that reported `reported` (its check-in's
+    /// `time_zone`); UTC when absent or unknown here.
+    pub fn reported(reported: Option<&str>) -> DeviceZone {
+        match reported.map(|n| (n, TimeZone::get(n))) {
+            Some((n, Ok(tz))) => DeviceZone {
+                tz,
+                name: Some(n.to_string()),
+            },
+            _ => DeviceZone::utc(),
+        }
+    }
+
+    /// A device with no zone of its own (DDI targets, old agents).
+    pub fn utc() -> DeviceZone {
+        DeviceZone {
+            tz: TimeZone::UTC,
+            name: None,
+        }
+    }
+
+    /// What the device's `local` means, for messages.
+    pub fn describe(&self) -> String {
+        match &self.name {
+            Some(n) => format!("the device's zone {n}"),
+            None => "UTC (the device reported no time zone this server knows)".into(),
+        }
+    }
 }
 
 // Two windows are equal when they read the same (the zone is its name).
@@ -157,12 +209,17 @@ impl Window {
         })?;
         let (hour, minute) = parse_start(start)?;
         let duration_min = parse_duration(duration)?;
-        let tz = TimeZone::get(zone).map_err(|e| {
-            format!(
-                "window zone {zone:?} is not in the system's time zone database ({e}); \
-                 use an IANA name such as Europe/Berlin or UTC"
-            )
-        })?;
+        let tz = if zone == "local" {
+            None
+        } else {
+            Some(TimeZone::get(zone).map_err(|e| {
+                format!(
+                    "window zone {zone:?} is not in the system's time zone database ({e}); \
+                     use an IANA name such as Europe/Berlin or UTC, or `local` for each \
+                     device's own zone"
+                )
+            })?)
+        };
         Ok(Window {
             days,
             hour,
@@ -173,9 +230,18 @@ impl Window {
         })
     }
 
-    /// The zone's IANA name.
+    /// The zone's IANA name, or `local`.
     pub fn zone(&self) -> &str {
         &self.zone
+    }
+
+    /// In each device's own zone (`local`).
+    pub fn is_device_local(&self) -> bool {
+        self.tz.is_none()
+    }
+
+    fn tz<'a>(&'a self, device: &'a DeviceZone) -> &'a TimeZone {
+        self.tz.as_ref().unwrap_or(&device.tz)
     }
 
     fn opens_on(&self, d: Weekday) -> bool {
@@ -184,7 +250,7 @@ impl Window {
 
     /// The occurrence that opens on local date `date`, as [open, close)
     /// instants, if the window opens that day.
-    fn occurrence(&self, date: Date) -> Option<(Zoned, Zoned)> {
+    fn occurrence(&self, date: Date, tz: &TimeZone) -> Option<(Zoned, Zoned)> {
         if !self.opens_on(date.weekday()) {
             return None;
         }
@@ -192,35 +258,41 @@ impl Window {
         let end = start
             .checked_add(jiff::Span::new().minutes(i64::from(self.duration_min)))
             .ok()?;
-        let open = start.to_zoned(self.tz.clone()).ok()?;
-        let close = end.to_zoned(self.tz.clone()).ok()?;
+        let open = start.to_zoned(tz.clone()).ok()?;
+        let close = end.to_zoned(tz.clone()).ok()?;
         Some((open, close))
     }
 
     /// The occurrences that may contain or follow `now`: those opening from
     /// 8 days before (a week-long window opened last week) to 8 days after.
-    fn occurrences_around(&self, now: Timestamp) -> impl Iterator<Item = (Zoned, Zoned)> + '_ {
-        let today = now.to_zoned(self.tz.clone()).date();
+    fn occurrences_around<'a>(
+        &'a self,
+        now: Timestamp,
+        tz: &'a TimeZone,
+    ) -> impl Iterator<Item = (Zoned, Zoned)> + 'a {
+        let today = now.to_zoned(tz.clone()).date();
         (-8i64..=8).filter_map(move |k| {
             let d = today.checked_add(jiff::Span::new().days(k)).ok()?;
-            self.occurrence(d)
+            self.occurrence(d, tz)
         })
     }
 
-    /// Whether the window is open at `now`.
-    pub fn is_open(&self, now: Timestamp) -> bool {
-        self.occurrences_around(now)
+    /// Whether the window is open at `now` for a device in `device`'s zone
+    /// (which matters only to a `local` window).
+    pub fn is_open(&self, now: Timestamp, device: &DeviceZone) -> bool {
+        self.occurrences_around(now, self.tz(device))
             .any(|(o, c)| o.timestamp() <= now && now < c.timestamp())
     }
 
     /// When the window next opens at or after `now` (`now` itself when it
-    /// is open), in its zone.
-    pub fn next_open(&self, now: Timestamp) -> Option<Zoned> {
-        self.occurrences_around(now)
+    /// is open), in its zone (a `local` window: in `device`'s).
+    pub fn next_open(&self, now: Timestamp, device: &DeviceZone) -> Option<Zoned> {
+        let tz = self.tz(device);
+        self.occurrences_around(now, tz)
             .filter(|(_, c)| c.timestamp() > now)
             .map(|(o, _)| {
                 if o.timestamp() < now {
-                    now.to_zoned(self.tz.clone())
+                    now.to_zoned(tz.clone())
                 } else {
                     o
                 }
@@ -279,20 +351,33 @@ pub fn check_windows(ws: &[Window]) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether a device may switch now under `windows`: always without
-/// windows; else when any of them is open.
-pub fn install_allowed(windows: &[Window], now: Timestamp) -> bool {
-    windows.is_empty() || windows.iter().any(|w| w.is_open(now))
+/// Whether a device in zone `device` may switch now under `windows`:
+/// always without windows; else when any of them is open.
+pub fn install_allowed(windows: &[Window], now: Timestamp, device: &DeviceZone) -> bool {
+    windows.is_empty() || windows.iter().any(|w| w.is_open(now, device))
 }
 
-/// When the earliest of `windows` next opens (RFC 3339 with its zone), for
-/// the answer that tells a device to wait and for `rollout status`.
-pub fn next_opening(windows: &[Window], now: Timestamp) -> Option<String> {
+/// When the earliest of `windows` next opens for a device in zone `device`
+/// (RFC 3339 with its zone), for the answer that tells a device to wait
+/// and for `rollout status` (which passes UTC: see [`local_note`]).
+pub fn next_opening(windows: &[Window], now: Timestamp, device: &DeviceZone) -> Option<String> {
     windows
         .iter()
-        .filter_map(|w| w.next_open(now))
+        .filter_map(|w| w.next_open(now, device))
         .min_by_key(|z| z.timestamp())
         .map(|z| z.strftime("%Y-%m-%dT%H:%M%:z[%Q]").to_string())
+}
+
+/// For the rollout's own status, where no one device's zone applies: the
+/// next opening of its windows with `local` ones read in UTC, and a note
+/// saying so when there are such windows.
+pub fn status_next_opening(windows: &[Window], now: Timestamp) -> Option<String> {
+    let next = next_opening(windows, now, &DeviceZone::utc())?;
+    Some(if windows.iter().any(Window::is_device_local) {
+        format!("{next} (`local` windows open at that wall-clock time in each device's own zone)")
+    } else {
+        next
+    })
 }
 
 /// Whether a member in `phase` has not installed yet (what
@@ -333,6 +418,54 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         s.parse().unwrap()
+    }
+
+    fn u() -> DeviceZone {
+        DeviceZone::utc()
+    }
+
+    #[test]
+    fn a_local_window_opens_on_each_devices_own_wall_clock() {
+        let w = Window::parse("daily 13:00+1h local").unwrap();
+        assert!(w.is_device_local());
+        assert_eq!(w.to_string(), "daily 13:00+1h local");
+        let dhaka = DeviceZone::reported(Some("Asia/Dhaka")); // +06:00
+        let kolkata = DeviceZone::reported(Some("Asia/Kolkata")); // +05:30
+        // 07:10Z is 13:10 in Dhaka, 12:40 in Kolkata.
+        assert!(w.is_open(at("2026-12-02T07:10:00Z"), &dhaka));
+        assert!(!w.is_open(at("2026-12-02T07:10:00Z"), &kolkata));
+        assert!(w.is_open(at("2026-12-02T07:40:00Z"), &kolkata));
+        assert_eq!(
+            next_opening(
+                std::slice::from_ref(&w),
+                at("2026-12-02T07:10:00Z"),
+                &kolkata
+            )
+            .unwrap(),
+            "2026-12-02T13:00+05:30[Asia/Kolkata]"
+        );
+        // No zone, or one this server does not know: UTC, and said so.
+        for z in [
+            DeviceZone::reported(None),
+            DeviceZone::reported(Some("Mars/Olympus")),
+        ] {
+            assert!(w.is_open(at("2026-12-02T13:30:00Z"), &z));
+            assert!(!w.is_open(at("2026-12-02T07:10:00Z"), &z));
+            assert!(z.describe().contains("UTC"), "{}", z.describe());
+        }
+        assert!(dhaka.describe().contains("Asia/Dhaka"));
+        // A named zone ignores the device's.
+        let berlin = Window::parse("daily 13:00+1h Europe/Berlin").unwrap();
+        assert!(!berlin.is_device_local());
+        assert_eq!(
+            berlin.is_open(at("2026-12-02T12:30:00Z"), &dhaka),
+            berlin.is_open(at("2026-12-02T12:30:00Z"), &u())
+        );
+        assert!(
+            status_next_opening(&[w], at("2026-12-02T07:10:00Z"))
+                .unwrap()
+                .contains("each device's own zone")
+        );
     }
 
     #[test]
@@ -381,32 +514,32 @@ mod tests {
     fn open_and_next_opening_in_a_plain_week() {
         // 2026-12-02 is a Wednesday; Berlin is UTC+1 in winter.
         let w = Window::parse("mon-fri 02:00+3h Europe/Berlin").unwrap();
-        assert!(!w.is_open(at("2026-12-02T00:59:59Z")));
-        assert!(w.is_open(at("2026-12-02T01:00:00Z")));
-        assert!(w.is_open(at("2026-12-02T03:59:59Z")));
-        assert!(!w.is_open(at("2026-12-02T04:00:00Z")));
+        assert!(!w.is_open(at("2026-12-02T00:59:59Z"), &u()));
+        assert!(w.is_open(at("2026-12-02T01:00:00Z"), &u()));
+        assert!(w.is_open(at("2026-12-02T03:59:59Z"), &u()));
+        assert!(!w.is_open(at("2026-12-02T04:00:00Z"), &u()));
         assert_eq!(
-            next_opening(std::slice::from_ref(&w), at("2026-12-02T12:00:00Z")).unwrap(),
+            next_opening(std::slice::from_ref(&w), at("2026-12-02T12:00:00Z"), &u()).unwrap(),
             "2026-12-03T02:00+01:00[Europe/Berlin]"
         );
         // Friday afternoon: next is Monday.
         assert_eq!(
-            next_opening(std::slice::from_ref(&w), at("2026-12-04T12:00:00Z")).unwrap(),
+            next_opening(std::slice::from_ref(&w), at("2026-12-04T12:00:00Z"), &u()).unwrap(),
             "2026-12-07T02:00+01:00[Europe/Berlin]"
         );
         // Inside: now.
-        assert!(w.next_open(at("2026-12-02T02:00:00Z")).is_some());
-        assert!(!w.is_open(at("2026-12-05T01:30:00Z")), "Saturday");
+        assert!(w.next_open(at("2026-12-02T02:00:00Z"), &u()).is_some());
+        assert!(!w.is_open(at("2026-12-05T01:30:00Z"), &u()), "Saturday");
     }
 
     #[test]
     fn a_window_past_midnight_belongs_to_the_day_it_opens() {
         let w = Window::parse("fri 23:00+4h UTC").unwrap();
         // Saturday 02:00 is inside Friday's window.
-        assert!(w.is_open(at("2026-12-05T02:00:00Z")));
-        assert!(!w.is_open(at("2026-12-05T03:00:00Z")));
+        assert!(w.is_open(at("2026-12-05T02:00:00Z"), &u()));
+        assert!(!w.is_open(at("2026-12-05T03:00:00Z"), &u()));
         // Thursday night is not.
-        assert!(!w.is_open(at("2026-12-04T02:00:00Z")));
+        assert!(!w.is_open(at("2026-12-04T02:00:00Z"), &u()));
     }
 
     #[test]
@@ -415,17 +548,17 @@ mod tests {
         // (01:00 UTC). 02:00 does not exist: the window opens at 03:00
         // CEST (01:00 UTC) and closes at 05:00 CEST (03:00 UTC).
         let w = Window::parse("sun 02:00+3h Europe/Berlin").unwrap();
-        assert!(!w.is_open(at("2026-03-29T00:59:59Z")));
-        assert!(w.is_open(at("2026-03-29T01:00:00Z")));
-        assert!(w.is_open(at("2026-03-29T02:59:59Z")));
-        assert!(!w.is_open(at("2026-03-29T03:00:00Z")));
+        assert!(!w.is_open(at("2026-03-29T00:59:59Z"), &u()));
+        assert!(w.is_open(at("2026-03-29T01:00:00Z"), &u()));
+        assert!(w.is_open(at("2026-03-29T02:59:59Z"), &u()));
+        assert!(!w.is_open(at("2026-03-29T03:00:00Z"), &u()));
         // The Sunday before, in CET: 01:00 to 04:00 UTC.
-        assert!(w.is_open(at("2026-03-22T01:00:00Z")));
-        assert!(w.is_open(at("2026-03-22T03:59:59Z")));
-        assert!(!w.is_open(at("2026-03-22T04:00:00Z")));
+        assert!(w.is_open(at("2026-03-22T01:00:00Z"), &u()));
+        assert!(w.is_open(at("2026-03-22T03:59:59Z"), &u()));
+        assert!(!w.is_open(at("2026-03-22T04:00:00Z"), &u()));
         // And the Sunday after, in CEST: 00:00 to 03:00 UTC.
-        assert!(w.is_open(at("2026-04-05T00:00:00Z")));
-        assert!(!w.is_open(at("2026-04-05T03:00:00Z")));
+        assert!(w.is_open(at("2026-04-05T00:00:00Z"), &u()));
+        assert!(!w.is_open(at("2026-04-05T03:00:00Z"), &u()));
     }
 
     #[test]
@@ -434,12 +567,12 @@ mod tests {
         // CET (01:00 UTC). The window opens at the first 02:00 (CEST,
         // 00:00 UTC) and closes at 05:00 CET (04:00 UTC): four hours.
         let w = Window::parse("sun 02:00+3h Europe/Berlin").unwrap();
-        assert!(!w.is_open(at("2026-10-24T23:59:59Z")));
-        assert!(w.is_open(at("2026-10-25T00:00:00Z")));
-        assert!(w.is_open(at("2026-10-25T03:59:59Z")));
-        assert!(!w.is_open(at("2026-10-25T04:00:00Z")));
+        assert!(!w.is_open(at("2026-10-24T23:59:59Z"), &u()));
+        assert!(w.is_open(at("2026-10-25T00:00:00Z"), &u()));
+        assert!(w.is_open(at("2026-10-25T03:59:59Z"), &u()));
+        assert!(!w.is_open(at("2026-10-25T04:00:00Z"), &u()));
         assert_eq!(
-            next_opening(std::slice::from_ref(&w), at("2026-10-24T12:00:00Z")).unwrap(),
+            next_opening(std::slice::from_ref(&w), at("2026-10-24T12:00:00Z"), &u()).unwrap(),
             "2026-10-25T02:00+02:00[Europe/Berlin]"
         );
     }
@@ -449,9 +582,9 @@ mod tests {
         // America/New_York, Sunday 2026-03-08: 02:00 EST jumps to 03:00 EDT.
         let w = Window::parse("sun 01:30+2h America/New_York").unwrap();
         // Opens 01:30 EST = 06:30 UTC; closes 03:30 EDT = 07:30 UTC.
-        assert!(!w.is_open(at("2026-03-08T06:29:59Z")));
-        assert!(w.is_open(at("2026-03-08T06:30:00Z")));
-        assert!(!w.is_open(at("2026-03-08T07:30:00Z")));
+        assert!(!w.is_open(at("2026-03-08T06:29:59Z"), &u()));
+        assert!(w.is_open(at("2026-03-08T06:30:00Z"), &u()));
+        assert!(!w.is_open(at("2026-03-08T07:30:00Z"), &u()));
     }
 
     #[test]
@@ -460,11 +593,11 @@ mod tests {
             Window::parse("mon 02:00+1h UTC").unwrap(),
             Window::parse("wed 12:00+1h UTC").unwrap(),
         ];
-        assert!(install_allowed(&ws, at("2026-12-02T12:30:00Z")));
-        assert!(!install_allowed(&ws, at("2026-12-02T13:30:00Z")));
-        assert!(install_allowed(&[], at("2026-12-02T13:30:00Z")));
+        assert!(install_allowed(&ws, at("2026-12-02T12:30:00Z"), &u()));
+        assert!(!install_allowed(&ws, at("2026-12-02T13:30:00Z"), &u()));
+        assert!(install_allowed(&[], at("2026-12-02T13:30:00Z"), &u()));
         assert_eq!(
-            next_opening(&ws, at("2026-12-02T13:30:00Z")).unwrap(),
+            next_opening(&ws, at("2026-12-02T13:30:00Z"), &u()).unwrap(),
             "2026-12-07T02:00+00:00[UTC]"
         );
         assert!(check_windows(&vec![ws[0].clone(); 17]).is_err());

@@ -276,6 +276,8 @@ pub struct Sim {
     pub base: String,
     pub http: reqwest::Client,
     pub seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Reported in check-ins (`local` maintenance windows).
+    pub time_zone: Option<String>,
 }
 
 impl Sim {
@@ -313,6 +315,7 @@ impl Sim {
             base: base.into(),
             http: http.clone(),
             seq: Default::default(),
+            time_zone: None,
         }
     }
 
@@ -325,6 +328,7 @@ impl Sim {
         let body = self
             .checkin_raw(&CheckinRequest {
                 install_gate: true,
+                time_zone: self.time_zone.clone(),
                 current_version: version.into(),
                 booted_slot: Slot::A,
                 state,

@@ -281,6 +281,7 @@ async fn write_lua(p: &Prepared, a: &Args) -> Result<()> {
     use ota_format::api::{AgentState, CheckinRequest, Slot};
     let mut body = CheckinRequest {
         install_gate: false,
+        time_zone: None,
         current_version: "1.0".into(),
         booted_slot: Slot::A,
         state: AgentState::Idle,

@@ -758,6 +758,7 @@ async fn report_in(
                 .with_token(tokens[i].clone());
             let req = CheckinRequest {
                 install_gate: false,
+                time_zone: None,
                 current_version: "2.0".into(),
                 booted_slot: Slot::B,
                 state: AgentState::Idle,

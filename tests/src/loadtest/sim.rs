@@ -396,6 +396,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
         }
         let req = CheckinRequest {
             install_gate: false,
+            time_zone: None,
             current_version: "1.0".into(),
             booted_slot: Slot::A,
             state: if hand.is_some() {
@@ -852,6 +853,7 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                     let sent = tokio::time::Instant::now();
                     let req = CheckinRequest {
                         install_gate: false,
+                        time_zone: None,
                         current_version: "1.0".into(),
                         booted_slot: Slot::A,
                         state: AgentState::Downloading,
