@@ -350,6 +350,9 @@ mod tests {
             started: std::time::Instant::now(),
             slots_dir: "/nonexistent".into(),
             in_flight: tokio::sync::Semaphore::new(slots),
+            windows: None,
+            tokens: vec![std::sync::OnceLock::new()],
+            late: vec![None],
         })
     }
 

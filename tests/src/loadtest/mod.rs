@@ -43,6 +43,7 @@ pub mod faults;
 pub mod proxy;
 pub mod report;
 pub mod sim;
+pub mod windows;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -124,6 +125,23 @@ pub struct Args {
     /// applies to them.
     #[arg(long, default_value_t = 0.0)]
     pub ddi_share: f64,
+    /// Maintenance windows (issue 15): agents report these IANA zones
+    /// (round robin), the rollout has one device-local window, and the
+    /// harness opens the zones' windows in turn through the server's test
+    /// window clock (`loadtest::windows`). E.g.
+    /// `Asia/Dhaka,Asia/Kathmandu,Asia/Kolkata` (15 minutes apart).
+    #[arg(long, value_delimiter = ',')]
+    pub window_zones: Vec<String>,
+    /// How long each zone's window (and the closed spell before them) is
+    /// held, in turn.
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    pub window_hold: Duration,
+    /// Share of the agents that enroll only after the rollout started,
+    /// spread over --late-over (dynamic membership: they must join it).
+    #[arg(long, default_value_t = 0.0)]
+    pub late_share: f64,
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub late_over: Duration,
     /// Devices on slow links.
     #[arg(long, default_value_t = 0.0)]
     pub slow_rate: f64,
@@ -417,6 +435,14 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     if !(0.0..=1.0).contains(&args.ddi_share) {
         bail!("--ddi-share is a fraction of the fleet (0..1)");
     }
+    if !(0.0..=1.0).contains(&args.late_share) {
+        bail!("--late-share is a fraction of the fleet (0..1)");
+    }
+    if !args.window_zones.is_empty() && args.ddi_share > 0.0 {
+        // DDI targets report no zone (their `local` windows are UTC) and,
+        // unable to hold a verified update, are admitted only inside one.
+        bail!("--window-zones and --ddi-share do not mix: run them apart");
+    }
     if args.ddi_share > 0.0 {
         // DDI targets get a bundle of their own format attached to the same
         // release (here the new image itself, as a `file` bundle).
@@ -485,16 +511,35 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         .iter()
         .map(|h| Client::from_reqwest(h.clone(), &base, t))
         .collect();
-    let tokens = sim::enroll_all(&enrollers, args.devices, ENROLL).await?;
+    let is_ddi = ddi_targets(&args, seed);
+    let late = late_devices(&args, seed, &is_ddi);
+    let now: Vec<usize> = (0..args.devices).filter(|&i| late[i].is_none()).collect();
+    let early_tokens = sim::enroll_all(&enrollers, &now, ENROLL).await?;
+    let tokens: Vec<std::sync::OnceLock<String>> = (0..args.devices)
+        .map(|_| std::sync::OnceLock::new())
+        .collect();
+    for (&i, tok) in now.iter().zip(early_tokens) {
+        let _ = tokens[i].set(tok);
+    }
     let enroll_secs = enroll_started.elapsed().as_secs_f64();
-    eprintln!("enrolled {} devices in {enroll_secs:.1} s", args.devices);
+    eprintln!(
+        "enrolled {} devices in {enroll_secs:.1} s ({} more enroll during the rollout)",
+        now.len(),
+        args.devices - now.len()
+    );
+    let window_plan = if args.window_zones.is_empty() {
+        None
+    } else {
+        Some(Arc::new(windows::Plan::new(&args.window_zones)?))
+    };
 
     let spec: ota_server::rollout::RolloutSpec = serde_json::from_value(serde_json::json!({
         "release": "2.0", "device_type": "sim", "waves": args.waves,
         "soak_ms": args.soak.as_millis() as u64, "max_concurrent": args.max_concurrent,
         "max_starts_per_min": args.max_starts_per_min, "failure_threshold": args.failure_threshold,
         "success_threshold": args.success_threshold, "min_sample": 50, "on_failure": "pause",
-        "max_retries": 3
+        "max_retries": 3,
+        "windows": if window_plan.is_some() { vec![windows::window_spec()] } else { Vec::new() },
     }))?;
     let rollout = admin.rollout_create(&spec).await?;
 
@@ -509,11 +554,14 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         trusted,
         cancel: CancellationToken::new(),
         stats: sim::FleetStats::new(args.devices),
-        is_ddi: ddi_targets(&args, seed),
+        is_ddi,
         args: args.clone(),
         started: Instant::now(),
         slots_dir,
         in_flight: tokio::sync::Semaphore::new(args.max_requests),
+        windows: window_plan.clone(),
+        tokens,
+        late,
     });
     drop(v2);
 
@@ -521,9 +569,10 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     let mut tasks = tokio::task::JoinSet::new();
     let plan = sim::assign_faults(&args, seed);
     let is_ddi = shared.is_ddi.clone();
-    let all_tokens = tokens.clone();
-    for (i, (token, faults)) in tokens.into_iter().zip(plan).enumerate() {
+    for (i, faults) in plan.into_iter().enumerate() {
+        let token = shared.tokens[i].get().cloned();
         if is_ddi[i] {
+            let token = token.context("DDI targets enroll before the rollout")?;
             let dev = sim::Device {
                 index: i,
                 id: sim::device_id(i),
@@ -550,7 +599,11 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         } else {
             (&direct, &base)
         };
-        let client = Client::from_reqwest(pool[i % pool.len()].clone(), url, t).with_token(token);
+        let client = Client::from_reqwest(pool[i % pool.len()].clone(), url, t);
+        // A late device enrolls (and sets its token) during the run.
+        if let Some(token) = token {
+            client.set_token(token);
+        }
         let dev = sim::Device {
             index: i,
             id: sim::device_id(i),
@@ -582,6 +635,16 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         leases.clone(),
         aux_cancel.clone(),
     ));
+    // The window clock, when the rollout has windows.
+    let window_task = window_plan.clone().map(|plan| {
+        tokio::spawn(windows::drive(
+            plan,
+            (0..cluster.len()).map(|i| cluster.replica_url(i)).collect(),
+            ADMIN.to_string(),
+            args.window_hold,
+            aux_cancel.clone(),
+        ))
+    });
     // Infrastructure faults.
     let fault_plan = faults::plan(&args, cluster.len());
     let fault_log = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -649,6 +712,9 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
     aux_cancel.cancel();
     let _ = lease_task.await;
     let _ = fault_task.await;
+    if let Some(w) = window_task {
+        w.await?.context("moving the window clock")?;
+    }
     // Faults planned after the fleet finished did not happen; a replica
     // still down comes back so the final figures see every replica.
     for i in 0..cluster.len() {
@@ -665,6 +731,11 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         .filter(|&i| {
             shared.stats.state[i].load(Ordering::Relaxed) == sim::DevState::Committed as u8
         })
+        .collect();
+    let all_tokens: Vec<String> = shared
+        .tokens
+        .iter()
+        .map(|t| t.get().cloned().unwrap_or_default())
         .collect();
     let report_in = report_in(&direct, &base, t, &admin, &all_tokens, &committed, &is_ddi).await;
     let stats = admin_retry("admin stats", || admin.stats()).await?;
@@ -729,6 +800,19 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
 }
 
 /// Which devices are DDI targets (`--ddi-share`), reproducibly from `seed`.
+/// When each agent of `--late-share` enrolls, spread evenly over
+/// `--late-over` after the fleet starts (`None`: before the rollout).
+fn late_devices(a: &Args, seed: u64, is_ddi: &[bool]) -> Vec<Option<Duration>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x1a7e);
+    (0..a.devices)
+        .map(|i| {
+            let late = rng.random::<f64>() < a.late_share && !is_ddi[i];
+            late.then(|| a.late_over.mul_f64(rng.random::<f64>()))
+        })
+        .collect()
+}
+
 fn ddi_targets(a: &Args, seed: u64) -> Vec<bool> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xdd1);

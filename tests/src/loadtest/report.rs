@@ -19,6 +19,8 @@ pub struct Sample {
     pub waiting: u64,
     pub downloading: u64,
     pub installed: u64,
+    /// Downloaded and verified, waiting for a maintenance window.
+    pub waiting_for_window: u64,
     pub committed: u64,
     pub failed: u64,
     pub rolled_back: u64,
@@ -94,6 +96,13 @@ pub struct Report {
     /// stopped themselves because their lease could not be renewed in time.
     pub server_cancels: u64,
     pub lease_stops: u64,
+    /// `--window-zones`: the zones, installs after waiting for a window,
+    /// and installs outside the device's window (must be 0).
+    pub window_zones: Vec<String>,
+    pub installs_after_waiting_for_window: u64,
+    pub switched_outside_window: u64,
+    /// `--late-share`: devices that enrolled after the rollout started.
+    pub late_enrolled: u64,
     pub server_lease_polls: u64,
     pub max_starts_per_min: f64,
     pub start_burst: f64,
@@ -186,7 +195,7 @@ pub fn build(i: Inputs<'_>) -> Report {
     let (_, bad10) = start_windows(&starts, 10_000, a.max_starts_per_min, allowance);
     let lat = st.latency();
     let q = |p: f64| lat.value_at_quantile(p) as f64 / 1000.0;
-    let mut c = [0u64; 9];
+    let mut c = [0u64; 10];
     for s in &st.state {
         c[s.load(Ordering::Relaxed) as usize] += 1;
     }
@@ -223,6 +232,10 @@ pub fn build(i: Inputs<'_>) -> Report {
         server_lease_polls: i.lease_polls,
         server_cancels: st.cancels.load(Ordering::Relaxed),
         lease_stops: st.lease_stops.load(Ordering::Relaxed),
+        window_zones: a.window_zones.clone(),
+        installs_after_waiting_for_window: st.installs_after_waiting.load(Ordering::Relaxed),
+        switched_outside_window: st.switched_outside_window.load(Ordering::Relaxed),
+        late_enrolled: st.late_enrolled.load(Ordering::Relaxed),
         max_starts_per_min: a.max_starts_per_min,
         start_burst: burst,
         max_starts_in_any_minute: max_minute,
@@ -286,6 +299,12 @@ impl Report {
     /// The invariants; each violation as a sentence.
     pub fn violations(&self) -> Vec<String> {
         let mut v = Vec::new();
+        if self.switched_outside_window > 0 {
+            v.push(format!(
+                "{} devices were told to install outside their maintenance window",
+                self.switched_outside_window
+            ));
+        }
         if self.max_concurrent_observed_devices > self.max_concurrent_cap {
             v.push(format!(
                 "{} devices downloaded at once; the cap is {}",
@@ -352,7 +371,7 @@ impl Report {
     /// The human table.
     pub fn table(&self) -> String {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let rows: Vec<(&str, String)> = vec![
+        let mut rows: Vec<(&str, String)> = vec![
             ("devices", format!("{} (seed {})", self.devices, self.seed)),
             (
                 "servers",
@@ -488,6 +507,26 @@ impl Report {
                 ),
             ),
         ];
+        if !self.window_zones.is_empty() {
+            rows.push((
+                "maintenance windows",
+                format!(
+                    "one `local` window, zones {}: {} installs after waiting for their window, {} outside it",
+                    self.window_zones.join(", "),
+                    self.installs_after_waiting_for_window,
+                    self.switched_outside_window
+                ),
+            ));
+        }
+        if self.late_enrolled > 0 {
+            rows.push((
+                "late enrollment",
+                format!(
+                    "{} devices enrolled while the rollout ran",
+                    self.late_enrolled
+                ),
+            ));
+        }
         let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
         let mut s = String::new();
         for (k, v) in rows {
@@ -522,6 +561,7 @@ fn chart(samples: &[Sample], path: &Path) -> Result<()> {
         .map(|s| {
             s.waiting
                 + s.downloading
+                + s.waiting_for_window
                 + s.installed
                 + s.committed
                 + s.failed
@@ -543,9 +583,13 @@ fn chart(samples: &[Sample], path: &Path) -> Result<()> {
         .y_desc("devices")
         .draw()?;
     type Get = fn(&Sample) -> u64;
-    let series: [(&str, RGBColor, Get); 6] = [
+    let series: [(&str, RGBColor, Get); 8] = [
         ("waiting", RGBColor(150, 150, 150), |s| s.waiting),
         ("downloading", BLUE, |s| s.downloading),
+        ("server leases", RGBColor(0, 0, 90), |s| s.server_leases),
+        ("waiting for window", RGBColor(230, 160, 0), |s| {
+            s.waiting_for_window
+        }),
         ("installed", CYAN, |s| s.installed),
         ("committed", RGBColor(0, 150, 0), |s| s.committed),
         ("failed", RED, |s| s.failed),

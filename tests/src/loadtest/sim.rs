@@ -35,6 +35,8 @@ pub enum DevState {
     RolledBack = 6,
     Silent = 7,
     TimedOut = 8,
+    /// Downloaded and verified; waits for its maintenance window.
+    WaitingForWindow = 9,
 }
 
 /// Which faults a device suffers.
@@ -112,6 +114,12 @@ pub struct FleetStats {
     pub cancels: AtomicU64,
     /// Downloads a device stopped itself because its lease ran out.
     pub lease_stops: AtomicU64,
+    /// `--window-zones`: installs after waiting for a window, and installs
+    /// the server allowed outside the device's window (must stay 0).
+    pub installs_after_waiting: AtomicU64,
+    pub switched_outside_window: AtomicU64,
+    /// `--late-share`: devices that enrolled after the rollout started.
+    pub late_enrolled: AtomicU64,
 }
 
 impl FleetStats {
@@ -145,6 +153,9 @@ impl FleetStats {
             ops_verified: AtomicU64::new(0),
             download_failures: AtomicU64::new(0),
             cancels: AtomicU64::new(0),
+            installs_after_waiting: AtomicU64::new(0),
+            switched_outside_window: AtomicU64::new(0),
+            late_enrolled: AtomicU64::new(0),
             lease_stops: AtomicU64::new(0),
         }
     }
@@ -169,8 +180,8 @@ impl FleetStats {
 
     /// Counts devices per state, overall and per wave.
     pub fn sample(&self, t: Duration, waves: usize, _sh: &Shared) -> super::report::Sample {
-        let mut c = [0u64; 9];
-        let mut per_wave = vec![[0u64; 9]; waves];
+        let mut c = [0u64; 10];
+        let mut per_wave = vec![[0u64; 10]; waves];
         for (s, w) in self.state.iter().zip(&self.wave) {
             let s = s.load(Ordering::Relaxed) as usize;
             c[s] += 1;
@@ -181,6 +192,7 @@ impl FleetStats {
             waiting: c[1] + c[0],
             downloading: c[2],
             installed: c[3],
+            waiting_for_window: c[9],
             committed: c[4],
             failed: c[5] + c[8],
             rolled_back: c[6],
@@ -212,6 +224,14 @@ pub struct Shared {
     /// Bounds API requests in flight across the fleet, so connections (and
     /// file descriptors, on both sides) stay bounded however large N is.
     pub in_flight: tokio::sync::Semaphore,
+    /// `--window-zones`: the zones and the window schedule.
+    pub windows: Option<Arc<super::windows::Plan>>,
+    /// Every device's token, once it has enrolled (late ones enroll during
+    /// the run).
+    pub tokens: Vec<std::sync::OnceLock<String>>,
+    /// `--late-share`: how long after the fleet starts device `i` enrolls
+    /// (`None`: enrolled before the rollout).
+    pub late: Vec<Option<Duration>>,
 }
 
 /// One simulated device.
@@ -233,9 +253,10 @@ impl WriteAt for Sink {
 }
 
 /// Enrolls `n` devices, 256 at a time, spreading them over the clients.
-pub async fn enroll_all(clients: &[Client], n: usize, key: &str) -> Result<Vec<String>> {
+/// Enrolls devices `which` (indices); their tokens, in that order.
+pub async fn enroll_all(clients: &[Client], which: &[usize], key: &str) -> Result<Vec<String>> {
     use futures_util::StreamExt;
-    let results: Vec<Result<String>> = futures_util::stream::iter(0..n)
+    let results: Vec<Result<String>> = futures_util::stream::iter(which.iter().copied())
         .map(|i| {
             let c = clients[i % clients.len()].clone();
             let key = key.to_string();
@@ -265,6 +286,106 @@ pub async fn enroll_all(clients: &[Client], n: usize, key: &str) -> Result<Vec<S
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// Enrolls a `--late-share` device during the run; false if it could not
+/// (the run is over, or the server kept refusing).
+async fn enroll_late(d: &Device, sh: &Shared) -> bool {
+    let req = EnrollRequest {
+        enrollment_key: super::ENROLL.into(),
+        device_id: d.id.clone(),
+        device_type: "sim".into(),
+        tags: Default::default(),
+        csr: None,
+    };
+    for attempt in 1..=20u32 {
+        let r = {
+            let _permit = sh.in_flight.acquire().await.expect("never closed");
+            d.client.enroll(&req).await
+        };
+        match r {
+            Ok(r) => {
+                d.client.set_token(r.token.clone());
+                let _ = sh.tokens[d.index].set(r.token);
+                return true;
+            }
+            Err(e) => {
+                tracing::warn!(device = %d.id, error = %e, "late enrollment retry");
+                let wait =
+                    pool::backoff(Duration::from_millis(200), Duration::from_secs(5), attempt);
+                if !nap(sh, wait).await {
+                    return false;
+                }
+            }
+        }
+    }
+    false
+}
+
+/// Downloaded and verified under a rollout with windows: reports
+/// `waiting-for-window` and checks in so until the server says install
+/// (true) or cancels, or the run ends (false). Each install answer is
+/// checked against the harness's window schedule.
+async fn wait_for_window(
+    dev: &mut Dev<'_>,
+    update_id: &str,
+    plan: &super::windows::Plan,
+    zone: Option<&str>,
+) -> bool {
+    let (d, sh) = (dev.d, dev.sh);
+    let st = &sh.stats;
+    dev.event(update_id, EventKind::WaitingForWindow, Default::default())
+        .await;
+    st.set(d.index, DevState::WaitingForWindow);
+    let mut waited = false;
+    loop {
+        let req = CheckinRequest {
+            install_gate: true,
+            time_zone: zone.map(String::from),
+            current_version: "1.0".into(),
+            booted_slot: Slot::A,
+            state: AgentState::WaitingForWindow,
+            update: Some(UpdateInHand {
+                update_id: update_id.into(),
+                progress: Progress::default(),
+            }),
+            freshness_held: None,
+            delta_codecs: ota_format::manifest::codecs(),
+        };
+        let sent = Instant::now();
+        let Some(resp) = dev.checkin(&req).await else {
+            if !nap(sh, Duration::from_millis(500)).await {
+                return false;
+            }
+            continue;
+        };
+        let received = Instant::now();
+        match resp.action {
+            Action::Install { update_id: u } if u == update_id => {
+                if !plan.install_was_in_window(d.index, sent, received) {
+                    st.switched_outside_window.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(device = %d.id, zone, "told to install outside its window");
+                }
+                if waited {
+                    st.installs_after_waiting.fetch_add(1, Ordering::Relaxed);
+                }
+                st.set(d.index, DevState::Installed);
+                return true;
+            }
+            Action::Cancel { .. } => {
+                st.cancels.fetch_add(1, Ordering::Relaxed);
+                st.set(d.index, DevState::Failed);
+                return false;
+            }
+            _ => {
+                waited = true;
+                let next = Duration::from_millis(resp.next_checkin_ms).min(Duration::from_secs(5));
+                if !nap(sh, next).await {
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 /// Sleeps unless the run is cancelled; false when cancelled.
@@ -372,6 +493,15 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
     let st = &sh.stats;
     st.wave[d.index].store(d.wave as u8, Ordering::Relaxed);
     let mut rng = rand::rngs::StdRng::seed_from_u64(d.index as u64 ^ 0xdead_beef);
+    // A late device enrolls while the rollout runs (dynamic membership).
+    if let Some(after) = sh.late[d.index] {
+        if !nap(&sh, after).await || !enroll_late(&d, &sh).await {
+            st.set(d.index, DevState::TimedOut);
+            return;
+        }
+        st.late_enrolled.fetch_add(1, Ordering::Relaxed);
+    }
+    let zone = sh.windows.as_ref().map(|p| p.zone_of(d.index).to_string());
     // Devices boot at random times within one check-in interval.
     if !nap(
         &sh,
@@ -395,8 +525,8 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
             return;
         }
         let req = CheckinRequest {
-            install_gate: false,
-            time_zone: None,
+            install_gate: zone.is_some(),
+            time_zone: zone.clone(),
             current_version: "1.0".into(),
             booted_slot: Slot::A,
             state: if hand.is_some() {
@@ -502,6 +632,11 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
                                 st.set(d.index, DevState::Failed);
                                 return;
                             }
+                        }
+                        if let Some(plan) = &sh.windows
+                            && !wait_for_window(&mut dev, &id, plan, zone.as_deref()).await
+                        {
+                            return;
                         }
                         dev.event(&id, EventKind::Installed, Default::default())
                             .await;
