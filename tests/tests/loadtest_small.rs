@@ -1,7 +1,8 @@
 //! The fleet load test in a small configuration, faults on: the throttle
 //! holds, no event is lost, no device ends on a wrong image. A fifth of the
 //! fleet are hawkBit DDI targets in the same rollout (a mixed fleet under
-//! one cap and start rate, through the server's kill -9).
+//! one cap and start rate, through the server's kill -9). And issue 15's
+//! scenario: maintenance windows in three zones and late enrollment.
 
 use std::process::Command;
 
@@ -87,4 +88,69 @@ fn a_small_faulty_fleet_updates_within_every_limit() {
     assert!(n("ddi_targets") >= 30, "{stdout}");
     assert!(n("ddi_committed") + 5 >= n("ddi_targets"), "{stdout}");
     assert!(out.path().join("chart.svg").exists());
+}
+
+/// Issue 15's scenario, small: agents in three zones under one `local`
+/// maintenance window, a fifth enrolling while the rollout runs, killed
+/// mid-download some of them; every device ends committed (the late ones
+/// joined the running rollout), most after waiting for their own zone's
+/// window, and none was told to install outside it.
+#[test]
+fn a_fleet_in_three_zones_switches_only_inside_each_devices_window() {
+    let out = tempfile::tempdir().unwrap();
+    let exe = ota_tests::bin("ota-loadtest");
+    let o = Command::new(exe)
+        .args([
+            "--devices",
+            "200",
+            "--image-kib",
+            "256",
+            "--waves",
+            "10,100",
+            "--soak",
+            "1s",
+            "--max-concurrent",
+            "10",
+            "--idle-ms",
+            "1000",
+            "--wait-ms",
+            "500",
+            "--lease-ms",
+            "2000",
+            "--kill-rate",
+            "0.05",
+            "--window-zones",
+            "Asia/Dhaka,Asia/Kathmandu,Asia/Kolkata",
+            "--window-hold",
+            "6s",
+            "--late-share",
+            "0.2",
+            "--late-over",
+            "10s",
+            "--deadline",
+            "150s",
+            "--quiet",
+            "--seed",
+            "20261203",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "ota-loadtest failed: {:?}", o.status);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing"));
+    assert_eq!(n("switched_outside_window"), 0, "{stdout}");
+    assert!(n("max_concurrent_observed_server_leases") <= 10);
+    assert_eq!(n("committed"), 200, "{stdout}");
+    assert!(n("late_enrolled") >= 20, "{stdout}");
+    assert!(
+        n("installs_after_waiting_for_window") >= 100,
+        "most devices waited for their window: {stdout}"
+    );
+    assert_eq!(n("events_lost"), 0);
+    assert_eq!(n("wrong_images"), 0);
 }

@@ -37,9 +37,10 @@ pub fn window_spec() -> String {
 /// The zones, and which one the harness opened when.
 pub struct Plan {
     pub zones: Vec<String>,
-    /// (change sent, change acknowledged, zone opened or `None` = all
-    /// closed), in order.
-    log: Mutex<Vec<(Instant, Instant, Option<usize>)>>,
+    /// (change sent, change acknowledged by every replica, zone opened or
+    /// `None` = all closed), in order. An entry is logged before its change
+    /// is sent, so a device can never see a change the log does not have.
+    log: Mutex<Vec<(Instant, Option<Instant>, Option<usize>)>>,
 }
 
 impl Plan {
@@ -65,7 +66,9 @@ impl Plan {
         let z = i % self.zones.len();
         let log = self.log.lock().unwrap();
         log.iter().enumerate().any(|(k, &(from, _, open))| {
-            let until = log.get(k + 1).map(|&(_, acked, _)| acked);
+            // Open until the next change was acknowledged (still open while
+            // it is in flight).
+            let until = log.get(k + 1).and_then(|&(_, acked, _)| acked);
             open == Some(z) && from <= received && until.is_none_or(|u| sent <= u)
         })
     }
@@ -136,9 +139,13 @@ pub async fn drive(
     let steps = std::iter::once(None).chain((0..plan.zones.len()).map(Some).cycle());
     for open in steps {
         let offset = offset_for(&plan.zones, open)?;
-        let sent = Instant::now();
+        let k = {
+            let mut log = plan.log.lock().unwrap();
+            log.push((Instant::now(), None, open));
+            log.len() - 1
+        };
         set_clock(&http, &replicas, &admin, offset).await?;
-        plan.log.lock().unwrap().push((sent, Instant::now(), open));
+        plan.log.lock().unwrap()[k].1 = Some(Instant::now());
         tracing::info!(zone = ?open.map(|z| &plan.zones[z]), offset_ms = offset, "window clock moved");
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -160,9 +167,9 @@ mod tests {
         let s = |ms: u64| t0 + Duration::from_millis(ms);
         {
             let mut log = plan.log.lock().unwrap();
-            log.push((s(0), s(10), None));
-            log.push((s(100), s(110), Some(0)));
-            log.push((s(200), s(210), Some(1)));
+            log.push((s(0), Some(s(10)), None));
+            log.push((s(100), Some(s(110)), Some(0)));
+            log.push((s(200), Some(s(210)), Some(1)));
         }
         // Device 0 is in Dhaka, device 1 in Kolkata.
         assert!(!plan.install_was_in_window(0, s(20), s(90)), "closed spell");
@@ -180,6 +187,11 @@ mod tests {
         );
         assert!(plan.install_was_in_window(1, s(250), s(260)));
         assert!(!plan.install_was_in_window(1, s(120), s(150)));
+        // A change in flight (logged, not yet acknowledged): the spell
+        // before it is still open, and the new one already may be.
+        plan.log.lock().unwrap().push((s(300), None, Some(0)));
+        assert!(plan.install_was_in_window(1, s(305), s(400)));
+        assert!(plan.install_was_in_window(0, s(305), s(306)));
     }
 
     #[test]
