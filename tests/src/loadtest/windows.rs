@@ -34,13 +34,17 @@ pub fn window_spec() -> String {
     format!("daily {:02}:{:02}+{MINUTES}m local", START.0, START.1)
 }
 
+/// One window-clock change: sent, acknowledged by every replica, the zone
+/// it opened (`None`: all closed).
+type Spell = (Instant, Option<Instant>, Option<usize>);
+
 /// The zones, and which one the harness opened when.
 pub struct Plan {
     pub zones: Vec<String>,
     /// (change sent, change acknowledged by every replica, zone opened or
     /// `None` = all closed), in order. An entry is logged before its change
     /// is sent, so a device can never see a change the log does not have.
-    log: Mutex<Vec<(Instant, Option<Instant>, Option<usize>)>>,
+    log: Mutex<Vec<Spell>>,
 }
 
 impl Plan {
