@@ -379,7 +379,8 @@ async fn wait_for_window(
             }
             _ => {
                 waited = true;
-                let next = Duration::from_millis(resp.next_checkin_ms).min(Duration::from_secs(5));
+                // The server's pace, as the agent keeps it.
+                let next = Duration::from_millis(resp.next_checkin_ms);
                 if !nap(sh, next).await {
                     return false;
                 }
