@@ -6,67 +6,73 @@
 
 use std::process::Command;
 
-#[test]
-fn a_small_faulty_fleet_updates_within_every_limit() {
+/// Runs `ota-loadtest` with `args` (and `--out` a new directory); asserts
+/// it passed its own invariants. Its report, its table, and the directory.
+fn run(args: &[&str]) -> (serde_json::Value, String, tempfile::TempDir) {
     let out = tempfile::tempdir().unwrap();
-    let exe = ota_tests::bin("ota-loadtest");
-    let seed = std::env::var("OTA_LOADTEST_SEED").unwrap_or_else(|_| "20261126".into());
-    eprintln!("ota-loadtest seed {seed} (set OTA_LOADTEST_SEED to reproduce)");
-    let o = Command::new(exe)
-        .args([
-            "--devices",
-            "300",
-            "--image-kib",
-            "512",
-            "--waves",
-            "5,30,100",
-            "--soak",
-            "1s",
-            "--max-concurrent",
-            "15",
-            "--max-starts-per-min",
-            "900",
-            "--idle-ms",
-            "1000",
-            "--wait-ms",
-            "500",
-            "--lease-ms",
-            "2000",
-            "--cut-rate",
-            "0.05",
-            "--corrupt-rate",
-            "0.05",
-            "--kill-rate",
-            "0.1",
-            "--silent-rate",
-            "0.02",
-            "--slow-rate",
-            "0.03",
-            "--slow-bps",
-            "262144",
-            "--health-fail-rate",
-            "0.02",
-            "--real-slot-rate",
-            "0.05",
-            "--ddi-share",
-            "0.2",
-            "--server-restart-at",
-            "6s",
-            "--deadline",
-            "100s",
-            "--quiet",
-            "--seed",
-            &seed,
-            "--out",
-        ])
+    let o = Command::new(ota_tests::bin("ota-loadtest"))
+        .args(args)
+        .arg("--out")
         .arg(out.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "ota-loadtest failed: {:?}", o.status);
-    let r: serde_json::Value =
+    let r =
         serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    (r, stdout, out)
+}
+
+#[test]
+fn a_small_faulty_fleet_updates_within_every_limit() {
+    let seed = std::env::var("OTA_LOADTEST_SEED").unwrap_or_else(|_| "20261126".into());
+    eprintln!("ota-loadtest seed {seed} (set OTA_LOADTEST_SEED to reproduce)");
+    let (r, stdout, out) = run(&[
+        "--devices",
+        "300",
+        "--image-kib",
+        "512",
+        "--waves",
+        "5,30,100",
+        "--soak",
+        "1s",
+        "--max-concurrent",
+        "15",
+        "--max-starts-per-min",
+        "900",
+        "--idle-ms",
+        "1000",
+        "--wait-ms",
+        "500",
+        "--lease-ms",
+        "2000",
+        "--cut-rate",
+        "0.05",
+        "--corrupt-rate",
+        "0.05",
+        "--kill-rate",
+        "0.1",
+        "--silent-rate",
+        "0.02",
+        "--slow-rate",
+        "0.03",
+        "--slow-bps",
+        "262144",
+        "--health-fail-rate",
+        "0.02",
+        "--real-slot-rate",
+        "0.05",
+        "--ddi-share",
+        "0.2",
+        "--server-restart-at",
+        "6s",
+        "--deadline",
+        "100s",
+        "--quiet",
+        "--seed",
+        &seed,
+    ]);
     let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing"));
     assert!(n("max_concurrent_observed_devices") <= 15);
     assert!(n("max_concurrent_observed_server_leases") <= 15);
@@ -97,51 +103,39 @@ fn a_small_faulty_fleet_updates_within_every_limit() {
 /// window, and none was told to install outside it.
 #[test]
 fn a_fleet_in_three_zones_switches_only_inside_each_devices_window() {
-    let out = tempfile::tempdir().unwrap();
-    let exe = ota_tests::bin("ota-loadtest");
-    let o = Command::new(exe)
-        .args([
-            "--devices",
-            "200",
-            "--image-kib",
-            "256",
-            "--waves",
-            "10,100",
-            "--soak",
-            "1s",
-            "--max-concurrent",
-            "10",
-            "--idle-ms",
-            "1000",
-            "--wait-ms",
-            "500",
-            "--lease-ms",
-            "2000",
-            "--kill-rate",
-            "0.05",
-            "--window-zones",
-            "Asia/Dhaka,Asia/Kathmandu,Asia/Kolkata",
-            "--window-hold",
-            "6s",
-            "--late-share",
-            "0.2",
-            "--late-over",
-            "10s",
-            "--deadline",
-            "150s",
-            "--quiet",
-            "--seed",
-            "20261203",
-            "--out",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "ota-loadtest failed: {:?}", o.status);
-    let r: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    let (r, stdout, _out) = run(&[
+        "--devices",
+        "200",
+        "--image-kib",
+        "256",
+        "--waves",
+        "10,100",
+        "--soak",
+        "1s",
+        "--max-concurrent",
+        "10",
+        "--idle-ms",
+        "1000",
+        "--wait-ms",
+        "500",
+        "--lease-ms",
+        "2000",
+        "--kill-rate",
+        "0.05",
+        "--window-zones",
+        "Asia/Dhaka,Asia/Kathmandu,Asia/Kolkata",
+        "--window-hold",
+        "6s",
+        "--late-share",
+        "0.2",
+        "--late-over",
+        "10s",
+        "--deadline",
+        "150s",
+        "--quiet",
+        "--seed",
+        "20261203",
+    ]);
     let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing"));
     assert_eq!(n("switched_outside_window"), 0, "{stdout}");
     assert!(n("max_concurrent_observed_server_leases") <= 10);
