@@ -123,6 +123,12 @@ impl Client {
             .connect_timeout(timeouts.request.min(Duration::from_secs(10)))
             .read_timeout(timeouts.read)
             .pool_max_idle_per_host(64)
+            // ota-server closes a kept-alive connection that carries no
+            // request for `connections.header_read_timeout_ms` (10 s by
+            // default): a connection reused just as the server closes it
+            // fails its request ("IncompleteMessage"). Idle ones are
+            // dropped here first.
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .user_agent(concat!("ota-agent/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &tls.server_ca {

@@ -182,12 +182,27 @@ impl State {
             source,
         })?;
         let path = dir.join("db");
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&path)
             // Small devices: a small page cache is plenty for these trees.
-            .cache_capacity(1 << 20)
-            .open()
-            .map_err(db_err(&path))?;
+            .cache_capacity(1 << 20);
+        // sled 0.34's `Drop` does not wait for its background threads, which
+        // hold its lock a few milliseconds longer (spacejam/sled#1234): a
+        // reopen in the same process (tests, CI: `freshness` restart test)
+        // could find it taken. A lock held for longer (a second agent on
+        // the same data directory) is still an error after the wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r.map_err(db_err(&path))?,
+            }
+        };
         let meta = db.open_tree("meta").map_err(db_err(&path))?;
         let outbox = db.open_tree("outbox").map_err(db_err(&path))?;
         Ok(State {
@@ -483,6 +498,25 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
         }
+    }
+
+    /// CI: `freshness::tests::the_floor_survives_a_restart_so_a_replay_stays_refused`
+    /// reopened the state in one process while sled's threads of the
+    /// dropped database still held its lock.
+    #[test]
+    fn reopening_waits_for_the_lock_of_a_just_dropped_database() {
+        let d = tempfile::tempdir().unwrap();
+        // Stands in for the lingering threads: sled's lock on `db`.
+        let lingering = sled::Config::new()
+            .path(d.path().join("db"))
+            .open()
+            .unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(lingering);
+        });
+        State::open(d.path()).expect("waits for the lock instead of failing");
+        release.join().unwrap();
     }
 
     /// sled 0.34's `flush_async` futures can stay pending forever when

@@ -263,8 +263,11 @@ async fn shutdown_interrupts_a_running_build_which_the_next_start_finishes() {
     ts.stop().await;
     let took = t.elapsed();
     eprintln!("shutdown took {took:?}");
+    // 96 MiB at zstd level 19 takes far longer than this bound; stopping
+    // within a batch takes well under a second alone, 3.7 s once in CI
+    // beside the VM suites (the bound was 2 s then).
     assert!(
-        took < Duration::from_secs(2),
+        took < Duration::from_secs(10),
         "shutdown took {took:?}: it waited for the build"
     );
     let TestServer { dir, .. } = ts;

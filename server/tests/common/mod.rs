@@ -394,6 +394,10 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .no_gzip()
         .pool_max_idle_per_host(64)
+        // Below the server's 10 s between requests on a kept-alive
+        // connection: a pooled connection reused as the server closed it
+        // failed a check-in with "IncompleteMessage" (CI, `ui_browser`).
+        .pool_idle_timeout(std::time::Duration::from_secs(5))
         .build()
         .unwrap()
 }
