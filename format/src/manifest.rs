@@ -20,11 +20,17 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The codec name of xz (LZMA2) streams in `BSDIFF` data.
 pub const CODEC_XZ: &str = "xz";
 
+/// The codec name of zero-run-coded diff streams in `BSDIFF` data: the
+/// stream's runs of zero and other 4-byte units, coded as varint pairs and
+/// literals, in an inner zstd, bzip2 or xz stream (`docs/format.md`,
+/// "Codecs"). Agents older than it refuse a manifest that lists it.
+pub const CODEC_ZERO_RUNS: &str = "zero-runs";
+
 /// Codecs beyond format version 1's zstd and bzip2 that this build decodes.
 /// An agent advertises them in its check-in
 /// ([`crate::api::CheckinRequest::delta_codecs`]) and refuses a manifest
 /// that lists any other ([`Manifest::codecs`]).
-pub const CODECS: &[&str] = &[CODEC_XZ];
+pub const CODECS: &[&str] = &[CODEC_XZ, CODEC_ZERO_RUNS];
 
 /// The bundle formats of clients that fetch a bundle of their own rather
 /// than an edge-ota payload (hawkBit DDI targets: SWUpdate, RAUC), as the
@@ -34,7 +40,13 @@ pub const BUNDLE_CODECS: &[&str] = &["bundle:swu", "bundle:raucb", "bundle:file"
 
 /// Every name a [`Codecs`] set can hold: [`CODECS`], then
 /// [`BUNDLE_CODECS`] (one bit each, in this order).
-const KNOWN_CODECS: &[&str] = &[CODEC_XZ, "bundle:swu", "bundle:raucb", "bundle:file"];
+const KNOWN_CODECS: &[&str] = &[
+    CODEC_XZ,
+    CODEC_ZERO_RUNS,
+    "bundle:swu",
+    "bundle:raucb",
+    "bundle:file",
+];
 
 /// Every codec this build decodes ([`CODECS`]), as a check-in carries them.
 pub fn codecs() -> Codecs {
@@ -734,14 +746,22 @@ mod tests {
         assert!(e.to_string().contains("upgrade the agent"), "{e}");
         m.codecs = vec![CODEC_XZ.into()];
         assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        m.codecs = vec![CODEC_XZ.into(), CODEC_ZERO_RUNS.into()];
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
     }
 
     #[test]
     fn a_check_ins_codecs_parse_without_the_names_this_build_does_not_know() {
-        let c: Codecs = serde_json::from_str(r#"["brotli","xz","xz","\u0078z"]"#).unwrap();
+        let c: Codecs =
+            serde_json::from_str(r#"["brotli","zero-runs","xz","xz","\u0078z"]"#).unwrap();
         assert_eq!(c, codecs());
         assert!(c.contains(CODEC_XZ) && !c.contains("brotli") && !c.is_empty());
-        assert_eq!(serde_json::to_string(&c).unwrap(), r#"["xz"]"#);
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#"["xz","zero-runs"]"#);
+        // An agent of the xz codec's time lists xz alone: it decodes no
+        // zero-run-coded stream.
+        let xz_only: Codecs = serde_json::from_str(r#"["xz"]"#).unwrap();
+        assert!(xz_only.contains(CODEC_XZ) && !xz_only.contains(CODEC_ZERO_RUNS));
+        assert_ne!(xz_only, codecs());
         let none: Codecs = serde_json::from_str(r#"["brotli"]"#).unwrap();
         assert!(none.is_empty() && none == Codecs::NONE && !none.contains(CODEC_XZ));
         assert_eq!(serde_json::to_string(&none).unwrap(), "[]");
@@ -768,7 +788,7 @@ mod tests {
         assert!(
             String::from_utf8(xz.to_json())
                 .unwrap()
-                .contains(r#""codecs":["xz"]"#)
+                .contains(r#""codecs":["xz","zero-runs"]"#)
         );
     }
 }
