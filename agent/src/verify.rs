@@ -205,6 +205,7 @@ mod tests {
                 chunk_size: 4096,
                 zstd_level: 1,
                 xz: true,
+                zero_runs: true,
                 threads: 1,
                 progress: false,
             },

@@ -171,6 +171,7 @@ fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
         chunk_size,
         zstd_level: 3,
         xz: true,
+        zero_runs: true,
         threads: 2,
         progress: false,
     };
@@ -252,6 +253,7 @@ fn new_content_written_twice_is_carried_once() {
         chunk_size: 1 << 20,
         zstd_level: 3,
         xz: true,
+        zero_runs: true,
         threads: 2,
         progress: false,
     };

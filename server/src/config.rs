@@ -85,6 +85,14 @@ pub struct ServerConfig {
     /// agent.
     #[serde(default)]
     pub delta_xz: bool,
+    /// With `delta_xz`, also let deltas zero-run code their bsdiff diff
+    /// streams where smaller (1-4 % smaller deltas of binaries, and a
+    /// fraction of xz's generation CPU on those streams). Devices whose
+    /// agent does not list `zero-runs` get the full image instead, agents
+    /// that decode xz but are older than this codec included: the default
+    /// is false, turn it on once the fleet's agents list it.
+    #[serde(default)]
+    pub delta_zero_runs: bool,
     /// Threads a build uses; 0 = one per core. Default 0: builds run at
     /// `build_nice`, so they take only the CPU time check-ins leave idle.
     #[serde(default)]

@@ -163,6 +163,9 @@ pub struct BuildSettings {
     pub full_zstd_level: i32,
     /// Deltas may use xz ([`GenerateOptions::xz`]).
     pub delta_xz: bool,
+    /// Deltas that use xz may also zero-run code their diff streams
+    /// ([`GenerateOptions::zero_runs`]).
+    pub delta_zero_runs: bool,
     pub expiry_days: u64,
     /// Generator threads; 0 = one per core.
     pub threads: usize,
@@ -1091,6 +1094,7 @@ impl Releases {
             // A full image has no bsdiff streams: it never needs xz, and
             // is what agents that cannot decode xz get instead of a delta.
             xz: from.is_some() && self.settings.delta_xz,
+            zero_runs: self.settings.delta_zero_runs,
             threads: self.settings.threads,
             progress: false,
         };
@@ -1213,6 +1217,16 @@ mod tests {
         assert_eq!(
             choose(Some(&xz), Some(&full), ota_format::manifest::codecs()),
             Some(&xz)
+        );
+        // A delta with zero-run-coded streams: not for an agent that
+        // decodes xz but is older than the zero-runs codec.
+        let zr = art(Some("1"), 5_000, 18_000, &["xz", "zero-runs"]);
+        let xz_only: Codecs = serde_json::from_str(r#"["xz"]"#).unwrap();
+        assert_eq!(choose(Some(&zr), Some(&full), xz_only), Some(&full));
+        assert_eq!(choose(Some(&zr), None, xz_only), None);
+        assert_eq!(
+            choose(Some(&zr), Some(&full), ota_format::manifest::codecs()),
+            Some(&zr)
         );
     }
 }

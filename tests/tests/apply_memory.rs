@@ -74,6 +74,7 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
             chunk_size: 1 << 20,
             zstd_level: 3,
             xz: true,
+            zero_runs: true,
             threads: 2,
             progress: false,
         },

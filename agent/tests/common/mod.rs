@@ -114,6 +114,7 @@ impl Fixture {
                 chunk_size: chunk,
                 zstd_level: 3,
                 xz: true,
+                zero_runs: true,
                 threads: 2,
                 progress: false,
             },
