@@ -15,7 +15,11 @@
 //! - three xz streams of arbitrary bytes with an arbitrary dictionary size
 //!   (4 KiB to 8 MiB: the engine must refuse one larger than the output), or
 //!   a real bsdiff patch with each stream xz-coded as the generator does
-//!   (which the engine must accept).
+//!   (which the engine must accept);
+//! - a zero-run-coded diff stream of arbitrary runs with an arbitrary unit
+//!   and declared length (the run parser), or a real bsdiff patch whose
+//!   diff stream is zero-run coded as the generator codes it (which the
+//!   engine must accept).
 //!
 //! About half the inputs carry digests computed from the data, the source
 //! window and (when known) the expected output, so the hash checks pass and
@@ -94,6 +98,21 @@ enum DataSpec {
     /// BSDIFF: a real patch from the window to `new`, each stream xz-coded
     /// with the generator's dictionary (`patch_streams::xz_dict_size`).
     XzDiff { new: Vec<u8> },
+    /// BSDIFF data whose diff stream is zero-run coded with an arbitrary
+    /// unit and a declared length of the coding's length + `len`, its runs
+    /// arbitrary bytes in a zstd frame (the run parser), between zstd
+    /// control and extra streams.
+    ZeroRuns {
+        unit: u8,
+        len: u16,
+        ctrl: Vec<u8>,
+        coded: Vec<u8>,
+        extra: Vec<u8>,
+    },
+    /// BSDIFF: a real patch from the window to `new`, its diff stream
+    /// zero-run coded as the generator codes it (4-byte units, runs in xz),
+    /// control and extra streams zstd; REPLACE: data = zstd(new).
+    ZeroRunsDiff { new: Vec<u8> },
 }
 
 fn xz(data: &[u8], dict: usize) -> Vec<u8> {
@@ -454,10 +473,58 @@ fuzz_target!(|input: Input| {
                 let data = streams
                     .iter()
                     .flat_map(|s| {
-                        xz(s, ota_delta::patch_streams::xz_dict_size(s.len(), new.len()))
+                        xz(
+                            s,
+                            ota_delta::patch_streams::xz_dict_size(s.len(), new.len()),
+                        )
                     })
                     .collect();
                 let canonical = bsdiff_layout() == Layout::ThreeStreamsTransposedControl;
+                (data, window.is_some().then_some(new), canonical)
+            }
+            (
+                _,
+                DataSpec::ZeroRuns {
+                    unit,
+                    len,
+                    ctrl,
+                    coded,
+                    extra,
+                },
+            ) => {
+                // Declared as at least the coding's length, so that the
+                // runs are parsed rather than refused as too long (the
+                // first 10-minute run found mostly those).
+                let mut data = zstd(&ctrl, 1);
+                data.extend(ota_delta::patch_streams::zero_runs_frame(
+                    unit,
+                    coded.len() as u64 + u64::from(len),
+                    &zstd(&coded, 1),
+                ));
+                data.extend(zstd(&extra, 1));
+                (data, None, false)
+            }
+            (Kind::Replace, DataSpec::ZeroRunsDiff { new }) => (zstd(&new, 1), Some(new), true),
+            (Kind::Bsdiff, DataSpec::ZeroRunsDiff { new }) => {
+                use ota_delta::patch_streams::{
+                    split, xz_dict_size, zero_runs_encode, zero_runs_frame,
+                };
+                let old = window.clone().unwrap_or_default();
+                let mut patch = Vec::new();
+                bsdiff::diff(&old, &new, &mut patch).expect("bsdiff into a Vec");
+                let [ctrl, diff, extra] = split(&patch).expect("a bsdiff patch");
+                let coding = zero_runs_encode(&diff, 4);
+                let mut data = zstd(&ctrl, 1);
+                data.extend(zero_runs_frame(
+                    4,
+                    diff.len() as u64,
+                    &xz(&coding, xz_dict_size(coding.len(), new.len())),
+                ));
+                data.extend(zstd(&extra, 1));
+                // The format refuses a coding longer than the stream it
+                // expands to (the generator never makes one).
+                let canonical = coding.len() <= diff.len()
+                    && bsdiff_layout() == Layout::ThreeStreamsTransposedControl;
                 (data, window.is_some().then_some(new), canonical)
             }
             (Kind::Bsdiff, DataSpec::Diff { level: l, new }) => {
