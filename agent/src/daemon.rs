@@ -189,7 +189,13 @@ pub fn load_trusted(cfg: &Config) -> Result<TrustedKeys, DaemonError> {
 /// safe for the device (every state change is atomic and re-verified on
 /// restart) but may redo more work.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, DaemonError> {
+    // systemd's watchdog runs from the start, not from READY=1: the start-up
+    // steps ping as they finish (a slow board, or an emulated one under
+    // load, took longer than a short `WatchdogSec` for all of them), and
+    // enrollment pings from its retry loop.
+    let mut watchdog = Watchdog::from_env();
     let state = State::open(&cfg.data_dir)?;
+    watchdog.ping();
     let boot = BootControl::from_config(&cfg.boot, [&cfg.slots.a, &cfg.slots.b])?;
     let trusted = load_trusted(&cfg)?;
     let timeouts = Timeouts {
@@ -205,6 +211,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
         };
     let mut identity =
         crate::identity::prepare(&cfg).map_err(|e| DaemonError::Setup(e.to_string()))?;
+    watchdog.ping();
     let base = Client::with_tls(
         &cfg.server_url,
         timeouts,
@@ -226,14 +233,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
         state.set_slots(&slots)?;
     }
     let freshness = crate::freshness::FreshnessGuard::load(&state, cfg.require_freshness)?;
+    watchdog.ping();
     let csr = match &identity {
         crate::identity::Identity::NeedsCertificate { csr } => Some(csr.clone()),
         _ => None,
     };
-    let token = match obtain_token(&cfg, &base, &shutdown, false, csr.as_deref()).await? {
-        Some(t) => t,
-        None => return Ok(Exit::Shutdown),
-    };
+    let token =
+        match obtain_token(&cfg, &base, &shutdown, &mut watchdog, false, csr.as_deref()).await? {
+            Some(t) => t,
+            None => return Ok(Exit::Shutdown),
+        };
     if csr.is_some() {
         identity = crate::identity::prepare(&cfg).map_err(|e| DaemonError::Setup(e.to_string()))?;
     }
@@ -268,7 +277,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<Exit, Daemo
     let bg = shutdown.child_token();
     let reloader = tokio::spawn(reload_on_sighup(agent.clone(), bg.clone()));
     let events = tokio::spawn(events_loop(agent.clone(), bg.clone()));
-    let mut watchdog = Watchdog::from_env();
     let r = async {
         // The health check may take longer than the watchdog interval: the
         // finishing step is pinged for while it runs (every step in it is
@@ -327,6 +335,7 @@ async fn obtain_token(
     cfg: &Config,
     client: &Client,
     shutdown: &CancellationToken,
+    watchdog: &mut Watchdog,
     force: bool,
     csr: Option<&str>,
 ) -> Result<Option<String>, DaemonError> {
@@ -364,9 +373,19 @@ async fn obtain_token(
     };
     let mut failures = 0;
     loop {
-        let r = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            r = client.enroll(&req) => r,
+        // This loop is the work while the device enrolls (each request is
+        // bounded by the client's timeouts, each wait by `max_backoff`), so
+        // it pings the watchdog: a server that stays unreachable at first
+        // boot, or after it rejected the token, is retried, not reported to
+        // systemd as a hung agent every `WatchdogSec`.
+        let enroll = client.enroll(&req);
+        tokio::pin!(enroll);
+        let r = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                r = &mut enroll => break r,
+                _ = watchdog.due() => watchdog.ping(),
+            }
         };
         match r {
             Ok(resp) => {
@@ -396,9 +415,14 @@ async fn obtain_token(
                 failures += 1;
                 let wait = pool::backoff(Duration::from_secs(1), cfg.max_backoff, failures);
                 tracing::warn!("enrollment failed, retrying in {wait:?}: {e}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(wait) => {}
+                let sleep = tokio::time::sleep(wait);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = &mut sleep => break,
+                        _ = watchdog.due() => watchdog.ping(),
+                    }
                 }
             }
             Err(e) => return Err(e.into()),
@@ -1081,7 +1105,7 @@ async fn main_loop(
                     Err(e) if e.is_unauthorized() => {
                         failures += 1;
                         wait = pool::backoff(Duration::from_secs(1), agent.cfg.max_backoff, failures);
-                        if on_unauthorized(agent, shutdown, &mut refused).await {
+                        if on_unauthorized(agent, shutdown, watchdog, &mut refused).await {
                             wait = Duration::ZERO;
                         }
                     }
@@ -1116,6 +1140,7 @@ async fn main_loop(
 async fn on_unauthorized(
     agent: &Agent,
     shutdown: &CancellationToken,
+    watchdog: &mut Watchdog,
     refused: &mut Option<String>,
 ) -> bool {
     let path = agent.cfg.token_path();
@@ -1133,7 +1158,7 @@ async fn on_unauthorized(
     }
     if agent.cfg.enrollment_key_file.is_some() {
         let plain = agent.client.clone();
-        match obtain_token(&agent.cfg, &plain, shutdown, true, None).await {
+        match obtain_token(&agent.cfg, &plain, shutdown, watchdog, true, None).await {
             Ok(Some(t)) => {
                 agent.client.set_token(t);
                 return true;

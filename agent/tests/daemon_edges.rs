@@ -271,6 +271,73 @@ async fn a_hung_main_loop_stops_the_watchdog_pings() {
     agent.wait().unwrap();
 }
 
+/// The systemd device under load: `WatchdogSec` runs from the start, not
+/// from READY=1, and the agent's start-up (state, boot environment,
+/// enrollment) pinged nothing, so systemd killed a slow start as a hung
+/// agent — and would kill, every `WatchdogSec`, a device that retries
+/// enrollment against a server it cannot reach yet. The enrollment loop
+/// is live work: it must ping while it retries, before READY=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_retries_ping_the_watchdog_before_ready() {
+    let fx = Fixture::new(64 << 10, 64 << 10, true);
+    // A port nobody listens on: every enrollment attempt is refused.
+    let unreachable = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let dev = Device::new(&unreachable, &fx, "true", "");
+    let sock_path = dev.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} run --config {}",
+            agent_bin().display(),
+            dev.config.display()
+        ))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut agent = AgentProc(child);
+    let mut buf = [0u8; 4096];
+    let t = Instant::now();
+    let mut pings = Vec::new();
+    let mut ready = false;
+    while t.elapsed() < Duration::from_secs(4) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            ready |= m.contains("READY=1");
+            if m.contains("WATCHDOG=1") {
+                pings.push(t.elapsed());
+            }
+        }
+    }
+    assert!(!ready, "READY=1 without a device token");
+    // Every 500 ms (half the interval): ~8 in 4 s; systemd's rule is that
+    // no whole interval passes without one.
+    assert!(pings.len() >= 4, "too few pings while enrolling: {pings:?}");
+    let worst = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .chain(std::iter::once(t.elapsed() - *pings.last().unwrap()))
+        .max()
+        .unwrap();
+    assert!(
+        worst < Duration::from_secs(1),
+        "a gap of {worst:?} between pings"
+    );
+    sigterm(&agent);
+    assert!(
+        wait_exit(&mut agent, Duration::from_secs(5))
+            .await
+            .success()
+    );
+}
+
 /// Issue 19, defect 4: check-ins that hang (a replica waiting on a
 /// restarting database) instead of failing. The agent judged its lease only
 /// when a check-in failed, and from when an answer arrived: a check-in held
