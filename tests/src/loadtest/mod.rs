@@ -198,7 +198,9 @@ pub struct Args {
     /// Loopback source addresses to spread devices over (127.0.x.y).
     #[arg(long, default_value_t = 256)]
     pub source_addrs: u32,
-    /// Most API requests in flight at once across the fleet (bounds sockets).
+    /// Most API requests in flight at once across the fleet (bounds sockets);
+    /// devices holding an update (lease renewals, events) have a quarter as
+    /// many slots of their own.
     #[arg(long, default_value_t = 4096)]
     pub max_requests: usize,
     /// Where to write report.json and chart.svg.
@@ -559,6 +561,7 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
         started: Instant::now(),
         slots_dir,
         in_flight: tokio::sync::Semaphore::new(args.max_requests),
+        holders: tokio::sync::Semaphore::new(holder_slots(args.max_requests)),
         windows: window_plan.clone(),
         tokens,
         late,
@@ -802,6 +805,13 @@ pub async fn run(args: Args) -> Result<(report::Report, bool)> {
 /// Which devices are DDI targets (`--ddi-share`), reproducibly from `seed`.
 /// When each agent of `--late-share` enrolls, spread evenly over
 /// `--late-over` after the fleet starts (`None`: before the rollout).
+/// Request slots kept for devices holding an update beside
+/// `--max-requests` (see [`sim::Shared::holders`]): a quarter more, at
+/// least 16.
+fn holder_slots(max_requests: usize) -> usize {
+    (max_requests / 4).max(16)
+}
+
 fn late_devices(a: &Args, seed: u64, is_ddi: &[bool]) -> Vec<Option<Duration>> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x1a7e);

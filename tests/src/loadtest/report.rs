@@ -114,6 +114,9 @@ pub struct Report {
     pub checkin_p50_ms: f64,
     pub checkin_p99_ms: f64,
     pub checkin_max_ms: f64,
+    /// Check-ins' waits for a harness request slot (not the server's time).
+    pub queue_wait_p99_ms: f64,
+    pub queue_wait_max_ms: f64,
     pub delta_payload_bytes: u64,
     pub image_bytes: u64,
     pub bytes_received: u64,
@@ -126,9 +129,11 @@ pub struct Report {
     pub events_stored_by_server: u64,
     pub events_lost: u64,
     /// Stored beyond those acknowledged: only events given up at the
-    /// deadline may be (stored, their answer lost); more is double counting.
+    /// deadline and DDI feedback whose answer was lost may be (stored,
+    /// their answer lost); more is double counting.
     pub events_extra: u64,
     pub events_given_up: u64,
+    pub ddi_feedback_unanswered: u64,
     pub wrong_images: u64,
     pub real_slots_verified: u64,
     pub operations_verified: u64,
@@ -194,6 +199,7 @@ pub fn build(i: Inputs<'_>) -> Report {
     let (max_minute, bad60) = start_windows(&starts, 60_000, a.max_starts_per_min, allowance);
     let (_, bad10) = start_windows(&starts, 10_000, a.max_starts_per_min, allowance);
     let lat = st.latency();
+    let qw = st.queue_wait();
     let q = |p: f64| lat.value_at_quantile(p) as f64 / 1000.0;
     let mut c = [0u64; 10];
     for s in &st.state {
@@ -246,6 +252,8 @@ pub fn build(i: Inputs<'_>) -> Report {
         checkin_p50_ms: q(0.5),
         checkin_p99_ms: q(0.99),
         checkin_max_ms: lat.max() as f64 / 1000.0,
+        queue_wait_p99_ms: qw.value_at_quantile(0.99) as f64 / 1000.0,
+        queue_wait_max_ms: qw.max() as f64 / 1000.0,
         delta_payload_bytes: i.delta_size,
         image_bytes: i.image_size,
         bytes_received: st.bytes_received.load(Ordering::Relaxed),
@@ -259,6 +267,7 @@ pub fn build(i: Inputs<'_>) -> Report {
         events_lost: acked.saturating_sub(i.events_stored),
         events_extra: i.events_stored.saturating_sub(acked),
         events_given_up: st.events_given_up.load(Ordering::Relaxed),
+        ddi_feedback_unanswered: st.ddi_feedback_unanswered.load(Ordering::Relaxed),
         wrong_images: st.wrong_images.load(Ordering::Relaxed),
         real_slots_verified: st.real_slots_verified.load(Ordering::Relaxed),
         operations_verified: st.ops_verified.load(Ordering::Relaxed),
@@ -329,10 +338,10 @@ impl Report {
                 self.events_lost
             ));
         }
-        if self.events_extra > self.events_given_up {
+        if self.events_extra > self.events_given_up + self.ddi_feedback_unanswered {
             v.push(format!(
-                "the server stored {} events more than the devices had acknowledged (only {} were given up unacknowledged): double counted",
-                self.events_extra, self.events_given_up
+                "the server stored {} events more than the devices had acknowledged (only {} were given up unacknowledged, {} DDI feedback events unanswered): double counted",
+                self.events_extra, self.events_given_up, self.ddi_feedback_unanswered
             ));
         }
         if self.server_on_new_version != self.committed {
@@ -443,12 +452,15 @@ impl Report {
             (
                 "check-ins",
                 format!(
-                    "{} ({} errors), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+                    "{} ({} errors), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; \
+                     queued in the harness for a request slot p99 {:.0} ms, max {:.0} ms",
                     self.checkins,
                     self.checkin_errors,
                     self.checkin_p50_ms,
                     self.checkin_p99_ms,
-                    self.checkin_max_ms
+                    self.checkin_max_ms,
+                    self.queue_wait_p99_ms,
+                    self.queue_wait_max_ms
                 ),
             ),
             (
@@ -473,12 +485,14 @@ impl Report {
             (
                 "events",
                 format!(
-                    "{} acknowledged, {} stored by the server, {} lost, {} extra, {} given up at the deadline",
+                    "{} acknowledged, {} stored by the server, {} lost, {} extra, {} given up at the deadline, \
+                     {} of DDI feedback unanswered (maybe stored)",
                     self.events_acked,
                     self.events_stored_by_server,
                     self.events_lost,
                     self.events_extra,
-                    self.events_given_up
+                    self.events_given_up,
+                    self.ddi_feedback_unanswered
                 ),
             ),
             (

@@ -97,10 +97,20 @@ pub struct FleetStats {
     /// Download starts, ms since the run began.
     pub starts: Mutex<Vec<u64>>,
     latency: Vec<Mutex<Histogram<u64>>>,
+    /// How long check-ins waited for one of the harness's request slots
+    /// before they were sent (µs): the harness's own queue, which no real
+    /// device has. Kept apart from `latency` (the server's answer time) so
+    /// a report shows when the harness, not the server, was the bottleneck.
+    queue_wait: Vec<Mutex<Histogram<u64>>>,
     pub checkins: AtomicU64,
     pub checkin_errors: AtomicU64,
     pub events_acked: AtomicU64,
     pub events_given_up: AtomicU64,
+    /// Events of DDI feedback whose POST got no answer (connection cut,
+    /// server killed): the server may have stored them. DDI feedback has
+    /// no sequence number to make a resend idempotent, and the target does
+    /// not resend it: its next poll starts the attempt again.
+    pub ddi_feedback_unanswered: AtomicU64,
     pub bytes_received: AtomicU64,
     pub bytes_needed: AtomicU64,
     pub bytes_discarded: AtomicU64,
@@ -138,10 +148,14 @@ impl FleetStats {
             latency: (0..16)
                 .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
                 .collect(),
+            queue_wait: (0..16)
+                .map(|_| Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")))
+                .collect(),
             checkins: AtomicU64::new(0),
             checkin_errors: AtomicU64::new(0),
             events_acked: AtomicU64::new(0),
             events_given_up: AtomicU64::new(0),
+            ddi_feedback_unanswered: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             bytes_needed: AtomicU64::new(0),
             bytes_discarded: AtomicU64::new(0),
@@ -167,6 +181,20 @@ impl FleetStats {
     pub(super) fn record_latency(&self, i: usize, d: Duration) {
         let us = d.as_micros().clamp(1, 120_000_000) as u64;
         let _ = self.latency[i % 16].lock().unwrap().record(us);
+    }
+
+    pub(super) fn record_queue_wait(&self, i: usize, d: Duration) {
+        let us = d.as_micros().clamp(1, 120_000_000) as u64;
+        let _ = self.queue_wait[i % 16].lock().unwrap().record(us);
+    }
+
+    /// Merged histogram of check-ins' waits for a request slot (µs).
+    pub fn queue_wait(&self) -> Histogram<u64> {
+        let mut h = Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+        for s in &self.queue_wait {
+            let _ = h.add(&*s.lock().unwrap());
+        }
+        h
     }
 
     /// Merged check-in latency histogram (µs).
@@ -224,6 +252,16 @@ pub struct Shared {
     /// Bounds API requests in flight across the fleet, so connections (and
     /// file descriptors, on both sides) stay bounded however large N is.
     pub in_flight: tokio::sync::Semaphore,
+    /// Request slots for devices that hold an update — the check-ins that
+    /// renew its lease and the update's events — apart from `in_flight`.
+    /// A real device's renewal never queues behind other devices' idle
+    /// check-ins, but in one harness process sharing one FIFO of slots it
+    /// did: at 127k devices that queue grew to seconds whenever the harness
+    /// fell behind, renewals (and the `download-started` that follows an
+    /// admission) missed their lease, and the server, rightly, gave the
+    /// slots away. The run then failed on the harness's queue, not on the
+    /// server.
+    pub holders: tokio::sync::Semaphore,
     /// `--window-zones`: the zones and the window schedule.
     pub windows: Option<Arc<super::windows::Plan>>,
     /// Every device's token, once it has enrolled (late ones enroll during
@@ -352,8 +390,7 @@ async fn wait_for_window(
             freshness_held: None,
             delta_codecs: ota_format::manifest::codecs(),
         };
-        let sent = Instant::now();
-        let Some(resp) = dev.checkin(&req).await else {
+        let Some((resp, sent)) = dev.checkin(&req).await else {
             if !nap(sh, Duration::from_millis(500)).await {
                 return false;
             }
@@ -362,7 +399,7 @@ async fn wait_for_window(
         let received = Instant::now();
         match resp.action {
             Action::Install { update_id: u } if u == update_id => {
-                if !plan.install_was_in_window(d.index, sent, received) {
+                if !plan.install_was_in_window(d.index, sent.into_std(), received) {
                     st.switched_outside_window.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(device = %d.id, zone, "told to install outside its window");
                 }
@@ -445,7 +482,8 @@ impl Dev<'_> {
         let mut n = 0;
         loop {
             let sent = {
-                let _permit = self.sh.in_flight.acquire().await.expect("never closed");
+                // Every event belongs to an update in hand.
+                let _permit = self.sh.holders.acquire().await.expect("never closed");
                 self.d.client.events(std::slice::from_ref(&ev)).await
             };
             match sent {
@@ -468,17 +506,46 @@ impl Dev<'_> {
         }
     }
 
-    /// One check-in, timed.
-    async fn checkin(&self, req: &CheckinRequest) -> Option<CheckinResponse> {
-        let _permit = self.sh.in_flight.acquire().await.expect("never closed");
+    /// One check-in, timed: the answer and when the request left, after
+    /// its wait for a request slot. A device holding an update checks in
+    /// on the holders' request slots ([`Shared::holders`]), an idle one on
+    /// the fleet's.
+    ///
+    /// A lease runs from when the server granted it, so the device's copy
+    /// must start when the request was sent, not when the device began to
+    /// queue for a slot: timed from the queue, a device that had waited
+    /// most of a lease term for a slot believed an offer already lapsed,
+    /// refused it before fetching the manifest, and was re-admitted and
+    /// lost again until "lease expired after 4 attempts" (the 127k run).
+    async fn checkin(
+        &self,
+        req: &CheckinRequest,
+    ) -> Option<(CheckinResponse, tokio::time::Instant)> {
+        let slots = if req.update.is_some() {
+            &self.sh.holders
+        } else {
+            &self.sh.in_flight
+        };
+        self.checkin_on(slots, req).await
+    }
+
+    async fn checkin_on(
+        &self,
+        slots: &tokio::sync::Semaphore,
+        req: &CheckinRequest,
+    ) -> Option<(CheckinResponse, tokio::time::Instant)> {
+        let queued = Instant::now();
+        let _permit = slots.acquire().await.expect("never closed");
+        let sent = tokio::time::Instant::now();
         let t = Instant::now();
+        self.sh.stats.record_queue_wait(self.d.index, t - queued);
         let r = self.d.client.checkin(req).await;
         let st = &self.sh.stats;
         st.checkins.fetch_add(1, Ordering::Relaxed);
         match r {
             Ok((resp, _)) => {
                 st.record_latency(self.d.index, t.elapsed());
-                Some(resp)
+                Some((resp, sent))
             }
             Err(_) => {
                 st.checkin_errors.fetch_add(1, Ordering::Relaxed);
@@ -542,8 +609,7 @@ pub async fn run_device(d: Device, sh: Arc<Shared>) {
             freshness_held: None,
             delta_codecs: ota_format::manifest::codecs(),
         };
-        let sent = tokio::time::Instant::now();
-        let Some(resp) = dev.checkin(&req).await else {
+        let Some((resp, sent)) = dev.checkin(&req).await else {
             errors += 1;
             let wait = pool::backoff(Duration::from_millis(200), Duration::from_secs(5), errors);
             nap(&sh, wait).await;
@@ -986,7 +1052,6 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                     cancel.cancel();
                 }
                 _ = keeper.tick() => {
-                    let sent = tokio::time::Instant::now();
                     let req = CheckinRequest {
                         install_gate: false,
                         time_zone: None,
@@ -1007,12 +1072,12 @@ async fn download(dev: &Dev<'_>, h: &mut InHand, rng: &mut rand::rngs::StdRng) -
                             None
                         }
                     };
-                    match answer.map(|r| r.action) {
-                        Some(Action::Cancel { .. }) => {
+                    match answer.map(|(r, sent)| (r.action, sent)) {
+                        Some((Action::Cancel { .. }, _)) => {
                             server_cancel = true;
                             cancel.cancel();
                         }
-                        Some(Action::Update(o)) if o.update_id == update_id && !lease_lost => {
+                        Some((Action::Update(o), sent)) if o.update_id == update_id && !lease_lost => {
                             lease.renewed(sent);
                             counted.renewed(&lease);
                         }
@@ -1076,4 +1141,108 @@ fn applied_bytes(m: &Manifest, todo: &[usize], done: &HashSet<usize>) -> u64 {
         .filter(|d| seen.insert(d.offset))
         .map(|d| d.length)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(update: Option<&str>) -> CheckinRequest {
+        CheckinRequest {
+            install_gate: false,
+            time_zone: None,
+            current_version: "1.0".into(),
+            booted_slot: Slot::A,
+            state: if update.is_some() {
+                AgentState::Downloading
+            } else {
+                AgentState::Idle
+            },
+            update: update.map(|u| UpdateInHand {
+                update_id: u.into(),
+                progress: Progress::default(),
+            }),
+            freshness_held: None,
+            delta_codecs: ota_format::manifest::codecs(),
+        }
+    }
+
+    /// The 127k rerun with 20 % DDI targets: 2,241 agents lost their lease
+    /// four times and the rollout paused, while the server answered in
+    /// 50–150 ms. A device's renewals and its `download-started` queued
+    /// behind 100k idle devices' check-ins for the harness's shared request
+    /// slots, longer than a lease. A device holding an update must not wait
+    /// for a slot the idle fleet holds; an idle check-in still does, and
+    /// a check-in's wait for its slot is recorded.
+    #[tokio::test]
+    async fn a_device_holding_an_update_does_not_queue_behind_idle_check_ins() {
+        let sh = super::super::ddi::tests::shared(1);
+        let _every_slot_busy = sh.in_flight.acquire().await.unwrap();
+        // One body both answers parse: a check-in's and an events batch's.
+        let answer =
+            br#"{"next_checkin_ms":1000,"action":"none","accepted":1,"duplicates":0}"#.to_vec();
+        let base = super::super::ddi::tests::serve(2, answer).await;
+        let t = super::super::ddi::tests::target(&base);
+        let mut dev = Dev {
+            d: &t.device,
+            sh: &sh,
+            seq: 0,
+        };
+        let renewal =
+            tokio::time::timeout(Duration::from_secs(10), dev.checkin(&request(Some("u1"))))
+                .await
+                .expect("the lease renewal waited for a request slot the idle fleet held");
+        assert_eq!(renewal.map(|(r, _)| r.action), Some(Action::None));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            dev.event("u1", EventKind::DownloadStarted, Default::default()),
+        )
+        .await
+        .expect("download-started waited for a request slot the idle fleet held");
+        let idle =
+            tokio::time::timeout(Duration::from_millis(300), dev.checkin(&request(None))).await;
+        assert!(
+            idle.is_err(),
+            "an idle check-in must wait for a request slot"
+        );
+        assert_eq!(
+            sh.stats.queue_wait().len(),
+            1,
+            "the renewal's wait is recorded"
+        );
+    }
+
+    /// The 127k run's devices that failed "after 4 attempts" without one
+    /// event: their copy of an offered lease was timed from before their
+    /// wait for a request slot, so after a long wait the offer looked lapsed
+    /// on arrival and they refused it. The time a check-in returns is when
+    /// it was sent, after the wait.
+    #[tokio::test]
+    async fn a_check_in_is_timed_from_when_it_was_sent_not_from_its_wait_for_a_slot() {
+        let sh = super::super::ddi::tests::shared(1);
+        let busy = sh.in_flight.acquire().await.unwrap();
+        let answer = br#"{"next_checkin_ms":1000,"action":"none"}"#.to_vec();
+        let base = super::super::ddi::tests::serve(1, answer).await;
+        let t = super::super::ddi::tests::target(&base);
+        let dev = Dev {
+            d: &t.device,
+            sh: &sh,
+            seq: 0,
+        };
+        let queued = tokio::time::Instant::now();
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            drop(busy);
+        };
+        let ((resp, sent), ()) = tokio::join!(
+            async { dev.checkin(&request(None)).await.expect("answered") },
+            release
+        );
+        assert_eq!(resp.action, Action::None);
+        assert!(
+            sent - queued >= Duration::from_millis(400),
+            "timed from the queue: {:?} after it",
+            sent - queued
+        );
+    }
 }

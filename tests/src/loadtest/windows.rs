@@ -20,7 +20,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use jiff::tz::TimeZone;
 use tokio_util::sync::CancellationToken;
 
@@ -104,34 +104,58 @@ fn offset_for(zones: &[String], open: Option<usize>) -> Result<i64> {
     Ok(at.as_millisecond() - now.as_millisecond())
 }
 
+/// Why a replica's window clock was not set.
+#[derive(Debug)]
+enum ClockError {
+    /// The replica did not answer (restarting): try again.
+    Unreachable(anyhow::Error),
+    /// It answered with an error (e.g. no test hook): give up.
+    Refused(anyhow::Error),
+}
+
 /// Sets every replica's window clock.
 async fn set_clock(
     http: &reqwest::Client,
     replicas: &[String],
     admin: &str,
     offset_ms: i64,
-) -> Result<()> {
+) -> Result<(), ClockError> {
     for base in replicas {
         let r = http
             .put(format!("{base}/api/v1/admin/test/window-clock"))
             .bearer_auth(admin)
             .json(&serde_json::json!({ "offset_ms": offset_ms }))
+            .timeout(Duration::from_secs(5))
             .send()
             .await
-            .with_context(|| format!("moving the window clock of {base}"))?;
+            .with_context(|| format!("moving the window clock of {base}"))
+            .map_err(ClockError::Unreachable)?;
         if !r.status().is_success() {
-            bail!(
+            return Err(ClockError::Refused(anyhow::anyhow!(
                 "moving the window clock of {base}: {} (a release build without the \
                  test-hooks feature has no such hook)",
                 r.status()
-            );
+            )));
         }
     }
     Ok(())
 }
 
+/// How often a spell's clock is set again while it is held.
+const REASSERT: Duration = Duration::from_secs(2);
+
 /// Closed for `hold`, then each zone's window in turn for `hold`, round
 /// and round until `cancel`.
+///
+/// A replica killed and restarted (the run's `--server-restart-at`) comes
+/// back on the real clock, where every zone is normally closed, and one
+/// restarting refuses connections for a few seconds. The first 127k run of
+/// this scenario met the kill just as the clock was due to move: the move
+/// failed, the driver stopped, and no window opened again. So a change is
+/// retried until every replica took it, and the spell's offset is set
+/// again every [`REASSERT`] while it is held; a spell is logged as open
+/// from its first send, so a late re-assertion can only close a window
+/// early on the server, never open one outside the log.
 pub async fn drive(
     plan: std::sync::Arc<Plan>,
     replicas: Vec<String>,
@@ -148,12 +172,39 @@ pub async fn drive(
             log.push((Instant::now(), None, open));
             log.len() - 1
         };
-        set_clock(&http, &replicas, &admin, offset).await?;
+        let mut tries = 0u32;
+        loop {
+            match set_clock(&http, &replicas, &admin, offset).await {
+                Ok(()) => break,
+                Err(ClockError::Refused(e)) => return Err(e),
+                Err(ClockError::Unreachable(e)) => {
+                    tries += 1;
+                    if tries >= 60 {
+                        return Err(e.context("a replica stayed unreachable for a minute"));
+                    }
+                    tracing::warn!(error = %e, "window clock not moved yet; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
         plan.log.lock().unwrap()[k].1 = Some(Instant::now());
         tracing::info!(zone = ?open.map(|z| &plan.zones[z]), offset_ms = offset, "window clock moved");
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(hold) => {}
+        let until = tokio::time::Instant::now() + hold;
+        loop {
+            let next = (tokio::time::Instant::now() + REASSERT).min(until);
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            if next >= until {
+                break;
+            }
+            if let Err(e) = set_clock(&http, &replicas, &admin, offset).await {
+                tracing::debug!(error = ?e, "re-asserting the window clock");
+            }
         }
     }
     Ok(())
@@ -217,5 +268,79 @@ mod tests {
                 assert_eq!(w.is_open(t, &zone(other)), j == k, "{z}'s spell, {other}");
             }
         }
+    }
+
+    /// The first 127k run of this scenario: the server's kill -9 landed as
+    /// the clock was due to move, the move failed, the driver stopped, and
+    /// no window opened again. A replica that is down when the clock moves
+    /// gets the change when it is back, and a held spell is set again (a
+    /// restarted replica forgets it).
+    #[tokio::test]
+    async fn the_clock_reaches_a_replica_that_was_down_and_is_set_again_while_held() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let zones = ["Asia/Dhaka"].map(String::from);
+        let plan = std::sync::Arc::new(Plan::new(&zones).unwrap());
+        let cancel = CancellationToken::new();
+        let driver = tokio::spawn(drive(
+            plan.clone(),
+            vec![format!("http://127.0.0.1:{port}")],
+            "admin".into(),
+            Duration::from_secs(3),
+            cancel.clone(),
+        ));
+        // Down for 1.5 s, then up: it answers every PUT and counts them.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let puts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = puts.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = Vec::new();
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&got).to_string();
+                        if let Some(h) = text.find("\r\n\r\n")
+                            && text[h + 4..].contains('}')
+                        {
+                            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            got.clear();
+                            let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if s.write_all(ok.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        cancel.cancel();
+        driver
+            .await
+            .unwrap()
+            .expect("the driver gave up on a replica that came back");
+        let log = plan.log.lock().unwrap();
+        assert!(
+            log[0].1.is_some(),
+            "the closed spell was never acknowledged"
+        );
+        assert!(
+            puts.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+            "the change, a re-assertion while held and the next spell: {} PUTs",
+            puts.load(std::sync::atomic::Ordering::SeqCst)
+        );
     }
 }
