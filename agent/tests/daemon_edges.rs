@@ -171,24 +171,7 @@ async fn systemd_gets_ready_status_watchdog_and_stopping() {
     let fx = Fixture::new(1 << 20, 256 << 10, true);
     let server = Server::start(&[&fx]).await;
     let dev = Device::new(&server.url, &fx, "true", "");
-    let sock_path = dev.dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    // WATCHDOG_PID must be the agent's own pid: exec keeps the shell's.
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "WATCHDOG_PID=$$ exec {} run --config {}",
-            agent_bin().display(),
-            dev.config.display()
-        ))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "200000")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut agent = AgentProc(child);
+    let (mut agent, sock) = spawn_under_systemd(&dev, Duration::from_millis(200), 200_000, &[]);
     let mut seen = Vec::new();
     let t = Instant::now();
     let mut buf = [0u8; 4096];
@@ -224,24 +207,12 @@ async fn a_hung_main_loop_stops_the_watchdog_pings() {
         .next_checkin_ms
         .store(100, std::sync::atomic::Ordering::SeqCst);
     let dev = Device::new(&server.url, &fx, "true", "");
-    let sock_path = dev.dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "WATCHDOG_PID=$$ exec {} run --config {}",
-            agent_bin().display(),
-            dev.config.display()
-        ))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "200000")
-        .env("OTA_AGENT_TEST_HANG_AFTER_CHECKINS", "5")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut agent = AgentProc(child);
+    let (mut agent, sock) = spawn_under_systemd(
+        &dev,
+        Duration::from_millis(100),
+        200_000,
+        &[("OTA_AGENT_TEST_HANG_AFTER_CHECKINS", "5")],
+    );
     let mut buf = [0u8; 4096];
     let t = Instant::now();
     let mut last_ping = None;
@@ -286,23 +257,7 @@ async fn enrollment_retries_ping_the_watchdog_before_ready() {
         format!("http://{}", l.local_addr().unwrap())
     };
     let dev = Device::new(&unreachable, &fx, "true", "");
-    let sock_path = dev.dir.path().join("notify.sock");
-    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "WATCHDOG_PID=$$ exec {} run --config {}",
-            agent_bin().display(),
-            dev.config.display()
-        ))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut agent = AgentProc(child);
+    let (mut agent, sock) = spawn_under_systemd(&dev, Duration::from_millis(100), 1_000_000, &[]);
     let mut buf = [0u8; 4096];
     let t = Instant::now();
     let mut pings = Vec::new();
@@ -608,4 +563,33 @@ async fn replayed_freshness_statement_is_not_acted_on_and_the_held_one_is_echoed
         .await;
     sigterm(&agent);
     let _ = wait_exit(&mut agent, Duration::from_secs(30)).await;
+}
+
+/// Starts the agent of `dev` as systemd would with `Type=notify` and
+/// `WatchdogSec`: `NOTIFY_SOCKET` bound here (read with `timeout`),
+/// `WATCHDOG_USEC` and `WATCHDOG_PID` (the agent's own pid: `exec` keeps
+/// the shell's), plus `env`.
+fn spawn_under_systemd(
+    dev: &Device,
+    timeout: Duration,
+    watchdog_usec: u64,
+    env: &[(&str, &str)],
+) -> (AgentProc, std::os::unix::net::UnixDatagram) {
+    let sock_path = dev.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(timeout)).unwrap();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {} run --config {}",
+            agent_bin().display(),
+            dev.config.display()
+        ))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", watchdog_usec.to_string())
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (AgentProc(child), sock)
 }
