@@ -487,6 +487,20 @@ async fn test_hook_hang(checkins: u64) {
 #[cfg(not(any(debug_assertions, feature = "test-hooks")))]
 async fn test_hook_hang(_checkins: u64) {}
 
+/// Test-only fault injection (debug and `test-hooks` builds only):
+/// `OTA_AGENT_TEST_CRASH_AT=<point>` aborts the process at the named point,
+/// with nothing flushed or dropped, as a kill -9 or a power cut landing
+/// exactly there would. Tests crash at each step of finishing an update.
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
+fn test_hook_crash(point: &str) {
+    if std::env::var("OTA_AGENT_TEST_CRASH_AT").is_ok_and(|p| p == point) {
+        tracing::error!(point, "test hook: crashing here (OTA_AGENT_TEST_CRASH_AT)");
+        std::process::abort();
+    }
+}
+#[cfg(not(any(debug_assertions, feature = "test-hooks")))]
+fn test_hook_crash(_point: &str) {}
+
 /// Sends the outbox whenever told to, and every few seconds.
 ///
 /// # Cancel safety
@@ -688,6 +702,14 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
     let id = rec.offer.update_id.clone();
     let span = tracing::info_span!("after_boot", update = %id, phase = ?rec.phase);
     async {
+        if let Some(ev) = rec.final_event.clone() {
+            // Ended before the restart, its end noted but maybe not queued:
+            // queue the same event (same number) and clear the record.
+            tracing::info!(kind = ?ev.kind, seq = ev.seq, "the update had ended: reporting its end");
+            finish_update(agent, &mut rec, ev.kind, ev.detail.clone()).await?;
+            agent.set_status("idle", None, ev.detail.reason);
+            return Ok(None);
+        }
         match rec.phase {
             Phase::Downloading | Phase::Installing => Ok(None),
             // Verified and waiting for its window: the main loop holds it
@@ -726,18 +748,11 @@ async fn after_boot(agent: &Arc<Agent>) -> Result<Option<Exit>, DaemonError> {
                             }),
                         );
                         agent.state.set_slots(&slots)?;
-                        agent.state.set_update(None)?;
-                        agent.state.drop_progress_except(None).await?;
-                        agent
-                            .event(
-                                &id,
-                                EventKind::Committed,
-                                EventDetail {
-                                    version: Some(rec.to_version.clone()),
-                                    ..Default::default()
-                                },
-                            )
-                            .await;
+                        let detail = EventDetail {
+                            version: Some(rec.to_version.clone()),
+                            ..Default::default()
+                        };
+                        finish_update(agent, &mut rec, EventKind::Committed, detail).await?;
                         tracing::info!(version = %rec.to_version, "committed");
                         agent.set_status("idle", None, None);
                         Ok(None)
@@ -871,22 +886,66 @@ async fn finish_rollback(
     let mut slots = agent.state.slots()?;
     slots.set(rec.target, None);
     agent.state.set_slots(&slots)?;
-    agent.state.set_update(None)?;
-    agent.state.drop_progress_except(None).await?;
     let version = agent.running()?.1.version;
     tracing::warn!(%version, "rolled back: {reason}");
-    agent
-        .event(
-            &rec.offer.update_id,
-            EventKind::RolledBack,
-            EventDetail {
-                reason: Some(reason.clone()),
-                version: Some(version),
-                ..Default::default()
-            },
-        )
-        .await;
+    let detail = EventDetail {
+        reason: Some(reason.clone()),
+        version: Some(version),
+        ..Default::default()
+    };
+    finish_update(agent, &mut rec.clone(), EventKind::RolledBack, detail).await?;
     agent.set_status("idle", None, Some(reason));
+    Ok(())
+}
+
+/// Ends the update in hand with its terminal event (`committed`,
+/// `rolled-back`, `failed`), reported exactly once whatever step a crash or
+/// power cut lands on:
+///
+/// 1. the event is made, its sequence number synced, and noted in the
+///    update record (`final_event`, the file replaced atomically);
+/// 2. it is queued in the outbox under that number (synced);
+/// 3. the record goes.
+///
+/// A start that finds a record with `final_event` ([`after_boot`]) comes
+/// back here and queues the same event again: the outbox is keyed by
+/// sequence number and the server counts each number once. Before, the
+/// record went first, and a crash between it and the event left a device
+/// idle on its new version whose server never heard of the commit (found
+/// by the kill -9 trials in CI).
+///
+/// What ended the update (the boot environment's commit or rollback, the
+/// slots record) is done by the caller before this.
+///
+/// # Cancel safety
+/// Each step is on disk before the next; the next start finishes an
+/// interrupted one.
+async fn finish_update(
+    agent: &Agent,
+    rec: &mut UpdateRecord,
+    kind: EventKind,
+    detail: EventDetail,
+) -> Result<(), DaemonError> {
+    let ev = match &rec.final_event {
+        Some(ev) => ev.clone(),
+        None => {
+            let ev = agent
+                .state
+                .new_event(&rec.offer.update_id, kind, detail)
+                .await?;
+            rec.final_event = Some(ev.clone());
+            agent.state.set_update(Some(rec))?;
+            ev
+        }
+    };
+    test_hook_crash("finish:noted");
+    agent.state.put_event(&ev).await?;
+    tracing::info!(seq = ev.seq, kind = ?ev.kind, update = %ev.update_id, "event");
+    agent.events.notify_one();
+    test_hook_crash("finish:queued");
+    agent.state.set_update(None)?;
+    test_hook_crash("finish:cleared");
+    agent.state.drop_progress_except(None).await?;
     Ok(())
 }
 
@@ -1187,17 +1246,20 @@ async fn on_unauthorized(
 
 async fn fail_update(agent: &Agent, update_id: &str, reason: String) -> Result<(), DaemonError> {
     tracing::error!(update = %update_id, "update failed: {reason}");
-    agent
-        .event(
-            update_id,
-            EventKind::Failed,
-            EventDetail {
-                reason: Some(reason.chars().take(1000).collect()),
-                ..Default::default()
-            },
-        )
-        .await;
-    agent.state.set_update(None)?;
+    let detail = EventDetail {
+        reason: Some(reason.chars().take(1000).collect()),
+        ..Default::default()
+    };
+    match agent
+        .state
+        .update()?
+        .filter(|r| r.offer.update_id == update_id)
+    {
+        Some(mut rec) => finish_update(agent, &mut rec, EventKind::Failed, detail).await?,
+        // Failed before it had a record (the manifest was refused): nothing
+        // on disk to clear, so nothing a crash could leave half done.
+        None => agent.event(update_id, EventKind::Failed, detail).await,
+    }
     agent.set_status("idle", None, Some(reason));
     Ok(())
 }
@@ -1450,6 +1512,7 @@ async fn update_task(
         switched_in_boot: None,
         verified: None,
         redone_switches: existing.as_ref().map_or(0, |r| r.redone_switches),
+        final_event: None,
     };
     if existing.is_none() {
         write_atomic(&manifest_path, &envelope).map_err(|e| format!("saving the manifest: {e}"))?;

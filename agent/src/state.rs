@@ -103,6 +103,13 @@ pub struct UpdateRecord {
     /// slot must hash to when the switch finally comes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<VerifiedImage>,
+    /// The update has ended with this event (`committed`, `rolled-back`,
+    /// `failed`), noted before it is queued and before this record goes: a
+    /// restart that still finds the record queues the same event (same
+    /// sequence number) and clears the record, so the end is reported once
+    /// whatever step a crash lands on (`daemon::finish_update`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_event: Option<Event>,
 }
 
 /// A whole image verified in the target slot.
@@ -260,7 +267,50 @@ impl State {
         kind: EventKind,
         detail: EventDetail,
     ) -> Result<Event, StateError> {
-        let next = self
+        let ev = self.next_event(update_id, kind, detail)?;
+        if kind == EventKind::Progress {
+            for (k, v) in self.outbox.iter().flatten() {
+                if let Ok(old) = serde_json::from_slice::<Event>(&v)
+                    && old.kind == EventKind::Progress
+                    && old.update_id == update_id
+                {
+                    self.outbox.remove(k).map_err(self.err())?;
+                }
+            }
+        }
+        self.put_event(&ev).await?;
+        Ok(ev)
+    }
+
+    /// A new event under the next sequence number, not yet in the outbox;
+    /// the number is synced before this returns, so no later event can take
+    /// it after a crash. An event that must be reported exactly once across
+    /// crashes is noted elsewhere first (the update record's `final_event`)
+    /// and queued with [`State::put_event`], as often as a restart needs,
+    /// always under this number.
+    ///
+    /// # Cancel safety
+    /// Cancelled before the flush, the number may or may not survive a
+    /// crash; nothing holds it yet, and the counter never goes back.
+    pub async fn new_event(
+        &self,
+        update_id: &str,
+        kind: EventKind,
+        detail: EventDetail,
+    ) -> Result<Event, StateError> {
+        let ev = self.next_event(update_id, kind, detail)?;
+        self.flush().await?;
+        Ok(ev)
+    }
+
+    /// Takes the next sequence number (not yet synced) for a new event.
+    fn next_event(
+        &self,
+        update_id: &str,
+        kind: EventKind,
+        detail: EventDetail,
+    ) -> Result<Event, StateError> {
+        let seq = self
             .meta
             .update_and_fetch(SEQ_KEY, |old| {
                 let n = old
@@ -273,31 +323,30 @@ impl State {
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(1);
-        let ev = Event {
-            seq: next,
+        Ok(Event {
+            seq,
             update_id: update_id.into(),
             kind,
             at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             detail,
-        };
-        if kind == EventKind::Progress {
-            for (k, v) in self.outbox.iter().flatten() {
-                if let Ok(old) = serde_json::from_slice::<Event>(&v)
-                    && old.kind == EventKind::Progress
-                    && old.update_id == update_id
-                {
-                    self.outbox.remove(k).map_err(self.err())?;
-                }
-            }
-        }
+        })
+    }
+
+    /// Queues `ev` in the outbox under its own sequence number and makes it
+    /// durable. Idempotent: queued again, the same event replaces itself
+    /// (and if it was sent already, the server counts its sequence number
+    /// once).
+    ///
+    /// # Cancel safety
+    /// As [`State::push_event`].
+    pub async fn put_event(&self, ev: &Event) -> Result<(), StateError> {
         self.outbox
             .insert(
-                next.to_be_bytes(),
-                serde_json::to_vec(&ev).expect("event serializes"),
+                ev.seq.to_be_bytes(),
+                serde_json::to_vec(ev).expect("event serializes"),
             )
             .map_err(self.err())?;
-        self.flush().await?;
-        Ok(ev)
+        self.flush().await
     }
 
     /// The oldest unsent events, at most `max`.
@@ -567,6 +616,36 @@ mod tests {
                 panic!("concurrent state flushes never completed (sled flush_async lock-up)")
             }
         }
+    }
+
+    /// The terminal event of an update is queued as often as restarts need
+    /// under one sequence number; its number is never handed out again.
+    #[tokio::test]
+    async fn a_final_event_queued_again_is_one_event_and_keeps_its_number() {
+        let d = tempfile::tempdir().unwrap();
+        let ev = {
+            let s = State::open(d.path()).unwrap();
+            let ev = s
+                .new_event("u", EventKind::Committed, Default::default())
+                .await
+                .unwrap();
+            s.put_event(&ev).await.unwrap();
+            s.put_event(&ev).await.unwrap();
+            ev
+        };
+        let s = State::open(d.path()).unwrap();
+        s.put_event(&ev).await.unwrap();
+        let p = s.pending_events(10);
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (p[0].seq, p[0].kind, p[0].at.as_str()),
+            (ev.seq, ev.kind, ev.at.as_str())
+        );
+        let next = s
+            .push_event("u2", EventKind::DownloadStarted, Default::default())
+            .await
+            .unwrap();
+        assert!(next.seq > ev.seq, "{} reused after {}", next.seq, ev.seq);
     }
 
     #[tokio::test]

@@ -121,8 +121,9 @@ async fn kill_9_at_random_moments_never_leaves_a_wrong_image() {
                 }
                 assert!(
                     t.elapsed() < Duration::from_secs(60),
-                    "trial {trial} (seed {seed}): stuck; events {:?}",
-                    server.event_kinds()
+                    "trial {trial} (seed {seed}): stuck; events {:?}; the agent's log:\n{}",
+                    server.event_kinds(),
+                    dev.log_tail(60)
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

@@ -692,8 +692,14 @@ bootlimit = 3
     /// Starts `ota-agent run` (killed when dropped, so a failing test
     /// leaves no agent behind).
     pub fn spawn(&self) -> AgentProc {
+        self.spawn_with_env(&[])
+    }
+
+    /// [`Device::spawn`] with extra environment variables (test hooks).
+    pub fn spawn_with_env(&self, vars: &[(&str, &str)]) -> AgentProc {
         AgentProc(
             Command::new(agent_bin())
+                .envs(vars.iter().copied())
                 .args(["run", "--config"])
                 .arg(&self.config)
                 .env(
@@ -704,11 +710,27 @@ bootlimit = 3
                 .stderr(if std::env::var("AGENT_LOG").is_ok() {
                     Stdio::inherit()
                 } else {
-                    Stdio::null()
+                    // Appended across restarts, so a failing test can show
+                    // what every run of the agent did (`log_tail`).
+                    Stdio::from(
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(self.dir.path().join("agent.log"))
+                            .unwrap(),
+                    )
                 })
                 .spawn()
                 .unwrap(),
         )
+    }
+
+    /// The last `n` lines the agent logged (every run of it on this
+    /// device), for a failing assertion's message.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// Boot environment variables.
