@@ -662,6 +662,12 @@ impl Decoded {
         Interleaved::from_planes(&self.ctrl_planes, &self.diff, &self.extra)
     }
 
+    /// The decoded diff stream (the `zero_runs` fuzz target compares it with
+    /// a reference decoder).
+    pub fn diff(&self) -> &[u8] {
+        &self.diff
+    }
+
     /// Bytes held.
     pub fn capacity(&self) -> usize {
         self.ctrl_planes.capacity() + self.diff.capacity() + self.extra.capacity()
