@@ -945,7 +945,12 @@ async fn finish_update(
     test_hook_crash("finish:queued");
     agent.state.set_update(None)?;
     test_hook_crash("finish:cleared");
-    agent.state.drop_progress_except(None).await?;
+    // A failed update's applied operations stay, keyed by payload hash, in
+    // case the same payload is offered again (as on a cancel); a finished
+    // one's are of no further use.
+    if ev.kind != EventKind::Failed {
+        agent.state.drop_progress_except(None).await?;
+    }
     Ok(())
 }
 
