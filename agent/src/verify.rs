@@ -206,6 +206,7 @@ mod tests {
                 zstd_level: 1,
                 xz: true,
                 zero_runs: true,
+                arm64: true,
                 threads: 1,
                 progress: false,
             },

@@ -235,29 +235,54 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                     reason: format!("dst {} > {MAX_BUFFERED_DST}", dst.length),
                 });
             }
-            let mut dec = decoder(index, kind, data, dst.length)?;
-            let mut buf = vec![0u8; STREAM_BUF.min(dst.length as usize + 1)];
+            let (mut dec, arm64_base) = replace_decoder(index, kind, data, dst.length)?;
+            // At least 8 bytes: up to 3 bytes of a word cut by a read wait
+            // for the rest of it (arm64), and a read always has room.
+            let mut buf = vec![0u8; STREAM_BUF.min(dst.length as usize + 1).max(8)];
             let mut done = 0u64;
+            let mut carry = 0usize;
             loop {
-                let n = dec.read(&mut buf).map_err(|e| ApplyError::Decode {
-                    op: index,
-                    kind,
-                    reason: e.to_string(),
-                })?;
-                if n == 0 {
+                let n = dec
+                    .read(&mut buf[carry..])
+                    .map_err(|e| ApplyError::Decode {
+                        op: index,
+                        kind,
+                        reason: e.to_string(),
+                    })?;
+                let have = carry + n;
+                // The bytes ready to write: with the arm64 transform, those
+                // up to the last whole word (by position in the image), all
+                // of them at the end.
+                let ready = match arm64_base {
+                    Some(base) if n > 0 => {
+                        let end = base.wrapping_add(done).wrapping_add(have as u64);
+                        // 0 when no word ends in it yet (an unaligned start).
+                        have.saturating_sub((end & 3) as usize)
+                    }
+                    _ => have,
+                };
+                if ready == 0 && n == 0 {
                     break;
                 }
-                if done + n as u64 > dst.length {
+                if done + ready as u64 > dst.length {
                     return Err(ApplyError::Decode {
                         op: index,
                         kind,
                         reason: format!("decompresses past the {}-byte destination", dst.length),
                     });
                 }
-                hasher.update(&buf[..n]);
-                dest.write_all_at(&buf[..n], dst.offset + done)
+                if let Some(base) = arm64_base {
+                    crate::arm64::decode(&mut buf[..ready], base.wrapping_add(done));
+                }
+                hasher.update(&buf[..ready]);
+                dest.write_all_at(&buf[..ready], dst.offset + done)
                     .map_err(write_err())?;
-                done += n as u64;
+                done += ready as u64;
+                buf.copy_within(ready..have, 0);
+                carry = have - ready;
+                if n == 0 {
+                    break;
+                }
             }
             if done != dst.length {
                 return Err(ApplyError::Decode {
@@ -339,6 +364,93 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
             check_output(index, op, Digest::of(&out), "")?;
             dest.write_all_at(&out, dst.offset).map_err(write_err())
         }
+    }
+}
+
+/// The streaming decoder of a `REPLACE` operation's data for a
+/// `dst_len`-byte destination, and the arm64 base if the data is
+/// arm64-transformed (`crate::arm64`: [`crate::arm64::MAGIC`], the base as a
+/// varint, then one zstd frame or xz stream of the transformed bytes, which
+/// the caller restores in place as they stream out).
+///
+/// The memory stays what [`op_work`] counts for `REPLACE`: a zstd frame's
+/// window is at most the destination ([`decoder`]); an xz stream is decoded
+/// with a liblzma memlimit of the destination + [`patch_streams::XZ_DCTX_BYTES`]
+/// (its dictionary takes the window's share, its state the zstd context's),
+/// refused before anything is allocated if it asks more. A malformed or
+/// truncated header, a bzip2 stream or a transform nested in a transform is
+/// refused.
+fn replace_decoder<'a>(
+    index: usize,
+    kind: &'static str,
+    data: &'a [u8],
+    dst_len: u64,
+) -> Result<(Box<dyn Read + 'a>, Option<u64>), ApplyError> {
+    let refuse = |reason: String| ApplyError::Decode {
+        op: index,
+        kind,
+        reason,
+    };
+    let Some(after) = data.strip_prefix(crate::arm64::MAGIC) else {
+        return Ok((Box::new(decoder(index, kind, data, dst_len)?), None));
+    };
+    let mut inner = after;
+    let base = patch_streams::get_varint(&mut inner)
+        .ok_or_else(|| refuse("arm64: truncated or malformed base".into()))?;
+    if inner.starts_with(crate::arm64::MAGIC) {
+        return Err(refuse("arm64: the data is transformed again".into()));
+    }
+    if inner.starts_with(patch_streams::XZ_MAGIC) {
+        let limit = dst_len + patch_streams::XZ_DCTX_BYTES;
+        let stream = xz2::stream::Stream::new_stream_decoder(limit, 0)
+            .map_err(|e| refuse(format!("arm64: creating an xz decoder: {e}")))?;
+        let dec = XzReplace {
+            dec: xz2::bufread::XzDecoder::new_stream(inner, stream),
+            len: inner.len() as u64,
+            limit,
+        };
+        return Ok((Box::new(dec), Some(base)));
+    }
+    Ok((Box::new(decoder(index, kind, inner, dst_len)?), Some(base)))
+}
+
+/// An xz stream of `REPLACE` data: liblzma's memory-limit error named as
+/// such, and bytes after the stream refused.
+struct XzReplace<'a> {
+    dec: xz2::bufread::XzDecoder<&'a [u8]>,
+    len: u64,
+    limit: u64,
+}
+
+impl Read for XzReplace<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.dec.read(buf).map_err(|e| {
+            if e.get_ref()
+                .and_then(|e| e.downcast_ref::<xz2::stream::Error>())
+                .is_some_and(|e| matches!(e, xz2::stream::Error::MemLimit))
+            {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "xz stream asks for more than {} bytes of decoder memory \
+                         (its destination allows a dictionary of at most its size)",
+                        self.limit
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        if n == 0 && !buf.is_empty() && self.dec.total_in() != self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} bytes after the xz stream",
+                    self.len - self.dec.total_in()
+                ),
+            ));
+        }
+        Ok(n)
     }
 }
 
@@ -665,6 +777,128 @@ mod tests {
             src_sha256: None,
             data: None,
             dst_sha256: Digest::of(b""),
+        }
+    }
+
+    fn replace_op(offset: u64, chunk: &[u8], data: &[u8]) -> Operation {
+        Operation {
+            kind: OpKind::Replace,
+            dst: Extent::new(offset, chunk.len() as u64),
+            src: vec![],
+            src_sha256: None,
+            data: Some(ota_format::DataRange {
+                offset: 0,
+                length: data.len() as u64,
+                sha256: Digest::of(data),
+            }),
+            dst_sha256: Digest::of(chunk),
+        }
+    }
+
+    fn apply_replace(offset: u64, chunk: &[u8], data: &[u8]) -> Result<Vec<u8>, ApplyError> {
+        let dest = Mem(Mutex::new(vec![]));
+        let op = replace_op(offset, chunk, data);
+        apply_operation(0, &op, data, None::<&[u8]>, &dest)?;
+        Ok(dest.0.into_inner().unwrap()[offset as usize..].to_vec())
+    }
+
+    fn a64(base: u64, inner: &[u8]) -> Vec<u8> {
+        let mut out = crate::arm64::MAGIC.to_vec();
+        patch_streams::put_varint(&mut out, base);
+        out.extend_from_slice(inner);
+        out
+    }
+
+    #[test]
+    fn arm64_replace_data_applies_byte_exactly_streaming() {
+        // Longer than the streaming buffer, a length and a base that are not
+        // multiples of 4: reads cut words, which wait for their rest.
+        for (offset, base, len) in [
+            (0x2000u64, 0x2000u64, 600_003usize),
+            (4096, 0x1002, 300_001),
+            (0, 0, 3),
+            (0, 1, 1),
+            (8192, 8192, STREAM_BUF + 4),
+        ] {
+            let chunk = crate::arm64::synthetic_code(len.div_ceil(4), base, 5)[..len].to_vec();
+            let mut t = chunk.clone();
+            crate::arm64::encode(&mut t, base);
+            for xz in [true, false] {
+                let data = patch_streams::replace_arm64(&t, base, 3, xz).unwrap();
+                assert_eq!(
+                    apply_replace(offset, &chunk, &data).unwrap(),
+                    chunk,
+                    "{offset} {base} {len} xz {xz}"
+                );
+            }
+        }
+        // Where the transform pays, the data is smaller than plain zstd.
+        let chunk = crate::arm64::synthetic_code(200_000, 1 << 20, 3);
+        let mut t = chunk.clone();
+        crate::arm64::encode(&mut t, 1 << 20);
+        let a = patch_streams::replace_arm64(&t, 1 << 20, 19, false).unwrap();
+        let plain = zstd::bulk::compress(&chunk, 19).unwrap();
+        assert!(
+            a.len() * 10 < plain.len() * 9,
+            "{} {}",
+            a.len(),
+            plain.len()
+        );
+    }
+
+    #[test]
+    fn malformed_arm64_replace_data_is_refused() {
+        let base = 0x10_0000u64;
+        let chunk = crate::arm64::synthetic_code(20_000, base, 9);
+        let mut t = chunk.clone();
+        crate::arm64::encode(&mut t, base);
+        let good = patch_streams::replace_arm64(&t, base, 3, true).unwrap();
+        assert_eq!(apply_replace(base, &chunk, &good).unwrap(), chunk);
+        let decode_err = |data: &[u8]| match apply_replace(base, &chunk, data) {
+            Err(ApplyError::Decode { reason, .. }) => reason,
+            r => panic!("{:?}", r.map(|_| ())),
+        };
+        let xz_inner = &good[crate::arm64::MAGIC.len() + 3..];
+        // Truncated and malformed bases.
+        assert!(decode_err(crate::arm64::MAGIC).contains("base"));
+        assert!(decode_err(&[crate::arm64::MAGIC, &[0x80][..]].concat()).contains("base"));
+        assert!(decode_err(&[crate::arm64::MAGIC, &[0xFF; 10][..]].concat()).contains("base"));
+        // Nested, bzip2 inside, nothing inside, truncated inside, bytes
+        // after the xz stream.
+        assert!(decode_err(&a64(base, &a64(base, xz_inner))).contains("again"));
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+        std::io::Write::write_all(&mut bz, &t).unwrap();
+        decode_err(&a64(base, &bz.finish().unwrap()));
+        decode_err(&a64(base, &[]));
+        decode_err(&a64(base, &xz_inner[..xz_inner.len() - 9]));
+        let r = decode_err(&[&good[..], &[0u8; 5][..]].concat());
+        assert!(
+            r.contains("after the xz stream") || r.contains("corrupt"),
+            "{r}"
+        );
+        // An xz stream asking for a larger dictionary than the destination.
+        let mut o = xz2::stream::LzmaOptions::new_preset(6).unwrap();
+        o.dict_size(8 << 20);
+        let mut f = xz2::stream::Filters::new();
+        f.lzma2(&o);
+        let st = xz2::stream::Stream::new_stream_encoder(&f, xz2::stream::Check::None).unwrap();
+        let mut e = xz2::write::XzEncoder::new_stream(Vec::new(), st);
+        std::io::Write::write_all(&mut e, &t).unwrap();
+        let big = a64(base, &e.finish().unwrap());
+        assert!(decode_err(&big).contains("decoder memory"));
+        // A zstd frame declaring more than the destination.
+        let mut more = t.clone();
+        more.push(0);
+        decode_err(&a64(base, &zstd::bulk::compress(&more, 3).unwrap()));
+        // A wrong base: other bytes, refused by the output hash.
+        let wrong = a64(base + 4096, xz_inner);
+        assert!(matches!(
+            apply_replace(base, &chunk, &wrong),
+            Err(ApplyError::OutputHash { .. })
+        ));
+        // Every truncation is an error.
+        for cut in (0..good.len()).step_by(53) {
+            assert!(apply_replace(base, &chunk, &good[..cut]).is_err(), "{cut}");
         }
     }
 

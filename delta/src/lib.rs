@@ -11,6 +11,9 @@
 //!   [`apply::apply_image`] streams a whole payload (the offline CLI);
 //!   [`apply::op_work`] bounds what one operation allocates, the unit of
 //!   both appliers' memory budgets.
+//! - [`arm64`]: the `arm64` codec's transform of AArch64 code (BL and
+//!   ADRP immediates made absolute) for `REPLACE` data and bsdiff extra
+//!   streams.
 //! - [`patch_streams`]: the layout of `BSDIFF` data (a bsdiff patch as three
 //!   zstd, bzip2 or xz streams) shared by generator and apply engine, and its
 //!   bounded decoding ([`patch_streams::decode_bounded`]).
@@ -27,6 +30,7 @@
 //! The format itself (manifest, envelope, limits) lives in `ota-format`.
 
 pub mod apply;
+pub mod arm64;
 #[cfg(feature = "generate")]
 pub mod generate;
 pub mod io;

@@ -172,6 +172,7 @@ fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
         zstd_level: 3,
         xz: true,
         zero_runs: true,
+        arm64: true,
         threads: 2,
         progress: false,
     };
@@ -254,6 +255,7 @@ fn new_content_written_twice_is_carried_once() {
         zstd_level: 3,
         xz: true,
         zero_runs: true,
+        arm64: true,
         threads: 2,
         progress: false,
     };

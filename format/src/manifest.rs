@@ -26,11 +26,18 @@ pub const CODEC_XZ: &str = "xz";
 /// "Codecs"). Agents older than it refuse a manifest that lists it.
 pub const CODEC_ZERO_RUNS: &str = "zero-runs";
 
+/// The codec name of arm64-transformed data: `REPLACE` data and `BSDIFF`
+/// extra streams whose AArch64 BL and ADRP immediates were made absolute
+/// before compression (magic `A64` 1, a base, then a zstd, bzip2 or xz
+/// stream; `docs/format.md`, "Codecs"). Agents older than it refuse a
+/// manifest that lists it.
+pub const CODEC_ARM64: &str = "arm64";
+
 /// Codecs beyond format version 1's zstd and bzip2 that this build decodes.
 /// An agent advertises them in its check-in
 /// ([`crate::api::CheckinRequest::delta_codecs`]) and refuses a manifest
 /// that lists any other ([`Manifest::codecs`]).
-pub const CODECS: &[&str] = &[CODEC_XZ, CODEC_ZERO_RUNS];
+pub const CODECS: &[&str] = &[CODEC_XZ, CODEC_ZERO_RUNS, CODEC_ARM64];
 
 /// The bundle formats of clients that fetch a bundle of their own rather
 /// than an edge-ota payload (hawkBit DDI targets: SWUpdate, RAUC), as the
@@ -43,6 +50,7 @@ pub const BUNDLE_CODECS: &[&str] = &["bundle:swu", "bundle:raucb", "bundle:file"
 const KNOWN_CODECS: &[&str] = &[
     CODEC_XZ,
     CODEC_ZERO_RUNS,
+    CODEC_ARM64,
     "bundle:swu",
     "bundle:raucb",
     "bundle:file",
@@ -748,20 +756,39 @@ mod tests {
         assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
         m.codecs = vec![CODEC_XZ.into(), CODEC_ZERO_RUNS.into()];
         assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        m.codecs = vec![CODEC_XZ.into(), CODEC_ARM64.into()];
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        m.codecs = vec![CODEC_XZ.into(), CODEC_ZERO_RUNS.into(), CODEC_ARM64.into()];
+        assert_eq!(Manifest::from_json(&m.to_json()).unwrap(), m);
+        assert_eq!(CODEC_ARM64, "arm64");
+        // A near miss is an unknown codec.
+        m.codecs = vec!["arm64 ".into()];
+        assert!(matches!(
+            Manifest::from_json(&m.to_json()),
+            Err(ManifestError::UnsupportedCodec(c)) if c == "arm64 "
+        ));
     }
 
     #[test]
     fn a_check_ins_codecs_parse_without_the_names_this_build_does_not_know() {
         let c: Codecs =
-            serde_json::from_str(r#"["brotli","zero-runs","xz","xz","\u0078z"]"#).unwrap();
+            serde_json::from_str(r#"["brotli","arm64","zero-runs","xz","xz","\u0078z"]"#).unwrap();
         assert_eq!(c, codecs());
         assert!(c.contains(CODEC_XZ) && !c.contains("brotli") && !c.is_empty());
-        assert_eq!(serde_json::to_string(&c).unwrap(), r#"["xz","zero-runs"]"#);
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"["xz","zero-runs","arm64"]"#
+        );
         // An agent of the xz codec's time lists xz alone: it decodes no
         // zero-run-coded stream.
         let xz_only: Codecs = serde_json::from_str(r#"["xz"]"#).unwrap();
         assert!(xz_only.contains(CODEC_XZ) && !xz_only.contains(CODEC_ZERO_RUNS));
         assert_ne!(xz_only, codecs());
+        // An agent of the zero-runs codec's time: no arm64.
+        let before_arm64: Codecs = serde_json::from_str(r#"["xz","zero-runs"]"#).unwrap();
+        assert!(before_arm64.contains(CODEC_ZERO_RUNS) && !before_arm64.contains(CODEC_ARM64));
+        assert_ne!(before_arm64, codecs());
+        assert!(codecs().contains(CODEC_ARM64));
         let none: Codecs = serde_json::from_str(r#"["brotli"]"#).unwrap();
         assert!(none.is_empty() && none == Codecs::NONE && !none.contains(CODEC_XZ));
         assert_eq!(serde_json::to_string(&none).unwrap(), "[]");
@@ -788,7 +815,7 @@ mod tests {
         assert!(
             String::from_utf8(xz.to_json())
                 .unwrap()
-                .contains(r#""codecs":["xz","zero-runs"]"#)
+                .contains(r#""codecs":["xz","zero-runs","arm64"]"#)
         );
     }
 }

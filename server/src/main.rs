@@ -550,6 +550,12 @@ struct DeltaArgs {
     /// 1-4 % more bytes on binaries and more generation time.
     #[arg(long)]
     no_zero_runs: bool,
+    /// Do not arm64-transform new code (REPLACE data, bsdiff extra streams):
+    /// the payload then applies on agents that decode xz but are older than
+    /// the arm64 codec, at a few % more bytes on aarch64 executables. A full
+    /// image (no --from) never uses it.
+    #[arg(long)]
+    no_arm64: bool,
     /// Worker threads (0 = every core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -703,6 +709,7 @@ fn delta(a: DeltaArgs) -> Result<()> {
         zstd_level: a.zstd_level,
         xz: !a.no_xz,
         zero_runs: !a.no_zero_runs,
+        arm64: !a.no_arm64 && a.from.is_some(),
         threads: a.threads,
         progress: !a.no_progress,
     };

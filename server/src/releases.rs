@@ -166,6 +166,9 @@ pub struct BuildSettings {
     /// Deltas that use xz may also zero-run code their diff streams
     /// ([`GenerateOptions::zero_runs`]).
     pub delta_zero_runs: bool,
+    /// Deltas that use xz may also arm64-transform new code
+    /// ([`GenerateOptions::arm64`]); full images never do.
+    pub delta_arm64: bool,
     pub expiry_days: u64,
     /// Generator threads; 0 = one per core.
     pub threads: usize,
@@ -1095,6 +1098,9 @@ impl Releases {
             // is what agents that cannot decode xz get instead of a delta.
             xz: from.is_some() && self.settings.delta_xz,
             zero_runs: self.settings.delta_zero_runs,
+            // A full image is what agents that decode none of the newer
+            // codecs get.
+            arm64: from.is_some() && self.settings.delta_arm64,
             threads: self.settings.threads,
             progress: false,
         };
@@ -1227,6 +1233,17 @@ mod tests {
         assert_eq!(
             choose(Some(&zr), Some(&full), ota_format::manifest::codecs()),
             Some(&zr)
+        );
+        // A delta with arm64-transformed new code: not for an agent that
+        // decodes xz and zero runs but is older than the arm64 codec.
+        let a64 = art(Some("1"), 5_000, 18_000, &["xz", "zero-runs", "arm64"]);
+        let before_arm64: Codecs = serde_json::from_str(r#"["xz","zero-runs"]"#).unwrap();
+        assert_eq!(choose(Some(&a64), Some(&full), before_arm64), Some(&full));
+        assert_eq!(choose(Some(&a64), None, before_arm64), None);
+        assert_eq!(choose(Some(&a64), Some(&full), xz_only), Some(&full));
+        assert_eq!(
+            choose(Some(&a64), Some(&full), ota_format::manifest::codecs()),
+            Some(&a64)
         );
     }
 }

@@ -329,13 +329,14 @@ impl Live {
 /// The settings the builder took at start-up, as one comparable string.
 fn build_settings(c: &ServerConfig) -> String {
     format!(
-        "{} {} {} {} {} {} {} {} {} {}",
+        "{} {} {} {} {} {} {} {} {} {} {}",
         c.delta_history,
         c.chunk_size,
         c.zstd_level,
         c.full_zstd_level,
         c.delta_xz,
         c.delta_zero_runs,
+        c.delta_arm64,
         c.build_threads,
         c.build_nice,
         c.manifest_expiry_days,
@@ -380,7 +381,7 @@ fn fixed_settings_unchanged(old: &ServerConfig, new: &ServerConfig) -> Result<()
     same(
         build_settings(old),
         build_settings(new),
-        "a build setting (delta_history, chunk_size, zstd_level, full_zstd_level, delta_xz, delta_zero_runs, build_threads, build_nice, manifest_expiry_days) or egress_bytes_per_sec",
+        "a build setting (delta_history, chunk_size, zstd_level, full_zstd_level, delta_xz, delta_zero_runs, delta_arm64, build_threads, build_nice, manifest_expiry_days) or egress_bytes_per_sec",
     )?;
     same(
         old.tls.is_some().to_string(),

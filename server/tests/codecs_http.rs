@@ -97,3 +97,84 @@ async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta
     assert!(manifest_of(&ts, &old, &full).await.codecs.is_empty());
     assert!(delta.payload_size < full.payload_size);
 }
+
+/// Two 256 KiB releases of AArch64 code, the second with 24 KiB of new code
+/// inserted in the middle: the delta's extra stream is new AArch64 code,
+/// which the arm64 transform shrinks.
+fn arm64_images() -> (Vec<u8>, Vec<u8>) {
+    const LEN: usize = 256 << 10;
+    let v1 = ota_delta::arm64::synthetic_code(LEN / 4, 0, 1);
+    let mut v2 = v1[..LEN / 2].to_vec();
+    v2.extend_from_slice(&ota_delta::arm64::synthetic_code(
+        (24 << 10) / 4,
+        LEN as u64 / 2,
+        2,
+    ));
+    v2.extend_from_slice(&v1[LEN / 2..]);
+    v2.truncate(LEN);
+    (v1, v2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_advertise_arm64_gets_the_full_image_not_an_arm64_delta() {
+    let ts = TestServer::start(&format!(
+        "delta_xz = true\ndelta_zero_runs = true\ndelta_arm64 = true\n{}",
+        fast_checkin(5000)
+    ))
+    .await;
+    let (v1, v2) = arm64_images();
+    ts.release("t", "1.0", &v1).await;
+    ts.release("t", "2.0", &v2).await;
+    // The precondition: the delta needs arm64, the full image does not.
+    let rel = ts.admin.releases().await.unwrap();
+    let r = rel.iter().find(|r| r.version == "2.0").unwrap();
+    for b in &r.builds {
+        assert_eq!(b.status, BuildStatus::Ready);
+        let codecs = &b.artifacts.as_ref().unwrap().codecs;
+        match b.from_version {
+            Some(_) => assert!(
+                codecs.iter().any(|c| c == "arm64"),
+                "the delta should use arm64: {codecs:?}"
+            ),
+            None => assert!(codecs.is_empty(), "the full image never needs arm64"),
+        }
+    }
+
+    let http = http();
+    let new = Sim::enroll(&ts.base, "new-agent", "t", &http).await;
+    let older = Sim::enroll(&ts.base, "zero-runs-agent", "t", &http).await;
+    ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
+
+    let Action::Update(delta) = new.checkin("1.0", AgentState::Idle, None).await.action else {
+        panic!("the current agent should be offered the update")
+    };
+    assert_eq!(delta.from_version.as_deref(), Some("1.0"));
+    assert!(
+        manifest_of(&ts, &new, &delta)
+            .await
+            .codecs
+            .contains(&"arm64".to_string())
+    );
+
+    // An agent of the zero-runs codec's time lists xz and zero-runs only.
+    let req = CheckinRequest {
+        install_gate: false,
+        time_zone: None,
+        current_version: "1.0".into(),
+        booted_slot: Slot::A,
+        state: AgentState::Idle,
+        update: None,
+        freshness_held: None,
+        delta_codecs: serde_json::from_str(r#"["xz","zero-runs"]"#).unwrap(),
+    };
+    let resp: CheckinResponse = serde_json::from_slice(&older.checkin_raw(&req).await).unwrap();
+    let Action::Update(full) = resp.action else {
+        panic!("the older agent should be offered the full image: {resp:?}")
+    };
+    assert_eq!(
+        full.from_version, None,
+        "no arm64 delta for an agent without arm64"
+    );
+    assert!(manifest_of(&ts, &older, &full).await.codecs.is_empty());
+    assert!(delta.payload_size < full.payload_size);
+}

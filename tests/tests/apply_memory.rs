@@ -75,6 +75,7 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
             zstd_level: 3,
             xz: true,
             zero_runs: true,
+            arm64: true,
             threads: 2,
             progress: false,
         },

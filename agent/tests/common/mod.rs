@@ -115,6 +115,7 @@ impl Fixture {
                 zstd_level: 3,
                 xz: true,
                 zero_runs: true,
+                arm64: true,
                 threads: 2,
                 progress: false,
             },
