@@ -19,7 +19,14 @@
 //! - a zero-run-coded diff stream of arbitrary runs with an arbitrary unit
 //!   and declared length (the run parser), or a real bsdiff patch whose
 //!   diff stream is zero-run coded as the generator codes it (which the
-//!   engine must accept).
+//!   engine must accept);
+//! - arm64-transformed data (`ota_delta::arm64`): for `REPLACE` arbitrary
+//!   transformed bytes at an arbitrary base in xz or zstd (whose output is
+//!   known, so it must be accepted), or a real chunk transformed as the
+//!   generator does; for `BSDIFF` arbitrary control, diff and transformed
+//!   extra streams (the segment walk over arbitrary control entries), or a
+//!   real bsdiff patch whose extra stream is transformed segment by segment
+//!   (which the engine must accept).
 //!
 //! About half the inputs carry digests computed from the data, the source
 //! window and (when known) the expected output, so the hash checks pass and
@@ -113,6 +120,41 @@ enum DataSpec {
     /// zero-run coded as the generator codes it (4-byte units, runs in xz),
     /// control and extra streams zstd; REPLACE: data = zstd(new).
     ZeroRunsDiff { new: Vec<u8> },
+    /// arm64-transformed data ([`ota_delta::arm64::MAGIC`], a base, a
+    /// stream): REPLACE: `content` (the transformed bytes) in an xz stream
+    /// or a zstd frame, whose output (`content` decoded at `base`) is
+    /// known; BSDIFF: arbitrary control, diff and transformed extra
+    /// streams (the segment walk over arbitrary control entries).
+    Arm64 {
+        base: u64,
+        xz: bool,
+        ctrl: Vec<u8>,
+        diff: Vec<u8>,
+        content: Vec<u8>,
+    },
+    /// BSDIFF: a real patch from the window to `new`, its extra stream
+    /// arm64-transformed at `base` segment by segment as the generator
+    /// does; REPLACE: `new` transformed at `base`, in xz.
+    Arm64Diff { base: u64, new: Vec<u8> },
+}
+
+/// LEB128, as the formats' varints.
+fn varint(mut v: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+    out
+}
+
+/// [`ota_delta::arm64::MAGIC`], `base`, then `inner`.
+fn arm64_frame(base: u64, inner: &[u8]) -> Vec<u8> {
+    let mut out = ota_delta::arm64::MAGIC.to_vec();
+    out.extend(varint(base));
+    out.extend_from_slice(inner);
+    out
 }
 
 fn xz(data: &[u8], dict: usize) -> Vec<u8> {
@@ -525,6 +567,55 @@ fuzz_target!(|input: Input| {
                 // expands to (the generator never makes one).
                 let canonical = coding.len() <= diff.len()
                     && bsdiff_layout() == Layout::ThreeStreamsTransposedControl;
+                (data, window.is_some().then_some(new), canonical)
+            }
+            (
+                Kind::Replace,
+                DataSpec::Arm64 {
+                    base, xz: x, content, ..
+                },
+            ) => {
+                let inner = if x { xz(&content, 4096) } else { zstd(&content, 1) };
+                let mut out = content;
+                ota_delta::arm64::decode(&mut out, base);
+                (arm64_frame(base, &inner), Some(out), true)
+            }
+            (
+                _,
+                DataSpec::Arm64 {
+                    base,
+                    xz: x,
+                    ctrl,
+                    diff,
+                    content,
+                },
+            ) => {
+                let mut data = zstd(&ctrl, 1);
+                data.extend(zstd(&diff, 1));
+                let inner = if x { xz(&content, 4096) } else { zstd(&content, 1) };
+                data.extend(arm64_frame(base, &inner));
+                (data, None, false)
+            }
+            (Kind::Replace, DataSpec::Arm64Diff { base, new }) => {
+                let mut t = new.clone();
+                ota_delta::arm64::encode(&mut t, base);
+                (arm64_frame(base, &xz(&t, 4096)), Some(new), true)
+            }
+            (Kind::Bsdiff, DataSpec::Arm64Diff { base, new }) => {
+                let old = window.clone().unwrap_or_default();
+                let mut patch = Vec::new();
+                bsdiff::diff(&old, &new, &mut patch).expect("bsdiff into a Vec");
+                let [ctrl, diff, mut extra] =
+                    ota_delta::patch_streams::split(&patch).expect("a bsdiff patch");
+                let n = extra.len();
+                ota_delta::arm64::extra_segments(&ctrl, n, |e, len, o| {
+                    ota_delta::arm64::encode(&mut extra[e..e + len], base.wrapping_add(o))
+                })
+                .expect("the patch's own control entries");
+                let mut data = zstd(&ctrl, 1);
+                data.extend(zstd(&diff, 1));
+                data.extend(arm64_frame(base, &zstd(&extra, 1)));
+                let canonical = bsdiff_layout() == Layout::ThreeStreamsTransposedControl;
                 (data, window.is_some().then_some(new), canonical)
             }
             (Kind::Bsdiff, DataSpec::Diff { level: l, new }) => {
