@@ -895,6 +895,8 @@ fn build_data_op(
             let mut best: (OpKind, Vec<u8>, Vec<Extent>, Option<Digest>) =
                 (OpKind::Replace, Vec::new(), Vec::new(), None);
             let mut best_used = patch_streams::Used::default();
+            // The bsdiff streams against the chunk's window, and the window.
+            let mut diff = None;
             if let (Some(ix), Some(src)) = (index, source) {
                 let window = choose_window(&chunk, dst.offset, known, ix);
                 if !window.is_empty() {
@@ -911,24 +913,100 @@ fn build_data_op(
                     // chunk's size (`patch_streams::decode_bounded`); a
                     // patch with more entries than that is REPLACE's anyway.
                     if streams[0].len() <= patch_streams::max_ctrl_len(chunk.len()) {
-                        let xz_dst = opts.xz.then_some(chunk.len());
-                        let (patch, codecs) = patch_streams::compress_streams(
-                            &streams,
-                            opts.zstd_level,
-                            xz_dst,
-                            opts.zero_runs,
-                            (opts.xz && opts.arm64).then_some(dst.offset),
-                        )
-                        .map_err(io_err("compressing a bsdiff patch"))?;
-                        tracing::debug!(
-                            window = total,
-                            extents = window.len(),
-                            bsdiff = patch.len(),
-                            "candidates"
-                        );
-                        best = (OpKind::Bsdiff, patch, window, Some(Digest::of(&old)));
-                        best_used = codecs;
+                        diff = Some((streams, window, Digest::of(&old)));
                     }
+                }
+            }
+            // The arm64 candidate: the chunk transformed at its offset in
+            // the image, in xz. xz at preset 9 on the transformed 1 MiB
+            // chunks of AArch64 code was 0.80 × plain zstd-19 (exe-large;
+            // 0.87 × without the transform), 0.92 × where the transform
+            // does not pay (libcrypto). It is made before the patch's
+            // streams are compressed: where a preset-1 probe of the streams
+            // says the patch cannot beat it, their full compression (bzip2,
+            // zstd-19, xz: most of a chunk's cost) is skipped.
+            let arm64 = opts.xz && opts.arm64;
+            let z3 = zstd::bulk::compress(&chunk, 3)
+                .map_err(io_err("compressing with zstd"))?
+                .len();
+            let mut plain_needed = true;
+            let mut skip_patch = false;
+            if arm64 {
+                let mut t = chunk.clone();
+                crate::arm64::encode(&mut t, dst.offset);
+                let z3a = zstd::bulk::compress(&t, 3)
+                    .map_err(io_err("compressing with zstd"))?
+                    .len();
+                plain_needed = z3a > z3;
+                // The patch is at most its streams in zstd-3 (one of its
+                // codecs is zstd-19): an arm64 candidate whose zstd-3 size is
+                // 1.75 × that bound is not tried, as it was not against the
+                // patch itself, and its probe (xz: 8 % of ruff-arm64's
+                // generation CPU where it was made for every chunk) is
+                // spared.
+                let (plausible, probe) = match &diff {
+                    Some((streams, ..)) => {
+                        let mut bound = 0;
+                        for st in streams {
+                            bound += zstd::bulk::compress(st, 3)
+                                .map_err(io_err("compressing with zstd"))?
+                                .len();
+                        }
+                        if 4 * z3a < 7 * bound {
+                            let p = patch_streams::probe_len(streams, chunk.len())
+                                .map_err(io_err("compressing with xz"))?;
+                            (true, Some(p))
+                        } else {
+                            (false, None)
+                        }
+                    }
+                    None => (true, None),
+                };
+                // Tried where its zstd-3 size is under 1.75 × the patch,
+                // estimated as the probe ÷ 1.2 (the probe is 1.06–1.22 ×
+                // the patch: see PROBE_SKIP_NUM). ÷ 1 tried it on more
+                // chunks than the patch itself had, all lost.
+                let worth = plausible && probe.is_none_or(|p| 24 * z3a < 35 * p);
+                if worth {
+                    let a = patch_streams::replace_arm64(&t, dst.offset, opts.zstd_level, true)
+                        .map_err(io_err("compressing with xz"))?;
+                    tracing::debug!(
+                        zstd3 = z3,
+                        arm64_zstd3 = z3a,
+                        arm64 = a.len(),
+                        probe,
+                        "replace arm64"
+                    );
+                    skip_patch =
+                        probe.is_some_and(|p| p * PROBE_SKIP_DEN >= a.len() * PROBE_SKIP_NUM);
+                    best = (OpKind::Replace, a, Vec::new(), None);
+                    best_used = patch_streams::Used {
+                        xz: true,
+                        arm64: true,
+                        ..Default::default()
+                    };
+                }
+            }
+            if let Some((streams, window, old_sha256)) = diff.filter(|_| !skip_patch) {
+                let xz_dst = opts.xz.then_some(chunk.len());
+                let (patch, codecs) = patch_streams::compress_streams(
+                    &streams,
+                    opts.zstd_level,
+                    xz_dst,
+                    opts.zero_runs,
+                    arm64.then_some(dst.offset),
+                )
+                .map_err(io_err("compressing a bsdiff patch"))?;
+                tracing::debug!(
+                    window = window.iter().map(|e| e.length).sum::<u64>(),
+                    extents = window.len(),
+                    bsdiff = patch.len(),
+                    "candidates"
+                );
+                // On a tie the patch, as before the arm64 candidate existed.
+                if best.1.is_empty() || patch.len() <= best.1.len() {
+                    best = (OpKind::Bsdiff, patch, window, Some(old_sha256));
+                    best_used = codecs;
                 }
             }
             // REPLACE at the full level costs as much as the diff; a fast
@@ -937,44 +1015,9 @@ fn build_data_op(
             // libcrypto, so REPLACE is tried only where level 3 is less than
             // 1.5 × the patch (REPLACE won at up to 1.39 ×). The bound was 2 ×,
             // which spent 5 % of ruff's generation on trials that all lost.
-            let z3 = zstd::bulk::compress(&chunk, 3)
-                .map_err(io_err("compressing with zstd"))?
-                .len();
-            let worth_trying = best.1.is_empty() || 2 * z3 < 3 * best.1.len();
-            // The arm64 candidate: the chunk transformed at its offset in
-            // the image, in xz. xz at preset 9 on the transformed 1 MiB
-            // chunks of AArch64 code was 0.80 × plain zstd-19 (exe-large;
-            // 0.87 × without the transform), 0.92 × where the transform
-            // does not pay (libcrypto): it is tried where its zstd-3 size is
-            // under 1.75 × the patch, and plain zstd-19 only where the
+            // With the arm64 candidate, plain zstd-19 only where the
             // transform made zstd-3 larger.
-            let mut plain_needed = true;
-            if opts.xz && opts.arm64 {
-                let mut t = chunk.clone();
-                crate::arm64::encode(&mut t, dst.offset);
-                let z3a = zstd::bulk::compress(&t, 3)
-                    .map_err(io_err("compressing with zstd"))?
-                    .len();
-                plain_needed = z3a > z3;
-                if best.1.is_empty() || 4 * z3a < 7 * best.1.len() {
-                    let a = patch_streams::replace_arm64(&t, dst.offset, opts.zstd_level, true)
-                        .map_err(io_err("compressing with xz"))?;
-                    tracing::debug!(
-                        zstd3 = z3,
-                        arm64_zstd3 = z3a,
-                        arm64 = a.len(),
-                        "replace arm64"
-                    );
-                    if best.1.is_empty() || a.len() < best.1.len() {
-                        best = (OpKind::Replace, a, Vec::new(), None);
-                        best_used = patch_streams::Used {
-                            xz: true,
-                            arm64: true,
-                            ..Default::default()
-                        };
-                    }
-                }
-            }
+            let worth_trying = best.1.is_empty() || 2 * z3 < 3 * best.1.len();
             if worth_trying && plain_needed {
                 let replace = compress(&chunk)?;
                 if best.1.is_empty() || replace.len() < best.1.len() {
@@ -1020,6 +1063,17 @@ struct UsedCodecs {
     zero_runs: std::sync::atomic::AtomicBool,
     arm64: std::sync::atomic::AtomicBool,
 }
+
+/// A patch whose preset-1 xz probe ([`patch_streams::probe_len`]) is at
+/// least `PROBE_SKIP_NUM / PROBE_SKIP_DEN` × the arm64 `REPLACE` candidate
+/// in hand is not compressed in full (bzip2, zstd-19, xz: most of a chunk's
+/// cost): the probe was 1.06–1.22 × what the full compression made of the
+/// streams on the 21 chunks of exe-large and ruff-arm64 that had both (one
+/// run, dev build), so such a patch cannot win. On exe-large 13 of those
+/// chunks are skipped, every one a chunk the arm64 candidate won.
+const PROBE_SKIP_NUM: usize = 5;
+/// See [`PROBE_SKIP_NUM`].
+const PROBE_SKIP_DEN: usize = 4;
 
 /// Granularity at which anchor votes locate source content.
 const VOTE_BIN: u64 = 64 << 10;

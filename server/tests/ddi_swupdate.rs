@@ -468,15 +468,24 @@ async fn twenty_swupdate_targets_under_cap_five_never_exceed_five_and_all_commit
         }
         if Instant::now() > deadline {
             let s = ts.status(&st.id).await;
-            let stuck: Vec<String> = live
-                .iter()
-                .take(2)
-                .map(|(_, sw, _)| {
-                    let l = sw.log();
-                    let tail: Vec<&str> = l.lines().rev().take(30).collect();
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                })
-                .collect();
+            let mut stuck = Vec::new();
+            for (t, sw, _) in live.iter().take(2) {
+                // What the server knows of the target (did it ever poll?),
+                // the start of SWUpdate's log (its start-up and first
+                // polls), its end, and its stderr.
+                let view = ts.admin.device_get(&targets[*t].id).await;
+                let l = sw.log();
+                let lines: Vec<&str> = l.lines().collect();
+                let head = lines[..lines.len().min(40)].join("\n");
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                let err = std::fs::read_to_string(sw.log.with_file_name("stderr.log"))
+                    .unwrap_or_default();
+                stuck.push(format!(
+                    "target {}: server's view {view:?}\n-- log head ({} lines in all):\n{head}\n-- log tail:\n{tail}\n-- stderr:\n{err}",
+                    targets[*t].id,
+                    lines.len()
+                ));
+            }
             panic!(
                 "{} of {N} committed within {DEADLINE_S} s: {s:?}\nlogs of live targets:\n{}",
                 committed.len(),
