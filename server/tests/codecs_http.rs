@@ -44,37 +44,10 @@ async fn manifest_of(ts: &TestServer, d: &Sim, o: &UpdateOffer) -> Manifest {
     Manifest::from_json(&json).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta() {
-    let ts = TestServer::start(&format!("delta_xz = true\n{}", fast_checkin(5000))).await;
-    let (v1, v2) = code_images();
-    ts.release("t", "1.0", &v1).await;
-    ts.release("t", "2.0", &v2).await;
-    // The precondition: the delta needs xz, the full image does not.
-    let rel = ts.admin.releases().await.unwrap();
-    let r = rel.iter().find(|r| r.version == "2.0").unwrap();
-    for b in &r.builds {
-        assert_eq!(b.status, BuildStatus::Ready);
-        let codecs = &b.artifacts.as_ref().unwrap().codecs;
-        match b.from_version {
-            Some(_) => assert_eq!(codecs, &["xz"], "the delta should use xz"),
-            None => assert!(codecs.is_empty(), "the full image never needs xz"),
-        }
-    }
-
-    let http = http();
-    let new = Sim::enroll(&ts.base, "new-agent", "t", &http).await;
-    let old = Sim::enroll(&ts.base, "old-agent", "t", &http).await;
-    ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
-
-    let Action::Update(delta) = new.checkin("1.0", AgentState::Idle, None).await.action else {
-        panic!("the current agent should be offered the update")
-    };
-    assert_eq!(delta.from_version.as_deref(), Some("1.0"));
-    assert_eq!(manifest_of(&ts, &new, &delta).await.codecs, ["xz"]);
-
-    // An agent from before `delta_codecs` sends exactly this JSON.
-    let req = CheckinRequest {
+/// An idle check-in from version 1.0 listing `codecs`, as an agent of
+/// that codec set's time sends it.
+fn idle_checkin(codecs: Codecs) -> CheckinRequest {
+    CheckinRequest {
         install_gate: false,
         time_zone: None,
         current_version: "1.0".into(),
@@ -82,20 +55,73 @@ async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta
         state: AgentState::Idle,
         update: None,
         freshness_held: None,
-        delta_codecs: Codecs::NONE,
+        delta_codecs: codecs,
+    }
+}
+
+/// Releases `v1` then `v2` on a server with `config`, checks that the delta
+/// needs `codec` (and the full image no codec), then that a current agent
+/// is offered the delta and an agent sending `older` (its check-in
+/// request) the full image. Returns the delta's manifest codecs.
+async fn only_agents_with_the_codec_get_the_delta(
+    config: &str,
+    (v1, v2): (Vec<u8>, Vec<u8>),
+    codec: &str,
+    older: &CheckinRequest,
+) -> Vec<String> {
+    let ts = TestServer::start(&format!("{config}\n{}", fast_checkin(5000))).await;
+    ts.release("t", "1.0", &v1).await;
+    ts.release("t", "2.0", &v2).await;
+    // The precondition: the delta needs the codec, the full image does not.
+    let rel = ts.admin.releases().await.unwrap();
+    let r = rel.iter().find(|r| r.version == "2.0").unwrap();
+    for b in &r.builds {
+        assert_eq!(b.status, BuildStatus::Ready);
+        let codecs = &b.artifacts.as_ref().unwrap().codecs;
+        match b.from_version {
+            Some(_) => assert!(
+                codecs.iter().any(|c| c == codec),
+                "the delta should use {codec}: {codecs:?}"
+            ),
+            None => assert!(codecs.is_empty(), "the full image never needs {codec}"),
+        }
+    }
+
+    let http = http();
+    let new = Sim::enroll(&ts.base, "new-agent", "t", &http).await;
+    let old = Sim::enroll(&ts.base, "older-agent", "t", &http).await;
+    ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
+
+    let Action::Update(delta) = new.checkin("1.0", AgentState::Idle, None).await.action else {
+        panic!("the current agent should be offered the update")
     };
-    let body = serde_json::to_string(&req).unwrap();
-    assert!(!body.contains("delta_codecs"), "{body}");
-    let resp: CheckinResponse = serde_json::from_slice(&old.checkin_raw(&req).await).unwrap();
+    assert_eq!(delta.from_version.as_deref(), Some("1.0"));
+    let codecs = manifest_of(&ts, &new, &delta).await.codecs;
+    assert!(codecs.iter().any(|c| c == codec), "{codecs:?}");
+
+    let resp: CheckinResponse = serde_json::from_slice(&old.checkin_raw(older).await).unwrap();
     let Action::Update(full) = resp.action else {
-        panic!("the old agent should be offered the full image: {resp:?}")
+        panic!("the older agent should be offered the full image: {resp:?}")
     };
     assert_eq!(
         full.from_version, None,
-        "no xz delta for an agent without xz"
+        "no {codec} delta for an agent without {codec}"
     );
     assert!(manifest_of(&ts, &old, &full).await.codecs.is_empty());
     assert!(delta.payload_size < full.payload_size);
+    codecs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_advertise_xz_gets_the_full_image_not_an_xz_delta() {
+    // An agent from before `delta_codecs` sends exactly this JSON.
+    let older = idle_checkin(Codecs::NONE);
+    let body = serde_json::to_string(&older).unwrap();
+    assert!(!body.contains("delta_codecs"), "{body}");
+    let codecs =
+        only_agents_with_the_codec_get_the_delta("delta_xz = true", code_images(), "xz", &older)
+            .await;
+    assert_eq!(codecs, ["xz"]);
 }
 
 /// Two 256 KiB releases of AArch64 code, the second with 24 KiB of new code
@@ -117,64 +143,13 @@ fn arm64_images() -> (Vec<u8>, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_does_not_advertise_arm64_gets_the_full_image_not_an_arm64_delta() {
-    let ts = TestServer::start(&format!(
-        "delta_xz = true\ndelta_zero_runs = true\ndelta_arm64 = true\n{}",
-        fast_checkin(5000)
-    ))
-    .await;
-    let (v1, v2) = arm64_images();
-    ts.release("t", "1.0", &v1).await;
-    ts.release("t", "2.0", &v2).await;
-    // The precondition: the delta needs arm64, the full image does not.
-    let rel = ts.admin.releases().await.unwrap();
-    let r = rel.iter().find(|r| r.version == "2.0").unwrap();
-    for b in &r.builds {
-        assert_eq!(b.status, BuildStatus::Ready);
-        let codecs = &b.artifacts.as_ref().unwrap().codecs;
-        match b.from_version {
-            Some(_) => assert!(
-                codecs.iter().any(|c| c == "arm64"),
-                "the delta should use arm64: {codecs:?}"
-            ),
-            None => assert!(codecs.is_empty(), "the full image never needs arm64"),
-        }
-    }
-
-    let http = http();
-    let new = Sim::enroll(&ts.base, "new-agent", "t", &http).await;
-    let older = Sim::enroll(&ts.base, "zero-runs-agent", "t", &http).await;
-    ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
-
-    let Action::Update(delta) = new.checkin("1.0", AgentState::Idle, None).await.action else {
-        panic!("the current agent should be offered the update")
-    };
-    assert_eq!(delta.from_version.as_deref(), Some("1.0"));
-    assert!(
-        manifest_of(&ts, &new, &delta)
-            .await
-            .codecs
-            .contains(&"arm64".to_string())
-    );
-
     // An agent of the zero-runs codec's time lists xz and zero-runs only.
-    let req = CheckinRequest {
-        install_gate: false,
-        time_zone: None,
-        current_version: "1.0".into(),
-        booted_slot: Slot::A,
-        state: AgentState::Idle,
-        update: None,
-        freshness_held: None,
-        delta_codecs: serde_json::from_str(r#"["xz","zero-runs"]"#).unwrap(),
-    };
-    let resp: CheckinResponse = serde_json::from_slice(&older.checkin_raw(&req).await).unwrap();
-    let Action::Update(full) = resp.action else {
-        panic!("the older agent should be offered the full image: {resp:?}")
-    };
-    assert_eq!(
-        full.from_version, None,
-        "no arm64 delta for an agent without arm64"
-    );
-    assert!(manifest_of(&ts, &older, &full).await.codecs.is_empty());
-    assert!(delta.payload_size < full.payload_size);
+    let older = idle_checkin(serde_json::from_str(r#"["xz","zero-runs"]"#).unwrap());
+    only_agents_with_the_codec_get_the_delta(
+        "delta_xz = true\ndelta_zero_runs = true\ndelta_arm64 = true",
+        arm64_images(),
+        "arm64",
+        &older,
+    )
+    .await;
 }
