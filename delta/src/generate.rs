@@ -944,6 +944,11 @@ fn build_data_op(
                 // patch itself, and its probe (xz: 8 % of ruff-arm64's
                 // generation CPU where it was made for every chunk) is
                 // spared.
+                // Nor where zstd-3 saves less than 5 %: compressed content
+                // (squashfs, archives), which xz does not shrink either (on
+                // the `compressed` pair, probing and trying it there cost a
+                // third of the generation CPU).
+                let compressible = 20 * z3a < 19 * chunk.len();
                 let (plausible, probe) = match &diff {
                     Some((streams, ..)) => {
                         let mut bound = 0;
@@ -952,7 +957,7 @@ fn build_data_op(
                                 .map_err(io_err("compressing with zstd"))?
                                 .len();
                         }
-                        if 4 * z3a < 7 * bound {
+                        if compressible && 4 * z3a < 7 * bound {
                             let p = patch_streams::probe_len(streams, chunk.len())
                                 .map_err(io_err("compressing with xz"))?;
                             (true, Some(p))
@@ -966,7 +971,7 @@ fn build_data_op(
                 // estimated as the probe ÷ 1.2 (the probe is 1.06–1.22 ×
                 // the patch: see PROBE_SKIP_NUM). ÷ 1 tried it on more
                 // chunks than the patch itself had, all lost.
-                let worth = plausible && probe.is_none_or(|p| 24 * z3a < 35 * p);
+                let worth = plausible && compressible && probe.is_none_or(|p| 24 * z3a < 35 * p);
                 if worth {
                     let a = patch_streams::replace_arm64(&t, dst.offset, opts.zstd_level, true)
                         .map_err(io_err("compressing with xz"))?;
