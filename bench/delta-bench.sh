@@ -61,7 +61,7 @@ for p in "${PAIRS[@]}"; do [[ " $ALL_PAIRS " == *" $p "* ]] || die "unknown pair
 for t in "${TOOLS[@]}"; do [[ " $ALL_TOOLS " == *" $t "* ]] || die "unknown tool '$t' (known: $ALL_TOOLS)"; done
 has_tool() { [[ " ${TOOLS[*]} " == *" $1 "* ]]; }
 # ours-noxz: this tree's ota-server with --no-xz (the payload agents older than the xz codec get,
-# and what the server builds with delta_xz off, its default): the size xz buys and its cost.
+# and what the server builds with delta_xz = false): the size xz buys and its cost.
 # ours-base: another build of ota-server (e.g. main's, before a change) generating with the same
 # settings, its payload applied by this tree's agent: before/after figures in one run.
 if has_tool ours-base; then

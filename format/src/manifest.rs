@@ -98,6 +98,22 @@ impl Codecs {
         self.0 == 0
     }
 
+    /// The codecs in both sets.
+    pub fn intersection(self, other: Codecs) -> Codecs {
+        Codecs(self.0 & other.0)
+    }
+
+    /// The set as bits (one per name of [`KNOWN_CODECS`]), to keep in an
+    /// atomic; [`Codecs::from_bits`] reads them back.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The set of [`Codecs::bits`].
+    pub fn from_bits(bits: u8) -> Codecs {
+        Codecs(bits)
+    }
+
     /// The names in the set, [`CODECS`] first, then [`BUNDLE_CODECS`].
     pub fn names(self) -> impl Iterator<Item = &'static str> {
         KNOWN_CODECS

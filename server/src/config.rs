@@ -77,31 +77,28 @@ pub struct ServerConfig {
     /// delta fetch. Default: see [`DEFAULT_FULL_ZSTD_LEVEL`].
     #[serde(default = "default_full_zstd_level")]
     pub full_zstd_level: i32,
-    /// Let deltas use xz (LZMA2) for bsdiff streams where smaller (5-7 %
-    /// smaller deltas of binaries, about 0.1 CPU s more per 20 MB applied).
-    /// Devices whose agent does not decode xz get the full image instead,
-    /// so the default is false: turned on before the fleet's agents list
-    /// `xz` in their check-ins, it would move full images to every older
-    /// agent.
+    /// Whether deltas may use xz (LZMA2) for bsdiff streams where smaller
+    /// (5-7 % smaller deltas of binaries, about 0.1 CPU s more per 20 MB
+    /// applied). Default `"auto"`: a delta from a version uses xz when every
+    /// agent seen on that version since the server started lists `xz` in
+    /// its check-ins ([`CodecUse::Auto`]). `true` uses it regardless: agents
+    /// that do not decode it then get the full image instead of the delta.
+    /// `false` never uses it.
     #[serde(default)]
-    pub delta_xz: bool,
-    /// With `delta_xz`, also let deltas zero-run code their bsdiff diff
+    pub delta_xz: CodecUse,
+    /// Whether deltas that use xz may also zero-run code their bsdiff diff
     /// streams where smaller (1-4 % smaller deltas of binaries, and a
-    /// fraction of xz's generation CPU on those streams). Devices whose
-    /// agent does not list `zero-runs` get the full image instead, agents
-    /// that decode xz but are older than this codec included: the default
-    /// is false, turn it on once the fleet's agents list it.
+    /// fraction of xz's generation CPU on those streams); agents list it as
+    /// `zero-runs`. Default `"auto"`, as for `delta_xz`.
     #[serde(default)]
-    pub delta_zero_runs: bool,
-    /// With `delta_xz`, also let deltas store new AArch64 code (`REPLACE`
+    pub delta_zero_runs: CodecUse,
+    /// Whether deltas that use xz may also store new AArch64 code (`REPLACE`
     /// data, bsdiff extra streams) arm64-transformed where smaller: BL and
     /// ADRP immediates made absolute before xz, 2-9 % smaller deltas of
-    /// aarch64 executables. Devices whose agent does not list `arm64` get
-    /// the full image instead, agents that decode xz and zero-runs but are
-    /// older than this codec included: the default is false, turn it on
-    /// once the fleet's agents list it.
+    /// aarch64 executables; agents list it as `arm64`. Default `"auto"`, as
+    /// for `delta_xz`.
     #[serde(default)]
-    pub delta_arm64: bool,
+    pub delta_arm64: CodecUse,
     /// Threads a build uses; 0 = one per core. Default 0: builds run at
     /// `build_nice`, so they take only the CPU time check-ins leave idle.
     #[serde(default)]
@@ -318,6 +315,71 @@ pub struct TlsConfig {
 
 fn default_client_cert_days() -> u32 {
     365
+}
+
+/// Whether built deltas may use one of the codecs agents list in their
+/// check-ins (`delta_codecs`): `true`, `false` or `"auto"` in `server.toml`.
+///
+/// A delta that uses a codec is offered only to agents that list it; the
+/// others get the full image, which needs none. Turned on for a fleet whose
+/// agents predate the codec, a codec would so move full images to every
+/// device, and left off it would cost every device the few percent it
+/// saves. `Auto` (the default) asks the fleet: a delta from version `F`
+/// uses the codec when every agent seen on `F` since the server started
+/// listed it, and no codec when no agent on `F` has been seen (every agent
+/// decodes that delta). In an A/B fleet the agent ships in the image, so
+/// the devices on one version agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CodecUse {
+    /// Use the codec when the agents seen on the delta's source version
+    /// all decode it.
+    #[default]
+    Auto,
+    /// Use the codec where it is smaller, whatever the agents list.
+    On,
+    /// Never use the codec.
+    Off,
+}
+
+impl CodecUse {
+    /// Whether a delta from a version whose agents were seen to decode
+    /// `seen` (`None`: none seen) may use the codec named `codec`.
+    pub fn allows(self, codec: &str, seen: Option<ota_format::manifest::Codecs>) -> bool {
+        match self {
+            CodecUse::On => true,
+            CodecUse::Off => false,
+            CodecUse::Auto => seen.is_some_and(|c| c.contains(codec)),
+        }
+    }
+}
+
+impl std::fmt::Display for CodecUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CodecUse::Auto => "auto",
+            CodecUse::On => "true",
+            CodecUse::Off => "false",
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for CodecUse {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(CodecUse::On),
+            Raw::Bool(false) => Ok(CodecUse::Off),
+            Raw::Word(w) if w == "auto" => Ok(CodecUse::Auto),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "expected true, false or \"auto\", found \"{w}\""
+            ))),
+        }
+    }
 }
 
 fn default_listen() -> String {

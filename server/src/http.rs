@@ -555,6 +555,8 @@ async fn checkin(
     // old and new values in one answer.
     let live = app.live.config();
     let c = &live.checkin;
+    app.releases
+        .observe_agent(&dev.device_type, &req.current_version, req.delta_codecs);
     let decision = app.state.checkin(&dev, &req).await?;
     let (action, durable, base) = answer_of(&app, c, decision);
     let next = jittered(base, c.jitter);

@@ -24,6 +24,7 @@ pub mod bundle;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ota_delta::generate::{
@@ -31,6 +32,7 @@ use ota_delta::generate::{
 };
 
 use crate::builder::{LiveBuild, run_low_priority};
+use crate::config::CodecUse;
 use ota_format::manifest::Codecs;
 use ota_format::{Digest, Envelope, Manifest};
 use serde::{Deserialize, Serialize};
@@ -161,14 +163,14 @@ pub struct BuildSettings {
     pub zstd_level: i32,
     /// zstd level of full images.
     pub full_zstd_level: i32,
-    /// Deltas may use xz ([`GenerateOptions::xz`]).
-    pub delta_xz: bool,
-    /// Deltas that use xz may also zero-run code their diff streams
+    /// Whether deltas may use xz ([`GenerateOptions::xz`]).
+    pub delta_xz: CodecUse,
+    /// Whether deltas that use xz may also zero-run code their diff streams
     /// ([`GenerateOptions::zero_runs`]).
-    pub delta_zero_runs: bool,
-    /// Deltas that use xz may also arm64-transform new code
+    pub delta_zero_runs: CodecUse,
+    /// Whether deltas that use xz may also arm64-transform new code
     /// ([`GenerateOptions::arm64`]); full images never do.
-    pub delta_arm64: bool,
+    pub delta_arm64: CodecUse,
     pub expiry_days: u64,
     /// Generator threads; 0 = one per core.
     pub threads: usize,
@@ -373,6 +375,11 @@ pub struct Releases {
     /// Bumped at every change of `map`, so readers can cache what they
     /// derive from it (the freshness statements).
     generation: std::sync::atomic::AtomicU64,
+    /// device type → version → the codecs every agent seen on that release
+    /// since start listed ([`Codecs::bits`]): what a [`CodecUse::Auto`]
+    /// delta from that version may use. Only releases in `map` get an
+    /// entry, so devices reporting made-up versions cannot grow it.
+    seen_codecs: RwLock<HashMap<String, HashMap<String, AtomicU8>>>,
 }
 
 impl Releases {
@@ -406,6 +413,7 @@ impl Releases {
                 settings,
                 signers,
                 generation: Default::default(),
+                seen_codecs: Default::default(),
             },
             rx,
         ))
@@ -584,6 +592,50 @@ impl Releases {
             }
         }
         v
+    }
+
+    /// Notes that an agent on `version` of `device_type` listed `codecs` in
+    /// a check-in: a [`CodecUse::Auto`] delta from that version uses only
+    /// codecs every such agent listed. DDI targets (bundle codecs) are no
+    /// agents and are not counted. A read lock and an atomic `and` once the
+    /// version has an entry: this runs on every check-in.
+    pub fn observe_agent(&self, device_type: &str, version: &str, codecs: Codecs) {
+        if codecs.names().any(bundle::is_bundle_codec) {
+            return;
+        }
+        let bits = codecs.bits();
+        {
+            let seen = self.seen_codecs.read().unwrap();
+            if let Some(b) = seen.get(device_type).and_then(|m| m.get(version)) {
+                // Skips the write, and its cache line, once settled.
+                if b.load(Ordering::Relaxed) & !bits != 0 {
+                    b.fetch_and(bits, Ordering::Relaxed);
+                }
+                return;
+            }
+        }
+        let key = (device_type.to_string(), version.to_string());
+        if !self.map.read().unwrap().contains_key(&key) {
+            return;
+        }
+        let (t, v) = key;
+        self.seen_codecs
+            .write()
+            .unwrap()
+            .entry(t)
+            .or_default()
+            .entry(v)
+            .or_insert_with(|| AtomicU8::new(bits))
+            .fetch_and(bits, Ordering::Relaxed);
+    }
+
+    /// The codecs every agent seen on `version` of `device_type` since
+    /// start listed ([`Releases::observe_agent`]); `None` when none was
+    /// seen.
+    pub fn seen_codecs(&self, device_type: &str, version: &str) -> Option<Codecs> {
+        let seen = self.seen_codecs.read().unwrap();
+        let b = seen.get(device_type)?.get(version)?;
+        Some(Codecs::from_bits(b.load(Ordering::Relaxed)))
     }
 
     /// The artifacts a device on `from` that decodes `codecs` (its
@@ -1087,6 +1139,22 @@ impl Releases {
             security_counter: counter,
             expires_at: Manifest::expiry_in(self.settings.expiry_days),
         };
+        // A full image needs no codec: it is what agents that decode none
+        // get. A delta uses those the settings allow ([`CodecUse`]).
+        let seen = from.as_deref().and_then(|f| self.seen_codecs(t, f));
+        let set = &self.settings;
+        let allows = |u: CodecUse, c: &str| from.is_some() && u.allows(c, seen);
+        let (xz, zero_runs, arm64) = (
+            allows(set.delta_xz, ota_format::manifest::CODEC_XZ),
+            allows(set.delta_zero_runs, ota_format::manifest::CODEC_ZERO_RUNS),
+            allows(set.delta_arm64, ota_format::manifest::CODEC_ARM64),
+        );
+        if from.is_some() {
+            info!(
+                agents_listed = ?seen,
+                xz, zero_runs, arm64, "codecs the delta may use"
+            );
+        }
         let opts = GenerateOptions {
             chunk_size: self.settings.chunk_size,
             zstd_level: if from.is_some() {
@@ -1094,13 +1162,9 @@ impl Releases {
             } else {
                 self.settings.full_zstd_level
             },
-            // A full image has no bsdiff streams: it never needs xz, and
-            // is what agents that cannot decode xz get instead of a delta.
-            xz: from.is_some() && self.settings.delta_xz,
-            zero_runs: self.settings.delta_zero_runs,
-            // A full image is what agents that decode none of the newer
-            // codecs get.
-            arm64: from.is_some() && self.settings.delta_arm64,
+            xz,
+            zero_runs,
+            arm64,
             threads: self.settings.threads,
             progress: false,
         };

@@ -321,16 +321,7 @@ async fn retiring_a_device_revokes_its_token_but_not_mid_update() {
     let r = http
         .post(format!("{}/api/v1/devices/checkin", ts.base))
         .bearer_auth(&idle.token)
-        .json(&CheckinRequest {
-            install_gate: false,
-            time_zone: None,
-            current_version: "1.0".into(),
-            booted_slot: Slot::A,
-            state: AgentState::Idle,
-            update: None,
-            freshness_held: None,
-            delta_codecs: ota_format::manifest::codecs(),
-        })
+        .json(&idle_request("1.0", ota_format::manifest::codecs()))
         .send()
         .await
         .unwrap();
@@ -452,14 +443,8 @@ async fn a_freshness_statement_the_device_holds_is_left_out_of_the_answer() {
         .expect("a statement");
     let checkin = |echo: Option<ota_format::Digest>| {
         let req = CheckinRequest {
-            install_gate: false,
-            time_zone: None,
-            current_version: "1.0".into(),
-            booted_slot: Slot::A,
-            state: AgentState::Idle,
-            update: None,
             freshness_held: echo,
-            delta_codecs: Codecs::NONE,
+            ..idle_request("1.0", Codecs::NONE)
         };
         let d = &d;
         async move {

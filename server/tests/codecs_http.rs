@@ -1,6 +1,8 @@
 //! Payload codecs over real HTTP on 127.0.0.1: a delta whose bsdiff streams
 //! use xz is offered only to agents that advertise xz in their check-in;
-//! agents older than the codec (no `delta_codecs`) get the full image.
+//! agents older than the codec (no `delta_codecs`) get the full image. With
+//! the settings at `"auto"` (their default), a delta uses the codecs every
+//! agent seen on its source version listed.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -47,16 +49,7 @@ async fn manifest_of(ts: &TestServer, d: &Sim, o: &UpdateOffer) -> Manifest {
 /// An idle check-in from version 1.0 listing `codecs`, as an agent of
 /// that codec set's time sends it.
 fn idle_checkin(codecs: Codecs) -> CheckinRequest {
-    CheckinRequest {
-        install_gate: false,
-        time_zone: None,
-        current_version: "1.0".into(),
-        booted_slot: Slot::A,
-        state: AgentState::Idle,
-        update: None,
-        freshness_held: None,
-        delta_codecs: codecs,
-    }
+    idle_request("1.0", codecs)
 }
 
 /// Releases `v1` then `v2` on a server with `config`, checks that the delta
@@ -152,4 +145,76 @@ async fn an_agent_that_does_not_advertise_arm64_gets_the_full_image_not_an_arm64
         &older,
     )
     .await;
+}
+
+/// The codecs of release 2.0's delta from 1.0 on a server started with the
+/// default codec settings (`"auto"`), after `agents` (device id, the
+/// codecs its check-ins list) checked in on 1.0; and each agent's offer
+/// once a rollout runs (`true`: the delta).
+async fn auto_delta_after(agents: &[(&str, Codecs)]) -> (Vec<String>, Vec<bool>) {
+    let ts = TestServer::start(&fast_checkin(5000)).await;
+    let (v1, v2) = arm64_images();
+    ts.release("t", "1.0", &v1).await;
+    let http = http();
+    let mut sims = Vec::new();
+    for (id, codecs) in agents {
+        let d = Sim::enroll(&ts.base, id, "t", &http).await;
+        let resp: CheckinResponse =
+            serde_json::from_slice(&d.checkin_raw(&idle_checkin(*codecs)).await).unwrap();
+        assert!(matches!(resp.action, Action::None), "{resp:?}");
+        sims.push((d, *codecs));
+    }
+    ts.release("t", "2.0", &v2).await;
+    let rel = ts.admin.releases().await.unwrap();
+    let delta = rel
+        .iter()
+        .find(|r| r.version == "2.0")
+        .unwrap()
+        .builds
+        .iter()
+        .find(|b| b.from_version.is_some())
+        .and_then(|b| b.artifacts.clone())
+        .expect("the delta is built");
+    ts.admin.rollout_create(&spec("2.0", "t")).await.unwrap();
+    let mut offers = Vec::new();
+    for (d, codecs) in &sims {
+        let resp: CheckinResponse =
+            serde_json::from_slice(&d.checkin_raw(&idle_checkin(*codecs)).await).unwrap();
+        let Action::Update(o) = resp.action else {
+            panic!("{} should be offered the update: {resp:?}", d.id)
+        };
+        let m = manifest_of(&ts, d, &o).await;
+        assert!(m.codecs.iter().all(|c| codecs.contains(c)), "{m:?}");
+        offers.push(o.from_version.is_some());
+    }
+    (delta.codecs, offers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_codecs_a_delta_uses_the_codecs_every_agent_on_its_source_version_lists() {
+    let all = ota_format::manifest::codecs();
+    let (codecs, offers) = auto_delta_after(&[("a", all), ("b", all)]).await;
+    assert!(codecs.iter().any(|c| c == "arm64"), "{codecs:?}");
+    assert_eq!(offers, [true, true]);
+}
+
+/// One agent older than the codecs among those on the source version: the
+/// delta does without them, so every device gets a delta and none the full
+/// image (with `delta_arm64 = true` the older one would get the full
+/// image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_codecs_one_older_agent_on_the_source_version_keeps_the_delta_codec_free() {
+    let all = ota_format::manifest::codecs();
+    let (codecs, offers) = auto_delta_after(&[("new", all), ("old", Codecs::NONE)]).await;
+    assert!(codecs.is_empty(), "{codecs:?}");
+    assert_eq!(offers, [true, true]);
+}
+
+/// No agent seen on the source version (say, a release added right after
+/// a restart): a delta every agent decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_codecs_with_no_agent_seen_on_the_source_version_the_delta_is_codec_free() {
+    let (codecs, offers) = auto_delta_after(&[]).await;
+    assert!(codecs.is_empty(), "{codecs:?}");
+    assert!(offers.is_empty());
 }

@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,7 +115,8 @@ fn make_swu(dir: &Path, version: &str, payload: &[u8], corrupt: bool) -> Vec<u8>
     out.stdout
 }
 
-/// A running `swupdate -u ...` (suricatta) for one target; killed on drop.
+/// A running `swupdate -u ...` (suricatta) for one target, in a process
+/// group of its own; the whole group is killed on drop.
 struct Swupdate {
     child: Child,
     log: PathBuf,
@@ -137,13 +139,30 @@ impl Swupdate {
         if let Some(c) = confirm {
             args.push_str(&format!(" -c {c}"));
         }
-        let child = Command::new("swupdate")
+        let mut cmd = Command::new("swupdate");
+        // As systemd starts it on a device: with SIGPIPE ignored (systemd's
+        // `IgnoreSIGPIPE=yes`, its default). Rust's `Command` resets SIGPIPE
+        // to its default action for the child, and under CI load SWUpdate's
+        // main process, restarted to confirm an install, died of it
+        // ("swupdate exited (signal: 13)": a write to a socket whose peer
+        // had gone), a death a device never sees.
+        // SAFETY: the closure runs between fork and exec and calls only
+        // signal(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(["-v", "-H", "test:1.0", "-k"])
             .arg(dir.join("cert.pem"))
             .arg("-u")
             .arg(&args)
             .env("TMPDIR", &home)
             .current_dir(&home)
+            // SWUpdate forks (suricatta, progress): `stop` ends them all.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::from(
@@ -174,10 +193,46 @@ impl Swupdate {
         }
     }
 
+    /// Ends SWUpdate as a power cut would: every process of its group at
+    /// once, and returns when none is left. Killing the main process alone
+    /// could leave its forked children running for a moment beside the
+    /// instance started next in the same directory (the "reboot" that
+    /// confirms an install), on the same sockets.
     fn stop(&mut self) {
-        let _ = self.child.kill();
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) with a negative pid signals a process group; no
+        // memory is involved.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = self.child.wait();
+        let t = Instant::now();
+        while group_alive(pgid) {
+            // No panic: this also runs in `drop`, maybe while unwinding.
+            if t.elapsed() > Duration::from_secs(10) {
+                eprintln!("SWUpdate's process group {pgid} outlived SIGKILL for 10 s");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
+}
+
+/// Whether a process of group `pgid` is still running (zombies, which
+/// hold no socket and wait for whoever reaps orphans, do not count).
+fn group_alive(pgid: libc::pid_t) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces and ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.len() > 3 && f[0] != "Z" && f[2] == pgid.to_string()
+    })
 }
 
 impl Drop for Swupdate {

@@ -195,3 +195,35 @@ fn nginx_example_passes_nginx_t() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `delta_xz`, `delta_zero_runs` and `delta_arm64` take `true`, `false` or
+/// `"auto"` (the default); anything else is refused with the choices named.
+#[test]
+fn codec_settings_take_true_false_or_auto() {
+    use ota_server::config::{CodecUse, ServerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.toml");
+    let base = "data_dir = \"d\"\nadmin_token = \"0123456789abcdef\"\nsigning_key = \"k\"\n";
+    std::fs::write(&p, base).unwrap();
+    let c = ServerConfig::load(&p).unwrap();
+    assert_eq!(
+        (c.delta_xz, c.delta_zero_runs, c.delta_arm64),
+        (CodecUse::Auto, CodecUse::Auto, CodecUse::Auto)
+    );
+    std::fs::write(
+        &p,
+        format!("{base}delta_xz = true\ndelta_zero_runs = false\ndelta_arm64 = \"auto\"\n"),
+    )
+    .unwrap();
+    let c = ServerConfig::load(&p).unwrap();
+    assert_eq!(
+        (c.delta_xz, c.delta_zero_runs, c.delta_arm64),
+        (CodecUse::On, CodecUse::Off, CodecUse::Auto)
+    );
+    std::fs::write(&p, format!("{base}delta_arm64 = \"yes\"\n")).unwrap();
+    let e = ServerConfig::load(&p).unwrap_err().to_string();
+    assert!(
+        e.contains(r#"expected true, false or "auto", found "yes""#),
+        "{e}"
+    );
+}

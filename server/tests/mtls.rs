@@ -112,16 +112,7 @@ impl Fixture {
         let mut rb = self
             .client(Some(cert))
             .post(format!("{}/api/v1/devices/checkin", self.https))
-            .json(&CheckinRequest {
-                install_gate: false,
-                time_zone: None,
-                current_version: "1.0".into(),
-                booted_slot: Slot::A,
-                state: AgentState::Idle,
-                update: None,
-                freshness_held: None,
-                delta_codecs: ota_format::manifest::codecs(),
-            });
+            .json(&idle_request("1.0", ota_format::manifest::codecs()));
         if let Some(t) = token {
             rb = rb.bearer_auth(t);
         }

@@ -122,16 +122,7 @@ async fn device_add_on_an_existing_id_needs_rotate() {
     let old = http()
         .post(format!("{}/api/v1/devices/checkin", ts.base))
         .bearer_auth(&first.token)
-        .json(&CheckinRequest {
-            install_gate: false,
-            time_zone: None,
-            current_version: "1.0".into(),
-            booted_slot: Slot::A,
-            state: AgentState::Idle,
-            update: None,
-            freshness_held: None,
-            delta_codecs: ota_format::manifest::codecs(),
-        })
+        .json(&idle_request("1.0", ota_format::manifest::codecs()))
         .send()
         .await
         .unwrap();

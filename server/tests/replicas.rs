@@ -168,16 +168,7 @@ async fn a_revoked_token_stops_working_on_every_replica() {
         s.http
             .post(format!("{}/api/v1/devices/checkin", s.base))
             .bearer_auth(&s.token)
-            .json(&CheckinRequest {
-                install_gate: false,
-                time_zone: None,
-                current_version: "1.0".into(),
-                booted_slot: Slot::A,
-                state: AgentState::Idle,
-                update: None,
-                freshness_held: None,
-                delta_codecs: ota_format::manifest::codecs(),
-            })
+            .json(&idle_request("1.0", ota_format::manifest::codecs()))
             .send()
             .await
             .unwrap()

@@ -376,16 +376,7 @@ async fn a_client_that_cannot_wait_is_admitted_only_inside_a_window() {
         let d = d.clone();
         async move {
             let body = d
-                .checkin_raw(&CheckinRequest {
-                    install_gate: false,
-                    time_zone: None,
-                    current_version: "1.0".into(),
-                    booted_slot: Slot::A,
-                    state: AgentState::Idle,
-                    update: None,
-                    freshness_held: None,
-                    delta_codecs: ota_format::manifest::codecs(),
-                })
+                .checkin_raw(&idle_request("1.0", ota_format::manifest::codecs()))
                 .await;
             serde_json::from_slice::<CheckinResponse>(&body)
                 .unwrap()

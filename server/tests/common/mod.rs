@@ -51,6 +51,22 @@ chunk_size = 65536
     cfg
 }
 
+/// The check-in of an idle agent on `version` that lists `codecs`, with no
+/// maintenance-window gate and no time zone (what agents older than those
+/// fields send).
+pub fn idle_request(version: &str, codecs: ota_format::manifest::Codecs) -> CheckinRequest {
+    CheckinRequest {
+        install_gate: false,
+        time_zone: None,
+        current_version: version.into(),
+        booted_slot: Slot::A,
+        state: AgentState::Idle,
+        update: None,
+        freshness_held: None,
+        delta_codecs: codecs,
+    }
+}
+
 pub fn fast_checkin(lease_ms: u64) -> String {
     format!(
         "[checkin]\nidle_interval_ms = 200\nwait_interval_ms = 200\nlease_ms = {lease_ms}\njitter = 0.2\n"
