@@ -305,9 +305,12 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
     };
     let egress = std::num::NonZeroU64::new(config.egress_bytes_per_sec)
         .map(|bps| Arc::new(EgressLimiter::new(bps)));
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let listen: std::net::SocketAddr = config
+        .listen
+        .parse()
+        .with_context(|| format!("listen = {:?} is not an address:port", config.listen))?;
+    let listener =
+        crate::listener::bind(listen).with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let metrics = Metrics::new();
     let devices = state.device_count().await?;

@@ -28,7 +28,9 @@
 //! - **connection caps**, global and per source address, checked before any
 //!   byte is read: over the cap the socket is closed at once;
 //! - **HTTP/2 limits**: concurrent streams and header-list size (hyper's
-//!   rapid-reset defaults stay on).
+//!   rapid-reset defaults stay on);
+//! - an **accept queue as long as the system allows** ([`bind`]): a fleet
+//!   that reconnects at once must not have its SYNs dropped.
 //!
 //! The limits are read from a [`tokio::sync::watch`] channel for every new
 //! connection, so a configuration reload can swap them without a restart
@@ -179,6 +181,39 @@ impl Acceptor for RustlsAcceptor {
             },
         ))
     }
+}
+
+/// Listens on `addr` with the longest accept queue the system allows: the
+/// backlog is `net.core.somaxconn` (4096 where it cannot be read; the
+/// kernel caps it there anyway), as Go's net package does.
+///
+/// `tokio::net::TcpListener::bind` listens with a backlog of 128, the
+/// standard library's. When more connections than that arrive at once
+/// (devices reconnecting after an outage, a burst of check-ins at a wave's
+/// start) the kernel drops the excess handshakes, and each such client
+/// waits for its SYN to be retried after 1 s, then 3 s, 7 s and 15 s —
+/// before the server has seen a byte. A test burst of 270 connections lost
+/// 44 (`ListenOverflows`), and on a loaded CI machine one waited over 10 s.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted server can listen again at once
+    // while the old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(listen_backlog())
+}
+
+/// `net.core.somaxconn`, or 4096 where it cannot be read.
+pub fn listen_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(4096)
 }
 
 /// A listening socket with its limits.

@@ -6,7 +6,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -67,6 +66,9 @@ async fn healthz_keep_alive(s: &mut TcpStream) {
 
 /// A device checking in every 50 ms until `stop`; counts successes and
 /// panics on any failure.
+/// One stalled connection once closed: its kind, ms to connect, ms open.
+type Closed = (&'static str, u64, u64);
+
 fn checkins(sim: Sim, stop: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut n = 0;
@@ -99,13 +101,18 @@ async fn slowloris_silent_and_idle_keepalive_connections_are_closed() {
     let device = checkins(sim, stop.clone());
     let baseline = open_now(&ts);
 
-    let slowest = Arc::new(AtomicU64::new(0));
+    // Per finished connection: its kind, how long the connect took and how
+    // long it then stayed open. The connect is the kernel's and the
+    // runtime's (270 at once on a loaded 2-core machine); what the server
+    // promises is the time open.
+    let done: Arc<std::sync::Mutex<Vec<Closed>>> = Default::default();
     let mut tasks = Vec::new();
     let t0 = Instant::now();
     // 200 slowloris: a request line, then a header one byte a second.
     for _ in 0..200 {
-        let slowest = slowest.clone();
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
+            let c = Instant::now();
             let mut s = TcpStream::connect(a).await.unwrap();
             let start = Instant::now();
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
@@ -127,41 +134,76 @@ async fn slowloris_silent_and_idle_keepalive_connections_are_closed() {
                 }
             }
             writer.abort();
-            slowest.fetch_max(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let ms = |d: Duration| d.as_millis() as u64;
+            done.lock()
+                .unwrap()
+                .push(("slowloris", ms(start - c), ms(start.elapsed())));
         }));
     }
     // 50 silent: connect, send nothing.
     for _ in 0..50 {
-        let slowest = slowest.clone();
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
+            let c = Instant::now();
             let mut s = TcpStream::connect(a).await.unwrap();
             let start = Instant::now();
             read_to_close(&mut s).await;
-            slowest.fetch_max(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let ms = |d: Duration| d.as_millis() as u64;
+            done.lock()
+                .unwrap()
+                .push(("silent", ms(start - c), ms(start.elapsed())));
         }));
     }
     // 20 idle keep-alives: one request, then nothing.
     for _ in 0..20 {
-        let slowest = slowest.clone();
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
+            let c = Instant::now();
             let mut s = TcpStream::connect(a).await.unwrap();
             healthz_keep_alive(&mut s).await;
             let start = Instant::now();
             let rest = read_to_close(&mut s).await;
             assert!(rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"));
-            slowest.fetch_max(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let ms = |d: Duration| d.as_millis() as u64;
+            done.lock()
+                .unwrap()
+                .push(("idle keep-alive", ms(start - c), ms(start.elapsed())));
         }));
     }
-    for t in tasks {
-        tokio::time::timeout(Duration::from_secs(10), t)
-            .await
-            .expect("a stalled connection was still open after 10 s (configured: 1 s)")
-            .unwrap();
+    // What each kind's slowest connect and longest time open were.
+    let summary = |done: &[Closed]| {
+        let mut by: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
+        for (k, c, o) in done {
+            let e = by.entry(k).or_default();
+            *e = (e.0 + 1, e.1.max(*c), e.2.max(*o));
+        }
+        by.iter()
+            .map(|(k, (n, c, o))| format!("{n} {k}: connect ≤ {c} ms, open ≤ {o} ms"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    // A guard against a hang, not the measure: that is the time open.
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .is_err()
+    {
+        panic!(
+            "stalled connections still open after 60 s (configured: 1 s); closed so far: {}",
+            summary(&done.lock().unwrap())
+        );
     }
-    let slowest = slowest.load(Ordering::Relaxed);
+    let done = done.lock().unwrap().clone();
+    let slowest = done.iter().map(|d| d.2).max().unwrap();
+    eprintln!("{}", summary(&done));
     assert!(
         slowest < 3000,
-        "the slowest stalled connection closed after {slowest} ms (configured 1000 ms)"
+        "the slowest stalled connection closed after {slowest} ms (configured 1000 ms): {}",
+        summary(&done)
     );
     stop.notify_one();
     let ok = device.await.unwrap();
@@ -642,4 +684,47 @@ async fn a_kept_alive_connection_trickling_its_next_head_is_closed() {
         "closed after {took:?} (configured 1 s)"
     );
     assert_eq!(closed(&ts, "header_timeout"), 1);
+}
+
+/// The kernel's count of handshakes dropped because a listener's accept
+/// queue was full (`TcpExt: ListenOverflows`, all listeners).
+fn listen_overflows() -> u64 {
+    let t = std::fs::read_to_string("/proc/net/netstat").unwrap();
+    let mut lines = t.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap()
+}
+
+/// A fleet reconnecting at once: 1000 connections opened together are all
+/// queued by the kernel until the server accepts them. With the standard
+/// library's backlog of 128 (what `TcpListener::bind` uses) the kernel
+/// dropped the handshakes over it, and those clients waited 1, 3, 7, 15 s
+/// for their SYN to be retried (CI: a connection of the slowloris test
+/// took over 10 s to connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_is_queued_not_dropped() {
+    assert!(ota_server::listener::listen_backlog() >= 1000);
+    let ts = TestServer::start(&limits("header_read_timeout_ms = 30000")).await;
+    let a = addr(&ts);
+    let before = listen_overflows();
+    let start = Instant::now();
+    let conns: Vec<_> = (0..1000)
+        .map(|_| tokio::spawn(async move { TcpStream::connect(a).await }))
+        .collect();
+    let mut held = Vec::new();
+    for c in conns {
+        held.push(c.await.unwrap().expect("connecting"));
+    }
+    let took = start.elapsed();
+    let dropped = listen_overflows() - before;
+    assert_eq!(
+        dropped, 0,
+        "{dropped} handshakes dropped by a full accept queue; 1000 connects took {took:?}"
+    );
+    eprintln!("1000 connects in {took:?}, none dropped");
 }
