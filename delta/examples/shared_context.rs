@@ -1,4 +1,15 @@
-// Throwaway: how much would shared compression context across BSDIFF ops save?
+//! How much a delta would gain from compression context shared across its
+//! `BSDIFF` operations: decodes every operation's three streams, then
+//! compresses them with xz -9 once per operation (as the format stores them:
+//! each fetchable and verifiable alone) and once across all operations (a
+//! 64 MiB dictionary: what one stream over the whole patch, HDiffPatch's
+//! layout, can use). README, upgrade-large: "shared context 45 %".
+//!
+//! ```sh
+//! cargo run --release -p ota-delta --example shared_context -- DIR   # DIR/{manifest.json,payload.bin}
+//! ```
+//!
+//! The manifest's signature is not checked: this reads a delta one made.
 use std::io::Write;
 fn xz(data: &[u8], dict: u32) -> usize {
     let mut o = xz2::stream::LzmaOptions::new_preset(9).unwrap();
@@ -11,9 +22,11 @@ fn xz(data: &[u8], dict: u32) -> usize {
     e.finish().unwrap().len()
 }
 fn main() {
-    let a: Vec<String> = std::env::args().collect();
-    let env = std::fs::read(format!("{}/manifest.json", a[1])).unwrap();
-    let payload = std::fs::read(format!("{}/payload.bin", a[1])).unwrap();
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: shared_context DIR (holding manifest.json and payload.bin)");
+    let env = std::fs::read(format!("{dir}/manifest.json")).unwrap();
+    let payload = std::fs::read(format!("{dir}/payload.bin")).unwrap();
     let json = ota_format::Envelope::from_json(&env)
         .unwrap()
         .manifest_json_unverified()
