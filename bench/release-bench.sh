@@ -12,6 +12,15 @@
 #     and check-in latency during the build.
 #
 #   bench/release-bench.sh [--pair DIR] [--profile dev|release] [--devices N] [--rate R]
+#                          [--fleet-codecs all|none]
+#
+# The fleet runs the old release (1.0.0, device type bench) and lists the
+# delta codecs of --fleet-codecs: `all` (default) is a fleet of current
+# agents, so the server's default "auto" codec settings build the delta with
+# xz, zero-runs and arm64 — what a real release build costs; `none` is a
+# fleet of agents older than every codec (a codec-free delta, as the figures
+# before "auto" were taken). The idle probe runs before the new release is
+# added, so its check-ins are what decides.
 #
 # --pair DIR: DIR/{old,new} (default target/bench-pairs/big; made by
 # bench/make-big-pair.sh, which this script waits for if DIR/PARAMS is not
@@ -29,12 +38,14 @@ pair=$root/target/bench-pairs/big
 profile=release
 devices=200
 rate=200
+fleet_codecs=all
 while [ $# -gt 0 ]; do
   case $1 in
     --pair) pair=$2; shift 2 ;;
     --profile) profile=$2; shift 2 ;;
     --devices) devices=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
+    --fleet-codecs) fleet_codecs=$2; shift 2 ;;
     *) echo "unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -108,14 +119,15 @@ t1=$(now)
 up_old=$(awk '/ added \(/ {print $1; exit}' "$work/add-old.log")
 
 echo "== check-in latency, idle (30 s)" >&2
-idle=$("$bin/checkin-probe" --server "$OTA_SERVER" --enrollment-key "$enroll" \
-  --devices "$devices" --rate "$rate" --seconds 30)
+fleet=(--device-type bench --current-version 1.0.0 --codecs "$fleet_codecs")
+idle=$("$bin/checkin-probe" --server "$OTA_SERVER" --enrollment-key "$enroll" "${fleet[@]}" \
+  --id-prefix idle --devices "$devices" --rate "$rate" --seconds 30)
 echo "idle: $idle" >&2
 
 echo "== release 2.0.0 (new image) while the fleet checks in" >&2
 rm -f "$work/stop"
-"$bin/checkin-probe" --server "$OTA_SERVER" --enrollment-key "$enroll" --device-type probe2 \
-  --devices "$devices" --rate "$rate" --stop-file "$work/stop" > "$work/probe-build.txt" &
+"$bin/checkin-probe" --server "$OTA_SERVER" --enrollment-key "$enroll" "${fleet[@]}" \
+  --id-prefix busy --devices "$devices" --rate "$rate" --stop-file "$work/stop" > "$work/probe-build.txt" &
 probe_pid=$!
 pids+=($probe_pid)
 sleep 2
@@ -158,7 +170,8 @@ PY
 field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 {
   echo "release-bench: $(cat "$pair/PARAMS" | head -1)"
-  echo "profile $profile, $(nproc) cores, fleet of $devices devices at $rate check-ins/s"
+  echo "profile $profile, $(nproc) cores, fleet of $devices devices at $rate check-ins/s on 1.0.0, listing codecs: $fleet_codecs"
+  grep -m1 'codecs the delta may use' "$work/server.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/server: /' || true
   echo
   awk -v s="$size" -v a="$t0" -v b="$up_old" -v c="$t2" -v d="$up_new" -v e="$t3" -v f="$t1" 'BEGIN {
     printf "- upload of the old image: %.1f s (%.0f MB/s); its full payload ready %.1f s later\n", b - a, s / (b - a) / 1e6, f - b

@@ -764,6 +764,12 @@ impl Decoded {
         &self.diff
     }
 
+    /// The decoded extra stream, arm64 transform undone (the `arm64` fuzz
+    /// target compares it with a reference).
+    pub fn extra(&self) -> &[u8] {
+        &self.extra
+    }
+
     /// Bytes held.
     pub fn capacity(&self) -> usize {
         self.ctrl_planes.capacity() + self.diff.capacity() + self.extra.capacity()

@@ -24,7 +24,7 @@ pub mod bundle;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use ota_delta::generate::{
@@ -375,12 +375,26 @@ pub struct Releases {
     /// Bumped at every change of `map`, so readers can cache what they
     /// derive from it (the freshness statements).
     generation: std::sync::atomic::AtomicU64,
-    /// device type → version → the codecs every agent seen on that release
-    /// since start listed ([`Codecs::bits`]): what a [`CodecUse::Auto`]
-    /// delta from that version may use. Only releases in `map` get an
-    /// entry, so devices reporting made-up versions cannot grow it.
-    seen_codecs: RwLock<HashMap<String, HashMap<String, AtomicU8>>>,
+    /// What agents on each release listed ([`Releases::observe_agent`]).
+    seen_codecs: RwLock<SeenCodecs>,
 }
+
+/// device type → version → the codecs every agent seen on that release
+/// since start listed ([`Codecs::bits`]), or [`UNSEEN`]: what a
+/// [`CodecUse::Auto`] delta from that version may use.
+///
+/// The entries are exactly the catalogue's releases, made anew from it
+/// whenever its generation moved: so a check-in, on a release or not, never
+/// allocates or reads the catalogue, and devices reporting made-up versions
+/// cannot grow it.
+struct SeenCodecs {
+    /// The catalogue generation the entries were made from.
+    generation: u64,
+    by_type: HashMap<String, HashMap<String, AtomicU16>>,
+}
+
+/// A release no agent was seen on yet (above every [`Codecs::bits`]).
+const UNSEEN: u16 = 0x100;
 
 impl Releases {
     /// Loads the catalogue; returns it and the build queue's receiver.
@@ -413,7 +427,11 @@ impl Releases {
                 settings,
                 signers,
                 generation: Default::default(),
-                seen_codecs: Default::default(),
+                // No generation yet: the first check-in makes the entries.
+                seen_codecs: RwLock::new(SeenCodecs {
+                    generation: u64::MAX,
+                    by_type: HashMap::new(),
+                }),
             },
             rx,
         ))
@@ -455,9 +473,7 @@ impl Releases {
         let all = self.db.load_all().await?;
         {
             // Replaced whole: releases deleted by another replica go too.
-            let mut map = self.map.write().unwrap();
-            self.generation
-                .fetch_add(1, std::sync::atomic::Ordering::Release);
+            let mut map = self.map_mut();
             *map = all
                 .into_iter()
                 .map(|r| ((r.device_type.clone(), r.version.clone()), r))
@@ -504,9 +520,7 @@ impl Releases {
         {
             // The freshness statement names the latest release: a deleted
             // one must not stay in its cache.
-            let mut map = self.map.write().unwrap();
-            self.generation
-                .fetch_add(1, std::sync::atomic::Ordering::Release);
+            let mut map = self.map_mut();
             map.remove(&key);
         }
         let digests = |r: &ReleaseRecord| {
@@ -553,6 +567,17 @@ impl Releases {
     }
 
     /// Changes whenever the catalogue does.
+    /// The catalogue for writing; bumps its generation, so every change is
+    /// seen by what is derived from it (freshness statements, the codec
+    /// observations). Every write goes through here: `add` and the
+    /// PostgreSQL paths once wrote without a bump, and a new release stayed
+    /// out of the freshness statement until a build's status changed.
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<(String, String), ReleaseRecord>> {
+        let map = self.map.write().unwrap();
+        self.generation.fetch_add(1, Ordering::Release);
+        map
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -597,45 +622,80 @@ impl Releases {
     /// Notes that an agent on `version` of `device_type` listed `codecs` in
     /// a check-in: a [`CodecUse::Auto`] delta from that version uses only
     /// codecs every such agent listed. DDI targets (bundle codecs) are no
-    /// agents and are not counted. A read lock and an atomic `and` once the
-    /// version has an entry: this runs on every check-in.
+    /// agents and are not counted. This runs on every check-in: a read lock
+    /// and an atomic load once the version's entry is settled, the same
+    /// without the atomic for a version that is no release; a write only
+    /// when the set shrinks, and a resync only after the catalogue changed.
     pub fn observe_agent(&self, device_type: &str, version: &str, codecs: Codecs) {
         if codecs.names().any(bundle::is_bundle_codec) {
             return;
         }
-        let bits = codecs.bits();
+        let bits = u16::from(codecs.bits());
+        let note = |b: &AtomicU16| {
+            // The first agent's set, then the intersection; no store when
+            // nothing changes (the cache line stays shared).
+            let _ = b.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                let new = if cur & UNSEEN != 0 { bits } else { cur & bits };
+                (new != cur).then_some(new)
+            });
+        };
         {
             let seen = self.seen_codecs.read().unwrap();
-            if let Some(b) = seen.get(device_type).and_then(|m| m.get(version)) {
-                // Skips the write, and its cache line, once settled.
-                if b.load(Ordering::Relaxed) & !bits != 0 {
-                    b.fetch_and(bits, Ordering::Relaxed);
-                }
-                return;
+            if let Some(b) = seen.by_type.get(device_type).and_then(|m| m.get(version)) {
+                return note(b);
+            }
+            if seen.generation == self.generation() {
+                return; // not a release
             }
         }
-        let key = (device_type.to_string(), version.to_string());
-        if !self.map.read().unwrap().contains_key(&key) {
-            return;
+        self.sync_seen_codecs();
+        let seen = self.seen_codecs.read().unwrap();
+        if let Some(b) = seen.by_type.get(device_type).and_then(|m| m.get(version)) {
+            note(b);
         }
-        let (t, v) = key;
-        self.seen_codecs
-            .write()
-            .unwrap()
-            .entry(t)
-            .or_default()
-            .entry(v)
-            .or_insert_with(|| AtomicU8::new(bits))
-            .fetch_and(bits, Ordering::Relaxed);
+    }
+
+    /// Makes the codec observations' entries those of the catalogue's
+    /// releases again: new releases start [`UNSEEN`], deleted ones go,
+    /// the others keep what was seen.
+    fn sync_seen_codecs(&self) {
+        // The catalogue first (the lock order), read with its generation:
+        // its writers bump it while they hold the write lock.
+        let map = self.map.read().unwrap();
+        let generation = self.generation();
+        let mut seen = self.seen_codecs.write().unwrap();
+        if seen.generation == generation {
+            return; // another check-in did it meanwhile
+        }
+        let mut old = std::mem::take(&mut seen.by_type);
+        for (t, v) in map.keys() {
+            let b = old
+                .get_mut(t)
+                .and_then(|m| m.remove(v))
+                .unwrap_or_else(|| AtomicU16::new(UNSEEN));
+            seen.by_type
+                .entry(t.clone())
+                .or_default()
+                .insert(v.clone(), b);
+        }
+        seen.generation = generation;
     }
 
     /// The codecs every agent seen on `version` of `device_type` since
     /// start listed ([`Releases::observe_agent`]); `None` when none was
-    /// seen.
+    /// seen. Syncs the entries first: check-ins that find their entry do
+    /// not, so a deleted release's could otherwise linger.
     pub fn seen_codecs(&self, device_type: &str, version: &str) -> Option<Codecs> {
+        if self.seen_codecs.read().unwrap().generation != self.generation() {
+            self.sync_seen_codecs();
+        }
         let seen = self.seen_codecs.read().unwrap();
-        let b = seen.get(device_type)?.get(version)?;
-        Some(Codecs::from_bits(b.load(Ordering::Relaxed)))
+        let b = seen
+            .by_type
+            .get(device_type)?
+            .get(version)?
+            .load(Ordering::Relaxed);
+        (b & UNSEEN == 0).then(|| Codecs::from_bits(b as u8))
     }
 
     /// The artifacts a device on `from` that decodes `codecs` (its
@@ -811,9 +871,7 @@ impl Releases {
                 version: version.into(),
             });
         }
-        self.map
-            .write()
-            .unwrap()
+        self.map_mut()
             .insert((device_type.to_string(), version.to_string()), rec.clone());
         for b in &rec.builds {
             self.queue((
@@ -845,9 +903,7 @@ impl Releases {
     ) -> Result<(), StoreError> {
         let pool = match &self.db {
             ReleaseDb::Sled(store) => {
-                let mut map = self.map.write().unwrap();
-                self.generation
-                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                let mut map = self.map_mut();
                 let Some(r) = map.get_mut(&(device_type.to_string(), version.to_string())) else {
                     return Ok(());
                 };
@@ -884,9 +940,7 @@ impl Releases {
         .await
         .map_err(crate::pg::err)?;
         tx.commit().await.map_err(crate::pg::err)?;
-        self.map
-            .write()
-            .unwrap()
+        self.map_mut()
             .insert((device_type.to_string(), version.to_string()), rec.0);
         Ok(())
     }
@@ -929,10 +983,7 @@ impl Releases {
             .map_err(crate::pg::err)?
         {
             let rec: tokio_postgres::types::Json<ReleaseRecord> = row.get(0);
-            self.map
-                .write()
-                .unwrap()
-                .insert((t.to_string(), v.to_string()), rec.0);
+            self.map_mut().insert((t.to_string(), v.to_string()), rec.0);
         }
         Ok(())
     }
@@ -1309,5 +1360,103 @@ mod tests {
             choose(Some(&a64), Some(&full), ota_format::manifest::codecs()),
             Some(&a64)
         );
+    }
+
+    /// A catalogue on sled in `dir`, with no builder running: nothing but
+    /// the calls a test makes changes it.
+    async fn catalogue(dir: &Path) -> Releases {
+        let store = Store::open(&dir.join("db")).unwrap();
+        // Durable writes wait for the group commit.
+        tokio::spawn(store.clone().run_flusher(CancellationToken::new()));
+        let signers = crate::signing::Signers::from_keys(vec![
+            ota_format::SigningKeyPair::generate().unwrap(),
+        ]);
+        let settings = BuildSettings {
+            delta_history: 1,
+            chunk_size: 1 << 20,
+            zstd_level: 3,
+            full_zstd_level: 3,
+            delta_xz: CodecUse::Auto,
+            delta_zero_runs: CodecUse::Auto,
+            delta_arm64: CodecUse::Auto,
+            expiry_days: 30,
+            threads: 1,
+            nice: 0,
+        };
+        let (r, _jobs) = Releases::load(
+            ReleaseDb::Sled(store),
+            ArtifactStore::open(dir.join("images")).unwrap(),
+            ArtifactStore::open(dir.join("artifacts")).unwrap(),
+            dir.join("tmp"),
+            settings,
+            Arc::new(arc_swap::ArcSwap::from_pointee(signers)),
+        )
+        .await
+        .unwrap();
+        r
+    }
+
+    async fn add(r: &Releases, dir: &Path, version: &str) {
+        let image = dir.join(format!("{version}.img"));
+        let bytes = vec![version.len() as u8; 8192];
+        std::fs::write(&image, &bytes).unwrap();
+        r.add("t", version, 0, false, &image, &Digest::of(&bytes))
+            .await
+            .unwrap();
+    }
+
+    /// `add` wrote the catalogue without bumping its generation, so the
+    /// cached freshness statement kept naming the previous latest release
+    /// (until a build's status changed, which waits for the builds ahead).
+    #[tokio::test]
+    async fn adding_a_release_moves_the_catalogue_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = catalogue(dir.path()).await;
+        add(&r, dir.path(), "1.0").await;
+        let before = r.generation();
+        add(&r, dir.path(), "2.0").await;
+        assert!(
+            r.generation() > before,
+            "the statement cache would not see 2.0"
+        );
+        assert_eq!(r.latest("t").0.as_deref(), Some("2.0"));
+    }
+
+    #[tokio::test]
+    async fn codecs_are_observed_per_release_and_only_for_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = catalogue(dir.path()).await;
+        let all = ota_format::manifest::codecs();
+        let xz: Codecs = serde_json::from_str(r#"["xz"]"#).unwrap();
+        // A version that is no release leaves no entry behind, before or
+        // after it becomes one.
+        r.observe_agent("t", "1.0", all);
+        assert_eq!(r.seen_codecs("t", "1.0"), None);
+        add(&r, dir.path(), "1.0").await;
+        assert_eq!(r.seen_codecs("t", "1.0"), None, "nothing seen on it yet");
+        r.observe_agent("t", "9.9", all);
+        assert_eq!(r.seen_codecs("t", "9.9"), None);
+        assert!(r.seen_codecs.read().unwrap().by_type["t"].len() == 1);
+        // The first agent's set, then the intersection.
+        r.observe_agent("t", "1.0", all);
+        assert_eq!(r.seen_codecs("t", "1.0"), Some(all));
+        r.observe_agent("t", "1.0", xz);
+        r.observe_agent("t", "1.0", all);
+        assert_eq!(r.seen_codecs("t", "1.0"), Some(xz));
+        r.observe_agent("t", "1.0", Codecs::NONE);
+        assert_eq!(r.seen_codecs("t", "1.0"), Some(Codecs::NONE));
+        // A new release starts unseen; the others keep what was seen.
+        add(&r, dir.path(), "2.0").await;
+        r.observe_agent("t", "2.0", xz);
+        assert_eq!(r.seen_codecs("t", "2.0"), Some(xz));
+        assert_eq!(r.seen_codecs("t", "1.0"), Some(Codecs::NONE));
+        // A deleted release's entry goes.
+        r.set_build("t", "1.0", &None, |b| b.status = BuildStatus::Failed)
+            .await
+            .unwrap();
+        r.delete("t", "1.0").await.unwrap();
+        r.observe_agent("t", "2.0", xz);
+        r.observe_agent("t", "1.0", all);
+        assert_eq!(r.seen_codecs("t", "1.0"), None);
     }
 }

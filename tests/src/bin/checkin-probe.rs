@@ -43,6 +43,19 @@ struct Args {
     /// Device type they enroll with.
     #[arg(long, default_value = "probe")]
     device_type: String,
+    /// Prefix of their device ids (`PREFIX-00000`, ...): probes run one
+    /// after the other enroll distinct devices.
+    #[arg(long, default_value = "probe")]
+    id_prefix: String,
+    /// The version they report running.
+    #[arg(long, default_value = "1.0")]
+    current_version: String,
+    /// The delta codecs they list: `all` (what this build's agent decodes,
+    /// a current fleet), `none` (agents older than every codec) or names
+    /// separated by commas. With the server's `"auto"` codec settings, a
+    /// fleet on a release decides which codecs deltas from it use.
+    #[arg(long, default_value = "none")]
+    codecs: String,
     /// Check-ins per second, over the whole fleet.
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
@@ -76,7 +89,7 @@ async fn main() -> Result<()> {
             .post(format!("{}/api/v1/devices/enroll", a.server))
             .json(&serde_json::json!({
                 "enrollment_key": a.enrollment_key,
-                "device_id": format!("probe-{i:05}"),
+                "device_id": format!("{}-{i:05}", a.id_prefix),
                 "device_type": a.device_type,
             }))
             .send()
@@ -97,7 +110,22 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let url = format!("{}/api/v1/devices/checkin", a.server);
-    let body = r#"{"current_version":"1.0","booted_slot":"a","state":"idle"}"#;
+    let codecs = match a.codecs.as_str() {
+        "all" => ota_format::manifest::codecs(),
+        "none" => ota_format::manifest::Codecs::NONE,
+        list => serde_json::from_value(serde_json::json!(list.split(',').collect::<Vec<_>>()))
+            .with_context(|| format!("--codecs {list}: not codec names"))?,
+    };
+    let mut body = serde_json::json!({
+        "current_version": a.current_version,
+        "booted_slot": "a",
+        "state": "idle",
+    });
+    if codecs != ota_format::manifest::Codecs::NONE {
+        body["delta_codecs"] = serde_json::to_value(codecs)?;
+    }
+    // One body for the whole run ('static, as every request borrows it).
+    let body: &'static str = Box::leak(body.to_string().into_boxed_str());
     let mut n = 0usize;
     loop {
         tick.tick().await;

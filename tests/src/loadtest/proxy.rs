@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// Counters of what the proxy did.
@@ -48,7 +48,9 @@ impl FaultProxy {
         seed: u64,
         cancel: CancellationToken,
     ) -> Result<FaultProxy> {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
+        // The server's accept queue, not the standard library's 128: a
+        // burst of simulated devices must reach the faults, not SYN drops.
+        let l = ota_server::listener::bind(([127, 0, 0, 1], 0).into())?;
         let addr = l.local_addr()?;
         let counters = Arc::new(Counters::default());
         let c2 = counters.clone();
