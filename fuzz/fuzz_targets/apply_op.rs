@@ -51,6 +51,8 @@
 
 #![no_main]
 
+mod common;
+
 use std::io;
 use std::sync::{Mutex, OnceLock};
 
@@ -138,36 +140,16 @@ enum DataSpec {
     Arm64Diff { base: u64, new: Vec<u8> },
 }
 
-/// LEB128, as the formats' varints.
-fn varint(mut v: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-    out
-}
-
 /// [`ota_delta::arm64::MAGIC`], `base`, then `inner`.
 fn arm64_frame(base: u64, inner: &[u8]) -> Vec<u8> {
     let mut out = ota_delta::arm64::MAGIC.to_vec();
-    out.extend(varint(base));
+    out.extend(common::varint(base));
     out.extend_from_slice(inner);
     out
 }
 
 fn xz(data: &[u8], dict: usize) -> Vec<u8> {
-    use std::io::Write;
-    let mut opts = xz2::stream::LzmaOptions::new_preset(1).expect("xz preset");
-    opts.dict_size(dict as u32);
-    let mut filters = xz2::stream::Filters::new();
-    filters.lzma2(&opts);
-    let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::None)
-        .expect("xz encoder");
-    let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
-    enc.write_all(data).expect("xz into a Vec");
-    enc.finish().expect("xz into a Vec")
+    common::xz(data, 1, dict)
 }
 
 /// How `BSDIFF` data is laid out. It has changed quickly: one zstd frame
@@ -572,10 +554,17 @@ fuzz_target!(|input: Input| {
             (
                 Kind::Replace,
                 DataSpec::Arm64 {
-                    base, xz: x, content, ..
+                    base,
+                    xz: x,
+                    content,
+                    ..
                 },
             ) => {
-                let inner = if x { xz(&content, 4096) } else { zstd(&content, 1) };
+                let inner = if x {
+                    xz(&content, 4096)
+                } else {
+                    zstd(&content, 1)
+                };
                 let mut out = content;
                 ota_delta::arm64::decode(&mut out, base);
                 (arm64_frame(base, &inner), Some(out), true)
@@ -592,7 +581,11 @@ fuzz_target!(|input: Input| {
             ) => {
                 let mut data = zstd(&ctrl, 1);
                 data.extend(zstd(&diff, 1));
-                let inner = if x { xz(&content, 4096) } else { zstd(&content, 1) };
+                let inner = if x {
+                    xz(&content, 4096)
+                } else {
+                    zstd(&content, 1)
+                };
                 data.extend(arm64_frame(base, &inner));
                 (data, None, false)
             }

@@ -21,6 +21,8 @@
 
 #![no_main]
 
+mod common;
+
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use ota_delta::arm64;
@@ -88,34 +90,12 @@ fn ref_transform(buf: &mut [u8], base: u64, enc: bool) {
     }
 }
 
-fn varint(mut v: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return out;
-        }
-        out.push(b | 0x80);
-    }
-}
-
 fn zstd(data: &[u8]) -> Vec<u8> {
     zstd::bulk::compress(data, 1).expect("zstd compresses")
 }
 
 fn xz(data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut opts = xz2::stream::LzmaOptions::new_preset(0).expect("preset 0");
-    opts.dict_size(4096);
-    let mut filters = xz2::stream::Filters::new();
-    filters.lzma2(&opts);
-    let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::None)
-        .expect("xz encoder");
-    let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
-    enc.write_all(data).expect("xz writes");
-    enc.finish().expect("xz finishes")
+    common::xz(data, 0, 4096)
 }
 
 fuzz_target!(|input: Input| {
@@ -199,11 +179,11 @@ fuzz_target!(|input: Input| {
     data.extend_from_slice(arm64::MAGIC);
     match &input.raw_base {
         Some(b) => data.extend_from_slice(b),
-        None => data.extend(varint(input.base)),
+        None => data.extend(common::varint(input.base)),
     }
     if input.nested {
         data.extend_from_slice(arm64::MAGIC);
-        data.extend(varint(0));
+        data.extend(common::varint(0));
     }
     data.extend(inner);
 

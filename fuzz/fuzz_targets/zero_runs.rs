@@ -26,6 +26,8 @@
 
 #![no_main]
 
+mod common;
+
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use ota_delta::patch_streams::{CTRL_SLACK, decode_bounded, zero_runs_encode, zero_runs_frame};
@@ -106,17 +108,7 @@ fn zstd(data: &[u8]) -> Vec<u8> {
 }
 
 fn xz(data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let opts = xz2::stream::LzmaOptions::new_preset(0).expect("preset 0");
-    let mut opts = opts;
-    opts.dict_size(4096);
-    let mut filters = xz2::stream::Filters::new();
-    filters.lzma2(&opts);
-    let stream = xz2::stream::Stream::new_stream_encoder(&filters, xz2::stream::Check::None)
-        .expect("xz encoder");
-    let mut enc = xz2::write::XzEncoder::new_stream(Vec::new(), stream);
-    enc.write_all(data).expect("xz writes");
-    enc.finish().expect("xz finishes")
+    common::xz(data, 0, 4096)
 }
 
 fuzz_target!(|input: Input| {
