@@ -566,7 +566,6 @@ impl Releases {
             .contains_key(&(device_type.to_string(), version.to_string()))
     }
 
-    /// Changes whenever the catalogue does.
     /// The catalogue for writing; bumps its generation, so every change is
     /// seen by what is derived from it (freshness statements, the codec
     /// observations). Every write goes through here: `add` and the
@@ -578,6 +577,7 @@ impl Releases {
         map
     }
 
+    /// Changes whenever the catalogue does.
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
