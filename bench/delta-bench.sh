@@ -18,8 +18,8 @@ CORPUS_PAIRS="libcrypto ruff-arm64 containerd rootfs"
 # Built by bench/pairs/<pair>.sh (issue 18, item 1): pairs the engine was not tuned on.
 HELD_OUT_PAIRS="exe-large sec-small moved realloc compressed upgrade-large"
 ALL_PAIRS="$CORPUS_PAIRS $HELD_OUT_PAIRS"
-ALL_TOOLS="ours ours-noxz ours-base bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
-# ours-noxz and ours-base are comparisons asked for by name (ours-base needs --base-server).
+ALL_TOOLS="ours ours-noxz ours-noframes ours-base bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
+# ours-noxz, ours-noframes and ours-base are comparisons asked for by name (ours-base needs --base-server).
 DEFAULT_TOOLS="ours bsdiff xdelta3 zstd hdiff-zstd hdiff-lzma2"
 
 CORPUS=$ROOT/target/corpus
@@ -70,6 +70,9 @@ if has_tool ours-base; then
   has_tool ours || die "tool ours-base is compared with ours: select both"
 fi
 if has_tool ours-noxz; then has_tool ours || die "tool ours-noxz is compared with ours: select both"; fi
+# ours-noframes: this tree's ota-server with --no-frames (every operation's data compressed alone, the
+# payload agents older than the frames codec get): what compression frames buy.
+if has_tool ours-noframes; then has_tool ours || die "tool ours-noframes is compared with ours: select both"; fi
 
 # ---------------------------------------------------------------------------------------------
 # Dependencies: Debian packages, the hdiffpatch Python module, our release binaries, the corpus.
@@ -179,11 +182,12 @@ run_tool() {
   if [ "$old_size" -gt $((64 << 20)) ]; then xd_b=(-B $(((old_size + (1 << 20) - 1) >> 20 << 20))); fi
 
   case $tool in
-    ours|ours-noxz|ours-base)
+    ours|ours-noxz|ours-noframes|ours-base)
       local server=$SERVER
       local -a noxz=()
       if [ "$tool" = ours-base ]; then server=$BASE_SERVER; fi
       if [ "$tool" = ours-noxz ]; then noxz=(--no-xz); fi
+      if [ "$tool" = ours-noframes ]; then noxz=(--no-frames); fi
       gen=("$server" delta --from "$old" --from-version 1 --to "$new" --to-version 2
            --key "$KEYDIR/ota-signing.key" --out "$dir/update" --no-progress "${noxz[@]}")
       apply=("$AGENT" apply --manifest "$dir/update/manifest.json" --payload "$dir/update/payload.bin"
@@ -345,7 +349,7 @@ for r in rows:
         patch = "FAILED: " + (r["note"] or r["status"])
     else:
         patch = f"{r['patch_bytes']:,}"
-        if r["tool"] in ("ours", "ours-noxz", "ours-base"):
+        if r["tool"] in ("ours", "ours-noxz", "ours-noframes", "ours-base"):
             patch += f" ({r['payload_bytes']:,} payload + {r['manifest_bytes']:,} manifest)"
     gen_rss = None if r["status"] == "timeout" else r["gen_peak_rss_kib"] / 1024 if r["gen_peak_rss_kib"] is not None else None
     verified = "yes" if r["verified"] else ("—" if r["status"] == "timeout" else f"**NO** ({r['status']})")
@@ -402,6 +406,14 @@ for pair in pairs:
         s["ours_over_noxz_size"] = ob / noxz["patch_bytes"]
         s["ours_over_noxz_gen_cpu"] = o["gen_cpu_s"] / noxz["gen_cpu_s"]
         parts.append(f"ours/ours-noxz size {s['ours_over_noxz_size']:.4f}, gen CPU {s['ours_over_noxz_gen_cpu']:.2f}")
+    nofr = by.get((pair, "ours-noframes"))
+    if ob and nofr and nofr["status"] == "ok":
+        s["ours_over_noframes_size"] = ob / nofr["patch_bytes"]
+        s["ours_over_noframes_gen_cpu"] = o["gen_cpu_s"] / nofr["gen_cpu_s"]
+        if nofr["apply_s"] and o["apply_s"]:
+            s["ours_over_noframes_apply"] = o["apply_s"] / nofr["apply_s"]
+        parts.append(f"ours/ours-noframes size {s['ours_over_noframes_size']:.4f}, gen CPU {s['ours_over_noframes_gen_cpu']:.2f}"
+                     + (f", apply time {s['ours_over_noframes_apply']:.2f}" if "ours_over_noframes_apply" in s else ""))
     base = by.get((pair, "ours-base"))
     if ob and base and base["status"] == "ok":
         s["ours_over_base_size"] = ob / base["patch_bytes"]

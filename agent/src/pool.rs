@@ -51,7 +51,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ota_delta::apply::{ApplyError, apply_operation, op_work};
+use ota_delta::apply::{ApplyError, apply_group, apply_operation, group_work, group_work_of};
 use ota_delta::io::{ReadAt, WriteAt};
 use ota_format::Manifest;
 use tokio::sync::{Semaphore, mpsc};
@@ -161,6 +161,9 @@ struct Group {
     offset: u64,
     length: u64,
     ops: Vec<usize>,
+    /// Every operation of the manifest that names the range, done or not
+    /// (a compression frame's members: `ota_delta::apply::apply_group`).
+    sharing: Arc<[usize]>,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +176,14 @@ enum Unit {
 
 /// Groups the pending operations into units (see the module doc).
 fn plan(manifest: &Manifest, todo: &[usize], range_size: u64) -> Vec<Unit> {
+    let mut sharing: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+    for (i, op) in manifest.operations.iter().enumerate() {
+        if let Some(d) = &op.data {
+            sharing.entry(d.offset).or_default().push(i);
+        }
+    }
+    let sharing: std::collections::HashMap<u64, Arc<[usize]>> =
+        sharing.into_iter().map(|(k, v)| (k, v.into())).collect();
     let mut groups: std::collections::BTreeMap<u64, Group> = Default::default();
     let mut local: Vec<Unit> = Vec::new();
     let mut cur_local: Vec<usize> = Vec::new();
@@ -186,6 +197,7 @@ fn plan(manifest: &Manifest, todo: &[usize], range_size: u64) -> Vec<Unit> {
                     offset: d.offset,
                     length: d.length,
                     ops: Vec::new(),
+                    sharing: sharing[&d.offset].clone(),
                 })
                 .ops
                 .push(i),
@@ -376,15 +388,17 @@ where
     }
 }
 
-/// Applies one operation on a blocking thread and reports it. Not
-/// cancellable: once started, the write completes.
+/// Applies a group's pending operations on a blocking thread (one after
+/// another; a compression frame decoded once) and reports each one applied,
+/// also those applied before an error. Not cancellable: once started, the
+/// writes complete.
 ///
 /// # Cancel safety
-/// Do not cancel: it awaits a blocking write that runs to completion
+/// Do not cancel: it awaits blocking writes that run to completion
 /// anyway; the pool never selects on it.
-async fn apply_one<D, S>(
+async fn apply_group_blocking<D, S>(
     sh: &Arc<Shared<D, S>>,
-    i: usize,
+    g: &Group,
     data: Arc<Vec<u8>>,
 ) -> Result<(), PoolError>
 where
@@ -392,9 +406,44 @@ where
     S: ReadAt + Send + Sync + ?Sized + 'static,
 {
     let sh2 = sh.clone();
+    let (sharing, todo) = (g.sharing.clone(), g.ops.clone());
+    let (r, done) = tokio::task::spawn_blocking(move || {
+        let mut done = Vec::with_capacity(todo.len());
+        let r = apply_group(
+            &sh2.manifest,
+            &sharing,
+            &todo,
+            &data,
+            sh2.source.as_deref(),
+            &*sh2.dest,
+            |i| done.push(i),
+        );
+        (r, done)
+    })
+    .await
+    .map_err(|e| PoolError::Task(e.to_string()))?;
+    for i in done {
+        // The receiver only goes away when the whole update is abandoned.
+        let _ = sh.applied.send(i).await;
+    }
+    Ok(r?)
+}
+
+/// Applies one operation without data on a blocking thread and reports
+/// it. Not cancellable: once started, the write completes.
+///
+/// # Cancel safety
+/// Do not cancel: it awaits a blocking write that runs to completion
+/// anyway; the pool never selects on it.
+async fn apply_one<D, S>(sh: &Arc<Shared<D, S>>, i: usize) -> Result<(), PoolError>
+where
+    D: WriteAt + Send + Sync + ?Sized + 'static,
+    S: ReadAt + Send + Sync + ?Sized + 'static,
+{
+    let sh2 = sh.clone();
     let r = tokio::task::spawn_blocking(move || {
         let op = &sh2.manifest.operations[i];
-        apply_operation(i, op, &data, sh2.source.as_deref(), &*sh2.dest)
+        apply_operation(i, op, &[], sh2.source.as_deref(), &*sh2.dest)
     })
     .await
     .map_err(|e| PoolError::Task(e.to_string()))?;
@@ -414,12 +463,11 @@ where
     D: WriteAt + Send + Sync + ?Sized + 'static,
     S: ReadAt + Send + Sync + ?Sized + 'static,
 {
-    let empty = Arc::new(Vec::new());
     for i in ops {
         if sh.cancel.is_cancelled() {
             return Err(PoolError::Cancelled);
         }
-        apply_one(sh, i, empty.clone()).await?;
+        apply_one(sh, i).await?;
     }
     Ok(())
 }
@@ -660,15 +708,10 @@ where
         while !rest.is_empty() {
             let g = &groups[st.next_group];
             if st.permit.is_none() {
-                // Memory for this operation's data and its apply work, as
-                // the engine bounds it (`op_work`): the group's operations
-                // are applied one after another.
-                let work = g
-                    .ops
-                    .iter()
-                    .map(|&i| op_work(&sh.manifest.operations[i]))
-                    .max()
-                    .unwrap_or(0);
+                // Memory for this range's data and its apply work, as the
+                // engine bounds it (`group_work`): the group's operations
+                // are applied one after another (a frame decoded once).
+                let work = group_work(&sh.manifest, &g.sharing);
                 let need = (((g.length + work) >> 10) as u32 + 1).min(sh.memory_units);
                 let p = tokio::select! {
                     _ = sh.cancel.cancelled() => return Err(Step::Cancelled),
@@ -685,9 +728,18 @@ where
                 // `apply_operation` checks the data's sha256 before it
                 // writes anything, so hashing here too would only cost a
                 // pass over every byte.
+                // A frame's header says what it needs: give the rest of
+                // the reservation back before applying.
+                let exact = group_work_of(&sh.manifest, &g.sharing, &st.buf);
+                let keep = (((g.length + exact) >> 10) as u32 + 1).min(sh.memory_units);
+                if let Some(p) = &mut st.permit
+                    && (p.num_permits() as u32) > keep
+                {
+                    drop(p.split(p.num_permits() - keep as usize));
+                }
                 let data = Arc::new(std::mem::take(&mut st.buf));
-                for &i in &g.ops {
-                    match apply_one(sh, i, data.clone()).await {
+                {
+                    match apply_group_blocking(sh, g, data.clone()).await {
                         Ok(()) => {}
                         Err(PoolError::Apply(ApplyError::DataHash {
                             expected, actual, ..

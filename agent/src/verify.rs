@@ -207,6 +207,7 @@ mod tests {
                 xz: true,
                 zero_runs: true,
                 arm64: true,
+                frames: true,
                 threads: 1,
                 progress: false,
             },

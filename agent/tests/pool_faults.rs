@@ -42,6 +42,17 @@ async fn run_pool(
     cfg: &PoolConfig,
     cancel: &CancellationToken,
 ) -> Outcome {
+    let todo: Vec<usize> = (0..fx.manifest.operations.len()).collect();
+    run_pool_todo(fx, server, cfg, cancel, &todo).await
+}
+
+async fn run_pool_todo(
+    fx: &Fixture,
+    server: &Server,
+    cfg: &PoolConfig,
+    cancel: &CancellationToken,
+    todo: &[usize],
+) -> Outcome {
     let Slots {
         dir: _dir,
         source,
@@ -50,7 +61,6 @@ async fn run_pool(
     let client = server.pool_client(cfg.stall_timeout);
     let offer = fx.offer("u");
     let manifest = Arc::new(fx.manifest.clone());
-    let todo: Vec<usize> = (0..manifest.operations.len()).collect();
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let collect = tokio::spawn(async move {
         let mut v = Vec::new();
@@ -65,7 +75,7 @@ async fn run_pool(
         &client,
         &offer.payload_url,
         manifest,
-        &todo,
+        todo,
         dest.clone(),
         fx.manifest.from.as_ref().map(|_| source),
         cfg,
@@ -124,6 +134,10 @@ async fn every_fault_ends_in_the_right_image_or_a_clear_error() {
     let full = Fixture::noisy(2 << 20, 128 << 10, true);
     let server = Server::start(&[&fx, &full]).await;
     let cancel = CancellationToken::new();
+
+    // The delta's BSDIFF operations come in compression frames: the faults
+    // below hit frames too.
+    assert!(fx.frame_groups() > 0, "the fixture must exercise frames");
 
     // Clean run first: the baseline.
     let o = run_pool(&fx, &server, &cfg(), &cancel).await;
@@ -287,4 +301,36 @@ async fn bandwidth_cap_is_honoured() {
     );
     // The bucket allows a burst of a quarter second.
     assert!(rate <= cap as f64 * 1.3, "{rate} B/s over the cap");
+}
+
+/// A resumed update whose frame is partly applied: the frame is fetched and
+/// decoded again, and only its pending members are applied and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_partly_applied_resumes_with_its_pending_members_only() {
+    let fx = Fixture::noisy(2 << 20, 128 << 10, false);
+    let server = Server::start(&[&fx]).await;
+    let cancel = CancellationToken::new();
+    let frame = ota_delta::apply::groups(&fx.manifest)
+        .into_iter()
+        .find(|g| ota_delta::apply::is_frame_group(&fx.manifest, g))
+        .expect("the fixture has a frame");
+    // Its first member (and every other operation but the frame's) done.
+    let todo: Vec<usize> = frame[1..].to_vec();
+    let o = run_pool_todo(&fx, &server, &cfg(), &cancel, &todo).await;
+    assert!(o.result.is_ok(), "{:?}", o.result);
+    let mut applied = o.applied.clone();
+    applied.sort();
+    assert_eq!(applied, todo, "exactly the pending members are applied");
+    for &i in &todo {
+        assert!(
+            verify_operation_output(&fx.manifest.operations[i], &o.dest).unwrap(),
+            "member {i} holds the wrong bytes"
+        );
+    }
+    let frame_len = fx.manifest.operations[frame[0]].data.unwrap().length;
+    assert_eq!(
+        o.stats.bytes_received.load(Ordering::SeqCst),
+        frame_len,
+        "the frame is fetched once for all its pending members"
+    );
 }

@@ -21,7 +21,7 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST};
+use ota_format::limits::{MAX_BSDIFF_WINDOW, MAX_BUFFERED_DST, MAX_FRAME_DECODED};
 use ota_format::{Digest, Manifest, OpKind, Operation};
 use sha2::{Digest as _, Sha256};
 
@@ -306,30 +306,14 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                     reason: format!("window {window_len}, dst {}", dst.length),
                 });
             }
-            let mut window = vec![0u8; window_len as usize];
-            let mut at = 0usize;
-            for e in &op.src {
-                let piece = &mut window[at..at + e.length as usize];
-                src.read_exact_at(piece, e.offset).map_err(io_err(format!(
-                    "reading source extent [{}, +{}) of operation {index}",
-                    e.offset, e.length
-                )))?;
-                at += e.length as usize;
-            }
-            let expected = op.src_sha256.unwrap_or_default();
-            let actual = if opts.source_verified {
-                expected
-            } else {
-                Digest::of(&window)
-            };
-            if actual != expected {
-                return Err(ApplyError::SourceHash {
+            if crate::frames::is_frame(data) {
+                return Err(ApplyError::Decode {
                     op: index,
                     kind,
-                    expected,
-                    actual,
+                    reason: "its data is a compression frame, which is applied with the other operations that name it (a manifest that lists the frames codec)".into(),
                 });
             }
+            let window = read_window(index, op, src, opts)?;
             // At most 2 × the output, whatever the data says (see
             // `decode_bounded`); accounted in `op_work`.
             let streams =
@@ -340,31 +324,280 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                         reason: e.to_string(),
                     }
                 })?;
-            let mut out = Vec::with_capacity(dst.length as usize);
-            bsdiff::patch(&window, &mut streams.patch(), &mut out).map_err(|e| {
-                ApplyError::Decode {
-                    op: index,
-                    kind,
-                    reason: e.to_string(),
-                }
-            })?;
-            drop(streams);
-            drop(window);
-            if out.len() as u64 != dst.length {
-                return Err(ApplyError::Decode {
-                    op: index,
-                    kind,
-                    reason: format!(
-                        "patches to {} bytes, destination is {}",
-                        out.len(),
-                        dst.length
-                    ),
-                });
-            }
-            check_output(index, op, Digest::of(&out), "")?;
-            dest.write_all_at(&out, dst.offset).map_err(write_err())
+            patch_and_write(index, op, window, &mut streams.patch(), dest)
         }
     }
+}
+
+/// Reads a `BSDIFF` operation's source window and checks its digest
+/// (unless `opts.source_verified`).
+fn read_window<S: ReadAt + ?Sized>(
+    index: usize,
+    op: &Operation,
+    src: &S,
+    opts: ApplyOptions,
+) -> Result<Vec<u8>, ApplyError> {
+    let kind = op.kind.name();
+    let mut window = vec![0u8; op.src_len() as usize];
+    let mut at = 0usize;
+    for e in &op.src {
+        let piece = &mut window[at..at + e.length as usize];
+        src.read_exact_at(piece, e.offset).map_err(io_err(format!(
+            "reading source extent [{}, +{}) of operation {index}",
+            e.offset, e.length
+        )))?;
+        at += e.length as usize;
+    }
+    let expected = op.src_sha256.unwrap_or_default();
+    let actual = if opts.source_verified {
+        expected
+    } else {
+        Digest::of(&window)
+    };
+    if actual != expected {
+        return Err(ApplyError::SourceHash {
+            op: index,
+            kind,
+            expected,
+            actual,
+        });
+    }
+    Ok(window)
+}
+
+/// Runs bspatch over `window` with `patch`, checks the output's length and
+/// digest, then writes it. The window is freed before the output is
+/// hashed and written.
+fn patch_and_write<D: WriteAt + ?Sized>(
+    index: usize,
+    op: &Operation,
+    window: Vec<u8>,
+    mut patch: &mut dyn Read,
+    dest: &D,
+) -> Result<(), ApplyError> {
+    let kind = op.kind.name();
+    let dst = op.dst;
+    let mut out = Vec::with_capacity(dst.length as usize);
+    bsdiff::patch(&window, &mut patch, &mut out).map_err(|e| ApplyError::Decode {
+        op: index,
+        kind,
+        reason: e.to_string(),
+    })?;
+    drop(window);
+    if out.len() as u64 != dst.length {
+        return Err(ApplyError::Decode {
+            op: index,
+            kind,
+            reason: format!(
+                "patches to {} bytes, destination is {}",
+                out.len(),
+                dst.length
+            ),
+        });
+    }
+    check_output(index, op, Digest::of(&out), "")?;
+    dest.write_all_at(&out, dst.offset).map_err(io_err(format!(
+        "writing operation {index} at offset {}",
+        dst.offset
+    )))
+}
+
+/// Whether the operations `sharing` (every operation of `manifest` that
+/// names one data range, in manifest order) are accounted and applied as a
+/// compression frame: the manifest lists the `frames` codec, and they are
+/// two or more `BSDIFF` operations. ([`crate::frames`])
+pub fn is_frame_group(manifest: &Manifest, sharing: &[usize]) -> bool {
+    sharing.len() >= 2
+        && manifest
+            .codecs
+            .iter()
+            .any(|c| c == ota_format::manifest::CODEC_FRAMES)
+        && sharing
+            .iter()
+            .all(|&i| manifest.operations[i].kind == OpKind::Bsdiff)
+}
+
+/// Memory the operations `sharing` (every operation naming one data range,
+/// see [`is_frame_group`]) hold while [`apply_group`] applies them one after
+/// another, besides their data: the largest [`op_work`], or for a frame its
+/// decoded streams (at most [`MAX_FRAME_DECODED`]) and then the larger of
+/// an xz dictionary while they decode (at most the frame) and one member's
+/// source window, expanded diff and output (≤ 2 × its output).
+pub fn group_work(manifest: &Manifest, sharing: &[usize]) -> u64 {
+    let ops = &manifest.operations;
+    let each = sharing.iter().map(|&i| op_work(&ops[i])).max().unwrap_or(0);
+    if !is_frame_group(manifest, sharing) {
+        return each;
+    }
+    let member = sharing
+        .iter()
+        .map(|&i| ops[i].src_len() + 2 * ops[i].dst.length)
+        .max()
+        .unwrap_or(0);
+    let frame = MAX_FRAME_DECODED + MAX_FRAME_DECODED.max(member) + patch_streams::ZSTD_DCTX_BYTES;
+    each.max(frame)
+}
+
+/// [`group_work`] once the group's `data` is in hand: for a frame, what its
+/// header declares (its decoded streams, its largest stream as the xz
+/// dictionary while they decode) rather than the format's bound, so that a
+/// caller that reserved [`group_work`] before fetching can give the rest
+/// back before applying (frames of small operations decode to far less
+/// than [`MAX_FRAME_DECODED`]). Never more than [`group_work`]; a header that
+/// does not parse keeps [`group_work`] (the apply refuses it).
+pub fn group_work_of(manifest: &Manifest, sharing: &[usize], data: &[u8]) -> u64 {
+    let bound = group_work(manifest, sharing);
+    if !(is_frame_group(manifest, sharing) && crate::frames::is_frame(data)) {
+        return bound;
+    }
+    let Ok((decoded, largest)) = crate::frames::declared_sizes(data) else {
+        return bound;
+    };
+    if decoded > MAX_FRAME_DECODED {
+        return bound;
+    }
+    let ops = &manifest.operations;
+    let member = sharing
+        .iter()
+        .map(|&i| ops[i].src_len() + 2 * ops[i].dst.length)
+        .max()
+        .unwrap_or(0);
+    // + 1 per stream: a decoder's buffer is its cap plus one byte.
+    let exact = decoded + 3 + largest.max(member) + patch_streams::ZSTD_DCTX_BYTES;
+    exact.min(bound)
+}
+
+/// Applies the operations `todo` (in manifest order) of the group `sharing`:
+/// every operation of `manifest` that names one data range, in manifest
+/// order (one operation, or several sharing identical data, or the members
+/// of a compression frame). `data` is that range's bytes, checked once
+/// against its digest; a frame ([`is_frame_group`]) is decoded once and its
+/// members applied in turn, each verified as [`apply_operation`] verifies
+/// one. `done` is called after each operation's output is written.
+///
+/// On an error, the operations reported done stay done; the rest are not.
+pub fn apply_group<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
+    manifest: &Manifest,
+    sharing: &[usize],
+    todo: &[usize],
+    data: &[u8],
+    source: Option<&S>,
+    dest: &D,
+    done: impl FnMut(usize),
+) -> Result<(), ApplyError> {
+    apply_group_inner(
+        manifest,
+        sharing,
+        todo,
+        data,
+        source,
+        dest,
+        ApplyOptions::default(),
+        done,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
+    manifest: &Manifest,
+    sharing: &[usize],
+    todo: &[usize],
+    data: &[u8],
+    source: Option<&S>,
+    dest: &D,
+    opts: ApplyOptions,
+    mut done: impl FnMut(usize),
+) -> Result<(), ApplyError> {
+    let ops = &manifest.operations;
+    if !(is_frame_group(manifest, sharing) && crate::frames::is_frame(data)) {
+        for &i in todo {
+            apply_operation_inner(i, &ops[i], data, source, dest, opts)?;
+            done(i);
+        }
+        return Ok(());
+    }
+    let Some(&first) = todo.first() else {
+        return Ok(());
+    };
+    let kind = OpKind::Bsdiff.name();
+    let _span = tracing::debug_span!("frame", first, members = sharing.len()).entered();
+    // Validation made every member name the same range: one check of the
+    // data covers them all.
+    if let Some(d) = &ops[first].data {
+        if data.len() as u64 != d.length {
+            return Err(ApplyError::DataLength {
+                op: first,
+                kind,
+                expected: d.length,
+                actual: data.len() as u64,
+            });
+        }
+        let actual = Digest::of(data);
+        if actual != d.sha256 {
+            return Err(ApplyError::DataHash {
+                op: first,
+                kind,
+                expected: d.sha256,
+                actual,
+            });
+        }
+    }
+    for &i in sharing {
+        ops[i]
+            .check_shape(Some(u64::MAX))
+            .map_err(|reason| ApplyError::Limits {
+                op: i,
+                kind,
+                reason,
+            })?;
+        if ops[i].data != ops[first].data {
+            return Err(ApplyError::Limits {
+                op: i,
+                kind,
+                reason: "a frame's members must name the same data".into(),
+            });
+        }
+    }
+    let dsts: Vec<(u64, u64)> = sharing
+        .iter()
+        .map(|&i| (ops[i].dst.offset, ops[i].dst.length))
+        .collect();
+    let frame = crate::frames::decode(data, &dsts, MAX_FRAME_DECODED as usize).map_err(|e| {
+        ApplyError::Decode {
+            op: first,
+            kind,
+            reason: e.to_string(),
+        }
+    })?;
+    for &i in todo {
+        let op = &ops[i];
+        let k = sharing
+            .iter()
+            .position(|&j| j == i)
+            .ok_or(ApplyError::Limits {
+                op: i,
+                kind,
+                reason: "not a member of the frame it is applied with".into(),
+            })?;
+        let _span = tracing::debug_span!(
+            "op",
+            index = i,
+            kind,
+            offset = op.dst.offset,
+            len = op.dst.length
+        )
+        .entered();
+        let src = source.ok_or(ApplyError::NoSource { op: i, kind })?;
+        let window = read_window(i, op, src, opts)?;
+        let member = frame.member(k).map_err(|e| ApplyError::Decode {
+            op: i,
+            kind,
+            reason: e.to_string(),
+        })?;
+        patch_and_write(i, op, window, &mut member.patch(), dest)?;
+        done(i);
+    }
+    Ok(())
 }
 
 /// The streaming decoder of a `REPLACE` operation's data for a
@@ -639,6 +872,27 @@ pub fn op_memory(op: &Operation) -> u64 {
     op.data.map_or(0, |d| d.length) + op_work(op)
 }
 
+/// The operations of `manifest` grouped by the data range they name, in
+/// order of their first operation: operations without data, and those
+/// whose data no other names, alone.
+pub fn groups(manifest: &Manifest) -> Vec<Vec<usize>> {
+    let mut units: Vec<Vec<usize>> = Vec::with_capacity(manifest.operations.len());
+    let mut by_data: std::collections::HashMap<u64, usize> = Default::default();
+    for (i, op) in manifest.operations.iter().enumerate() {
+        match op.data {
+            Some(d) => match by_data.entry(d.offset) {
+                std::collections::hash_map::Entry::Occupied(e) => units[*e.get()].push(i),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(units.len());
+                    units.push(vec![i]);
+                }
+            },
+            None => units.push(vec![i]),
+        }
+    }
+    units
+}
+
 /// A byte budget shared by the apply workers.
 struct Budget {
     limit: u64,
@@ -697,35 +951,56 @@ pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt +
         used: Mutex::new(0),
         freed: Condvar::new(),
     };
+    // Units of work: the operations that name one data range (applied
+    // together, a compression frame decoded once), and each other one.
+    let units = groups(manifest);
     let worker = || {
         let mut data = Vec::new();
         while !stop.load(Ordering::Relaxed) {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(op) = ops.get(i) else { break };
-            let need = op_memory(op);
+            let u = next.fetch_add(1, Ordering::Relaxed);
+            let Some(unit) = units.get(u) else { break };
+            let first = unit[0];
+            let data_len = ops[first].data.map_or(0, |d| d.length);
+            let need = data_len + group_work(manifest, unit);
             budget.acquire(need);
+            let held = std::cell::Cell::new(need);
             let r = (|| {
                 data.clear();
-                if let Some(d) = &op.data {
+                if let Some(d) = &ops[first].data {
                     data.resize(d.length as usize, 0);
                     payload
                         .read_exact_at(&mut data, d.offset)
-                        .map_err(io_err(format!("reading the data of operation {i}")))?;
+                        .map_err(io_err(format!("reading the data of operation {first}")))?;
+                    // A frame's header says what it needs: the rest of the
+                    // reservation goes back to the other workers.
+                    let exact = data_len + group_work_of(manifest, unit, &data);
+                    if exact < held.get() {
+                        budget.release(held.get() - exact);
+                        held.set(exact);
+                    }
                 }
-                apply_operation_inner(i, op, &data, source, dest, opts)
+                apply_group_inner(manifest, unit, unit, &data, source, dest, opts, |i| {
+                    let n = ops[i].dst.length;
+                    progress(done.fetch_add(n, Ordering::Relaxed) + n)
+                })
             })();
             data = Vec::new();
-            budget.release(need);
-            match r {
-                Ok(()) => {
-                    progress(done.fetch_add(op.dst.length, Ordering::Relaxed) + op.dst.length)
-                }
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    let mut first = first_error.lock().unwrap_or_else(|e| e.into_inner());
-                    if first.as_ref().is_none_or(|(j, _)| i < *j) {
-                        *first = Some((i, e));
-                    }
+            budget.release(held.get());
+            if let Err(e) = r {
+                stop.store(true, Ordering::Relaxed);
+                let i = match &e {
+                    ApplyError::DataHash { op, .. }
+                    | ApplyError::DataLength { op, .. }
+                    | ApplyError::SourceHash { op, .. }
+                    | ApplyError::OutputHash { op, .. }
+                    | ApplyError::Decode { op, .. }
+                    | ApplyError::NoSource { op, .. }
+                    | ApplyError::Limits { op, .. } => *op,
+                    _ => first,
+                };
+                let mut first_err = first_error.lock().unwrap_or_else(|e| e.into_inner());
+                if first_err.as_ref().is_none_or(|(j, _)| i < *j) {
+                    *first_err = Some((i, e));
                 }
             }
         }

@@ -113,6 +113,16 @@ pub struct GenerateOptions {
     /// full image (no source) leave it off: a full image is what agents
     /// that decode none of the newer codecs get.
     pub arm64: bool,
+    /// With `xz`, store the `BSDIFF` operations' data in compression frames
+    /// (`patch_streams::encode_frame`): consecutive `BSDIFF` operations
+    /// share one data range, whose control, diff and extra streams are each
+    /// one stream across the frame, so compression keeps its context from
+    /// one operation to the next (5–6 % smaller `BSDIFF` data on
+    /// filesystem images). The manifest then also lists the `frames`
+    /// codec, which agents older than it cannot apply. A resumed or retried
+    /// operation refetches its frame (at most [`FRAME_MEMBERS`] operations'
+    /// data).
+    pub frames: bool,
     /// Worker threads; 0 uses every core.
     pub threads: usize,
     /// Show a progress bar on stderr when it is a terminal.
@@ -127,6 +137,7 @@ impl Default for GenerateOptions {
             xz: true,
             zero_runs: true,
             arm64: true,
+            frames: true,
             threads: 0,
             progress: true,
         }
@@ -293,6 +304,17 @@ fn generate_inner<W: Write>(
     };
     let mut operations: Vec<Operation> = Vec::with_capacity(plan.len());
     let used = UsedCodecs::default();
+    // Compression frames: `BSDIFF` operations whose streams are kept for
+    // one (never one that a mirror names: its data range is copied).
+    let framing = opts.frames && opts.xz && index.is_some();
+    let mirrored: std::collections::HashSet<usize> = plan
+        .iter()
+        .filter_map(|p| match p {
+            Plan::Mirror(_, of) => Some(*of),
+            _ => None,
+        })
+        .collect();
+    let mut frames = Frames::default();
     let batch = rayon::current_num_threads() * 4;
     let mut i = 0;
     while i < plan.len() {
@@ -306,36 +328,66 @@ fn generate_inner<W: Write>(
             diffs += matches!(plan[end], Plan::Diff(..)) as usize;
             end += 1;
         }
-        let done: Vec<Result<Option<Built>, GenerateError>> = plan[i..end]
-            .par_iter()
-            .map(|p| {
-                let r = build_op(p, source, target, index.as_ref(), opts, &used);
-                bar.inc(p.dst().length);
-                r
-            })
-            .collect();
+        // The frames closed by the last batch are encoded beside this one.
+        let (encoded, done): (io::Result<()>, Vec<Result<Option<Built>, GenerateError>>) =
+            rayon::join(
+                || frames.encode_closed(&operations, opts),
+                || {
+                    plan[i..end]
+                        .par_iter()
+                        .enumerate()
+                        .map(|(k, p)| {
+                            let frameable = framing && !mirrored.contains(&(i + k));
+                            let r =
+                                build_op(p, source, target, index.as_ref(), opts, &used, frameable);
+                            bar.inc(p.dst().length);
+                            r
+                        })
+                        .collect()
+                },
+            );
+        encoded.map_err(io_err("compressing a frame"))?;
+        frames
+            .write_closed(&mut operations, &mut out, &used)
+            .map_err(io_err("writing the payload"))?;
         for (k, r) in done.into_iter().enumerate() {
+            let at = operations.len();
             let op = match (r?, &plan[i + k]) {
-                (Some((mut op, data)), _) => {
-                    if let Some(d) = &mut op.data {
-                        d.offset = out.len;
-                        out.write_all(&data)
-                            .map_err(io_err("writing the payload"))?;
+                (Some((mut op, data, member)), _) => {
+                    match member {
+                        Some(member) => frames.add_member(at, member, opts.zero_runs),
+                        _ if op.data.is_some() && frames.busy() => frames.hold(at, data),
+                        _ => {
+                            if let Some(d) = &mut op.data {
+                                d.offset = out.len;
+                                out.write_all(&data)
+                                    .map_err(io_err("writing the payload"))?;
+                            }
+                        }
                     }
                     op
                 }
                 // Same kind, source and data range as the first occurrence:
-                // the payload carries those bytes once.
-                (None, Plan::Mirror(dst, of)) => Operation {
-                    dst: *dst,
-                    ..operations[*of].clone()
-                },
+                // the payload carries those bytes once. Its data range must
+                // be final: the frames before it are written first.
+                (None, Plan::Mirror(dst, of)) => {
+                    frames
+                        .flush(&mut operations, &mut out, opts, &used)
+                        .map_err(io_err("writing the payload"))?;
+                    Operation {
+                        dst: *dst,
+                        ..operations[*of].clone()
+                    }
+                }
                 (None, _) => unreachable!("only mirrors are built without data"),
             };
             operations.push(op);
         }
         i = end;
     }
+    frames
+        .flush(&mut operations, &mut out, opts, &used)
+        .map_err(io_err("writing the payload"))?;
     out.inner.flush().map_err(io_err("writing the payload"))?;
     bar.bar.finish_and_clear();
     bar.phase(Phase::Done);
@@ -366,6 +418,7 @@ fn generate_inner<W: Write>(
             (&used.xz, ota_format::manifest::CODEC_XZ),
             (&used.zero_runs, ota_format::manifest::CODEC_ZERO_RUNS),
             (&used.arm64, ota_format::manifest::CODEC_ARM64),
+            (&used.frames, ota_format::manifest::CODEC_FRAMES),
         ]
         .into_iter()
         .filter(|(u, _)| u.load(Ordering::Relaxed))
@@ -833,9 +886,48 @@ fn push_stream_ops(
 // ---------------------------------------------------------------------------
 // Building one operation
 
-/// An operation and its data, before the data's payload offset is known.
-type Built = (Operation, Vec<u8>);
+/// An operation and its data, before the data's payload offset is known;
+/// for a `BSDIFF` operation that may join a compression frame, its streams
+/// instead ([`Member`]: its data is made with its frame).
+type Built = (Operation, Vec<u8>, Option<Member>);
 
+/// A `BSDIFF` operation's streams, waiting for its frame, and the estimate
+/// of its data compressed alone that chose `BSDIFF` for it
+/// ([`FRAME_EST_NUM`]).
+struct Member {
+    streams: [Vec<u8>; 3],
+    estimate: usize,
+}
+
+/// An operation that may join a frame is not compressed alone in full (its
+/// frame is compressed instead): `BSDIFF` or `REPLACE` is chosen with its
+/// patch estimated as its preset-1 xz probe ([`patch_streams::probe_len`])
+/// × `FRAME_EST_NUM / FRAME_EST_DEN`. The probe was 1.06–1.22 × what the
+/// full compression made of the streams (exe-large and ruff-arm64, see
+/// [`PROBE_SKIP_NUM`]), and a frame makes them 2–6 % smaller still.
+///
+/// Why: compressing each operation in full (bzip2, zstd, xz's searches and
+/// probes) and then its frame again cost ruff-arm64 52 % more generation
+/// CPU than without frames.
+const FRAME_EST_NUM: usize = 7;
+/// See [`FRAME_EST_NUM`].
+const FRAME_EST_DEN: usize = 8;
+
+/// A frame of at most `FRAME_SURE_NUM / FRAME_SURE_DEN` × its members'
+/// estimates is taken without compressing the members alone in full to
+/// compare; otherwise they are, and the smaller is written.
+///
+/// Why 1: on binaries a frame gains 1–2 % (its members' code shares little
+/// context), about the estimate's own error, and at 0.95 nearly every frame
+/// of ruff-arm64 was compared with its members compressed alone: both
+/// compressions, 37 % more generation CPU than without frames. At 1 a frame
+/// is at most what its members alone were estimated to make.
+const FRAME_SURE_NUM: usize = 1;
+/// See [`FRAME_SURE_NUM`].
+const FRAME_SURE_DEN: usize = 1;
+
+/// `frameable`: a `BSDIFF` operation may join a compression frame (see
+/// [`Member`]).
 fn build_op(
     plan: &Plan,
     source: Option<&File>,
@@ -843,12 +935,223 @@ fn build_op(
     index: Option<&SourceIndex>,
     opts: &GenerateOptions,
     used: &UsedCodecs,
+    frameable: bool,
 ) -> Result<Option<Built>, GenerateError> {
     if let Plan::Mirror(..) = plan {
         // Filled in from the first occurrence by the in-order writer.
         return Ok(None);
     }
-    build_data_op(plan, source, target, index, opts, used).map(Some)
+    build_data_op(plan, source, target, index, opts, used, frameable).map(Some)
+}
+
+/// Most operations in one compression frame (the format allows
+/// [`ota_format::limits::MAX_FRAME_MEMBERS`]); a frame also stops at
+/// [`ota_format::limits::MAX_FRAME_DECODED`] decoded bytes.
+///
+/// Why 32 (`examples/shared_context.rs --frames`, the streams coded as
+/// stored, xz -9 per kind and frame): on `upgrade-large`'s 481 `BSDIFF`
+/// operations frames of 4 saved 3.7 % of their data, of 16 5.7 %, of 64
+/// 6.6 %; on `rootfs`'s 142, 32 saved 1.1 % more than 16, and 64 nothing
+/// more (the 4 MiB bound ends those frames first). A resumed or retried
+/// operation refetches and decodes its whole frame, so not more.
+pub const FRAME_MEMBERS: usize = 32;
+
+/// `BSDIFF` operations gathered into a compression frame, and the data of
+/// the operations after its first member, which the payload carries after
+/// the frame (written when the frame is: [`Frames::finish`]).
+#[derive(Default)]
+struct OpenFrame {
+    /// Each member's operation and streams.
+    members: Vec<(usize, Member)>,
+    /// Decoded size so far ([`crate::frames::member_size`]).
+    size: usize,
+    /// (operation, data) of the operations with data after the first
+    /// member that are not members.
+    held: Vec<(usize, Vec<u8>)>,
+    /// The frame's data once encoded, or each member's own.
+    encoded: Option<Encoded>,
+}
+
+/// What a closed frame is written as.
+enum Encoded {
+    /// The frame, and the codecs it uses.
+    Frame(Vec<u8>, patch_streams::Used),
+    /// Each member's data compressed alone, and its codecs.
+    Alone(Vec<(Vec<u8>, patch_streams::Used)>),
+}
+
+/// The frames of a generation: the one gathering members, and those closed
+/// but not yet encoded and written. A frame is encoded in parallel with the
+/// next batch of operations; until it is written, the data of the
+/// operations after it waits with it.
+#[derive(Default)]
+struct Frames {
+    open: Option<OpenFrame>,
+    closed: Vec<OpenFrame>,
+}
+
+impl Frames {
+    fn busy(&self) -> bool {
+        self.open.is_some() || !self.closed.is_empty()
+    }
+
+    /// Takes operation `i`, a `BSDIFF` operation with its streams.
+    fn add_member(&mut self, i: usize, member: Member, zero_runs: bool) {
+        let size = crate::frames::member_size(&member.streams, zero_runs);
+        if let Some(f) = &self.open
+            && (f.members.len() >= FRAME_MEMBERS
+                || (f.size + size) as u64 > ota_format::limits::MAX_FRAME_DECODED)
+        {
+            self.closed.extend(self.open.take());
+        }
+        let f = self.open.get_or_insert_with(Default::default);
+        f.members.push((i, member));
+        f.size += size;
+    }
+
+    /// Holds the data of operation `i` until the frames before it are written.
+    fn hold(&mut self, i: usize, data: Vec<u8>) {
+        match (&mut self.open, self.closed.last_mut()) {
+            (Some(f), _) | (None, Some(f)) => f.held.push((i, data)),
+            (None, None) => unreachable!("hold only while busy"),
+        }
+    }
+
+    /// Encodes the closed frames (in parallel): a frame of two or more
+    /// members, kept where it is clearly under its members' estimates
+    /// ([`FRAME_SURE_NUM`]); otherwise each member compressed alone in
+    /// full too, and the smaller taken.
+    fn encode_closed(
+        &mut self,
+        operations: &[Operation],
+        opts: &GenerateOptions,
+    ) -> io::Result<()> {
+        self.closed
+            .par_iter_mut()
+            .filter(|f| f.encoded.is_none())
+            .try_for_each(|f| {
+                let _span = tracing::debug_span!("frame", members = f.members.len()).entered();
+                let mut frame = None;
+                if f.members.len() >= 2 {
+                    let inputs: Vec<crate::frames::Input<'_>> = f
+                        .members
+                        .iter()
+                        .map(|(i, m)| crate::frames::Input {
+                            dst_offset: operations[*i].dst.offset,
+                            streams: &m.streams,
+                        })
+                        .collect();
+                    let (data, used) = crate::frames::encode(
+                        &inputs,
+                        opts.zstd_level,
+                        opts.zero_runs,
+                        opts.xz && opts.arm64,
+                    )?;
+                    let estimate: usize = f.members.iter().map(|(_, m)| m.estimate).sum();
+                    tracing::debug!(frame = data.len(), estimate, "frame against its estimate");
+                    if data.len() * FRAME_SURE_DEN <= estimate * FRAME_SURE_NUM {
+                        f.encoded = Some(Encoded::Frame(data, used));
+                        return Ok(());
+                    }
+                    frame = Some((data, used));
+                }
+                let alone = f
+                    .members
+                    .par_iter()
+                    .map(|(i, m)| {
+                        let dst = operations[*i].dst;
+                        patch_streams::compress_streams(
+                            &m.streams,
+                            opts.zstd_level,
+                            Some(dst.length as usize),
+                            opts.zero_runs,
+                            (opts.xz && opts.arm64).then_some(dst.offset),
+                        )
+                    })
+                    .collect::<io::Result<Vec<_>>>()?;
+                let alone_len: usize = alone.iter().map(|a| a.0.len()).sum();
+                tracing::debug!(
+                    frame = frame.as_ref().map(|f| f.0.len()),
+                    alone = alone_len,
+                    "frame against its members alone"
+                );
+                f.encoded = Some(match frame {
+                    Some((data, used)) if data.len() < alone_len => Encoded::Frame(data, used),
+                    _ => Encoded::Alone(alone),
+                });
+                Ok(())
+            })
+    }
+
+    /// Writes the closed frames (encoded) and the data they held: a frame
+    /// where it is smaller than its members' own data together, else each
+    /// member's own data.
+    fn write_closed<W: Write>(
+        &mut self,
+        operations: &mut [Operation],
+        out: &mut HashingWriter<W>,
+        used: &UsedCodecs,
+    ) -> io::Result<()> {
+        for f in self.closed.drain(..) {
+            let mut rest = f.held;
+            let note = |u: patch_streams::Used| {
+                used.xz.fetch_or(u.xz, Ordering::Relaxed);
+                used.zero_runs.fetch_or(u.zero_runs, Ordering::Relaxed);
+                used.arm64.fetch_or(u.arm64, Ordering::Relaxed);
+            };
+            match f
+                .encoded
+                .expect("closed frames are encoded before they are written")
+            {
+                Encoded::Frame(frame, u) => {
+                    let range = DataRange {
+                        offset: out.len,
+                        length: frame.len() as u64,
+                        sha256: Digest::of(&frame),
+                    };
+                    out.write_all(&frame)?;
+                    for (i, _) in &f.members {
+                        operations[*i].data = Some(range);
+                    }
+                    used.frames.store(true, Ordering::Relaxed);
+                    note(u);
+                    tracing::debug!(members = f.members.len(), frame = frame.len(), "frame");
+                }
+                Encoded::Alone(alone) => {
+                    for ((i, _), (data, u)) in f.members.iter().zip(alone) {
+                        note(u);
+                        operations[*i].data = Some(DataRange {
+                            offset: 0,
+                            length: data.len() as u64,
+                            sha256: Digest::of(&data),
+                        });
+                        rest.push((*i, data));
+                    }
+                    rest.sort_by_key(|r| r.0);
+                }
+            }
+            for (i, data) in rest {
+                if let Some(d) = &mut operations[i].data {
+                    d.offset = out.len;
+                }
+                out.write_all(&data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open frame, then encodes and writes every frame.
+    fn flush<W: Write>(
+        &mut self,
+        operations: &mut [Operation],
+        out: &mut HashingWriter<W>,
+        opts: &GenerateOptions,
+        used: &UsedCodecs,
+    ) -> io::Result<()> {
+        self.closed.extend(self.open.take());
+        self.encode_closed(operations, opts)?;
+        self.write_closed(operations, out, used)
+    }
 }
 
 fn build_data_op(
@@ -858,7 +1161,8 @@ fn build_data_op(
     index: Option<&SourceIndex>,
     opts: &GenerateOptions,
     used: &UsedCodecs,
-) -> Result<(Operation, Vec<u8>), GenerateError> {
+    frameable: bool,
+) -> Result<Built, GenerateError> {
     let dst = plan.dst();
     let op = |kind, src: Vec<Extent>, dst_sha256| Operation {
         kind,
@@ -872,11 +1176,12 @@ fn build_data_op(
         Plan::Zero(_) => Ok((
             op(OpKind::Zero, vec![], Digest::of_zeros(dst.length)),
             vec![],
+            None,
         )),
         Plan::Copy(_, src) => {
             let h = hash_range(target, dst.offset, dst.length)
                 .map_err(io_err("reading the target image"))?;
-            Ok((op(OpKind::Copy, src.clone(), h), vec![]))
+            Ok((op(OpKind::Copy, src.clone(), h), vec![], None))
         }
         Plan::Mirror(..) => unreachable!("mirrors carry no data of their own"),
         Plan::Diff(_, known) => {
@@ -931,6 +1236,10 @@ fn build_data_op(
                 .len();
             let mut plain_needed = true;
             let mut skip_patch = false;
+            // The patch's preset-1 probe, where made.
+            let mut probed = None;
+            // The size of `best`: its data's, or a frame member's estimate.
+            let mut best_len: Option<usize> = None;
             if arm64 {
                 let mut t = chunk.clone();
                 crate::arm64::encode(&mut t, dst.offset);
@@ -982,8 +1291,10 @@ fn build_data_op(
                         probe,
                         "replace arm64"
                     );
+                    probed = probe;
                     skip_patch =
                         probe.is_some_and(|p| p * PROBE_SKIP_DEN >= a.len() * PROBE_SKIP_NUM);
+                    best_len = Some(a.len());
                     best = (OpKind::Replace, a, Vec::new(), None);
                     best_used = patch_streams::Used {
                         xz: true,
@@ -992,7 +1303,28 @@ fn build_data_op(
                     };
                 }
             }
-            if let Some((streams, window, old_sha256)) = diff.filter(|_| !skip_patch) {
+            let mut kept_streams = None;
+            let diff = diff.filter(|_| !skip_patch);
+            let (framed, alone) = if frameable {
+                (diff, None)
+            } else {
+                (None, diff)
+            };
+            if let Some((streams, window, old_sha256)) = framed {
+                let probe = match probed {
+                    Some(p) => p,
+                    None => patch_streams::probe_len(&streams, chunk.len())
+                        .map_err(io_err("compressing with xz"))?,
+                };
+                let estimate = probe * FRAME_EST_NUM / FRAME_EST_DEN;
+                tracing::debug!(probe, estimate, "frame member candidate");
+                if best_len.is_none_or(|b| estimate <= b) {
+                    best = (OpKind::Bsdiff, Vec::new(), window, Some(old_sha256));
+                    best_len = Some(estimate);
+                    best_used = patch_streams::Used::default();
+                    kept_streams = Some(Member { streams, estimate });
+                }
+            } else if let Some((streams, window, old_sha256)) = alone {
                 let xz_dst = opts.xz.then_some(chunk.len());
                 let (patch, codecs) = patch_streams::compress_streams(
                     &streams,
@@ -1009,7 +1341,8 @@ fn build_data_op(
                     "candidates"
                 );
                 // On a tie the patch, as before the arm64 candidate existed.
-                if best.1.is_empty() || patch.len() <= best.1.len() {
+                if best_len.is_none_or(|b| patch.len() <= b) {
+                    best_len = Some(patch.len());
                     best = (OpKind::Bsdiff, patch, window, Some(old_sha256));
                     best_used = codecs;
                 }
@@ -1022,12 +1355,13 @@ fn build_data_op(
             // which spent 5 % of ruff's generation on trials that all lost.
             // With the arm64 candidate, plain zstd-19 only where the
             // transform made zstd-3 larger.
-            let worth_trying = best.1.is_empty() || 2 * z3 < 3 * best.1.len();
+            let worth_trying = best_len.is_none_or(|b| 2 * z3 < 3 * b);
             if worth_trying && plain_needed {
                 let replace = compress(&chunk)?;
-                if best.1.is_empty() || replace.len() < best.1.len() {
+                if best_len.is_none_or(|b| replace.len() < b) {
                     best = (OpKind::Replace, replace, Vec::new(), None);
                     best_used = patch_streams::Used::default();
+                    kept_streams = None;
                 }
             }
             if best_used.xz {
@@ -1055,6 +1389,7 @@ fn build_data_op(
                     dst_sha256,
                 },
                 data,
+                kept_streams,
             ))
         }
     }
@@ -1067,6 +1402,7 @@ struct UsedCodecs {
     xz: std::sync::atomic::AtomicBool,
     zero_runs: std::sync::atomic::AtomicBool,
     arm64: std::sync::atomic::AtomicBool,
+    frames: std::sync::atomic::AtomicBool,
 }
 
 /// A patch whose preset-1 xz probe ([`patch_streams::probe_len`]) is at

@@ -14,6 +14,9 @@
 //! - [`arm64`]: the `arm64` codec's transform of AArch64 code (BL and
 //!   ADRP immediates made absolute) for `REPLACE` data and bsdiff extra
 //!   streams.
+//! - [`frames`]: compression frames (codec `frames`): several `BSDIFF`
+//!   operations' streams compressed together, decoded once and applied
+//!   member by member ([`apply::apply_group`]).
 //! - [`patch_streams`]: the layout of `BSDIFF` data (a bsdiff patch as three
 //!   zstd, bzip2 or xz streams) shared by generator and apply engine, and its
 //!   bounded decoding ([`patch_streams::decode_bounded`]).
@@ -31,6 +34,7 @@
 
 pub mod apply;
 pub mod arm64;
+pub mod frames;
 #[cfg(feature = "generate")]
 pub mod generate;
 pub mod io;

@@ -66,7 +66,7 @@ pub fn from_streams(s: crate::suffix_diff::Streams) -> [Vec<u8>; 3] {
 }
 
 /// Size of one bsdiff control entry.
-const CTRL_LEN: usize = 24;
+pub(crate) const CTRL_LEN: usize = 24;
 
 /// Rows of `width` bytes to byte planes. `data.len()` is a multiple of `width`.
 fn transpose(data: &[u8], width: usize) -> Vec<u8> {
@@ -103,7 +103,7 @@ const ZRL_MAGIC: &[u8] = b"ZRL\x01";
 
 /// The unit, in bytes, in which the generator codes zero runs (see
 /// [`zero_runs_encode`]).
-const ZRL_UNIT: usize = 4;
+pub(crate) const ZRL_UNIT: usize = 4;
 
 /// Largest unit a zero-run-coded stream may declare.
 const ZRL_MAX_UNIT: usize = 16;
@@ -215,7 +215,12 @@ pub fn zero_runs_frame(unit: u8, len: u64, inner: &[u8]) -> Vec<u8> {
 /// a literal section shorter or longer than the pairs say, an empty pair or
 /// a malformed varint is an error, and the output is never more than `len`
 /// bytes.
-fn zero_runs_decode(coded: &[u8], len: usize, unit: usize, i: usize) -> io::Result<Vec<u8>> {
+pub(crate) fn zero_runs_decode(
+    coded: &[u8],
+    len: usize,
+    unit: usize,
+    i: usize,
+) -> io::Result<Vec<u8>> {
     let bad = |what: &str| invalid(&format!("stream {i} (zero runs): {what}"));
     let mut p = coded;
     let pairs_len = get_varint(&mut p).ok_or_else(|| bad("bad length of the run pairs"))?;
@@ -296,7 +301,7 @@ pub fn xz_dict_size(len: usize, dst_len: usize) -> usize {
 /// Which of a bsdiff patch's three streams (they differ in what LZMA2
 /// settings pay off, see [`xz_compress`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StreamKind {
+pub(crate) enum StreamKind {
     Ctrl,
     Diff,
     Extra,
@@ -392,7 +397,7 @@ pub fn probe_len(streams: &[Vec<u8>; 3], dst_len: usize) -> io::Result<usize> {
 
 /// `s` as xz at preset 1 with a dictionary of `dict` bytes: a cheap estimate
 /// of what [`xz_compress`] can reach (see [`XZ_PROBE_NUM`]).
-fn xz_probe(s: &[u8], dict: usize) -> io::Result<Vec<u8>> {
+pub(crate) fn xz_probe(s: &[u8], dict: usize) -> io::Result<Vec<u8>> {
     xz_encode(s, {
         let mut opts = xz2::stream::LzmaOptions::new_preset(1).map_err(io::Error::other)?;
         opts.dict_size(dict as u32);
@@ -436,7 +441,7 @@ const XZ_FAST_DEPTH: u32 = 16;
 /// `dict` bytes, at preset 9 or, for diff streams, preset 9 with
 /// [`XZ_DIFF_NICE_LEN`] and [`XZ_DIFF_DEPTH`]. The settings change only the
 /// encoder's search: the decoder's memory depends on `dict` alone.
-fn xz_compress(s: &[u8], dict: usize, kind: StreamKind) -> io::Result<Vec<u8>> {
+pub(crate) fn xz_compress(s: &[u8], dict: usize, kind: StreamKind) -> io::Result<Vec<u8>> {
     let mut opts = xz2::stream::LzmaOptions::new_preset(9).map_err(io::Error::other)?;
     opts.dict_size(dict as u32);
     match kind {
@@ -532,7 +537,7 @@ pub fn decompress(data: &[u8], cap: usize) -> io::Result<[Vec<u8>; 3]> {
     Ok(out)
 }
 
-fn invalid(what: &str) -> io::Error {
+pub(crate) fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
@@ -594,7 +599,12 @@ impl Drop for Bzip2Slot {
 /// size (checked against `cap` before anything is allocated), or for bzip2
 /// and xz (whose size is only known once decoded) `cap` bytes, shrunk to the
 /// stream's size afterwards.
-fn decode_stream(rest: &mut &[u8], cap: usize, dict_max: usize, i: usize) -> io::Result<Vec<u8>> {
+pub(crate) fn decode_stream(
+    rest: &mut &[u8],
+    cap: usize,
+    dict_max: usize,
+    i: usize,
+) -> io::Result<Vec<u8>> {
     let too_big = || invalid(&format!("stream {i} decompresses past {cap} bytes"));
     if rest.starts_with(arm64::MAGIC) {
         // The extra stream's header is read by `decode_extra`: here it is
@@ -1013,12 +1023,12 @@ pub fn replace_arm64(transformed: &[u8], base: u64, level: i32, xz: bool) -> io:
 
 /// See [`compress_streams`]: both forms of an extra stream get the full
 /// search where their xz probes are within this many percent of each other.
-const ARM64_PROBE_MARGIN: u64 = 1;
+pub(crate) const ARM64_PROBE_MARGIN: u64 = 1;
 
 /// One stream `s` of a patch, of `kind`, as the smallest of its
 /// candidates (see [`compress`] and [`compress_with`]): the data, whether
 /// it is xz, whether it is zero-run coded.
-fn compress_stream(
+pub(crate) fn compress_stream(
     s: &[u8],
     kind: StreamKind,
     level: i32,
@@ -1163,7 +1173,7 @@ impl<'a> Interleaved<'a> {
     }
 
     /// Over transposed control entries, read in place.
-    fn from_planes(ctrl: &'a [u8], diff: &'a [u8], extra: &'a [u8]) -> Self {
+    pub(crate) fn from_planes(ctrl: &'a [u8], diff: &'a [u8], extra: &'a [u8]) -> Self {
         Self::over(ctrl, Some(ctrl.len() / CTRL_LEN), diff, extra)
     }
 

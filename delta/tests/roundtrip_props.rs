@@ -173,6 +173,7 @@ fn round_trip(old: Option<&[u8]>, new: &[u8], chunk_size: u64) {
         xz: true,
         zero_runs: true,
         arm64: true,
+        frames: true,
         threads: 2,
         progress: false,
     };
@@ -256,6 +257,7 @@ fn new_content_written_twice_is_carried_once() {
         xz: true,
         zero_runs: true,
         arm64: true,
+        frames: true,
         threads: 2,
         progress: false,
     };

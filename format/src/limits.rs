@@ -28,6 +28,18 @@ pub const MAX_BSDIFF_WINDOW: u64 = 8 << 20;
 /// in memory whole; a compressed chunk is never much larger than its output.
 pub const MAX_OP_DATA: u64 = MAX_BUFFERED_DST + (MAX_BUFFERED_DST >> 6) + 4096;
 
+/// Largest decoded size of a compression frame (codec `frames`): the
+/// control, diff and extra streams of all its operations together. An
+/// agent holds one decoded frame while it applies the frame's operations in
+/// turn (and, while a stream decodes, an xz dictionary of at most that
+/// stream), so this bounds that memory as [`MAX_BUFFERED_DST`] bounds an
+/// operation's. Frames of 16 operations of the `upgrade-large` benchmark
+/// pair decode to at most 4.9 MiB, of 4 operations 1.6 MiB.
+pub const MAX_FRAME_DECODED: u64 = MAX_BUFFERED_DST;
+
+/// Most operations in one compression frame.
+pub const MAX_FRAME_MEMBERS: usize = 64;
+
 /// Longest version or device-type string.
 pub const MAX_NAME_LEN: usize = 128;
 

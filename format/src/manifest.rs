@@ -33,11 +33,19 @@ pub const CODEC_ZERO_RUNS: &str = "zero-runs";
 /// manifest that lists it.
 pub const CODEC_ARM64: &str = "arm64";
 
+/// The codec name of compression frames: the `BSDIFF` operations that
+/// name one data range share it as a frame, their control, diff and extra
+/// streams each in one stream across the frame, so that compression keeps
+/// its context from one operation to the next (magic `FRM` 1, the members'
+/// stream lengths, then three streams; `docs/format.md`, "Codecs"). Agents
+/// older than it refuse a manifest that lists it.
+pub const CODEC_FRAMES: &str = "frames";
+
 /// Codecs beyond format version 1's zstd and bzip2 that this build decodes.
 /// An agent advertises them in its check-in
 /// ([`crate::api::CheckinRequest::delta_codecs`]) and refuses a manifest
 /// that lists any other ([`Manifest::codecs`]).
-pub const CODECS: &[&str] = &[CODEC_XZ, CODEC_ZERO_RUNS, CODEC_ARM64];
+pub const CODECS: &[&str] = &[CODEC_XZ, CODEC_ZERO_RUNS, CODEC_ARM64, CODEC_FRAMES];
 
 /// The bundle formats of clients that fetch a bundle of their own rather
 /// than an edge-ota payload (hawkBit DDI targets: SWUpdate, RAUC), as the
@@ -51,6 +59,7 @@ const KNOWN_CODECS: &[&str] = &[
     CODEC_XZ,
     CODEC_ZERO_RUNS,
     CODEC_ARM64,
+    CODEC_FRAMES,
     "bundle:swu",
     "bundle:raucb",
     "bundle:file",
@@ -788,12 +797,13 @@ mod tests {
     #[test]
     fn a_check_ins_codecs_parse_without_the_names_this_build_does_not_know() {
         let c: Codecs =
-            serde_json::from_str(r#"["brotli","arm64","zero-runs","xz","xz","\u0078z"]"#).unwrap();
+            serde_json::from_str(r#"["brotli","frames","arm64","zero-runs","xz","xz","\u0078z"]"#)
+                .unwrap();
         assert_eq!(c, codecs());
         assert!(c.contains(CODEC_XZ) && !c.contains("brotli") && !c.is_empty());
         assert_eq!(
             serde_json::to_string(&c).unwrap(),
-            r#"["xz","zero-runs","arm64"]"#
+            r#"["xz","zero-runs","arm64","frames"]"#
         );
         // An agent of the xz codec's time lists xz alone: it decodes no
         // zero-run-coded stream.
@@ -805,6 +815,11 @@ mod tests {
         assert!(before_arm64.contains(CODEC_ZERO_RUNS) && !before_arm64.contains(CODEC_ARM64));
         assert_ne!(before_arm64, codecs());
         assert!(codecs().contains(CODEC_ARM64));
+        // An agent of the arm64 codec's time: no frames.
+        let before_frames: Codecs = serde_json::from_str(r#"["xz","zero-runs","arm64"]"#).unwrap();
+        assert!(before_frames.contains(CODEC_ARM64) && !before_frames.contains(CODEC_FRAMES));
+        assert_ne!(before_frames, codecs());
+        assert!(codecs().contains(CODEC_FRAMES));
         let none: Codecs = serde_json::from_str(r#"["brotli"]"#).unwrap();
         assert!(none.is_empty() && none == Codecs::NONE && !none.contains(CODEC_XZ));
         assert_eq!(serde_json::to_string(&none).unwrap(), "[]");
@@ -831,7 +846,7 @@ mod tests {
         assert!(
             String::from_utf8(xz.to_json())
                 .unwrap()
-                .contains(r#""codecs":["xz","zero-runs","arm64"]"#)
+                .contains(r#""codecs":["xz","zero-runs","arm64","frames"]"#)
         );
     }
 }

@@ -250,6 +250,7 @@ pub async fn start(config: ServerConfig, cancel: CancellationToken) -> Result<Ru
             delta_xz: config.delta_xz,
             delta_zero_runs: config.delta_zero_runs,
             delta_arm64: config.delta_arm64,
+            delta_frames: config.delta_frames,
             expiry_days: config.manifest_expiry_days,
             // Every core, at a low priority: check-ins take what they need
             // and builds the rest (half the cores left one idle on 2).

@@ -171,6 +171,10 @@ pub struct BuildSettings {
     /// Whether deltas that use xz may also arm64-transform new code
     /// ([`GenerateOptions::arm64`]); full images never do.
     pub delta_arm64: CodecUse,
+    /// Whether deltas that use xz may also store `BSDIFF` data in
+    /// compression frames ([`GenerateOptions::frames`]); full images never
+    /// do.
+    pub delta_frames: CodecUse,
     pub expiry_days: u64,
     /// Generator threads; 0 = one per core.
     pub threads: usize,
@@ -1195,15 +1199,16 @@ impl Releases {
         let seen = from.as_deref().and_then(|f| self.seen_codecs(t, f));
         let set = &self.settings;
         let allows = |u: CodecUse, c: &str| from.is_some() && u.allows(c, seen);
-        let (xz, zero_runs, arm64) = (
+        let (xz, zero_runs, arm64, frames) = (
             allows(set.delta_xz, ota_format::manifest::CODEC_XZ),
             allows(set.delta_zero_runs, ota_format::manifest::CODEC_ZERO_RUNS),
             allows(set.delta_arm64, ota_format::manifest::CODEC_ARM64),
+            allows(set.delta_frames, ota_format::manifest::CODEC_FRAMES),
         );
         if from.is_some() {
             info!(
                 agents_listed = ?seen,
-                xz, zero_runs, arm64, "codecs the delta may use"
+                xz, zero_runs, arm64, frames, "codecs the delta may use"
             );
         }
         let opts = GenerateOptions {
@@ -1216,6 +1221,7 @@ impl Releases {
             xz,
             zero_runs,
             arm64,
+            frames,
             threads: self.settings.threads,
             progress: false,
         };
@@ -1360,6 +1366,22 @@ mod tests {
             choose(Some(&a64), Some(&full), ota_format::manifest::codecs()),
             Some(&a64)
         );
+        // A delta with framed BSDIFF data: not for an agent that decodes
+        // xz, zero runs and arm64 but is older than the frames codec.
+        let fr = art(
+            Some("1"),
+            5_000,
+            17_000,
+            &["xz", "zero-runs", "arm64", "frames"],
+        );
+        let before_frames: Codecs = serde_json::from_str(r#"["xz","zero-runs","arm64"]"#).unwrap();
+        assert_eq!(choose(Some(&fr), Some(&full), before_frames), Some(&full));
+        assert_eq!(choose(Some(&fr), None, before_frames), None);
+        assert_eq!(choose(Some(&fr), Some(&full), before_arm64), Some(&full));
+        assert_eq!(
+            choose(Some(&fr), Some(&full), ota_format::manifest::codecs()),
+            Some(&fr)
+        );
     }
 
     /// A catalogue on sled in `dir`, with no builder running: nothing but
@@ -1379,6 +1401,7 @@ mod tests {
             delta_xz: CodecUse::Auto,
             delta_zero_runs: CodecUse::Auto,
             delta_arm64: CodecUse::Auto,
+            delta_frames: CodecUse::Auto,
             expiry_days: 30,
             threads: 1,
             nice: 0,

@@ -329,7 +329,7 @@ impl Live {
 /// The settings the builder took at start-up, as one comparable string.
 fn build_settings(c: &ServerConfig) -> String {
     format!(
-        "{} {} {} {} {} {} {} {} {} {} {}",
+        "{} {} {} {} {} {} {} {} {} {} {} {}",
         c.delta_history,
         c.chunk_size,
         c.zstd_level,
@@ -337,6 +337,7 @@ fn build_settings(c: &ServerConfig) -> String {
         c.delta_xz,
         c.delta_zero_runs,
         c.delta_arm64,
+        c.delta_frames,
         c.build_threads,
         c.build_nice,
         c.manifest_expiry_days,
@@ -381,7 +382,7 @@ fn fixed_settings_unchanged(old: &ServerConfig, new: &ServerConfig) -> Result<()
     same(
         build_settings(old),
         build_settings(new),
-        "a build setting (delta_history, chunk_size, zstd_level, full_zstd_level, delta_xz, delta_zero_runs, delta_arm64, build_threads, build_nice, manifest_expiry_days) or egress_bytes_per_sec",
+        "a build setting (delta_history, chunk_size, zstd_level, full_zstd_level, delta_xz, delta_zero_runs, delta_arm64, delta_frames, build_threads, build_nice, manifest_expiry_days) or egress_bytes_per_sec",
     )?;
     same(
         old.tls.is_some().to_string(),

@@ -147,6 +147,19 @@ async fn an_agent_that_does_not_advertise_arm64_gets_the_full_image_not_an_arm64
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_advertise_frames_gets_the_full_image_not_a_frames_delta() {
+    // An agent of the arm64 codec's time lists xz, zero-runs and arm64.
+    let older = idle_checkin(serde_json::from_str(r#"["xz","zero-runs","arm64"]"#).unwrap());
+    only_agents_with_the_codec_get_the_delta(
+        "delta_xz = true\ndelta_zero_runs = true\ndelta_arm64 = true\ndelta_frames = true",
+        arm64_images(),
+        "frames",
+        &older,
+    )
+    .await;
+}
+
 /// The codecs of release 2.0's delta from 1.0 on a server started with the
 /// default codec settings (`"auto"`), after `agents` (device id, the
 /// codecs its check-ins list) checked in on 1.0; and each agent's offer
@@ -195,6 +208,21 @@ async fn auto_codecs_a_delta_uses_the_codecs_every_agent_on_its_source_version_l
     let all = ota_format::manifest::codecs();
     let (codecs, offers) = auto_delta_after(&[("a", all), ("b", all)]).await;
     assert!(codecs.iter().any(|c| c == "arm64"), "{codecs:?}");
+    // The delta's two changed chunks are one compression frame.
+    assert!(codecs.iter().any(|c| c == "frames"), "{codecs:?}");
+    assert_eq!(offers, [true, true]);
+}
+
+/// One agent of the arm64 codec's time (older than `frames`) among those on
+/// the source version: the delta still uses arm64 but never frames, and
+/// every device gets the delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_codecs_an_agent_older_than_frames_keeps_frames_out_of_the_delta() {
+    let all = ota_format::manifest::codecs();
+    let before_frames: Codecs = serde_json::from_str(r#"["xz","zero-runs","arm64"]"#).unwrap();
+    let (codecs, offers) = auto_delta_after(&[("new", all), ("old", before_frames)]).await;
+    assert!(codecs.iter().any(|c| c == "arm64"), "{codecs:?}");
+    assert!(!codecs.iter().any(|c| c == "frames"), "{codecs:?}");
     assert_eq!(offers, [true, true]);
 }
 

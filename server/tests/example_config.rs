@@ -196,8 +196,9 @@ fn nginx_example_passes_nginx_t() {
     );
 }
 
-/// `delta_xz`, `delta_zero_runs` and `delta_arm64` take `true`, `false` or
-/// `"auto"` (the default); anything else is refused with the choices named.
+/// `delta_xz`, `delta_zero_runs`, `delta_arm64` and `delta_frames` take
+/// `true`, `false` or `"auto"` (the default); anything else is refused with
+/// the choices named.
 #[test]
 fn codec_settings_take_true_false_or_auto() {
     use ota_server::config::{CodecUse, ServerConfig};
@@ -207,18 +208,21 @@ fn codec_settings_take_true_false_or_auto() {
     std::fs::write(&p, base).unwrap();
     let c = ServerConfig::load(&p).unwrap();
     assert_eq!(
-        (c.delta_xz, c.delta_zero_runs, c.delta_arm64),
-        (CodecUse::Auto, CodecUse::Auto, CodecUse::Auto)
+        [c.delta_xz, c.delta_zero_runs, c.delta_arm64, c.delta_frames],
+        [CodecUse::Auto; 4]
     );
     std::fs::write(
         &p,
-        format!("{base}delta_xz = true\ndelta_zero_runs = false\ndelta_arm64 = \"auto\"\n"),
+        format!(
+            "{base}delta_xz = true\ndelta_zero_runs = false\ndelta_arm64 = \"auto\"\n\
+             delta_frames = false\n"
+        ),
     )
     .unwrap();
     let c = ServerConfig::load(&p).unwrap();
     assert_eq!(
-        (c.delta_xz, c.delta_zero_runs, c.delta_arm64),
-        (CodecUse::On, CodecUse::Off, CodecUse::Auto)
+        (c.delta_xz, c.delta_zero_runs, c.delta_arm64, c.delta_frames),
+        (CodecUse::On, CodecUse::Off, CodecUse::Auto, CodecUse::Off)
     );
     std::fs::write(&p, format!("{base}delta_arm64 = \"yes\"\n")).unwrap();
     let e = ServerConfig::load(&p).unwrap_err().to_string();

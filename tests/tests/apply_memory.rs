@@ -5,6 +5,9 @@
 //! — `op_work` is an upper bound of what each operation allocates, not an
 //! estimate.
 //!
+//! The same with compression frames (codec `frames`): a frame's operations
+//! are applied together, the frame decoded once, within `group_work`.
+//!
 //! This test binary has its own global allocator
 //! (`ota_tests::counting_alloc`) and a single test, so nothing else
 //! allocates while it counts.
@@ -14,7 +17,9 @@
 //! decoders (3.6 MiB each) were not counted, so the budget undercounted
 //! each operation by 4–8 MiB.
 
-use ota_delta::apply::{ApplyOptions, apply_image, apply_operation, op_memory, op_work};
+use ota_delta::apply::{
+    ApplyOptions, apply_group, apply_image, group_work, group_work_of, groups, is_frame_group,
+};
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_delta::io::ReadAt;
 use ota_delta::patch_streams::{BZIP2_DECODER_BYTES, BZIP2_DECODERS, bzip2_decodes};
@@ -50,6 +55,14 @@ fn pair(len: usize) -> (Vec<u8>, Vec<u8>) {
 
 #[test]
 fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
+    // One test: nothing else may allocate while it counts.
+    for frames in [false, true] {
+        eprintln!("frames: {frames}");
+        holds_at_most_its_bound(frames);
+    }
+}
+
+fn holds_at_most_its_bound(frames: bool) {
     let len = 24 << 20;
     let (old, new) = pair(len);
     let dir = tempfile::tempdir().unwrap();
@@ -76,6 +89,7 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
             xz: true,
             zero_runs: true,
             arm64: true,
+            frames,
             threads: 2,
             progress: false,
         },
@@ -87,12 +101,26 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
         .filter(|o| o.kind == OpKind::Bsdiff)
         .count();
     assert!(bsdiff >= 16, "the fixture must exercise BSDIFF: {bsdiff}");
-    let largest = manifest.operations.iter().map(op_memory).max().unwrap();
+    let units = groups(&manifest);
+    let framed = units
+        .iter()
+        .filter(|u| is_frame_group(&manifest, u))
+        .count();
+    assert_eq!(
+        framed > 0,
+        frames,
+        "the fixture must exercise frames exactly when asked"
+    );
+    let memory = |u: &[usize]| {
+        manifest.operations[u[0]].data.map_or(0, |d| d.length) + group_work(&manifest, u)
+    };
+    let largest = units.iter().map(|u| memory(u)).max().unwrap();
     let budget = ota_delta::apply::APPLY_MEMORY_BUDGET;
     assert!(
-        largest * 2 <= budget,
+        frames || largest * 2 <= budget,
         "the budget must admit two operations at a time ({largest})"
     );
+    assert!(largest <= budget, "a frame fits the budget ({largest})");
     let payload_path = dir.path().join("payload");
     std::fs::write(&payload_path, &payload).unwrap();
     drop(payload);
@@ -101,18 +129,19 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
     let out = tempfile::tempfile_in(dir.path()).unwrap();
     out.set_len(len as u64).unwrap();
 
-    // Each operation alone: what it allocates is within `op_work` (plus a
-    // bzip2 decoder if it decoded a bzip2 stream, and a few KiB of hasher
-    // and bookkeeping).
+    // Each operation, or frame, alone: what it allocates is within
+    // `group_work` (`op_work` for one operation; plus a bzip2 decoder if it
+    // decoded a bzip2 stream, and a few KiB of hasher and bookkeeping).
     let mut bzip2_ops = 0;
-    for (i, op) in manifest.operations.iter().enumerate() {
+    for unit in &units {
+        let (i, op) = (unit[0], &manifest.operations[unit[0]]);
         let mut data = vec![0u8; op.data.map_or(0, |d| d.length as usize)];
         if let Some(d) = op.data {
             payload.read_exact_at(&mut data, d.offset).unwrap();
         }
         let bz = bzip2_decodes();
         let before = counting_alloc::start();
-        apply_operation(i, op, &data, Some(&source), &out).unwrap();
+        apply_group(&manifest, unit, unit, &data, Some(&source), &out, |_| {}).unwrap();
         let held = counting_alloc::held_since(before);
         let decoder = if bzip2_decodes() > bz {
             bzip2_ops += 1;
@@ -120,13 +149,17 @@ fn apply_holds_at_most_op_work_per_operation_and_its_budget_in_all() {
         } else {
             0
         };
-        let bound = op_work(op) + decoder + (64 << 10);
+        // What the frame's header declares, not only the format's bound:
+        // callers give back the difference before applying.
+        let bound = group_work_of(&manifest, unit, &data) + decoder + (64 << 10);
+        assert!(group_work_of(&manifest, unit, &data) <= group_work(&manifest, unit));
         assert!(
             held as u64 <= bound,
-            "operation {i} ({}, window {}, dst {}) held {held} bytes, over its bound of {bound}",
+            "operation {i} ({}, window {}, dst {}, {} in its group) held {held} bytes, over its bound of {bound}",
             op.kind.name(),
             op.src_len(),
-            op.dst.length
+            op.dst.length,
+            unit.len()
         );
     }
     eprintln!("{bzip2_ops} operations decoded bzip2 streams");

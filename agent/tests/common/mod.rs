@@ -65,6 +65,16 @@ impl Fixture {
         }
     }
 
+    /// How many compression frames (groups of `BSDIFF` operations sharing
+    /// one data range, codec `frames`) the manifest has.
+    #[allow(dead_code)]
+    pub fn frame_groups(&self) -> usize {
+        ota_delta::apply::groups(&self.manifest)
+            .iter()
+            .filter(|g| ota_delta::apply::is_frame_group(&self.manifest, g))
+            .count()
+    }
+
     /// A delta `1.0.0` → `2.0.0` (or a full image when `full`), images of
     /// `len` bytes, operations of `chunk` bytes.
     pub fn new(len: usize, chunk: u64, full: bool) -> Fixture {
@@ -116,6 +126,7 @@ impl Fixture {
                 xz: true,
                 zero_runs: true,
                 arm64: true,
+                frames: true,
                 threads: 2,
                 progress: false,
             },
