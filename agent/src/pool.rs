@@ -9,7 +9,9 @@
 //!
 //! - operations with data are grouped by their data range (operations that
 //!   share one identical range form one group, fetched once and applied to
-//!   each of them); groups adjacent in the payload are coalesced into one
+//!   each of them: a compression frame's members are decoded once and
+//!   applied in turn, `ota_delta::apply::apply_group`; on resume only the
+//!   pending members, the frame fetched whole); groups adjacent in the payload are coalesced into one
 //!   unit up to `range_size` bytes, so tiny operations do not become tiny
 //!   requests; a group larger than `range_size` is fetched as several
 //!   sequential requests of at most `range_size`;
@@ -21,9 +23,12 @@
 //! `parallel` tasks). Every operation's data is buffered whole, checked
 //! against its sha256, and only then applied at its destination extent: no
 //! byte that failed a check is written, and nothing is staged on disk. A
-//! byte budget counted with the engine's `op_work` (as the offline
+//! byte budget counted with the engine's `group_work` (as the offline
 //! `apply_image` counts it) bounds the memory of the
-//! operations being buffered and applied at once.
+//! operations being buffered and applied at once; a frame's reservation is
+//! cut to what its header declares (`group_work_of`) once its bytes are in,
+//! before it is decoded (given back, never taken: no task waits while
+//! holding part of the budget).
 //!
 //! # Faults
 //!

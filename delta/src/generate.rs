@@ -901,8 +901,11 @@ struct Member {
 
 /// An operation that may join a frame is not compressed alone in full (its
 /// frame is compressed instead): `BSDIFF` or `REPLACE` is chosen with its
-/// patch estimated as its preset-1 xz probe ([`patch_streams::probe_len`])
-/// × `FRAME_EST_NUM / FRAME_EST_DEN`. The probe was 1.06–1.22 × what the
+/// patch estimated as its preset-1 xz probe × `FRAME_EST_NUM /
+/// FRAME_EST_DEN`, its diff stream's as bzip2 where smaller
+/// ([`patch_streams::estimate_len`]: without it, frames of containerd's
+/// Go code were taken against xz estimates while bzip2 alone was 12 %
+/// smaller). The probe was 1.06–1.22 × what the
 /// full compression made of the streams (exe-large and ruff-arm64, see
 /// [`PROBE_SKIP_NUM`]), and a frame makes them 2–6 % smaller still.
 ///
@@ -1311,13 +1314,14 @@ fn build_data_op(
                 (None, diff)
             };
             if let Some((streams, window, old_sha256)) = framed {
-                let probe = match probed {
-                    Some(p) => p,
-                    None => patch_streams::probe_len(&streams, chunk.len())
-                        .map_err(io_err("compressing with xz"))?,
-                };
-                let estimate = probe * FRAME_EST_NUM / FRAME_EST_DEN;
-                tracing::debug!(probe, estimate, "frame member candidate");
+                let estimate = patch_streams::estimate_len(
+                    &streams,
+                    chunk.len(),
+                    FRAME_EST_NUM,
+                    FRAME_EST_DEN,
+                )
+                .map_err(io_err("compressing with xz"))?;
+                tracing::debug!(probe = probed, estimate, "frame member candidate");
                 if best_len.is_none_or(|b| estimate <= b) {
                     best = (OpKind::Bsdiff, Vec::new(), window, Some(old_sha256));
                     best_len = Some(estimate);

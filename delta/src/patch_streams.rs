@@ -395,6 +395,31 @@ pub fn probe_len(streams: &[Vec<u8>; 3], dst_len: usize) -> io::Result<usize> {
     Ok(n)
 }
 
+/// What a patch's three streams compressed alone may come to, cheaply: per
+/// stream its preset-1 xz probe ([`xz_probe`]) × `num / den`, and for the
+/// diff stream the smaller of that and bzip2 (which wins by 25–70 % on the
+/// sparse diff streams of Go programs' pointer tables, where xz's probe
+/// overestimates the patch).
+pub fn estimate_len(
+    streams: &[Vec<u8>; 3],
+    dst_len: usize,
+    num: usize,
+    den: usize,
+) -> io::Result<usize> {
+    let mut n = 0;
+    for (i, s) in streams.iter().enumerate() {
+        let p = xz_probe(s, xz_dict_size(s.len(), dst_len))?.len() * num / den;
+        n += if i == 1 && s.len() > XZ_MIN_GAIN {
+            let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+            bz.write_all(s)?;
+            p.min(bz.finish()?.len())
+        } else {
+            p
+        };
+    }
+    Ok(n)
+}
+
 /// `s` as xz at preset 1 with a dictionary of `dict` bytes: a cheap estimate
 /// of what [`xz_compress`] can reach (see [`XZ_PROBE_NUM`]).
 pub(crate) fn xz_probe(s: &[u8], dict: usize) -> io::Result<Vec<u8>> {
