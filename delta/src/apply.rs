@@ -159,25 +159,7 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         len = op.dst.length
     )
     .entered();
-    if let Some(d) = &op.data {
-        if data.len() as u64 != d.length {
-            return Err(ApplyError::DataLength {
-                op: index,
-                kind,
-                expected: d.length,
-                actual: data.len() as u64,
-            });
-        }
-        let actual = Digest::of(data);
-        if actual != d.sha256 {
-            return Err(ApplyError::DataHash {
-                op: index,
-                kind,
-                expected: d.sha256,
-                actual,
-            });
-        }
-    }
+    check_data(index, op, data)?;
     let dst = op.dst;
     let write_err = || {
         io_err(format!(
@@ -327,6 +309,31 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
             patch_and_write(index, op, window, &mut streams.patch(), dest)
         }
     }
+}
+
+/// Checks an operation's data (if it has any) against the length and
+/// digest the manifest gives, before anything uses it.
+fn check_data(index: usize, op: &Operation, data: &[u8]) -> Result<(), ApplyError> {
+    let Some(d) = &op.data else { return Ok(()) };
+    let kind = op.kind.name();
+    if data.len() as u64 != d.length {
+        return Err(ApplyError::DataLength {
+            op: index,
+            kind,
+            expected: d.length,
+            actual: data.len() as u64,
+        });
+    }
+    let actual = Digest::of(data);
+    if actual != d.sha256 {
+        return Err(ApplyError::DataHash {
+            op: index,
+            kind,
+            expected: d.sha256,
+            actual,
+        });
+    }
+    Ok(())
 }
 
 /// Reads a `BSDIFF` operation's source window and checks its digest
@@ -523,25 +530,7 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     let _span = tracing::debug_span!("frame", first, members = sharing.len()).entered();
     // Validation made every member name the same range: one check of the
     // data covers them all.
-    if let Some(d) = &ops[first].data {
-        if data.len() as u64 != d.length {
-            return Err(ApplyError::DataLength {
-                op: first,
-                kind,
-                expected: d.length,
-                actual: data.len() as u64,
-            });
-        }
-        let actual = Digest::of(data);
-        if actual != d.sha256 {
-            return Err(ApplyError::DataHash {
-                op: first,
-                kind,
-                expected: d.sha256,
-                actual,
-            });
-        }
-    }
+    check_data(first, &ops[first], data)?;
     for &i in sharing {
         ops[i]
             .check_shape(Some(u64::MAX))
