@@ -254,12 +254,52 @@ fn manifest_operation_data_swapped_under_a_valid_signature_is_caught() {
     refused(
         |args, dir| {
             let p = rewrite_manifest(dir, &[&key], |m| {
+                // Every operation naming that data (a compression frame's
+                // members share one range), so the manifest stays valid and
+                // the apply engine is what must catch it.
                 let ops = m["operations"].as_array_mut().unwrap();
-                let op = ops.iter_mut().find(|o| o.get("data").is_some()).unwrap();
-                op["data"]["sha256"] = "00".repeat(32).into();
+                let at = ops.iter().find_map(|o| o.get("data")).unwrap()["offset"].clone();
+                for op in ops
+                    .iter_mut()
+                    .filter(|o| o.get("data").is_some_and(|d| d["offset"] == at))
+                {
+                    op["data"]["sha256"] = "00".repeat(32).into();
+                }
             });
             set_arg(args, "--manifest", p);
         },
         &["data sha256"],
+    );
+}
+
+#[test]
+fn one_frame_members_data_digest_changed_under_a_valid_signature_is_refused_before_download() {
+    // Operations that name one data range must name it exactly: one
+    // member of a frame (or of shared data) with another digest makes the
+    // manifest invalid, refused before anything is fetched or written.
+    let key = signing_key();
+    refused(
+        |args, dir| {
+            let p = rewrite_manifest(dir, &[&key], |m| {
+                let ops = m["operations"].as_array_mut().unwrap();
+                let offsets: Vec<serde_json::Value> = ops
+                    .iter()
+                    .filter_map(|o| o.get("data").map(|d| d["offset"].clone()))
+                    .collect();
+                let shared = offsets
+                    .iter()
+                    .find(|o| offsets.iter().filter(|p| p == o).count() > 1)
+                    .expect("the fixture has operations sharing data (a frame)")
+                    .clone();
+                let op = ops
+                    .iter_mut()
+                    .filter(|o| o.get("data").is_some_and(|d| d["offset"] == shared))
+                    .nth(1)
+                    .unwrap();
+                op["data"]["sha256"] = "00".repeat(32).into();
+            });
+            set_arg(args, "--manifest", p);
+        },
+        &["nor exactly an earlier operation's data"],
     );
 }
