@@ -655,13 +655,20 @@ async fn run_command(what: &str, cmd: &str, timeout: Duration) -> Result<(), Str
     }
 }
 
+/// How long a failed reboot command waits for the daemon's stop request
+/// before it counts as a failure: the shutdown that killed the command
+/// signals the agent in the same instant, but the two are seen in either
+/// order (CI's systemd VM saw the command's death first).
+const REBOOT_STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Flushes events briefly, then runs the reboot command.
 ///
 /// A command that fails after the daemon was told to stop is the reboot
 /// under way, not a failure: `systemctl reboot` makes systemd stop the
 /// agent's whole cgroup, the `systemctl` it waits for included (SIGTERM).
-/// If no reboot follows after all, the next start re-runs it (the update
-/// record still says rebooting).
+/// The stop request may come just after the command's death
+/// ([`REBOOT_STOP_GRACE`]). If no reboot follows after all, the next start
+/// re-runs it (the update record still says rebooting).
 ///
 /// # Cancel safety
 /// Not cancelled by the daemon: the decision to reboot is already on disk,
@@ -676,7 +683,13 @@ async fn reboot(agent: &Agent) -> Result<Exit, DaemonError> {
     )
     .await
     {
-        if agent.shutdown.is_cancelled() {
+        // systemd signals the whole cgroup at once: the command may be seen
+        // dying before the agent's own SIGTERM is handled. Give that stop
+        // request a moment to arrive before calling the reboot failed.
+        let stopped = tokio::time::timeout(REBOOT_STOP_GRACE, agent.shutdown.cancelled())
+            .await
+            .is_ok();
+        if stopped {
             tracing::info!("the reboot command ended with the system's shutdown ({e}): rebooting");
             return Ok(Exit::Rebooting);
         }

@@ -126,11 +126,39 @@ async fn a_reboot_command_stopped_by_the_shutdown_it_started_is_not_an_error() {
     );
 
     // Not stopped by a shutdown: a failing reboot command is still an error.
+    // (Checked last: it leaves the device still rebooting.)
     set_reboot_command(&dev, "exit 3");
     let st = run_to_exit(&dev, Duration::from_secs(30)).await;
     assert!(
         !st.success(),
         "a reboot command that failed on its own: {st}"
+    );
+}
+
+/// CI's systemd VM (`vm_systemd_type_notify_…`): systemd signals the
+/// agent and its `systemctl reboot` together, and the agent saw the
+/// command killed *before* its own SIGTERM was handled, so it called the
+/// reboot failed and exited 1 (the unit ended `failed`). The stop request
+/// that follows the command's death within a moment is the same shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_command_killed_just_before_the_agents_own_stop_is_not_an_error() {
+    let fx = Fixture::noisy(1 << 20, 64 << 10, false);
+    let server = Server::start(&[&fx]).await;
+    *server.srv.offer.lock().unwrap() = Some(fx.offer("u-reboot-term-first"));
+    let dev = Device::new(&server.url, &fx, "true", "");
+    // The command dies first; the agent's SIGTERM comes 300 ms later
+    // (`$PPID` is the agent in the background subshell too).
+    set_reboot_command(&dev, "(sleep 0.3; kill -TERM $PPID) & kill -TERM $$");
+    let st = run_to_exit(&dev, Duration::from_secs(60)).await;
+    assert!(
+        st.success(),
+        "the agent called its reboot failed when the shutdown's SIGTERM reached it after the command's: {st}"
+    );
+    let v = dev.boot_vars();
+    assert_eq!(
+        (v["boot_part"].as_str(), v["upgrade_available"].as_str()),
+        ("b", "1"),
+        "the switch happened before the reboot"
     );
 }
 
