@@ -27,8 +27,10 @@
 //! `apply_image` counts it) bounds the memory of the
 //! operations being buffered and applied at once; a frame's reservation is
 //! cut to what its header declares (`group_work_of`) once its bytes are in,
-//! before it is decoded (given back, never taken: no task waits while
-//! holding part of the budget).
+//! before it is decoded. Its members are applied two at a time
+//! (`group_work_with`) where that fits the reservation or what can be added
+//! without waiting (`try_acquire`): no task ever waits while holding part of
+//! the budget.
 //!
 //! # Faults
 //!
@@ -56,7 +58,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use ota_delta::apply::{ApplyError, apply_group, apply_operation, group_work, group_work_of};
+use ota_delta::apply::{
+    ApplyError, FRAME_THREADS, apply_group, apply_operation, group_work, group_work_of,
+    group_work_with,
+};
 use ota_delta::io::{ReadAt, WriteAt};
 use ota_format::Manifest;
 use tokio::sync::{Semaphore, mpsc};
@@ -394,7 +399,8 @@ where
 }
 
 /// Applies a group's pending operations on a blocking thread (one after
-/// another; a compression frame decoded once) and reports each one applied,
+/// another; a compression frame decoded once, up to `threads` members at
+/// once) and reports each one applied,
 /// also those applied before an error. Not cancellable: once started, the
 /// writes complete.
 ///
@@ -405,6 +411,7 @@ async fn apply_group_blocking<D, S>(
     sh: &Arc<Shared<D, S>>,
     g: &Group,
     data: Arc<Vec<u8>>,
+    threads: usize,
 ) -> Result<(), PoolError>
 where
     D: WriteAt + Send + Sync + ?Sized + 'static,
@@ -421,6 +428,7 @@ where
             &data,
             sh2.source.as_deref(),
             &*sh2.dest,
+            threads,
             |i| done.push(i),
         );
         (r, done)
@@ -733,18 +741,39 @@ where
                 // `apply_operation` checks the data's sha256 before it
                 // writes anything, so hashing here too would only cost a
                 // pass over every byte.
-                // A frame's header says what it needs: give the rest of
-                // the reservation back before applying.
-                let exact = group_work_of(&sh.manifest, &g.sharing, &st.buf);
-                let keep = (((g.length + exact) >> 10) as u32 + 1).min(sh.memory_units);
-                if let Some(p) = &mut st.permit
-                    && (p.num_permits() as u32) > keep
-                {
-                    drop(p.split(p.num_permits() - keep as usize));
+                // A frame's header says what it needs: its members two at a
+                // time where that fits what is held (or can be added
+                // without waiting: no hold-and-wait), else one at a time;
+                // the rest of the reservation goes back before applying.
+                let units = |work: u64| (((g.length + work) >> 10) as u32 + 1).min(sh.memory_units);
+                let one = units(group_work_of(&sh.manifest, &g.sharing, &st.buf));
+                let two = units(group_work_with(
+                    &sh.manifest,
+                    &g.sharing,
+                    &st.buf,
+                    FRAME_THREADS,
+                ));
+                let mut threads = 1;
+                let mut keep = one;
+                if let Some(p) = &mut st.permit {
+                    let held = p.num_permits() as u32;
+                    if two > one && two < sh.memory_units {
+                        if two <= held {
+                            (threads, keep) = (FRAME_THREADS, two);
+                        } else if let Ok(more) =
+                            sh.memory.clone().try_acquire_many_owned(two - held)
+                        {
+                            p.merge(more);
+                            (threads, keep) = (FRAME_THREADS, two);
+                        }
+                    }
+                    if (p.num_permits() as u32) > keep {
+                        drop(p.split(p.num_permits() - keep as usize));
+                    }
                 }
                 let data = Arc::new(std::mem::take(&mut st.buf));
                 {
-                    match apply_group_blocking(sh, g, data.clone()).await {
+                    match apply_group_blocking(sh, g, data.clone(), threads).await {
                         Ok(()) => {}
                         Err(PoolError::Apply(ApplyError::DataHash {
                             expected, actual, ..

@@ -36,6 +36,9 @@ fn pool_holds_at_most_its_budget_plus_the_documented_constants() {
         ops.iter().filter(|o| o.kind == OpKind::Bsdiff).count() >= 8,
         "the fixture must exercise BSDIFF"
     );
+    // Frames too: their members are applied two at a time where the
+    // reservation allows (`group_work_with`), inside the same budget.
+    assert!(fx.frame_groups() > 0, "the fixture must exercise frames");
     let budget = ota_delta::apply::APPLY_MEMORY_BUDGET;
     let largest = ops.iter().map(op_memory).max().unwrap();
     assert!(largest <= budget, "{largest}");

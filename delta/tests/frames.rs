@@ -112,16 +112,26 @@ fn a_delta_of_many_similar_chunks_is_smaller_in_frames_and_applies_member_by_mem
             .iter()
             .all(|u| u.len() <= ota_delta::generate::FRAME_MEMBERS)
     );
-    let w = Mem::new(vec![0u8; new.len()]);
-    for unit in &units {
-        let data = m.operations[unit[0]]
-            .data
-            .map_or(&[][..], |_| data_of(&m, &payload, unit[0]));
-        let mut done = Vec::new();
-        apply_group(&m, unit, unit, data, Some(&old), &w, |i| done.push(i)).unwrap();
-        assert_eq!(&done, unit);
+    // Members one after another, and two at a time.
+    for threads in [1, 2] {
+        let w = Mem::new(vec![0u8; new.len()]);
+        for unit in &units {
+            let data = m.operations[unit[0]]
+                .data
+                .map_or(&[][..], |_| data_of(&m, &payload, unit[0]));
+            let mut done = Vec::new();
+            apply_group(&m, unit, unit, data, Some(&old), &w, threads, |i| {
+                done.push(i)
+            })
+            .unwrap();
+            done.sort_unstable();
+            assert_eq!(&done, unit, "{threads} thread(s)");
+        }
+        assert!(
+            w.bytes() == new,
+            "applied image differs ({threads} thread(s))"
+        );
     }
-    assert!(w.bytes() == new, "applied image differs");
 }
 
 #[test]
@@ -133,28 +143,32 @@ fn a_resumed_frame_applies_only_its_pending_members() {
         .find(|u| is_frame_group(&m, u) && u.len() >= 3)
         .unwrap();
     let pending = &frame[frame.len() / 2..];
-    let out = Mem::new(old.clone());
-    let mut done = Vec::new();
-    apply_group(
-        &m,
-        frame,
-        pending,
-        data_of(&m, &payload, frame[0]),
-        Some(&old),
-        &out,
-        |i| done.push(i),
-    )
-    .unwrap();
-    assert_eq!(done, pending);
-    let out = out.bytes();
-    for &i in frame.iter() {
-        let d = m.operations[i].dst;
-        let range = d.offset as usize..(d.offset + d.length) as usize;
-        if pending.contains(&i) {
-            assert!(out[range.clone()] == new[range], "member {i} not applied");
-            assert!(verify_operation_output(&m.operations[i], &out).unwrap());
-        } else {
-            assert!(out[range.clone()] == old[range], "member {i} was written");
+    for threads in [1, 2] {
+        let out = Mem::new(old.clone());
+        let mut done = Vec::new();
+        apply_group(
+            &m,
+            frame,
+            pending,
+            data_of(&m, &payload, frame[0]),
+            Some(&old),
+            &out,
+            threads,
+            |i| done.push(i),
+        )
+        .unwrap();
+        done.sort_unstable();
+        assert_eq!(done, pending);
+        let out = out.bytes();
+        for &i in frame.iter() {
+            let d = m.operations[i].dst;
+            let range = d.offset as usize..(d.offset + d.length) as usize;
+            if pending.contains(&i) {
+                assert!(out[range.clone()] == new[range], "member {i} not applied");
+                assert!(verify_operation_output(&m.operations[i], &out).unwrap());
+            } else {
+                assert!(out[range.clone()] == old[range], "member {i} was written");
+            }
         }
     }
 }
@@ -176,7 +190,7 @@ fn a_frame_is_never_applied_as_one_operations_data_nor_without_the_codec() {
     // The manifest without the codec: its members are single operations.
     m.codecs.retain(|c| c != "frames");
     assert!(!is_frame_group(&m, &frame));
-    let e = apply_group(&m, &frame, &frame, &data, Some(&old), &out, |_| {}).unwrap_err();
+    let e = apply_group(&m, &frame, &frame, &data, Some(&old), &out, 2, |_| {}).unwrap_err();
     assert!(matches!(e, ApplyError::Decode { .. }), "{e}");
     assert!(out.bytes() == old, "nothing is written");
 }
@@ -197,12 +211,12 @@ fn an_altered_frame_writes_nothing_wrong() {
         wrong.operations[i].data.as_mut().unwrap().sha256 = Digest::of(b"other");
     }
     let out = Mem::new(old.clone());
-    let e = apply_group(&wrong, &frame, &frame, &data, Some(&old), &out, |_| {}).unwrap_err();
+    let e = apply_group(&wrong, &frame, &frame, &data, Some(&old), &out, 2, |_| {}).unwrap_err();
     assert!(matches!(e, ApplyError::DataHash { .. }), "{e}");
     // Altered bytes whose digest the manifest was made to match: each
     // member's output is still verified before it is written.
     let mut x = 7u64;
-    for _ in 0..60 {
+    for trial in 0..60 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -215,9 +229,18 @@ fn an_altered_frame_writes_nothing_wrong() {
         }
         let out = Mem::new(old.clone());
         let mut done = Vec::new();
-        let r = apply_group(&forged, &frame, &frame, &bad, Some(&old), &out, |i| {
-            done.push(i)
-        });
+        // Members one at a time, and two at a time.
+        let threads = 1 + trial % 2;
+        let r = apply_group(
+            &forged,
+            &frame,
+            &frame,
+            &bad,
+            Some(&old),
+            &out,
+            threads,
+            |i| done.push(i),
+        );
         let out = out.bytes();
         for &i in &frame {
             let op = &forged.operations[i];
@@ -233,5 +256,51 @@ fn an_altered_frame_writes_nothing_wrong() {
             }
         }
         assert!(r.is_ok() || done.len() < frame.len());
+    }
+}
+
+/// Two members at a time: a failing member stops new ones from starting,
+/// the error named is the lowest failing member, whatever the order the
+/// threads finished in, and nothing unverified is written.
+#[test]
+fn members_applied_two_at_a_time_report_the_lowest_failure_and_write_nothing_wrong() {
+    let (old, new, m, payload) = build(true);
+    let units = groups(&m);
+    let frame = units
+        .iter()
+        .find(|u| is_frame_group(&m, u) && u.len() >= 4)
+        .unwrap()
+        .clone();
+    let data = data_of(&m, &payload, frame[0]).to_vec();
+    let (a, b) = (frame[1], frame[frame.len() - 1]);
+    let mut forged = m.clone();
+    for i in [a, b] {
+        forged.operations[i].dst_sha256 = Digest::of(b"not this output");
+    }
+    for _ in 0..20 {
+        let out = Mem::new(old.clone());
+        let mut done = Vec::new();
+        let e = apply_group(&forged, &frame, &frame, &data, Some(&old), &out, 2, |i| {
+            done.push(i)
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, ApplyError::OutputHash { op, .. } if op == a),
+            "{e}"
+        );
+        let out = out.bytes();
+        for &i in &frame {
+            let d = m.operations[i].dst;
+            let range = d.offset as usize..(d.offset + d.length) as usize;
+            if done.contains(&i) {
+                assert!(out[range.clone()] == new[range], "member {i} reported done");
+            } else {
+                assert!(
+                    out[range.clone()] == old[range],
+                    "member {i} written unreported"
+                );
+            }
+        }
+        assert!(!done.contains(&a) && !done.contains(&b));
     }
 }

@@ -18,7 +18,8 @@
 //! each operation by 4–8 MiB.
 
 use ota_delta::apply::{
-    ApplyOptions, apply_group, apply_image, group_work, group_work_of, groups, is_frame_group,
+    ApplyOptions, FRAME_THREADS, apply_group, apply_image, group_work, group_work_of,
+    group_work_with, groups, is_frame_group,
 };
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_delta::io::ReadAt;
@@ -133,6 +134,7 @@ fn holds_at_most_its_bound(frames: bool) {
     // `group_work` (`op_work` for one operation; plus a bzip2 decoder if it
     // decoded a bzip2 stream, and a few KiB of hasher and bookkeeping).
     let mut bzip2_ops = 0;
+    let mut framed_pairs = 0;
     for unit in &units {
         let (i, op) = (unit[0], &manifest.operations[unit[0]]);
         let mut data = vec![0u8; op.data.map_or(0, |d| d.length as usize)];
@@ -141,7 +143,7 @@ fn holds_at_most_its_bound(frames: bool) {
         }
         let bz = bzip2_decodes();
         let before = counting_alloc::start();
-        apply_group(&manifest, unit, unit, &data, Some(&source), &out, |_| {}).unwrap();
+        apply_group(&manifest, unit, unit, &data, Some(&source), &out, 1, |_| {}).unwrap();
         let held = counting_alloc::held_since(before);
         let decoder = if bzip2_decodes() > bz {
             bzip2_ops += 1;
@@ -161,8 +163,34 @@ fn holds_at_most_its_bound(frames: bool) {
             op.dst.length,
             unit.len()
         );
+        // A frame's members two at a time: within what the header declares
+        // for two (what the pool and `apply_image` reserve before passing
+        // two threads).
+        if is_frame_group(&manifest, unit) {
+            let before = counting_alloc::start();
+            apply_group(
+                &manifest,
+                unit,
+                unit,
+                &data,
+                Some(&source),
+                &out,
+                FRAME_THREADS,
+                |_| {},
+            )
+            .unwrap();
+            let held = counting_alloc::held_since(before);
+            let bound = group_work_with(&manifest, unit, &data, FRAME_THREADS) + (64 << 10);
+            assert!(
+                held as u64 <= bound,
+                "frame at operation {i} ({} members) two at a time held {held} bytes, over its bound of {bound}",
+                unit.len()
+            );
+            framed_pairs += 1;
+        }
     }
     eprintln!("{bzip2_ops} operations decoded bzip2 streams");
+    assert_eq!(framed_pairs > 0, frames, "frames applied two at a time");
 
     // The whole apply, several operations at once: within the budget plus
     // the constants.
