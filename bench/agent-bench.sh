@@ -16,7 +16,8 @@
 # byte for byte with NEW. With --base-agent, that binary (e.g. built from main
 # before a change) runs too, alternating with this tree's agent in the same run.
 # The delta is generated once into DELTA_DIR (default target/bench-agent-pair)
-# and reused while DELTA_DIR/PARAMS matches. The images are read in place (slot
+# and reused while DELTA_DIR/PARAMS matches (the images, the level and the
+# ota-server binary that made it). The images are read in place (slot
 # a of the device IS the old image: the agent never opens its booted slot for
 # writing); slot b, the only 2 GiB written, lives in a temporary directory.
 #
@@ -103,7 +104,9 @@ secs_of() { wall_of "$1" | awk -F: '{ s = 0; for (i = 1; i <= NF; i++) s = s * 6
 
 if [ -n "$pair_old" ]; then
   delta_dir=${delta_dir:-$CARGO_TARGET_DIR/bench-agent-pair}
-  params="old=$pair_old:$(stat -c %s:%Y "$pair_old") new=$pair_new:$(stat -c %s:%Y "$pair_new") zstd=$zstd_level"
+  # The generator's binary is part of the key: a delta made by an older
+  # engine (another codec set, another frame layout) is made again.
+  params="old=$pair_old:$(stat -c %s:%Y "$pair_old") new=$pair_new:$(stat -c %s:%Y "$pair_new") zstd=$zstd_level generator=$(sha256sum "$bin/ota-server" | cut -c1-16)"
   if [ "$(cat "$delta_dir/PARAMS" 2>/dev/null)" != "$params" ]; then
     echo "== generating the delta into $delta_dir (once; minutes for a 2 GiB pair)"
     rm -rf "$delta_dir"; mkdir -p "$delta_dir"

@@ -477,7 +477,9 @@ pub fn group_work_of(manifest: &Manifest, sharing: &[usize], data: &[u8]) -> u64
 /// may exceed [`group_work`], which counts members one at a time: a caller
 /// holding [`group_work`] passes `threads` > 1 only where this fits what it
 /// holds (or can add without waiting). Not a frame, or a header that does
-/// not parse: [`group_work`], whatever `threads`.
+/// not parse: [`group_work`], whatever `threads`. The frame's three streams
+/// are decoded at once only where that fits within this figure
+/// (`parallel_decode`).
 pub fn group_work_with(manifest: &Manifest, sharing: &[usize], data: &[u8], threads: usize) -> u64 {
     let bound = group_work(manifest, sharing);
     if !(is_frame_group(manifest, sharing) && crate::frames::is_frame(data)) {
@@ -492,6 +494,20 @@ pub fn group_work_with(manifest: &Manifest, sharing: &[usize], data: &[u8], thre
     let members = members_work(manifest, sharing, threads.clamp(1, sharing.len()));
     // + 1 per stream: a decoder's buffer is its cap plus one byte.
     decoded + 3 + largest.max(members) + patch_streams::ZSTD_DCTX_BYTES
+}
+
+/// Whether a frame's three streams may be decoded at once
+/// ([`crate::frames::decode_with`]) within [`group_work_with`] for
+/// `threads` members: the three decoders' dictionaries (at most the decoded
+/// frame) and states fit in what the members will hold next anyway. So it
+/// costs no memory; it is refused where the decoded frame outweighs its
+/// members (small members of a large frame).
+fn parallel_decode(manifest: &Manifest, sharing: &[usize], data: &[u8], threads: usize) -> bool {
+    let Ok((decoded, largest)) = crate::frames::declared_sizes(data) else {
+        return false;
+    };
+    let members = members_work(manifest, sharing, threads.clamp(1, sharing.len().max(1)));
+    decoded + 2 * patch_streams::ZSTD_DCTX_BYTES <= largest.max(members)
 }
 
 /// Applies the operations `todo` (in manifest order) of the group `sharing`:
@@ -577,13 +593,14 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         .iter()
         .map(|&i| (ops[i].dst.offset, ops[i].dst.length))
         .collect();
-    let frame = crate::frames::decode(data, &dsts, MAX_FRAME_DECODED as usize).map_err(|e| {
-        ApplyError::Decode {
+    let threads = opts.threads.clamp(1, FRAME_THREADS).min(todo.len());
+    let parallel = parallel_decode(manifest, sharing, data, threads);
+    let frame = crate::frames::decode_with(data, &dsts, MAX_FRAME_DECODED as usize, parallel)
+        .map_err(|e| ApplyError::Decode {
             op: first,
             kind,
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let member = |i: usize| -> Result<(), ApplyError> {
         let op = &ops[i];
         let k = sharing
@@ -611,7 +628,6 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         })?;
         patch_and_write(i, op, window, &mut streams.patch(), dest)
     };
-    let threads = opts.threads.clamp(1, FRAME_THREADS).min(todo.len());
     if threads == 1 {
         for &i in todo {
             member(i)?;

@@ -22,8 +22,8 @@
 //! manifest order:
 //!
 //! ```text
-//! "FRM" 1 | flags | varint n | n × (varint ctrl, varint diff, varint diff_stored, varint extra)
-//!         | control stream | diff stream | extra stream
+//! "FRM" 2 | flags | varint n | n × (varint ctrl, varint diff, varint diff_stored, varint extra)
+//!         | 3 × varint stored length | control stream | diff stream | extra stream
 //! ```
 //!
 //! - `ctrl`: bytes of the member's control entries (24 each, stored
@@ -33,7 +33,12 @@
 //!   bytes more).
 //! - Each stream (zstd, bzip2 or xz, as [`crate::patch_streams`] decodes
 //!   them) decodes to exactly the members' bytes of its kind, concatenated
-//!   in member order.
+//!   in member order, and is exactly its stored length long (the three
+//!   lengths add up to the rest of the frame). The lengths let a decoder
+//!   find each stream without decoding the ones before it, so the three
+//!   can be decoded at once ([`decode_with`]): decoding was most of a
+//!   frame's apply time, one stream after another on one core (layout 1,
+//!   which had no lengths).
 //! - Flag 1: each member's extra bytes are arm64-transformed
 //!   ([`crate::arm64`]) at the member's destination offset, as a single
 //!   operation's extra stream with the `A64` header is.
@@ -57,8 +62,8 @@ use crate::patch_streams::{
     self, CTRL_LEN, Interleaved, StreamKind, Used, ZRL_UNIT, get_varint, invalid, put_varint,
 };
 
-/// Magic of a frame (layout 1).
-pub const MAGIC: &[u8] = b"FRM\x01";
+/// Magic of a frame (layout 2: with its streams' stored lengths).
+pub const MAGIC: &[u8] = b"FRM\x02";
 
 /// Flag: members' extra bytes are arm64-transformed.
 const FLAG_ARM64: u8 = 1;
@@ -166,8 +171,8 @@ impl Frame {
 /// The decoded size a frame's header declares (see the module doc), read
 /// without decoding: for accounting and inspection.
 pub fn declared_size(data: &[u8]) -> io::Result<u64> {
-    let (_, lens, _) = header(data)?;
-    Ok(lens
+    Ok(header(data)?
+        .lens
         .iter()
         .map(|l| (l.ctrl + l.diff_stored + l.extra) as u64)
         .sum())
@@ -176,9 +181,8 @@ pub fn declared_size(data: &[u8]) -> io::Result<u64> {
 /// The decoded size a frame's header declares and its largest stream's
 /// (the most an xz dictionary of it may take), read without decoding.
 pub fn declared_sizes(data: &[u8]) -> io::Result<(u64, u64)> {
-    let (_, lens, _) = header(data)?;
     let mut kinds = [0u64; 3];
-    for l in &lens {
+    for l in &header(data)?.lens {
         kinds[0] += l.ctrl as u64;
         kinds[1] += l.diff_stored as u64;
         kinds[2] += l.extra as u64;
@@ -186,11 +190,20 @@ pub fn declared_sizes(data: &[u8]) -> io::Result<(u64, u64)> {
     Ok((kinds.iter().sum(), kinds.into_iter().max().unwrap_or(0)))
 }
 
-/// Parses the header: flags, member lengths, and the rest (the streams).
-fn header(data: &[u8]) -> io::Result<(u8, Vec<Lens>, &[u8])> {
+/// A frame's header: flags, member lengths, the three streams' stored
+/// lengths, and the rest (the streams).
+struct Header<'a> {
+    flags: u8,
+    lens: Vec<Lens>,
+    stored: [usize; 3],
+    rest: &'a [u8],
+}
+
+/// Parses the header (see the module doc).
+fn header(data: &[u8]) -> io::Result<Header<'_>> {
     let mut p = data
         .strip_prefix(MAGIC)
-        .ok_or_else(|| invalid("not a frame (no FRM 1 magic)"))?;
+        .ok_or_else(|| invalid("not a frame (no FRM 2 magic)"))?;
     let flags = *p
         .first()
         .ok_or_else(|| invalid("frame: truncated header"))?;
@@ -222,7 +235,32 @@ fn header(data: &[u8]) -> io::Result<(u8, Vec<Lens>, &[u8])> {
             extra: v[3],
         });
     }
-    Ok((flags, lens, p))
+    let mut stored = [0usize; 3];
+    for (i, x) in stored.iter_mut().enumerate() {
+        let raw = get_varint(&mut p)
+            .ok_or_else(|| invalid(&format!("frame: bad stored length of stream {i}")))?;
+        *x = usize::try_from(raw)
+            .ok()
+            .filter(|&x| x <= p.len())
+            .ok_or_else(|| {
+                invalid(&format!(
+                    "frame: stream {i} stored in {raw} bytes, more than the frame holds"
+                ))
+            })?;
+    }
+    if stored.iter().sum::<usize>() != p.len() {
+        return Err(invalid(&format!(
+            "frame: its streams' stored lengths add up to {}, {} bytes follow the header",
+            stored.iter().sum::<usize>(),
+            p.len()
+        )));
+    }
+    Ok(Header {
+        flags,
+        lens,
+        stored,
+        rest: p,
+    })
 }
 
 /// Decodes a frame whose members are operations with destinations `dsts`
@@ -235,10 +273,31 @@ fn header(data: &[u8]) -> io::Result<(u8, Vec<Lens>, &[u8])> {
 /// bytes than its output, or a stored diff longer than the diff; a decoded
 /// size over `cap`. Then each stream must decode to exactly its declared
 /// total (an xz stream with a liblzma memlimit of that total plus
-/// [`patch_streams::XZ_DCTX_BYTES`]), and no byte may follow.
+/// [`patch_streams::XZ_DCTX_BYTES`]) and be exactly its stored length.
+///
+/// One stream after another: at most one decoder's dictionary at a time
+/// (the largest stream, [`declared_sizes`]). See [`decode_with`].
 pub fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> io::Result<Frame> {
+    decode_with(data, dsts, cap, false)
+}
+
+/// [`decode`], with `parallel` the three streams decoded at once, each on
+/// its own thread: faster, but the three decoders' dictionaries are held
+/// together (at most the frame's decoded size, plus three decoder states)
+/// instead of the largest one's.
+pub fn decode_with(
+    data: &[u8],
+    dsts: &[(u64, u64)],
+    cap: usize,
+    parallel: bool,
+) -> io::Result<Frame> {
     let cap = cap.min(MAX_FRAME_DECODED as usize);
-    let (flags, lens, mut rest) = header(data)?;
+    let Header {
+        flags,
+        lens,
+        stored,
+        rest,
+    } = header(data)?;
     if lens.len() != dsts.len() {
         return Err(invalid(&format!(
             "frame has {} members, but {} operations name its data",
@@ -289,9 +348,10 @@ pub fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> io::Result<Frame>
             extra: start[2]..totals[2],
         });
     }
-    let mut streams: [Vec<u8>; 3] = Default::default();
-    for (i, s) in streams.iter_mut().enumerate() {
-        *s = patch_streams::decode_stream(&mut rest, totals[i], totals[i].max(1), i)?;
+    let (a, bc) = rest.split_at(stored[0]);
+    let (b, c) = bc.split_at(stored[1]);
+    let one = |i: usize, mut bytes: &[u8]| -> io::Result<Vec<u8>> {
+        let s = patch_streams::decode_stream(&mut bytes, totals[i], totals[i].max(1), i)?;
         if s.len() != totals[i] {
             return Err(invalid(&format!(
                 "frame stream {i} decodes to {} bytes, its members declare {}",
@@ -299,11 +359,30 @@ pub fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> io::Result<Frame>
                 totals[i]
             )));
         }
-    }
-    if !rest.is_empty() {
-        return Err(invalid("frame: trailing bytes after the three streams"));
-    }
-    let [ctrl, diff, mut extra] = streams;
+        if !bytes.is_empty() {
+            return Err(invalid(&format!(
+                "frame stream {i}: {} bytes after its end, within its stored length",
+                bytes.len()
+            )));
+        }
+        Ok(s)
+    };
+    let (ctrl, diff, mut extra) = if parallel {
+        std::thread::scope(|sc| {
+            let ctrl = sc.spawn(|| one(0, a));
+            let diff = sc.spawn(|| one(1, b));
+            let extra = one(2, c);
+            let join = |h: std::thread::ScopedJoinHandle<'_, io::Result<Vec<u8>>>| {
+                h.join()
+                    .unwrap_or_else(|_| Err(invalid("frame: a stream's decoder panicked")))
+            };
+            // Every thread is joined before an error is returned.
+            let (ctrl, diff) = (join(ctrl), join(diff));
+            Ok::<_, io::Error>((ctrl?, diff?, extra?))
+        })?
+    } else {
+        (one(0, a)?, one(1, b)?, one(2, c)?)
+    };
     if flags & FLAG_ARM64 != 0 {
         for (m, &(base, _)) in members.iter().zip(dsts) {
             let e = &mut extra[m.extra.clone()];
@@ -373,6 +452,8 @@ pub fn encode(
             put_varint(&mut out, x as u64);
         }
     }
+    // The streams go after their stored lengths, known once compressed.
+    let mut streams = Vec::new();
     let plain = |s: &[u8], kind| compress(s, kind, level);
     let is_xz = |d: &[u8]| d.starts_with(patch_streams::XZ_MAGIC);
     let c = plain(&ctrl, StreamKind::Ctrl)?;
@@ -387,8 +468,8 @@ pub fn encode(
         },
     )?;
     used.xz |= is_xz(&c) || is_xz(&d);
-    out.extend_from_slice(&c);
-    out.extend_from_slice(&d);
+    streams.push(c);
+    streams.push(d);
     let mut e = None;
     if arm64 && extra.len() >= 4 {
         let mut t = extra.clone();
@@ -428,7 +509,13 @@ pub fn encode(
         used.arm64 = true;
         out[flags_at] |= FLAG_ARM64;
     }
-    out.extend_from_slice(&e);
+    streams.push(e);
+    for s in &streams {
+        put_varint(&mut out, s.len() as u64);
+    }
+    for s in &streams {
+        out.extend_from_slice(s);
+    }
     Ok((out, used))
 }
 
@@ -593,7 +680,12 @@ mod tests {
     /// Rewrites the header of `data` with `f` applied to its member
     /// lengths (and flags), keeping the streams.
     fn with_header(data: &[u8], f: impl FnOnce(&mut u8, &mut Vec<[usize; 4]>)) -> Vec<u8> {
-        let (mut flags, lens, rest) = header(data).unwrap();
+        let Header {
+            mut flags,
+            lens,
+            stored,
+            rest,
+        } = header(data).unwrap();
         let mut lens: Vec<[usize; 4]> = lens
             .iter()
             .map(|l| [l.ctrl, l.diff, l.diff_stored, l.extra])
@@ -606,6 +698,9 @@ mod tests {
             for &x in l {
                 put_varint(&mut out, x as u64);
             }
+        }
+        for x in stored {
+            put_varint(&mut out, x as u64);
         }
         out.extend_from_slice(rest);
         out
@@ -676,6 +771,47 @@ mod tests {
         let mut trailing = data.clone();
         trailing.push(0);
         refused(&trailing, &d, usize::MAX, "trailing byte");
+        // Stored lengths that lie: a boundary moved either way (the total
+        // still adds up), a total that does not.
+        for (what, delta) in [
+            ("control stream one byte longer", [1isize, -1, 0]),
+            ("diff stream one byte shorter", [0, -1, 1]),
+            ("control stream one byte shorter", [-1, 1, 0]),
+            ("lengths adding up to one byte more", [0, 0, 1]),
+            ("lengths adding up to one byte less", [0, 0, -1]),
+        ] {
+            let bad = with_stored(&data, |s| {
+                for (x, d) in s.iter_mut().zip(delta) {
+                    *x = x.checked_add_signed(d).unwrap();
+                }
+            });
+            for parallel in [false, true] {
+                assert!(
+                    decode_with(&bad, &d, usize::MAX, parallel).is_err(),
+                    "{what}: accepted (parallel {parallel})"
+                );
+            }
+        }
+    }
+
+    /// Rewrites the stored lengths of the streams of `data` with `f`.
+    fn with_stored(data: &[u8], f: impl FnOnce(&mut [usize; 3])) -> Vec<u8> {
+        let mut h = header(data).unwrap();
+        f(&mut h.stored);
+        let rest = h.rest;
+        let mut out = with_header(data, |_, _| {});
+        out.truncate(out.len() - rest.len());
+        // The header ends with the three stored lengths: replace them.
+        let mut old = Vec::new();
+        for x in header(data).unwrap().stored {
+            put_varint(&mut old, x as u64);
+        }
+        out.truncate(out.len() - old.len());
+        for x in h.stored {
+            put_varint(&mut out, x as u64);
+        }
+        out.extend_from_slice(rest);
+        out
     }
 
     #[test]
@@ -684,17 +820,19 @@ mod tests {
         let d = dsts(&cs);
         let data = encode_cases(&cs, true, true);
         for n in 0..data.len() {
-            assert!(
-                decode(&data[..n], &d, usize::MAX).is_err(),
-                "truncated at {n}"
-            );
+            for parallel in [false, true] {
+                assert!(
+                    decode_with(&data[..n], &d, usize::MAX, parallel).is_err(),
+                    "truncated at {n}"
+                );
+            }
         }
         let mut x = 5u64;
-        for _ in 0..400 {
+        for i in 0..400 {
             let mut bad = data.clone();
             let p = next(&mut x) as usize % bad.len();
             bad[p] ^= 1 << (next(&mut x) % 8);
-            if let Ok(frame) = decode(&bad, &d, usize::MAX) {
+            if let Ok(frame) = decode_with(&bad, &d, usize::MAX, i % 2 == 1) {
                 for (k, c) in cs.iter().enumerate() {
                     if let Ok(m) = frame.member(k) {
                         let mut out = Vec::new();
@@ -758,12 +896,15 @@ mod tests {
                 declared_size(&data).unwrap(),
                 streams.iter().map(|st| member_size(st, zero_runs) as u64).sum::<u64>()
             );
-            let frame = decode(&data, &dsts, usize::MAX).unwrap();
-            for (k, st) in streams.iter().enumerate() {
-                let m = frame.member(k).unwrap();
-                proptest::prop_assert_eq!(m.ctrl, &st[0][..]);
-                proptest::prop_assert_eq!(m.diff(), &st[1][..]);
-                proptest::prop_assert_eq!(m.extra(), &st[2][..]);
+            // One stream after another, and the three at once.
+            for parallel in [false, true] {
+                let frame = decode_with(&data, &dsts, usize::MAX, parallel).unwrap();
+                for (k, st) in streams.iter().enumerate() {
+                    let m = frame.member(k).unwrap();
+                    proptest::prop_assert_eq!(m.ctrl, &st[0][..]);
+                    proptest::prop_assert_eq!(m.diff(), &st[1][..]);
+                    proptest::prop_assert_eq!(m.extra(), &st[2][..]);
+                }
             }
         }
     }

@@ -15,8 +15,9 @@
 //!   ADRP immediates made absolute) for `REPLACE` data and bsdiff extra
 //!   streams.
 //! - [`frames`]: compression frames (codec `frames`): several `BSDIFF`
-//!   operations' streams compressed together, decoded once and applied
-//!   member by member ([`apply::apply_group`]).
+//!   operations' streams compressed together, decoded once (its three
+//!   streams at once where memory allows) and applied member by member, two
+//!   at a time where memory allows ([`apply::apply_group`]).
 //! - [`patch_streams`]: the layout of `BSDIFF` data (a bsdiff patch as three
 //!   zstd, bzip2 or xz streams) shared by generator and apply engine, and its
 //!   bounded decoding ([`patch_streams::decode_bounded`]).

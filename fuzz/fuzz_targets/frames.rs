@@ -3,9 +3,10 @@
 //! operations in one header and three compressed streams, and its encoder.
 //!
 //! Two kinds of input:
-//! - `Raw`: arbitrary frame bytes (optionally after the `FRM 1` magic, so
-//!   that the header parser runs; optionally followed by three valid zstd
-//!   frames of arbitrary bytes, so that the stream checks run), decoded for
+//! - `Raw`: arbitrary frame bytes (optionally after the `FRM 2` magic, so
+//!   that the header parser runs; optionally followed by the stored lengths
+//!   of three valid zstd frames of arbitrary bytes and those frames, so that
+//!   the stream checks run), decoded for
 //!   1..=8 arbitrary destinations (u32 offset, u16 length) under an
 //!   arbitrary cap;
 //! - `Built`: 1..=8 arbitrary members (control entries from `(mix, copy,
@@ -16,12 +17,16 @@
 //!   pays and the encoder uses it; destination offset), encoded by
 //!   `frames::encode` at level 1 with or without zero-run coding and the
 //!   arm64 transform, then
-//!   optionally one header length moved by a few bytes, one byte XORed or
+//!   optionally one header length (a member's or a stream's stored length)
+//!   moved by a few bytes, one byte XORed or
 //!   the frame truncated. Each member's destination holds at least its diff
 //!   and extra bytes.
 //!
 //! Checked:
 //! - no panic, no abort, no allocation past libFuzzer's limits;
+//! - every input is decoded twice, one stream after another
+//!   (`frames::decode`) and the three at once (`frames::decode_with`): both
+//!   refuse, or both accept with the same bytes;
 //! - `is_frame` is exactly "starts with `MAGIC`"; `decode` and
 //!   `declared_size` refuse anything else;
 //! - whenever `decode` accepts: the frame has one member per destination,
@@ -162,8 +167,9 @@ fn varint(p: &mut &[u8]) -> Option<u64> {
 }
 
 /// A frame's header as the module doc lays it out: flags, each member's
-/// four lengths, and the offset of the streams.
-fn parse_header(data: &[u8]) -> Option<(u8, Vec<[u64; 4]>, usize)> {
+/// four lengths, the three streams' stored lengths, and the offset of the
+/// streams.
+fn parse_header(data: &[u8]) -> Option<(u8, Vec<[u64; 4]>, [u64; 3], usize)> {
     let mut p = data.strip_prefix(MAGIC)?;
     let flags = *p.first()?;
     p = &p[1..];
@@ -176,10 +182,14 @@ fn parse_header(data: &[u8]) -> Option<(u8, Vec<[u64; 4]>, usize)> {
         }
         lens.push(l);
     }
-    Some((flags, lens, data.len() - p.len()))
+    let mut stored = [0u64; 3];
+    for x in &mut stored {
+        *x = varint(&mut p)?;
+    }
+    Some((flags, lens, stored, data.len() - p.len()))
 }
 
-fn build_header(flags: u8, lens: &[[u64; 4]]) -> Vec<u8> {
+fn build_header(flags: u8, lens: &[[u64; 4]], stored: &[u64; 3]) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
     out.push(flags);
     out.extend(common::varint(lens.len() as u64));
@@ -188,7 +198,39 @@ fn build_header(flags: u8, lens: &[[u64; 4]]) -> Vec<u8> {
             out.extend(common::varint(x));
         }
     }
+    for &x in stored {
+        out.extend(common::varint(x));
+    }
     out
+}
+
+/// `frames::decode` (one stream after another) and `frames::decode_with`
+/// the three streams at once must agree: both refuse, or both accept with
+/// the same members' bytes. Returns the first.
+fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> std::io::Result<Frame> {
+    let one = frames::decode(data, dsts, cap);
+    let par = frames::decode_with(data, dsts, cap, true);
+    match (&one, &par) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a.len(), b.len());
+            for k in 0..a.len() {
+                match (a.member(k), b.member(k)) {
+                    (Ok(x), Ok(y)) => {
+                        assert!(x.diff() == y.diff() && x.extra() == y.extra(), "member {k}")
+                    }
+                    (x, y) => assert_eq!(x.is_ok(), y.is_ok(), "member {k}"),
+                }
+            }
+        }
+        (a, b) => assert_eq!(
+            a.is_ok(),
+            b.is_ok(),
+            "decode {:?} vs decode_with parallel {:?}",
+            a.as_ref().err(),
+            b.as_ref().err()
+        ),
+    }
+    one
 }
 
 /// The checks on any frame `decode` accepted: one member per destination,
@@ -238,8 +280,12 @@ fn raw(
     }
     data.extend_from_slice(bytes);
     if let Some((c, d, e)) = streams {
-        for s in [c, d, e] {
-            data.extend(zstd(s));
+        let z: Vec<Vec<u8>> = [c, d, e].into_iter().map(|s| zstd(s)).collect();
+        for s in &z {
+            data.extend(common::varint(s.len() as u64));
+        }
+        for s in z {
+            data.extend(s);
         }
     }
     let cap = cap as usize;
@@ -249,7 +295,7 @@ fn raw(
     if !is {
         assert!(declared.is_err(), "declared_size of a non-frame");
     }
-    let r = frames::decode(&data, &dsts, cap);
+    let r = decode(&data, &dsts, cap);
     trace("raw", &r);
     match r {
         Ok(frame) => {
@@ -351,14 +397,14 @@ fn built(members: &[Member], zero_runs: bool, arm64: bool, mutation: Option<&Mut
 
     let what = |m: &str| format!("built zero_runs={zero_runs} arm64={} {m}", used.arm64);
     let Some(mutation) = mutation else {
-        let r = frames::decode(&data, &dsts, declared as usize);
+        let r = decode(&data, &dsts, declared as usize);
         trace(&what("unmutated"), &r);
         let frame = r.unwrap_or_else(|e| panic!("refused an encoded frame: {e}"));
         check_frame(&frame, &dsts, &old);
         exact(&frame, "encoded");
         if declared > 0 {
             assert!(
-                frames::decode(&data, &dsts, declared as usize - 1).is_err(),
+                decode(&data, &dsts, declared as usize - 1).is_err(),
                 "accepted under a cap one byte short"
             );
         }
@@ -369,7 +415,7 @@ fn built(members: &[Member], zero_runs: bool, arm64: bool, mutation: Option<&Mut
     match *mutation {
         Mutation::Truncate { at } => {
             let bad = &data[..usize::from(at) % data.len()];
-            let r = frames::decode(bad, &dsts, cap);
+            let r = decode(bad, &dsts, cap);
             trace(&what("truncated"), &r);
             if let Ok(frame) = r {
                 check_frame(&frame, &dsts, &old);
@@ -380,7 +426,7 @@ fn built(members: &[Member], zero_runs: bool, arm64: bool, mutation: Option<&Mut
             let mut bad = data.clone();
             let i = usize::from(at) % bad.len();
             bad[i] ^= x.max(1);
-            let r = frames::decode(&bad, &dsts, cap);
+            let r = decode(&bad, &dsts, cap);
             trace(&what("flipped"), &r);
             if let Ok(frame) = r {
                 check_frame(&frame, &dsts, &old);
@@ -391,14 +437,20 @@ fn built(members: &[Member], zero_runs: bool, arm64: bool, mutation: Option<&Mut
             field,
             delta,
         } => {
-            let (flags, mut lens, at) = parse_header(&data).expect("an encoded frame's header");
+            let (flags, mut lens, mut stored, at) =
+                parse_header(&data).expect("an encoded frame's header");
             assert_eq!(lens.len(), members.len());
             let k = usize::from(member) % lens.len();
-            let f = usize::from(field) % 4;
-            lens[k][f] = lens[k][f].saturating_add_signed(i64::from(delta));
-            let mut bad = build_header(flags, &lens);
+            // Fields 0..4: a member's lengths; 4: a stream's stored length.
+            let f = usize::from(field) % 5;
+            if f < 4 {
+                lens[k][f] = lens[k][f].saturating_add_signed(i64::from(delta));
+            } else {
+                stored[k % 3] = stored[k % 3].saturating_add_signed(i64::from(delta));
+            }
+            let mut bad = build_header(flags, &lens, &stored);
             bad.extend_from_slice(&data[at..]);
-            let r = frames::decode(&bad, &dsts, cap);
+            let r = decode(&bad, &dsts, cap);
             trace(&what(&format!("length {f} moved")), &r);
             if let Ok(frame) = r {
                 check_frame(&frame, &dsts, &old);
