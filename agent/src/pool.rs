@@ -27,10 +27,11 @@
 //! `apply_image` counts it) bounds the memory of the
 //! operations being buffered and applied at once; a frame's reservation is
 //! cut to what its header declares (`group_work_of`) once its bytes are in,
-//! before it is decoded. Its members are applied two at a time
-//! (`group_work_with`) where that fits the reservation or what can be added
-//! without waiting (`try_acquire`): no task ever waits while holding part of
-//! the budget.
+//! before it is decoded. It is then applied by the fastest of the engine's
+//! `frame_plans` (members while the frame decodes, two at a time, ...)
+//! whose memory fits the reservation or what can be added without waiting
+//! (`choose_frame_plan` with `try_acquire`): no task ever waits while
+//! holding part of the budget.
 //!
 //! # Faults
 //!
@@ -59,8 +60,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use ota_delta::apply::{
-    ApplyError, FRAME_THREADS, apply_group, apply_operation, group_work, group_work_of,
-    group_work_with,
+    ApplyError, FRAME_THREADS, FramePlan, apply_group, apply_operation, choose_frame_plan,
+    frame_plans, group_work,
 };
 use ota_delta::io::{ReadAt, WriteAt};
 use ota_format::Manifest;
@@ -411,7 +412,7 @@ async fn apply_group_blocking<D, S>(
     sh: &Arc<Shared<D, S>>,
     g: &Group,
     data: Arc<Vec<u8>>,
-    threads: usize,
+    plan: FramePlan,
 ) -> Result<(), PoolError>
 where
     D: WriteAt + Send + Sync + ?Sized + 'static,
@@ -428,7 +429,7 @@ where
             &data,
             sh2.source.as_deref(),
             &*sh2.dest,
-            threads,
+            plan,
             |i| done.push(i),
         );
         (r, done)
@@ -741,39 +742,38 @@ where
                 // `apply_operation` checks the data's sha256 before it
                 // writes anything, so hashing here too would only cost a
                 // pass over every byte.
-                // A frame's header says what it needs: its members two at a
-                // time where that fits what is held (or can be added
-                // without waiting: no hold-and-wait), else one at a time;
+                // A frame's header says what it needs: the fastest plan
+                // (streamed, members two at a time, ...) that fits what is
+                // held or can be added without waiting (no hold-and-wait);
                 // the rest of the reservation goes back before applying.
                 let units = |work: u64| (((g.length + work) >> 10) as u32 + 1).min(sh.memory_units);
-                let one = units(group_work_of(&sh.manifest, &g.sharing, &st.buf));
-                let two = units(group_work_with(
-                    &sh.manifest,
-                    &g.sharing,
-                    &st.buf,
-                    FRAME_THREADS,
-                ));
-                let mut threads = 1;
-                let mut keep = one;
+                let plans: Vec<_> = frame_plans(&sh.manifest, &g.sharing, &st.buf, FRAME_THREADS)
+                    .into_iter()
+                    .map(|(p, w)| (p, u64::from(units(w))))
+                    .collect();
+                let mut plan = FramePlan::ONE;
                 if let Some(p) = &mut st.permit {
-                    let held = p.num_permits() as u32;
-                    if two > one && two < sh.memory_units {
-                        if two <= held {
-                            (threads, keep) = (FRAME_THREADS, two);
-                        } else if let Ok(more) =
-                            sh.memory.clone().try_acquire_many_owned(two - held)
-                        {
-                            p.merge(more);
-                            (threads, keep) = (FRAME_THREADS, two);
-                        }
-                    }
-                    if (p.num_permits() as u32) > keep {
+                    let held = p.num_permits() as u64;
+                    let keep;
+                    (plan, keep) = choose_frame_plan(
+                        &plans,
+                        held,
+                        u64::from(sh.memory_units),
+                        |more| match sh.memory.clone().try_acquire_many_owned(more as u32) {
+                            Ok(more) => {
+                                p.merge(more);
+                                true
+                            }
+                            Err(_) => false,
+                        },
+                    );
+                    if (p.num_permits() as u64) > keep {
                         drop(p.split(p.num_permits() - keep as usize));
                     }
                 }
                 let data = Arc::new(std::mem::take(&mut st.buf));
                 {
-                    match apply_group_blocking(sh, g, data.clone(), threads).await {
+                    match apply_group_blocking(sh, g, data.clone(), plan).await {
                         Ok(()) => {}
                         Err(PoolError::Apply(ApplyError::DataHash {
                             expected, actual, ..

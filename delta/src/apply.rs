@@ -510,6 +510,117 @@ fn parallel_decode(manifest: &Manifest, sharing: &[usize], data: &[u8], threads:
     decoded + 2 * patch_streams::ZSTD_DCTX_BYTES <= largest.max(members)
 }
 
+/// How a compression frame's members are applied ([`apply_group`]): how
+/// many at once, and whether they start while the frame's streams still
+/// decode. Each plan holds its own memory ([`frame_plans`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FramePlan {
+    /// Members applied at once (1..=[`FRAME_THREADS`]).
+    pub threads: usize,
+    /// Members start as soon as the decoders have produced their bytes
+    /// ([`crate::frames::decode_streamed`]), rather than once the whole
+    /// frame is decoded: about max(decode, members) per frame instead of
+    /// their sum, for the three decoders' memory held beside the members'.
+    pub streamed: bool,
+}
+
+impl FramePlan {
+    /// Decode, then one member after another: the least memory
+    /// ([`group_work_of`]), and what any group that is not a frame gets.
+    pub const ONE: FramePlan = FramePlan {
+        threads: 1,
+        streamed: false,
+    };
+    /// Decode, then two members at a time.
+    pub const TWO: FramePlan = FramePlan {
+        threads: 2,
+        streamed: false,
+    };
+    /// Members, `threads` at a time, while the frame decodes.
+    pub const fn streamed(threads: usize) -> FramePlan {
+        FramePlan {
+            threads,
+            streamed: true,
+        }
+    }
+}
+
+/// The plans for the group `sharing` once its `data` is in hand, the
+/// fastest first, each with the memory it holds besides the data: a frame
+/// streamed with [`FRAME_THREADS`] and then one member at a time, decoded
+/// first with [`FRAME_THREADS`] and then one ([`group_work_with`]). The
+/// last is always [`FramePlan::ONE`] with [`group_work_of`], which never
+/// exceeds [`group_work`] (what a caller reserves before fetching); a
+/// group that is not a frame, or a frame whose header does not parse, has
+/// only that one. `max_threads` caps the members at once (the threads the
+/// caller may use).
+///
+/// Streamed, a frame holds its decoded streams, the three decoders at once
+/// (dictionaries of at most each stream's decoded size, and states), and
+/// the members' work; decoded first, the decoders are gone before the
+/// members start (see [`group_work_with`]).
+pub fn frame_plans(
+    manifest: &Manifest,
+    sharing: &[usize],
+    data: &[u8],
+    max_threads: usize,
+) -> Vec<(FramePlan, u64)> {
+    let one = (FramePlan::ONE, group_work_of(manifest, sharing, data));
+    let frame = is_frame_group(manifest, sharing) && crate::frames::is_frame(data);
+    let Some(decoded) = frame
+        .then(|| crate::frames::declared_sizes(data).ok())
+        .flatten()
+        .map(|(decoded, _)| decoded)
+        .filter(|&d| d <= MAX_FRAME_DECODED)
+    else {
+        return vec![one];
+    };
+    let most = max_threads.clamp(1, FRAME_THREADS).min(sharing.len());
+    let streamed = |n: usize| {
+        let decoders = decoded + 3 * patch_streams::ZSTD_DCTX_BYTES;
+        (
+            FramePlan::streamed(n),
+            decoded + 3 + decoders + members_work(manifest, sharing, n),
+        )
+    };
+    let mut plans = vec![streamed(most)];
+    if most > 1 {
+        plans.push(streamed(1));
+        plans.push((
+            FramePlan {
+                threads: most,
+                streamed: false,
+            },
+            group_work_with(manifest, sharing, data, most),
+        ));
+    }
+    plans.push(one);
+    plans
+}
+
+/// The first of `plans` ([`frame_plans`], possibly in the caller's units)
+/// whose memory is `held` already, or is under `limit` and can be added
+/// without waiting (`try_more(extra)`: true once taken; never waits, since
+/// the caller holds part of the budget and waiting would be
+/// hold-and-wait); else the last. The pool of `ota-agent run` and
+/// [`apply_image`] both choose with this.
+pub fn choose_frame_plan(
+    plans: &[(FramePlan, u64)],
+    held: u64,
+    limit: u64,
+    mut try_more: impl FnMut(u64) -> bool,
+) -> (FramePlan, u64) {
+    let (last, rest) = plans
+        .split_last()
+        .map_or(((FramePlan::ONE, held), &[][..]), |(l, r)| (*l, r));
+    for &(plan, work) in rest {
+        if work <= held || (work < limit && try_more(work - held)) {
+            return (plan, work);
+        }
+    }
+    last
+}
+
 /// Applies the operations `todo` (in manifest order) of the group `sharing`:
 /// every operation of `manifest` that names one data range, in manifest
 /// order (one operation, or several sharing identical data, or the members
@@ -519,11 +630,11 @@ fn parallel_decode(manifest: &Manifest, sharing: &[usize], data: &[u8], threads:
 /// one. `done` is called (on the calling thread) after each operation's
 /// output is written.
 ///
-/// Up to `threads` members of a frame are applied at once (at most
-/// [`FRAME_THREADS`]; 0 or 1: one after another), each on its own thread;
-/// they then hold [`group_work_with`] for that count instead of
-/// [`group_work_of`]. Members write disjoint ranges, so the order they
-/// finish in does not matter; `done` may then come out of manifest order.
+/// `plan` says how a frame's members are applied ([`FramePlan`]: up to
+/// `threads` at once, each on its own thread, and with `streamed` while the
+/// frame decodes); it then holds [`frame_plans`]'s memory for that plan.
+/// Members write disjoint ranges, so the order they finish in does not
+/// matter; `done` may then come out of manifest order.
 ///
 /// On an error, the operations reported done stay done; the rest are not.
 /// The error reported is the failing member with the lowest index.
@@ -535,17 +646,16 @@ pub fn apply_group<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     data: &[u8],
     source: Option<&S>,
     dest: &D,
-    threads: usize,
+    plan: FramePlan,
     done: impl FnMut(usize),
 ) -> Result<(), ApplyError> {
-    let opts = ApplyOptions {
-        threads,
-        ..ApplyOptions::default()
-    };
-    apply_group_inner(manifest, sharing, todo, data, source, dest, opts, done)
+    let opts = ApplyOptions::default();
+    apply_group_inner(
+        manifest, sharing, todo, data, source, dest, opts, plan, done,
+    )
 }
 
-/// [`apply_group`] with `opts` (`opts.threads`: members of a frame at once).
+/// [`apply_group`] with `opts`.
 #[allow(clippy::too_many_arguments)]
 fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     manifest: &Manifest,
@@ -555,6 +665,7 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     source: Option<&S>,
     dest: &D,
     opts: ApplyOptions,
+    plan: FramePlan,
     mut done: impl FnMut(usize),
 ) -> Result<(), ApplyError> {
     let ops = &manifest.operations;
@@ -593,24 +704,11 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         .iter()
         .map(|&i| (ops[i].dst.offset, ops[i].dst.length))
         .collect();
-    let threads = opts.threads.clamp(1, FRAME_THREADS).min(todo.len());
-    let parallel = parallel_decode(manifest, sharing, data, threads);
-    let frame = crate::frames::decode_with(data, &dsts, MAX_FRAME_DECODED as usize, parallel)
-        .map_err(|e| ApplyError::Decode {
-            op: first,
-            kind,
-            reason: e.to_string(),
-        })?;
-    let member = |i: usize| -> Result<(), ApplyError> {
+    let threads = plan.threads.clamp(1, FRAME_THREADS).min(todo.len());
+    // One member: its window read (and checked), patched, verified and
+    // written, from its streams.
+    let apply_member = |i: usize, streams: crate::frames::MemberStreams<'_>| {
         let op = &ops[i];
-        let k = sharing
-            .iter()
-            .position(|&j| j == i)
-            .ok_or(ApplyError::Limits {
-                op: i,
-                kind,
-                reason: "not a member of the frame it is applied with".into(),
-            })?;
         let _span = tracing::debug_span!(
             "op",
             index = i,
@@ -621,12 +719,60 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         .entered();
         let src = source.ok_or(ApplyError::NoSource { op: i, kind })?;
         let window = read_window(i, op, src, opts)?;
-        let streams = frame.member(k).map_err(|e| ApplyError::Decode {
-            op: i,
-            kind,
-            reason: e.to_string(),
-        })?;
         patch_and_write(i, op, window, &mut streams.patch(), dest)
+    };
+    let position = |i: usize| {
+        sharing
+            .iter()
+            .position(|&j| j == i)
+            .ok_or(ApplyError::Limits {
+                op: i,
+                kind,
+                reason: "not a member of the frame it is applied with".into(),
+            })
+    };
+    let decode_error = |op: usize, e: io::Error| ApplyError::Decode {
+        op,
+        kind,
+        reason: e.to_string(),
+    };
+    if plan.streamed {
+        let ks = todo
+            .iter()
+            .map(|&i| position(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let frame_span = tracing::Span::current();
+        let mut first_error: Option<(usize, ApplyError)> = None;
+        let decoded = crate::frames::decode_streamed(
+            data,
+            &dsts,
+            MAX_FRAME_DECODED as usize,
+            &ks,
+            threads,
+            |k, streams| {
+                let _span = frame_span.enter();
+                let i = sharing[k];
+                apply_member(i, streams.map_err(|e| decode_error(i, e))?)
+            },
+            |k, r| match r {
+                Ok(()) => done(sharing[k]),
+                Err(e) if first_error.as_ref().is_none_or(|(j, _)| sharing[k] < *j) => {
+                    first_error = Some((sharing[k], e));
+                }
+                Err(_) => {}
+            },
+        );
+        // A stream that failed is reported as the frame's first pending
+        // member's: it is the lowest index.
+        decoded.map_err(|e| decode_error(first, e))?;
+        return first_error.map_or(Ok(()), |(_, e)| Err(e));
+    }
+    let parallel = parallel_decode(manifest, sharing, data, threads);
+    let frame = crate::frames::decode_with(data, &dsts, MAX_FRAME_DECODED as usize, parallel)
+        .map_err(|e| decode_error(first, e))?;
+    let member = |i: usize| -> Result<(), ApplyError> {
+        let streams = frame.member(position(i)?).map_err(|e| decode_error(i, e))?;
+        apply_member(i, streams)
     };
     if threads == 1 {
         for &i in todo {
@@ -1050,7 +1196,7 @@ pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt +
             let need = data_len + group_work(manifest, unit);
             budget.acquire(need);
             let held = std::cell::Cell::new(need);
-            let member_threads = std::cell::Cell::new(1);
+            let plan = std::cell::Cell::new(FramePlan::ONE);
             let r = (|| {
                 data.clear();
                 if let Some(d) = &ops[first].data {
@@ -1058,36 +1204,40 @@ pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt +
                     payload
                         .read_exact_at(&mut data, d.offset)
                         .map_err(io_err(format!("reading the data of operation {first}")))?;
-                    // A frame's header says what it needs: members two at
-                    // a time where that fits what is held (or can be added
-                    // without waiting), else one at a time; the rest of the
-                    // reservation goes back to the other workers.
-                    let two = data_len + group_work_with(manifest, unit, &data, frame_threads);
-                    let one = data_len + group_work_of(manifest, unit, &data);
-                    let exact = if frame_threads > 1
-                        && two > one
-                        && (two <= held.get() || budget.try_acquire(two - held.get()))
-                    {
-                        held.set(held.get().max(two));
-                        member_threads.set(frame_threads);
-                        two
+                    // A frame's header says what it needs: the fastest plan
+                    // that fits what is held (or can be added without
+                    // waiting); the rest of the reservation goes back to
+                    // the other workers.
+                    let plans: Vec<_> = frame_plans(manifest, unit, &data, frame_threads)
+                        .into_iter()
+                        .map(|(p, w)| (p, data_len + w))
+                        .collect();
+                    let (chosen, keep) =
+                        choose_frame_plan(&plans, held.get(), budget.limit, |more| {
+                            budget.try_acquire(more)
+                        });
+                    plan.set(chosen);
+                    if keep > held.get() {
+                        held.set(keep);
                     } else {
-                        member_threads.set(1);
-                        one
-                    };
-                    if exact < held.get() {
-                        budget.release(held.get() - exact);
-                        held.set(exact);
+                        budget.release(held.get() - keep);
+                        held.set(keep);
                     }
                 }
-                let opts = ApplyOptions {
-                    threads: member_threads.get(),
-                    ..opts
-                };
-                apply_group_inner(manifest, unit, unit, &data, source, dest, opts, |i| {
-                    let n = ops[i].dst.length;
-                    progress(done.fetch_add(n, Ordering::Relaxed) + n)
-                })
+                apply_group_inner(
+                    manifest,
+                    unit,
+                    unit,
+                    &data,
+                    source,
+                    dest,
+                    opts,
+                    plan.get(),
+                    |i| {
+                        let n = ops[i].dst.length;
+                        progress(done.fetch_add(n, Ordering::Relaxed) + n)
+                    },
+                )
             })();
             data = Vec::new();
             budget.release(held.get());

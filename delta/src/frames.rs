@@ -38,7 +38,13 @@
 //!   find each stream without decoding the ones before it, so the three
 //!   can be decoded at once ([`decode_with`]): decoding was most of a
 //!   frame's apply time, one stream after another on one core (layout 1,
-//!   which had no lengths).
+//!   which had no lengths). And since each stream holds the members'
+//!   bytes in member order, a member can be applied as soon as the three
+//!   decoders have passed its share ([`decode_streamed`]): one stream (the
+//!   diff) is 70–90 % of a binary's frame, so decoding it is serial work
+//!   the members' patching can run beside.
+//! - A zstd stream declares its content size, equal to its members' total
+//!   (so a streaming decoder's window is at most that).
 //! - Flag 1: each member's extra bytes are arm64-transformed
 //!   ([`crate::arm64`]) at the member's destination offset, as a single
 //!   operation's extra stream with the `A64` header is.
@@ -263,34 +269,18 @@ fn header(data: &[u8]) -> io::Result<Header<'_>> {
     })
 }
 
-/// Decodes a frame whose members are operations with destinations `dsts`
-/// (offset, length), in manifest order, into at most `cap` bytes of
-/// streams (at most [`MAX_FRAME_DECODED`]).
-///
-/// Refused before any stream is decoded: a member count other than
-/// `dsts.len()`; a member with a partial control entry, more control bytes
-/// than [`patch_streams::max_ctrl_len`] of its output, more diff and extra
-/// bytes than its output, or a stored diff longer than the diff; a decoded
-/// size over `cap`. Then each stream must decode to exactly its declared
-/// total (an xz stream with a liblzma memlimit of that total plus
-/// [`patch_streams::XZ_DCTX_BYTES`]) and be exactly its stored length.
-///
-/// One stream after another: at most one decoder's dictionary at a time
-/// (the largest stream, [`declared_sizes`]). See [`decode_with`].
-pub fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> io::Result<Frame> {
-    decode_with(data, dsts, cap, false)
+/// A frame's header checked against its members' destinations: where each
+/// member's bytes lie in each decoded stream, each stream's decoded total,
+/// and each stream's stored bytes.
+struct Layout<'a> {
+    flags: u8,
+    members: Vec<Member>,
+    totals: [usize; 3],
+    streams: [&'a [u8]; 3],
 }
 
-/// [`decode`], with `parallel` the three streams decoded at once, each on
-/// its own thread: faster, but the three decoders' dictionaries are held
-/// together (at most the frame's decoded size, plus three decoder states)
-/// instead of the largest one's.
-pub fn decode_with(
-    data: &[u8],
-    dsts: &[(u64, u64)],
-    cap: usize,
-    parallel: bool,
-) -> io::Result<Frame> {
+/// [`decode_with`]'s checks before decoding (see [`decode`]).
+fn layout<'a>(data: &'a [u8], dsts: &[(u64, u64)], cap: usize) -> io::Result<Layout<'a>> {
     let cap = cap.min(MAX_FRAME_DECODED as usize);
     let Header {
         flags,
@@ -350,7 +340,51 @@ pub fn decode_with(
     }
     let (a, bc) = rest.split_at(stored[0]);
     let (b, c) = bc.split_at(stored[1]);
+    Ok(Layout {
+        flags,
+        members,
+        totals,
+        streams: [a, b, c],
+    })
+}
+
+/// Decodes a frame whose members are operations with destinations `dsts`
+/// (offset, length), in manifest order, into at most `cap` bytes of
+/// streams (at most [`MAX_FRAME_DECODED`]).
+///
+/// Refused before any stream is decoded: a member count other than
+/// `dsts.len()`; a member with a partial control entry, more control bytes
+/// than [`patch_streams::max_ctrl_len`] of its output, more diff and extra
+/// bytes than its output, or a stored diff longer than the diff; a decoded
+/// size over `cap`. Then each stream must decode to exactly its declared
+/// total (an xz stream with a liblzma memlimit of that total plus
+/// [`patch_streams::XZ_DCTX_BYTES`]) and be exactly its stored length.
+///
+/// One stream after another: at most one decoder's dictionary at a time
+/// (the largest stream, [`declared_sizes`]). See [`decode_with`].
+pub fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> io::Result<Frame> {
+    decode_with(data, dsts, cap, false)
+}
+
+/// [`decode`], with `parallel` the three streams decoded at once, each on
+/// its own thread: faster, but the three decoders' dictionaries are held
+/// together (at most the frame's decoded size, plus three decoder states)
+/// instead of the largest one's.
+pub fn decode_with(
+    data: &[u8],
+    dsts: &[(u64, u64)],
+    cap: usize,
+    parallel: bool,
+) -> io::Result<Frame> {
+    let Layout {
+        flags,
+        members,
+        totals,
+        streams: [a, b, c],
+    } = layout(data, dsts, cap)?;
+    let zero_runs = flags & FLAG_ZERO_RUNS != 0;
     let one = |i: usize, mut bytes: &[u8]| -> io::Result<Vec<u8>> {
+        patch_streams::frame_stream_kind(bytes, i, totals[i])?;
         let s = patch_streams::decode_stream(&mut bytes, totals[i], totals[i].max(1), i)?;
         if s.len() != totals[i] {
             return Err(invalid(&format!(
@@ -398,6 +432,187 @@ pub fn decode_with(
         extra,
         members,
         zero_runs,
+    })
+}
+
+/// [`decode`], streamed: each of the three streams decodes on its own
+/// thread into the frame's buffers, in member order, and each member in
+/// `todo` (indices into the frame's members, ascending) is handed to
+/// `apply` on one of `workers` threads as soon as its share of every stream
+/// is decoded, so members are applied while later members' bytes still
+/// decode. `apply` gets the member's streams, or why they could not be
+/// made (arm64 transform undone, diff expanded, as [`Frame::member`]);
+/// `report` gets each member's result on the calling thread, in the order
+/// they finish. After a failure (a member's, or a stream's) no member
+/// starts; those running finish and are reported.
+///
+/// Refused before any stream is decoded: what [`decode`] refuses. Then a
+/// stream that does not decode to exactly its members' bytes or is not
+/// exactly its stored length is the `Err` returned, possibly after some
+/// members were applied from the part decoded before it (each member is
+/// verified on its own by `apply`'s caller, so nothing unverified is
+/// written either way).
+///
+/// Memory: the decoded frame, as [`decode`], plus the three decoders at
+/// once (dictionaries of at most each stream's decoded size, and their
+/// states), plus what `workers` members hold.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_streamed<E: Send>(
+    data: &[u8],
+    dsts: &[(u64, u64)],
+    cap: usize,
+    todo: &[usize],
+    workers: usize,
+    apply: impl Fn(usize, io::Result<MemberStreams<'_>>) -> Result<(), E> + Sync,
+    mut report: impl FnMut(usize, Result<(), E>),
+) -> io::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    let Layout {
+        flags,
+        members,
+        totals,
+        streams,
+    } = layout(data, dsts, cap)?;
+    for (i, s) in streams.iter().enumerate() {
+        patch_streams::frame_stream_kind(s, i, totals[i])?;
+    }
+    let zero_runs = flags & FLAG_ZERO_RUNS != 0;
+    let arm64 = flags & FLAG_ARM64 != 0;
+    let mut want = vec![false; members.len()];
+    for &k in todo {
+        *want
+            .get_mut(k)
+            .ok_or_else(|| invalid(&format!("frame has no member {k}")))? = true;
+    }
+    let mut bufs: [Vec<u8>; 3] = totals.map(|n| vec![0u8; n]);
+    // Each stream's buffer cut into its members' shares, in member order.
+    let mut shares: [Vec<&mut [u8]>; 3] = Default::default();
+    for (s, (buf, out)) in bufs.iter_mut().zip(&mut shares).enumerate() {
+        let mut rest = &mut buf[..];
+        for m in &members {
+            let n = [&m.ctrl, &m.diff, &m.extra][s].len();
+            let (share, after) = rest.split_at_mut(n);
+            out.push(share);
+            rest = after;
+        }
+    }
+
+    enum Event<'b, E> {
+        Share(usize, usize, &'b mut [u8]),
+        StreamEnd(io::Result<()>),
+        Applied(usize, Result<(), E>),
+    }
+    struct Job<'b> {
+        k: usize,
+        ctrl: &'b [u8],
+        diff: &'b [u8],
+        extra: &'b mut [u8],
+    }
+    let stop = AtomicBool::new(false);
+    let (events, inbox) = mpsc::channel::<Event<'_, E>>();
+    let (jobs, job_box) = mpsc::channel::<Job<'_>>();
+    let job_box = std::sync::Mutex::new(job_box);
+    /// A member's streams from its shares: arm64 transform undone, diff
+    /// expanded (as [`Frame::member`]).
+    fn prepare(
+        job: Job<'_>,
+        arm64_base: Option<u64>,
+        zero_runs: Option<usize>,
+    ) -> io::Result<MemberStreams<'_>> {
+        let Job {
+            ctrl, diff, extra, ..
+        } = job;
+        if let Some(base) = arm64_base {
+            arm64::extra_segments(ctrl, extra.len(), |at, n, o| {
+                arm64::decode(&mut extra[at..at + n], base.wrapping_add(o))
+            })
+            .map_err(|e| invalid(&format!("frame extra stream (arm64): {e}")))?;
+        }
+        let diff = match zero_runs {
+            Some(len) => {
+                std::borrow::Cow::Owned(patch_streams::zero_runs_decode(diff, len, ZRL_UNIT, 1)?)
+            }
+            None => std::borrow::Cow::Borrowed(diff),
+        };
+        Ok(MemberStreams {
+            ctrl,
+            diff,
+            extra: &*extra,
+        })
+    }
+    std::thread::scope(|sc| {
+        for (i, (bytes, out)) in streams.into_iter().zip(shares).enumerate() {
+            let (events, stop) = (events.clone(), &stop);
+            sc.spawn(move || {
+                let r = patch_streams::stream_into(bytes, i, out, |k, share| {
+                    // The receiver lives until every stream has ended.
+                    let _ = events.send(Event::Share(i, k, share));
+                    !stop.load(Ordering::Relaxed)
+                });
+                let _ = events.send(Event::StreamEnd(r));
+            });
+        }
+        for _ in 0..workers.max(1) {
+            let (events, job_box, apply, members) = (events.clone(), &job_box, &apply, &members);
+            sc.spawn(move || {
+                loop {
+                    let job = job_box.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(job) = job else { break };
+                    let k = job.k;
+                    let base = arm64.then_some(dsts[k].0);
+                    let diff_len = zero_runs.then_some(members[k].diff_len);
+                    let r = apply(k, prepare(job, base, diff_len));
+                    let _ = events.send(Event::Applied(k, r));
+                }
+            });
+        }
+        drop(events);
+        let mut got: Vec<[Option<&mut [u8]>; 3]> =
+            members.iter().map(|_| [None, None, None]).collect();
+        let (mut streams_left, mut running) = (3, 0usize);
+        let mut failed: Option<io::Error> = None;
+        while streams_left > 0 || running > 0 {
+            // Decoders and workers hold senders until then: never ends early.
+            let Ok(event) = inbox.recv() else { break };
+            match event {
+                Event::Share(i, k, share) => {
+                    got[k][i] = Some(share);
+                    if want[k]
+                        && !stop.load(Ordering::Relaxed)
+                        && got[k].iter().all(Option::is_some)
+                    {
+                        let [c, d, e] = std::mem::take(&mut got[k]).map(Option::unwrap);
+                        let job = Job {
+                            k,
+                            ctrl: c,
+                            diff: d,
+                            extra: e,
+                        };
+                        // Workers live until `jobs` is dropped below.
+                        let _ = jobs.send(job);
+                        running += 1;
+                    }
+                }
+                Event::StreamEnd(r) => {
+                    streams_left -= 1;
+                    if let Err(e) = r {
+                        stop.store(true, Ordering::Relaxed);
+                        failed.get_or_insert(e);
+                    }
+                }
+                Event::Applied(k, r) => {
+                    running -= 1;
+                    if r.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    report(k, r);
+                }
+            }
+        }
+        drop(jobs);
+        failed.map_or(Ok(()), Err)
     })
 }
 
@@ -814,6 +1029,71 @@ mod tests {
         out
     }
 
+    /// Every member's streams as [`decode_streamed`] hands them out (two
+    /// workers), or its error (a stream's, or a member's).
+    fn streamed(data: &[u8], dsts: &[(u64, u64)]) -> io::Result<Vec<[Vec<u8>; 3]>> {
+        let all: Vec<usize> = (0..dsts.len()).collect();
+        let got = std::sync::Mutex::new(vec![None; dsts.len()]);
+        let mut failed = None;
+        decode_streamed(
+            data,
+            dsts,
+            usize::MAX,
+            &all,
+            2,
+            |k, m| {
+                let m = m?;
+                got.lock().unwrap()[k] =
+                    Some([m.ctrl.to_vec(), m.diff().to_vec(), m.extra().to_vec()]);
+                Ok::<(), io::Error>(())
+            },
+            |_, r| {
+                if let Err(e) = r {
+                    failed.get_or_insert(e);
+                }
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(got
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect())
+    }
+
+    #[test]
+    fn streamed_members_are_the_decoded_frames_and_lies_are_refused_alike() {
+        for (seed, zero_runs, arm64) in [(1, true, true), (2, false, true), (9, true, false)] {
+            let cs = cases(seed, 7);
+            let d = dsts(&cs);
+            let data = encode_cases(&cs, zero_runs, arm64);
+            let frame = decode(&data, &d, MAX_FRAME_DECODED as usize).unwrap();
+            let got = streamed(&data, &d).unwrap();
+            for (k, m) in got.iter().enumerate() {
+                let f = frame.member(k).unwrap();
+                assert_eq!(m[0], f.ctrl);
+                assert_eq!(m[1], f.diff());
+                assert_eq!(m[2], f.extra());
+            }
+            // A stream that decodes short, long, or has bytes after its
+            // end; a header's lies: refused, as `decode` refuses them.
+            let mut fewer = d.clone();
+            fewer.pop();
+            assert!(streamed(&data, &fewer).is_err());
+            let cap_err =
+                decode_streamed(&data, &d, 16, &[0], 1, |_, _| Ok::<_, ()>(()), |_, _| {});
+            assert!(cap_err.is_err());
+            let padded = with_stored(&data, |s| s[2] += 1);
+            let mut padded = padded;
+            padded.push(0);
+            assert!(decode(&padded, &d, usize::MAX).is_err());
+            assert!(streamed(&padded, &d).is_err());
+        }
+    }
+
     #[test]
     fn every_truncation_and_byte_flip_is_an_error_or_exact_never_a_panic() {
         let cs = cases(3, 3);
@@ -826,12 +1106,27 @@ mod tests {
                     "truncated at {n}"
                 );
             }
+            assert!(
+                streamed(&data[..n], &d).is_err(),
+                "streamed, truncated at {n}"
+            );
         }
         let mut x = 5u64;
         for i in 0..400 {
             let mut bad = data.clone();
             let p = next(&mut x) as usize % bad.len();
             bad[p] ^= 1 << (next(&mut x) % 8);
+            // Streamed, what decodes is what the whole decode gives.
+            if let (Ok(got), Ok(frame)) = (streamed(&bad, &d), decode(&bad, &d, usize::MAX)) {
+                for (k, m) in got.iter().enumerate() {
+                    if let Ok(f) = frame.member(k) {
+                        assert!(
+                            m[0] == f.ctrl && m[1] == f.diff() && m[2] == f.extra(),
+                            "flip at {p}"
+                        );
+                    }
+                }
+            }
             if let Ok(frame) = decode_with(&bad, &d, usize::MAX, i % 2 == 1) {
                 for (k, c) in cs.iter().enumerate() {
                     if let Ok(m) = frame.member(k) {
@@ -905,6 +1200,11 @@ mod tests {
                     proptest::prop_assert_eq!(m.diff(), &st[1][..]);
                     proptest::prop_assert_eq!(m.extra(), &st[2][..]);
                 }
+            }
+            // And streamed, member by member.
+            let got = streamed(&data, &dsts).unwrap();
+            for (m, st) in got.iter().zip(&streams) {
+                proptest::prop_assert_eq!(m, st);
             }
         }
     }

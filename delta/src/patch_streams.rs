@@ -680,6 +680,119 @@ pub(crate) fn decode_stream(
     Ok(out)
 }
 
+/// Refuses a compression frame's stream `bytes` that is not one of the
+/// kinds a frame may hold: an xz stream, a bzip2 stream, or a zstd frame
+/// declaring its content size, which must be the `total` its members
+/// declare (so a streaming decoder's window is at most that). Read from
+/// the stream's first bytes, before any decoder exists.
+pub(crate) fn frame_stream_kind(bytes: &[u8], i: usize, total: usize) -> io::Result<()> {
+    if bytes.starts_with(XZ_MAGIC) || bytes.starts_with(BZIP2_MAGIC) {
+        return Ok(());
+    }
+    match zstd::zstd_safe::get_frame_content_size(bytes) {
+        Ok(Some(n)) if n == total as u64 => Ok(()),
+        Ok(Some(n)) => Err(invalid(&format!(
+            "frame stream {i}: its zstd frame declares {n} bytes, its members {total}"
+        ))),
+        Ok(None) => Err(invalid(&format!(
+            "frame stream {i}: its zstd frame does not declare its size"
+        ))),
+        Err(_) => Err(invalid(&format!(
+            "frame stream {i} is neither a zstd frame, a bzip2 stream nor an xz stream"
+        ))),
+    }
+}
+
+/// Decodes one stream of a compression frame (a zstd frame declaring its
+/// content size, a bzip2 stream or an xz stream), exactly `bytes` long,
+/// into `shares` in order, handing each share to `filled` (with its index)
+/// once it is whole: its members can be applied while the rest of the
+/// stream still decodes ([`crate::frames::decode_streamed`]). `filled`
+/// returns false to stop early (then `Ok`, the rest not decoded).
+///
+/// The stream must decode to exactly the shares' total and end exactly at
+/// the end of `bytes`. Memory besides the shares: an xz dictionary of at
+/// most that total (liblzma memlimit of it + [`XZ_DCTX_BYTES`]), or a zstd
+/// window of at most the declared content size, which must be that total
+/// (checked before a decoder exists), and its context; a bzip2 decoder
+/// takes one of the process's [`BZIP2_DECODERS`] slots.
+pub(crate) fn stream_into<'b>(
+    bytes: &[u8],
+    i: usize,
+    shares: Vec<&'b mut [u8]>,
+    mut filled: impl FnMut(usize, &'b mut [u8]) -> bool,
+) -> io::Result<()> {
+    let total: usize = shares.iter().map(|s| s.len()).sum();
+    frame_stream_kind(bytes, i, total)?;
+    let mem_limit = |e: &io::Error| {
+        e.get_ref()
+            .and_then(|x| x.downcast_ref::<xz2::stream::Error>())
+            .is_some_and(|x| matches!(x, xz2::stream::Error::MemLimit))
+    };
+    let limit = total.max(1) as u64 + XZ_DCTX_BYTES;
+    let fail = |e: io::Error| {
+        if mem_limit(&e) {
+            invalid(&format!(
+                "xz stream {i} asks for more than {limit} bytes of decoder memory \
+                 (its members declare {total} bytes); \
+                 the payload was not made by a compatible generator"
+            ))
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            invalid(&format!(
+                "frame stream {i} ends before the {total} bytes its members declare"
+            ))
+        } else {
+            invalid(&format!("frame stream {i}: {e}"))
+        }
+    };
+    // Fills the shares, then checks the stream has nothing more to give;
+    // returns whether it ran to the end (rather than stopped).
+    let pump = |r: &mut dyn Read| -> io::Result<bool> {
+        for (k, share) in shares.into_iter().enumerate() {
+            r.read_exact(share).map_err(fail)?;
+            if !filled(k, share) {
+                return Ok(false);
+            }
+        }
+        let mut one = [0u8; 1];
+        if r.read(&mut one).map_err(fail)? != 0 {
+            return Err(invalid(&format!(
+                "frame stream {i} decodes past the {total} bytes its members declare"
+            )));
+        }
+        Ok(true)
+    };
+    let rest = if bytes.starts_with(XZ_MAGIC) {
+        let st = xz2::stream::Stream::new_stream_decoder(limit, 0).map_err(io::Error::other)?;
+        let mut dec = xz2::bufread::XzDecoder::new_stream(bytes, st);
+        if !pump(&mut dec)? {
+            return Ok(());
+        }
+        dec.into_inner()
+    } else if bytes.starts_with(BZIP2_MAGIC) {
+        let _slot = Bzip2Slot::acquire();
+        let mut dec = bzip2::bufread::BzDecoder::new(bytes);
+        if !pump(&mut dec)? {
+            return Ok(());
+        }
+        dec.into_inner()
+    } else {
+        let mut dec = zstd::stream::read::Decoder::with_buffer(bytes)?.single_frame();
+        dec.window_log_max(23)?;
+        if !pump(&mut dec)? {
+            return Ok(());
+        }
+        dec.finish()
+    };
+    if !rest.is_empty() {
+        return Err(invalid(&format!(
+            "frame stream {i}: {} bytes after its end, within its stored length",
+            rest.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Decodes the zero-run-coded stream at the start of `rest` (see
 /// [`zero_runs_encode`]) into at most `cap` bytes, advancing `rest` past it.
 ///

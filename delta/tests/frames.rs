@@ -7,7 +7,8 @@
 //! wrong.
 
 use ota_delta::apply::{
-    ApplyError, apply_group, apply_operation, groups, is_frame_group, verify_operation_output,
+    ApplyError, FramePlan, apply_group, apply_operation, groups, is_frame_group,
+    verify_operation_output,
 };
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_format::{Digest, Manifest, OpKind};
@@ -35,6 +36,15 @@ fn pair() -> (Vec<u8>, Vec<u8>) {
     }
     (old, new)
 }
+
+/// Every way a frame's members may be applied: decoded first, one or two
+/// at a time; and while it decodes, one or two at a time.
+const PLANS: [FramePlan; 4] = [
+    FramePlan::ONE,
+    FramePlan::TWO,
+    FramePlan::streamed(1),
+    FramePlan::streamed(2),
+];
 
 fn build(frames: bool) -> (Vec<u8>, Vec<u8>, Manifest, Vec<u8>) {
     let (old, new) = pair();
@@ -112,25 +122,19 @@ fn a_delta_of_many_similar_chunks_is_smaller_in_frames_and_applies_member_by_mem
             .iter()
             .all(|u| u.len() <= ota_delta::generate::FRAME_MEMBERS)
     );
-    // Members one after another, and two at a time.
-    for threads in [1, 2] {
+    // Members one after another, two at a time, and while the frame decodes.
+    for plan in PLANS {
         let w = Mem::new(vec![0u8; new.len()]);
         for unit in &units {
             let data = m.operations[unit[0]]
                 .data
                 .map_or(&[][..], |_| data_of(&m, &payload, unit[0]));
             let mut done = Vec::new();
-            apply_group(&m, unit, unit, data, Some(&old), &w, threads, |i| {
-                done.push(i)
-            })
-            .unwrap();
+            apply_group(&m, unit, unit, data, Some(&old), &w, plan, |i| done.push(i)).unwrap();
             done.sort_unstable();
-            assert_eq!(&done, unit, "{threads} thread(s)");
+            assert_eq!(&done, unit, "{plan:?}");
         }
-        assert!(
-            w.bytes() == new,
-            "applied image differs ({threads} thread(s))"
-        );
+        assert!(w.bytes() == new, "applied image differs ({plan:?})");
     }
 }
 
@@ -143,7 +147,7 @@ fn a_resumed_frame_applies_only_its_pending_members() {
         .find(|u| is_frame_group(&m, u) && u.len() >= 3)
         .unwrap();
     let pending = &frame[frame.len() / 2..];
-    for threads in [1, 2] {
+    for plan in PLANS {
         let out = Mem::new(old.clone());
         let mut done = Vec::new();
         apply_group(
@@ -153,12 +157,12 @@ fn a_resumed_frame_applies_only_its_pending_members() {
             data_of(&m, &payload, frame[0]),
             Some(&old),
             &out,
-            threads,
+            plan,
             |i| done.push(i),
         )
         .unwrap();
         done.sort_unstable();
-        assert_eq!(done, pending);
+        assert_eq!(done, pending, "{plan:?}");
         let out = out.bytes();
         for &i in frame.iter() {
             let d = m.operations[i].dst;
@@ -190,9 +194,12 @@ fn a_frame_is_never_applied_as_one_operations_data_nor_without_the_codec() {
     // The manifest without the codec: its members are single operations.
     m.codecs.retain(|c| c != "frames");
     assert!(!is_frame_group(&m, &frame));
-    let e = apply_group(&m, &frame, &frame, &data, Some(&old), &out, 2, |_| {}).unwrap_err();
-    assert!(matches!(e, ApplyError::Decode { .. }), "{e}");
-    assert!(out.bytes() == old, "nothing is written");
+    for plan in PLANS {
+        let out = Mem::new(old.clone());
+        let e = apply_group(&m, &frame, &frame, &data, Some(&old), &out, plan, |_| {}).unwrap_err();
+        assert!(matches!(e, ApplyError::Decode { .. }), "{e}");
+        assert!(out.bytes() == old, "nothing is written");
+    }
 }
 
 #[test]
@@ -211,12 +218,24 @@ fn an_altered_frame_writes_nothing_wrong() {
         wrong.operations[i].data.as_mut().unwrap().sha256 = Digest::of(b"other");
     }
     let out = Mem::new(old.clone());
-    let e = apply_group(&wrong, &frame, &frame, &data, Some(&old), &out, 2, |_| {}).unwrap_err();
-    assert!(matches!(e, ApplyError::DataHash { .. }), "{e}");
+    for plan in PLANS {
+        let e = apply_group(
+            &wrong,
+            &frame,
+            &frame,
+            &data,
+            Some(&old),
+            &out,
+            plan,
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApplyError::DataHash { .. }), "{e}");
+    }
     // Altered bytes whose digest the manifest was made to match: each
     // member's output is still verified before it is written.
     let mut x = 7u64;
-    for trial in 0..60 {
+    for trial in 0..120 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -229,18 +248,10 @@ fn an_altered_frame_writes_nothing_wrong() {
         }
         let out = Mem::new(old.clone());
         let mut done = Vec::new();
-        // Members one at a time, and two at a time.
-        let threads = 1 + trial % 2;
-        let r = apply_group(
-            &forged,
-            &frame,
-            &frame,
-            &bad,
-            Some(&old),
-            &out,
-            threads,
-            |i| done.push(i),
-        );
+        let plan = PLANS[trial % PLANS.len()];
+        let r = apply_group(&forged, &frame, &frame, &bad, Some(&old), &out, plan, |i| {
+            done.push(i)
+        });
         let out = out.bytes();
         for &i in &frame {
             let op = &forged.operations[i];
@@ -255,11 +266,15 @@ fn an_altered_frame_writes_nothing_wrong() {
                 assert!(out[range.clone()] == old[range], "member {i} written wrong");
             }
         }
-        assert!(r.is_ok() || done.len() < frame.len());
+        // Decoded first, an altered stream is refused before any member is
+        // applied; streamed, members decoded before the damage may be
+        // applied (each verified) and the frame still refused.
+        assert!(r.is_ok() || done.len() < frame.len() || plan.streamed);
     }
 }
 
-/// Two members at a time: a failing member stops new ones from starting,
+/// Two members at a time (decoded first, or while the frame decodes): a
+/// failing member stops new ones from starting,
 /// the error named is the lowest failing member, whatever the order the
 /// threads finished in, and nothing unverified is written.
 #[test]
@@ -277,12 +292,20 @@ fn members_applied_two_at_a_time_report_the_lowest_failure_and_write_nothing_wro
     for i in [a, b] {
         forged.operations[i].dst_sha256 = Digest::of(b"not this output");
     }
-    for _ in 0..20 {
+    for trial in 0..40 {
+        let plan = [FramePlan::TWO, FramePlan::streamed(2)][trial % 2];
         let out = Mem::new(old.clone());
         let mut done = Vec::new();
-        let e = apply_group(&forged, &frame, &frame, &data, Some(&old), &out, 2, |i| {
-            done.push(i)
-        })
+        let e = apply_group(
+            &forged,
+            &frame,
+            &frame,
+            &data,
+            Some(&old),
+            &out,
+            plan,
+            |i| done.push(i),
+        )
         .unwrap_err();
         assert!(
             matches!(e, ApplyError::OutputHash { op, .. } if op == a),

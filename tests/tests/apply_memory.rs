@@ -18,8 +18,8 @@
 //! each operation by 4–8 MiB.
 
 use ota_delta::apply::{
-    ApplyOptions, FRAME_THREADS, apply_group, apply_image, group_work, group_work_of,
-    group_work_with, groups, is_frame_group,
+    ApplyOptions, FRAME_THREADS, FramePlan, apply_group, apply_image, frame_plans, group_work,
+    group_work_of, groups, is_frame_group,
 };
 use ota_delta::generate::{DeltaSpec, GenerateOptions, generate};
 use ota_delta::io::ReadAt;
@@ -143,7 +143,17 @@ fn holds_at_most_its_bound(frames: bool) {
         }
         let bz = bzip2_decodes();
         let before = counting_alloc::start();
-        apply_group(&manifest, unit, unit, &data, Some(&source), &out, 1, |_| {}).unwrap();
+        apply_group(
+            &manifest,
+            unit,
+            unit,
+            &data,
+            Some(&source),
+            &out,
+            FramePlan::ONE,
+            |_| {},
+        )
+        .unwrap();
         let held = counting_alloc::held_since(before);
         let decoder = if bzip2_decodes() > bz {
             bzip2_ops += 1;
@@ -163,34 +173,40 @@ fn holds_at_most_its_bound(frames: bool) {
             op.dst.length,
             unit.len()
         );
-        // A frame's members two at a time: within what the header declares
-        // for two (what the pool and `apply_image` reserve before passing
-        // two threads).
+        // A frame under every other plan (streamed, two at a time): within
+        // what `frame_plans` says that plan holds (what the pool and
+        // `apply_image` reserve before choosing it).
         if is_frame_group(&manifest, unit) {
-            let before = counting_alloc::start();
-            apply_group(
-                &manifest,
-                unit,
-                unit,
-                &data,
-                Some(&source),
-                &out,
-                FRAME_THREADS,
-                |_| {},
-            )
-            .unwrap();
-            let held = counting_alloc::held_since(before);
-            let bound = group_work_with(&manifest, unit, &data, FRAME_THREADS) + (64 << 10);
-            assert!(
-                held as u64 <= bound,
-                "frame at operation {i} ({} members) two at a time held {held} bytes, over its bound of {bound}",
-                unit.len()
-            );
+            let plans = frame_plans(&manifest, unit, &data, FRAME_THREADS);
+            assert!(plans.len() > 1, "a frame has plans beside one at a time");
+            for (plan, work) in plans {
+                let bz = bzip2_decodes();
+                let before = counting_alloc::start();
+                apply_group(
+                    &manifest,
+                    unit,
+                    unit,
+                    &data,
+                    Some(&source),
+                    &out,
+                    plan,
+                    |_| {},
+                )
+                .unwrap();
+                let held = counting_alloc::held_since(before);
+                let decoders = (bzip2_decodes() - bz) * BZIP2_DECODER_BYTES;
+                let bound = work + decoders + (64 << 10);
+                assert!(
+                    held as u64 <= bound,
+                    "frame at operation {i} ({} members) with {plan:?} held {held} bytes, over its bound of {bound}",
+                    unit.len()
+                );
+            }
             framed_pairs += 1;
         }
     }
     eprintln!("{bzip2_ops} operations decoded bzip2 streams");
-    assert_eq!(framed_pairs > 0, frames, "frames applied two at a time");
+    assert_eq!(framed_pairs > 0, frames, "frames applied under every plan");
 
     // The whole apply, several operations at once: within the budget plus
     // the constants.
