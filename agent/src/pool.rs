@@ -767,6 +767,16 @@ where
                             Err(_) => false,
                         },
                     );
+                    if plans.len() > 1 {
+                        tracing::debug!(
+                            offset = g.offset,
+                            members = g.sharing.len(),
+                            threads = plan.threads,
+                            streamed = plan.streamed,
+                            kib = keep,
+                            "frame plan"
+                        );
+                    }
                     if (p.num_permits() as u64) > keep {
                         drop(p.split(p.num_permits() - keep as usize));
                     }

@@ -2,10 +2,11 @@
 //!
 //! Memory is bounded by the format's limits, not by image size: `COPY`,
 //! `ZERO` and `REPLACE` stream through a fixed buffer (`REPLACE` also holds
-//! its zstd window, at most its destination); `BSDIFF` holds its source
-//! window (≤ [`MAX_BSDIFF_WINDOW`]), its decoded streams (≤ 2 × its
-//! output) and its output (≤ [`MAX_BUFFERED_DST`]) because bspatch reads the
-//! old data at random and the output is verified before it is written.
+//! its zstd window, at most its destination); `BSDIFF` holds a cache of its
+//! source window (≤ [`crate::bspatch::WINDOW_CACHE`]: bspatch reads the old
+//! data mostly forward, [`crate::bspatch`]), its decoded streams (≤ 2 × its
+//! output) and its output (≤ [`MAX_BUFFERED_DST`]), because the output is
+//! verified before it is written.
 //! [`op_work`] is that bound per operation; [`apply_image`] and the agent's
 //! download pool admit operations within a budget of it, so the memory of a
 //! whole apply is the budget plus constants, whatever the image size.
@@ -295,7 +296,6 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                     reason: "its data is a compression frame, which is applied with the other operations that name it (a manifest that lists the frames codec)".into(),
                 });
             }
-            let window = read_window(index, op, src, opts)?;
             // At most 2 × the output, whatever the data says (see
             // `decode_bounded`); accounted in `op_work`.
             let streams =
@@ -306,7 +306,7 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                         reason: e.to_string(),
                     }
                 })?;
-            patch_and_write(index, op, window, &mut streams.patch(), dest)
+            patch_and_write(index, op, src, opts, &mut streams.patch(), dest)
         }
     }
 }
@@ -336,60 +336,53 @@ fn check_data(index: usize, op: &Operation, data: &[u8]) -> Result<(), ApplyErro
     Ok(())
 }
 
-/// Reads a `BSDIFF` operation's source window and checks its digest
-/// (unless `opts.source_verified`).
-fn read_window<S: ReadAt + ?Sized>(
+/// Runs bspatch with `patch` over a `BSDIFF` operation's source window,
+/// read in pieces ([`crate::bspatch`]) after its digest is checked (unless
+/// `opts.source_verified`), checks the output's length and digest, then
+/// writes it. Holds the output and at most
+/// [`crate::bspatch::WINDOW_CACHE`] bytes of the window.
+fn patch_and_write<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     index: usize,
     op: &Operation,
     src: &S,
     opts: ApplyOptions,
-) -> Result<Vec<u8>, ApplyError> {
-    let kind = op.kind.name();
-    let mut window = vec![0u8; op.src_len() as usize];
-    let mut at = 0usize;
-    for e in &op.src {
-        let piece = &mut window[at..at + e.length as usize];
-        src.read_exact_at(piece, e.offset).map_err(io_err(format!(
-            "reading source extent [{}, +{}) of operation {index}",
-            e.offset, e.length
-        )))?;
-        at += e.length as usize;
-    }
-    let expected = op.src_sha256.unwrap_or_default();
-    let actual = if opts.source_verified {
-        expected
-    } else {
-        Digest::of(&window)
-    };
-    if actual != expected {
-        return Err(ApplyError::SourceHash {
-            op: index,
-            kind,
-            expected,
-            actual,
-        });
-    }
-    Ok(window)
-}
-
-/// Runs bspatch over `window` with `patch`, checks the output's length and
-/// digest, then writes it. The window is freed before the output is
-/// hashed and written.
-fn patch_and_write<D: WriteAt + ?Sized>(
-    index: usize,
-    op: &Operation,
-    window: Vec<u8>,
-    mut patch: &mut dyn Read,
+    patch: &mut dyn Read,
     dest: &D,
 ) -> Result<(), ApplyError> {
+    use crate::bspatch::{PatchError, Window};
     let kind = op.kind.name();
     let dst = op.dst;
+    let read_err = || {
+        io_err(format!(
+            "reading the source window of operation {index} ({} bytes in {} extents)",
+            op.src_len(),
+            op.src.len()
+        ))
+    };
+    let mut window = Window::new(src, &op.src);
+    let expected = op.src_sha256.unwrap_or_default();
+    if !opts.source_verified {
+        let actual = window.digest().map_err(read_err())?;
+        if actual != expected {
+            return Err(ApplyError::SourceHash {
+                op: index,
+                kind,
+                expected,
+                actual,
+            });
+        }
+    }
     let mut out = Vec::with_capacity(dst.length as usize);
-    bsdiff::patch(&window, &mut patch, &mut out).map_err(|e| ApplyError::Decode {
-        op: index,
-        kind,
-        reason: e.to_string(),
-    })?;
+    crate::bspatch::patch(&mut window, patch, &mut out, dst.length as usize).map_err(
+        |e| match e {
+            PatchError::Source(e) => read_err()(e),
+            PatchError::Patch(reason) => ApplyError::Decode {
+                op: index,
+                kind,
+                reason,
+            },
+        },
+    )?;
     drop(window);
     if out.len() as u64 != dst.length {
         return Err(ApplyError::Decode {
@@ -430,14 +423,20 @@ pub fn is_frame_group(manifest: &Manifest, sharing: &[usize]) -> bool {
 /// than the same operations unframed, which a pool applies side by side.
 pub const FRAME_THREADS: usize = 2;
 
+/// What a `BSDIFF` operation holds of its source window: the window, up to
+/// [`crate::bspatch::WINDOW_CACHE`] bytes of it.
+fn window_work(op: &Operation) -> u64 {
+    op.src_len().min(crate::bspatch::WINDOW_CACHE as u64)
+}
+
 /// What `n` members of a frame hold at once, besides the decoded frame:
-/// each its source window, expanded diff and output (≤ 2 × its output);
-/// the `n` largest.
+/// each its source window's cache, expanded diff and output (≤ 2 × its
+/// output); the `n` largest.
 fn members_work(manifest: &Manifest, sharing: &[usize], n: usize) -> u64 {
     let ops = &manifest.operations;
     let mut each: Vec<u64> = sharing
         .iter()
-        .map(|&i| ops[i].src_len() + 2 * ops[i].dst.length)
+        .map(|&i| window_work(&ops[i]) + 2 * ops[i].dst.length)
         .collect();
     each.sort_unstable_by(|a, b| b.cmp(a));
     each.iter().take(n.max(1)).sum()
@@ -448,7 +447,7 @@ fn members_work(manifest: &Manifest, sharing: &[usize], n: usize) -> u64 {
 /// another, besides their data: the largest [`op_work`], or for a frame its
 /// decoded streams (at most [`MAX_FRAME_DECODED`]) and then the larger of
 /// an xz dictionary while they decode (at most the frame) and one member's
-/// source window, expanded diff and output (≤ 2 × its output).
+/// source window's cache, expanded diff and output (≤ 2 × its output).
 pub fn group_work(manifest: &Manifest, sharing: &[usize]) -> u64 {
     let ops = &manifest.operations;
     let each = sharing.iter().map(|&i| op_work(&ops[i])).max().unwrap_or(0);
@@ -718,8 +717,7 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         )
         .entered();
         let src = source.ok_or(ApplyError::NoSource { op: i, kind })?;
-        let window = read_window(i, op, src, opts)?;
-        patch_and_write(i, op, window, &mut streams.patch(), dest)
+        patch_and_write(i, op, src, opts, &mut streams.patch(), dest)
     };
     let position = |i: usize| {
         sharing
@@ -1064,7 +1062,9 @@ pub const APPLY_MEMORY_BUDGET: u64 = 16 << 20;
 /// - `COPY`, `ZERO`: one streaming buffer;
 /// - `REPLACE`: the streaming buffer, the zstd decoder's window (at most
 ///   the frame's content, which must fit the destination) and its context;
-/// - `BSDIFF`: the source window, the output, the decoded streams (at most
+/// - `BSDIFF`: the source window's cache (the window, up to
+///   [`crate::bspatch::WINDOW_CACHE`] bytes), the output, the decoded
+///   streams (at most
 ///   2 × the output and [`patch_streams::CTRL_SLACK`],
 ///   [`patch_streams::decode_bounded`]) and a zstd context.
 ///   An xz stream's dictionary (at most the output) and decoder state (at
@@ -1080,7 +1080,7 @@ pub fn op_work(op: &Operation) -> u64 {
     let zstd = patch_streams::ZSTD_DCTX_BYTES;
     match op.kind {
         OpKind::Bsdiff => {
-            op.src_len() + 3 * op.dst.length + patch_streams::CTRL_SLACK as u64 + zstd
+            window_work(op) + 3 * op.dst.length + patch_streams::CTRL_SLACK as u64 + zstd
         }
         OpKind::Replace => STREAM_BUF as u64 + op.dst.length + zstd,
         OpKind::Copy | OpKind::Zero => STREAM_BUF as u64,
@@ -1217,6 +1217,16 @@ pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt +
                             budget.try_acquire(more)
                         });
                     plan.set(chosen);
+                    if plans.len() > 1 {
+                        tracing::debug!(
+                            op = first,
+                            members = unit.len(),
+                            threads = chosen.threads,
+                            streamed = chosen.streamed,
+                            bytes = keep,
+                            "frame plan"
+                        );
+                    }
                     if keep > held.get() {
                         held.set(keep);
                     } else {

@@ -158,20 +158,36 @@ impl Frame {
             .members
             .get(k)
             .ok_or_else(|| invalid(&format!("frame has no member {k}")))?;
-        let stored = &self.diff[m.diff.clone()];
-        let diff = if self.zero_runs {
-            std::borrow::Cow::Owned(patch_streams::zero_runs_decode(
-                stored, m.diff_len, ZRL_UNIT, 1,
-            )?)
-        } else {
-            std::borrow::Cow::Borrowed(stored)
-        };
         Ok(MemberStreams {
             ctrl: &self.ctrl[m.ctrl.clone()],
-            diff,
+            diff: expand_diff(
+                &self.diff[m.diff.clone()],
+                self.zero_runs.then_some(m.diff_len),
+            )?,
             extra: &self.extra[m.extra.clone()],
         })
     }
+}
+
+/// A member's diff bytes as stored, expanded where the frame is zero-run
+/// coded (`Some` of the member's declared diff length).
+fn expand_diff(stored: &[u8], zero_runs: Option<usize>) -> io::Result<std::borrow::Cow<'_, [u8]>> {
+    Ok(match zero_runs {
+        Some(len) => {
+            std::borrow::Cow::Owned(patch_streams::zero_runs_decode(stored, len, ZRL_UNIT, 1)?)
+        }
+        None => std::borrow::Cow::Borrowed(stored),
+    })
+}
+
+/// Undoes the arm64 transform of a member's extra bytes, in place: each
+/// extra segment its control entries (`ctrl`, transposed) place, at its
+/// output position from `base` (the member's destination offset).
+fn undo_arm64(ctrl: &[u8], extra: &mut [u8], base: u64) -> io::Result<()> {
+    arm64::extra_segments(ctrl, extra.len(), |at, n, o| {
+        arm64::decode(&mut extra[at..at + n], base.wrapping_add(o))
+    })
+    .map_err(|e| invalid(&format!("frame extra stream (arm64): {e}")))
 }
 
 /// The decoded size a frame's header declares (see the module doc), read
@@ -419,11 +435,7 @@ pub fn decode_with(
     };
     if flags & FLAG_ARM64 != 0 {
         for (m, &(base, _)) in members.iter().zip(dsts) {
-            let e = &mut extra[m.extra.clone()];
-            arm64::extra_segments(&ctrl[m.ctrl.clone()], e.len(), |at, n, o| {
-                arm64::decode(&mut e[at..at + n], base.wrapping_add(o))
-            })
-            .map_err(|e| invalid(&format!("frame extra stream (arm64): {e}")))?;
+            undo_arm64(&ctrl[m.ctrl.clone()], &mut extra[m.extra.clone()], base)?;
         }
     }
     Ok(Frame {
@@ -525,20 +537,11 @@ pub fn decode_streamed<E: Send>(
             ctrl, diff, extra, ..
         } = job;
         if let Some(base) = arm64_base {
-            arm64::extra_segments(ctrl, extra.len(), |at, n, o| {
-                arm64::decode(&mut extra[at..at + n], base.wrapping_add(o))
-            })
-            .map_err(|e| invalid(&format!("frame extra stream (arm64): {e}")))?;
+            undo_arm64(ctrl, extra, base)?;
         }
-        let diff = match zero_runs {
-            Some(len) => {
-                std::borrow::Cow::Owned(patch_streams::zero_runs_decode(diff, len, ZRL_UNIT, 1)?)
-            }
-            None => std::borrow::Cow::Borrowed(diff),
-        };
         Ok(MemberStreams {
             ctrl,
-            diff,
+            diff: expand_diff(diff, zero_runs)?,
             extra: &*extra,
         })
     }

@@ -14,6 +14,9 @@
 //! - [`arm64`]: the `arm64` codec's transform of AArch64 code (BL and
 //!   ADRP immediates made absolute) for `REPLACE` data and bsdiff extra
 //!   streams.
+//! - [`bspatch`]: bspatch against a source window read through a small
+//!   cache, so an operation holds its output, not its (often several
+//!   times larger) window.
 //! - [`frames`]: compression frames (codec `frames`): several `BSDIFF`
 //!   operations' streams compressed together, decoded once (its three
 //!   streams at once where memory allows) and applied member by member, two
@@ -35,6 +38,7 @@
 
 pub mod apply;
 pub mod arm64;
+pub mod bspatch;
 pub mod frames;
 #[cfg(feature = "generate")]
 pub mod generate;

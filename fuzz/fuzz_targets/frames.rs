@@ -24,9 +24,16 @@
 //!
 //! Checked:
 //! - no panic, no abort, no allocation past libFuzzer's limits;
-//! - every input is decoded twice, one stream after another
-//!   (`frames::decode`) and the three at once (`frames::decode_with`): both
-//!   refuse, or both accept with the same bytes;
+//! - every input is decoded three times, one stream after another
+//!   (`frames::decode`), the three at once (`frames::decode_with`) and
+//!   streamed into members handed to two workers as their shares arrive
+//!   (`frames::decode_streamed`, every member wanted): the first two both
+//!   refuse, or both accept with the same bytes; where they accept, the
+//!   streamed decode accepts and hands every member over, each with the
+//!   same bytes as `Frame::member` or refused where it refuses; where they
+//!   refuse, the streamed decode refuses or refuses at least one member
+//!   (it undoes the arm64 transform per member, so a bad transform is that
+//!   member's error rather than the frame's);
 //! - `is_frame` is exactly "starts with `MAGIC`"; `decode` and
 //!   `declared_size` refuse anything else;
 //! - whenever `decode` accepts: the frame has one member per destination,
@@ -206,7 +213,8 @@ fn build_header(flags: u8, lens: &[[u64; 4]], stored: &[u64; 3]) -> Vec<u8> {
 
 /// `frames::decode` (one stream after another) and `frames::decode_with`
 /// the three streams at once must agree: both refuse, or both accept with
-/// the same members' bytes. Returns the first.
+/// the same members' bytes; `frames::decode_streamed` agrees with them
+/// ([`streamed_agrees`]). Returns the first.
 fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> std::io::Result<Frame> {
     let one = frames::decode(data, dsts, cap);
     let par = frames::decode_with(data, dsts, cap, true);
@@ -230,7 +238,68 @@ fn decode(data: &[u8], dsts: &[(u64, u64)], cap: usize) -> std::io::Result<Frame
             b.as_ref().err()
         ),
     }
+    streamed_agrees(data, dsts, cap, &par);
     one
+}
+
+/// A member's bytes as `decode_streamed` handed them over, or its error.
+type Handed = std::io::Result<(Vec<u8>, Vec<u8>)>;
+
+/// `frames::decode_streamed` with every member wanted and two workers
+/// agrees with `frames::decode_with` (`par`), as the module doc says.
+fn streamed_agrees(data: &[u8], dsts: &[(u64, u64)], cap: usize, par: &std::io::Result<Frame>) {
+    let todo: Vec<usize> = (0..dsts.len()).collect();
+    let handed: std::sync::Mutex<Vec<Option<Handed>>> =
+        std::sync::Mutex::new((0..dsts.len()).map(|_| None).collect());
+    let mut reported = 0;
+    let r = frames::decode_streamed(
+        data,
+        dsts,
+        cap,
+        &todo,
+        2,
+        |k, m| {
+            // Always `Ok`, so that a refused member does not stop the rest:
+            // the check wants every member's outcome.
+            let got = m.map(|m| (m.diff().to_vec(), m.extra().to_vec()));
+            let mut h = handed.lock().unwrap();
+            assert!(h[k].is_none(), "member {k} handed over twice");
+            h[k] = Some(got);
+            Ok::<(), ()>(())
+        },
+        |_, r| {
+            assert!(r.is_ok());
+            reported += 1;
+        },
+    );
+    let handed = handed.into_inner().unwrap();
+    match par {
+        Ok(frame) => {
+            assert!(
+                r.is_ok(),
+                "decode_with accepted, decode_streamed refused: {:?}",
+                r.err()
+            );
+            assert_eq!(reported, dsts.len(), "members reported");
+            for (k, h) in handed.into_iter().enumerate() {
+                let h = h.unwrap_or_else(|| panic!("member {k} never handed over"));
+                match (frame.member(k), h) {
+                    (Ok(x), Ok((diff, extra))) => assert!(
+                        x.diff() == &diff[..] && x.extra() == &extra[..],
+                        "member {k}: streamed bytes differ"
+                    ),
+                    (x, y) => assert_eq!(x.is_ok(), y.is_ok(), "member {k} streamed"),
+                }
+            }
+        }
+        Err(e) => {
+            let member_refused = handed.iter().any(|h| matches!(h, Some(Err(_))));
+            assert!(
+                r.is_err() || member_refused,
+                "decode_with refused ({e}), decode_streamed accepted every member"
+            );
+        }
+    }
 }
 
 /// The checks on any frame `decode` accepted: one member per destination,

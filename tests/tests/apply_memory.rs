@@ -11,6 +11,9 @@
 //! This test binary has its own global allocator
 //! (`ota_tests::counting_alloc`) and a single test, so nothing else
 //! allocates while it counts.
+//! Each `BSDIFF` operation with a window of several MiB holds less than its
+//! window (read through `bspatch::WINDOW_CACHE`).
+//!
 //! Regression test for the 2 GiB delta apply that held 61–63 MiB: the
 //! decoded streams were allocated at their cap (output + 1 MiB each, three
 //! of them), the control stream was copied to be untransposed, bzip2
@@ -135,6 +138,7 @@ fn holds_at_most_its_bound(frames: bool) {
     // decoded a bzip2 stream, and a few KiB of hasher and bookkeeping).
     let mut bzip2_ops = 0;
     let mut framed_pairs = 0;
+    let mut windows = 0;
     for unit in &units {
         let (i, op) = (unit[0], &manifest.operations[unit[0]]);
         let mut data = vec![0u8; op.data.map_or(0, |d| d.length as usize)];
@@ -173,6 +177,18 @@ fn holds_at_most_its_bound(frames: bool) {
             op.dst.length,
             unit.len()
         );
+        // The source window is read through `bspatch::WINDOW_CACHE`, not
+        // held: an operation holds less than its window (4 MiB here, its
+        // output 1 MiB). Before, each held its window whole, which limited
+        // the operations (and frame members) a budget admits at once.
+        if op.kind == OpKind::Bsdiff && op.src_len() >= 2 << 20 {
+            windows += 1;
+            assert!(
+                (held as u64) < op.src_len() + decoder,
+                "BSDIFF operation {i} held {held} bytes (a bzip2 decoder: {decoder}), its window is {}",
+                op.src_len()
+            );
+        }
         // A frame under every other plan (streamed, two at a time): within
         // what `frame_plans` says that plan holds (what the pool and
         // `apply_image` reserve before choosing it).
@@ -206,6 +222,10 @@ fn holds_at_most_its_bound(frames: bool) {
         }
     }
     eprintln!("{bzip2_ops} operations decoded bzip2 streams");
+    assert!(
+        frames || windows >= 8,
+        "the fixture must exercise large windows: {windows}"
+    );
     assert_eq!(framed_pairs > 0, frames, "frames applied under every plan");
 
     // The whole apply, several operations at once: within the budget plus
