@@ -369,8 +369,6 @@ fn apply(a: ApplyArgs) -> Result<()> {
             ApplyOptions {
                 // A fresh temporary file reads as zeros.
                 dest_is_zeroed: true,
-                // Every window is covered by the whole-source check.
-                source_verified: source.is_some(),
                 // Operations are independent; two cores are common on
                 // devices and the memory budget holds whatever the count.
                 threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),

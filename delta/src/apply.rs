@@ -12,8 +12,9 @@
 //! whole apply is the budget plus constants, whatever the image size.
 //!
 //! Every operation checks, in order: its data hash (before the data is
-//! used), its source window hash (`BSDIFF`), the exact output length, and its
-//! output hash. Only then is the output written (`REPLACE`/`COPY`/`ZERO`
+//! used), the exact output length, and its output hash (where that is wrong
+//! for a `BSDIFF` operation, its source window's hash says whether the
+//! source or the patch was). Only then is the output written (`REPLACE`/`COPY`/`ZERO`
 //! stream their output and check the hash at the end; a mismatch is reported
 //! and the caller must treat the extent as not done). The source is only
 //! ever read.
@@ -306,7 +307,7 @@ fn apply_operation_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
                         reason: e.to_string(),
                     }
                 })?;
-            patch_and_write(index, op, src, opts, &mut streams.patch(), dest)
+            patch_and_write(index, op, src, &mut streams.patch(), dest)
         }
     }
 }
@@ -337,15 +338,23 @@ fn check_data(index: usize, op: &Operation, data: &[u8]) -> Result<(), ApplyErro
 }
 
 /// Runs bspatch with `patch` over a `BSDIFF` operation's source window,
-/// read in pieces ([`crate::bspatch`]) after its digest is checked (unless
-/// `opts.source_verified`), checks the output's length and digest, then
-/// writes it. Holds the output and at most
+/// read in pieces ([`crate::bspatch`]), checks the output's length and
+/// digest, then writes it. Holds the output and at most
 /// [`crate::bspatch::WINDOW_CACHE`] bytes of the window.
+///
+/// The window's digest (`src_sha256`) is checked only when the output's is
+/// wrong, to say which was: bspatch adds the window's bytes to the diff
+/// without branching on them, so a window that differs can only produce a
+/// wrong output (or the right one, where bspatch never read the bytes that
+/// differ), and the output's digest is checked before anything is written
+/// either way. Why not first, as before: the windows are about 4 × the
+/// output, so hashing each window cost a second read of it (through the
+/// cache: bspatch reads it again) and most of a delta apply's hashing, to
+/// learn what the output's digest says anyway.
 fn patch_and_write<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
     index: usize,
     op: &Operation,
     src: &S,
-    opts: ApplyOptions,
     patch: &mut dyn Read,
     dest: &D,
 ) -> Result<(), ApplyError> {
@@ -360,18 +369,6 @@ fn patch_and_write<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         ))
     };
     let mut window = Window::new(src, &op.src);
-    let expected = op.src_sha256.unwrap_or_default();
-    if !opts.source_verified {
-        let actual = window.digest().map_err(read_err())?;
-        if actual != expected {
-            return Err(ApplyError::SourceHash {
-                op: index,
-                kind,
-                expected,
-                actual,
-            });
-        }
-    }
     let mut out = Vec::with_capacity(dst.length as usize);
     crate::bspatch::patch(&mut window, patch, &mut out, dst.length as usize).map_err(
         |e| match e {
@@ -383,7 +380,6 @@ fn patch_and_write<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
             },
         },
     )?;
-    drop(window);
     if out.len() as u64 != dst.length {
         return Err(ApplyError::Decode {
             op: index,
@@ -395,7 +391,21 @@ fn patch_and_write<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
             ),
         });
     }
-    check_output(index, op, Digest::of(&out), "")?;
+    let actual = Digest::of(&out);
+    if actual != op.dst_sha256 {
+        let expected = op.src_sha256.unwrap_or_default();
+        let window_digest = window.digest().map_err(read_err())?;
+        if window_digest != expected {
+            return Err(ApplyError::SourceHash {
+                op: index,
+                kind,
+                expected,
+                actual: window_digest,
+            });
+        }
+    }
+    drop(window);
+    check_output(index, op, actual, "")?;
     dest.write_all_at(&out, dst.offset).map_err(io_err(format!(
         "writing operation {index} at offset {}",
         dst.offset
@@ -704,8 +714,8 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         .map(|&i| (ops[i].dst.offset, ops[i].dst.length))
         .collect();
     let threads = plan.threads.clamp(1, FRAME_THREADS).min(todo.len());
-    // One member: its window read (and checked), patched, verified and
-    // written, from its streams.
+    // One member: patched from its streams over its window, verified and
+    // written.
     let apply_member = |i: usize, streams: crate::frames::MemberStreams<'_>| {
         let op = &ops[i];
         let _span = tracing::debug_span!(
@@ -717,7 +727,7 @@ fn apply_group_inner<S: ReadAt + ?Sized, D: WriteAt + ?Sized>(
         )
         .entered();
         let src = source.ok_or(ApplyError::NoSource { op: i, kind })?;
-        patch_and_write(i, op, src, opts, &mut streams.patch(), dest)
+        patch_and_write(i, op, src, &mut streams.patch(), dest)
     };
     let position = |i: usize| {
         sharing
@@ -1014,11 +1024,6 @@ pub struct ApplyOptions {
     /// The destination is known to read as zeros (a freshly created sparse
     /// file), so `ZERO` operations need not write. Never set for a slot.
     pub dest_is_zeroed: bool,
-    /// The whole source was checked against `from.sha256` in this run
-    /// ([`check_source`]) and cannot change under us, so `BSDIFF` windows
-    /// need not be hashed again. Windows overlap and are about 4 × the
-    /// output, so this saves most of the hashing of a delta apply.
-    pub source_verified: bool,
     /// Operations applied at once by [`apply_image`] (0 or 1: one at a time).
     pub threads: usize,
     /// Memory the operations applied at once by [`apply_image`] may hold
@@ -1154,8 +1159,8 @@ impl Budget {
 /// failing operation with the lowest index.
 ///
 /// The caller has verified the manifest's envelope and checked the payload
-/// with [`check_payload`] and the source with [`check_source`] (or will, see
-/// [`ApplyOptions::source_verified`]). `progress` is called with the target
+/// with [`check_payload`] and the source with [`check_source`] (or does so
+/// alongside: an operation's output is verified whatever the source). `progress` is called with the target
 /// bytes done.
 pub fn apply_image<P: ReadAt + ?Sized, S: ReadAt + ?Sized, D: WriteAt + ReadAt + ?Sized>(
     manifest: &Manifest,
@@ -1469,5 +1474,105 @@ mod tests {
             dest.0.lock().unwrap().len() == 4096
                 && dest.0.lock().unwrap()[256..].iter().all(|&b| b == 0)
         );
+    }
+
+    /// A source that counts the bytes read from it.
+    struct Counted {
+        bytes: Vec<u8>,
+        read: AtomicU64,
+    }
+    impl ReadAt for Counted {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.bytes.as_slice().read_exact_at(buf, offset)
+        }
+    }
+
+    /// A `BSDIFF` operation from a 1 MiB window at offset 4096 of its
+    /// source (4 × the cache) to a changed copy of it, and that source.
+    fn bsdiff_case() -> (Operation, Vec<u8>, Counted, Vec<u8>) {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let old: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 56) as u8 & 0x3f
+            })
+            .collect();
+        let mut new = old.clone();
+        for i in (0..new.len()).step_by(997) {
+            new[i] = new[i].wrapping_add(3);
+        }
+        new[300_000..300_400].fill(0xaa);
+        let mut patch = Vec::new();
+        bsdiff::diff(&old, &new, &mut patch).unwrap();
+        let streams = patch_streams::split(&patch).unwrap();
+        let (data, _) = patch_streams::compress(&streams, 3, None).unwrap();
+        let mut source = vec![7u8; 4096];
+        source.extend_from_slice(&old);
+        source.extend_from_slice(&[9u8; 4096]);
+        let op = Operation {
+            kind: OpKind::Bsdiff,
+            dst: Extent::new(0, new.len() as u64),
+            src: vec![Extent::new(4096, old.len() as u64)],
+            src_sha256: Some(Digest::of(&old)),
+            data: Some(ota_format::DataRange {
+                offset: 0,
+                length: data.len() as u64,
+                sha256: Digest::of(&data),
+            }),
+            dst_sha256: Digest::of(&new),
+        };
+        let source = Counted {
+            bytes: source,
+            read: AtomicU64::new(0),
+        };
+        (op, data, source, new)
+    }
+
+    // The window was hashed in one pass and then read again to patch: two
+    // reads of windows about 4 × the output, for what the output's digest
+    // checks anyway.
+    #[test]
+    fn bsdiff_reads_its_window_once_when_its_output_verifies() {
+        let (op, data, source, new) = bsdiff_case();
+        let dest = Mem(Mutex::new(vec![]));
+        apply_operation(0, &op, &data, Some(&source), &dest).unwrap();
+        assert!(*dest.0.lock().unwrap() == new);
+        let read = source.read.load(Ordering::Relaxed);
+        let window = op.src_len();
+        assert!(
+            read <= window + (64 << 10),
+            "read {read} bytes of a {window}-byte window"
+        );
+    }
+
+    #[test]
+    fn bsdiff_over_a_changed_source_window_is_a_source_error_and_writes_nothing() {
+        let (op, data, mut source, _) = bsdiff_case();
+        for i in (4096..4096 + (1 << 20)).step_by(4099) {
+            source.bytes[i] ^= 0x40;
+        }
+        let dest = Mem(Mutex::new(vec![]));
+        let r = apply_operation(0, &op, &data, Some(&source), &dest);
+        assert!(
+            matches!(&r, Err(ApplyError::SourceHash { op: 0, expected, .. }) if Some(*expected) == op.src_sha256),
+            "{r:?}"
+        );
+        assert!(dest.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn bsdiff_whose_output_differs_over_the_right_window_is_an_output_error_and_writes_nothing() {
+        let (mut op, data, source, _) = bsdiff_case();
+        op.dst_sha256 = Digest::of(b"another output");
+        let dest = Mem(Mutex::new(vec![]));
+        let r = apply_operation(0, &op, &data, Some(&source), &dest);
+        assert!(
+            matches!(r, Err(ApplyError::OutputHash { op: 0, .. })),
+            "{r:?}"
+        );
+        assert!(dest.0.lock().unwrap().is_empty());
     }
 }

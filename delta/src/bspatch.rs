@@ -14,10 +14,10 @@
 //! it refuses what that refuses) and one more check: the output never
 //! grows past the destination.
 //!
-//! The window's digest is checked before patching ([`Window::digest`],
-//! one pass through the cache), as when it was read whole; the source is a
-//! slot nothing else writes, and should it change between the two passes
-//! the output's digest, checked before anything is written, refuses it.
+//! The output's digest is what `apply` checks before writing; the window's
+//! ([`Window::digest`], one pass through the cache) only where the output's
+//! is wrong, to tell a changed source from a bad patch
+//! (`apply::patch_and_write`).
 
 use std::io::{self, Read};
 

@@ -628,8 +628,8 @@ pub struct Input<'a> {
 }
 
 /// Encodes the streams of `members` (at least one) as a frame: each kind in
-/// one stream, the smallest of zstd at `level`, bzip2 and xz (its
-/// dictionary at most the stream), with `zero_runs` the diffs zero-run
+/// one stream, xz (its dictionary at most the stream) or zstd where smaller
+/// ([`compress`]: the decoder also takes bzip2, which no encoder writes), with `zero_runs` the diffs zero-run
 /// coded, with `arm64` the extra bytes transformed where a preset-1 probe
 /// says it pays (both forms compressed where the probes are within
 /// [`patch_streams::ARM64_PROBE_MARGIN`] %). The caller keeps the decoded

@@ -145,21 +145,26 @@ fn holds_at_most_its_bound(frames: bool) {
         if let Some(d) = op.data {
             payload.read_exact_at(&mut data, d.offset).unwrap();
         }
-        let bz = bzip2_decodes();
-        let before = counting_alloc::start();
-        apply_group(
-            &manifest,
-            unit,
-            unit,
-            &data,
-            Some(&source),
-            &out,
-            FramePlan::ONE,
-            |_| {},
-        )
-        .unwrap();
-        let held = counting_alloc::held_since(before);
-        let decoder = if bzip2_decodes() > bz {
+        // The bytes applying `unit` with `plan` held at most, and the bzip2
+        // decoders it made.
+        let held_by = |plan: FramePlan| {
+            let bz = bzip2_decodes();
+            let before = counting_alloc::start();
+            apply_group(
+                &manifest,
+                unit,
+                unit,
+                &data,
+                Some(&source),
+                &out,
+                plan,
+                |_| {},
+            )
+            .unwrap();
+            (counting_alloc::held_since(before), bzip2_decodes() - bz)
+        };
+        let (held, bz) = held_by(FramePlan::ONE);
+        let decoder = if bz > 0 {
             bzip2_ops += 1;
             BZIP2_DECODER_BYTES
         } else {
@@ -196,21 +201,8 @@ fn holds_at_most_its_bound(frames: bool) {
             let plans = frame_plans(&manifest, unit, &data, FRAME_THREADS);
             assert!(plans.len() > 1, "a frame has plans beside one at a time");
             for (plan, work) in plans {
-                let bz = bzip2_decodes();
-                let before = counting_alloc::start();
-                apply_group(
-                    &manifest,
-                    unit,
-                    unit,
-                    &data,
-                    Some(&source),
-                    &out,
-                    plan,
-                    |_| {},
-                )
-                .unwrap();
-                let held = counting_alloc::held_since(before);
-                let decoders = (bzip2_decodes() - bz) * BZIP2_DECODER_BYTES;
+                let (held, bz) = held_by(plan);
+                let decoders = bz * BZIP2_DECODER_BYTES;
                 let bound = work + decoders + (64 << 10);
                 assert!(
                     held as u64 <= bound,
@@ -238,7 +230,6 @@ fn holds_at_most_its_bound(frames: bool) {
         &out,
         ApplyOptions {
             dest_is_zeroed: true,
-            source_verified: false,
             threads: 4,
             memory_budget: budget,
         },
