@@ -626,6 +626,12 @@ impl ServerConfig {
                     .into(),
             );
         }
+        let gw = &self.ddi.gateway_token;
+        if gw.starts_with('-') || !gw.bytes().all(|b| b.is_ascii_graphic()) {
+            // SWUpdate takes it as `-g <token>` and reads a leading `-` as
+            // its own options (a `d` among them disables polling, silently).
+            return bad("ddi.gateway_token must be printable ASCII without spaces and must not begin with '-' (clients read that as a command-line option); `openssl rand -hex 32` makes one".into());
+        }
         if self.ddi.tenant.is_empty()
             || self.ddi.tenant.len() > 64
             || !self

@@ -25,12 +25,19 @@ pub fn hash_token(token: &str) -> TokenHash {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// A new random token (256 bits, URL-safe base64 without padding).
+/// A new random device token: 256 bits as 64 lower-case hex digits.
+///
+/// Hex, not base64url: a device token is typed into command lines and
+/// config files of clients we do not control, and base64url can begin
+/// with `-`. SWUpdate's suricatta then reads `-k -…` as a cluster of its
+/// own options: a `d` in it is `--disable`, and the target never polls,
+/// silently (no error, no request: one of 64 tokens began with `-`).
+/// Hex has no character a shell, getopt, an HTTP header or an INI file
+/// treats specially.
 pub fn new_token() -> String {
-    use base64::Engine;
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    hex::encode(b)
 }
 
 /// What is persisted about a device.
@@ -265,5 +272,29 @@ impl Fleet {
     /// Decodes a raw record (for admin views).
     pub fn decode_record(k: &[u8], v: &[u8]) -> Result<DeviceRecord, StoreError> {
         decode(k, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: tokens were base64url, and one in 64 began with `-`.
+    /// SWUpdate (`swupdate -u '… -k <token>'`) read such a token as its
+    /// own options and, given a `d`, never polled: in CI one of twenty
+    /// real SWUpdate targets was never heard from. 10,000 draws: a
+    /// 1-in-64 first character is all but certain to appear.
+    #[test]
+    fn device_tokens_never_begin_with_a_dash_so_command_lines_read_them_as_values() {
+        for _ in 0..10_000 {
+            let t = new_token();
+            assert_eq!(t.len(), 64, "{t}");
+            assert!(
+                t.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+                "token {t} has a character outside lower-case hex"
+            );
+        }
+        assert_ne!(new_token(), new_token());
     }
 }

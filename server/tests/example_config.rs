@@ -159,6 +159,31 @@ fn bad_connection_limits_are_refused() {
     }
 }
 
+/// A gateway token is handed to clients on their command line (SWUpdate:
+/// `-g <token>`); one beginning with `-` is read there as options, and a
+/// `d` among them disables polling without an error. Refused at load.
+#[test]
+fn a_gateway_token_a_command_line_would_read_as_options_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.toml");
+    let load = |gw: &str| {
+        std::fs::write(
+            &p,
+            format!(
+                "data_dir = \"d\"\nadmin_token = \"0123456789abcdef\"\nsigning_key = \"k\"\n\
+                 [ddi]\ngateway_token = \"{gw}\"\n"
+            ),
+        )
+        .unwrap();
+        ota_server::config::ServerConfig::load(&p)
+    };
+    for bad in ["-d0123456789abcdef", "0123456789 abcdef"] {
+        let e = load(bad).unwrap_err();
+        assert!(e.to_string().contains("ddi.gateway_token"), "{bad}: {e}");
+    }
+    load("0123456789abcdef-_").unwrap();
+}
+
 /// The nginx example (deploy/examples/nginx.conf) is accepted by `nginx -t`
 /// (its certificate, pid and log paths pointed at a temporary directory).
 #[test]
