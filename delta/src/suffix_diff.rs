@@ -33,6 +33,10 @@
 //!   searched string for greater than it, and could then miss the longest
 //!   match; here it sorts before, as in the suffix array.
 //!
+//! [`diff_each`] runs the search once and builds the streams under several
+//! rules for extending a match over differing bytes ([`Extend`]): the
+//! generator keeps whichever compresses smaller (`generate::EXTEND_LOOSE`).
+//!
 //! # Output
 //!
 //! The result is the three streams of a bsdiff 4 patch — control entries
@@ -226,30 +230,62 @@ fn offtout(x: i64, out: &mut Vec<u8>) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+/// How far bsdiff extends a match over bytes that differ: forwards (and
+/// backwards) to where `matched × den − length × num` peaks, so over
+/// stretches where at least `num / den` of the bytes equal the source's.
+/// Bytes taken this way go to the diff stream (new − old) rather than the
+/// extra stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extend {
+    pub num: isize,
+    pub den: isize,
+}
+
+/// bsdiff's own: a match extends while half the bytes or more agree.
+pub const EXTEND_HALF: Extend = Extend { num: 1, den: 2 };
+
 /// Diffs `new` against `old` (at most [`MAX_OLD`] bytes) with bsdiff's
 /// algorithm.
 ///
 /// Memory: `old.len() × 5` bytes (the suffix array and [`Grams`]) plus
 /// 256 KiB ([`Buckets`]) and the output streams.
 pub fn diff(old: &[u8], new: &[u8]) -> Streams {
+    diff_each(old, new, &[EXTEND_HALF]).pop().expect("one")
+}
+
+/// [`diff`] once per extension rule in `each`: the match search (the
+/// cost) runs once; only the extension of each match over differing bytes
+/// differs, which is linear.
+pub fn diff_each(old: &[u8], new: &[u8], each: &[Extend]) -> Vec<Streams> {
     assert!(old.len() <= MAX_OLD, "bsdiff window over 2 GiB");
-    let mut out = Streams::default();
     if old.is_empty() {
+        let mut out = Streams::default();
         if !new.is_empty() {
             offtout(0, &mut out.ctrl);
             offtout(new.len() as i64, &mut out.ctrl);
             offtout(0, &mut out.ctrl);
             out.extra.extend_from_slice(new);
         }
-        return out;
+        return vec![out; each.len()];
     }
+    let matches = matches(old, new);
+    each.iter()
+        .map(|&e| streams_of(old, new, &matches, e))
+        .collect()
+}
+
+/// bsdiff's match search: the (scan, pos) of each match it takes, in
+/// order, `scan` in `new` and `pos` in `old`; the last has `scan ==
+/// new.len()`. Where each match starts and ends is [`streams_of`]'s.
+fn matches(old: &[u8], new: &[u8]) -> Vec<(usize, usize)> {
     let sa = suffix_array(old);
     let buckets = Buckets::new(old);
     let grams = Grams::new(old);
 
     let oldlen = old.len() as isize;
+    let mut out = Vec::new();
     let (mut scan, mut len, mut pos) = (0usize, 0usize, 0usize);
-    let (mut lastscan, mut lastpos, mut lastoffset) = (0usize, 0usize, 0isize);
+    let mut lastoffset = 0isize;
     while scan < new.len() {
         let mut oldscore = 0usize;
         scan += len;
@@ -289,7 +325,18 @@ pub fn diff(old: &[u8], new: &[u8]) -> Streams {
         if len == oldscore && scan != new.len() {
             continue;
         }
+        out.push((scan, pos));
+        lastoffset = pos as isize - scan as isize;
+    }
+    out
+}
 
+/// The streams of the matches `matches` ([`matches`]), each extended
+/// over differing bytes by `e`.
+fn streams_of(old: &[u8], new: &[u8], matches: &[(usize, usize)], e: Extend) -> Streams {
+    let mut out = Streams::default();
+    let (mut lastscan, mut lastpos) = (0usize, 0usize);
+    for &(scan, pos) in matches {
         // Extend the previous match forwards ...
         let (mut s, mut sf, mut lenf) = (0isize, 0isize, 0usize);
         let mut i = 0usize;
@@ -298,7 +345,7 @@ pub fn diff(old: &[u8], new: &[u8]) -> Streams {
                 s += 1;
             }
             i += 1;
-            if s * 2 - i as isize > sf * 2 - lenf as isize {
+            if s * e.den - i as isize * e.num > sf * e.den - lenf as isize * e.num {
                 sf = s;
                 lenf = i;
             }
@@ -312,7 +359,7 @@ pub fn diff(old: &[u8], new: &[u8]) -> Streams {
                 if old[pos - i] == new[scan - i] {
                     s += 1;
                 }
-                if s * 2 - i as isize > sb * 2 - lenb as isize {
+                if s * e.den - i as isize * e.num > sb * e.den - lenb as isize * e.num {
                     sb = s;
                     lenb = i;
                 }
@@ -357,7 +404,6 @@ pub fn diff(old: &[u8], new: &[u8]) -> Streams {
 
         lastscan = scan - lenb;
         lastpos = pos - lenb;
-        lastoffset = pos as isize - scan as isize;
     }
     out
 }

@@ -22,11 +22,22 @@ fn apply(old: &[u8], s: suffix_diff::Streams, new_len: usize) -> Vec<u8> {
     out
 }
 
+/// Every extension rule's streams apply to `new`, and `diff` is the
+/// first's (bsdiff's own).
 fn round_trips(old: &[u8], new: &[u8]) {
-    let s = suffix_diff::diff(old, new);
-    assert_eq!(s.ctrl.len() % 24, 0);
-    let out = apply(old, s, new.len());
-    assert!(out == new, "applied output differs from new");
+    let rules = [
+        suffix_diff::EXTEND_HALF,
+        suffix_diff::Extend { num: 1, den: 4 },
+        suffix_diff::Extend { num: 0, den: 1 },
+        suffix_diff::Extend { num: 1, den: 1 },
+    ];
+    let each = suffix_diff::diff_each(old, new, &rules);
+    assert_eq!(each[0], suffix_diff::diff(old, new));
+    for (s, rule) in each.into_iter().zip(rules) {
+        assert_eq!(s.ctrl.len() % 24, 0);
+        let out = apply(old, s, new.len());
+        assert!(out == new, "applied output differs from new ({rule:?})");
+    }
 }
 
 /// xorshift bytes from a small alphabet (`alphabet` 1 = a constant run).
