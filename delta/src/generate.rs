@@ -959,11 +959,11 @@ fn build_op(
     build_data_op(plan, source, target, index, opts, used, frameable).map(Some)
 }
 
-/// The second extension rule tried for each `BSDIFF` patch besides
-/// bsdiff's own ([`suffix_diff::EXTEND_HALF`]): a match also extends over
-/// stretches where only a quarter of the bytes agree. Taken where its
-/// three streams in zstd-3 are under `LOOSE_NUM / LOOSE_DEN` × the
-/// others' ([`bsdiff_streams`]).
+/// The extension rules tried for each `BSDIFF` patch besides bsdiff's own
+/// ([`suffix_diff::EXTEND_HALF`]): a match also extends over stretches
+/// where only a quarter, an eighth or a sixteenth of the bytes agree. The
+/// smallest in zstd-3 is taken where under `LOOSE_NUM / LOOSE_DEN` × the
+/// streams under bsdiff's rule ([`bsdiff_streams`]).
 ///
 /// Why: HDiffPatch, given exactly our windows as its old file, made 2–9 %
 /// smaller patches than ours of the rootfs pair's largest operations (the
@@ -972,33 +972,39 @@ fn build_op(
 /// block numbers, checksummed records, shifted pointers), the differences
 /// are a repetitive diff stream while bsdiff's rule, stopping where fewer
 /// than half the bytes agree, sends them to the extra stream as new bytes.
-/// Looser for every patch: rootfs −1.0 %, but exe-large +1.8 %,
+/// A quarter for every patch: rootfs −1.0 %, but exe-large +1.8 %,
 /// upgrade-large +7.7 % (Dec 4, `ota-server delta`, the ten benchmark
-/// pairs). Per patch, the smaller by zstd-3 (the search runs once; only
-/// the linear extension and two zstd-3 passes are added, generation CPU
-/// within noise): rootfs −1.25 %, libcrypto −0.9 %, compressed −0.3 %,
-/// ruff −0.3 %, but sec-small +0.5 % and realloc +0.4 % where zstd-3
-/// misjudged what xz makes of the streams. With the 0.97 margin: rootfs
-/// −1.0 %, libcrypto −0.9 %, sec-small and realloc unchanged. Choosing by
-/// the xz probe instead judged better but cost up to 19 % more CPU
-/// (compressed), against the 2 × HDiffPatch generation bound.
-const EXTEND_LOOSE: suffix_diff::Extend = suffix_diff::Extend { num: 1, den: 4 };
+/// pairs). Per patch, the smaller of the two by zstd-3 (the search runs
+/// once; only the linear extension and zstd-3 passes are added,
+/// generation CPU within noise): rootfs −1.25 %, libcrypto −0.9 %,
+/// compressed −0.3 %, ruff −0.3 %, but sec-small +0.5 % and realloc
+/// +0.4 % where zstd-3 misjudged what xz makes of the streams; with the
+/// 0.97 margin rootfs −1.0 %, libcrypto −0.9 %, sec-small and realloc
+/// unchanged, upgrade-large +0.13 %. An eighth and a sixteenth as well:
+/// rootfs −0.27 % more, compressed −205 B, upgrade-large +1.3 KB, the other
+/// seven byte for byte the same. Choosing by the xz probe instead judged
+/// better but cost up to 19 % more CPU (compressed), against the
+/// 2 × HDiffPatch generation bound.
+const EXTEND_LOOSE: [suffix_diff::Extend; 3] = [
+    suffix_diff::Extend { num: 1, den: 4 },
+    suffix_diff::Extend { num: 1, den: 8 },
+    suffix_diff::Extend { num: 1, den: 16 },
+];
 /// See [`EXTEND_LOOSE`].
 const LOOSE_NUM: usize = 97;
 /// See [`EXTEND_LOOSE`].
 const LOOSE_DEN: usize = 100;
 
 /// The bsdiff streams of `chunk` against `old` (stored layout,
-/// [`patch_streams::from_streams`]) under bsdiff's own extension rule and
-/// under [`EXTEND_LOOSE`], the latter where clearly smaller.
+/// [`patch_streams::from_streams`]) under bsdiff's own extension rule or,
+/// where clearly smaller, one of [`EXTEND_LOOSE`].
 fn bsdiff_streams(old: &[u8], chunk: &[u8]) -> Result<[Vec<u8>; 3], GenerateError> {
-    let mut each = suffix_diff::diff_each(old, chunk, &[suffix_diff::EXTEND_HALF, EXTEND_LOOSE])
+    let mut rules = vec![suffix_diff::EXTEND_HALF];
+    rules.extend_from_slice(&EXTEND_LOOSE);
+    let mut each = suffix_diff::diff_each(old, chunk, &rules)
         .into_iter()
         .map(patch_streams::from_streams);
-    let (half, loose) = (each.next().expect("two"), each.next().expect("two"));
-    if half == loose {
-        return Ok(half);
-    }
+    let half = each.next().expect("bsdiff's own rule is first");
     let zstd3 = |st: &[Vec<u8>; 3]| -> Result<usize, GenerateError> {
         let mut n = 0;
         for x in st {
@@ -1008,13 +1014,18 @@ fn bsdiff_streams(old: &[u8], chunk: &[u8]) -> Result<[Vec<u8>; 3], GenerateErro
         }
         Ok(n)
     };
-    let (h, l) = (zstd3(&half)?, zstd3(&loose)?);
-    tracing::debug!(half = h, loose = l, "extension rules in zstd-3");
-    Ok(if l * LOOSE_DEN < h * LOOSE_NUM {
-        loose
-    } else {
-        half
-    })
+    // (the size a looser rule's streams must get under, the streams)
+    let mut best = (zstd3(&half)? * LOOSE_NUM / LOOSE_DEN, half);
+    for loose in each {
+        if loose == best.1 {
+            continue;
+        }
+        let n = zstd3(&loose)?;
+        if n < best.0 {
+            best = (n, loose);
+        }
+    }
+    Ok(best.1)
 }
 
 /// Most operations in one compression frame (the format allows
