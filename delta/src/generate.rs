@@ -897,6 +897,10 @@ type Built = (Operation, Vec<u8>, Option<Member>);
 struct Member {
     streams: [Vec<u8>; 3],
     estimate: usize,
+    /// Its diff stream's size in bzip2 where that was the smaller estimate
+    /// ([`patch_streams::Estimate::bzip2_diff`]): a frame may code it worse
+    /// than the member alone does (see [`Encoded::Frame`]).
+    bzip2_diff: Option<usize>,
 }
 
 /// An operation that may join a frame is not compressed alone in full (its
@@ -940,6 +944,26 @@ const FRAME_EST_DEN: usize = 8;
 const FRAME_SURE_NUM: usize = 101;
 /// See [`FRAME_SURE_NUM`].
 const FRAME_SURE_DEN: usize = 100;
+
+/// A whole frame taken on its estimate ([`FRAME_SURE_NUM`]) is still
+/// compared with a frame of its other members and those left out alone
+/// ([`Encoded::Frame`]) where at least `FRAME_SPLIT_MIN` members' diff
+/// streams were estimated smaller in bzip2 and the frame is over
+/// `FRAME_SPLIT_NUM / FRAME_SPLIT_DEN` × its estimate (it gained little
+/// from its shared context).
+///
+/// Why (Dec 5, `ota-server delta`, the frames of the ten pairs): the split
+/// won by 0.2–2.1 % on frames at 0.924–0.995 × their estimate with 5–23
+/// such members (`rootfs`'s first and third, `upgrade-large`'s first and
+/// two more: 31 KB in all); never at 0.89 × or less, where the whole
+/// frame's context paid; and the frames with 1 or 2 such members gained
+/// nothing. Trying it on every frame with such a member added 11 % of
+/// `ruff-arm64`'s generation CPU (one frame of 32 with two) for no byte.
+const FRAME_SPLIT_MIN: usize = 4;
+/// See [`FRAME_SPLIT_MIN`].
+const FRAME_SPLIT_NUM: usize = 92;
+/// See [`FRAME_SPLIT_MIN`].
+const FRAME_SPLIT_DEN: usize = 100;
 
 /// `frameable`: a `BSDIFF` operation may join a compression frame (see
 /// [`Member`]).
@@ -1058,11 +1082,26 @@ struct OpenFrame {
 
 /// What a closed frame is written as.
 enum Encoded {
-    /// The frame, and the codecs it uses.
-    Frame(Vec<u8>, patch_streams::Used),
+    /// The frame and the codecs it uses, of all members but those left out
+    /// with their data compressed alone: (the member's index in
+    /// [`OpenFrame::members`], its data and codecs).
+    ///
+    /// Why leave members out: a member whose diff stream bzip2 codes better
+    /// than xz's probe (sparse diffs of filesystem metadata and of Go's
+    /// pointer tables) can cost a frame more than its context saves the
+    /// others. `rootfs` (Dec 4, every frame compared three ways): its third
+    /// frame 582,330 bytes whole, 579,563 as 32 members alone, 570,278 as a
+    /// frame of the 20 others with those 12 alone; its first 758,153 whole,
+    /// 752,473 so. Tried where [`FRAME_SPLIT_MIN`] says, each member
+    /// left out only where bzip2 beats [`patch_streams::lzma_diff_len`] on
+    /// its diff stream, and taken only where smaller.
+    Frame(Vec<u8>, patch_streams::Used, Vec<(usize, Alone)>),
     /// Each member's data compressed alone, and its codecs.
-    Alone(Vec<(Vec<u8>, patch_streams::Used)>),
+    Alone(Vec<Alone>),
 }
+
+/// A member's data compressed alone, and its codecs.
+type Alone = (Vec<u8>, patch_streams::Used);
 
 /// The frames of a generation: the one gathering members, and those closed
 /// but not yet encoded and written. A frame is encoded in parallel with the
@@ -1101,10 +1140,14 @@ impl Frames {
         }
     }
 
-    /// Encodes the closed frames (in parallel): a frame of two or more
-    /// members, kept where it is clearly under its members' estimates
-    /// ([`FRAME_SURE_NUM`]); otherwise each member compressed alone in
-    /// full too, and the smaller taken.
+    /// Encodes the closed frames (in parallel), each as the smallest of:
+    /// - a frame of all members (two or more), taken at once where it is
+    ///   clearly under its members' estimates ([`FRAME_SURE_NUM`]) unless
+    ///   [`FRAME_SPLIT_MIN`] says a split is worth trying;
+    /// - a frame of the others (two or more) with the members whose diff
+    ///   stream bzip2 codes best compressed alone ([`Encoded::Frame`]);
+    /// - where the whole frame is not clearly smaller (or no frame of the
+    ///   others can be made), every member compressed alone in full.
     fn encode_closed(
         &mut self,
         operations: &[Operation],
@@ -1120,53 +1163,145 @@ impl Frames {
                     members = f.members.len()
                 )
                 .entered();
-                let mut frame = None;
-                if f.members.len() >= 2 {
-                    let inputs: Vec<crate::frames::Input<'_>> = f
-                        .members
-                        .iter()
+                let frame_of = |members: &mut dyn Iterator<Item = &(usize, Member)>| {
+                    let inputs: Vec<crate::frames::Input<'_>> = members
                         .map(|(i, m)| crate::frames::Input {
                             dst_offset: operations[*i].dst.offset,
                             streams: &m.streams,
                         })
                         .collect();
-                    let (data, used) = crate::frames::encode(
+                    crate::frames::encode(
                         &inputs,
                         opts.zstd_level,
                         opts.zero_runs,
                         opts.xz && opts.arm64,
-                    )?;
-                    let estimate: usize = f.members.iter().map(|(_, m)| m.estimate).sum();
-                    tracing::debug!(frame = data.len(), estimate, "frame against its estimate");
-                    if data.len() * FRAME_SURE_DEN <= estimate * FRAME_SURE_NUM {
-                        f.encoded = Some(Encoded::Frame(data, used));
-                        return Ok(());
-                    }
-                    frame = Some((data, used));
+                    )
+                };
+                let alone_of = |(i, m): &(usize, Member)| {
+                    let dst = operations[*i].dst;
+                    patch_streams::compress_streams(
+                        &m.streams,
+                        opts.zstd_level,
+                        Some(dst.length as usize),
+                        opts.zero_runs,
+                        (opts.xz && opts.arm64).then_some(dst.offset),
+                    )
+                };
+                let bz = f
+                    .members
+                    .iter()
+                    .filter(|(_, m)| m.bzip2_diff.is_some())
+                    .count();
+                let whole = if f.members.len() >= 2 {
+                    Some(frame_of(&mut f.members.iter())?)
+                } else {
+                    None
+                };
+                let estimate: usize = f.members.iter().map(|(_, m)| m.estimate).sum();
+                let sure = whole
+                    .as_ref()
+                    .is_some_and(|w| w.0.len() * FRAME_SURE_DEN <= estimate * FRAME_SURE_NUM);
+                tracing::debug!(
+                    frame = whole.as_ref().map(|w| w.0.len()),
+                    estimate,
+                    bzip2_members = bz,
+                    "frame against its estimate"
+                );
+                // Whether a frame of the others is worth trying beside a
+                // sure whole frame ([`FRAME_SPLIT_MIN`]).
+                let split_worth = bz >= FRAME_SPLIT_MIN
+                    && whole
+                        .as_ref()
+                        .is_some_and(|w| w.0.len() * FRAME_SPLIT_DEN > estimate * FRAME_SPLIT_NUM);
+                if sure && !split_worth {
+                    let (data, used) = whole.expect("sure of a frame made");
+                    f.encoded = Some(Encoded::Frame(data, used, Vec::new()));
+                    return Ok(());
                 }
-                let alone = f
+                // Left out of the frame: members whose diff stream bzip2
+                // codes smaller than the frame's LZMA2 would alone.
+                let left = f
                     .members
                     .par_iter()
-                    .map(|(i, m)| {
-                        let dst = operations[*i].dst;
-                        patch_streams::compress_streams(
-                            &m.streams,
-                            opts.zstd_level,
-                            Some(dst.length as usize),
-                            opts.zero_runs,
-                            (opts.xz && opts.arm64).then_some(dst.offset),
+                    .map(|(i, m)| match m.bzip2_diff {
+                        Some(bz) => Ok(bz
+                            < patch_streams::lzma_diff_len(
+                                &m.streams[1],
+                                operations[*i].dst.length as usize,
+                                opts.zero_runs,
+                            )?),
+                        None => Ok(false),
+                    })
+                    .collect::<io::Result<Vec<bool>>>()?;
+                // Each member alone where a candidate needs it: those left
+                // out, and all where the whole frame is not sure.
+                let need_all = !sure;
+                let mut alone = f
+                    .members
+                    .par_iter()
+                    .zip(&left)
+                    .map(|(m, l)| (need_all || *l).then(|| alone_of(m)).transpose())
+                    .collect::<io::Result<Vec<Option<Alone>>>>()?;
+                let n_left = left.iter().filter(|l| **l).count();
+                let others = (n_left > 0 && f.members.len() - n_left >= 2)
+                    .then(|| {
+                        frame_of(
+                            &mut f
+                                .members
+                                .iter()
+                                .zip(&left)
+                                .filter(|(_, l)| !**l)
+                                .map(|(m, _)| m),
                         )
                     })
-                    .collect::<io::Result<Vec<_>>>()?;
-                let alone_len: usize = alone.iter().map(|a| a.0.len()).sum();
+                    .transpose()?;
+                let len_of = |a: &Option<Alone>| a.as_ref().map_or(0, |a| a.0.len());
+                let split_len = others.as_ref().map(|o| {
+                    o.0.len()
+                        + alone
+                            .iter()
+                            .zip(&left)
+                            .filter(|(_, l)| **l)
+                            .map(|(a, _)| len_of(a))
+                            .sum::<usize>()
+                });
+                let alone_len = need_all.then(|| alone.iter().map(len_of).sum::<usize>());
                 tracing::debug!(
-                    frame = frame.as_ref().map(|f| f.0.len()),
+                    frame = whole.as_ref().map(|w| w.0.len()),
+                    split = split_len,
                     alone = alone_len,
                     "frame against its members alone"
                 );
-                f.encoded = Some(match frame {
-                    Some((data, used)) if data.len() < alone_len => Encoded::Frame(data, used),
-                    _ => Encoded::Alone(alone),
+                let whole_len = whole.as_ref().map(|w| w.0.len());
+                let smallest = [whole_len, split_len, alone_len]
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(k, n)| n.map(|n| (n, k)))
+                    .min()
+                    .expect("alone, or the whole frame with a split, is a candidate")
+                    .1;
+                f.encoded = Some(match smallest {
+                    0 => {
+                        let (data, used) = whole.expect("the whole frame was a candidate");
+                        Encoded::Frame(data, used, Vec::new())
+                    }
+                    1 => {
+                        let (data, used) = others.expect("the split was a candidate");
+                        let left = alone
+                            .iter_mut()
+                            .zip(&left)
+                            .enumerate()
+                            .filter(|(_, (_, l))| **l)
+                            .map(|(k, (a, _))| (k, a.take().expect("made for the split")))
+                            .collect();
+                        Encoded::Frame(data, used, left)
+                    }
+                    _ => Encoded::Alone(
+                        alone
+                            .into_iter()
+                            .map(|a| a.expect("every member alone was made"))
+                            .collect(),
+                    ),
                 });
                 Ok(())
             })
@@ -1188,43 +1323,79 @@ impl Frames {
                 used.zero_runs.fetch_or(u.zero_runs, Ordering::Relaxed);
                 used.arm64.fetch_or(u.arm64, Ordering::Relaxed);
             };
+            let mut alone_data = |k: usize, (data, u): Alone, rest: &mut Vec<(usize, Vec<u8>)>| {
+                let i = f.members[k].0;
+                note(u);
+                operations[i].data = Some(DataRange {
+                    offset: 0,
+                    length: data.len() as u64,
+                    sha256: Digest::of(&data),
+                });
+                rest.push((i, data));
+            };
+            // The frame and where it goes: at its first member, since data
+            // ranges tile the payload in the operations' order.
+            let mut frame = None;
             match f
                 .encoded
                 .expect("closed frames are encoded before they are written")
             {
-                Encoded::Frame(frame, u) => {
-                    let range = DataRange {
-                        offset: out.len,
-                        length: frame.len() as u64,
-                        sha256: Digest::of(&frame),
-                    };
-                    out.write_all(&frame)?;
-                    for (i, _) in &f.members {
-                        operations[*i].data = Some(range);
+                Encoded::Frame(data, u, left) => {
+                    let out_of_frame: Vec<usize> = left.iter().map(|l| l.0).collect();
+                    for (k, a) in left {
+                        alone_data(k, a, &mut rest);
                     }
-                    used.frames.store(true, Ordering::Relaxed);
+                    let members: Vec<usize> = (0..f.members.len())
+                        .filter(|k| !out_of_frame.contains(k))
+                        .map(|k| f.members[k].0)
+                        .collect();
                     note(u);
-                    tracing::debug!(members = f.members.len(), frame = frame.len(), "frame");
+                    frame = Some((data, members));
                 }
                 Encoded::Alone(alone) => {
-                    for ((i, _), (data, u)) in f.members.iter().zip(alone) {
-                        note(u);
-                        operations[*i].data = Some(DataRange {
-                            offset: 0,
-                            length: data.len() as u64,
-                            sha256: Digest::of(&data),
-                        });
-                        rest.push((*i, data));
+                    for (k, a) in alone.into_iter().enumerate() {
+                        alone_data(k, a, &mut rest);
                     }
-                    rest.sort_by_key(|r| r.0);
                 }
             }
-            for (i, data) in rest {
-                if let Some(d) = &mut operations[i].data {
-                    d.offset = out.len;
+            rest.sort_by_key(|r| r.0);
+            let at = frame.as_ref().map_or(rest.len(), |(_, members)| {
+                rest.partition_point(|r| r.0 < members[0])
+            });
+            /// Writes each operation's data at the payload's end.
+            fn write<W: Write>(
+                rest: &[(usize, Vec<u8>)],
+                operations: &mut [Operation],
+                out: &mut HashingWriter<W>,
+            ) -> io::Result<()> {
+                for (i, data) in rest {
+                    if let Some(d) = &mut operations[*i].data {
+                        d.offset = out.len;
+                    }
+                    out.write_all(data)?;
                 }
-                out.write_all(&data)?;
+                Ok(())
             }
+            write(&rest[..at], operations, out)?;
+            if let Some((frame, members)) = frame {
+                let range = DataRange {
+                    offset: out.len,
+                    length: frame.len() as u64,
+                    sha256: Digest::of(&frame),
+                };
+                out.write_all(&frame)?;
+                for i in &members {
+                    operations[*i].data = Some(range);
+                }
+                used.frames.store(true, Ordering::Relaxed);
+                tracing::debug!(
+                    members = members.len(),
+                    left_out = f.members.len() - members.len(),
+                    frame = frame.len(),
+                    "frame"
+                );
+            }
+            write(&rest[at..], operations, out)?;
         }
         Ok(())
     }
@@ -1407,12 +1578,21 @@ fn build_data_op(
                     FRAME_EST_DEN,
                 )
                 .map_err(io_err("compressing with xz"))?;
-                tracing::debug!(probe = probed, estimate, "frame member candidate");
-                if best_len.is_none_or(|b| estimate <= b) {
+                tracing::debug!(
+                    probe = probed,
+                    estimate = estimate.len,
+                    bzip2_diff = estimate.bzip2_diff,
+                    "frame member candidate"
+                );
+                if best_len.is_none_or(|b| estimate.len <= b) {
                     best = (OpKind::Bsdiff, Vec::new(), window, Some(old_sha256));
-                    best_len = Some(estimate);
+                    best_len = Some(estimate.len);
                     best_used = patch_streams::Used::default();
-                    kept_streams = Some(Member { streams, estimate });
+                    kept_streams = Some(Member {
+                        streams,
+                        estimate: estimate.len,
+                        bzip2_diff: estimate.bzip2_diff,
+                    });
                 }
             } else if let Some((streams, window, old_sha256)) = alone {
                 let xz_dst = opts.xz.then_some(chunk.len());
@@ -1637,6 +1817,66 @@ mod tests {
             security_counter: 0,
             expires_at: Manifest::expiry_in(1),
         }
+    }
+
+    /// A frame whose first member is left out (compressed alone) starts at
+    /// its first member still in it: the data of the operations before
+    /// that, left out or held, goes first, since data ranges must tile the
+    /// payload in the operations' order (`Manifest::validate`).
+    #[test]
+    fn a_frame_whose_first_member_is_left_out_goes_after_that_members_data() {
+        let op = |k: u64| Operation {
+            kind: OpKind::Bsdiff,
+            dst: Extent::new(k * BLOCK, BLOCK),
+            src: vec![],
+            src_sha256: None,
+            data: None,
+            dst_sha256: Digest::of(&[]),
+        };
+        let mut operations: Vec<Operation> = (0..5).map(op).collect();
+        // Operation 1 has data of its own and 4 comes after the frame's
+        // last member: both are held until the frame is written.
+        operations[1].data = Some(DataRange {
+            offset: 0,
+            length: 2,
+            sha256: Digest::of(b"H1"),
+        });
+        operations[4].data = operations[1].data;
+        let member = || Member {
+            streams: Default::default(),
+            estimate: 0,
+            bzip2_diff: Some(0),
+        };
+        let mut frames = Frames::default();
+        frames.closed.push(OpenFrame {
+            members: vec![(0, member()), (2, member()), (3, member())],
+            size: 0,
+            held: vec![(1, b"H1".to_vec()), (4, b"H4".to_vec())],
+            encoded: Some(Encoded::Frame(
+                b"FRAME".to_vec(),
+                Default::default(),
+                vec![(0, (b"A0".to_vec(), Default::default()))],
+            )),
+        });
+        let mut payload = Vec::new();
+        let mut out = HashingWriter {
+            inner: BufWriter::new(&mut payload),
+            hash: Sha256::new(),
+            len: 0,
+        };
+        frames
+            .write_closed(&mut operations, &mut out, &UsedCodecs::default())
+            .unwrap();
+        out.inner.flush().unwrap();
+        drop(out);
+        assert_eq!(payload, b"A0H1FRAMEH4");
+        let at: Vec<(u64, u64)> = operations
+            .iter()
+            .map(|o| o.data.map(|d| (d.offset, d.length)).unwrap())
+            .collect();
+        assert_eq!(at, [(0, 2), (2, 2), (4, 5), (4, 5), (9, 2)]);
+        assert_eq!(operations[0].data.unwrap().sha256, Digest::of(b"A0"));
+        assert_eq!(operations[2].data.unwrap().sha256, Digest::of(b"FRAME"));
     }
 
     /// The server shows this progress in `release list`: it must end at its

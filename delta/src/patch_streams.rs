@@ -405,19 +405,46 @@ pub fn estimate_len(
     dst_len: usize,
     num: usize,
     den: usize,
-) -> io::Result<usize> {
-    let mut n = 0;
+) -> io::Result<Estimate> {
+    let mut est = Estimate::default();
     for (i, s) in streams.iter().enumerate() {
         let p = xz_probe(s, xz_dict_size(s.len(), dst_len))?.len() * num / den;
-        n += if i == 1 && s.len() > XZ_MIN_GAIN {
+        est.len += if i == 1 && s.len() > XZ_MIN_GAIN {
             let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
             bz.write_all(s)?;
-            p.min(bz.finish()?.len())
+            let bz = bz.finish()?.len();
+            est.bzip2_diff = (bz < p).then_some(bz);
+            p.min(bz)
         } else {
             p
         };
     }
-    Ok(n)
+    Ok(est)
+}
+
+/// What [`estimate_len`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Estimate {
+    /// The estimated size of the patch compressed alone.
+    pub len: usize,
+    /// The diff stream's size in bzip2, where that was the smaller
+    /// estimate: a frame's LZMA2 may code the stream worse than bzip2 does
+    /// alone (`generate` then sees with [`lzma_diff_len`]).
+    pub bzip2_diff: Option<usize>,
+}
+
+/// The size of diff stream `s` as a frame codes it (see
+/// `crate::frames::encode`) and [`compress_stream`] may: with `zero_runs`
+/// zero-run coded with its runs in xz, else xz. What bzip2 has to beat for
+/// an operation to be left out of a frame.
+pub fn lzma_diff_len(s: &[u8], dst_len: usize, zero_runs: bool) -> io::Result<usize> {
+    Ok(if zero_runs {
+        let t = zero_runs_encode(s, ZRL_UNIT);
+        let x = xz_compress(&t, xz_dict_size(t.len(), dst_len), StreamKind::Extra)?;
+        zero_runs_frame(ZRL_UNIT as u8, s.len() as u64, &x).len()
+    } else {
+        xz_compress(s, xz_dict_size(s.len(), dst_len), StreamKind::Diff)?.len()
+    })
 }
 
 /// `s` as xz at preset 1 with a dictionary of `dict` bytes: a cheap estimate
