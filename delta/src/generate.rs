@@ -1023,12 +1023,9 @@ const LOOSE_DEN: usize = 100;
 /// [`patch_streams::from_streams`]) under bsdiff's own extension rule or,
 /// where clearly smaller, one of [`EXTEND_LOOSE`].
 fn bsdiff_streams(old: &[u8], chunk: &[u8]) -> Result<[Vec<u8>; 3], GenerateError> {
-    let mut rules = vec![suffix_diff::EXTEND_HALF];
-    rules.extend_from_slice(&EXTEND_LOOSE);
-    let mut each = suffix_diff::diff_each(old, chunk, &rules)
-        .into_iter()
-        .map(patch_streams::from_streams);
-    let half = each.next().expect("bsdiff's own rule is first");
+    // One rule's streams at a time: at most two (the best so far and a
+    // candidate) are held, each about the chunk's size.
+    let search = suffix_diff::Search::new(old, chunk);
     let zstd3 = |st: &[Vec<u8>; 3]| -> Result<usize, GenerateError> {
         let mut n = 0;
         for x in st {
@@ -1038,9 +1035,11 @@ fn bsdiff_streams(old: &[u8], chunk: &[u8]) -> Result<[Vec<u8>; 3], GenerateErro
         }
         Ok(n)
     };
+    let half = patch_streams::from_streams(search.streams(suffix_diff::EXTEND_HALF));
     // (the size a looser rule's streams must get under, the streams)
     let mut best = (zstd3(&half)? * LOOSE_NUM / LOOSE_DEN, half);
-    for loose in each {
+    for &rule in &EXTEND_LOOSE {
+        let loose = patch_streams::from_streams(search.streams(rule));
         if loose == best.1 {
             continue;
         }

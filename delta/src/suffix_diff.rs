@@ -257,21 +257,45 @@ pub fn diff(old: &[u8], new: &[u8]) -> Streams {
 /// cost) runs once; only the extension of each match over differing bytes
 /// differs, which is linear.
 pub fn diff_each(old: &[u8], new: &[u8], each: &[Extend]) -> Vec<Streams> {
-    assert!(old.len() <= MAX_OLD, "bsdiff window over 2 GiB");
-    if old.is_empty() {
-        let mut out = Streams::default();
-        if !new.is_empty() {
-            offtout(0, &mut out.ctrl);
-            offtout(new.len() as i64, &mut out.ctrl);
-            offtout(0, &mut out.ctrl);
-            out.extra.extend_from_slice(new);
-        }
-        return vec![out; each.len()];
+    let search = Search::new(old, new);
+    each.iter().map(|&e| search.streams(e)).collect()
+}
+
+/// bsdiff's match search of `new` against `old`, run once: the streams
+/// under each extension rule are built from it one at a time
+/// ([`Search::streams`]), so a caller comparing rules holds only the ones
+/// it keeps.
+pub struct Search<'a> {
+    old: &'a [u8],
+    new: &'a [u8],
+    /// `None` where `old` is empty (nothing to match).
+    matches: Option<Vec<(usize, usize)>>,
+}
+
+impl<'a> Search<'a> {
+    /// Runs the search (suffix sorting `old`: the cost).
+    pub fn new(old: &'a [u8], new: &'a [u8]) -> Self {
+        assert!(old.len() <= MAX_OLD, "bsdiff window over 2 GiB");
+        let matches = (!old.is_empty()).then(|| matches(old, new));
+        Search { old, new, matches }
     }
-    let matches = matches(old, new);
-    each.iter()
-        .map(|&e| streams_of(old, new, &matches, e))
-        .collect()
+
+    /// The streams under extension rule `e`.
+    pub fn streams(&self, e: Extend) -> Streams {
+        match &self.matches {
+            Some(m) => streams_of(self.old, self.new, m, e),
+            None => {
+                let mut out = Streams::default();
+                if !self.new.is_empty() {
+                    offtout(0, &mut out.ctrl);
+                    offtout(self.new.len() as i64, &mut out.ctrl);
+                    offtout(0, &mut out.ctrl);
+                    out.extra.extend_from_slice(self.new);
+                }
+                out
+            }
+        }
+    }
 }
 
 /// bsdiff's match search: the (scan, pos) of each match it takes, in

@@ -20,8 +20,13 @@ pub const MAX_SRC_EXTENTS: usize = 4096;
 /// bounds apply memory; `COPY` and `ZERO` stream and have no such bound.
 pub const MAX_BUFFERED_DST: u64 = 4 << 20;
 
-/// Largest source window (sum of source extents) of a `BSDIFF` operation:
-/// bsdiff reads its old input at random, so the window is held in memory.
+/// Largest source window (sum of source extents) of a `BSDIFF` operation.
+/// bspatch reads its old input at random; agents since Dec 4 read the
+/// window through a small cache (`ota_delta::bspatch::WINDOW_CACHE`), so
+/// for them it bounds the generator's work per operation (a suffix array
+/// of 4 bytes per window byte, per worker), not apply memory. Older agents held
+/// the whole window in memory, which is why the bound stays: a manifest
+/// over it would still exhaust them.
 pub const MAX_BSDIFF_WINDOW: u64 = 8 << 20;
 
 /// Largest data of one operation. Data is verified before use, so it is held

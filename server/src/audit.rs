@@ -199,7 +199,7 @@ pub fn redact(v: &mut serde_json::Value) {
 
 /// A new random user token (32 bytes, hex) and its hex SHA-256.
 pub fn new_token() -> (String, String) {
-    let t = hex::encode(rand::random::<[u8; 32]>());
+    let t = crate::fleet::new_token();
     let h = token_hash(&t);
     (t, h)
 }
