@@ -959,6 +959,11 @@ const FRAME_SURE_DEN: usize = 100;
 /// frame's context paid; and the frames with 1 or 2 such members gained
 /// nothing. Trying it on every frame with such a member added 11 % of
 /// `ruff-arm64`'s generation CPU (one frame of 32 with two) for no byte.
+/// Nor where the whole frame is not sure (its members are then compressed
+/// alone and compared with it): there the split won 328 and 90 bytes
+/// (`rootfs`, `containerd`) and its bzip2-against-LZMA2 tests cost
+/// containerd 13 % more generation CPU, 2.08 × HDiffPatch's (bench run
+/// Dec 5 00:10).
 const FRAME_SPLIT_MIN: usize = 4;
 /// See [`FRAME_SPLIT_MIN`].
 const FRAME_SPLIT_NUM: usize = 92;
@@ -1143,10 +1148,11 @@ impl Frames {
     /// - a frame of all members (two or more), taken at once where it is
     ///   clearly under its members' estimates ([`FRAME_SURE_NUM`]) unless
     ///   [`FRAME_SPLIT_MIN`] says a split is worth trying;
-    /// - a frame of the others (two or more) with the members whose diff
-    ///   stream bzip2 codes best compressed alone ([`Encoded::Frame`]);
-    /// - where the whole frame is not clearly smaller (or no frame of the
-    ///   others can be made), every member compressed alone in full.
+    /// - beside such a sure frame, where [`FRAME_SPLIT_MIN`] says, a frame
+    ///   of the others (two or more) with the members whose diff stream
+    ///   bzip2 codes best compressed alone ([`Encoded::Frame`]);
+    /// - where the whole frame is not clearly smaller, every member
+    ///   compressed alone in full.
     fn encode_closed(
         &mut self,
         operations: &[Operation],
@@ -1208,7 +1214,8 @@ impl Frames {
                 );
                 // Whether a frame of the others is worth trying beside a
                 // sure whole frame ([`FRAME_SPLIT_MIN`]).
-                let split_worth = bz >= FRAME_SPLIT_MIN
+                let split_worth = sure
+                    && bz >= FRAME_SPLIT_MIN
                     && whole
                         .as_ref()
                         .is_some_and(|w| w.0.len() * FRAME_SPLIT_DEN > estimate * FRAME_SPLIT_NUM);
@@ -1222,7 +1229,7 @@ impl Frames {
                 let left = f
                     .members
                     .par_iter()
-                    .map(|(i, m)| match m.bzip2_diff {
+                    .map(|(i, m)| match m.bzip2_diff.filter(|_| split_worth) {
                         Some(bz) => Ok(bz
                             < patch_streams::lzma_diff_len(
                                 &m.streams[1],
