@@ -439,12 +439,21 @@ pub struct Estimate {
 /// an operation to be left out of a frame.
 pub fn lzma_diff_len(s: &[u8], dst_len: usize, zero_runs: bool) -> io::Result<usize> {
     Ok(if zero_runs {
-        let t = zero_runs_encode(s, ZRL_UNIT);
-        let x = xz_compress(&t, xz_dict_size(t.len(), dst_len), StreamKind::Extra)?;
-        zero_runs_frame(ZRL_UNIT as u8, s.len() as u64, &x).len()
+        zero_runs_xz(&zero_runs_encode(s, ZRL_UNIT), s.len(), dst_len)?.len()
     } else {
         xz_compress(s, xz_dict_size(s.len(), dst_len), StreamKind::Diff)?.len()
     })
+}
+
+/// A diff stream of `len` bytes whose zero-run coding
+/// ([`zero_runs_encode`], [`ZRL_UNIT`]) is `coded`, with the coding's runs
+/// in xz: one of [`compress_stream`]'s candidates, and what
+/// [`lzma_diff_len`] measures, kept in one place so that the two agree
+/// (the runs in xz with preset 9's settings, [`StreamKind::Extra`], not the
+/// diff stream's search settings).
+fn zero_runs_xz(coded: &[u8], len: usize, dst_len: usize) -> io::Result<Vec<u8>> {
+    let x = xz_compress(coded, xz_dict_size(coded.len(), dst_len), StreamKind::Extra)?;
+    Ok(zero_runs_frame(ZRL_UNIT as u8, len as u64, &x))
 }
 
 /// `s` as xz at preset 1 with a dictionary of `dict` bytes: a cheap estimate
@@ -1229,11 +1238,7 @@ pub(crate) fn compress_stream(
         if let Some(t) = runs {
             let others = best.len();
             let mut is_zr = false;
-            let zr = zero_runs_frame(
-                ZRL_UNIT as u8,
-                s.len() as u64,
-                &xz_compress(&t, xz_dict_size(t.len(), dst_len), StreamKind::Extra)?,
-            );
+            let zr = zero_runs_xz(&t, s.len(), dst_len)?;
             let zr_len = zr.len();
             if zr.len() < best.len() {
                 best = zr;
